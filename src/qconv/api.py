@@ -10,7 +10,7 @@ import numpy as np
 
 from . import backends, scales
 from .backends.base import PHASES
-from .contract import (Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped, nrmse,
+from .contract import (Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped, count_saturated, nrmse,
                        overflow_possible, parse_precision, parse_rounding, quantize)
 from .errors import QconvError
 
@@ -33,6 +33,7 @@ class ConvResult:
     phases: dict[str, float]        # seconds: quantize, pack, transfer, convolve, dequantize
     overflow_possible: bool         # K * max|q_x| * max|q_w| > 2^31 - 1
     wrapped: int | None             # outputs whose int32 accumulator wrapped (None: not computed)
+    saturated: tuple[int, int] | None  # (input, kernel) elements clamped at +-Qmax when quantized
     nrmse: float | None             # against the float64 reference (None: not asked)
     flops: int                      # 2 * N * H * W * OC * KH * KW * IC
     options: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +60,8 @@ class ConvResult:
             "flops": self.flops,
             "overflow_possible": self.overflow_possible,
             "wrapped_outputs": self.wrapped,
+            "saturated_elements": None if self.saturated is None else
+            {"input": self.saturated[0], "kernel": self.saturated[1]},
             "nrmse": self.nrmse,
             "output_shape": list(self.output.shape),
             "options": dict(self.options),
@@ -174,12 +177,14 @@ def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = 
     k = kh * kw * ic
     possible = False
     wrapped = run.wrapped
+    saturated = None
     err = None
     if prec.is_integer and not device:
         # Rounding and clamping are odd functions, so max|q(t)| = q(max|t|).
         qx_max = int(quantize(np.max(np.abs(x)), plan.s_x, prec, rnd))
         qw_max = int(quantize(np.max(np.abs(w)), plan.s_w, prec, rnd))
         possible = overflow_possible(qx_max, qw_max, k)
+        saturated = (count_saturated(x, plan.s_x, prec, rnd), count_saturated(w, plan.s_w, prec, rnd))
         if wrapped is None and not possible:
             wrapped = 0
         if wrapped is None and (accuracy or reference is not None):
@@ -196,7 +201,7 @@ def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = 
         scale_strategy=None if choice is None else choice.strategy,
         scale_reason="fp32: no quantization" if choice is None else choice.reason,
         phases={p: float(run.phases.get(p, 0.0)) for p in PHASES},
-        overflow_possible=possible, wrapped=wrapped, nrmse=err, flops=flops, options=dict(options),
+        overflow_possible=possible, wrapped=wrapped, saturated=saturated, nrmse=err, flops=flops, options=dict(options),
     )
 
 

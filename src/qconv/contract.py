@@ -121,6 +121,14 @@ def quantize(t: np.ndarray, s: float, precision: Precision,
     return r.astype(precision.int_dtype)
 
 
+def count_saturated(t: np.ndarray, s: float, precision: Precision,
+                    rounding: Rounding = Rounding.NEAREST) -> int:
+    """How many elements quantize() clamps: |R(float32(t) * float32(s))| > Qmax."""
+    v = np.abs(np.asarray(t, dtype=np.float32) * np.float32(s))
+    r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
+    return int(np.count_nonzero(r > precision.qmax))
+
+
 def dequantize(acc: np.ndarray, inv: np.float32) -> np.ndarray:
     """y = float32(acc) * inv: int32 -> float32 rounds to nearest even, then one float32 multiply."""
     return np.asarray(acc, dtype=np.int32).astype(np.float32) * np.float32(inv)
