@@ -10,6 +10,7 @@ from .api import ConvResult, conv2d, conv2d_result, reference_output
 from .backends import available_backends, use_backend
 from .contract import Precision, Rounding, nrmse
 from .errors import BackendUnavailable, QconvError
+from .sweep import SweepTable, sweep_scales
 from .tensorfile import load as load_tensor, save as save_tensor
 
 __version__ = "0.1.0"
@@ -17,5 +18,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "ConvResult", "Precision", "QconvError", "Rounding", "available_backends",
     "conv2d", "conv2d_result", "load_tensor", "nrmse", "reference_output", "save_tensor",
-    "use_backend", "__version__",
+    "SweepTable", "sweep_scales", "use_backend", "__version__",
 ]
