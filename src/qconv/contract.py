@@ -114,7 +114,8 @@ def quantize(t: np.ndarray, s: float, precision: Precision,
              rounding: Rounding = Rounding.NEAREST) -> np.ndarray:
     """q = clamp(R(float32(t) * float32(s)), -Qmax, Qmax), returned in the precision's int dtype."""
     qmax = precision.qmax
-    v = np.asarray(t, dtype=np.float32) * np.float32(s)  # one float32 multiply per element
+    with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
+        v = np.asarray(t, dtype=np.float32) * np.float32(s)  # one float32 multiply per element
     r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
     # Clamp in float64 so that +-Qmax (2^31-1 is not a float32) is exact; r is already an integer.
     r = np.clip(r.astype(np.float64), -qmax, qmax)
@@ -124,9 +125,11 @@ def quantize(t: np.ndarray, s: float, precision: Precision,
 def count_saturated(t: np.ndarray, s: float, precision: Precision,
                     rounding: Rounding = Rounding.NEAREST) -> int:
     """How many elements quantize() clamps: |R(float32(t) * float32(s))| > Qmax."""
-    v = np.abs(np.asarray(t, dtype=np.float32) * np.float32(s))
+    with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
+        v = np.abs(np.asarray(t, dtype=np.float32) * np.float32(s))
     r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
-    return int(np.count_nonzero(r > precision.qmax))
+    # Compare in float64: Qmax = 2^31-1 would round to 2^31 as a float32 and miss r == 2^31.
+    return int(np.count_nonzero(r.astype(np.float64) > precision.qmax))
 
 
 def dequantize(acc: np.ndarray, inv: np.float32) -> np.ndarray:
@@ -170,8 +173,9 @@ def conv2d_int_wrapped(qx: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, int]
     sum of |products| may reach 2^53, operands are split into 16-bit halves first.
     """
     k = qw.shape[0] * qw.shape[1] * qw.shape[3]
-    mx = float(np.max(np.abs(qx), initial=0))
-    mw = float(np.max(np.abs(qw), initial=0))
+    # |.| in int64: np.abs of an int32 -2^31 (or int16 -32768) wraps to a negative magnitude.
+    mx = float(np.max(np.abs(np.asarray(qx, dtype=np.int64)), initial=0))
+    mw = float(np.max(np.abs(np.asarray(qw, dtype=np.int64)), initial=0))
     if k * mx * mw < _EXACT_F64:
         exact = conv2d_float64(qx, qw).astype(np.int64)
         wrapped = int(np.count_nonzero((exact < INT32_MIN) | (exact > INT32_MAX)))
