@@ -1,0 +1,285 @@
+/* conv_avx2.c - AVX2 + FMA kernels: the only translation unit built with AVX2 enabled (the pragma
+ * below; the VNNI files carry their own). Reached only through qconv_avx2_table after qconv.c has
+ * checked the CPU, so the rest of the extension runs on any x86-64.
+ *
+ * Microkernels: MR output pixels x 16 output channels (two ymm columns), register-blocked,
+ * implicit GEMM over the zero-padded input (no im2col): for each tap (u, v) and input channel
+ * (group) c, broadcast x[pixel m, c] and multiply-accumulate with the packed kernel row w[c][0:16].
+ *   f32: vbroadcastss + vfmadd231ps               (6 x 16, 12 accumulators)
+ *   s32: vpbroadcastd + vpmulld + vpaddd           (6 x 16), products and sums wrap mod 2^32
+ *   s16: vpbroadcastd (2 channels) + vpmaddwd + vpaddd (6 x 16); also INT8 here (values +-127
+ *        held in int16), since a pair of int16 products never exceeds 2 * 32767^2 < 2^31.
+ * Quantize/dequantize are vectorized here too. */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma")
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "conv_tile.h"
+#include "qconv_impl.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* Unaligned 4-byte load without aliasing UB (one mov). */
+ALWAYS_INLINE int32_t load_i32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* ---- quantize / dequantize ------------------------------------------------------------- */
+
+/* 8 floats -> 8 int32 under the contract: one multiply, round (half-even or toward zero),
+ * clamp to +-qmax. cvttps on an already integral value is exact; for INT32, values at or past
+ * +-2^31 (where cvt would return 0x80000000) are saturated explicitly to +-(2^31 - 1). */
+ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, int32_t qmax, int truncate)
+{
+    __m256 v = _mm256_mul_ps(t, s);
+    __m256 r = truncate ? _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
+                        : _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (qmax == 2147483647) {
+        __m256 hi = _mm256_cmp_ps(r, _mm256_set1_ps(2147483648.0f), _CMP_GE_OQ);
+        __m256 lo = _mm256_cmp_ps(r, _mm256_set1_ps(-2147483648.0f), _CMP_LE_OQ);
+        __m256i q = _mm256_cvttps_epi32(r);
+        q = _mm256_blendv_epi8(q, _mm256_set1_epi32(2147483647), _mm256_castps_si256(hi));
+        return _mm256_blendv_epi8(q, _mm256_set1_epi32(-2147483647), _mm256_castps_si256(lo));
+    }
+    __m256 m = _mm256_set1_ps((float)qmax);
+    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), m)), m);
+    return _mm256_cvttps_epi32(r);
+}
+
+/* Store 8 int32 (already within the store type's range) as `store`. */
+ALWAYS_INLINE void store8(__m256i q, int store, void *dst)
+{
+    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+    switch (store) {
+    case QCONV_STORE_I32:
+        _mm256_storeu_si256((__m256i *)dst, q);
+        break;
+    case QCONV_STORE_I16:
+        _mm_storeu_si128((__m128i *)dst, _mm_packs_epi32(lo, hi));
+        break;
+    case QCONV_STORE_I8:
+        _mm_storel_epi64((__m128i *)dst, _mm_packs_epi16(_mm_packs_epi32(lo, hi), _mm_setzero_si128()));
+        break;
+    default: { /* QCONV_STORE_U8OFF: q + 128 in 1..255 */
+        __m128i off = _mm_set1_epi32(128);
+        __m128i w16 = _mm_packs_epi32(_mm_add_epi32(lo, off), _mm_add_epi32(hi, off));
+        _mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(w16, _mm_setzero_si128()));
+        break;
+    }
+    }
+}
+
+void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
+                          int store, void *dst)
+{
+    if (store == QCONV_STORE_F32) {
+        memcpy(dst, src, (size_t)count * sizeof(float));
+        return;
+    }
+    size_t es = store == QCONV_STORE_I32 ? 4 : store == QCONV_STORE_I16 ? 2 : 1;
+    __m256 vs = _mm256_set1_ps(s);
+    char *d = dst;
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)
+        store8(quantize8(_mm256_loadu_ps(src + i), vs, qmax, truncate), store, d + (size_t)i * es);
+    if (i < count) { /* tail: through a zero-padded buffer, same arithmetic */
+        float tin[8] = {0};
+        char tout[32];
+        memcpy(tin, src + i, (size_t)(count - i) * sizeof(float));
+        store8(quantize8(_mm256_loadu_ps(tin), vs, qmax, truncate), store, tout);
+        memcpy(d + (size_t)i * es, tout, (size_t)(count - i) * es);
+    }
+}
+
+void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float *dst)
+{
+    __m256 vi = _mm256_set1_ps(inv);
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8)  /* cvtdq2ps rounds to nearest even under the default MXCSR */
+        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(acc + i))), vi));
+    if (i < count) {
+        int32_t tin[8] = {0};
+        float tout[8];
+        memcpy(tin, acc + i, (size_t)(count - i) * 4);
+        _mm256_storeu_ps(tout, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)tin)), vi));
+        memcpy(dst + i, tout, (size_t)(count - i) * 4);
+    }
+}
+
+/* ---- stores shared by the tiles ------------------------------------------------------- */
+
+/* Store one pixel's 16 accumulators; a partial OC block goes through a buffer (no write past). */
+ALWAYS_INLINE void store16_ps(float *y, __m256 a0, __m256 a1, int64_t nvalid)
+{
+    if (nvalid == 16) {
+        _mm256_storeu_ps(y, a0);
+        _mm256_storeu_ps(y + 8, a1);
+    } else {
+        float t[16];
+        _mm256_storeu_ps(t, a0);
+        _mm256_storeu_ps(t + 8, a1);
+        memcpy(y, t, (size_t)nvalid * 4);
+    }
+}
+
+ALWAYS_INLINE void store16_epi32(int32_t *y, __m256i a0, __m256i a1, int64_t nvalid)
+{
+    if (nvalid == 16) {
+        _mm256_storeu_si256((__m256i *)y, a0);
+        _mm256_storeu_si256((__m256i *)(y + 8), a1);
+    } else {
+        int32_t t[16];
+        _mm256_storeu_si256((__m256i *)t, a0);
+        _mm256_storeu_si256((__m256i *)(t + 8), a1);
+        memcpy(y, t, (size_t)nvalid * 4);
+    }
+}
+
+/* ---- microkernels ---------------------------------------------------------------------- */
+
+#define MAXMR 8
+
+ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x, const float *w,
+                                        const int32_t *init, float *y, int64_t nvalid, const int mr)
+{
+    (void)init;
+    __m256 acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+    const int64_t pix = a->pix, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const float *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c++) {
+                __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
+                w += 16;
+                for (int m = 0; m < mr; m++) {
+                    __m256 b = _mm256_broadcast_ss(xp + m * pix + c);
+                    acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
+                    acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
+                }
+            }
+        }
+    for (int m = 0; m < mr; m++)
+        store16_ps(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+}
+
+ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
+                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr)
+{
+    (void)init;
+    __m256i acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    const int64_t pix = a->pix, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const int32_t *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c++) {
+                __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 8));
+                w += 16;
+                for (int m = 0; m < mr; m++) {
+                    __m256i b = _mm256_set1_epi32(xp[m * pix + c]);
+                    acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_mullo_epi32(b, w0));
+                    acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_mullo_epi32(b, w1));
+                }
+            }
+        }
+    for (int m = 0; m < mr; m++)
+        store16_epi32(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+}
+
+/* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
+ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
+                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr)
+{
+    (void)init;
+    __m256i acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
+    const int64_t pix = a->pix, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const int16_t *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c += 2) {
+                __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 16));
+                w += 32;
+                for (int m = 0; m < mr; m++) {
+                    __m256i b = _mm256_set1_epi32(load_i32(xp + m * pix + c));
+                    acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
+                    acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
+                }
+            }
+        }
+    for (int m = 0; m < mr; m++)
+        store16_epi32(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+}
+
+QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_tile__avx2, 6, float, float, float)
+QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_tile__avx2, 6, int32_t, int32_t, int32_t)
+QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_tile__avx2, 6, int16_t, int16_t, int32_t)
+
+/* ---- instruction microbenchmarks ------------------------------------------------------- */
+
+/* 12 independent accumulator chains; each iteration issues 12 of the instruction(s). */
+double qconv_peak_body__avx2(int instr, int64_t iters)
+{
+    volatile float seed = 1e-3f;
+    __m256 fa[12], fb = _mm256_set1_ps(seed), fc = _mm256_set1_ps(seed * 0.5f);
+    __m256i ia[12], ib = _mm256_set1_epi32((int)(seed * 3e3f) + 1);
+    for (int k = 0; k < 12; k++) {
+        fa[k] = _mm256_set1_ps(seed * (float)k);
+        ia[k] = _mm256_set1_epi32(k + 1);
+    }
+    double lanes;
+    switch (instr) {
+    case QCONV_PEAK_FMA:
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                fa[k] = _mm256_fmadd_ps(fb, fc, fa[k]);
+        lanes = 8;
+        break;
+    case QCONV_PEAK_MULLO:  /* acc += acc * b: the mul depends on the chain, so it cannot be hoisted */
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                ia[k] = _mm256_add_epi32(ia[k], _mm256_mullo_epi32(ia[k], ib));
+        lanes = 8;
+        break;
+    default: /* QCONV_PEAK_MADD */
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                ia[k] = _mm256_add_epi32(ia[k], _mm256_madd_epi16(ia[k], ib));
+        lanes = 16;
+        break;
+    }
+    __m256 fs = fa[0];
+    __m256i is = ia[0];
+    for (int k = 1; k < 12; k++) {
+        fs = _mm256_add_ps(fs, fa[k]);
+        is = _mm256_add_epi32(is, ia[k]);
+    }
+    float fo[8];
+    int32_t io[8];
+    _mm256_storeu_ps(fo, fs);
+    _mm256_storeu_si256((__m256i *)io, is);
+    seed = fo[0] + (float)io[0];
+    return lanes * 12.0 * (double)iters;
+}
+
+const qconv_isa_table qconv_avx2_table = {
+    .name = "avx2",
+    .quantize = qconv_quantize__avx2,
+    .dequantize = qconv_dequantize__avx2,
+    .conv = {qconv_f32_conv__avx2, qconv_s32_conv__avx2, qconv_s16_conv__avx2, qconv_s16_conv__avx2},
+    .nr = {QCONV_NR, QCONV_NR, QCONV_NR, QCONV_NR},
+    .grp = {1, 1, 2, 2},
+    .xstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
+    .wstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
+};
+#endif /* x86 */

@@ -1,0 +1,51 @@
+/* conv_tile.h - the loop over tiles shared by the SIMD translation units (included after the
+ * file's `#pragma GCC target`, so everything expands with that file's ISA).
+ *
+ * A tile function computes `mr` consecutive output pixels of one output row for one block of
+ * QCONV_NR output channels:
+ *   TILE(a, x, w, init, y, nvalid, mr)
+ *     x: padded input at (n, i, q, 0) (the tile's first pixel, top-left tap)
+ *     w: the OC block's packed kernel; init: the block's accumulator start (or NULL: zero)
+ *     y: output (float or int32) at (n, i, q, o0); nvalid: OC columns to store (<= QCONV_NR)
+ * QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT) defines
+ *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
+ * that walks OC blocks (outer: the packed block stays in cache), then rows, then whole tiles of
+ * MR pixels, and ends each row with one explicit tail tile of fewer pixels. */
+#ifndef QCONV_CONV_TILE_H
+#define QCONV_CONV_TILE_H
+
+#define QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT)                                          \
+    void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
+    {                                                                                          \
+        const XT *xq = (const XT *)a->xq;                                                      \
+        const WT *wq = (const WT *)a->wq;                                                      \
+        YT *out = (YT *)a->out;                                                                \
+        for (int64_t b = b0; b < b1; b++) {                                                    \
+            const WT *wb = wq + b * a->wblk;                                                   \
+            const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                     \
+            int64_t nvalid = a->oc - b * QCONV_NR;                                             \
+            if (nvalid > QCONV_NR)                                                             \
+                nvalid = QCONV_NR;                                                             \
+            for (int64_t r = r0; r < r1; r++) {                                                \
+                int64_t n = r / a->h, i = r % a->h;                                            \
+                const XT *xr = xq + n * a->img + i * a->row;                                   \
+                YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                \
+                int64_t q = 0;                                                                 \
+                for (; q + (MR) <= a->w; q += (MR))                                            \
+                    TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, MR);            \
+                switch (a->w - q) {                                                            \
+                case 0: break;                                                                 \
+                case 1: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 1); break;  \
+                case 2: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 2); break;  \
+                case 3: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 3); break;  \
+                case 4: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 4); break;  \
+                case 5: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 5); break;  \
+                case 6: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 6); break;  \
+                case 7: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 7); break;  \
+                default: break; /* unreachable: MR <= 8 */                                     \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+#endif

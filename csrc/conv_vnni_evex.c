@@ -1,0 +1,11 @@
+/* conv_vnni_evex.c - VNNI kernels with 256-bit EVEX encodings (AVX512-VNNI + AVX512VL: Zen 4,
+ * Ice Lake and later servers). Only this file is built with these extensions (pragma below). */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,avx512f,avx512vl,avx512vnni")
+#define VNNI_SFX avx512vnni
+#define VNNI_NAME "avx512vnni"
+#define VNNI_MR 8   /* 32 ymm registers: 8 x 16 tile = 16 accumulators */
+#define DPBUSD(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
+#define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#include "conv_vnni.inc"
+#endif /* x86 */

@@ -1,0 +1,11 @@
+/* conv_vnni_vex.c - VNNI kernels with VEX encodings (AVX-VNNI: Alder Lake, Sapphire Rapids and
+ * later). Only this file is built with AVX-VNNI enabled (pragma below). */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,avxvnni")
+#define VNNI_SFX avxvnni
+#define VNNI_NAME "avxvnni"
+#define VNNI_MR 6   /* 16 ymm registers: 6 x 16 tile = 12 accumulators */
+#define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
+#define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+#include "conv_vnni.inc"
+#endif /* x86 */

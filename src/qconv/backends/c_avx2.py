@@ -1,0 +1,67 @@
+"""c-avx2: pthreads + AVX2/FMA kernels in C (csrc/conv_avx2.c, csrc/conv_vnni_*.c).
+
+Options:
+    threads: worker threads, 1..256; default: env QCONV_THREADS, else every core this process may use.
+    isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), "avx2"
+        (no VNNI), "avxvnni" (VEX AVX-VNNI at most), "avx512vnni". The best family the CPU has,
+        no higher than this, runs; INT16/INT8 use vpdpwssd/vpdpbusd only with a VNNI family.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from ..contract import Plan
+from ..errors import QconvError
+from . import _cext
+from ._cpu_common import run_c
+from .base import BackendRun, check_options
+
+NAME = "c-avx2"
+ACCEPTS_DEVICE_ARRAYS = False
+ISAS = ("auto", "avx2", "avxvnni", "avx512vnni")
+
+
+def is_available() -> tuple[bool, str]:
+    why = _cext.load_error()
+    if why:
+        return False, why
+    have = _cext.cpu_features()
+    if not {"avx2", "fma"} <= have:
+        return False, f"this CPU lacks AVX2 and/or FMA (has: {', '.join(sorted(have)) or 'neither'}); use c-scalar"
+    return True, f"C extension qconv._qconv_c, kernels: {_cext.best_isa('auto')}"
+
+
+def default_threads() -> int:
+    env = os.environ.get("QCONV_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            raise QconvError(f"QCONV_THREADS={env!r} is not an integer") from None
+        return n
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve(options: dict) -> tuple[str, int]:
+    """(isa cap, threads) from the options, the environment and the machine."""
+    check_options(NAME, options, ("threads", "isa"))
+    threads = options.get("threads")
+    if threads is None:
+        threads = default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _cext.MAX_THREADS:
+        raise QconvError(f"c-avx2: threads must be an integer in 1..{_cext.MAX_THREADS}, got {threads!r}")
+    isa = options.get("isa") or os.environ.get("QCONV_ISA", "").strip().lower() or "auto"
+    if isa not in ISAS:
+        raise QconvError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")
+    return _cext.best_isa(isa), int(threads)
+
+
+def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+    isa, threads = resolve(plan.options)
+    return run_c(plan, x, w, isa, threads)[0]

@@ -1,0 +1,29 @@
+"""c-scalar: the C baseline (csrc/conv_scalar.c): one thread, scalar operations, not vectorized.
+
+The assignment's Problem 1/2 baseline, and the scalar twin every SIMD kernel is checked against.
+Takes no options.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..contract import Plan
+from . import _cext
+from ._cpu_common import run_c
+from .base import BackendRun, check_options
+
+NAME = "c-scalar"
+ACCEPTS_DEVICE_ARRAYS = False
+
+
+def is_available() -> tuple[bool, str]:
+    why = _cext.load_error()
+    if why:
+        return False, why
+    return True, "C extension qconv._qconv_c (scalar kernels)"
+
+
+def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+    check_options(NAME, plan.options, ())
+    return run_c(plan, x, w, "scalar", 1)[0]
