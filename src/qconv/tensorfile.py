@@ -58,9 +58,14 @@ def save(path: "str | os.PathLike[str]", tensor: np.ndarray) -> None:
         raise QconvError(f"{_describe(path)}: shape {t.shape} cannot be stored (dims must fit int32, > 0)")
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise QconvError(f"{_describe(path)}: cannot write ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp creates the file 0600; give it the mode a plain open() would (0666 & ~umask).
+            os.chmod(tmp, 0o666 & ~_umask())
             f.write(np.asarray(t.shape, dtype="<i4").tobytes())
             f.write(np.ascontiguousarray(t, dtype="<f4").tobytes())
             f.flush()
@@ -72,6 +77,12 @@ def save(path: "str | os.PathLike[str]", tensor: np.ndarray) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
+    os.umask(mask)
+    return mask
 
 
 def load_pair(input_path: "str | os.PathLike[str]",
