@@ -26,10 +26,17 @@ def names() -> tuple[str, ...]:
     return tuple(_MODULES)
 
 
+def _probe(mod: ModuleType) -> tuple[bool, str]:
+    try:
+        return mod.is_available()
+    except Exception as e:  # a probe must never take the registry down
+        return False, f"availability check failed: {e}"
+
+
 def _load(name: str) -> tuple[ModuleType | None, str]:
     try:
         return importlib.import_module(_MODULES[name]), ""
-    except ImportError as e:
+    except Exception as e:  # not only ImportError: a bad .so or a driver probe may raise anything
         return None, f"cannot import {_MODULES[name]}: {e}"
 
 
@@ -41,22 +48,19 @@ def available_backends() -> dict[str, tuple[bool, str]]:
         if mod is None:
             out[name] = (False, why)
             continue
-        try:
-            out[name] = mod.is_available()
-        except Exception as e:  # a probe must never take the registry down
-            out[name] = (False, f"availability check failed: {e}")
+        out[name] = _probe(mod)
     return out
 
 
 def get(name: str | None = None) -> ModuleType:
     """The backend module for a name ('auto' or None: the default, then the fastest available)."""
-    if name is None:
-        name = getattr(_state, "default", "auto")
+    if name is None or str(name).strip().lower() == "auto":
+        name = getattr(_state, "default", "auto")  # use_backend's choice, where one is set
     key = str(name).strip().lower()
     if key == "auto":
         for candidate in AUTO_ORDER:
             mod, _ = _load(candidate)
-            if mod is not None and mod.is_available()[0]:
+            if mod is not None and _probe(mod)[0]:
                 return mod
         raise BackendUnavailable("no backend is available (the reference backend should always be)")
     if key not in _MODULES:
@@ -64,7 +68,7 @@ def get(name: str | None = None) -> ModuleType:
     mod, why = _load(key)
     if mod is None:
         raise BackendUnavailable(f"backend {key!r} is unavailable: {why}")
-    ok, reason = mod.is_available()
+    ok, reason = _probe(mod)
     if not ok:
         raise BackendUnavailable(f"backend {key!r} is unavailable: {reason}")
     return mod
