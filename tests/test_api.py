@@ -374,4 +374,5 @@ def test_real_layer_published_numbers(layer, bits):
     # our output wraps like int32 hardware, so it matches the meta's "if int32 wraps" figure;
     # meta dequantized in float64, hence a relative tolerance rather than equality
     assert r.nrmse == pytest.approx(q["nrmse_if_int32_wraps"], rel=1e-3)
-    assert r.overflow_possible == (q["max_abs_final_acc"] > 2**31 - 1 or r.overflow_possible)
+    if q["max_abs_final_acc"] > 2**31 - 1:  # an accumulator that did leave int32 was possible
+        assert r.overflow_possible
