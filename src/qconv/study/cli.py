@@ -1,0 +1,73 @@
+"""`qconv study`: the argparse hook the main CLI (qconv.cli) mounts as a subcommand.
+
+    add_arguments(parser)   # LAYERS..., --backends, --precisions, --batch, --repeat, --out, --quick
+    run(args) -> int        # 0 done, 130 interrupted (partial results written); QconvError for bad input
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from ..errors import QconvError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = ("Measure every backend x precision on real layers, sweep the scale S, and "
+                          "write results.json, results.csv, six plots and report.md into --out.")
+    parser.add_argument("layers", nargs="*", metavar="LAYER",
+                        help="a directory holding input_tensor.bin and kernel_tensor.bin, or "
+                             "INPUT.bin:KERNEL.bin (default: the shipped sample layers)")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated backends (default: every available one; see "
+                             "qconv.available_backends())")
+    parser.add_argument("--precisions", default="fp32,int32,int16,int8",
+                        help="comma-separated precisions (default: fp32,int32,int16,int8)")
+    parser.add_argument("--batch", type=int, default=1,
+                        help="repeat each input along N to this batch size (default 1)")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="timed runs per option after one warm-up (default 5; 3 with --quick)")
+    parser.add_argument("--out", default="qconv-study", metavar="DIR",
+                        help="output directory (default ./qconv-study)")
+    parser.add_argument("--quick", action="store_true",
+                        help="coarser scale sweeps and fewer runs: the whole study in well under two minutes")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _split(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise QconvError(f"empty list {text!r}")
+    return items
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runner import Layer, load_layers, run_study
+    if args.layers:
+        layers = load_layers(args.layers)
+    else:
+        try:
+            from ..samples import sample_layers
+        except ImportError as e:
+            raise QconvError(f"no LAYERS given and the shipped sample layers are unavailable ({e})") from None
+        from ..tensorfile import load_pair
+        layers = [Layer(name, *load_pair(i, k), input_path=str(i), kernel_path=str(k))
+                  for name, i, k in sample_layers()]
+        if not layers:
+            raise QconvError("no LAYERS given and no shipped sample layer was found")
+    repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
+    command = "qconv study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else None
+    out = Path(args.out)
+    try:
+        run_study(layers, out, backends=_split(args.backends), precisions=_split(args.precisions),
+                  batch=args.batch, repeat=repeat, quick=args.quick,
+                  progress=not args.no_progress, command=command)
+    except KeyboardInterrupt:
+        print(f"interrupted: partial results in {out / 'results.json'}", file=sys.stderr)
+        return 130
+    print(f"report: {out / 'report.md'}")
+    return 0

@@ -1,0 +1,113 @@
+"""What the study ran on (CPU, GPU, versions, date) and the hardware peaks we know."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+from typing import Any
+
+import numpy as np
+
+from ..contract import Precision
+
+
+def _cpuinfo() -> dict[str, Any]:
+    info: dict[str, Any] = {"model": platform.processor() or platform.machine(), "mhz": None,
+                            "flags": [], "physical_cores": None}
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return info
+    cores = set()
+    phys = core = None
+    for line in text.splitlines():
+        if ":" not in line:
+            continue
+        k, v = (s.strip() for s in line.split(":", 1))
+        if k == "model name" and info["model"] in (platform.processor() or platform.machine(), None):
+            info["model"] = v
+        elif k == "cpu MHz" and info["mhz"] is None:
+            try:
+                info["mhz"] = float(v)
+            except ValueError:
+                pass
+        elif k == "flags" and not info["flags"]:
+            info["flags"] = v.split()
+        elif k == "physical id":
+            phys = v
+        elif k == "core id":
+            core = v
+            cores.add((phys, core))
+    info["physical_cores"] = len(cores) or None
+    try:  # the rated maximum beats the instantaneous "cpu MHz"
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            info["mhz"] = int(f.read()) / 1000.0
+    except (OSError, ValueError):
+        pass
+    return info
+
+
+def describe(gpu_name: str | None) -> dict[str, Any]:
+    cpu = _cpuinfo()
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        from .. import __version__
+        versions["qconv"] = __version__
+    except ImportError:
+        pass
+    for mod in ("matplotlib", "cffi"):
+        m = sys.modules.get(mod)
+        if m is None:
+            try:
+                m = __import__(mod)
+            except ImportError:
+                continue
+        versions[mod] = getattr(m, "__version__", "?")
+    return {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "cpu_model": cpu["model"],
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_physical_cores": cpu["physical_cores"],
+        "cpu_mhz": cpu["mhz"],
+        "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in cpu["flags"]],
+        "gpu": gpu_name,
+        "versions": versions,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ops (2 per multiply-add) per cycle per core, AVX2 with two 256-bit pipes:
+#   fp32: 2 FMA x 8 lanes x 2; int16/int8: 2 vpmaddwd x 16 multiplies x 2 (int8 widened to int16);
+#   int32: 1 vpmulld x 8 lanes x 2 (the multiply is the bottleneck). Scalar fp32: 2 FMA x 2.
+_CPU_OPS_PER_CYCLE = {
+    ("c-avx2", Precision.FP32): 32, ("c-avx2", Precision.INT16): 64,
+    ("c-avx2", Precision.INT8): 64, ("c-avx2", Precision.INT32): 16,
+}
+
+# NVIDIA datasheet peaks for non-tensor-core FP32 (TFLOP/s) and INT32 (half the FP32 lanes on
+# Hopper), by name.
+_GPU_PEAKS = (("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9),
+              ("A100", 19.5), ("L4", 30.3))
+
+
+def peak_gops(backend: str, precision: Precision, machine: dict[str, Any]) -> tuple[float, str] | None:
+    """Theoretical peak (G ops/s) for an option, with how it was computed; None where unknown."""
+    if backend == "cuda":
+        name = machine.get("gpu") or ""
+        for key, tflops in _GPU_PEAKS:
+            if key in name:
+                if precision is Precision.FP32:
+                    return tflops * 1e3, f"{key} FP32 CUDA-core peak {tflops} TFLOP/s (NVIDIA datasheet)"
+                if precision is Precision.INT32 and key.startswith(("H100", "H200")):
+                    return tflops * 500, f"{key} INT32 peak: half the FP32 lanes ({tflops / 2:.1f} TOP/s)"
+        return None
+    ops = _CPU_OPS_PER_CYCLE.get((backend, precision))
+    mhz = machine.get("cpu_mhz")
+    cores = machine.get("cpu_physical_cores") or machine.get("cpu_logical_cores")
+    if ops is None or not mhz or not cores or "avx2" not in machine.get("cpu_simd", []):
+        return None
+    return (ops * mhz * 1e-3 * cores,
+            f"{ops} ops/cycle/core x {cores} core(s) x {mhz:.0f} MHz (AVX2, two 256-bit pipes)")

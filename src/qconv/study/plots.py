@@ -1,0 +1,307 @@
+"""The six figures of the study, drawn from results.json's content (matplotlib, no pyplot state).
+
+Every figure has a fixed pixel size given by ``expected_size(name, n_layers)``; results.json
+records each file with its size.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+DPI = 100
+PLOTS = ("speedup", "nrmse", "pareto", "sweep", "phases", "energy")
+TITLES = {
+    "speedup": "Speedup of the convolve phase over the scalar FP32 baseline",
+    "nrmse": "NRMSE per precision and scale strategy",
+    "pareto": "Convolution time against NRMSE, with the Pareto frontier",
+    "sweep": "NRMSE and overflow against the scale S",
+    "phases": "Where the time goes: phases per option",
+    "energy": "Energy per convolution: estimate and measurement",
+}
+PREC_COLORS = {"fp32": "#4c72b0", "int32": "#dd8452", "int16": "#55a868", "int8": "#c44e52"}
+PHASE_COLORS = {"quantize": "#8172b3", "pack": "#937860", "transfer": "#da8bc3",
+                "convolve": "#4c72b0", "dequantize": "#ccb974"}
+STRATS = ("maxabs", "sweep-S", "sweep-S-truncate", "sweep-pair")
+STRAT_COLORS = {"maxabs": "#8172b3", "sweep-S": "#55a868", "sweep-S-truncate": "#ccb974",
+                "sweep-pair": "#64b5cd", "fp32": "#4c72b0"}
+
+
+def expected_size(name: str, n_layers: int) -> tuple[int, int]:
+    """(width, height) in pixels of a figure."""
+    if name == "sweep":
+        return 1500, 340 * max(1, n_layers) + 80
+    if name == "phases":
+        return 1200, 200 + 320 * max(1, n_layers)
+    return 1200, 560
+
+
+def _figure(name: str, n_layers: int):  # -> (Figure, canvas)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    w, h = expected_size(name, n_layers)
+    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
+    return fig, FigureCanvasAgg(fig)
+
+
+def _ok(m: dict[str, Any]) -> bool:
+    return m.get("error") is None and "phases_s" in m
+
+
+def _layers(res: dict[str, Any]) -> list[str]:
+    return [L["name"] for L in res["layers"]] or ["(none)"]
+
+
+def _axes_row(fig, n: int, **kw):
+    axs = fig.subplots(1, n, squeeze=False, **kw)[0]
+    return list(axs)
+
+
+def _empty(ax, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _label(m: dict[str, Any]) -> str:
+    return f"{m['backend']}/{m['precision']}"
+
+
+def plot_speedup(res: dict[str, Any], fig) -> None:
+    layers = _layers(res)
+    axs = _axes_row(fig, len(layers))
+    precs = res["config"]["precisions"]
+    peak_labeled = False
+    for ax, name in zip(axs, layers):
+        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)
+              and m.get("speedup_vs_baseline") is not None]
+        if not ms:
+            _empty(ax, "no measurement with a baseline")
+            continue
+        backends = list(dict.fromkeys(m["backend"] for m in ms))
+        width = 0.8 / max(1, len(precs))
+        for j, p in enumerate(precs):
+            for i, b in enumerate(backends):
+                m = next((m for m in ms if m["backend"] == b and m["precision"] == p), None)
+                if m is None:
+                    continue
+                xpos = i + (j - (len(precs) - 1) / 2) * width
+                ax.bar(xpos, m["speedup_vs_baseline"], width, color=PREC_COLORS.get(p, "gray"),
+                       label=p if i == 0 or not any(l.get_label() == p for l in ax.patches) else None)
+                ax.text(xpos, m["speedup_vs_baseline"], f"{m['speedup_vs_baseline']:.2g}",
+                        ha="center", va="bottom", fontsize=7)
+                if m.get("peak_speedup_vs_baseline"):
+                    ax.plot([xpos - width / 2, xpos + width / 2], [m["peak_speedup_vs_baseline"]] * 2,
+                            color="k", ls="--", lw=1.2, label=None if peak_labeled else "hardware peak")
+                    peak_labeled = True
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xticks(range(len(backends)), backends)
+        ax.set_yscale("log")
+        base = (res["summary"].get("layers", {}).get(name) or {}).get("baseline") or {}
+        ax.set_title(f"{name}\n(baseline {base.get('backend', '?')}/{base.get('precision', '?')} = 1)", fontsize=9)
+        ax.set_ylabel("speedup (x, log)")
+        handles, labels = ax.get_legend_handles_labels()
+        uniq = dict(zip(labels, handles))
+        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.suptitle(TITLES["speedup"] + f" (median of {res['config']['repeat']} runs)")
+
+
+def _fp32_nrmse(res: dict[str, Any], name: str) -> float | None:
+    v = [m["nrmse"] for m in res["measurements"] if m["layer"] == name and _ok(m)
+         and m["precision"] == "fp32" and m.get("nrmse")]
+    return min(v) if v else None
+
+
+def plot_nrmse(res: dict[str, Any], fig) -> None:
+    layers = _layers(res)
+    axs = _axes_row(fig, len(layers))
+    acc = res["summary"].get("acceptable_nrmse")
+    for ax, name in zip(axs, layers):
+        st = [s for s in res["strategies"] if s["layer"] == name and s.get("nrmse") is not None]
+        precs = [p for p in ("int32", "int16", "int8") if any(s["precision"] == p for s in st)]
+        fp = _fp32_nrmse(res, name)
+        if not st and fp is None:
+            _empty(ax, "no accuracy data")
+            continue
+        width = 0.8 / len(STRATS)
+        for i, p in enumerate(precs):
+            for j, sname in enumerate(STRATS):
+                s = next((s for s in st if s["precision"] == p and s["strategy"] == sname), None)
+                if s is None or not s["nrmse"]:
+                    continue
+                ax.bar(i + (j - 1.5) * width, s["nrmse"], width, color=STRAT_COLORS[sname],
+                       label=sname if i == 0 else None)
+        xt = list(precs)
+        if fp:
+            ax.bar(len(precs), fp, 0.4, color=STRAT_COLORS["fp32"], label="fp32 (own rounding)")
+            xt.append("fp32")
+        ax.set_xticks(range(len(xt)), xt)
+        ax.set_yscale("log")
+        if acc:
+            ax.axhline(acc, color="k", ls="--", lw=1, label="8-bit output (acceptable)")
+        ax.set_ylabel("NRMSE vs float64 (log)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(TITLES["nrmse"])
+
+
+def plot_pareto(res: dict[str, Any], fig) -> None:
+    from .runner import pareto
+    layers = _layers(res)
+    axs = _axes_row(fig, len(layers))
+    for ax, name in zip(axs, layers):
+        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m) and m.get("nrmse")]
+        if not ms:
+            _empty(ax, "no measurement")
+            continue
+        for m in ms:
+            t = m["phases_s"]["convolve"]["median"]
+            ax.scatter([t], [m["nrmse"]], color=PREC_COLORS.get(m["precision"], "gray"), s=30, zorder=3)
+            ax.annotate(_label(m), (t, m["nrmse"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        front = pareto([(m["phases_s"]["convolve"]["median"], m["nrmse"], m) for m in ms])
+        fx = [m["phases_s"]["convolve"]["median"] for m in front]
+        fy = [m["nrmse"] for m in front]
+        ax.step(fx, fy, where="post", color="k", lw=1.2, label="Pareto frontier", zorder=2)
+        for p, c in PREC_COLORS.items():
+            ax.scatter([], [], color=c, label=p)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("convolve time, median (s, log)")
+        ax.set_ylabel("NRMSE (log)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle(TITLES["pareto"])
+
+
+def plot_sweep(res: dict[str, Any], fig) -> None:
+    layers = _layers(res)
+    precs = [p for p in ("int32", "int16", "int8") if p in res["config"]["precisions"]] or ["int8"]
+    axs = fig.subplots(len(layers), len(precs), squeeze=False)
+    for r, name in enumerate(layers):
+        for c, p in enumerate(precs):
+            ax = axs[r][c]
+            near = next((s for s in res["sweeps"] if s["layer"] == name and s["precision"] == p
+                         and s["rounding"] == "nearest"), None)
+            trunc = next((s for s in res["sweeps"] if s["layer"] == name and s["precision"] == p
+                          and s["rounding"] == "truncate"), None)
+            if near is None:
+                _empty(ax, f"{name} {p}: no sweep")
+                continue
+            S = [row["s_x"] for row in near["rows"]]
+            ax.plot(S, [row["nrmse"] for row in near["rows"]], color="#4c72b0", lw=1.3, label="NRMSE (nearest)")
+            if trunc is not None:
+                ax.plot([row["s_x"] for row in trunc["rows"]], [row["nrmse"] for row in trunc["rows"]],
+                        color="#4c72b0", lw=1, ls="--", label="NRMSE (truncate)")
+            best = near["best"]
+            ax.axvline(best["s_x"], color="#c44e52", lw=1.2, label=f"chosen S={best['s_x']:.4g}")
+            st = {s["strategy"]: s for s in res["strategies"] if s["layer"] == name and s["precision"] == p}
+            for key, mk in (("maxabs", "s"), ("sweep-pair", "^")):
+                s = st.get(key)
+                if s and s.get("nrmse"):
+                    ax.scatter([math.sqrt(s["s_x"] * s["s_w"])], [s["nrmse"]], marker=mk, color="k", zorder=4,
+                               label=f"{key} at sqrt(s_x*s_w)")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("S (log2)")
+            ax.set_ylabel("NRMSE (log)")
+            ax2 = ax.twinx()
+            ax2.plot(S, [row["wrapped_fraction"] for row in near["rows"]], color="#dd8452", lw=1,
+                     label="wrapped outputs (fraction)")
+            ax2.plot(S, [row["clamped_fraction"] for row in near["rows"]], color="#55a868", lw=1, ls=":",
+                     label="saturated operands (fraction)")
+            ax2.set_ylim(-0.02, 1.02)
+            ax2.set_ylabel("fraction", fontsize=8)
+            ax.set_title(f"{name} — {p}", fontsize=9)
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper center")
+    fig.suptitle(TITLES["sweep"] + " (chosen S: red line)")
+    fig.subplots_adjust(hspace=0.45, wspace=0.45)
+
+
+def plot_phases(res: dict[str, Any], fig) -> None:
+    from ..backends.base import PHASES
+    layers = _layers(res)
+    axs = fig.subplots(len(layers), 1, squeeze=False)
+    for ax, name in zip((a[0] for a in axs), layers):
+        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
+        if not ms:
+            _empty(ax, "no measurement")
+            continue
+        labels = [_label(m) for m in ms]
+        left = [0.0] * len(ms)
+        for ph in PHASES:
+            v = [m["phases_s"][ph]["median"] * 1e3 for m in ms]
+            ax.barh(range(len(ms)), v, left=left, color=PHASE_COLORS[ph], label=ph)
+            left = [a + b for a, b in zip(left, v)]
+        ax.set_yticks(range(len(ms)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("median time per call (ms)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle(TITLES["phases"])
+    fig.subplots_adjust(left=0.16, hspace=0.5)
+
+
+def plot_energy(res: dict[str, Any], fig) -> None:
+    layers = _layers(res)
+    axs = _axes_row(fig, len(layers))
+    meters = res["machine"].get("energy_meters", {})
+    for ax, name in zip(axs, layers):
+        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
+        if not ms:
+            _empty(ax, "no measurement")
+            continue
+        precs = list(dict.fromkeys(m["precision"] for m in ms))
+        est = {p: next(m["energy_estimate_j"] for m in ms if m["precision"] == p) for p in precs}
+        x = range(len(precs))
+        comp = [est[p]["compute_j"] for p in precs]
+        qd = [est[p]["quantize_dequantize_j"] for p in precs]
+        dlo = [est[p]["dram_low_j"] for p in precs]
+        dhi = [est[p]["dram_high_j"] for p in precs]
+        dmid = [(a + b) / 2 for a, b in zip(dlo, dhi)]
+        ax.bar(x, comp, 0.5, color="#4c72b0", label="estimate: multiply-add")
+        ax.bar(x, qd, 0.5, bottom=comp, color="#8172b3", label="estimate: (de)quantize")
+        b2 = [a + b for a, b in zip(comp, qd)]
+        ax.bar(x, dmid, 0.5, bottom=b2, color="#ccb974", label="estimate: DRAM (1.3-2.6 nJ/64 bit)",
+               yerr=[[m - l for m, l in zip(dmid, dlo)], [h - m for h, m in zip(dhi, dmid)]], capsize=3)
+        measured = [m for m in ms if m.get("energy_measured")]
+        for i, m in enumerate(measured):
+            ax.scatter([precs.index(m["precision"]) + 0.3], [m["energy_measured"]["joules_per_call"]],
+                       marker="D", color="#c44e52", zorder=4,
+                       label="measured (" + m["energy_measured"]["meter"] + ")" if i == 0 else None)
+        if not measured:
+            why = "; ".join(f"{k}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
+            ax.text(0.02, 0.98, "no measured energy here:\n" + _wrap(why, 60), transform=ax.transAxes,
+                    fontsize=6, va="top")
+        ax.set_xticks(list(x), precs)
+        ax.set_yscale("log")
+        ax.set_ylabel("J per convolution (log)")
+        ax.set_title(name, fontsize=9)
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(TITLES["energy"] + " (Horowitz ISSCC 2014, 45 nm)")
+
+
+def _wrap(text: str, n: int) -> str:
+    import textwrap
+    return "\n".join(textwrap.wrap(text, n)[:6])
+
+
+_DRAW = {"speedup": plot_speedup, "nrmse": plot_nrmse, "pareto": plot_pareto, "sweep": plot_sweep,
+         "phases": plot_phases, "energy": plot_energy}
+
+
+def draw_all(res: dict[str, Any], out_dir: "str | Path") -> list[dict[str, Any]]:
+    """Draw every figure into out_dir; returns [{name, file, title, width, height}]."""
+    out = Path(out_dir)
+    n = max(1, len(res["layers"]))
+    done = []
+    for name in PLOTS:
+        fig, canvas = _figure(name, n)
+        _DRAW[name](res, fig)
+        path = out / f"{name}.png"
+        canvas.print_png(str(path))
+        w, h = expected_size(name, n)
+        done.append({"name": name, "file": path.name, "title": TITLES[name], "width": w, "height": h})
+    return done
