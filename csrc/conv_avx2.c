@@ -227,49 +227,52 @@ QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_tile__avx2, 6, int16_t, int16_
 
 /* ---- instruction microbenchmarks ------------------------------------------------------- */
 
-/* 12 independent accumulator chains; each iteration issues 12 of the instruction(s). */
-double qconv_peak_body__avx2(int instr, int64_t iters)
+/* 12 independent accumulator chains per loop, one function per instruction so that only the
+ * 12 accumulators and 2 operands are live (no spills). Each returns the MACs done. */
+static __attribute__((noinline)) double peak_fma(int64_t iters)
 {
     volatile float seed = 1e-3f;
-    __m256 fa[12], fb = _mm256_set1_ps(seed), fc = _mm256_set1_ps(seed * 0.5f);
-    __m256i ia[12], ib = _mm256_set1_epi32((int)(seed * 3e3f) + 1);
-    for (int k = 0; k < 12; k++) {
-        fa[k] = _mm256_set1_ps(seed * (float)k);
-        ia[k] = _mm256_set1_epi32(k + 1);
+    __m256 acc[12], b = _mm256_set1_ps(seed), c = _mm256_set1_ps(seed * 0.5f);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm256_set1_ps(seed * (float)k);
+    for (int64_t i = 0; i < iters; i++)
+        for (int k = 0; k < 12; k++)
+            acc[k] = _mm256_fmadd_ps(b, c, acc[k]);
+    for (int k = 1; k < 12; k++)
+        acc[0] = _mm256_add_ps(acc[0], acc[k]);
+    seed = _mm256_cvtss_f32(acc[0]);
+    return 8.0 * 12.0 * (double)iters;
+}
+
+/* acc += acc * b: the multiply depends on the chain, so it cannot be hoisted out of the loop. */
+static __attribute__((noinline)) double peak_int(int madd, int64_t iters)
+{
+    volatile int seed = 3;
+    __m256i acc[12], b = _mm256_set1_epi32(seed);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm256_set1_epi32(seed + k);
+    if (madd) {
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(acc[k], b));
+    } else {
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                acc[k] = _mm256_add_epi32(acc[k], _mm256_mullo_epi32(acc[k], b));
     }
-    double lanes;
+    for (int k = 1; k < 12; k++)
+        acc[0] = _mm256_add_epi32(acc[0], acc[k]);
+    seed = _mm256_cvtsi256_si32(acc[0]);
+    return (madd ? 16.0 : 8.0) * 12.0 * (double)iters;
+}
+
+double qconv_peak_body__avx2(int instr, int64_t iters)
+{
     switch (instr) {
-    case QCONV_PEAK_FMA:
-        for (int64_t i = 0; i < iters; i++)
-            for (int k = 0; k < 12; k++)
-                fa[k] = _mm256_fmadd_ps(fb, fc, fa[k]);
-        lanes = 8;
-        break;
-    case QCONV_PEAK_MULLO:  /* acc += acc * b: the mul depends on the chain, so it cannot be hoisted */
-        for (int64_t i = 0; i < iters; i++)
-            for (int k = 0; k < 12; k++)
-                ia[k] = _mm256_add_epi32(ia[k], _mm256_mullo_epi32(ia[k], ib));
-        lanes = 8;
-        break;
-    default: /* QCONV_PEAK_MADD */
-        for (int64_t i = 0; i < iters; i++)
-            for (int k = 0; k < 12; k++)
-                ia[k] = _mm256_add_epi32(ia[k], _mm256_madd_epi16(ia[k], ib));
-        lanes = 16;
-        break;
+    case QCONV_PEAK_FMA: return peak_fma(iters);
+    case QCONV_PEAK_MULLO: return peak_int(0, iters);
+    default: return peak_int(1, iters);  /* QCONV_PEAK_MADD */
     }
-    __m256 fs = fa[0];
-    __m256i is = ia[0];
-    for (int k = 1; k < 12; k++) {
-        fs = _mm256_add_ps(fs, fa[k]);
-        is = _mm256_add_epi32(is, ia[k]);
-    }
-    float fo[8];
-    int32_t io[8];
-    _mm256_storeu_ps(fo, fs);
-    _mm256_storeu_si256((__m256i *)io, is);
-    seed = fo[0] + (float)io[0];
-    return lanes * 12.0 * (double)iters;
 }
 
 const qconv_isa_table qconv_avx2_table = {
