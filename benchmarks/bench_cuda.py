@@ -1,0 +1,253 @@
+"""Benchmark the cuda backend on the assignment's layers against cuDNN and cuBLASLt, same process.
+
+    PYTHONPATH=src python3 benchmarks/bench_cuda.py [--shared ../shared] [--reps 100] [--sweep]
+        [--json out.json] [--md out.md]
+
+For exam cases 1 and 2 at N=1 and N=32 (the batch tiled from the one image), every precision
+(INT8 through the tensor cores' mma and through dp4a) runs on device-resident inputs (PyTorch CUDA
+tensors, so no host copies); the convolution kernel's time is the median of --reps CUDA-event-timed
+calls. Baselines, timed the same way: cuDNN FP32 (torch conv2d, TF32 off, NCHW and channels-last,
+best of), cuDNN FP16 channels-last, and cuBLASLt INT8 GEMM of the implicit-GEMM shape
+(torch._int_mm, M = N*H*W, K = KH*KW*C, N = OC, B column-major). Peaks for dp4a and int8 mma.sync
+are measured by microbenchmarks in the same process. --sweep also times every tile and split-K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+import qconv
+from qconv import scales
+from qconv.backends import _nvrtc, cuda as cb
+from qconv.contract import Plan, parse_precision
+from qconv.tensorfile import load as load_tensor
+
+VARIANTS = [("fp32", {}), ("int32", {}), ("int16", {}), ("int8", {"int8_path": "mma"}),
+            ("int8", {"int8_path": "dp4a"})]
+
+PEAK_SRC = r"""
+extern "C" __global__ void dp4a_peak(int* out, int iters, int a0, int b0) {
+  int acc[8], a[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) { acc[j] = threadIdx.x + j; a[j] = a0 ^ (j * 0x01010101); }
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[j] = __dp4a(a[j], b0, acc[j]);
+  }
+  int s = 0;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  if (s == 0x7fffffff) out[0] = s;
+}
+extern "C" __global__ void mma_peak(int* out, int iters, int a0, int b0) {
+  int d[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) for (int r = 0; r < 4; ++r) d[j][r] = threadIdx.x + r;
+  unsigned a = a0 ^ threadIdx.x, b = b0;
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+r"(d[j][0]), "+r"(d[j][1]), "+r"(d[j][2]), "+r"(d[j][3])
+                   : "r"(a), "r"(a + 1), "r"(a + 2), "r"(a + 3), "r"(b), "r"(b + 1));
+  }
+  int s = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
+  if (s == 0x7fffffff) out[0] = s;
+}
+"""
+
+
+def measure_peaks(rt) -> dict:
+    import ctypes
+    drv = rt.drv
+    cubin = _nvrtc.compile_source(PEAK_SRC, {}, "peaks.cu", rt.arch)
+    mod = cb._ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(peaks)")
+    out = rt.buf("peak_out", 16)
+    res = {}
+    blocks, threads, iters = rt.num_sms * 8, 256, 4096
+    for name, ops_per_iter in (("dp4a_peak", 8 * 8 * threads), ("mma_peak", 4 * 16 * 8 * 32 * 2 * (threads // 32))):
+        f = cb._ck(drv.cuModuleGetFunction(mod, name.encode()), name)
+        args = [ctypes.c_uint64(out), ctypes.c_int(iters), ctypes.c_int(0x01020304), ctypes.c_int(0x05060708)]
+        times = []
+        for _ in range(6):
+            rt.record(0)
+            rt.launch(f, name, (blocks, 1, 1), threads, 0, args)
+            rt.record(1)
+            cb._ck(drv.cuEventSynchronize(rt.events[1]), "sync")
+            times.append(rt.elapsed(0, 1))
+        t = statistics.median(times[1:])
+        res[name] = ops_per_iter * iters * blocks / t
+    clock_khz = cb._attr(rt.dev, "CU_DEVICE_ATTRIBUTE_CLOCK_RATE")
+    res["sm_clock_ghz_max"] = clock_khz / 1e6
+    res["num_sms"] = rt.num_sms
+    return res
+
+
+def event_median(fn, reps: int) -> float:
+    import torch
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    return statistics.median(times)
+
+
+def baselines(x: np.ndarray, w: np.ndarray, reps: int) -> dict:
+    import torch
+    import torch.nn.functional as F
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.benchmark = True
+    n, h, wd, c = x.shape
+    kh, kw, oc, ic = w.shape
+    xt = torch.from_numpy(x).cuda().permute(0, 3, 1, 2).contiguous()           # NCHW
+    wt = torch.from_numpy(w).cuda().permute(2, 3, 0, 1).contiguous()           # OC, IC, KH, KW
+    res = {}
+    with torch.no_grad():
+        res["cudnn_fp32_nchw"] = event_median(lambda: F.conv2d(xt, wt, padding="same"), reps)
+        xc, wc = xt.to(memory_format=torch.channels_last), wt.to(memory_format=torch.channels_last)
+        res["cudnn_fp32_cl"] = event_median(lambda: F.conv2d(xc, wc, padding="same"), reps)
+        xh, wh = xc.half(), wc.half()
+        res["cudnn_fp16_cl"] = event_median(lambda: F.conv2d(xh, wh, padding="same"), reps)
+        m, k = n * h * wd, kh * kw * ic
+        a = torch.randint(-127, 128, (m, k), dtype=torch.int8, device="cuda")
+        b = torch.randint(-127, 128, (oc, k), dtype=torch.int8, device="cuda").t()  # K x N column-major
+        res["cublaslt_int8_gemm"] = event_median(lambda: torch._int_mm(a, b), reps)
+    res["cudnn_fp32_best"] = min(res["cudnn_fp32_nchw"], res["cudnn_fp32_cl"])
+    return res
+
+
+def time_ours(xt, wt, precision: str, scale, opts: dict, reps: int) -> dict:
+    kw = {} if precision == "fp32" else {"scale": scale}
+    for _ in range(3):
+        qconv.conv2d_result(xt, wt, precision, backend="cuda", **kw, **opts)
+    ph = {"convolve": [], "quantize": [], "pack": [], "dequantize": []}
+    for _ in range(reps):
+        r = qconv.conv2d_result(xt, wt, precision, backend="cuda", **kw, **opts)
+        for p in ph:
+            ph[p].append(r.phases[p])
+    return {p: statistics.median(v) for p, v in ph.items()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    here = Path(__file__).resolve().parent.parent
+    ap.add_argument("--shared", default=os.environ.get("QCONV_SHARED", str(here.parent / "shared")))
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json")
+    ap.add_argument("--md")
+    args = ap.parse_args()
+    import torch
+
+    ok, why = cb.is_available()
+    if not ok:
+        print(f"cuda backend unavailable: {why}")
+        return 1
+    rt = cb._runtime()
+    peaks = measure_peaks(rt)
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        smi = "?"
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "card": why, "nvidia_smi": smi, "torch": torch.__version__,
+            "cudnn": torch.backends.cudnn.version(), "command": " ".join(sys.argv), "peaks": peaks}
+    print(json.dumps(meta, indent=1))
+    rows = []
+    for case in ("1", "2"):
+        d = Path(args.shared) / "data" / "exam" / case
+        x1 = load_tensor(d / "input_tensor.bin")
+        w = load_tensor(d / "kernel_tensor.bin")
+        for n in (1, 32):
+            x = np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))
+            kh, kw, oc, ic = w.shape
+            flops = 2 * x.shape[0] * x.shape[1] * x.shape[2] * oc * kh * kw * ic
+            base = baselines(x, w, args.reps)
+            xt, wt = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
+            row = {"case": case, "n": n, "flops": flops, "baselines": base, "ours": {}}
+            for prec, opts in VARIANTS:
+                label = prec + ("-" + opts["int8_path"] if "int8_path" in opts else "")
+                scale = None
+                if prec != "fp32":
+                    ch = scales.choose("maxabs", parse_precision(prec), x1, w)
+                    scale = (float(ch.s_x), float(ch.s_w))
+                t = time_ours(xt, wt, prec, scale, opts, args.reps)
+                cfg = cb.last_config(Plan(parse_precision(prec), options=opts), x.shape, w.shape)
+                t.update(cfg)
+                if prec != "fp32":
+                    t["unfused"] = time_ours(xt, wt, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
+                if args.sweep:
+                    sw = {}
+                    for tile in cb.TILES:
+                        for split in (1, 2, 4, 8):
+                            try:
+                                sw[f"{tile}/{split}"] = time_ours(xt, wt, prec, scale,
+                                                                  {**opts, "tile": tile, "split_k": split},
+                                                                  max(10, args.reps // 5))["convolve"]
+                            except Exception as e:  # noqa: BLE001 - report, keep sweeping
+                                sw[f"{tile}/{split}"] = str(e)
+                    t["sweep"] = sw
+                    best = min((v, k) for k, v in sw.items() if isinstance(v, float))
+                    t["sweep_best"] = {"config": best[1], "convolve": best[0]}
+                row["ours"][label] = t
+                print(f"case {case} N={n} {label:10s} conv {t['convolve']*1e6:8.1f} us "
+                      f"{flops / t['convolve'] / 1e12:7.2f} TOP/s  cfg {cfg['kernel']} split {cfg['split_k']}"
+                      + (f"  sweep best {t['sweep_best']['config']} {t['sweep_best']['convolve']*1e6:.1f} us" if args.sweep else ""),
+                      flush=True)
+            print(f"case {case} N={n} baselines (us): " + ", ".join(f"{k} {v*1e6:.1f}" for k, v in base.items()), flush=True)
+            rows.append(row)
+    md = table(meta, rows)
+    print(md)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    if args.md:
+        Path(args.md).write_text(md)
+    return 0
+
+
+def table(meta: dict, rows: list) -> str:
+    us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
+    out = ["| case | N | path | conv us | TOP/s | quant us | dequant us (unfused) | vs cuDNN FP32 | vs cuDNN FP16 | vs cuBLASLt INT8 | kernel / split |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b = r["baselines"]
+        for label, t in r["ours"].items():
+            c = t["convolve"]
+            q = t["quantize"] + t["pack"]
+            dq = t["unfused"]["dequantize"] if "unfused" in t else 0.0
+            out.append(f"| {r['case']} | {r['n']} | {label} | {us(c)} | {r['flops'] / c / 1e12:.2f} | {us(q)} | "
+                       f"{us(dq) if 'unfused' in t else '-'} | {b['cudnn_fp32_best'] / c:.2f}x | "
+                       f"{b['cudnn_fp16_cl'] / c:.2f}x | {b['cublaslt_int8_gemm'] / c:.2f}x | {t['kernel']} / {t['split_k']} |")
+        out.append(f"| {r['case']} | {r['n']} | baselines | cuDNN FP32 NCHW {us(b['cudnn_fp32_nchw'])}, "
+                   f"CL {us(b['cudnn_fp32_cl'])}; cuDNN FP16 CL {us(b['cudnn_fp16_cl'])}; "
+                   f"cuBLASLt INT8 {us(b['cublaslt_int8_gemm'])} | | | | | | | | |")
+    p = meta["peaks"]
+    out.append("")
+    out.append(f"Measured peaks: dp4a {p['dp4a_peak'] / 1e12:.1f} TOP/s, int8 mma.sync {p['mma_peak'] / 1e12:.1f} TOP/s "
+               f"({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

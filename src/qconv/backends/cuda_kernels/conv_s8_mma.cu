@@ -1,0 +1,98 @@
+// INT8 convolution on the tensor cores: mma.sync.m16n8k32 s8 x s8 -> s32 through inline PTX.
+// Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
+// K in steps of 32 words (128 int8), 3-stage cp.async pipeline, rows padded to 36 words so the
+// fragment loads (8 rows x 4 words per warp) hit 32 distinct banks. Split-K over grid.z.
+// The s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
+#include "qconv_common.cu"
+
+// D = A(16x32 s8, row) * B(32x8 s8, col) + C, s32.
+QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int BM, int BN, int WM, int WN, int STAGES>
+QD void conv_mma(const ConvParams& p) {
+  constexpr int BKW = 32, NT = 256;
+  constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
+  static_assert(WM * WN == 8, "8 warps");
+  typedef TileLoader<BM, BN, BKW, NT> L;
+  constexpr int SW = L::SW;
+  extern __shared__ __align__(16) unsigned smem[];
+  unsigned* As = smem;
+  unsigned* Bs = smem + STAGES * BM * SW;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp / WN, wn = warp % WN;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const int kt0 = blockIdx.z * p.ktiles_per_split;
+  const int kt1 = min(p.ktiles, kt0 + p.ktiles_per_split);
+  const int nk = kt1 - kt0;
+
+  L loader(p, m0, tid);
+  int acc[MT][NTL][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTL; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < nk) loader.load(p, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
+    cp_async_commit();
+  }
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    int pf = it + STAGES - 1;
+    if (pf < nk) loader.load(p, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
+    cp_async_commit();
+    const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + g) * SW + t;
+    const unsigned* bs = Bs + (it % STAGES) * BN * SW + (wn * WTN + g) * SW + t;
+#pragma unroll
+    for (int ks = 0; ks < BKW; ks += 8) {
+      unsigned a[MT][4], b[NTL][2];
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        const unsigned* r = as + i * 16 * SW + ks;
+        a[i][0] = r[0]; a[i][1] = r[8 * SW]; a[i][2] = r[4]; a[i][3] = r[8 * SW + 4];
+      }
+#pragma unroll
+      for (int j = 0; j < NTL; ++j) {
+        const unsigned* r = bs + j * 8 * SW + ks;
+        b[j][0] = r[0]; b[j][1] = r[4];
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NTL; ++j) mma_s8_16832(acc[i][j], a[i], b[j]);
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTL; ++j) {
+      int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
+      store_out(p, m, o, (unsigned)acc[i][j][0]);
+      store_out(p, m, o + 1, (unsigned)acc[i][j][1]);
+      store_out(p, m + 8, o, (unsigned)acc[i][j][2]);
+      store_out(p, m + 8, o + 1, (unsigned)acc[i][j][3]);
+    }
+}
+
+#define QCONV_MMA(NAME, BM, BN, WM, WN)                                        \
+  extern "C" __global__ void __launch_bounds__(256) NAME(const ConvParams p) { \
+    conv_mma<BM, BN, WM, WN, 3>(p);                                            \
+  }
+QCONV_MMA(qconv_s8_conv_mma_128x128, 128, 128, 2, 4)
+QCONV_MMA(qconv_s8_conv_mma_128x64, 128, 64, 4, 2)
+QCONV_MMA(qconv_s8_conv_mma_64x64, 64, 64, 2, 4)
+QCONV_MMA(qconv_s8_conv_mma_64x32, 64, 32, 4, 2)
+QCONV_MMA(qconv_s8_conv_mma_32x32, 32, 32, 2, 4)
