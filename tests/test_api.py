@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import qconv
@@ -126,6 +126,8 @@ def test_maxabs_q_formula(k):
 
 @given(conv_problems(max_hw=8, max_c=12), st.sampled_from(INT_PRECISIONS),
        st.sampled_from(["nearest", "truncate"]))
+@example((np.full((1, 1, 1, 1), 0.00034558418, np.float32), np.full((1, 1, 1, 1), 0.00034558418, np.float32)),
+         Precision.INT8, "nearest")  # float32(127 / m) * m rounds above 127: the scale must step down
 def test_maxabs_never_wraps(problem, prec, rnd):
     x, w = problem
     r = qconv.conv2d_result(x, w, prec, REF, scale="maxabs", rounding=rnd, accuracy=True)
@@ -138,6 +140,22 @@ def test_maxabs_never_wraps(problem, prec, rnd):
     if rnd == "nearest":  # the largest magnitude maps to Q itself: the range is used in full
         assert int(np.abs(qx.astype(np.int64)).max()) == q == int(np.abs(qw.astype(np.int64)).max())
     assert r.saturated == (0, 0)
+    # the scale itself keeps the float32 product of the largest magnitude at or below Q
+    assert np.abs(x).max() * np.float32(r.scale_input) <= q
+    assert np.abs(w).max() * np.float32(r.scale_kernel) <= q
+
+
+@pytest.mark.parametrize("prec, q, k_safe", [("int16", 32767, 2), ("int8", 127, 133144),
+                                             ("int32", 46340, 1)])
+def test_overflow_possible_reported_at_the_exact_bound(prec, q, k_safe):
+    # K * q * q <= 2^31 - 1 < (K + 1) * q * q: K outputs are safe, K + 1 may overflow
+    assert k_safe * q * q <= 2**31 - 1 < (k_safe + 1) * q * q
+    for k, possible in ((k_safe, False), (k_safe + 1, True)):
+        x = np.full((1, 1, 1, k), float(q), np.float32)
+        w = np.full((1, 1, 1, k), 1.0, np.float32)
+        r = qconv.conv2d_result(x, w, prec, REF, scale=(1.0, float(q)), accuracy=True)
+        assert r.overflow_possible is possible
+        assert r.wrapped == (1 if possible else 0)  # every product is +q*q: the sum does leave
 
 
 # ---------------------------------------------------------------------------------------------

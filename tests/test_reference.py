@@ -92,6 +92,9 @@ def test_integer_precisions_bit_exact(case):
     assert r.output.dtype == np.float32
     np.testing.assert_array_equal(r.output, want)
     assert r.wrapped == outside
+    k = w.shape[0] * w.shape[1] * w.shape[3]
+    bound = k * int(np.abs(qx).max()) * int(np.abs(qw).max())
+    assert r.overflow_possible == (bound > 2**31 - 1)
     if outside:
         assert r.overflow_possible
 
