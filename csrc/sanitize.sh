@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Build qconv._qconv_c with AddressSanitizer + UndefinedBehaviorSanitizer into a temporary
+# directory (the checkout's own build is left alone) and run the C-backend tests under it.
+# Any ASan/UBSan report, or a leak from the extension, fails the run.
+#
+#   csrc/sanitize.sh [extra pytest args]        (from anywhere; needs gcc with libasan/libubsan)
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+# The real interpreter, not a wrapper script (a preloaded ASan would also check the wrapper).
+PY="$("${PYTHON:-python3}" -c 'import sys; print(sys.executable)')"
+TMP="$(mktemp -d "${TMPDIR:-/tmp}/qconv-sanitize.XXXXXX")"
+trap 'rm -rf "$TMP"' EXIT
+
+# A copy of the package without the regular build, and the sanitized extension built into it.
+cp -r "$ROOT/src/qconv" "$TMP/qconv"
+rm -f "$TMP"/qconv/_qconv_c*.so "$TMP/qconv/_qconv_c.c"
+cd "$ROOT"
+QCONV_CFLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1" \
+QCONV_LDFLAGS="-fsanitize=address,undefined" \
+    "$PY" setup.py -q build_ext --build-lib "$TMP" --build-temp "$TMP/build" >"$TMP/build.log" 2>&1 \
+    || { cat "$TMP/build.log"; exit 1; }
+ls "$TMP"/qconv/_qconv_c*.so >/dev/null
+
+# Python itself is not built with ASan: preload the runtimes, and keep CPython's own
+# at-exit allocations (interpreter, numpy, hypothesis) out of the leak report. Leaks whose
+# stack reaches the extension are still reported.
+cat >"$TMP/lsan.supp" <<'SUPP'
+leak:libpython
+leak:python3
+leak:_multiarray_umath
+leak:/usr/lib/python3
+SUPP
+PRELOAD="$(gcc -print-file-name=libasan.so):$(gcc -print-file-name=libubsan.so)"
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1:exitcode=86"
+export LSAN_OPTIONS="suppressions=$TMP/lsan.supp:print_suppressions=0"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
+export PYTHONPATH="$TMP${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONMALLOC=malloc
+LD_PRELOAD="$PRELOAD" "$PY" -c "import qconv._qconv_c as m, sys; assert m.__file__.startswith('$TMP'), m.__file__; print('sanitized extension:', m.__file__)"
+LD_PRELOAD="$PRELOAD" "$PY" -m pytest "$ROOT/tests/test_cpu_backends.py" -q -p no:cacheprovider "$@"
