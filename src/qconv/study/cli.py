@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
         if not layers:
             raise QconvError("no LAYERS given and no shipped sample layer was found")
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
-    command = "qconv study " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else None
+    # Record the command line when this is `qconv study ...` (not when called from Python).
+    command = ("qconv study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+               if len(sys.argv) > 1 and sys.argv[1] == "study" else None)
     out = Path(args.out)
     try:
         run_study(layers, out, backends=_split(args.backends), precisions=_split(args.precisions),

@@ -10,6 +10,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ..sweep import format_scale
+
 DPI = 100
 PLOTS = ("speedup", "nrmse", "pareto", "sweep", "phases", "energy")
 TITLES = {
@@ -31,7 +33,7 @@ STRAT_COLORS = {"maxabs": "#8172b3", "sweep-S": "#55a868", "sweep-S-truncate": "
 def expected_size(name: str, n_layers: int) -> tuple[int, int]:
     """(width, height) in pixels of a figure."""
     if name == "sweep":
-        return 1500, 340 * max(1, n_layers) + 80
+        return 1500, 340 * max(1, n_layers) + 160
     if name == "phases":
         return 1200, 200 + 320 * max(1, n_layers)
     return 1200, 560
@@ -170,7 +172,7 @@ def plot_pareto(res: dict[str, Any], fig) -> None:
         ax.set_xlabel("convolve time, median (s, log)")
         ax.set_ylabel("NRMSE (log)")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(TITLES["pareto"])
 
 
@@ -178,6 +180,7 @@ def plot_sweep(res: dict[str, Any], fig) -> None:
     layers = _layers(res)
     precs = [p for p in ("int32", "int16", "int8") if p in res["config"]["precisions"]] or ["int8"]
     axs = fig.subplots(len(layers), len(precs), squeeze=False)
+    legend: dict[str, Any] = {}
     for r, name in enumerate(layers):
         for c, p in enumerate(precs):
             ax = axs[r][c]
@@ -212,12 +215,19 @@ def plot_sweep(res: dict[str, Any], fig) -> None:
                      label="saturated operands (fraction)")
             ax2.set_ylim(-0.02, 1.02)
             ax2.set_ylabel("fraction", fontsize=8)
-            ax.set_title(f"{name} — {p}", fontsize=9)
+            ax.set_title(f"{name} — {p}: chosen S={format_scale(best['s_x'])}", fontsize=9)
             h1, l1 = ax.get_legend_handles_labels()
             h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="upper center")
+            for h, l in zip(h1 + h2, l1 + l2):
+                if l.startswith("chosen S"):
+                    l = "chosen S (the sweep's best)"
+                legend.setdefault(l, h)
     fig.suptitle(TITLES["sweep"] + " (chosen S: red line)")
-    fig.subplots_adjust(hspace=0.45, wspace=0.45)
+    n = len(layers)
+    bottom = 90 / expected_size("sweep", n)[1]
+    fig.subplots_adjust(hspace=0.45, wspace=0.45, bottom=bottom + 0.05, top=1 - 60 / expected_size("sweep", n)[1])
+    if legend:
+        fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=4, fontsize=8)
 
 
 def plot_phases(res: dict[str, Any], fig) -> None:
@@ -230,16 +240,20 @@ def plot_phases(res: dict[str, Any], fig) -> None:
             _empty(ax, "no measurement")
             continue
         labels = [_label(m) for m in ms]
+        totals = [sum(m["phases_s"][ph]["median"] for ph in PHASES) for m in ms]
         left = [0.0] * len(ms)
         for ph in PHASES:
-            v = [m["phases_s"][ph]["median"] * 1e3 for m in ms]
+            v = [100 * m["phases_s"][ph]["median"] / t if t > 0 else 0.0 for m, t in zip(ms, totals)]
             ax.barh(range(len(ms)), v, left=left, color=PHASE_COLORS[ph], label=ph)
             left = [a + b for a, b in zip(left, v)]
+        for i, t in enumerate(totals):
+            ax.text(101, i, f"{t * 1e3:.3g} ms", va="center", fontsize=7)
+        ax.set_xlim(0, 112)
         ax.set_yticks(range(len(ms)), labels, fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("median time per call (ms)")
+        ax.set_xlabel("share of the call (%, medians of each phase); total per call at the right")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="lower left", ncol=5)
     fig.suptitle(TITLES["phases"])
     fig.subplots_adjust(left=0.16, hspace=0.5)
 
@@ -248,6 +262,7 @@ def plot_energy(res: dict[str, Any], fig) -> None:
     layers = _layers(res)
     axs = _axes_row(fig, len(layers))
     meters = res["machine"].get("energy_meters", {})
+    missing = False
     for ax, name in zip(axs, layers):
         ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
         if not ms:
@@ -272,15 +287,17 @@ def plot_energy(res: dict[str, Any], fig) -> None:
                        marker="D", color="#c44e52", zorder=4,
                        label="measured (" + m["energy_measured"]["meter"] + ")" if i == 0 else None)
         if not measured:
-            why = "; ".join(f"{k}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
-            ax.text(0.02, 0.98, "no measured energy here:\n" + _wrap(why, 60), transform=ax.transAxes,
-                    fontsize=6, va="top")
+            missing = True
         ax.set_xticks(list(x), precs)
         ax.set_yscale("log")
         ax.set_ylabel("J per convolution (log)")
         ax.set_title(name, fontsize=9)
         ax.legend(fontsize=7, loc="lower left")
     fig.suptitle(TITLES["energy"] + " (Horowitz ISSCC 2014, 45 nm)")
+    if missing:
+        why = "; ".join(f"{k}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
+        fig.text(0.01, 0.01, "No measured energy for some options. " + _wrap(why, 230), fontsize=6, va="bottom")
+        fig.subplots_adjust(bottom=0.16)
 
 
 def _wrap(text: str, n: int) -> str:

@@ -196,7 +196,8 @@ def _scale_discussion(res: dict[str, Any]) -> list[str]:
             if a:
                 ratio = a["nrmse"] / b["nrmse"] if b["nrmse"] else math.inf
                 parts.append(f"maxabs (no overflow possible, Q = {Ly['overflow_free_q'][p]}) gives {_g(a['nrmse'])} "
-                             f"({ratio:.2g}x the sweep's)")
+                             + (f"({ratio:.2g}x the single S's error: safe costs accuracy)" if ratio >= 1 else
+                                f"({1 / ratio:.2g}x lower than the single S: it gives each tensor its own scale)"))
             if t:
                 parts.append(f"truncation instead of rounding gives {_g(t['nrmse'])} at its own best S "
                              f"({t['nrmse'] / b['nrmse']:.2g}x: truncation biases every value toward zero)")
@@ -213,7 +214,7 @@ def _phase_discussion(res: dict[str, Any]) -> list[str]:
     for m in res["measurements"]:
         if not _ok(m):
             continue
-        tot = m["total_s"]["median"]
+        tot = sum(v["median"] for v in m["phases_s"].values())  # shares of the phase medians add to 1
         if tot <= 0:
             continue
         conv = m["phases_s"]["convolve"]["median"]
@@ -221,12 +222,16 @@ def _phase_discussion(res: dict[str, Any]) -> list[str]:
         if other and sum(other.values()) / tot > 0.2:
             big = max(other, key=other.get)
             out.append(f"- `{m['layer']}` {m['backend']} {m['precision']}: only {conv / tot:.0%} of the call is the "
-                       f"convolution; {big} takes {other[big] / tot:.0%}.")
+                       f"convolution; {big} takes {other[big] / tot:.0%}"
+                       + ("" if m["precision"] == "fp32" else
+                          " — a cost the speedup of the convolve phase alone does not show") + ".")
     tr = [m for m in res["measurements"] if _ok(m) and m["phases_s"]["transfer"]["median"] > 0]
     if tr:
-        worst = max(tr, key=lambda m: m["phases_s"]["transfer"]["median"] / max(m["total_s"]["median"], 1e-12))
+        def share(m: dict[str, Any]) -> float:
+            return m["phases_s"]["transfer"]["median"] / max(sum(v["median"] for v in m["phases_s"].values()), 1e-12)
+        worst = max(tr, key=share)
         out.append(f"- Transfer cost: host-device copies take up to "
-                   f"{worst['phases_s']['transfer']['median'] / worst['total_s']['median']:.0%} of a call "
+                   f"{share(worst):.0%} of a call "
                    f"({worst['backend']} {worst['precision']} on `{worst['layer']}`); end-to-end speedups "
                    f"(results.json: speedup_total_vs_baseline) include them.")
     else:
@@ -249,25 +254,38 @@ def _energy_discussion(res: dict[str, Any]) -> list[str]:
     for name, s in res.get("summary", {}).get("layers", {}).items():
         if not s:
             continue
-        f, e, eok = s["fastest"], s["energy_best_estimate"], s.get("energy_best_estimate_acceptable")
-        fp = [m for m in res["measurements"] if _ok(m) and m["layer"] == name and m["precision"] == "fp32"]
-        ratio = ""
-        if fp and e["precision"] != "fp32":
-            ratio = f", {fp[0]['energy_estimate_j']['total_j'] / e['energy_estimate_j']:.2g}x less than FP32"
-        same = (e["precision"] == f["precision"])
-        line = (f"- `{name}`: by the estimate the least energy is spent by {e['precision'].upper()} "
-                f"({e['energy_estimate_j']:.3g} J{ratio}); the fastest option is {f['backend']} {f['precision'].upper()}. "
-                + ("Energy does not change the answer: the fastest option is also the cheapest precision."
-                   if same else "Energy changes the answer: the cheapest precision is not the fastest option here"
-                   " (hardware runs it no faster, so its energy advantage only appears where the hardware has "
-                   "narrow-integer units that switch fewer bits).") )
-        if eok and eok["precision"] != e["precision"]:
-            line += (f" Among options with acceptable accuracy, the cheapest is {eok['backend']} "
-                     f"{eok['precision'].upper()} ({eok['energy_estimate_j']:.3g} J).")
+        f, e, eok, r = s["fastest"], s["energy_best_estimate"], s.get("energy_best_estimate_acceptable"), s.get("recommended")
+        lm = [m for m in res["measurements"] if _ok(m) and m["layer"] == name]
+        est = {m["precision"]: m["energy_estimate_j"] for m in lm}
+        line = f"- `{name}`: by the estimate {e['precision'].upper()} spends the least ({e['energy_estimate_j']:.3g} J per convolution"
+        if "fp32" in est and e["precision"] != "fp32":
+            fp, ep = est["fp32"], est[e["precision"]]
+            line += (f"; {fp['total_j'] / ep['total_j']:.2g}x less than FP32 in all, "
+                     f"{fp['compute_j'] / max(ep['compute_j'], 1e-30):.2g}x less in the multiply-adds alone — "
+                     f"compulsory DRAM traffic, {ep['dram_low_j'] / ep['total_low_j']:.0%}-{ep['dram_high_j'] / ep['total_high_j']:.0%} "
+                     f"of its total, dilutes the arithmetic saving")
+        line += ")."
+        if e["precision"] == f["precision"]:
+            line += f" The fastest option ({f['backend']} {f['precision'].upper()}) uses that precision: energy agrees with speed."
+        else:
+            line += (f" The fastest option is {f['backend']} {f['precision'].upper()}: energy alone would pick a "
+                     f"narrower precision than speed does here.")
+        if r is not None and eok is not None:
+            if eok["precision"] == r["precision"]:
+                line += (f" Among options accurate enough (>= 8 effective bits), the cheapest precision, "
+                         f"{eok['precision'].upper()}, is also the one the fastest acceptable option ({r['backend']}) "
+                         f"uses: energy does not change the answer.")
+            else:
+                line += (f" Among options accurate enough, energy prefers {eok['precision'].upper()} "
+                         f"({eok['energy_estimate_j']:.3g} J) while speed prefers {r['backend']} {r['precision'].upper()} "
+                         f"({est[r['precision']]['total_j']:.3g} J): energy changes the answer.")
         mb = s.get("energy_best_measured")
         if mb:
             line += (f" Measured, the least energy per call was {mb['backend']} {mb['precision'].upper()} "
                      f"({mb['joules_per_call']:.3g} J, whole-device counter, idle power included).")
+        elif not any(v["available"] for v in meters.values()):
+            line += (" No meter here: at a roughly constant package power, measured energy per call would "
+                     "follow the call's time, favouring the fastest option.")
         out.append(line)
     return out
 

@@ -1,0 +1,235 @@
+"""The study on tiny generated layers: every artifact, a valid JSON, PNGs of the stated size, a
+report consistent with the numbers, and a valid partial result after an interruption."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import qconv
+from qconv.study import Layer, Study, load_layers, run_study, validate
+from qconv.study import cli as study_cli
+from qconv.study.plots import PLOTS, expected_size
+from qconv.study.runner import effective_bits, output_bits_nrmse, pareto
+
+
+def tiny_layers() -> list[Layer]:
+    rng = np.random.default_rng(42)
+    a = Layer("tiny3x3", (rng.standard_normal((1, 6, 6, 3)) * 5).astype(np.float32),
+              (rng.standard_normal((3, 3, 4, 3)) * 0.2).astype(np.float32))
+    b = Layer("tiny1x1", (rng.standard_normal((1, 5, 4, 2)) * 2).astype(np.float32),
+              (rng.standard_normal((1, 1, 3, 2)) * 0.5).astype(np.float32))
+    return [a, b]
+
+
+def available() -> list[str]:
+    return [b for b, (ok, _) in qconv.available_backends().items() if ok]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    res = run_study(tiny_layers(), out, repeat=2, quick=True, progress=False, command="test")
+    return out, res
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path.name} is not a PNG"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_every_artifact_is_written(study):
+    out, res = study
+    for name in ["results.json", "results.csv", "report.md", *(f"{p}.png" for p in PLOTS)]:
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    assert res["status"] == "complete" and res["partial_reason"] is None
+    n_backends = len(res["config"]["backends"])
+    assert set(res["config"]["backends"]) == set(available())
+    assert len(res["measurements"]) == 2 * n_backends * 4
+    # two sweeps (nearest with pairs, truncate) per layer and integer precision, four strategies
+    assert len(res["sweeps"]) == 2 * 3 * 2
+    assert len(res["strategies"]) == 2 * 3 * 4
+
+
+def test_json_validates_against_the_schema(study):
+    out, _ = study
+    doc = json.loads((out / "results.json").read_text())
+    assert validate(doc) == []
+    assert doc["schema"] == "qconv-study-results" and doc["schema_version"] == 1
+    for key in ("cpu_model", "gpu", "versions", "date"):
+        assert key in doc["machine"]
+
+
+def test_the_validator_rejects_what_the_schema_forbids(study):
+    out, _ = study
+    doc = json.loads((out / "results.json").read_text())
+    bad = copy.deepcopy(doc)
+    del bad["measurements"][0]["backend"]
+    bad["status"] = "done"
+    bad["sweeps"][0]["rows"][0]["nrmse"] = "small"
+    bad["surprise"] = 1
+    errs = validate(bad)
+    assert any("missing required key 'backend'" in e for e in errs)
+    assert any("status" in e and "not one of" in e for e in errs)
+    assert any(".rows[0].nrmse" in e for e in errs)
+    assert any("unexpected key 'surprise'" in e for e in errs)
+
+
+def test_every_png_has_the_expected_size(study):
+    out, res = study
+    assert [p["name"] for p in res["plots"]] == list(PLOTS)
+    for p in res["plots"]:
+        path = out / p["file"]
+        assert path.stat().st_size > 2000
+        assert png_size(path) == expected_size(p["name"], 2) == (p["width"], p["height"])
+
+
+def test_csv_has_one_row_per_measurement(study):
+    out, res = study
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(res["measurements"])
+    for row, m in zip(rows, res["measurements"]):
+        assert (row["layer"], row["backend"], row["precision"]) == (m["layer"], m["backend"], m["precision"])
+        assert float(row["convolve_median_s"]) == pytest.approx(m["phases_s"]["convolve"]["median"])
+
+
+def test_measurements_are_consistent(study):
+    _, res = study
+    best = {(s["layer"], s["precision"]): s["best"] for s in res["sweeps"] if s["rounding"] == "nearest"}
+    for m in res["measurements"]:
+        assert m["error"] is None, m["error"]
+        ph = m["phases_s"]["convolve"]
+        assert ph["min"] <= ph["median"] <= ph["max"]
+        if m["precision"] == "fp32":
+            assert m["scale"] is None and m["within_fp32_bound"] is True
+        else:
+            b = best[(m["layer"], m["precision"])]
+            assert (m["scale"]["s_x"], m["scale"]["s_w"]) == (b["s_x"], b["s_w"])
+            assert m["bit_exact"] is True  # every backend gives the contract's bits
+            assert m["nrmse"] == pytest.approx(b["nrmse"], rel=0, abs=0)
+    for name, s in res["summary"]["layers"].items():
+        base = [m for m in res["measurements"] if m["layer"] == name
+                and (m["backend"], m["precision"]) == (s["baseline"]["backend"], s["baseline"]["precision"])]
+        assert base[0]["speedup_vs_baseline"] == pytest.approx(1.0)
+
+
+def _fastest(res, name):
+    ms = [m for m in res["measurements"] if m["layer"] == name and m["error"] is None]
+    return min(ms, key=lambda m: m["phases_s"]["convolve"]["median"])
+
+
+def test_report_names_the_best_options_the_numbers_support(study):
+    out, res = study
+    report = (out / "report.md").read_text()
+    for p in PLOTS:
+        assert f"({p}.png)" in report
+    acc = res["summary"]["acceptable_nrmse"]
+    for name in ("tiny3x3", "tiny1x1"):
+        f = _fastest(res, name)
+        s = res["summary"]["layers"][name]
+        assert (s["fastest"]["backend"], s["fastest"]["precision"]) == (f["backend"], f["precision"])
+        line = next(l for l in report.splitlines() if l.startswith(f"- `{name}` — "))
+        assert f"**fastest: {f['backend']} {f['precision'].upper()}**" in line
+        ok = [m for m in res["measurements"] if m["layer"] == name and m["nrmse"] is not None and m["nrmse"] <= acc]
+        rec = min(ok, key=lambda m: m["phases_s"]["convolve"]["median"])
+        assert f"at least 8 effective output bits): **{rec['backend']} {rec['precision'].upper()}**" in line
+        most = min((m for m in res["measurements"] if m["layer"] == name), key=lambda m: m["nrmse"])
+        assert f"most accurate: **{most['backend']} {most['precision'].upper()}**" in line
+        front = [(o["backend"], o["precision"]) for o in s["frontier"]]
+        pts = [(m["phases_s"]["convolve"]["median"], m["nrmse"], (m["backend"], m["precision"]))
+               for m in res["measurements"] if m["layer"] == name]
+        assert front == pareto(pts)
+    for sw in res["sweeps"]:
+        assert sw["reason"] in report
+    assert "RAPL" in report and "NVML" in report  # says where energy was (not) measured
+    assert "Horowitz" in report
+
+
+def test_pareto_and_effective_bits():
+    pts = [(1.0, 0.5, "a"), (2.0, 0.6, "b"), (3.0, 0.1, "c"), (3.0, 0.05, "d"), (4.0, 0.05, "e")]
+    assert pareto(pts) == ["a", "d"]
+    assert effective_bits(output_bits_nrmse(8)) == pytest.approx(8.0)
+    assert effective_bits(None) is None and effective_bits(math.inf) is None
+
+
+def test_interrupt_leaves_a_valid_partial_result(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = Study._measure
+
+    def flaky(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+    monkeypatch.setattr(Study, "_measure", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], repeat=1, quick=True, progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == []
+    assert doc["status"] == "partial" and "interrupted" in doc["partial_reason"]
+    assert len(doc["measurements"]) == 2
+    assert (tmp_path / "results.csv").is_file()
+    assert "Partial results" in (tmp_path / "report.md").read_text()
+
+
+def test_reference_only_and_a_precision_subset(tmp_path):
+    res = run_study(tiny_layers()[:1], tmp_path, backends=["reference"], precisions=["fp32", "int8"],
+                    repeat=1, quick=True, progress=False)
+    assert validate(json.loads((tmp_path / "results.json").read_text())) == []
+    assert {(m["backend"], m["precision"]) for m in res["measurements"]} == {("reference", "fp32"), ("reference", "int8")}
+    s = res["summary"]["layers"]["tiny3x3"]["baseline"]
+    assert (s["backend"], s["precision"]) == ("reference", "fp32")
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    study_cli.add_arguments(p)
+    return p.parse_args(argv)
+
+
+def test_cli_hook_reads_layer_dirs_and_pairs(tmp_path):
+    lay = tiny_layers()[0]
+    d = tmp_path / "layer"
+    d.mkdir()
+    qconv.save_tensor(d / "input_tensor.bin", lay.x)
+    qconv.save_tensor(d / "kernel_tensor.bin", lay.w)
+    pair = f"{d / 'input_tensor.bin'}:{d / 'kernel_tensor.bin'}"
+    out = tmp_path / "out"
+    rc = study_cli.run(_args([str(d), pair, "--backends", "reference", "--precisions", "fp32,int16",
+                              "--repeat", "1", "--quick", "--no-progress", "--out", str(out)]))
+    assert rc == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert validate(doc) == []
+    assert [L["name"] for L in doc["layers"]] == ["layer", "input_tensor"]
+    assert doc["layers"][0]["input_shape"] == list(lay.x.shape)
+
+
+@pytest.mark.parametrize("argv", [
+    ["no/such/dir"], ["--backends", "nope"], ["--precisions", "int4"], ["--batch", "0"], ["--repeat", "0"],
+])
+def test_cli_rejects_bad_input(tmp_path, argv):
+    lay = tiny_layers()[1]
+    d = tmp_path / "l"
+    d.mkdir()
+    qconv.save_tensor(d / "input_tensor.bin", lay.x)
+    qconv.save_tensor(d / "kernel_tensor.bin", lay.w)
+    if argv[0] != "no/such/dir":
+        argv = [str(d), *argv]
+    with pytest.raises(qconv.QconvError):
+        study_cli.run(_args([*argv, "--out", str(tmp_path / "o"), "--no-progress"]))
+
+
+def test_load_layers_names_the_missing_file(tmp_path):
+    (tmp_path / "input_tensor.bin").write_bytes(b"")
+    with pytest.raises(qconv.QconvError, match="kernel_tensor.bin is missing"):
+        load_layers([str(tmp_path)])
