@@ -254,18 +254,21 @@ def test_conv2d_int_wrapped_overflow_forcing_full_range(prec):
     (INT32_MAX, True), (INT32_MAX + 1, False), (INT32_MIN, True), (INT32_MIN - 1, False),
     (0, True), (2**32, False), (-(2**32), False), (2**32 + 5, False),
 ])
-def test_conv2d_int_wrapped_split_path_decides_boundary_exactly(total, inside):
-    # Operands near 2^31 with K = 3: K*max|qx|*max|qw| >= 2^53, so the 16-bit split path runs;
-    # two products of about +-2^62 cancel and the exact sum lands right at the int32 boundary.
-    q = INT32_MAX
-    m, r = divmod(total, q)                     # total = q*m + r, 0 <= r < q, |m| <= 3
+@pytest.mark.parametrize("q", [INT32_MAX, 46341], ids=["split-path", "float64-path"])
+def test_conv2d_int_wrapped_decides_the_int32_boundary_exactly(total, inside, q):
+    # K = 3 products q*(q-5) + q*(m-q+5) + 1*r = q*m + r = total. With q near 2^31,
+    # K*max|qx|*max|qw| >= 2^53 and the 16-bit split path runs (two products of about +-2^62
+    # cancel); with q = 46341 the plain float64 path runs. Either way the exact sum sits right at
+    # the int32 boundary and both the bits and the wrapped count must be exact.
+    m, r = divmod(total, q)                     # 0 <= r < q
     qx = [q, q, 1]
-    qw = [q - 5, m - q + 5, r]                  # q*(q-5) + q*(m-q+5) + r = total
+    qw = [q - 5, m - q + 5, r]
     assert sum(a * b for a, b in zip(qx, qw)) == total
     assert all(abs(v) <= INT32_MAX for v in qw)
+    split = 3 * float(q) * float(max(abs(v) for v in qw)) >= 2.0**53
+    assert split == (q == INT32_MAX)
     qx = np.array(qx, np.int32).reshape(1, 1, 1, 3)
     qw = np.array(qw, np.int32).reshape(1, 1, 1, 3)
-    assert 3 * float(q) * float(q - 5) >= 2.0**53  # the split path
     acc, wrapped = conv2d_int_wrapped(qx, qw)
     want, outside = wrap_int32(np.array([total], dtype=object).reshape(1, 1, 1, 1))
     assert int(acc[0, 0, 0, 0]) == int(want[0, 0, 0, 0])
