@@ -53,9 +53,10 @@ def test_every_artifact_is_written(study):
     for name in ["results.json", "results.csv", "report.md", *(f"{p}.png" for p in PLOTS)]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert res["status"] == "complete" and res["partial_reason"] is None
-    n_backends = len(res["config"]["backends"])
-    assert set(res["config"]["backends"]) == set(available())
-    assert len(res["measurements"]) == 2 * n_backends * 4
+    n_runs = len(res["config"]["backends"])
+    assert {m["backend_module"] for m in res["measurements"]} == set(available())
+    assert n_runs >= len(available())
+    assert len(res["measurements"]) == 2 * n_runs * 4
     # two sweeps (nearest with pairs, truncate) per layer and integer precision, four strategies
     assert len(res["sweeps"]) == 2 * 3 * 2
     assert len(res["strategies"]) == 2 * 3 * 4
@@ -233,3 +234,55 @@ def test_load_layers_names_the_missing_file(tmp_path):
     (tmp_path / "input_tensor.bin").write_bytes(b"")
     with pytest.raises(qconv.QconvError, match="kernel_tensor.bin is missing"):
         load_layers([str(tmp_path)])
+
+
+def test_energy_estimate_follows_the_per_operation_table():
+    from qconv.contract import Precision
+    from qconv.study import energy
+    e8 = energy.estimate(Precision.INT8, 100, 10, 50, 1000)
+    e32 = energy.estimate(Precision.FP32, 100, 10, 50, 1000)
+    assert e8["compute_j"] == pytest.approx(1000 * (0.2 + 0.1) * 1e-12)
+    assert e32["compute_j"] == pytest.approx(1000 * (3.7 + 0.9) * 1e-12)
+    assert e32["dram_bytes"] == (100 + 10 + 50) * 4
+    assert e8["dram_low_j"] == pytest.approx(e8["dram_bytes"] / 8 * 1.3e-9)
+    assert e8["total_low_j"] <= e8["total_j"] <= e8["total_high_j"]
+    assert energy.model()["pj_per_op"]["int32_mult"] == 3.1
+
+
+def test_rapl_meter_sums_packages_and_handles_wraparound(tmp_path):
+    from qconv.study import energy
+    for zone, val in (("intel-rapl:0", 990), ("intel-rapl:1", 5)):
+        d = tmp_path / zone
+        d.mkdir()
+        (d / "energy_uj").write_text(f"{val}\n")
+        (d / "max_energy_range_uj").write_text("1000\n")
+    sub = tmp_path / "intel-rapl:0:0"  # a subzone (core), not counted
+    sub.mkdir()
+    (sub / "energy_uj").write_text("123\n")
+    m, why = energy.rapl_meter(str(tmp_path))
+    assert m is not None and "2 domain" in m.device, why
+    assert m.joules() == 0.0
+    (tmp_path / "intel-rapl:0" / "energy_uj").write_text("10\n")   # wrapped: +20 uJ
+    (tmp_path / "intel-rapl:1" / "energy_uj").write_text("35\n")   # +30 uJ
+    assert m.joules() == pytest.approx(50e-6)
+    none, why = energy.rapl_meter(str(tmp_path / "absent"))
+    assert none is None and "does not exist" in why
+
+
+def test_energy_measure_divides_by_calls():
+    from qconv.study import energy
+    state = {"j": 0.0}
+    meter = energy.Meter("rapl", "fake", lambda: state["j"])
+
+    def call():
+        state["j"] += 0.5
+    r = energy.measure(meter, call, min_seconds=0.0, min_calls=4)
+    assert r["calls"] == 4 and r["joules_per_call"] == pytest.approx(0.5)
+
+
+def test_batch_tiles_the_input(tmp_path):
+    res = run_study(tiny_layers()[1:], tmp_path, backends=["reference"], precisions=["int8"], batch=3,
+                    repeat=1, quick=True, progress=False, plots=False)
+    L = res["layers"][0]
+    assert L["input_shape"][0] == 3 and L["output_shape"][0] == 3
+    assert res["measurements"][0]["flops"] == 3 * 2 * 5 * 4 * 3 * 2

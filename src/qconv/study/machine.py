@@ -93,8 +93,10 @@ _GPU_PEAKS = (("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 
               ("A100", 19.5), ("L4", 30.3))
 
 
-def peak_gops(backend: str, precision: Precision, machine: dict[str, Any]) -> tuple[float, str] | None:
-    """Theoretical peak (G ops/s) for an option, with how it was computed; None where unknown."""
+def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
+              isa: str | None = None) -> tuple[float, str] | None:
+    """Theoretical peak (G ops/s) for an option, with how it was computed; None where unknown
+    (CPU: only for c-avx2 running its AVX2 kernels; VNNI families are not modeled)."""
     if backend == "cuda":
         name = machine.get("gpu") or ""
         for key, tflops in _GPU_PEAKS:
@@ -103,6 +105,8 @@ def peak_gops(backend: str, precision: Precision, machine: dict[str, Any]) -> tu
                     return tflops * 1e3, f"{key} FP32 CUDA-core peak {tflops} TFLOP/s (NVIDIA datasheet)"
                 if precision is Precision.INT32 and key.startswith(("H100", "H200")):
                     return tflops * 500, f"{key} INT32 peak: half the FP32 lanes ({tflops / 2:.1f} TOP/s)"
+        return None
+    if backend == "c-avx2" and isa not in (None, "avx2"):
         return None
     ops = _CPU_OPS_PER_CYCLE.get((backend, precision))
     mhz = machine.get("cpu_mhz")

@@ -333,8 +333,10 @@ def _factors(res: dict[str, Any]) -> list[str]:
     if lines:
         out.append("- Hardware support (same backend, integer vs FP32 convolve time): " + "; ".join(lines)
                    + ". An integer precision pays off only where the backend has a datapath that does more of "
-                   "its operations per cycle than FP32 (e.g. AVX2 vpmaddwd for 16-bit, dp4a for 8-bit on GPUs); "
-                   "numpy's reference backend has none, and BLAS makes FP32 its fastest path.")
+                   "its operations per cycle than FP32 (e.g. AVX2 vpmaddwd for 16-bit, VNNI vpdpbusd or dp4a "
+                   "for 8-bit)"
+                   + ("; numpy's reference backend has none (its integer path is exact float64 BLAS), so FP32 "
+                      "is its fastest path" if any(b == "reference" for _, b in by) else "") + ".")
     return out
 
 

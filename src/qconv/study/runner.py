@@ -152,6 +152,17 @@ class Study:
         # Baseline first so speedups can be computed as soon as possible; then the registry order.
         order = {name: i for i, name in enumerate(["c-scalar", "reference", "c-avx2", "cuda"])}
         self.backends.sort(key=lambda b: order.get(b, 99))
+        # What is timed: (label, backend, options). c-avx2 runs its AVX2 kernels (the assignment's
+        # Problem 3) and, where the CPU has a VNNI family, that too under its own label.
+        self.runs: list[tuple[str, str, dict[str, Any]]] = []
+        for b in self.backends:
+            if b == "c-avx2":
+                self.runs.append(("c-avx2", b, {"isa": "avx2"}))
+                best = _best_isa()
+                if best not in (None, "avx2"):
+                    self.runs.append((f"c-avx2-{best}", b, {"isa": best}))
+            else:
+                self.runs.append((b, b, {}))
         precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
         self.precisions = list(dict.fromkeys(precs))
         nvml, nvml_why = energy.nvml_meter() if (measure_energy and "cuda" in self.backends) else (None, "no cuda backend in this study")
@@ -170,7 +181,7 @@ class Study:
         self.results: dict[str, Any] = {
             "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "status": "running",
             "partial_reason": None, "command": command, "machine": self.machine,
-            "config": {"backends": self.backends, "precisions": [p.value for p in self.precisions],
+            "config": {"backends": [r[0] for r in self.runs], "precisions": [p.value for p in self.precisions],
                        "batch": batch, "repeat": repeat, "warmup": 1, "quick": quick,
                        "scale_for_integer_runs": "the sweep's best single S (rounding to nearest)"},
             "units": {"time": "s (suffix _s)", "energy": "J (suffix _j)", "throughput": "G ops/s (2 ops per multiply-add)",
@@ -185,7 +196,7 @@ class Study:
     # ---------------------------------------------------------------------------- progress bar
     def _steps(self) -> int:
         n_int = sum(p.is_integer for p in self.precisions)
-        return len(self.layers) * (2 * n_int + len(self.backends) * len(self.precisions))
+        return len(self.layers) * (2 * n_int + len(self.runs) * len(self.precisions))
 
     def _open_bar(self) -> None:
         if not self.progress:
@@ -252,17 +263,19 @@ class Study:
         return {"s_x": b.s_x, "s_w": b.s_w, "reason": near.reason}
 
     # ---------------------------------------------------------------------------- measurements
-    def _measure(self, layer: Layer, x: np.ndarray, ref: np.ndarray, backend: str, p: Precision,
-                 scale: dict[str, Any] | None, expected: np.ndarray | None,
+    def _measure(self, layer: Layer, x: np.ndarray, ref: np.ndarray, run: tuple[str, str, dict[str, Any]],
+                 p: Precision, scale: dict[str, Any] | None, expected: np.ndarray | None,
                  bound: Callable[[], np.ndarray]) -> dict[str, Any]:
-        rec: dict[str, Any] = {"layer": layer.name, "backend": backend, "precision": p.value,
+        label, backend, options = run
+        rec: dict[str, Any] = {"layer": layer.name, "backend": label, "backend_module": backend,
+                               "backend_options": dict(options), "precision": p.value,
                                "rounding": "nearest", "error": None}
         sc = None if scale is None else (scale["s_x"], scale["s_w"])
         rec["scale"] = None if scale is None else {"s_x": scale["s_x"], "s_w": scale["s_w"],
                                                    "strategy": "sweep-S", "reason": scale["reason"]}
 
         def call(reference: np.ndarray | None = None) -> api.ConvResult:
-            return api.conv2d_result(x, layer.w, p, backend, scale=sc, reference=reference)
+            return api.conv2d_result(x, layer.w, p, backend, scale=sc, reference=reference, **options)
         try:
             warm = call(ref)
         except QconvError as e:
@@ -293,7 +306,7 @@ class Study:
         rec["wrapped_outputs"] = warm.wrapped
         rec["wrapped_fraction"] = None if warm.wrapped is None else warm.wrapped / out.size
         rec["overflow_possible"] = warm.overflow_possible
-        pk = machine.peak_gops(backend, p, self.machine)
+        pk = machine.peak_gops(backend, p, self.machine, options.get("isa"))
         rec["peak_gops"] = None if pk is None else pk[0]
         rec["peak_note"] = None if pk is None else pk[1]
         kh, kw_, oc, ic = layer.w.shape
@@ -333,11 +346,11 @@ class Study:
                     if "b" not in cache:
                         cache["b"] = fp32_error_bound(x, layer.w)
                     return cache["b"]
-                for backend in self.backends:
+                for run in self.runs:
                     for p in self.precisions:
-                        rec = self._measure(layer, x, ref, backend, p, scales.get(p), expected.get(p), bound)
+                        rec = self._measure(layer, x, ref, run, p, scales.get(p), expected.get(p), bound)
                         self.results["measurements"].append(rec)
-                        self._tick(f"{layer.name} {backend} {p.value}")
+                        self._tick(f"{layer.name} {run[0]} {p.value}")
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "partial"
@@ -374,6 +387,14 @@ class Study:
         except Exception:
             if self.results["status"] != "partial":
                 raise
+
+
+def _best_isa() -> str | None:
+    try:
+        from ..backends import _cext
+        return _cext.best_isa("auto")
+    except Exception:  # the extension is missing or too old: only the AVX2 run
+        return None
 
 
 def run_study(layers: Sequence[Layer], out_dir: "str | os.PathLike[str]", **kw: Any) -> dict[str, Any]:
