@@ -231,6 +231,8 @@ def plot_sweep(res: dict[str, Any], fig) -> None:
 
 
 def plot_phases(res: dict[str, Any], fig) -> None:
+    from matplotlib.patches import Patch
+
     from ..backends.base import PHASES
     layers = _layers(res)
     axs = fig.subplots(len(layers), 1, squeeze=False)
@@ -253,9 +255,11 @@ def plot_phases(res: dict[str, Any], fig) -> None:
         ax.invert_yaxis()
         ax.set_xlabel("share of the call (%, medians of each phase); total per call at the right")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower left", ncol=5)
     fig.suptitle(TITLES["phases"])
-    fig.subplots_adjust(left=0.16, hspace=0.5)
+    fig.subplots_adjust(left=0.16, hspace=0.5, top=1 - 90 / expected_size("phases", len(layers))[1])
+    handles = [Patch(color=PHASE_COLORS[ph], label=ph) for ph in PHASES]
+    fig.legend(handles=handles, loc="upper center", ncol=len(PHASES), fontsize=8,
+               bbox_to_anchor=(0.5, 1 - 30 / expected_size("phases", len(layers))[1]))
 
 
 def plot_energy(res: dict[str, Any], fig) -> None:
