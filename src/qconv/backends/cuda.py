@@ -54,7 +54,7 @@ def kernel_names() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for _, mod, prefix, _ in list(_CONV.values()) + list(_INT8.values()):
         out[mod] = [f"{prefix}_{t}" for t in TILES]
-    quant = ["qconv_dequantize_s32", "qconv_dequantize_s32_tail", "qconv_pad_x_f32", "qconv_pack_w_f32"]
+    quant = ["qconv_gate_wait", "qconv_dequantize_s32", "qconv_dequantize_s32_tail", "qconv_pad_x_f32", "qconv_pack_w_f32"]
     for suf in ("s8", "s16", "s32"):
         quant += [f"qconv_quantize_x_{suf}", f"qconv_quantize_x4_{suf}", f"qconv_pack_w_{suf}"]
     out["quant.cu"] = quant
@@ -167,6 +167,8 @@ class _Runtime:
         self.stream = _ck(driver.cuStreamCreate(driver.CUstream_flags.CU_STREAM_DEFAULT), "cuStreamCreate")
         self.events = [_ck(driver.cuEventCreate(driver.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate")
                        for _ in range(8)]
+        self.gate_host = int(_ck(driver.cuMemHostAlloc(64, driver.CU_MEMHOSTALLOC_DEVICEMAP), "cuMemHostAlloc(gate)"))
+        self.gate_dev = int(_ck(driver.cuMemHostGetDevicePointer(self.gate_host, 0), "cuMemHostGetDevicePointer(gate)"))
         self.modules: dict[str, Any] = {}
         self.funcs: dict[str, Any] = {}
         self.pool: dict[str, tuple[int, int]] = {}  # role -> (pointer, bytes); grow-only
@@ -219,8 +221,21 @@ class _Runtime:
                                     ctypes.addressof(ptrs), 0),
             f"cuLaunchKernel({name}, grid={grid}, block={block}, smem={smem})")
 
+    def event(self, i: int) -> Any:
+        while len(self.events) <= i:
+            self.events.append(_ck(self.drv.cuEventCreate(self.drv.CUevent_flags.CU_EVENT_DEFAULT), "cuEventCreate"))
+        return self.events[i]
+
+    def gate_close(self) -> None:
+        """Hold the stream (see qconv_gate_wait) until gate_open()."""
+        ctypes.c_int.from_address(self.gate_host).value = 0
+        self.launch(self.func("quant.cu", "qconv_gate_wait"), "gate_wait", (1, 1, 1), 1, 0, [_p(self.gate_dev)])
+
+    def gate_open(self) -> None:
+        ctypes.c_int.from_address(self.gate_host).value = 1
+
     def record(self, i: int) -> None:
-        _ck(self.drv.cuEventRecord(self.events[i], self.stream), "cuEventRecord")
+        _ck(self.drv.cuEventRecord(self.event(i), self.stream), "cuEventRecord")
 
     def elapsed(self, a: int, b: int) -> float:
         return float(_ck(self.drv.cuEventElapsedTime(self.events[a], self.events[b]), "cuEventElapsedTime")) / 1e3
@@ -376,7 +391,7 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
     if tile != "auto":
         bm, bn = _parse_tile(str(tile))
     else:
-        cands = [_parse_tile(t) for t in TILES]
+        cands = [_parse_tile(t) for t in TILES if t != "128x128"]  # 128x128 never won a measured layer
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
         cands = [c for c in cands if c[1] <= widest]
         for bm, bn in cands:
@@ -419,168 +434,223 @@ def _grid1(rt: _Runtime, total: int, block: int = 256) -> tuple[int, int, int]:
     return (max(1, min(math.ceil(total / block), rt.num_sms * 16)), 1, 1)
 
 
+class _Job:
+    """One convolution's geometry, buffers and kernels, ready to enqueue (possibly many times)."""
+
+    def __init__(self, rt: _Runtime, plan: Plan, x_ptr: int, xs: tuple[int, ...], w_ptr: int,
+                 ws: tuple[int, ...], out_ptr: int) -> None:
+        check_options(NAME, plan.options, OPTIONS)
+        fuse = plan.options.get("fuse_dequantize", True)
+        if not isinstance(fuse, bool):
+            raise QconvError(f"fuse_dequantize must be True or False, got {fuse!r}")
+        prec = plan.precision
+        if prec is Precision.INT8:
+            elem, module, prefix, suf = _INT8[_int8_path(plan)]
+        else:
+            elem, module, prefix, suf = _CONV[prec]
+        mma = module == "conv_s8_mma.cu"
+        self.rt, self.plan, self.prec, self.suf, self.elem = rt, plan, prec, suf, elem
+        self.x_ptr, self.w_ptr, self.out_ptr = x_ptr, w_ptr, out_ptr
+        n, h, wd, c = (int(d) for d in xs)
+        kh, kw, oc, ic = (int(d) for d in ws)
+        self.shape = (n, h, wd, oc)
+        self.m = m = n * h * wd
+        self.c, self.oc, self.ic, self.taps = c, oc, ic, kh * kw
+        self.cp = cp = _roundup(c, 16 // elem)     # channels padded so a pixel is whole 16-byte chunks
+        cw = cp * elem // 4                         # words per pixel
+        kpw = _roundup(self.taps * cw, 32)          # packed K in words (a multiple of both BKWs)
+        self.kp = kpw * 4 // elem                   # packed K in elements
+        self.ocp = _roundup(oc, 128)
+        bkw = MMA_BKW if mma else SIMT_BKW
+        ktiles = kpw // bkw
+        (bm, bn), split = choose_tiling(m, oc, ktiles, rt.num_sms, plan.options.get("tile", "auto"),
+                                        plan.options.get("split_k", "auto"))
+        kps = math.ceil(ktiles / split)
+        self.split = math.ceil(ktiles / kps)
+        self.smem = STAGES * (bm + bn) * (bkw + 4) * 4
+        self.conv_name = f"{prefix}_{bm}x{bn}"
+        self.conv_f = rt.func(module, self.conv_name, self.smem)
+        self.grid = (math.ceil(m / bm), math.ceil(oc / bn), self.split)
+        self.mode = 2 if self.split > 1 else (1 if prec.is_integer and fuse else 0)
+        self.flag = rt.buf("flag", 8)
+        if prec.is_integer or cp != c:
+            self.xq = rt.buf("xq", m * cp * elem)
+        else:
+            self.xq = x_ptr
+        self.wq = rt.buf("wq", self.ocp * self.kp * elem)
+        self.params = ConvParams(self.xq, self.wq, out_ptr, n, h, wd, cw, kh, kw, (kh - 1) // 2, (kw - 1) // 2,
+                                 oc, kpw, m, self.taps, ktiles, kps, self.mode,
+                                 float(plan.inv) if prec.is_integer else 1.0)
+
+    def enqueue(self, ev: int) -> None:
+        """Enqueue quantize/pack, convolve and dequantize, recording events ev .. ev+3 between them."""
+        rt, drv, plan, m = self.rt, self.rt.drv, self.plan, self.m
+        if self.prec.is_integer:
+            _ck(drv.cuMemsetD32Async(self.flag, 0, 2, rt.stream), "cuMemsetD32Async(flag)")
+        rt.record(ev)
+        if self.prec.is_integer:
+            qmax, trunc = self.prec.qmax, int(plan.truncate)
+            if self.cp == self.c and (m * self.c) % 4 == 0:
+                n4 = m * self.c // 4
+                rt.launch(rt.func("quant.cu", f"qconv_quantize_x4_{self.suf}"), "quantize_x4", _grid1(rt, n4), 256, 0,
+                          [_p(self.x_ptr), _p(self.xq), _ll(n4), ctypes.c_float(float(plan.s_x)), _i(qmax),
+                           _i(trunc), _p(self.flag)])
+            else:
+                rt.launch(rt.func("quant.cu", f"qconv_quantize_x_{self.suf}"), "quantize_x", _grid1(rt, m * self.cp),
+                          256, 0, [_p(self.x_ptr), _p(self.xq), _ll(m), _i(self.c), _i(self.cp),
+                                   ctypes.c_float(float(plan.s_x)), _i(qmax), _i(trunc), _p(self.flag)])
+            rt.launch(rt.func("quant.cu", f"qconv_pack_w_{self.suf}"), "pack_w", _grid1(rt, self.ocp * self.kp), 256, 0,
+                      [_p(self.w_ptr), _p(self.wq), _i(self.taps), _i(self.oc), _i(self.ic), _i(self.cp),
+                       _i(self.ocp), _i(self.kp), ctypes.c_float(float(plan.s_w)), _i(qmax), _i(trunc), _i(1),
+                       _p(self.flag)])
+        else:
+            if self.xq != self.x_ptr:
+                rt.launch(rt.func("quant.cu", "qconv_pad_x_f32"), "pad_x_f32", _grid1(rt, m * self.cp), 256, 0,
+                          [_p(self.x_ptr), _p(self.xq), _ll(m), _i(self.c), _i(self.cp)])
+            rt.launch(rt.func("quant.cu", "qconv_pack_w_f32"), "pack_w_f32", _grid1(rt, self.ocp * self.kp), 256, 0,
+                      [_p(self.w_ptr), _p(self.wq), _i(self.taps), _i(self.oc), _i(self.ic), _i(self.cp),
+                       _i(self.ocp), _i(self.kp)])
+        rt.record(ev + 1)
+        if self.split > 1:
+            _ck(drv.cuMemsetD32Async(self.out_ptr, 0, m * self.oc, rt.stream), "cuMemsetD32Async(output)")
+        rt.launch(self.conv_f, self.conv_name, self.grid, 256, self.smem, [self.params])
+        rt.record(ev + 2)
+        if self.prec.is_integer and self.mode != 1:  # in place: int32 accumulators become float32
+            total = m * self.oc
+            n4 = total // 4
+            inv = ctypes.c_float(float(plan.inv))
+            if n4:
+                rt.launch(rt.func("quant.cu", "qconv_dequantize_s32"), "dequantize", _grid1(rt, n4), 256, 0,
+                          [_p(self.out_ptr), _ll(n4), inv])
+            if n4 * 4 < total:
+                rt.launch(rt.func("quant.cu", "qconv_dequantize_s32_tail"), "dequantize_tail", (1, 1, 1), 256, 0,
+                          [_p(self.out_ptr), _ll(n4 * 4), _ll(total), inv])
+        rt.record(ev + 3)
+
+    def phases(self, ev: int) -> dict[str, float]:
+        rt = self.rt
+        return {"quantize" if self.prec.is_integer else "pack": rt.elapsed(ev, ev + 1),
+                "convolve": rt.elapsed(ev + 1, ev + 2), "dequantize": rt.elapsed(ev + 2, ev + 3)}
+
+    def check_flag(self) -> None:
+        if not self.prec.is_integer:
+            return
+        bad = np.zeros(1, dtype=np.int32)
+        _ck(self.rt.drv.cuMemcpyDtoH(bad, self.flag, 4), "cuMemcpyDtoH(flag)")
+        if bad[0] & 1:  # bit 0: the input's quantize kernel saw a NaN/inf; bit 1: the kernel's
+            raise QconvError("input holds non-finite value(s) (NaN or inf): qconv convolves finite data only")
+        if bad[0] & 2:
+            raise QconvError("kernel holds non-finite value(s) (NaN or inf): qconv convolves finite data only")
+
+
+def _device_inputs(rt: _Runtime, x: Any, w: Any, keep: list[Any]) -> tuple[int, tuple[int, ...], int, tuple[int, ...]]:
+    drv = rt.drv
+    if isinstance(x, np.ndarray) or isinstance(w, np.ndarray):
+        raise QconvError("pass both tensors on the device or both as numpy arrays")
+    x_ptr, xs, _ = _device_view(x, "input", keep)
+    w_ptr, ws, _ = _device_view(w, "kernel", keep)
+    for ptr, what in ((x_ptr, "input"), (w_ptr, "kernel")):
+        ordinal = _ck(drv.cuPointerGetAttribute(
+            drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr),
+            f"cuPointerGetAttribute({what} device ordinal)")
+        if int(ordinal) != 0:
+            raise QconvError(f"{what} lives on GPU {int(ordinal)}; the cuda backend runs on GPU 0")
+    # The producer's stream may still be writing the inputs: wait for the device.
+    _ck(drv.cuCtxSynchronize(), "cuCtxSynchronize")
+    return x_ptr, xs, w_ptr, ws
+
+
 def run(plan: Plan, x: Any, w: Any) -> BackendRun:
     check_options(NAME, plan.options, OPTIONS)
-    fuse = plan.options.get("fuse_dequantize", True)
-    if not isinstance(fuse, bool):
-        raise QconvError(f"fuse_dequantize must be True or False, got {fuse!r}")
-    prec = plan.precision
-    if prec is Precision.INT8:
-        elem, module, prefix, suf = _INT8[_int8_path(plan)]
-    else:
-        elem, module, prefix, suf = _CONV[prec]
-    mma = module == "conv_s8_mma.cu"
+    _int8_path(plan)
     rt = _runtime()
     with rt.lock:
         rt.make_current()
-        return _run(rt, plan, x, w, elem, module, prefix, suf, mma, fuse)
+        return _run(rt, plan, x, w)
 
 
-def _run(rt: _Runtime, plan: Plan, x: Any, w: Any, elem: int, module: str, prefix: str, suf: str,
-         mma: bool, fuse: bool) -> BackendRun:
+def _run(rt: _Runtime, plan: Plan, x: Any, w: Any) -> BackendRun:
     drv = rt.drv
-    prec = plan.precision
     device = not isinstance(x, np.ndarray) or not isinstance(w, np.ndarray)
     keep: list[Any] = []
     if device:
-        if isinstance(x, np.ndarray) or isinstance(w, np.ndarray):
-            raise QconvError("pass both tensors on the device or both as numpy arrays")
-        x_ptr, xs, sync_x = _device_view(x, "input", keep)
-        w_ptr, ws, sync_w = _device_view(w, "kernel", keep)
-        for ptr, what in ((x_ptr, "input"), (w_ptr, "kernel")):
-            ordinal = _ck(drv.cuPointerGetAttribute(
-                drv.CUpointer_attribute.CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL, ptr),
-                f"cuPointerGetAttribute({what} device ordinal)")
-            if int(ordinal) != 0:
-                raise QconvError(f"{what} lives on GPU {int(ordinal)}; the cuda backend runs on GPU 0")
-        # The producer's stream may still be writing the inputs: wait for the device.
-        _ck(drv.cuCtxSynchronize(), "cuCtxSynchronize")
+        x_ptr, xs, w_ptr, ws = _device_inputs(rt, x, w, keep)
     else:
         xs, ws = x.shape, w.shape
-    n, h, wd, c = (int(d) for d in xs)
-    kh, kw, oc, ic = (int(d) for d in ws)
-    m = n * h * wd
-    taps = kh * kw
-    vec = 16 // elem
-    cp = _roundup(c, vec)                 # channels padded so a pixel is whole 16-byte chunks
-    cw = cp * elem // 4                   # words per pixel
-    kpw = _roundup(taps * cw, 32)         # packed K in words (a multiple of both BKWs)
-    kp = kpw * 4 // elem                  # packed K in elements
-    ocp = _roundup(oc, 128)
-    bkw = MMA_BKW if mma else SIMT_BKW
-    ktiles = kpw // bkw
-    (bm, bn), split = choose_tiling(m, oc, ktiles, rt.num_sms, plan.options.get("tile", "auto"),
-                                    plan.options.get("split_k", "auto"))
-    kps = math.ceil(ktiles / split)
-    split = math.ceil(ktiles / kps)
-    sw = bkw + 4
-    smem = STAGES * (bm + bn) * sw * 4
-    conv_name = f"{prefix}_{bm}x{bn}"
-    conv_f = rt.func(module, conv_name, smem)
-    out_bytes = 4 * m * oc
-
-    phases: dict[str, float] = {}
-    transfer = 0.0
-    if not device:
-        x_ptr = rt.buf("x_in", x.nbytes)
-        w_ptr = rt.buf("w_in", w.nbytes)
-        rt.record(0)
-        _ck(drv.cuMemcpyHtoDAsync(x_ptr, x, x.nbytes, rt.stream), "cuMemcpyHtoDAsync(input)")
-        _ck(drv.cuMemcpyHtoDAsync(w_ptr, w, w.nbytes, rt.stream), "cuMemcpyHtoDAsync(kernel)")
-        rt.record(1)
+        x_ptr, w_ptr = rt.buf("x_in", x.nbytes), rt.buf("w_in", w.nbytes)
+    n, h, wd, _ = xs
+    oc = ws[2]
+    out_bytes = 4 * n * h * wd * oc
     out_ptr = int(_ck(drv.cuMemAlloc(max(out_bytes, 4)), "cuMemAlloc(output)")) if device else rt.buf("out", out_bytes)
     try:
-        flag = rt.buf("flag", 8)
-        if prec.is_integer:
-            _ck(drv.cuMemsetD32Async(flag, 0, 2, rt.stream), "cuMemsetD32Async(flag)")
-        rt.record(2)
-        # quantize (integers) or pack (fp32): x into Cp-padded NHWC, w into [OCp][Kp]
-        if prec.is_integer:
-            qmax, trunc = prec.qmax, int(plan.truncate)
-            xq = rt.buf("xq", m * cp * elem)
-            if cp == c and (m * c) % 4 == 0:
-                f = rt.func("quant.cu", f"qconv_quantize_x4_{suf}")
-                n4 = m * c // 4
-                rt.launch(f, "quantize_x4", _grid1(rt, n4), 256, 0,
-                          [_p(x_ptr), _p(xq), _ll(n4), ctypes.c_float(float(plan.s_x)), _i(qmax), _i(trunc), _p(flag)])
-            else:
-                f = rt.func("quant.cu", f"qconv_quantize_x_{suf}")
-                rt.launch(f, "quantize_x", _grid1(rt, m * cp), 256, 0,
-                          [_p(x_ptr), _p(xq), _ll(m), _i(c), _i(cp), ctypes.c_float(float(plan.s_x)), _i(qmax),
-                           _i(trunc), _p(flag)])
-            wq = rt.buf("wq", ocp * kp * elem)
-            f = rt.func("quant.cu", f"qconv_pack_w_{suf}")
-            rt.launch(f, "pack_w", _grid1(rt, ocp * kp), 256, 0,
-                      [_p(w_ptr), _p(wq), _i(taps), _i(oc), _i(ic), _i(cp), _i(ocp), _i(kp),
-                       ctypes.c_float(float(plan.s_w)), _i(qmax), _i(trunc), _i(1), _p(flag)])
-        else:
-            if cp != c:
-                xq = rt.buf("xq", m * cp * 4)
-                f = rt.func("quant.cu", "qconv_pad_x_f32")
-                rt.launch(f, "pad_x_f32", _grid1(rt, m * cp), 256, 0, [_p(x_ptr), _p(xq), _ll(m), _i(c), _i(cp)])
-            else:
-                xq = x_ptr
-            wq = rt.buf("wq", ocp * kp * 4)
-            f = rt.func("quant.cu", "qconv_pack_w_f32")
-            rt.launch(f, "pack_w_f32", _grid1(rt, ocp * kp), 256, 0,
-                      [_p(w_ptr), _p(wq), _i(taps), _i(oc), _i(ic), _i(cp), _i(ocp), _i(kp)])
-        rt.record(3)
-        # convolve
-        mode = 2 if split > 1 else (1 if prec.is_integer and fuse else 0)
-        if split > 1:
-            _ck(drv.cuMemsetD32Async(out_ptr, 0, m * oc, rt.stream), "cuMemsetD32Async(output)")
-        pt, pl = (kh - 1) // 2, (kw - 1) // 2
-        params = ConvParams(xq, wq, out_ptr, n, h, wd, cw, kh, kw, pt, pl, oc, kpw, m, taps, ktiles, kps, mode,
-                            float(plan.inv) if prec.is_integer else 1.0)
-        rt.launch(conv_f, conv_name, (math.ceil(m / bm), math.ceil(oc / bn), split), 256, smem, [params])
-        rt.record(4)
-        # dequantize (in place: int32 accumulators become float32 outputs)
-        if prec.is_integer and mode != 1:
-            n4 = (m * oc) // 4
-            if n4:
-                f = rt.func("quant.cu", "qconv_dequantize_s32")
-                rt.launch(f, "dequantize", _grid1(rt, n4), 256, 0, [_p(out_ptr), _ll(n4), ctypes.c_float(float(plan.inv))])
-            if n4 * 4 < m * oc:
-                f = rt.func("quant.cu", "qconv_dequantize_s32_tail")
-                rt.launch(f, "dequantize_tail", (1, 1, 1), 256, 0,
-                          [_p(out_ptr), _ll(n4 * 4), _ll(m * oc), ctypes.c_float(float(plan.inv))])
-        rt.record(5)
+        job = _Job(rt, plan, x_ptr, xs, w_ptr, ws, out_ptr)
         if not device:
-            y = np.empty((n, h, wd, oc), dtype=np.float32)
+            rt.record(0)
+            _ck(drv.cuMemcpyHtoDAsync(x_ptr, x, x.nbytes, rt.stream), "cuMemcpyHtoDAsync(input)")
+            _ck(drv.cuMemcpyHtoDAsync(w_ptr, w, w.nbytes, rt.stream), "cuMemcpyHtoDAsync(kernel)")
+            rt.record(1)
+        # Hold the stream while the kernels are enqueued so that the events time GPU work only.
+        rt.gate_close()
+        try:
+            job.enqueue(2)
+        finally:
+            rt.gate_open()
+        if not device:
+            y = np.empty(job.shape, dtype=np.float32)
             _ck(drv.cuMemcpyDtoHAsync(y, out_ptr, out_bytes, rt.stream), "cuMemcpyDtoHAsync(output)")
         rt.record(6)
-        _ck(drv.cuEventSynchronize(rt.events[6]), "cuEventSynchronize")
-        if prec.is_integer:
-            bad = np.zeros(2, dtype=np.int32)
-            _ck(drv.cuMemcpyDtoH(bad, flag, 8), "cuMemcpyDtoH(flag)")
-            if bad[0]:
-                raise QconvError("input holds non-finite value(s) (NaN or inf): qconv convolves finite data only")
-            if bad[1]:
-                raise QconvError("kernel holds non-finite value(s) (NaN or inf): qconv convolves finite data only")
-        if not device:
-            transfer = rt.elapsed(0, 1) + rt.elapsed(5, 6)
-        stage = rt.elapsed(2, 3)
-        phases = {"quantize" if prec.is_integer else "pack": stage, "convolve": rt.elapsed(3, 4),
-                  "dequantize": rt.elapsed(4, 5), "transfer": transfer}
+        _ck(drv.cuEventSynchronize(rt.event(6)), "cuEventSynchronize")
+        job.check_flag()
+        phases = job.phases(2)
+        phases["transfer"] = rt.elapsed(0, 1) + rt.elapsed(5, 6) if not device else 0.0
     except BaseException:
         if device:
             drv.cuMemFree(out_ptr)
         raise
-    output = DeviceArray(out_ptr, (n, h, wd, oc)) if device else y
+    output = DeviceArray(out_ptr, job.shape) if device else y
     return BackendRun(output, phases)
 
 
-def last_config(plan: Plan, x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> dict[str, Any]:
-    """What run() would launch for these shapes: kernel name, tile, split-K (for benchmarks)."""
-    prec = plan.precision
-    elem, module, prefix, _ = _INT8[_int8_path(plan)] if prec is Precision.INT8 else _CONV[prec]
+def profile(plan: Plan, x: Any, w: Any, reps: int = 50) -> dict[str, Any]:
+    """Kernel times for benchmarks: `reps` back-to-back runs of quantize/pack, convolve and
+    dequantize enqueued behind the stream gate, each bracketed by CUDA events; returns the median
+    seconds per phase, all samples, and the launch configuration. Inputs: numpy (copied once) or
+    device arrays."""
+    check_options(NAME, plan.options, OPTIONS)
+    _int8_path(plan)
     rt = _runtime()
-    n, h, wd, c = x_shape
-    kh, kw, oc, _ = w_shape
-    cw = _roundup(c, 16 // elem) * elem // 4
-    kpw = _roundup(kh * kw * cw, 32)
-    ktiles = kpw // (MMA_BKW if module == "conv_s8_mma.cu" else SIMT_BKW)
-    (bm, bn), split = choose_tiling(n * h * wd, oc, ktiles, rt.num_sms, plan.options.get("tile", "auto"),
-                                    plan.options.get("split_k", "auto"))
-    split = math.ceil(ktiles / math.ceil(ktiles / split))
-    return {"kernel": f"{prefix}_{bm}x{bn}", "tile": f"{bm}x{bn}", "split_k": split, "ktiles": ktiles}
+    with rt.lock:
+        rt.make_current()
+        drv = rt.drv
+        keep: list[Any] = []
+        if isinstance(x, np.ndarray):
+            x_ptr, w_ptr = rt.buf("x_in", x.nbytes), rt.buf("w_in", w.nbytes)
+            _ck(drv.cuMemcpyHtoD(x_ptr, x, x.nbytes), "cuMemcpyHtoD(input)")
+            _ck(drv.cuMemcpyHtoD(w_ptr, w, w.nbytes), "cuMemcpyHtoD(kernel)")
+            xs, ws = x.shape, w.shape
+        else:
+            x_ptr, xs, w_ptr, ws = _device_inputs(rt, x, w, keep)
+        n, h, wd, _ = xs
+        out_ptr = rt.buf("prof_out", 4 * n * h * wd * ws[2])
+        job = _Job(rt, plan, x_ptr, xs, w_ptr, ws, out_ptr)
+        job.enqueue(0)  # warm-up (and module loads) outside the gate
+        _ck(drv.cuStreamSynchronize(rt.stream), "cuStreamSynchronize")
+        samples: dict[str, list[float]] = {}
+        done = 0
+        while done < reps:
+            batch = min(64, reps - done)  # bounded: the launch queue must never fill behind the gate
+            rt.gate_close()
+            try:
+                for r in range(batch):
+                    job.enqueue(4 * r)
+            finally:
+                rt.gate_open()
+            _ck(drv.cuStreamSynchronize(rt.stream), "cuStreamSynchronize")
+            for r in range(batch):
+                for k, v in job.phases(4 * r).items():
+                    samples.setdefault(k, []).append(v)
+            done += batch
+        job.check_flag()
+        med = {k: float(np.median(v)) for k, v in samples.items()}
+        return {"median": med, "samples": samples, "kernel": job.conv_name, "split_k": job.split,
+                "grid": job.grid, "smem": job.smem}
