@@ -84,7 +84,8 @@ def _as_host_float32(a: object, what: str) -> np.ndarray:
     if arr.dtype != np.float32:
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
             raise QconvError(f"{what}: dtype {arr.dtype} is not a real number type (want float32)")
-        converted = arr.astype(np.float32)
+        with np.errstate(over="ignore"):  # reported just below, not as a warning
+            converted = arr.astype(np.float32)
         if np.any(np.isfinite(arr) & ~np.isfinite(converted)):
             raise QconvError(f"{what}: values beyond float32's range")
         arr = converted

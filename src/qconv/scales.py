@@ -35,7 +35,8 @@ def _check_scale(s: object, what: str) -> np.float32:
     f = float(s)
     if not math.isfinite(f) or f <= 0:
         raise QconvError(f"{what} must be positive and finite, got {s!r}")
-    s32 = np.float32(f)
+    with np.errstate(over="ignore", under="ignore"):  # reported just below, not as a warning
+        s32 = np.float32(f)
     if not np.isfinite(s32) or s32 == 0:
         raise QconvError(f"{what} = {f!r} is outside float32's range")
     return s32
