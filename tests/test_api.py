@@ -394,3 +394,17 @@ def test_real_layer_published_numbers(layer, bits):
     assert r.nrmse == pytest.approx(q["nrmse_if_int32_wraps"], rel=1e-3)
     if q["max_abs_final_acc"] > 2**31 - 1:  # an accumulator that did leave int32 was possible
         assert r.overflow_possible
+
+
+@pytest.mark.parametrize("call", [
+    lambda: qconv.conv2d(X, W, "int8", REF, scale=1e39),
+    lambda: qconv.conv2d(X, W, "int8", REF, scale=(1.0, 1e-50)),
+    lambda: qconv.conv2d(X.astype(np.float64) * 1e300, W, "fp32", REF),
+], ids=["scale-overflows-float32", "scale-underflows-float32", "input-beyond-float32"])
+def test_rejections_raise_without_numpy_warnings(call):
+    # the CLI promises one line on stderr: a RuntimeWarning before the error would be a second
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(QconvError):
+            call()
