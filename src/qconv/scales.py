@@ -94,7 +94,8 @@ def choose(scale: object, precision: Precision, x: np.ndarray, w: np.ndarray, **
             return ScaleChoice(np.float32(best.s_x), np.float32(best.s_w), "sweep", table.reason)
         raise QconvError(f"unknown scale strategy {scale!r}: use a number S, a pair (s_input, s_kernel), "
                          f"or one of {', '.join(STRATEGIES)}")
-    if isinstance(scale, (tuple, list)):
+    if isinstance(scale, (tuple, list, np.ndarray)):
+        scale = list(np.ravel(scale)) if isinstance(scale, np.ndarray) else scale
         if len(scale) != 2:
             raise QconvError(f"a scale pair is (s_input, s_kernel), got {len(scale)} values")
         s_x = _check_scale(scale[0], "input scale")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -59,13 +59,11 @@ def save(path: "str | os.PathLike[str]", tensor: np.ndarray) -> None:
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+        fd, tmp = _create_temp(folder, target.name)
     except OSError as e:
         raise QconvError(f"{_describe(path)}: cannot write ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp creates the file 0600; give it the mode a plain open() would (0666 & ~umask).
-            os.chmod(tmp, 0o666 & ~_umask())
             f.write(np.asarray(t.shape, dtype="<i4").tobytes())
             f.write(np.ascontiguousarray(t, dtype="<f4").tobytes())
             f.flush()
@@ -79,10 +77,16 @@ def save(path: "str | os.PathLike[str]", tensor: np.ndarray) -> None:
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only portable way to read it is to set it and put it back
-    os.umask(mask)
-    return mask
+def _create_temp(folder: Path, name: str) -> tuple[int, str]:
+    """A new hidden file beside the target, opened with mode 0666 so the umask applies as for open()
+    (mkstemp would make it 0600)."""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {name}")
 
 
 def load_pair(input_path: "str | os.PathLike[str]",
