@@ -286,3 +286,42 @@ def test_batch_tiles_the_input(tmp_path):
     L = res["layers"][0]
     assert L["input_shape"][0] == 3 and L["output_shape"][0] == 3
     assert res["measurements"][0]["flops"] == 3 * 2 * 5 * 4 * 3 * 2
+
+
+def test_gpu_runs_and_nvml_energy_with_a_stand_in_backend(tmp_path, monkeypatch):
+    """The CUDA-specific paths (an INT8 dp4a variant, NVML energy, GPU peaks) without a GPU: the
+    'cuda' backend is stood in for by the reference backend and NVML by a fake counter."""
+    from qconv import api
+    from qconv.study import energy, runner
+    real = api.conv2d_result
+    seen = []
+
+    def shim(x, w, precision, backend, **kw):
+        if backend == "cuda":
+            seen.append({k: v for k, v in kw.items() if k in ("int8_path",)})
+            kw = {k: v for k, v in kw.items() if k not in ("int8_path",)}
+            backend = "reference"
+        return real(x, w, precision, backend, **kw)
+    clock = {"j": 0.0}
+
+    def fake_nvml():
+        def read():
+            clock["j"] += 0.25
+            return clock["j"]
+        return energy.Meter("nvml", "NVIDIA H100 80GB HBM3", read), "fake"
+    monkeypatch.setattr(runner.api, "conv2d_result", shim)
+    monkeypatch.setattr(runner, "available_backends",
+                        lambda: {"reference": (True, "numpy"), "cuda": (True, "stand-in")})
+    monkeypatch.setattr(energy, "nvml_meter", fake_nvml)
+    res = run_study(tiny_layers()[:1], tmp_path, repeat=1, quick=True, progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == []
+    labels = [(m["backend"], m["precision"]) for m in res["measurements"]]
+    assert ("cuda-dp4a", "int8") in labels and ("cuda-dp4a", "fp32") not in labels
+    assert {"int8_path": "dp4a"} in seen
+    cuda = {m["precision"]: m for m in res["measurements"] if m["backend"] == "cuda"}
+    assert cuda["fp32"]["peak_gops"] == 67000.0 and cuda["int8"]["peak_gops"] == 1979000.0
+    assert all(m["energy_measured"]["meter"] == "nvml" for m in cuda.values())
+    assert res["machine"]["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert res["summary"]["layers"]["tiny3x3"]["energy_best_measured"] is not None
+    assert "Measured, the least energy per call was" in (tmp_path / "report.md").read_text()

@@ -87,10 +87,10 @@ _CPU_OPS_PER_CYCLE = {
     ("c-avx2", Precision.INT8): 64, ("c-avx2", Precision.INT32): 16,
 }
 
-# NVIDIA datasheet peaks for non-tensor-core FP32 (TFLOP/s) and INT32 (half the FP32 lanes on
-# Hopper), by name.
-_GPU_PEAKS = (("H100 PCIe", 51.2), ("H100 NVL", 60.0), ("H100", 66.9), ("H200", 66.9),
-              ("A100", 19.5), ("L4", 30.3))
+# NVIDIA datasheet peaks (dense, no sparsity), by name: FP32 on the CUDA cores (TFLOP/s) and INT8
+# on the tensor cores (TOP/s). INT32 on Hopper: half the FP32 lanes (64 INT32 vs 128 FP32 per SM).
+_GPU_PEAKS = (("H100 PCIe", 51.0, 1513.0), ("H100 NVL", 60.0, 1670.0), ("H100", 67.0, 1979.0),
+              ("H200", 67.0, 1979.0))
 
 
 def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
@@ -99,12 +99,14 @@ def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
     (CPU: only for c-avx2 running its AVX2 kernels; VNNI families are not modeled)."""
     if backend == "cuda":
         name = machine.get("gpu") or ""
-        for key, tflops in _GPU_PEAKS:
+        for key, fp32, int8_tc in _GPU_PEAKS:
             if key in name:
                 if precision is Precision.FP32:
-                    return tflops * 1e3, f"{key} FP32 CUDA-core peak {tflops} TFLOP/s (NVIDIA datasheet)"
-                if precision is Precision.INT32 and key.startswith(("H100", "H200")):
-                    return tflops * 500, f"{key} INT32 peak: half the FP32 lanes ({tflops / 2:.1f} TOP/s)"
+                    return fp32 * 1e3, f"{key} FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"
+                if precision is Precision.INT32:
+                    return fp32 * 500, f"{key} INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"
+                if precision is Precision.INT8 and isa in (None, "mma"):
+                    return int8_tc * 1e3, f"{key} INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"
         return None
     if backend == "c-avx2" and isa not in (None, "avx2"):
         return None

@@ -136,6 +136,8 @@ class Study:
         self.quick, self.batch, self.repeat = quick, batch, repeat
         self.progress, self.plots = progress, plots
         self.command = command
+        precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
+        self.precisions = list(dict.fromkeys(precs))
         avail = available_backends()
         if backends is None:
             self.backends = [b for b, (ok, _) in avail.items() if ok]
@@ -154,17 +156,22 @@ class Study:
         self.backends.sort(key=lambda b: order.get(b, 99))
         # What is timed: (label, backend, options). c-avx2 runs its AVX2 kernels (the assignment's
         # Problem 3) and, where the CPU has a VNNI family, that too under its own label.
+        # CUDA runs its default INT8 path (tensor-core mma) and, for INT8 only, dp4a as well.
         self.runs: list[tuple[str, str, dict[str, Any]]] = []
+        self.run_precisions: dict[str, set[Precision]] = {}
         for b in self.backends:
             if b == "c-avx2":
                 self.runs.append(("c-avx2", b, {"isa": "avx2"}))
                 best = _best_isa()
                 if best not in (None, "avx2"):
                     self.runs.append((f"c-avx2-{best}", b, {"isa": best}))
+            elif b == "cuda":
+                self.runs.append(("cuda", b, {}))
+                if Precision.INT8 in self.precisions:
+                    self.runs.append(("cuda-dp4a", b, {"int8_path": "dp4a"}))
+                    self.run_precisions["cuda-dp4a"] = {Precision.INT8}
             else:
                 self.runs.append((b, b, {}))
-        precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
-        self.precisions = list(dict.fromkeys(precs))
         nvml, nvml_why = energy.nvml_meter() if (measure_energy and "cuda" in self.backends) else (None, "no cuda backend in this study")
         rapl, rapl_why = energy.rapl_meter() if measure_energy else (None, "energy measurement off")
         if measure_energy and "cuda" not in self.backends and nvml is None:
@@ -196,7 +203,11 @@ class Study:
     # ---------------------------------------------------------------------------- progress bar
     def _steps(self) -> int:
         n_int = sum(p.is_integer for p in self.precisions)
-        return len(self.layers) * (2 * n_int + len(self.runs) * len(self.precisions))
+        return len(self.layers) * (2 * n_int + sum(len(self._precisions_of(r[0])) for r in self.runs))
+
+    def _precisions_of(self, label: str) -> list[Precision]:
+        only = self.run_precisions.get(label)
+        return [p for p in self.precisions if only is None or p in only]
 
     def _open_bar(self) -> None:
         if not self.progress:
@@ -306,7 +317,7 @@ class Study:
         rec["wrapped_outputs"] = warm.wrapped
         rec["wrapped_fraction"] = None if warm.wrapped is None else warm.wrapped / out.size
         rec["overflow_possible"] = warm.overflow_possible
-        pk = machine.peak_gops(backend, p, self.machine, options.get("isa"))
+        pk = machine.peak_gops(backend, p, self.machine, options.get("isa") or options.get("int8_path"))
         rec["peak_gops"] = None if pk is None else pk[0]
         rec["peak_note"] = None if pk is None else pk[1]
         kh, kw_, oc, ic = layer.w.shape
@@ -347,7 +358,7 @@ class Study:
                         cache["b"] = fp32_error_bound(x, layer.w)
                     return cache["b"]
                 for run in self.runs:
-                    for p in self.precisions:
+                    for p in self._precisions_of(run[0]):
                         rec = self._measure(layer, x, ref, run, p, scales.get(p), expected.get(p), bound)
                         self.results["measurements"].append(rec)
                         self._tick(f"{layer.name} {run[0]} {p.value}")
