@@ -74,6 +74,7 @@ def describe(gpu_name: str | None) -> dict[str, Any]:
         "cpu_mhz": cpu["mhz"],
         "cpu_simd": [f for f in ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni") if f in cpu["flags"]],
         "gpu": gpu_name,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": versions,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }

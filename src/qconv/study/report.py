@@ -59,6 +59,10 @@ def render(res: dict[str, Any]) -> str:
     L.append(f"- Machine: {M['cpu_model']}, {M['cpu_logical_cores']} logical cores"
              f"{', SIMD ' + '/'.join(M['cpu_simd']) if M.get('cpu_simd') else ''}; GPU: {M.get('gpu') or 'none found'}; "
              f"{M['platform']}; Python {M['versions'].get('python')}, numpy {M['versions'].get('numpy')}.")
+    la = M.get("load_average")
+    if la and M.get("cpu_logical_cores") and la[0] > 0.5 * M["cpu_logical_cores"]:
+        L.append(f"- Note: the machine was busy when the study started (load average {la[0]:.2f} on "
+                 f"{M['cpu_logical_cores']} logical cores): CPU timings carry that noise; see the spread columns.")
     bk = M.get("backends", {})
     used = res["config"]["backends"]
     L.append("- Backends measured: " + ", ".join(f"`{b}`" for b in used) + ". Not measured: "
@@ -355,6 +359,11 @@ def _acceptable(res: dict[str, Any]) -> list[str]:
                f"at or below it.")
     out.append("")
     for Ly in res["layers"]:
+        if Ly.get("input_int8_nrmse") is not None:
+            out.append(f"- `{Ly['name']}`: the data's own INT8 step — storing the input in INT8 (maxabs) costs NRMSE "
+                       f"{Ly['input_int8_nrmse']:.3g} of its range, the kernel {Ly['kernel_int8_nrmse']:.3g}. These "
+                       f"per-element rounding errors of both operands add up (partly cancelling) over K = {Ly['k']} "
+                       f"products in every output; compare the INT8 output errors below.")
         st = [s for s in res["strategies"] if s["layer"] == Ly["name"] and s["strategy"] == "sweep-S"]
         for s in st:
             verdict = ("acceptable (>= 8 effective bits)" if s["nrmse"] is not None and s["nrmse"] <= acc

@@ -97,6 +97,18 @@ def load_layers(specs: Sequence[str]) -> list[Layer]:
     return layers
 
 
+def _storage_nrmse(t: np.ndarray) -> float:
+    """NRMSE of storing a tensor itself in INT8 (maxabs scale, Q = 127): the data's own 8-bit step."""
+    m = float(np.max(np.abs(t)))
+    if m == 0.0:
+        return 0.0
+    s = np.float32(127.0 / m)
+    q = quantize(t, s, Precision.INT8)
+    back = q.astype(np.float64) / float(s)
+    from ..contract import nrmse
+    return nrmse(back, t.astype(np.float64))
+
+
 def _stats(values: Sequence[float]) -> dict[str, float]:
     v = sorted(values)
     q = statistics.quantiles(v, n=4, method="inclusive") if len(v) > 1 else [v[0]] * 3
@@ -237,6 +249,7 @@ class Study:
             "output_min": float(ref.min()), "output_max": float(ref.max()),
             "overflow_free_q": {p: int(min(Precision(p).qmax, math.isqrt((2**31 - 1) // k)))
                                 for p in INT_PRECISIONS},
+            "input_int8_nrmse": _storage_nrmse(x), "kernel_int8_nrmse": _storage_nrmse(layer.w),
         }
 
     def _sweeps(self, layer: Layer, x: np.ndarray, ref: np.ndarray, p: Precision) -> dict[str, Any]:
