@@ -20,6 +20,7 @@ ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512vnni": 2, "avxvnni": 3}
 ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
 PEAK_CODES = {"fma": 0, "mullo": 1, "madd": 2, "dpwssd": 3, "dpbusd": 4, "scalar-fma": 5}
 FEATURE_BITS = {"avx2": 1, "fma": 2, "avx512vnni_vl": 4, "avxvnni": 8}
+FLAG_SEPARATE_DEQUANTIZE = 1
 MAX_THREADS = 256
 
 
@@ -75,9 +76,10 @@ def best_isa(cap: str = "auto") -> str:
 
 
 def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s_w: float, inv: float,
-           x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+           x: np.ndarray, w: np.ndarray, fuse_dequantize: bool = True) -> tuple[np.ndarray, dict[str, Any]]:
     """qconv_conv2d: returns (y float32 (N, H, W, OC), {quantize, pack, convolve, dequantize: s,
-    isa: name, threads: n})."""
+    isa: name, threads: n, fused_dequantize: bool}). fuse_dequantize=False asks the SIMD families
+    for a separate dequantize pass (the scalar family always has one)."""
     if precision not in PRECISION_CODES:
         raise QconvError(f"unknown precision {precision!r}")
     if isa not in ISA_CODES:
@@ -104,13 +106,15 @@ def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s
     t = ffi.new("qconv_timings *")
     st = lib.qconv_conv2d(
         PRECISION_CODES[precision], ISA_CODES[isa], int(threads), int(bool(truncate)),
+        0 if fuse_dequantize else FLAG_SEPARATE_DEQUANTIZE,
         float(np.float32(s_x or 1.0)), float(np.float32(s_w or 1.0)), float(np.float32(inv or 1.0)),
         ffi.cast("const float *", ffi.from_buffer(x)), n, h, wd, c,
         ffi.cast("const float *", ffi.from_buffer(w)), kh, kw, oc,
         ffi.cast("float *", ffi.from_buffer(y)), t)
     _check(st, f"qconv_conv2d({precision}, isa={isa}, threads={threads})")
     return y, {"quantize": t.quantize, "pack": t.pack, "convolve": t.convolve,
-               "dequantize": t.dequantize, "isa": ISA_NAMES[t.isa], "threads": t.threads}
+               "dequantize": t.dequantize, "isa": ISA_NAMES[t.isa], "threads": t.threads,
+               "fused_dequantize": bool(t.fused_dequantize)}
 
 
 def peak(instr: str, threads: int, iters: int) -> tuple[float, float]:

@@ -5,6 +5,9 @@ Options:
     isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), "avx2"
         (no VNNI), "avxvnni" (VEX AVX-VNNI at most), "avx512vnni". The best family the CPU has,
         no higher than this, runs; INT16/INT8 use vpdpwssd/vpdpbusd only with a VNNI family.
+    fuse_dequantize: True (default): integer outputs are dequantized in the microkernel's store
+        (its cost is inside "convolve", and "dequantize" reads 0); False: a separate timed pass.
+        The bits are the same either way.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ def default_threads() -> int:
 
 
 def resolve(options: dict) -> tuple[str, int]:
-    """(isa cap, threads) from the options, the environment and the machine."""
-    check_options(NAME, options, ("threads", "isa"))
+    """(isa, threads) from the options, the environment and the machine."""
+    check_options(NAME, options, ("threads", "isa", "fuse_dequantize"))
+    if not isinstance(options.get("fuse_dequantize", True), bool):
+        raise QconvError(f"c-avx2: fuse_dequantize must be True or False, got {options['fuse_dequantize']!r}")
     threads = options.get("threads")
     if threads is None:
         threads = default_threads()
@@ -64,4 +69,4 @@ def resolve(options: dict) -> tuple[str, int]:
 
 def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
     isa, threads = resolve(plan.options)
-    return run_c(plan, x, w, isa, threads)[0]
+    return run_c(plan, x, w, isa, threads, plan.options.get("fuse_dequantize", True))[0]

@@ -385,23 +385,36 @@ def _parse_tile(t: str) -> tuple[int, int]:
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
-                  split_k: Any = "auto") -> tuple[tuple[int, int], int]:
-    """Block tile and K split: the largest tile that fills every SM once; otherwise the smallest
-    tile and enough K slices to reach about one block per SM (at least 4 K tiles per slice)."""
+                  split_k: Any = "auto", mma: bool = False) -> tuple[tuple[int, int], int]:
+    """Block tile and K split (rules fitted to the H100 sweep in benchmarks/RESULTS.md).
+
+    The largest tile (128x128 excluded: it never won; for the CUDA-core kernels only 128x64 and
+    64x64, or 64x32 when OC <= 32) that gives every SM a block, without split.
+    Otherwise: the tensor-core kernel takes the smallest tile and no split (its short K loops
+    lose more to the atomic adds than they gain); the CUDA-core kernels take 64x64 (64x32 for
+    OC <= 32) and split K into up to 8 slices, aiming at three blocks per SM, at least 2 K tiles each.
+    """
     if tile != "auto":
         bm, bn = _parse_tile(str(tile))
+        auto = False
     else:
-        cands = [_parse_tile(t) for t in TILES if t != "128x128"]  # 128x128 never won a measured layer
+        auto = True
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
-        cands = [c for c in cands if c[1] <= widest]
-        for bm, bn in cands:
-            if math.ceil(m / bm) * math.ceil(oc / bn) >= num_sms:
-                break
+        cands = [c for c in (_parse_tile(t) for t in TILES if t != "128x128") if c[1] <= widest]
+        if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
+            cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
+        fits = [c for c in cands if math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]
+        if fits:
+            bm, bn = fits[0]
+        elif mma:
+            bm, bn = cands[-1]
+        else:
+            bm, bn = (64, 64) if oc > 32 else (64, 32)
     blocks = math.ceil(m / bm) * math.ceil(oc / bn)
     if split_k == "auto":
         split = 1
-        if blocks < num_sms:
-            split = max(1, min(math.ceil(num_sms / blocks), ktiles // 4))
+        if blocks < num_sms and not mma:
+            split = max(1, min(math.ceil(3 * num_sms / blocks), 8, ktiles // 2))
     else:
         if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
             raise QconvError(f"split_k must be 'auto' or a positive int, got {split_k!r}")
@@ -464,7 +477,7 @@ class _Job:
         bkw = MMA_BKW if mma else SIMT_BKW
         ktiles = kpw // bkw
         (bm, bn), split = choose_tiling(m, oc, ktiles, rt.num_sms, plan.options.get("tile", "auto"),
-                                        plan.options.get("split_k", "auto"))
+                                        plan.options.get("split_k", "auto"), mma)
         kps = math.ceil(ktiles / split)
         self.split = math.ceil(ktiles / kps)
         self.smem = STAGES * (bm + bn) * (bkw + 4) * 4

@@ -1,7 +1,7 @@
 // INT8 convolution on the tensor cores: mma.sync.m16n8k32 s8 x s8 -> s32 through inline PTX.
 // Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
-// K in steps of 32 words (128 int8), 3-stage cp.async pipeline, rows padded to 36 words so the
-// fragment loads (8 rows x 4 words per warp) hit 32 distinct banks. Split-K over grid.z.
+// K in steps of 32 words (128 int8), 3-stage cp.async pipeline, fragments through ldmatrix; rows
+// padded to 36 words so each 8-row ldmatrix phase hits 32 distinct banks. Split-K over grid.z.
 // The s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
 #include "qconv_common.cu"
 
@@ -12,6 +12,17 @@ QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]
       "{%0,%1,%2,%3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four (x4) or two (x2) 8x8 b16 matrices from shared memory: with int8 data each is 8 rows x 16 bytes,
+// exactly the m16n8k32 A / B fragment layout (thread l gets row l/4, bytes 4(l%4)..4(l%4)+3).
+QD void ldsm_x4(unsigned (&r)[4], const unsigned* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+QD void ldsm_x2(unsigned (&r)[2], const unsigned* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
 }
 
 template <int BM, int BN, int WM, int WN, int STAGES>
@@ -53,21 +64,23 @@ QD void conv_mma(const ConvParams& p) {
     int pf = it + STAGES - 1;
     if (pf < nk) loader.load(p, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
     cp_async_commit();
-    const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + g) * SW + t;
-    const unsigned* bs = Bs + (it % STAGES) * BN * SW + (wn * WTN + g) * SW + t;
+    // ldmatrix row addresses: A lanes 0-15 rows 0-15 at k 0-15, lanes 16-31 the same rows at k 16-31;
+    // B lanes 0-7 / 8-15 rows of n-tile j at k 0-15 / 16-31, lanes 16-31 the same for n-tile j+1.
+    const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
+    const unsigned* bs = Bs + (it % STAGES) * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
+                         ((lane >> 3) & 1) * 4;
 #pragma unroll
     for (int ks = 0; ks < BKW; ks += 8) {
       unsigned a[MT][4], b[NTL][2];
 #pragma unroll
-      for (int i = 0; i < MT; ++i) {
-        const unsigned* r = as + i * 16 * SW + ks;
-        a[i][0] = r[0]; a[i][1] = r[8 * SW]; a[i][2] = r[4]; a[i][3] = r[8 * SW + 4];
-      }
+      for (int i = 0; i < MT; ++i) ldsm_x4(a[i], as + i * 16 * SW + ks);
 #pragma unroll
-      for (int j = 0; j < NTL; ++j) {
-        const unsigned* r = bs + j * 8 * SW + ks;
-        b[j][0] = r[0]; b[j][1] = r[4];
+      for (int j = 0; j + 1 < NTL; j += 2) {
+        unsigned r[4];
+        ldsm_x4(r, bs + j * 8 * SW + ks);
+        b[j][0] = r[0]; b[j][1] = r[1]; b[j + 1][0] = r[2]; b[j + 1][1] = r[3];
       }
+      if (NTL % 2) ldsm_x2(b[NTL - 1], bs + (NTL - 1) * 8 * SW + ks);
 #pragma unroll
       for (int i = 0; i < MT; ++i)
 #pragma unroll
