@@ -22,14 +22,6 @@
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
-/* Unaligned 4-byte load without aliasing UB (one mov). */
-ALWAYS_INLINE int32_t load_i32(const void *p)
-{
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
 /* ---- quantize / dequantize ------------------------------------------------------------- */
 
 /* 8 floats -> 8 int32 under the contract: one multiply, round (half-even or toward zero),
@@ -112,35 +104,6 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float 
     }
 }
 
-/* ---- stores shared by the tiles ------------------------------------------------------- */
-
-/* Store one pixel's 16 accumulators; a partial OC block goes through a buffer (no write past). */
-ALWAYS_INLINE void store16_ps(float *y, __m256 a0, __m256 a1, int64_t nvalid)
-{
-    if (nvalid == 16) {
-        _mm256_storeu_ps(y, a0);
-        _mm256_storeu_ps(y + 8, a1);
-    } else {
-        float t[16];
-        _mm256_storeu_ps(t, a0);
-        _mm256_storeu_ps(t + 8, a1);
-        memcpy(y, t, (size_t)nvalid * 4);
-    }
-}
-
-ALWAYS_INLINE void store16_epi32(int32_t *y, __m256i a0, __m256i a1, int64_t nvalid)
-{
-    if (nvalid == 16) {
-        _mm256_storeu_si256((__m256i *)y, a0);
-        _mm256_storeu_si256((__m256i *)(y + 8), a1);
-    } else {
-        int32_t t[16];
-        _mm256_storeu_si256((__m256i *)t, a0);
-        _mm256_storeu_si256((__m256i *)(t + 8), a1);
-        memcpy(y, t, (size_t)nvalid * 4);
-    }
-}
-
 /* ---- microkernels ---------------------------------------------------------------------- */
 
 #define MAXMR 8
@@ -167,7 +130,7 @@ ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x
             }
         }
     for (int m = 0; m < mr; m++)
-        store16_ps(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+        qconv_store16_ps(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
 ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
@@ -192,7 +155,7 @@ ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t 
             }
         }
     for (int m = 0; m < mr; m++)
-        store16_epi32(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+        qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
 /* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
@@ -211,14 +174,14 @@ ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t 
                 __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 16));
                 w += 32;
                 for (int m = 0; m < mr; m++) {
-                    __m256i b = _mm256_set1_epi32(load_i32(xp + m * pix + c));
+                    __m256i b = _mm256_set1_epi32(qconv_load_i32(xp + m * pix + c));
                     acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
                     acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
                 }
             }
         }
     for (int m = 0; m < mr; m++)
-        store16_epi32(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+        qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
 QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_tile__avx2, 6, float, float, float)

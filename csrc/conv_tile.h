@@ -14,6 +14,54 @@
 #ifndef QCONV_CONV_TILE_H
 #define QCONV_CONV_TILE_H
 
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "qconv_impl.h"
+
+/* Unaligned 4-byte load without aliasing UB (one mov). */
+static inline __attribute__((always_inline)) int32_t qconv_load_i32(const void *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* Store one pixel's 16 outputs; a partial OC block goes through a buffer (no write past the row). */
+static inline __attribute__((always_inline)) void qconv_store16_ps(float *y, __m256 a0, __m256 a1, int64_t nvalid)
+{
+    if (nvalid == 16) {
+        _mm256_storeu_ps(y, a0);
+        _mm256_storeu_ps(y + 8, a1);
+    } else {
+        float t[16];
+        _mm256_storeu_ps(t, a0);
+        _mm256_storeu_ps(t + 8, a1);
+        memcpy(y, t, (size_t)nvalid * 4);
+    }
+}
+
+/* Store one pixel's 16 int32 accumulators, or with a->fused their dequantized values:
+ * cvtdq2ps (round to nearest even under the default MXCSR) then one multiply by inv. */
+static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_conv_args *a, int32_t *y,
+                                                                     __m256i a0, __m256i a1, int64_t nvalid)
+{
+    if (a->fused) {
+        __m256 inv = _mm256_set1_ps(a->inv);
+        qconv_store16_ps((float *)(void *)y, _mm256_mul_ps(_mm256_cvtepi32_ps(a0), inv),
+                         _mm256_mul_ps(_mm256_cvtepi32_ps(a1), inv), nvalid);
+    } else if (nvalid == 16) {
+        _mm256_storeu_si256((__m256i *)y, a0);
+        _mm256_storeu_si256((__m256i *)(y + 8), a1);
+    } else {
+        int32_t t[16];
+        _mm256_storeu_si256((__m256i *)t, a0);
+        _mm256_storeu_si256((__m256i *)(t + 8), a1);
+        memcpy(y, t, (size_t)nvalid * 4);
+    }
+}
+
 #define QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT)                                          \
     void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
     {                                                                                          \

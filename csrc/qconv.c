@@ -252,13 +252,14 @@ static int checked_mul(int64_t *acc, int64_t v)
     return __builtin_mul_overflow(*acc, v, acc) || *acc > ((int64_t)1 << 48);
 }
 
-int qconv_conv2d(int precision, int isa, int threads, int truncate,
+int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
                  float s_x, float s_w, float inv,
                  const float *x, int64_t n, int64_t h, int64_t w, int64_t c,
                  const float *k, int64_t kh, int64_t kw, int64_t oc,
                  float *y, qconv_timings *timings)
 {
     if (precision < QCONV_FP32 || precision > QCONV_INT8 || (truncate != 0 && truncate != 1) ||
+        (flags & ~QCONV_FLAG_SEPARATE_DEQUANTIZE) != 0 ||
         threads < 1 || threads > QCONV_MAX_THREADS || x == NULL || k == NULL || y == NULL ||
         timings == NULL || n <= 0 || h <= 0 || w <= 0 || c <= 0 || kh <= 0 || kw <= 0 || oc <= 0)
         return QCONV_EINVAL;
@@ -301,13 +302,16 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate,
     a.img = hp * a.row;
     a.wblk = kh * kw * a.cp * a.nr;
 
+    /* SIMD families dequantize in the microkernel's store unless asked not to. */
+    int fused = is_int && isa != QCONV_ISA_SCALAR && !(flags & QCONV_FLAG_SEPARATE_DEQUANTIZE);
+    int separate = is_int && !fused;
     void *xq = alloc64(nx * (int64_t)xes);
     void *wq = alloc64(nwq * (int64_t)wes);
     void *wtmp = is_int ? alloc64(nk * (int64_t)wes) : NULL;
-    int32_t *acc = is_int ? alloc64(ny * 4) : NULL;
+    int32_t *acc = separate ? alloc64(ny * 4) : NULL;
     int32_t *comp = wstore == QCONV_STORE_I8 ? alloc64(a.nocb * a.nr * 4) : NULL;
     int st = QCONV_OK;
-    if (xq == NULL || wq == NULL || (is_int && (wtmp == NULL || acc == NULL)) ||
+    if (xq == NULL || wq == NULL || (is_int && wtmp == NULL) || (separate && acc == NULL) ||
         (wstore == QCONV_STORE_I8 && comp == NULL)) {
         st = QCONV_ENOMEM;
         goto out;
@@ -315,7 +319,9 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate,
     a.xq = xq;
     a.wq = wq;
     a.comp = comp;
-    a.out = is_int ? (void *)acc : (void *)y;
+    a.out = separate ? (void *)acc : (void *)y;
+    a.fused = fused;
+    a.inv = inv;
 
     int32_t qmax = precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
     job j = {.t = t, .a = &a, .x = x, .s = s_x, .qmax = qmax, .truncate = truncate, .store = xstore,
@@ -348,7 +354,7 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate,
     if ((st = qconv_pool_run(threads, conv_task, &j)) != QCONV_OK)
         goto out;
     double t3 = qconv_now();
-    if (is_int && (st = qconv_pool_run(threads, dequantize_task, &j)) != QCONV_OK)
+    if (separate && (st = qconv_pool_run(threads, dequantize_task, &j)) != QCONV_OK)
         goto out;
     double t4 = qconv_now();
 
@@ -360,9 +366,10 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate,
         timings->pack = t2 - t0;   /* fp32: the padded copy of x and the kernel re-layout */
     }
     timings->convolve = t3 - t2;
-    timings->dequantize = t4 - t3;
+    timings->dequantize = separate ? t4 - t3 : 0.0;
     timings->isa = isa;
     timings->threads = threads;
+    timings->fused_dequantize = fused;
 out:
     free(xq);
     free(wq);

@@ -55,14 +55,21 @@ enum qconv_peak_instr {
     QCONV_PEAK_SCALAR_FMA = 5  /* scalar float mul + add, the c-scalar baseline's instruction */
 };
 
+/* Bits of qconv_conv2d's flags. */
+enum qconv_flags {
+    QCONV_FLAG_SEPARATE_DEQUANTIZE = 1  /* SIMD families: dequantize in its own pass over int32
+                                           accumulators instead of in the microkernel's store */
+};
+
 /* Seconds spent in each phase of one qconv_conv2d call (CLOCK_MONOTONIC). */
 typedef struct {
     double quantize;     /* x and w to integers (x into the zero-padded layout) */
     double pack;         /* kernel re-layout for the microkernel (and fp32's padded copy of x) */
     double convolve;     /* the convolution proper */
-    double dequantize;   /* int32 accumulators to float32 */
+    double dequantize;   /* int32 accumulators to float32 (0 when fused into the convolve store) */
     int isa;             /* the kernel family that ran (enum qconv_isa) */
     int threads;         /* worker threads that ran the convolution */
+    int fused_dequantize; /* 1: dequantize ran inside the convolve phase's stores */
 } qconv_timings;
 
 const char *qconv_strerror(int status);
@@ -74,9 +81,11 @@ int qconv_cpu_features(uint32_t *features);
 int qconv_best_isa(int cap, int *isa);
 
 /* y = conv2d(x, w) under the contract. precision: enum qconv_precision. isa: enum qconv_isa
- * (QCONV_ISA_SCALAR forces threads == 1). truncate: 0 round half to even, 1 toward zero.
+ * (QCONV_ISA_SCALAR needs threads == 1). truncate: 0 round half to even, 1 toward zero.
+ * flags: enum qconv_flags. SIMD families fuse the dequantize into the microkernel's store
+ * (same arithmetic: cvtdq2ps, one multiply by inv) unless QCONV_FLAG_SEPARATE_DEQUANTIZE.
  * s_x, s_w, inv are ignored for QCONV_FP32. Sizes must be positive; the caller owns y. */
-int qconv_conv2d(int precision, int isa, int threads, int truncate,
+int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
                  float s_x, float s_w, float inv,
                  const float *x, int64_t n, int64_t h, int64_t w, int64_t c,
                  const float *k, int64_t kh, int64_t kw, int64_t oc,

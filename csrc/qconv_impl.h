@@ -32,7 +32,9 @@ typedef struct {
     const void *wq;
     int64_t wblk;                   /* elements of wq per OC block = KH*KW*cp*nr */
     const int32_t *comp;            /* int8 dpbusd: 128 * sum of each OC's kernel (nocb*nr entries) */
-    void *out;                      /* float (fp32) or int32 accumulators, (N, H, W, OC) */
+    void *out;                      /* float (fp32, or fused) or int32 accumulators, (N, H, W, OC) */
+    int fused;                      /* integer precisions: store float32(acc) * inv, not acc */
+    float inv;
 } qconv_conv_args;
 
 /* Computes output rows [r0, r1) of the flattened N*H axis for OC blocks [b0, b1). */

@@ -24,10 +24,12 @@ from qconv.contract import Precision, conv2d_float64, fp32_error_bound
 from qconv.errors import QconvError
 from strategies import INT_PRECISIONS, PRECISIONS, conv_problems, scale_args, tensors
 
-# (backend, options): the scalar twin, the AVX2 kernels with VNNI forced off, and the best family
-# this CPU has (VNNI where present; the same as the second on a CPU without it).
-CONFIGS = [("c-scalar", {}), ("c-avx2", {"isa": "avx2"}), ("c-avx2", {"isa": "auto"})]
-CONFIG_IDS = ["scalar", "avx2", "best"]
+# (backend, options): the scalar twin, the AVX2 kernels with VNNI forced off, the best family
+# this CPU has (VNNI where present; the same as the second on a CPU without it), and the best
+# family with a separate dequantize pass instead of the one fused into the microkernel's store.
+CONFIGS = [("c-scalar", {}), ("c-avx2", {"isa": "avx2"}), ("c-avx2", {"isa": "auto"}),
+           ("c-avx2", {"isa": "auto", "fuse_dequantize": False})]
+CONFIG_IDS = ["scalar", "avx2", "best", "best-unfused"]
 
 
 def _need(name: str) -> None:
@@ -283,6 +285,8 @@ def test_bad_arguments_are_refused_in_python():
             qconv.conv2d(x, w, "int8", "c-avx2", threads=True)
         with pytest.raises(QconvError, match="isa"):
             qconv.conv2d(x, w, "int8", "c-avx2", isa="neon")
+        with pytest.raises(QconvError, match="fuse_dequantize"):
+            qconv.conv2d(x, w, "int8", "c-avx2", fuse_dequantize="yes")
 
 
 def test_phases_are_reported():
@@ -290,11 +294,18 @@ def test_phases_are_reported():
     rng = np.random.default_rng(6)
     x = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
     w = rng.standard_normal((3, 3, 8, 8)).astype(np.float32)
-    for backend in ("c-scalar", "c-avx2"):
-        r = qconv.conv2d_result(x, w, "int8", backend, scale=10.0)
+    for backend, options in CONFIGS:
+        r = qconv.conv2d_result(x, w, "int8", backend, scale=10.0, **options)
         assert set(r.phases) == {"quantize", "pack", "transfer", "convolve", "dequantize"}
         assert all(v >= 0 for v in r.phases.values()) and r.phases["transfer"] == 0.0
         assert r.backend == backend
+    cext = _cext()
+    _, t = cext.conv2d("int8", "avx2", 1, False, 10.0, 10.0, 0.01, x, w)
+    assert t["fused_dequantize"] and t["dequantize"] == 0.0
+    _, t = cext.conv2d("int8", "avx2", 1, False, 10.0, 10.0, 0.01, x, w, fuse_dequantize=False)
+    assert not t["fused_dequantize"]
+    _, t = cext.conv2d("fp32", "avx2", 1, False, 1.0, 1.0, 1.0, x, w)
+    assert not t["fused_dequantize"]
 
 
 # ---- the real layers ----------------------------------------------------------------------------

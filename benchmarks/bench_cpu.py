@@ -1,0 +1,225 @@
+"""Benchmark the CPU backends (c-scalar, c-avx2) on the assignment's layers and the real layers.
+
+    python3 benchmarks/bench_cpu.py [--repeat 15] [--write]
+
+For each layer (exam cases 1 and 2 at N=1 and N=8, then every ../shared/data/real layer at N=1),
+backend and precision: median convolve time (the C timer around the compute region), GOP/s
+(2*N*H*W*OC*KH*KW*IC per second), the ratio to the peak of the path's instruction measured by
+qconv_peak() in this same run (best of several runs, same thread count), the speedup over the
+c-scalar FP32 baseline, 2-thread over 1-thread scaling, and quantize+dequantize time as a share
+of the convolution. --write replaces the "CPU backends" section of benchmarks/RESULTS.md (from its
+heading to the CUDA section marker) with the tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "src"))
+
+from qconv.backends import _cext  # noqa: E402
+from qconv.tensorfile import load  # noqa: E402
+
+SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
+QMAX = {"int32": 2**31 - 1, "int16": 2**15 - 1, "int8": 127}
+PRECISIONS = ("fp32", "int32", "int16", "int8")
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def instruction(isa: str, precision: str) -> str:
+    if isa == "scalar":
+        return "scalar-fma" if precision == "fp32" else "-"
+    if precision == "fp32":
+        return "fma"
+    if precision == "int32":
+        return "mullo"
+    if isa == "avx2":
+        return "madd"          # INT8 runs on the INT16 madd kernel without VNNI
+    return "dpwssd" if precision == "int16" else "dpbusd"
+
+
+def measure_peaks(threads: list[int], tries: int = 5) -> dict[tuple[str, int], float]:
+    """G MAC/s per (instruction, threads): the best of `tries` runs of about 50 ms."""
+    best_isa = _cext.best_isa("auto")
+    instrs = ["scalar-fma", "fma", "mullo", "madd"] + (["dpwssd", "dpbusd"] if best_isa != "avx2" else [])
+    peaks = {}
+    for ins in instrs:
+        for t in threads:
+            macs, secs = _cext.peak(ins, t, 1000)
+            iters = max(1000, int(1000 * 0.05 / max(secs, 1e-6)))
+            rates = []
+            for _ in range(tries):
+                macs, secs = _cext.peak(ins, t, iters)
+                rates.append(macs / secs / 1e9)
+            peaks[(ins, t)] = max(rates)
+    return peaks
+
+
+def layers() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    out = []
+    for case in ("1", "2"):
+        d = SHARED / "data" / "exam" / case
+        if not d.exists():
+            continue
+        x, w = load(d / "input_tensor.bin"), load(d / "kernel_tensor.bin")
+        out.append((f"exam {case}", x, w))
+        out.append((f"exam {case}", np.ascontiguousarray(np.repeat(x, 8, axis=0)), w))
+    real = SHARED / "data" / "real"
+    for p in sorted(real.glob("*/*/kernel_tensor.bin")) if real.exists() else []:
+        out.append((str(p.parent.relative_to(real)), load(p.parent / "input_tensor.bin"), load(p)))
+    return out
+
+
+def time_conv(precision, isa, threads, x, w, repeat):
+    if precision == "fp32":
+        s_x = s_w = inv = 1.0
+    else:
+        s_x = np.float32(QMAX[precision] / 2 / float(np.max(np.abs(x))))
+        s_w = np.float32(QMAX[precision] / 2 / float(np.max(np.abs(w))))
+        inv = np.float32(1.0 / (float(s_x) * float(s_w)))
+    _cext.conv2d(precision, isa, threads, False, s_x, s_w, inv, x, w)  # warm-up
+    runs = [_cext.conv2d(precision, isa, threads, False, s_x, s_w, inv, x, w)[1] for _ in range(repeat)]
+    med = lambda k: statistics.median(r[k] for r in runs)  # noqa: E731
+    return {"convolve": med("convolve"), "qdq": statistics.median(r["quantize"] + r["dequantize"] for r in runs),
+            "pack": med("pack"), "isa": runs[0]["isa"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=15, help="timed calls per configuration (median)")
+    ap.add_argument("--scalar-repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="the multi-thread count (compared with 1)")
+    ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    args = ap.parse_args()
+    if _cext.load_error():
+        sys.exit(_cext.load_error())
+    nt = args.threads
+    best = _cext.best_isa("auto")
+    peaks = measure_peaks([1, nt])
+    configs = [("c-scalar", "scalar", [1])] + [("c-avx2", best, [1, nt])]
+    if best != "avx2":
+        configs.append(("c-avx2", "avx2", [1, nt]))
+    rows, summary = [], {}
+    for name, x, w in layers():
+        n = x.shape[0]
+        flops = 2 * n * x.shape[1] * x.shape[2] * w.shape[2] * w.shape[0] * w.shape[1] * w.shape[3]
+        base = None
+        for backend, isa, tlist in configs:
+            for prec in PRECISIONS:
+                if backend == "c-avx2" and isa == "avx2" and best != "avx2" and prec in ("fp32", "int32"):
+                    continue  # the same kernels as the best family
+                res = {t: time_conv(prec, isa, t, x, w, args.scalar_repeat if isa == "scalar" else args.repeat)
+                       for t in tlist}
+                t_hi = max(tlist)
+                r = res[t_hi]
+                gops = flops / r["convolve"] / 1e9
+                if backend == "c-scalar" and prec == "fp32":
+                    base = r["convolve"]
+                ins = instruction(isa, prec)
+                peak = peaks.get((ins, t_hi))
+                row = {
+                    "layer": name, "shape": f"{tuple(x.shape)} * {tuple(w.shape)}", "n": n,
+                    "backend": backend, "isa": r["isa"], "precision": prec, "threads": t_hi,
+                    "ms": r["convolve"] * 1e3, "gops": gops, "instr": ins,
+                    "peak_pct": None if peak is None else 100 * gops / (2 * peak),
+                    "speedup": base / r["convolve"] if base else None,
+                    "scaling": res[1]["convolve"] / r["convolve"] if len(tlist) > 1 else None,
+                    "qdq_pct": None if prec == "fp32" else 100 * r["qdq"] / r["convolve"],
+                }
+                rows.append(row)
+                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                      flush=True)
+    text = render(rows, peaks, nt, best, args)
+    print(text)
+    if args.write:
+        path = REPO / "benchmarks" / "RESULTS.md"
+        doc = path.read_text()
+        head = "## CPU backends (c-scalar, c-avx2)"
+        marker = "<!-- CUDA section"
+        a, b = doc.index(head), doc.index(marker)
+        path.write_text(doc[:a] + text.rstrip() + "\n\n" + doc[b:])
+        print(f"wrote {path}")
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def render(rows, peaks, nt, best, args) -> str:
+    lines = ["## CPU backends (c-scalar, c-avx2)", ""]
+    lines.append(f"Measured {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {cpu_name()}, "
+                 f"{os.cpu_count()} logical CPUs; best kernel family here: `{best}`; Python {platform.python_version()}, "
+                 f"gcc -O3 via `pip install -e .`.")
+    lines.append("")
+    lines.append(f"Command: `python3 benchmarks/bench_cpu.py --repeat {args.repeat} --threads {nt} --write`")
+    lines.append("")
+    lines.append("Instruction peaks (qconv_peak: 12 independent chains of ymm ops, best of 5 runs of ~50 ms):")
+    lines.append("")
+    lines.append("| instruction | MAC per instr | 1 thread G MAC/s | %d threads G MAC/s |" % nt)
+    lines.append("|---|---|---|---|")
+    lanes = {"scalar-fma": 1, "fma": 8, "mullo": 8, "madd": 16, "dpwssd": 16, "dpbusd": 32}
+    for ins in lanes:
+        if (ins, 1) in peaks:
+            lines.append(f"| {ins} | {lanes[ins]} | {peaks[(ins, 1)]:.1f} | {peaks[(ins, nt)]:.1f} |")
+    lines.append("")
+    lines.append("Convolutions: median of the C-timed convolve phase; GOP/s = 2*N*H*W*OC*KH*KW*IC / time; "
+                 "% peak = GOP/s / (2 x the instruction's G MAC/s at the same thread count); "
+                 "x scalar = c-scalar FP32 time / this time; 2T/1T = 1-thread time / 2-thread time; "
+                 "q+dq = (quantize + dequantize) / convolve.")
+    lines.append("")
+    lines.append("| layer | N | backend | kernels | precision | threads | ms | GOP/s | instr | % peak | x scalar | 2T/1T | q+dq % |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        lines.append(f"| {r['layer']} | {r['n']} | {r['backend']} | {r['isa']} | {r['precision']} | {r['threads']} | "
+                     f"{r['ms']:.3f} | {r['gops']:.1f} | {r['instr']} | {fmt(r['peak_pct'], '.0f')} | "
+                     f"{fmt(r['speedup'], '.1f')} | {fmt(r['scaling'], '.2f')} | {fmt(r['qdq_pct'], '.1f')} |")
+    lines.append("")
+    # Targets of issue 3: 2 threads, exam cases 1 and 2 (N=1), best kernels.
+    lines.append(f"Targets (issue 3; {nt} threads, exam cases 1 and 2 at N=1, best kernels `{best}`):")
+    lines.append("")
+    lines.append("| target | case 1 | case 2 | met |")
+    lines.append("|---|---|---|---|")
+    sel = {(r["layer"], r["precision"]): r for r in rows
+           if r["backend"] == "c-avx2" and r["isa"] == best and r["n"] == 1 and r["layer"].startswith("exam")}
+
+    def target(label, key, prec, goal, fmt_):
+        vals = [sel.get((f"exam {c}", prec), {}).get(key) for c in ("1", "2")]
+        met = all(v is not None and v >= goal for v in vals) if goal > 0 else all(v is not None and v <= -goal for v in vals)
+        lines.append(f"| {label} | {' | '.join(fmt(v, fmt_) for v in vals)} | {'yes' if met else 'no'} |")
+
+    target("FP32 >= 80% of FMA peak", "peak_pct", "fp32", 80, ".0f")
+    target("INT32 >= 75% of mullo peak", "peak_pct", "int32", 75, ".0f")
+    target("INT16 >= 75% of its instruction's peak", "peak_pct", "int16", 75, ".0f")
+    target("INT8 >= 75% of its instruction's peak", "peak_pct", "int8", 75, ".0f")
+    target("INT8 quantize+dequantize <= 5% of convolve", "qdq_pct", "int8", -5, ".1f")
+    for prec in PRECISIONS:
+        target(f"{prec}: {nt} threads >= 1.8x one thread", "scaling", prec, 1.8, ".2f")
+    target("FP32 GOP/s (issue: >= 200)", "gops", "fp32", 200, ".0f")
+    target("INT16 GOP/s (issue: >= 370 with VNNI)", "gops", "int16", 370, ".0f")
+    target("INT8 GOP/s (issue: >= 700 with VNNI)", "gops", "int8", 700, ".0f")
+    lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
