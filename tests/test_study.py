@@ -164,23 +164,40 @@ def test_pareto_and_effective_bits():
 
 
 def test_interrupt_leaves_a_valid_partial_result(tmp_path, monkeypatch):
+    # Ctrl-C in the second timing round of the first layer: every option of that layer has one
+    # timed run, the second layer was never reached.
     calls = {"n": 0}
-    real = Study._measure
+    real = Study._timed_call
+    n_options = 4  # reference x 4 precisions
 
-    def flaky(self, *a, **kw):
+    def flaky(call):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == n_options + 2:
             raise KeyboardInterrupt
-        return real(self, *a, **kw)
-    monkeypatch.setattr(Study, "_measure", flaky)
+        return real(call)
+    monkeypatch.setattr(Study, "_timed_call", staticmethod(flaky))
     with pytest.raises(KeyboardInterrupt):
-        run_study(tiny_layers(), tmp_path, backends=["reference"], repeat=1, quick=True, progress=False)
+        run_study(tiny_layers(), tmp_path, backends=["reference"], repeat=3, quick=True, progress=False)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert validate(doc) == []
     assert doc["status"] == "partial" and "interrupted" in doc["partial_reason"]
-    assert len(doc["measurements"]) == 2
+    assert [L["name"] for L in doc["layers"]] == ["tiny3x3"]
+    assert len(doc["measurements"]) == n_options
+    assert [m["repeat"] for m in doc["measurements"]] == [2, 1, 1, 1]
+    assert all(m["error"] is None and m["nrmse"] is not None for m in doc["measurements"])
     assert (tmp_path / "results.csv").is_file()
     assert "Partial results" in (tmp_path / "report.md").read_text()
+    assert all((tmp_path / f"{p}.png").is_file() for p in PLOTS)
+
+
+def test_interrupt_before_any_measurement_is_still_valid(tmp_path, monkeypatch):
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Study, "_sweeps", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], repeat=1, quick=True, progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["status"] == "partial" and doc["measurements"] == []
 
 
 def test_reference_only_and_a_precision_subset(tmp_path):

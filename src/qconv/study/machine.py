@@ -80,13 +80,11 @@ def describe(gpu_name: str | None) -> dict[str, Any]:
     }
 
 
-# ops (2 per multiply-add) per cycle per core, AVX2 with two 256-bit pipes:
-#   fp32: 2 FMA x 8 lanes x 2; int16/int8: 2 vpmaddwd x 16 multiplies x 2 (int8 widened to int16);
-#   int32: 1 vpmulld x 8 lanes x 2 (the multiply is the bottleneck). Scalar fp32: 2 FMA x 2.
-_CPU_OPS_PER_CYCLE = {
-    ("c-avx2", Precision.FP32): 32, ("c-avx2", Precision.INT16): 64,
-    ("c-avx2", Precision.INT8): 64, ("c-avx2", Precision.INT32): 16,
-}
+# ops (2 per multiply-add) per cycle per core. Only FP32 is marked: two 256-bit FMA pipes x 8
+# lanes x 2 on every AVX2+FMA core since Haswell / Zen 2. Integer SIMD multiply throughput
+# (vpmulld, vpmaddwd) differs between microarchitectures, so no integer CPU peak is claimed.
+_CPU_OPS_PER_CYCLE = {("c-avx2", Precision.FP32): 32}
+
 
 # NVIDIA datasheet peaks (dense, no sparsity), by name: FP32 on the CUDA cores (TFLOP/s) and INT8
 # on the tensor cores (TOP/s). INT32 on Hopper: half the FP32 lanes (64 INT32 vs 128 FP32 per SM).
@@ -117,4 +115,5 @@ def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
     if ops is None or not mhz or not cores or "avx2" not in machine.get("cpu_simd", []):
         return None
     return (ops * mhz * 1e-3 * cores,
-            f"{ops} ops/cycle/core x {cores} core(s) x {mhz:.0f} MHz (AVX2, two 256-bit pipes)")
+            f"{ops} flop/cycle/core (two 256-bit FMA pipes) x {cores} core(s) x {mhz:.0f} MHz as "
+            f"reported (turbo clocks can exceed it)")

@@ -91,6 +91,10 @@ def render(res: dict[str, Any]) -> str:
                  f"best trade-off (fastest with NRMSE <= {acc:.3g}, i.e. at least 8 effective output bits): "
                  f"{_opt(r)}" + (f" ({_t(r['convolve_s'])}, NRMSE {_g(r['nrmse'])})." if r else
                                  " — no option meets it."))
+        if s.get("fastest_tied_with"):
+            L.append("  Within the timing spread (overlapping interquartile ranges) the fastest is tied with: "
+                     + ", ".join(f"{o['backend']} {o['precision']} ({_t(o['convolve_s'])})" for o in s["fastest_tied_with"])
+                     + ".")
         fr = ", ".join(f"{o['backend']} {o['precision']} ({_t(o['convolve_s'])}, {_g(o['nrmse'])})" for o in s["frontier"])
         L.append(f"  Pareto frontier (time, NRMSE), fastest first: {fr}.")
     L.append("")
@@ -322,18 +326,24 @@ def _factors(res: dict[str, Any]) -> list[str]:
     out.append("- Overflowed outputs in the timed runs: " + (", ".join(
         f"{m['backend']} {m['precision']} on `{m['layer']}`: {m['wrapped_outputs']}" for m in wrapped)
         if wrapped else "none (the chosen S leaves every accumulator in range)") + ".")
-    # hardware support: does a narrower integer beat FP32 on the same backend?
-    by = {}
+    # hardware support: does a narrower integer beat FP32 on the same backend? A verdict only
+    # where the interquartile ranges of the convolve times do not overlap.
+    from .runner import compare
+    by: dict[tuple[str, str], dict[str, Any]] = {}
     for m in res["measurements"]:
         if _ok(m):
-            by.setdefault((m["layer"], m["backend"]), {})[m["precision"]] = m["phases_s"]["convolve"]["median"]
+            by.setdefault((m["layer"], m["backend"]), {})[m["precision"]] = m
     lines = []
     for (layer, b), d in by.items():
-        if "fp32" in d:
-            faster = [p for p in ("int32", "int16", "int8") if p in d and d[p] < d["fp32"]]
-            slower = [p for p in ("int32", "int16", "int8") if p in d and d[p] >= d["fp32"]]
-            lines.append(f"{b} on `{layer}`: " + (f"{', '.join(faster)} beat FP32" if faster else "no integer precision beats FP32")
-                         + (f"; {', '.join(slower)} do not" if faster and slower else ""))
+        if "fp32" not in d:
+            continue
+        verdict: dict[str, list[str]] = {"faster": [], "slower": [], "tied": []}
+        for p in ("int32", "int16", "int8"):
+            if p in d:
+                verdict[compare(d[p], d["fp32"])].append(p)
+        parts = [f"{', '.join(v)} {k} than FP32" if k != "tied" else f"{', '.join(v)} tied with FP32 within the spread"
+                 for k, v in verdict.items() if v]
+        lines.append(f"{b} on `{layer}`: " + "; ".join(parts))
     if lines:
         out.append("- Hardware support (same backend, integer vs FP32 convolve time): " + "; ".join(lines)
                    + ". An integer precision pays off only where the backend has a datapath that does more of "

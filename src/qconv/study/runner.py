@@ -215,7 +215,8 @@ class Study:
     # ---------------------------------------------------------------------------- progress bar
     def _steps(self) -> int:
         n_int = sum(p.is_integer for p in self.precisions)
-        return len(self.layers) * (2 * n_int + sum(len(self._precisions_of(r[0])) for r in self.runs))
+        return len(self.layers) * (2 * n_int + sum(len(self._precisions_of(r[0])) for r in self.runs)
+                                   + self.repeat)
 
     def _precisions_of(self, label: str) -> list[Precision]:
         only = self.run_precisions.get(label)
@@ -287,9 +288,11 @@ class Study:
         return {"s_x": b.s_x, "s_w": b.s_w, "reason": near.reason}
 
     # ---------------------------------------------------------------------------- measurements
-    def _measure(self, layer: Layer, x: np.ndarray, ref: np.ndarray, run: tuple[str, str, dict[str, Any]],
+    def _prepare(self, layer: Layer, x: np.ndarray, ref: np.ndarray, run: tuple[str, str, dict[str, Any]],
                  p: Precision, scale: dict[str, Any] | None, expected: np.ndarray | None,
-                 bound: Callable[[], np.ndarray]) -> dict[str, Any]:
+                 bound: Callable[[], np.ndarray]) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+        """The warm-up call of one option: accuracy, wrapped outputs, bit-exactness, static fields.
+        Returns the record and the call to time (None where the backend refused the option)."""
         label, backend, options = run
         rec: dict[str, Any] = {"layer": layer.name, "backend": label, "backend_module": backend,
                                "backend_options": dict(options), "precision": p.value,
@@ -304,7 +307,7 @@ class Study:
             warm = call(ref)
         except QconvError as e:
             rec["error"] = str(e)
-            return rec
+            return rec, None
         out = np.asarray(warm.output)
         if p.is_integer:
             rec["bit_exact"] = bool(expected is not None and np.array_equal(out, expected))
@@ -312,19 +315,7 @@ class Study:
         else:
             rec["bit_exact"] = None
             rec["within_fp32_bound"] = bool(np.all(np.abs(out.astype(np.float64) - ref) <= bound()))
-        phases: dict[str, list[float]] = {ph: [] for ph in PHASES}
-        totals: list[float] = []
-        for _ in range(self.repeat):
-            r = call()
-            for ph in PHASES:
-                phases[ph].append(r.phases[ph])
-            totals.append(sum(r.phases.values()))
-        rec["repeat"] = self.repeat
-        rec["phases_s"] = {ph: _stats(v) for ph, v in phases.items()}
-        rec["total_s"] = _stats(totals)
-        conv = rec["phases_s"]["convolve"]["median"]
         rec["flops"] = warm.flops
-        rec["gops"] = warm.flops / conv / 1e9 if conv > 0 else None
         rec["nrmse"] = warm.nrmse
         rec["effective_bits"] = effective_bits(warm.nrmse)
         rec["wrapped_outputs"] = warm.wrapped
@@ -333,18 +324,56 @@ class Study:
         pk = machine.peak_gops(backend, p, self.machine, options.get("isa") or options.get("int8_path"))
         rec["peak_gops"] = None if pk is None else pk[0]
         rec["peak_note"] = None if pk is None else pk[1]
-        kh, kw_, oc, ic = layer.w.shape
         rec["energy_estimate_j"] = energy.estimate(p, x.size, layer.w.size, out.size, warm.flops // 2)
-        meter = self.meters["nvml"] if backend == "cuda" else self.meters["rapl"]
         rec["energy_measured"] = None
-        if meter is not None:
+        return rec, call
+
+    @staticmethod
+    def _timed_call(call: Callable[[], Any]) -> dict[str, float]:
+        return dict(call().phases)
+
+    def _finalize(self, rec: dict[str, Any], call: Callable[[], Any], samples: list[dict[str, float]],
+                  measure_energy: bool) -> None:
+        rec["repeat"] = len(samples)
+        rec["phases_s"] = {ph: _stats([s[ph] for s in samples]) for ph in PHASES}
+        rec["total_s"] = _stats([sum(s.values()) for s in samples])
+        conv = rec["phases_s"]["convolve"]["median"]
+        rec["gops"] = rec["flops"] / conv / 1e9 if conv > 0 else None
+        meter = self.meters["nvml"] if rec["backend_module"] == "cuda" else self.meters["rapl"]
+        if meter is not None and measure_energy:
             try:
                 m = energy.measure(meter, call, 0.1 if self.quick else 0.5, self.repeat)
                 rec["energy_measured"] = {"meter": meter.name, "device": meter.device, **m}
             except OSError as e:
-                rec["energy_measured"] = None
                 rec["energy_error"] = str(e)
-        return rec
+
+    def _measure_layer(self, layer: Layer, x: np.ndarray, ref: np.ndarray,
+                       scales: dict[Precision, dict[str, Any]], expected: dict[Precision, np.ndarray],
+                       bound: Callable[[], np.ndarray]) -> None:
+        """Warm up every option, then time them in rounds (one call of each option per round), so
+        that load from elsewhere on the machine spreads over all options instead of hitting one."""
+        prepared: list[tuple[dict[str, Any], Callable[[], Any] | None, list[dict[str, float]]]] = []
+        complete = False
+        try:
+            for run in self.runs:
+                for p in self._precisions_of(run[0]):
+                    rec, call = self._prepare(layer, x, ref, run, p, scales.get(p), expected.get(p), bound)
+                    prepared.append((rec, call, []))
+                    self._tick(f"{layer.name} {run[0]} {p.value} warm-up")
+            for r in range(self.repeat):
+                for rec, call, samples in prepared:
+                    if call is not None:
+                        samples.append(self._timed_call(call))
+                self._tick(f"{layer.name} timing round {r + 1}/{self.repeat}")
+            complete = True
+        finally:
+            for rec, call, samples in prepared:
+                if call is not None:
+                    if samples:
+                        self._finalize(rec, call, samples, measure_energy=complete)
+                    else:
+                        rec["error"] = "interrupted before any timed run"
+                self.results["measurements"].append(rec)
 
     # ------------------------------------------------------------------------------- the grid
     def run(self) -> dict[str, Any]:
@@ -370,11 +399,7 @@ class Study:
                     if "b" not in cache:
                         cache["b"] = fp32_error_bound(x, layer.w)
                     return cache["b"]
-                for run in self.runs:
-                    for p in self._precisions_of(run[0]):
-                        rec = self._measure(layer, x, ref, run, p, scales.get(p), expected.get(p), bound)
-                        self.results["measurements"].append(rec)
-                        self._tick(f"{layer.name} {run[0]} {p.value}")
+                self._measure_layer(layer, x, ref, scales, expected, bound)
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "partial"
@@ -433,6 +458,20 @@ def _ok(m: dict[str, Any]) -> bool:
     return m.get("error") is None and "phases_s" in m
 
 
+def overlaps(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two options' convolve-time interquartile ranges overlap (not distinguishable)."""
+    pa, pb = a["phases_s"]["convolve"], b["phases_s"]["convolve"]
+    return pa["q1"] <= pb["q3"] and pb["q1"] <= pa["q3"]
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """'faster' / 'slower' when a's convolve-time interquartile range lies wholly below / above
+    b's, else 'tied'."""
+    if overlaps(a, b):
+        return "tied"
+    return "faster" if a["phases_s"]["convolve"]["median"] < b["phases_s"]["convolve"]["median"] else "slower"
+
+
 def pareto(points: Sequence[tuple[float, float, Any]]) -> list[Any]:
     """Items not dominated in (time, nrmse), both minimized; sorted by time."""
     front, best = [], math.inf
@@ -477,6 +516,7 @@ def derive(res: dict[str, Any]) -> None:
                     "speedup_vs_baseline": m["speedup_vs_baseline"],
                     "energy_estimate_j": m["energy_estimate_j"]["total_j"]}
         fastest = min(lm, key=lambda m: m["phases_s"]["convolve"]["median"])
+        ties = [m for m in lm if m is not fastest and overlaps(m, fastest)]
         fastest_total = min(lm, key=lambda m: m["total_s"]["median"])
         with_err = [m for m in lm if m["nrmse"] is not None]
         accurate = min(with_err, key=lambda m: m["nrmse"]) if with_err else None
@@ -494,6 +534,7 @@ def derive(res: dict[str, Any]) -> None:
             "baseline": None if base is None else {"backend": base[0], "precision": base[1], "convolve_s": conv[base]},
             "best_fp32": None if best_fp32 is None else {"backend": best_fp32[1], "convolve_s": best_fp32[0]},
             "fastest": opt(fastest), "fastest_end_to_end": opt(fastest_total),
+            "fastest_tied_with": [opt(m) for m in ties],
             "most_accurate": None if accurate is None else opt(accurate),
             "most_accurate_quantized": None if accurate_q is None else opt(accurate_q),
             "recommended": None if recommended is None else opt(recommended),
