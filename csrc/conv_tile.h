@@ -9,8 +9,8 @@
  *     y: output (float or int32) at (n, i, q, o0); nvalid: OC columns to store (<= QCONV_NR)
  * QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT) defines
  *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
- * that walks OC blocks (outer: the packed block stays in cache), then rows, then whole tiles of
- * MR pixels, and ends each row with one explicit tail tile of fewer pixels. */
+ * that walks OC blocks (outer: the packed block stays in cache), then rows, then the row's tiles:
+ * ceil(W / MR) of them, widths balanced to within one pixel, each a constant-width instance. */
 #ifndef QCONV_CONV_TILE_H
 #define QCONV_CONV_TILE_H
 
@@ -62,12 +62,19 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
     }
 }
 
+#define QCONV_TILE_CASE(TILE, k)                                                               \
+    case k: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k); break;
+
 #define QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT)                                          \
     void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
     {                                                                                          \
         const XT *xq = (const XT *)a->xq;                                                      \
         const WT *wq = (const WT *)a->wq;                                                      \
         YT *out = (YT *)a->out;                                                                \
+        /* Balanced tiles: ceil(W / MR) tiles whose widths differ by at most one pixel (for  */ \
+        /* W = 28 and MR = 8: four tiles of 7, not three of 8 and a tail of 4).                */ \
+        const int64_t ntiles = (a->w + (MR) - 1) / (MR);                                       \
+        const int64_t tw = a->w / ntiles, wide = a->w % ntiles;                                \
         for (int64_t b = b0; b < b1; b++) {                                                    \
             const WT *wb = wq + b * a->wblk;                                                   \
             const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                     \
@@ -79,18 +86,15 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
                 const XT *xr = xq + n * a->img + i * a->row;                                   \
                 YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                \
                 int64_t q = 0;                                                                 \
-                for (; q + (MR) <= a->w; q += (MR))                                            \
-                    TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, MR);            \
-                switch (a->w - q) {                                                            \
-                case 0: break;                                                                 \
-                case 1: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 1); break;  \
-                case 2: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 2); break;  \
-                case 3: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 3); break;  \
-                case 4: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 4); break;  \
-                case 5: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 5); break;  \
-                case 6: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 6); break;  \
-                case 7: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, 7); break;  \
-                default: break; /* unreachable: MR <= 8 */                                     \
+                for (int64_t t = 0; t < ntiles; t++) {                                         \
+                    int64_t mr = tw + (t < wide);                                              \
+                    switch (mr) {                                                              \
+                    QCONV_TILE_CASE(TILE, 1) QCONV_TILE_CASE(TILE, 2) QCONV_TILE_CASE(TILE, 3) \
+                    QCONV_TILE_CASE(TILE, 4) QCONV_TILE_CASE(TILE, 5) QCONV_TILE_CASE(TILE, 6) \
+                    QCONV_TILE_CASE(TILE, 7) QCONV_TILE_CASE(TILE, 8)                          \
+                    default: break; /* unreachable: 1 <= mr <= MR <= 8 */                      \
+                    }                                                                          \
+                    q += mr;                                                                   \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \

@@ -163,12 +163,27 @@ typedef struct {
     float inv;
     float *y;
     int split_rows;
+    const float *k;     /* the float kernel, quantized into wtmp (NULL for fp32) */
+    float s_w;
+    int wstore;
+    void *wtmp;
 } job;
 
-/* Quantize x into the padded layout, one padded row (n, i) at a time. */
-static void quantize_x_task(void *p, int ith, int nth)
+/* Quantize x into the padded layout, one padded row (n, i) at a time, and (integer precisions)
+ * this worker's contiguous share of the kernel into wtmp. */
+static void quantize_task(void *p, int ith, int nth)
 {
     const job *j = p;
+    if (j->wtmp != NULL) {
+        int64_t nk = j->a->kh * j->a->kw * j->a->oc * j->a->c;
+        long long lo, hi;
+        qconv_split((nk + 15) / 16, ith, nth, &lo, &hi);   /* whole vectors per worker */
+        lo *= 16;
+        hi = hi * 16 < nk ? hi * 16 : nk;
+        if (lo < hi)
+            j->t->quantize(j->k + lo, hi - lo, j->s_w, j->qmax, j->truncate, j->wstore,
+                           (char *)j->wtmp + (size_t)lo * store_size(j->wstore));
+    }
     const qconv_conv_args *a = j->a;
     size_t es = store_size(j->store);
     int64_t hp = a->h + a->kh - 1, wp = a->w + a->kw - 1;
@@ -325,15 +340,13 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
 
     int32_t qmax = precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
     job j = {.t = t, .a = &a, .x = x, .s = s_x, .qmax = qmax, .truncate = truncate, .store = xstore,
-             .acc = acc, .inv = inv, .y = y};
+             .acc = acc, .inv = inv, .y = y, .k = k, .s_w = s_w, .wstore = wstore, .wtmp = wtmp};
     /* The largest of the two split axes: output rows (N*H) or OC blocks. */
     j.split_rows = n * h >= a.nocb;
 
     double t0 = qconv_now();
-    if ((st = qconv_pool_run(threads, quantize_x_task, &j)) != QCONV_OK)
+    if ((st = qconv_pool_run(threads, quantize_task, &j)) != QCONV_OK)
         goto out;
-    if (is_int)
-        t->quantize(k, nk, s_w, qmax, truncate, wstore, wtmp);
     double t1 = qconv_now();
     pack_kernel(&a, is_int ? wtmp : (const void *)k, wes, wq);
     if (comp != NULL) {
