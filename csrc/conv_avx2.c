@@ -207,7 +207,9 @@ static __attribute__((noinline)) double peak_fma(int64_t iters)
     return 8.0 * 12.0 * (double)iters;
 }
 
-/* acc += acc * b: the multiply depends on the chain, so it cannot be hoisted out of the loop. */
+/* acc = acc * b (vpmulld) or acc = madd(acc, b) (vpmaddwd, the int32 lanes read as int16 pairs):
+ * the instruction alone, each result feeding its chain so nothing can be hoisted. This is the
+ * instruction's own throughput; the kernels also need a vpaddd per vpmulld/vpmaddwd. */
 static __attribute__((noinline)) double peak_int(int madd, int64_t iters)
 {
     volatile int seed = 3;
@@ -217,11 +219,11 @@ static __attribute__((noinline)) double peak_int(int madd, int64_t iters)
     if (madd) {
         for (int64_t i = 0; i < iters; i++)
             for (int k = 0; k < 12; k++)
-                acc[k] = _mm256_add_epi32(acc[k], _mm256_madd_epi16(acc[k], b));
+                acc[k] = _mm256_madd_epi16(acc[k], b);
     } else {
         for (int64_t i = 0; i < iters; i++)
             for (int k = 0; k < 12; k++)
-                acc[k] = _mm256_add_epi32(acc[k], _mm256_mullo_epi32(acc[k], b));
+                acc[k] = _mm256_mullo_epi32(acc[k], b);
     }
     for (int k = 1; k < 12; k++)
         acc[0] = _mm256_add_epi32(acc[0], acc[k]);

@@ -48,8 +48,8 @@ enum qconv_feature {
 /* Instruction microbenchmarks for qconv_peak(). */
 enum qconv_peak_instr {
     QCONV_PEAK_FMA = 0,        /* vfmadd231ps ymm: 8 MAC */
-    QCONV_PEAK_MULLO = 1,      /* vpmulld + vpaddd ymm: 8 MAC */
-    QCONV_PEAK_MADD = 2,       /* vpmaddwd + vpaddd ymm: 16 MAC */
+    QCONV_PEAK_MULLO = 1,      /* vpmulld ymm: 8 MAC (the kernel adds a vpaddd) */
+    QCONV_PEAK_MADD = 2,       /* vpmaddwd ymm: 16 MAC (the kernel adds a vpaddd) */
     QCONV_PEAK_DPWSSD = 3,     /* vpdpwssd ymm: 16 MAC */
     QCONV_PEAK_DPBUSD = 4,     /* vpdpbusd ymm: 32 MAC */
     QCONV_PEAK_SCALAR_FMA = 5  /* scalar float mul + add, the c-scalar baseline's instruction */
