@@ -388,8 +388,8 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
                   split_k: Any = "auto", mma: bool = False) -> tuple[tuple[int, int], int]:
     """Block tile and K split (rules fitted to the H100 sweep in benchmarks/RESULTS.md).
 
-    The largest tile (128x128 excluded: it never won; for the CUDA-core kernels only 128x64 and
-    64x64, or 64x32 when OC <= 32) that gives every SM a block, without split.
+    The largest tile (for the CUDA-core kernels only 128x64 and 64x64, or 64x32 when OC <= 32:
+    128x128 and the small tiles lost on every measured layer) that gives every SM a block.
     Otherwise: the tensor-core kernel takes the smallest tile and no split (its short K loops
     lose more to the atomic adds than they gain); the CUDA-core kernels take 64x64 (64x32 for
     OC <= 32) and split K into up to 8 slices, aiming at three blocks per SM, at least 2 K tiles each.
@@ -400,7 +400,7 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
     else:
         auto = True
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
-        cands = [c for c in (_parse_tile(t) for t in TILES if t != "128x128") if c[1] <= widest]
+        cands = [c for c in (_parse_tile(t) for t in TILES if mma or t != "128x128") if c[1] <= widest]
         if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
             cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
         fits = [c for c in cands if math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]

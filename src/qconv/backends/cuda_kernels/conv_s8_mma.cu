@@ -100,12 +100,13 @@ QD void conv_mma(const ConvParams& p) {
     }
 }
 
-#define QCONV_MMA(NAME, BM, BN, WM, WN)                                        \
-  extern "C" __global__ void __launch_bounds__(256) NAME(const ConvParams p) { \
-    conv_mma<BM, BN, WM, WN, 3>(p);                                            \
+// MINB: blocks per SM to fit (128x128 is capped at 128 registers so two blocks share an SM).
+#define QCONV_MMA(NAME, BM, BN, WM, WN, MINB)                                        \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const ConvParams p) { \
+    conv_mma<BM, BN, WM, WN, 3>(p);                                                  \
   }
-QCONV_MMA(qconv_s8_conv_mma_128x128, 128, 128, 2, 4)
-QCONV_MMA(qconv_s8_conv_mma_128x64, 128, 64, 4, 2)
-QCONV_MMA(qconv_s8_conv_mma_64x64, 64, 64, 2, 4)
-QCONV_MMA(qconv_s8_conv_mma_64x32, 64, 32, 4, 2)
-QCONV_MMA(qconv_s8_conv_mma_32x32, 32, 32, 2, 4)
+QCONV_MMA(qconv_s8_conv_mma_128x128, 128, 128, 2, 4, 2)
+QCONV_MMA(qconv_s8_conv_mma_128x64, 128, 64, 4, 2, 1)
+QCONV_MMA(qconv_s8_conv_mma_64x64, 64, 64, 2, 4, 1)
+QCONV_MMA(qconv_s8_conv_mma_64x32, 64, 32, 4, 2, 1)
+QCONV_MMA(qconv_s8_conv_mma_32x32, 32, 32, 2, 4, 1)
