@@ -342,3 +342,17 @@ def test_gpu_runs_and_nvml_energy_with_a_stand_in_backend(tmp_path, monkeypatch)
     assert res["machine"]["gpu"] == "NVIDIA H100 80GB HBM3"
     assert res["summary"]["layers"]["tiny3x3"]["energy_best_measured"] is not None
     assert "Measured, the least energy per call was" in (tmp_path / "report.md").read_text()
+
+
+def test_missing_matplotlib_is_a_clear_error_before_any_work(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_mpl(name, *a, **kw):
+        if name == "matplotlib" or name.startswith("matplotlib."):
+            raise ImportError("no matplotlib")
+        return real_import(name, *a, **kw)
+    monkeypatch.setattr(builtins, "__import__", no_mpl)
+    with pytest.raises(qconv.QconvError, match="qconv\\[plot\\]"):
+        Study(tiny_layers(), tmp_path, backends=["reference"], progress=False)
+    assert not (tmp_path / "results.json").exists()

@@ -143,6 +143,12 @@ class Study:
             raise QconvError(f"--batch must be >= 1, got {batch}")
         if repeat < 1:
             raise QconvError(f"--repeat must be >= 1, got {repeat}")
+        if plots:
+            try:
+                import matplotlib  # noqa: F401  (fail before minutes of measuring, not after)
+            except ImportError:
+                raise QconvError("the study draws its plots with matplotlib, which is not installed: "
+                                 "pip install 'qconv[plot]' (or pass plots=False)") from None
         self.layers = list(layers)
         self.out = Path(out_dir)
         self.quick, self.batch, self.repeat = quick, batch, repeat
