@@ -36,6 +36,8 @@ def expected_size(name: str, n_layers: int) -> tuple[int, int]:
         return 1500, 340 * max(1, n_layers) + 160
     if name == "phases":
         return 1200, 200 + 320 * max(1, n_layers)
+    if name == "energy":
+        return 1200, 820
     return 1200, 560
 
 
@@ -61,7 +63,7 @@ def _axes_row(fig, n: int, **kw):
 
 
 def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, wrap=True)
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
 
@@ -263,50 +265,59 @@ def plot_phases(res: dict[str, Any], fig) -> None:
 
 
 def plot_energy(res: dict[str, Any], fig) -> None:
+    """Top row: the per-operation estimate per precision, stacked (linear scale, so the parts add
+    up visually). Bottom row: measured joules per call per option, where a meter exists."""
     layers = _layers(res)
-    axs = _axes_row(fig, len(layers))
+    axs = fig.subplots(2, len(layers), squeeze=False)
     meters = res["machine"].get("energy_meters", {})
-    missing = False
-    for ax, name in zip(axs, layers):
+    for c, name in enumerate(layers):
+        ax, axm = axs[0][c], axs[1][c]
         ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
         if not ms:
             _empty(ax, "no measurement")
+            _empty(axm, "no measurement")
             continue
         precs = list(dict.fromkeys(m["precision"] for m in ms))
         est = {p: next(m["energy_estimate_j"] for m in ms if m["precision"] == p) for p in precs}
-        x = range(len(precs))
-        comp = [est[p]["compute_j"] for p in precs]
-        qd = [est[p]["quantize_dequantize_j"] for p in precs]
-        dlo = [est[p]["dram_low_j"] for p in precs]
-        dhi = [est[p]["dram_high_j"] for p in precs]
+        x = list(range(len(precs)))
+        uj = 1e6
+        comp = [est[p]["compute_j"] * uj for p in precs]
+        qd = [est[p]["quantize_dequantize_j"] * uj for p in precs]
+        dlo = [est[p]["dram_low_j"] * uj for p in precs]
+        dhi = [est[p]["dram_high_j"] * uj for p in precs]
         dmid = [(a + b) / 2 for a, b in zip(dlo, dhi)]
-        ax.bar(x, comp, 0.5, color="#4c72b0", label="estimate: multiply-add")
-        ax.bar(x, qd, 0.5, bottom=comp, color="#8172b3", label="estimate: (de)quantize")
+        ax.bar(x, comp, 0.5, color="#4c72b0", label="multiply-add")
+        ax.bar(x, qd, 0.5, bottom=comp, color="#8172b3", label="(de)quantize")
         b2 = [a + b for a, b in zip(comp, qd)]
-        ax.bar(x, dmid, 0.5, bottom=b2, color="#ccb974", label="estimate: DRAM (1.3-2.6 nJ/64 bit)",
+        ax.bar(x, dmid, 0.5, bottom=b2, color="#ccb974", label="DRAM, compulsory (1.3-2.6 nJ / 64 bit)",
                yerr=[[m - l for m, l in zip(dmid, dlo)], [h - m for h, m in zip(dhi, dmid)]], capsize=3)
+        ax.set_xticks(x, precs)
+        ax.set_ylim(0, 1.45 * max(a + b for a, b in zip(b2, dhi)))
+        ax.set_ylabel("estimate, uJ per convolution")
+        ax.set_title(f"{name}: estimate", fontsize=9)
+        ax.legend(fontsize=7, loc="upper right")
         measured = [m for m in ms if m.get("energy_measured")]
-        for i, m in enumerate(measured):
-            ax.scatter([precs.index(m["precision"]) + 0.3], [m["energy_measured"]["joules_per_call"]],
-                       marker="D", color="#c44e52", zorder=4,
-                       label="measured (" + m["energy_measured"]["meter"] + ")" if i == 0 else None)
-        if not measured:
-            missing = True
-        ax.set_xticks(list(x), precs)
-        ax.set_yscale("log")
-        ax.set_ylabel("J per convolution (log)")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(TITLES["energy"] + " (Horowitz ISSCC 2014, 45 nm)")
-    if missing:
-        why = "; ".join(f"{k}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
-        fig.text(0.01, 0.01, "No measured energy for some options. " + _wrap(why, 230), fontsize=6, va="bottom")
-        fig.subplots_adjust(bottom=0.16)
+        if measured:
+            labels = [_label(m) for m in measured]
+            vals = [m["energy_measured"]["joules_per_call"] * 1e3 for m in measured]
+            axm.bar(range(len(measured)), vals, 0.6,
+                    color=[PREC_COLORS.get(m["precision"], "gray") for m in measured])
+            axm.set_xticks(range(len(measured)), labels, rotation=30, ha="right", fontsize=7)
+            axm.set_ylabel("measured, mJ per call (log)")
+            axm.set_yscale("log")
+            meter = measured[0]["energy_measured"]
+            axm.set_title(f"{name}: measured ({meter['meter']}: {meter['device']}; whole device, idle included)",
+                          fontsize=8)
+        else:
+            why = "; ".join(f"{k.upper()}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
+            _empty(axm, "No measured energy on this machine.\n" + _wrap(why, 55))
+    fig.suptitle(TITLES["energy"] + " (per-operation energies: Horowitz, ISSCC 2014, 45 nm)")
+    fig.subplots_adjust(hspace=0.55, bottom=0.14)
 
 
 def _wrap(text: str, n: int) -> str:
     import textwrap
-    return "\n".join(textwrap.wrap(text, n)[:6])
+    return "\n".join(textwrap.wrap(text, n)[:8])
 
 
 _DRAW = {"speedup": plot_speedup, "nrmse": plot_nrmse, "pareto": plot_pareto, "sweep": plot_sweep,
