@@ -85,9 +85,13 @@ def render(res: dict[str, Any]) -> str:
             L.append(f"- `{name}`: nothing measured.")
             continue
         f, a, r = s["fastest"], s.get("most_accurate"), s.get("recommended")
+        aq = s.get("most_accurate_quantized")
         L.append(f"- `{name}` — **fastest: {f['backend']} {f['precision'].upper()}** "
                  f"({_t(f['convolve_s'])} convolve, {_x(f['speedup_vs_baseline'])} over the baseline, "
-                 f"NRMSE {_g(f['nrmse'])}); most accurate: {_opt(a)} (NRMSE {_g(a and a['nrmse'])}); "
+                 f"NRMSE {_g(f['nrmse'])}); most accurate: {_opt(a)} (NRMSE {_g(a and a['nrmse'])}"
+                 + (f"; of the quantized options {aq['precision'].upper()}, NRMSE {_g(aq['nrmse'])}, the same on every "
+                    f"backend"
+                    if aq else "") + "); "
                  f"best trade-off (fastest with NRMSE <= {acc:.3g}, i.e. at least 8 effective output bits): "
                  f"{_opt(r)}" + (f" ({_t(r['convolve_s'])}, NRMSE {_g(r['nrmse'])})." if r else
                                  " — no option meets it."))
@@ -97,6 +101,15 @@ def render(res: dict[str, Any]) -> str:
                      + ".")
         fr = ", ".join(f"{o['backend']} {o['precision']} ({_t(o['convolve_s'])}, {_g(o['nrmse'])})" for o in s["frontier"])
         L.append(f"  Pareto frontier (time, NRMSE), fastest first: {fr}.")
+    per = [v for v in S.get("layers", {}).values() if v]
+    if len(per) > 1:
+        from collections import Counter
+        fc = Counter(f"{v['fastest']['backend']} {v['fastest']['precision'].upper()}" for v in per)
+        rc = Counter(f"{v['recommended']['backend']} {v['recommended']['precision'].upper()}"
+                     for v in per if v.get("recommended"))
+        L.append(f"- Across the {len(per)} layers: fastest " + ", ".join(f"{k} on {n}" for k, n in fc.most_common())
+                 + ("; best trade-off " + ", ".join(f"{k} on {n}" for k, n in rc.most_common()) if rc else "")
+                 + ".")
     L.append("")
     # ------------------------------------------------------------------ speed
     L.append("## Speed")

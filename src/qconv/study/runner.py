@@ -348,7 +348,7 @@ class Study:
         meter = self.meters["nvml"] if rec["backend_module"] == "cuda" else self.meters["rapl"]
         if meter is not None and measure_energy:
             try:
-                m = energy.measure(meter, call, 0.1 if self.quick else 0.5, self.repeat)
+                m = energy.measure(meter, call, 0.25 if self.quick else 0.5, self.repeat)
                 rec["energy_measured"] = {"meter": meter.name, "device": meter.device, **m}
             except OSError as e:
                 rec["energy_error"] = str(e)
