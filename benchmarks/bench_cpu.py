@@ -46,6 +46,33 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_busy(interval: float = 0.5) -> float:
+    """Fraction of all CPUs busy over `interval` seconds (from /proc/stat), or 0.0 off Linux."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(t) for t in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    try:
+        t0, i0 = snap()
+        import time
+        time.sleep(interval)
+        t1, i1 = snap()
+    except OSError:
+        return 0.0
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_idle(limit_s: float, threshold: float = 0.15) -> float:
+    """Wait (up to limit_s) until other processes leave the CPUs mostly idle; returns the last
+    busy fraction seen, which the report records."""
+    import time
+    t_end = time.monotonic() + limit_s
+    busy = cpu_busy()
+    while busy > threshold and time.monotonic() < t_end:
+        busy = cpu_busy()
+    return busy
+
+
 def instruction(isa: str, precision: str) -> str:
     if isa == "scalar":
         return "scalar-fma" if precision == "fp32" else "-"
@@ -110,17 +137,21 @@ def main() -> None:
     ap.add_argument("--scalar-repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2, help="the multi-thread count (compared with 1)")
     ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
+    ap.add_argument("--wait-idle", type=float, default=60.0,
+                    help="before each layer, wait up to this many seconds for other load to go")
     args = ap.parse_args()
     if _cext.load_error():
         sys.exit(_cext.load_error())
     nt = args.threads
     best = _cext.best_isa("auto")
+    busy_seen = [wait_idle(args.wait_idle)]
     peaks = measure_peaks([1, nt])
     configs = [("c-scalar", "scalar", [1])] + [("c-avx2", best, [1, nt])]
     if best != "avx2":
         configs.append(("c-avx2", "avx2", [1, nt]))
     rows, summary = [], {}
     for name, x, w in layers():
+        busy_seen.append(wait_idle(args.wait_idle))
         n = x.shape[0]
         flops = 2 * n * x.shape[1] * x.shape[2] * w.shape[2] * w.shape[0] * w.shape[1] * w.shape[3]
         base = None
@@ -149,6 +180,8 @@ def main() -> None:
                 rows.append(row)
                 print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
                       flush=True)
+    args.busy = max(busy_seen)
+    args.load = os.getloadavg()
     text = render(rows, peaks, nt, best, args)
     print(text)
     if args.write:
@@ -172,6 +205,10 @@ def render(rows, peaks, nt, best, args) -> str:
                  f"gcc -O3 via `pip install -e .`.")
     lines.append("")
     lines.append(f"Command: `python3 benchmarks/bench_cpu.py --repeat {args.repeat} --threads {nt} --write`")
+    lines.append("")
+    lines.append(f"Other load: the CPUs were at most {100 * args.busy:.0f}% busy just before each layer "
+                 f"(sampled over 0.5 s); load average at the end {args.load[0]:.2f} / {args.load[1]:.2f} / "
+                 f"{args.load[2]:.2f} (1 / 5 / 15 min), this run included.")
     lines.append("")
     lines.append("Instruction peaks (qconv_peak: 12 independent chains of ymm ops, best of 5 runs of ~50 ms):")
     lines.append("")

@@ -25,47 +25,78 @@
 /* ---- quantize / dequantize ------------------------------------------------------------- */
 
 /* 8 floats -> 8 int32 under the contract: one multiply, round (half-even or toward zero),
- * clamp to +-qmax. cvttps on an already integral value is exact; for INT32, values at or past
- * +-2^31 (where cvt would return 0x80000000) are saturated explicitly to +-(2^31 - 1). */
-ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, int32_t qmax, int truncate)
+ * clamp to +-qmax. INT8/INT16 clamp first, in float (qmax is exact), then convert: cvtps rounds
+ * half to even under the default MXCSR, cvttps truncates, and rounding commutes with clamping to
+ * integer bounds. INT32 rounds first, then saturates values at or past +-2^31 explicitly (where
+ * cvt returns 0x80000000) to +-(2^31 - 1). */
+ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, const int wide, const int truncate, __m256 m, __m256 negm)
 {
     __m256 v = _mm256_mul_ps(t, s);
-    __m256 r = truncate ? _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
-                        : _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    if (qmax == 2147483647) {
+    if (wide) {
+        __m256 r = truncate ? _mm256_round_ps(v, _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC)
+                            : _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m256 hi = _mm256_cmp_ps(r, _mm256_set1_ps(2147483648.0f), _CMP_GE_OQ);
         __m256 lo = _mm256_cmp_ps(r, _mm256_set1_ps(-2147483648.0f), _CMP_LE_OQ);
         __m256i q = _mm256_cvttps_epi32(r);
         q = _mm256_blendv_epi8(q, _mm256_set1_epi32(2147483647), _mm256_castps_si256(hi));
         return _mm256_blendv_epi8(q, _mm256_set1_epi32(-2147483647), _mm256_castps_si256(lo));
     }
-    __m256 m = _mm256_set1_ps((float)qmax);
-    r = _mm256_min_ps(_mm256_max_ps(r, _mm256_sub_ps(_mm256_setzero_ps(), m)), m);
-    return _mm256_cvttps_epi32(r);
+    v = _mm256_min_ps(_mm256_max_ps(v, negm), m);
+    return truncate ? _mm256_cvttps_epi32(v) : _mm256_cvtps_epi32(v);
 }
 
-/* Store 8 int32 (already within the store type's range) as `store`. */
-ALWAYS_INLINE void store8(__m256i q, int store, void *dst)
+/* 32 elements: the packs interleave 128-bit lanes, vpermd/vpermq put them back in order. */
+ALWAYS_INLINE void quantize32(const float *src, float s, int32_t qmax, const int truncate,
+                              const int store, char *o)
 {
-    __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    switch (store) {
-    case QCONV_STORE_I32:
-        _mm256_storeu_si256((__m256i *)dst, q);
-        break;
-    case QCONV_STORE_I16:
-        _mm_storeu_si128((__m128i *)dst, _mm_packs_epi32(lo, hi));
-        break;
-    case QCONV_STORE_I8:
-        _mm_storel_epi64((__m128i *)dst, _mm_packs_epi16(_mm_packs_epi32(lo, hi), _mm_setzero_si128()));
-        break;
-    default: { /* QCONV_STORE_U8OFF: q + 128 in 1..255 */
-        __m128i off = _mm_set1_epi32(128);
-        __m128i w16 = _mm_packs_epi32(_mm_add_epi32(lo, off), _mm_add_epi32(hi, off));
-        _mm_storel_epi64((__m128i *)dst, _mm_packus_epi16(w16, _mm_setzero_si128()));
-        break;
-    }
+    const int wide = store == QCONV_STORE_I32;
+    const __m256 vs = _mm256_set1_ps(s), m = _mm256_set1_ps((float)qmax), negm = _mm256_set1_ps(-(float)qmax);
+    __m256i q0 = quantize8(_mm256_loadu_ps(src), vs, wide, truncate, m, negm);
+    __m256i q1 = quantize8(_mm256_loadu_ps(src + 8), vs, wide, truncate, m, negm);
+    __m256i q2 = quantize8(_mm256_loadu_ps(src + 16), vs, wide, truncate, m, negm);
+    __m256i q3 = quantize8(_mm256_loadu_ps(src + 24), vs, wide, truncate, m, negm);
+    if (store == QCONV_STORE_I32) {
+        _mm256_storeu_si256((__m256i *)o, q0);
+        _mm256_storeu_si256((__m256i *)(o + 32), q1);
+        _mm256_storeu_si256((__m256i *)(o + 64), q2);
+        _mm256_storeu_si256((__m256i *)(o + 96), q3);
+    } else if (store == QCONV_STORE_I16) {
+        _mm256_storeu_si256((__m256i *)o, _mm256_permute4x64_epi64(_mm256_packs_epi32(q0, q1), 0xD8));
+        _mm256_storeu_si256((__m256i *)(o + 32), _mm256_permute4x64_epi64(_mm256_packs_epi32(q2, q3), 0xD8));
+    } else {
+        __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(q0, q1), _mm256_packs_epi32(q2, q3));
+        b = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        if (store == QCONV_STORE_U8OFF)  /* q + 128 == q ^ 0x80 for q in -127..127 */
+            b = _mm256_xor_si256(b, _mm256_set1_epi8((char)0x80));
+        _mm256_storeu_si256((__m256i *)o, b);
     }
 }
+
+ALWAYS_INLINE void quantize_loop(const float *src, int64_t count, float s, int32_t qmax,
+                                 const int truncate, const int store, void *dst)
+{
+    const size_t es = store == QCONV_STORE_I32 ? 4 : store == QCONV_STORE_I16 ? 2 : 1;
+    char *d = dst;
+    int64_t i = 0;
+    for (; i + 32 <= count; i += 32)
+        quantize32(src + i, s, qmax, truncate, store, d + (size_t)i * es);
+    if (i < count) { /* tail: through zero-padded buffers, the same arithmetic */
+        float tin[32] = {0};
+        char tout[128];
+        memcpy(tin, src + i, (size_t)(count - i) * sizeof(float));
+        quantize32(tin, s, qmax, truncate, store, tout);
+        memcpy(d + (size_t)i * es, tout, (size_t)(count - i) * es);
+    }
+}
+
+/* One constant-folded loop per (rounding, store). */
+#define QUANTIZE_CASES(tr)                                                                     \
+    switch (store) {                                                                           \
+    case QCONV_STORE_I32: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I32, dst); break; \
+    case QCONV_STORE_I16: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I16, dst); break; \
+    case QCONV_STORE_I8: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I8, dst); break;   \
+    default: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_U8OFF, dst); break;            \
+    }
 
 void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
                           int store, void *dst)
@@ -74,18 +105,10 @@ void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax
         memcpy(dst, src, (size_t)count * sizeof(float));
         return;
     }
-    size_t es = store == QCONV_STORE_I32 ? 4 : store == QCONV_STORE_I16 ? 2 : 1;
-    __m256 vs = _mm256_set1_ps(s);
-    char *d = dst;
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8)
-        store8(quantize8(_mm256_loadu_ps(src + i), vs, qmax, truncate), store, d + (size_t)i * es);
-    if (i < count) { /* tail: through a zero-padded buffer, same arithmetic */
-        float tin[8] = {0};
-        char tout[32];
-        memcpy(tin, src + i, (size_t)(count - i) * sizeof(float));
-        store8(quantize8(_mm256_loadu_ps(tin), vs, qmax, truncate), store, tout);
-        memcpy(d + (size_t)i * es, tout, (size_t)(count - i) * es);
+    if (truncate) {
+        QUANTIZE_CASES(1)
+    } else {
+        QUANTIZE_CASES(0)
     }
 }
 
