@@ -227,6 +227,12 @@ def _scale_discussion(res: dict[str, Any]) -> list[str]:
                              f"({b['nrmse'] / pr['nrmse']:.2g}x better than one S: input and kernel ranges differ by "
                              f"{Ly['input_absmax'] / Ly['kernel_absmax']:.3g}x, which one constant cannot serve)")
             out.append("- " + "; ".join(parts) + ".")
+        p16, p32 = st.get(("int16", "sweep-pair")), st.get(("int32", "sweep-pair"))
+        if p16 and p32 and p16["nrmse"] and p32["nrmse"] and p16["nrmse"] <= 1.5 * p32["nrmse"]:
+            out.append(f"- `{name}`: with separate scales INT16 ({_g(p16['nrmse'])}) is within "
+                       f"{p16['nrmse'] / p32['nrmse']:.2g}x of INT32 ({_g(p32['nrmse'])}): the int32 accumulator "
+                       f"(s_x*s_w*max|y| must stay below 2^31), not the operand width, bounds the accuracy, so "
+                       f"INT32 operands buy nothing over INT16 here.")
     return out
 
 
