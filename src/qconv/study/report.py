@@ -375,7 +375,7 @@ def _factors(res: dict[str, Any]) -> list[str]:
 
 def _acceptable(res: dict[str, Any]) -> list[str]:
     acc = res.get("summary", {}).get("acceptable_nrmse", output_bits_nrmse(8))
-    out = [f"The data arrive as FP32, but FP32 itself is not exact: its NRMSE against float64 is "
+    out = ["The data arrive as FP32, but FP32 itself is not exact: its NRMSE against float64 is "
            + (", ".join(f"{_g(m['nrmse'])} (`{m['layer']}`, {m['backend']})" for m in res["measurements"]
                         if _ok(m) and m["precision"] == "fp32") or "not measured")
            + ". Nothing below that level is measurable noise."]

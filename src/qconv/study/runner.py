@@ -144,8 +144,8 @@ class Study:
         if repeat < 1:
             raise QconvError(f"--repeat must be >= 1, got {repeat}")
         if plots:
-            try:
-                import matplotlib  # noqa: F401  (fail before minutes of measuring, not after)
+            try:  # fail before minutes of measuring, not after
+                __import__("matplotlib")
             except ImportError:
                 raise QconvError("the study draws its plots with matplotlib, which is not installed: "
                                  "pip install 'qconv[plot]' (or pass plots=False)") from None
