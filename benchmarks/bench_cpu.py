@@ -210,7 +210,7 @@ def render(rows, peaks, nt, best, args) -> str:
                  f"(sampled over 0.5 s); load average at the end {args.load[0]:.2f} / {args.load[1]:.2f} / "
                  f"{args.load[2]:.2f} (1 / 5 / 15 min), this run included.")
     lines.append("")
-    lines.append("Instruction peaks (qconv_peak: 12 independent chains of ymm ops, best of 5 runs of ~50 ms):")
+    lines.append("Instruction peaks (qconv_peak: 12 independent ymm FMA/VNNI chains, or 8 independent vpmulld+vpaddd / vpmaddwd+vpaddd pairs per iteration; best of 5 runs of ~50 ms):")
     lines.append("")
     lines.append("| instruction | MAC per instr | 1 thread G MAC/s | %d threads G MAC/s |" % nt)
     lines.append("|---|---|---|---|")

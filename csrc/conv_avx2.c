@@ -230,28 +230,40 @@ static __attribute__((noinline)) double peak_fma(int64_t iters)
     return 8.0 * 12.0 * (double)iters;
 }
 
-/* acc = acc * b (vpmulld) or acc = madd(acc, b) (vpmaddwd, the int32 lanes read as int16 pairs):
- * the instruction alone, each result feeding its chain so nothing can be hoisted. This is the
- * instruction's own throughput; the kernels also need a vpaddd per vpmulld/vpmaddwd. */
+/* The kernels' pattern: acc += op(x, w) with op = vpmulld or vpmaddwd off the accumulator
+ * chain. 4 operands x 2 operands b give 8 distinct products per iteration into 8 accumulators;
+ * the empty asm makes b look modified every iteration so no product can be hoisted or merged.
+ * 15 ymm registers live: no spills. */
 static __attribute__((noinline)) double peak_int(int madd, int64_t iters)
 {
     volatile int seed = 3;
-    __m256i acc[12], b = _mm256_set1_epi32(seed);
-    for (int k = 0; k < 12; k++)
+    __m256i acc[8], x[4];
+    __m256i b0 = _mm256_set1_epi32(seed), b1 = _mm256_set1_epi32(seed + 1);
+    for (int k = 0; k < 8; k++)
         acc[k] = _mm256_set1_epi32(seed + k);
+    for (int k = 0; k < 4; k++)
+        x[k] = _mm256_set1_epi32(seed * (k + 5));
     if (madd) {
-        for (int64_t i = 0; i < iters; i++)
-            for (int k = 0; k < 12; k++)
-                acc[k] = _mm256_madd_epi16(acc[k], b);
+        for (int64_t i = 0; i < iters; i++) {
+            __asm__ volatile("" : "+x"(b0), "+x"(b1));
+            for (int k = 0; k < 4; k++) {
+                acc[2 * k] = _mm256_add_epi32(acc[2 * k], _mm256_madd_epi16(x[k], b0));
+                acc[2 * k + 1] = _mm256_add_epi32(acc[2 * k + 1], _mm256_madd_epi16(x[k], b1));
+            }
+        }
     } else {
-        for (int64_t i = 0; i < iters; i++)
-            for (int k = 0; k < 12; k++)
-                acc[k] = _mm256_mullo_epi32(acc[k], b);
+        for (int64_t i = 0; i < iters; i++) {
+            __asm__ volatile("" : "+x"(b0), "+x"(b1));
+            for (int k = 0; k < 4; k++) {
+                acc[2 * k] = _mm256_add_epi32(acc[2 * k], _mm256_mullo_epi32(x[k], b0));
+                acc[2 * k + 1] = _mm256_add_epi32(acc[2 * k + 1], _mm256_mullo_epi32(x[k], b1));
+            }
+        }
     }
-    for (int k = 1; k < 12; k++)
+    for (int k = 1; k < 8; k++)
         acc[0] = _mm256_add_epi32(acc[0], acc[k]);
     seed = _mm256_cvtsi256_si32(acc[0]);
-    return (madd ? 16.0 : 8.0) * 12.0 * (double)iters;
+    return (madd ? 16.0 : 8.0) * 8.0 * (double)iters;
 }
 
 double qconv_peak_body__avx2(int instr, int64_t iters)

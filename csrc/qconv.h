@@ -48,8 +48,8 @@ enum qconv_feature {
 /* Instruction microbenchmarks for qconv_peak(). */
 enum qconv_peak_instr {
     QCONV_PEAK_FMA = 0,        /* vfmadd231ps ymm: 8 MAC */
-    QCONV_PEAK_MULLO = 1,      /* vpmulld ymm: 8 MAC (the kernel adds a vpaddd) */
-    QCONV_PEAK_MADD = 2,       /* vpmaddwd ymm: 16 MAC (the kernel adds a vpaddd) */
+    QCONV_PEAK_MULLO = 1,      /* vpmulld + vpaddd ymm: 8 MAC (8 independent per iteration) */
+    QCONV_PEAK_MADD = 2,       /* vpmaddwd + vpaddd ymm: 16 MAC (8 independent per iteration) */
     QCONV_PEAK_DPWSSD = 3,     /* vpdpwssd ymm: 16 MAC */
     QCONV_PEAK_DPBUSD = 4,     /* vpdpbusd ymm: 32 MAC */
     QCONV_PEAK_SCALAR_FMA = 5  /* scalar float mul + add, the c-scalar baseline's instruction */
@@ -91,7 +91,8 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
                  const float *k, int64_t kh, int64_t kw, int64_t oc,
                  float *y, qconv_timings *timings);
 
-/* Run `iters` iterations of a 12-chain loop of one instruction on `threads` threads of the pool.
+/* Run `iters` iterations of a loop of 12 (mullo, madd: 8) independent instances of one
+ * instruction on `threads` threads of the pool.
  * *macs: multiply-accumulates done in total; *seconds: wall time. */
 int qconv_peak(int instr, int threads, int64_t iters, double *macs, double *seconds);
 /* QCONV_CDEF_END */
