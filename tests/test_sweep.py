@@ -12,7 +12,9 @@ import qconv
 from qconv.contract import Precision
 from qconv.sweep import format_scale, sweep_scales
 
-from brute import conv_f64, conv_int_exact, quantize_oracle
+from brute import conv_f64, conv_int_exact, dequantize_oracle, quantize_oracle, wrap_int32
+from hypothesis import given, strategies as st
+from strategies import INT_PRECISIONS, conv_problems
 
 INT32_MAX = 2**31 - 1
 
@@ -158,3 +160,24 @@ def test_rejects_mismatched_shapes_and_non_finite():
     x2[0, 0, 0, 0] = np.nan
     with pytest.raises(qconv.QconvError):
         sweep_scales(x2, w, "int8")
+
+
+@given(problem=conv_problems(max_n=2, max_hw=6, max_c=6, max_k=5), prec=st.sampled_from(INT_PRECISIONS),
+       truncate=st.booleans(), scales=st.lists(st.sampled_from([0.3, 1.0, 5.0, 64.0, 1000.0, 2.0**14, 2.0**20]),
+                                               min_size=1, max_size=3))
+def test_every_row_is_the_contract_computed_independently(problem, prec, truncate, scales):
+    x, w = problem
+    ref = qconv.reference_output(x, w)  # shared: the rows' own arithmetic is what is checked
+    table = sweep_scales(x, w, prec, rounding="truncate" if truncate else "nearest", grid=scales,
+                         reference=ref)
+    assert [r.s_x for r in table] == sorted({float(np.float32(s)) for s in scales})
+    for row in table:
+        qx = quantize_oracle(x, row.s_x, prec.qmax, truncate)
+        qw = quantize_oracle(w, row.s_w, prec.qmax, truncate)
+        acc, outside = wrap_int32(conv_int_exact(qx, qw))
+        y = dequantize_oracle(acc, row.s_x, row.s_w)
+        assert row.wrapped == outside
+        assert row.qx_max == int(np.max(np.abs(qx))) and row.qw_max == int(np.max(np.abs(qw)))
+        assert row.zero_output == (row.qx_max == 0 or row.qw_max == 0)
+        assert row.nrmse == qconv.nrmse(y, ref)
+    assert table.best.nrmse == min(r.nrmse for r in table)
