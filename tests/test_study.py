@@ -356,3 +356,19 @@ def test_missing_matplotlib_is_a_clear_error_before_any_work(tmp_path, monkeypat
     with pytest.raises(qconv.QconvError, match="qconv\\[plot\\]"):
         Study(tiny_layers(), tmp_path, backends=["reference"], progress=False)
     assert not (tmp_path / "results.json").exists()
+
+
+def test_cpu_peaks_are_measured_where_the_c_extension_runs(study):
+    _, res = study
+    if "c-avx2" not in available():
+        pytest.skip(qconv.available_backends()["c-avx2"][1])
+    peaks = {(p["instruction"], p["threads"]): p["gops"] for p in res["machine"]["measured_peaks"]}
+    assert any(i == "fma" for i, _ in peaks) and all(g > 0 for g in peaks.values())
+    for m in res["measurements"]:
+        if m["backend"] == "c-avx2" or (m["backend"] == "c-scalar" and m["precision"] == "fp32"):
+            assert m["peak_gops"] > 0 and m["peak_note"].startswith("measured")
+            assert m["peak_speedup_vs_baseline"] == pytest.approx(
+                m["peak_gops"] / next(b["gops"] for b in res["measurements"] if b["layer"] == m["layer"]
+                                      and b["speedup_vs_baseline"] == 1.0))
+        if m["backend"] == "reference":
+            assert m["peak_gops"] is None

@@ -117,3 +117,53 @@ def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
     return (ops * mhz * 1e-3 * cores,
             f"{ops} flop/cycle/core (two 256-bit FMA pipes) x {cores} core(s) x {mhz:.0f} MHz as "
             f"reported (turbo clocks can exceed it)")
+
+
+def _instruction(backend: str, isa: str | None, precision: Precision) -> str | None:
+    """The instruction whose throughput bounds a CPU kernel (the one qconv_peak measures)."""
+    if backend == "c-scalar":
+        return "scalar-fma" if precision is Precision.FP32 else None
+    if backend != "c-avx2":
+        return None
+    if precision is Precision.FP32:
+        return "fma"
+    if precision is Precision.INT32:
+        return "mullo"
+    if isa in (None, "avx2"):
+        return "madd"  # INT8 runs on the INT16 vpmaddwd kernel without VNNI
+    return "dpwssd" if precision is Precision.INT16 else "dpbusd"
+
+
+def measure_cpu_peaks(runs: list[tuple[str, str, dict[str, Any]]], precisions: list[Precision],
+                      quick: bool) -> tuple[dict[tuple[str, str], tuple[float, str]], list[dict[str, Any]]]:
+    """Measured peaks (G ops/s, 2 per multiply-add) of the instruction each CPU option's kernel
+    is built on, with the backend's own thread count, through the C extension's qconv_peak
+    microbenchmark (best of a few short runs). Returns ({(label, precision): (gops, note)}, table)."""
+    try:
+        from ..backends import _cext
+        from ..backends.c_avx2 import default_threads
+    except Exception:
+        return {}, []
+    cache: dict[tuple[str, int], float] = {}
+    out: dict[tuple[str, str], tuple[float, str]] = {}
+    tries, seconds = (2, 0.01) if quick else (5, 0.05)
+    for label, backend, options in runs:
+        for p in precisions:
+            ins = _instruction(backend, options.get("isa"), p)
+            if ins is None:
+                continue
+            threads = 1 if backend == "c-scalar" else int(options.get("threads") or default_threads())
+            key = (ins, threads)
+            if key not in cache:
+                try:
+                    macs, secs = _cext.peak(ins, threads, 1000)
+                    iters = max(1000, int(1000 * seconds / max(secs, 1e-6)))
+                    cache[key] = max(2 * m / s_ / 1e9 for m, s_ in (_cext.peak(ins, threads, iters)
+                                                                     for _ in range(tries)))
+                except Exception:
+                    cache[key] = float("nan")
+            g = cache[key]
+            if g == g and g > 0:
+                out[(label, p.value)] = (g, f"measured {ins} throughput, {threads} thread(s), best of {tries}")
+    table = [{"instruction": i, "threads": t, "gops": g} for (i, t), g in cache.items() if g == g]
+    return out, table

@@ -217,6 +217,8 @@ class Study:
             "plots": [], "elapsed_s": None,
         }
         self._bar: Any = None
+        self.peaks: dict[tuple[str, str], tuple[float, str]] = {}
+        self.machine["measured_peaks"] = []
 
     # ---------------------------------------------------------------------------- progress bar
     def _steps(self) -> int:
@@ -327,7 +329,8 @@ class Study:
         rec["wrapped_outputs"] = warm.wrapped
         rec["wrapped_fraction"] = None if warm.wrapped is None else warm.wrapped / out.size
         rec["overflow_possible"] = warm.overflow_possible
-        pk = machine.peak_gops(backend, p, self.machine, options.get("isa") or options.get("int8_path"))
+        pk = (self.peaks.get((label, p.value))
+              or machine.peak_gops(backend, p, self.machine, options.get("isa") or options.get("int8_path")))
         rec["peak_gops"] = None if pk is None else pk[0]
         rec["peak_note"] = None if pk is None else pk[1]
         rec["energy_estimate_j"] = energy.estimate(p, x.size, layer.w.size, out.size, warm.flops // 2)
@@ -387,6 +390,8 @@ class Study:
         self.out.mkdir(parents=True, exist_ok=True)
         self._open_bar()
         try:
+            self.peaks, self.machine["measured_peaks"] = machine.measure_cpu_peaks(
+                self.runs, self.precisions, self.quick)
             for layer in self.layers:
                 x = np.ascontiguousarray(np.concatenate([layer.x] * self.batch, axis=0)) if self.batch > 1 else layer.x
                 ref = conv2d_float64(x, layer.w)
