@@ -129,6 +129,14 @@ def render(res: dict[str, Any]) -> str:
     L += _table(["layer", "backend", "precision", "convolve (median)", "spread", "G ops/s",
                  "vs baseline", "vs best FP32", "note"], rows)
     L.append("")
+    for Ly in res["layers"]:
+        fr = [(m, m["gops"] / m["peak_gops"]) for m in res["measurements"]
+              if m["layer"] == Ly["name"] and _ok(m) and m.get("peak_gops") and m.get("gops")]
+        if fr:
+            L.append(f"Share of the hardware peak reached on `{Ly['name']}` (median convolve throughput over the "
+                     f"peak of the instruction the kernel is built on): "
+                     + ", ".join(f"{m['backend']} {m['precision']} {f:.0%}" for m, f in fr) + ".")
+            L.append("")
     errs = [m for m in res["measurements"] if m.get("error")]
     if errs:
         L.append("Options a backend refused (hardware or implementation support): "
