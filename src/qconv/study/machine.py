@@ -134,36 +134,41 @@ def _instruction(backend: str, isa: str | None, precision: Precision) -> str | N
     return "dpwssd" if precision is Precision.INT16 else "dpbusd"
 
 
-def measure_cpu_peaks(runs: list[tuple[str, str, dict[str, Any]]], precisions: list[Precision],
-                      quick: bool) -> tuple[dict[tuple[str, str], tuple[float, str]], list[dict[str, Any]]]:
-    """Measured peaks (G ops/s, 2 per multiply-add) of the instruction each CPU option's kernel
-    is built on, with the backend's own thread count, through the C extension's qconv_peak
-    microbenchmark (best of a few short runs). Returns ({(label, precision): (gops, note)}, table)."""
+def cpu_peak_keys(runs: list[tuple[str, str, dict[str, Any]]],
+                  precisions: list[Precision]) -> dict[tuple[str, str], tuple[str, int]]:
+    """{(label, precision): (instruction, threads)} for the CPU options whose kernels are built on
+    an instruction the C extension's qconv_peak microbenchmark measures."""
     try:
-        from ..backends import _cext
         from ..backends.c_avx2 import default_threads
     except Exception:
-        return {}, []
-    cache: dict[tuple[str, int], float] = {}
-    out: dict[tuple[str, str], tuple[float, str]] = {}
-    tries, seconds = (2, 0.01) if quick else (5, 0.05)
+        return {}
+    out = {}
     for label, backend, options in runs:
         for p in precisions:
             ins = _instruction(backend, options.get("isa"), p)
-            if ins is None:
-                continue
-            threads = 1 if backend == "c-scalar" else int(options.get("threads") or default_threads())
-            key = (ins, threads)
-            if key not in cache:
-                try:
-                    macs, secs = _cext.peak(ins, threads, 1000)
-                    iters = max(1000, int(1000 * seconds / max(secs, 1e-6)))
-                    cache[key] = max(2 * m / s_ / 1e9 for m, s_ in (_cext.peak(ins, threads, iters)
-                                                                     for _ in range(tries)))
-                except Exception:
-                    cache[key] = float("nan")
-            g = cache[key]
-            if g == g and g > 0:
-                out[(label, p.value)] = (g, f"measured {ins} throughput, {threads} thread(s), best of {tries}")
-    table = [{"instruction": i, "threads": t, "gops": g} for (i, t), g in cache.items() if g == g]
-    return out, table
+            if ins is not None:
+                threads = 1 if backend == "c-scalar" else int(options.get("threads") or default_threads())
+                out[(label, p.value)] = (ins, threads)
+    return out
+
+
+def measure_peaks(keys: set[tuple[str, int]], tries: int, seconds: float) -> dict[tuple[str, int], float]:
+    """G ops/s (2 per multiply-add) of each (instruction, threads): the best of `tries` runs of
+    about `seconds` each. Contention only lowers a run's rate, so the best run is the estimate."""
+    try:
+        from ..backends import _cext
+    except Exception:
+        return {}
+    out = {}
+    for ins, threads in sorted(keys):
+        try:
+            _, secs = _cext.peak(ins, threads, 1000)
+            iters = max(1000, int(1000 * seconds / max(secs, 1e-6)))
+            rates = []
+            for _ in range(tries):
+                macs, secs = _cext.peak(ins, threads, iters)
+                rates.append(2 * macs / secs / 1e9)
+            out[(ins, threads)] = max(rates)
+        except Exception:
+            continue
+    return out
