@@ -190,11 +190,10 @@ class Study:
                     self.run_precisions["cuda-dp4a"] = {Precision.INT8}
             else:
                 self.runs.append((b, b, {}))
-        nvml, nvml_why = energy.nvml_meter() if (measure_energy and "cuda" in self.backends) else (None, "no cuda backend in this study")
-        rapl, rapl_why = energy.rapl_meter() if measure_energy else (None, "energy measurement off")
-        if measure_energy and "cuda" not in self.backends and nvml is None:
-            nvml, nvml_why2 = energy.nvml_meter()
-            nvml_why = nvml_why2 if nvml is None else nvml_why
+        # NVML is opened whenever it can be (it also names the GPU); it meters only cuda runs.
+        off = (None, "energy measurement turned off")
+        nvml, nvml_why = energy.nvml_meter() if measure_energy else off
+        rapl, rapl_why = energy.rapl_meter() if measure_energy else off
         self.meters = {"nvml": nvml, "rapl": rapl}
         gpu_name = nvml.device if nvml is not None else None
         self.machine = machine.describe(gpu_name)
