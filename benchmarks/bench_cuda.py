@@ -203,7 +203,7 @@ def main() -> int:
                     t["unfused"] = time_ours(xt, wt, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
                 if args.sweep:
                     sw = {}
-                    for tile in cb.TILES:
+                    for tile in (cb.MMA_TILES if opts.get("int8_path") == "mma" else cb.TILES):
                         for split in (1, 2, 4, 8):
                             try:
                                 sw[f"{tile}/{split}"] = time_ours(xt, wt, prec, scale,

@@ -109,7 +109,8 @@ def test_unknown_options_are_refused_before_any_gpu_work():
 def test_choose_tiling_fills_the_gpu():
     # big: largest tile with at least one block per SM, no split
     assert cb.choose_tiling(100352, 64, 36, 132) == ((128, 64), 1)
-    assert cb.choose_tiling(25088, 128, 36, 132, mma=True) == ((128, 128), 1)
+    assert cb.choose_tiling(25088, 128, 36, 132, mma=True) == ((96, 128), 1)   # fullest last wave
+    assert cb.choose_tiling(100352, 64, 36, 132, mma=True) == ((128, 64), 1)
     assert cb.choose_tiling(25088, 128, 72, 132) == ((128, 64), 1)
     # small, CUDA cores: 64x64 and K split toward three blocks per SM (at most 8, >= 2 K tiles each)
     assert cb.choose_tiling(3136, 64, 10, 132) == ((64, 64), 5)
@@ -120,6 +121,8 @@ def test_choose_tiling_fills_the_gpu():
     assert cb.choose_tiling(10, 10, 40, 132, tile="64x64", split_k=3) == ((64, 64), 3)
     with pytest.raises(QconvError):
         cb.choose_tiling(10, 10, 40, 132, tile="7x7")
+    with pytest.raises(QconvError):
+        cb.choose_tiling(10, 10, 40, 132, tile="96x128")  # tensor-core only
     with pytest.raises(QconvError):
         cb.choose_tiling(10, 10, 40, 132, split_k=0)
 
@@ -197,9 +200,11 @@ def test_tile_boundaries(precision, path, shapes):
 
 @gpu
 @pytest.mark.parametrize("precision,path", PATHS)
-@pytest.mark.parametrize("tile", cb.TILES)
+@pytest.mark.parametrize("tile", cb.MMA_TILES)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_every_tile_and_split(precision, path, tile, split_k):
+    if tile not in cb.TILES and path != "mma":
+        pytest.skip(f"{tile} is a tensor-core tile only")
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
     w = (rng.standard_normal((3, 3, 70, 24)) * 0.3).astype(np.float32)

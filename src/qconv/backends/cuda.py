@@ -35,7 +35,8 @@ ACCEPTS_DEVICE_ARRAYS = True
 OPTIONS = ("int8_path", "tile", "split_k", "fuse_dequantize")
 INSTALL_HINT = "pip install qconv[cuda]"
 INT8_PATHS = ("mma", "dp4a")
-TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")
+TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
+MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
 STAGES = 3
 SIMT_BKW, MMA_BKW = 16, 32  # K words per pipeline stage (must match the .cu files)
 
@@ -53,7 +54,7 @@ def kernel_names() -> dict[str, list[str]]:
     """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
     out: dict[str, list[str]] = {}
     for _, mod, prefix, _ in list(_CONV.values()) + list(_INT8.values()):
-        out[mod] = [f"{prefix}_{t}" for t in TILES]
+        out[mod] = [f"{prefix}_{t}" for t in (MMA_TILES if mod == "conv_s8_mma.cu" else TILES)]
     quant = ["qconv_gate_wait", "qconv_dequantize_s32", "qconv_dequantize_s32_tail", "qconv_pad_x_f32", "qconv_pack_w_f32"]
     for suf in ("s8", "s16", "s32"):
         quant += [f"qconv_quantize_x_{suf}", f"qconv_quantize_x4_{suf}", f"qconv_pack_w_{suf}"]
@@ -377,9 +378,10 @@ def _roundup(a: int, b: int) -> int:
     return (a + b - 1) // b * b
 
 
-def _parse_tile(t: str) -> tuple[int, int]:
-    if t not in TILES:
-        raise QconvError(f"tile {t!r} is not one of {', '.join(TILES)} (or 'auto')")
+def _parse_tile(t: str, mma: bool = False) -> tuple[int, int]:
+    tiles = MMA_TILES if mma else TILES
+    if t not in tiles:
+        raise QconvError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto')")
     bm, bn = t.split("x")
     return int(bm), int(bn)
 
@@ -390,21 +392,30 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
 
     The largest tile (for the CUDA-core kernels only 128x64 and 64x64, or 64x32 when OC <= 32:
     128x128 and the small tiles lost on every measured layer) that gives every SM a block.
+    The tensor-core kernel instead takes, among the tiles that fill the GPU, the one whose last
+    wave is fullest at two blocks per SM (larger tiles win ties): 96x128 for 25088 x 128 outputs
+    (262 blocks for 264 slots) where 128x128 leaves a wave 74% full.
     Otherwise: the tensor-core kernel takes the smallest tile and no split (its short K loops
     lose more to the atomic adds than they gain); the CUDA-core kernels take 64x64 (64x32 for
     OC <= 32) and split K into up to 8 slices, aiming at three blocks per SM, at least 2 K tiles each.
     """
     if tile != "auto":
-        bm, bn = _parse_tile(str(tile))
-        auto = False
+        bm, bn = _parse_tile(str(tile), mma)
     else:
-        auto = True
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
-        cands = [c for c in (_parse_tile(t) for t in TILES if mma or t != "128x128") if c[1] <= widest]
+        tiles = MMA_TILES if mma else TILES[1:]
+        cands = [c for c in (_parse_tile(t, mma) for t in tiles) if c[1] <= widest]
         if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
             cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
         fits = [c for c in cands if math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]
-        if fits:
+        if fits and mma:
+            slots = 2 * num_sms
+
+            def fullness(c: tuple[int, int]) -> float:
+                b = math.ceil(m / c[0]) * math.ceil(oc / c[1])
+                return round(b / (slots * math.ceil(b / slots)), 2)
+            bm, bn = max(fits, key=lambda c: (fullness(c), c[0] * c[1]))
+        elif fits:
             bm, bn = fits[0]
         elif mma:
             bm, bn = cands[-1]

@@ -106,6 +106,7 @@ QD void conv_mma(const ConvParams& p) {
     conv_mma<BM, BN, WM, WN, 3>(p);                                                  \
   }
 QCONV_MMA(qconv_s8_conv_mma_128x128, 128, 128, 2, 4, 2)
+QCONV_MMA(qconv_s8_conv_mma_96x128, 96, 128, 2, 4, 2)
 QCONV_MMA(qconv_s8_conv_mma_128x64, 128, 64, 4, 2, 1)
 QCONV_MMA(qconv_s8_conv_mma_64x64, 64, 64, 2, 4, 1)
 QCONV_MMA(qconv_s8_conv_mma_64x32, 64, 32, 4, 2, 1)
