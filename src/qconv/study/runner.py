@@ -446,24 +446,28 @@ class Study:
 
     # ------------------------------------------------------------------------------- outputs
     def finish(self) -> None:
-        """Derive speedups and the summary, then write results.json, results.csv, plots, report."""
+        """Derive speedups and the summary; write results.json and results.csv first (so a valid
+        result exists whatever happens next), then the plots, results.json again with the plot
+        list, and report.md. A partial run writes whatever plots and report its data allows."""
         from . import report
         derive(self.results)
+        write_json(self.results, self.out / "results.json")
+        write_csv(self.results, self.out / "results.csv")
+        failure: Exception | None = None
         if self.plots:
             try:
                 from . import plots
                 self.results["plots"] = plots.draw_all(self.results, self.out)
-            except Exception as e:  # a partial result may not support every plot
-                if self.results["status"] != "partial":
-                    raise
+            except Exception as e:
                 self.results["plots_error"] = f"{e.__class__.__name__}: {e}"
-        write_json(self.results, self.out / "results.json")
-        write_csv(self.results, self.out / "results.csv")
+                failure = e
+            write_json(self.results, self.out / "results.json")
         try:
             (self.out / "report.md").write_text(report.render(self.results))
-        except Exception:
-            if self.results["status"] != "partial":
-                raise
+        except Exception as e:
+            failure = failure or e
+        if failure is not None and self.results["status"] == "complete":
+            raise failure
 
 
 def _best_isa() -> str | None:
