@@ -167,6 +167,7 @@ typedef struct {
     float s_w;
     int wstore;
     void *wtmp;
+    void *wq;           /* the packed kernel being written */
 } job;
 
 /* Quantize x into the padded layout, one padded row (n, i) at a time, and (integer precisions)
@@ -241,25 +242,65 @@ static void dequantize_task(void *p, int ith, int nth)
         j->t->dequantize(j->acc + lo, hi - lo, j->inv, j->y + lo);
 }
 
-/* Re-layout the kernel: src (KH, KW, OC, C) of element size es -> [ocb][KH][KW][cp/grp][nr][grp]. */
-static void pack_kernel(const qconv_conv_args *a, const void *src, size_t es, void *dst)
+/* Re-layout the kernel: src (KH, KW, OC, C) -> [ocb][KH][KW][cp/grp][nr][grp], zeros where
+ * o >= OC or ch >= C. One typed loop per element size, so every copy is a plain load/store. */
+#define PACK_KERNEL(T)                                                                         \
+    do {                                                                                       \
+        const T *s = src;                                                                      \
+        T *d = dst;                                                                            \
+        const int64_t ng = a->cp / a->grp, taps = a->kh * a->kw;                               \
+        d += b0 * a->wblk;                                                                     \
+        for (int64_t b = b0; b < b1; b++)                                                      \
+            for (int64_t tap = 0; tap < taps; tap++)                                           \
+                for (int64_t cg = 0; cg < ng; cg++)                                            \
+                    for (int64_t r = 0; r < a->nr; r++) {                                      \
+                        const int64_t o = b * a->nr + r;                                       \
+                        const T *so = s + (tap * a->oc + o) * a->c;                            \
+                        for (int64_t g = 0; g < a->grp; g++) {                                 \
+                            const int64_t ch = cg * a->grp + g;                                \
+                            *d++ = (o < a->oc && ch < a->c) ? so[ch] : (T)0;                   \
+                        }                                                                      \
+                    }                                                                          \
+    } while (0)
+
+static void pack_kernel(const qconv_conv_args *a, const void *src, size_t es, void *dst, int64_t b0, int64_t b1)
 {
-    const char *s = src;
-    char *d = dst;
-    int64_t ng = a->cp / a->grp;
-    for (int64_t b = 0; b < a->nocb; b++)
-        for (int64_t i = 0; i < a->kh; i++)
-            for (int64_t jj = 0; jj < a->kw; jj++)
-                for (int64_t cg = 0; cg < ng; cg++)
-                    for (int64_t r = 0; r < a->nr; r++)
-                        for (int64_t g = 0; g < a->grp; g++) {
-                            int64_t o = b * a->nr + r, ch = cg * a->grp + g;
-                            if (o < a->oc && ch < a->c)
-                                memcpy(d, s + (size_t)(((i * a->kw + jj) * a->oc + o) * a->c + ch) * es, es);
-                            else
-                                memset(d, 0, es);
-                            d += es;
-                        }
+    switch (es) {
+    case 4: PACK_KERNEL(int32_t); break;   /* float or int32: the bits are copied */
+    case 2: PACK_KERNEL(int16_t); break;
+    default: PACK_KERNEL(int8_t); break;
+    }
+}
+
+/* dpbusd multiplies (q_x + 128) by q_w: each accumulator starts at -128 * sum(q_w) of its output
+ * channel (sums modulo 2^32). wq8: the quantized kernel (KH, KW, OC, C); comp: nocb * nr entries,
+ * of which OC blocks [b0, b1) are written here. */
+static void compensation(const qconv_conv_args *a, const int8_t *wq8, int32_t *comp, int64_t b0, int64_t b1)
+{
+    for (int64_t o = b0 * a->nr; o < b1 * a->nr; o++) {
+        uint32_t sum = 0;
+        if (o < a->oc)
+            for (int64_t tap = 0; tap < a->kh * a->kw; tap++) {
+                const int8_t *p = wq8 + (tap * a->oc + o) * a->c;
+                for (int64_t ch = 0; ch < a->c; ch++)
+                    sum += (uint32_t)(int32_t)p[ch];
+            }
+        comp[o] = (int32_t)(0u - 128u * sum);
+    }
+}
+
+/* Pack this worker's OC blocks of the kernel (and their dpbusd compensation). */
+static void pack_task(void *p, int ith, int nth)
+{
+    const job *j = p;
+    const qconv_conv_args *a = j->a;
+    long long lo, hi;
+    qconv_split(a->nocb, ith, nth, &lo, &hi);
+    if (lo >= hi)
+        return;
+    pack_kernel(a, j->wtmp != NULL ? j->wtmp : (const void *)j->k, store_size(j->wstore), j->wq, lo, hi);
+    if (a->comp != NULL)
+        compensation(a, j->wtmp, (int32_t *)a->comp, lo, hi);
 }
 
 static int checked_mul(int64_t *acc, int64_t v)
@@ -340,7 +381,7 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
 
     int32_t qmax = precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
     job j = {.t = t, .a = &a, .x = x, .s = s_x, .qmax = qmax, .truncate = truncate, .store = xstore,
-             .acc = acc, .inv = inv, .y = y, .k = k, .s_w = s_w, .wstore = wstore, .wtmp = wtmp};
+             .acc = acc, .inv = inv, .y = y, .k = k, .s_w = s_w, .wstore = wstore, .wtmp = wtmp, .wq = wq};
     /* The largest of the two split axes: output rows (N*H) or OC blocks. */
     j.split_rows = n * h >= a.nocb;
 
@@ -348,21 +389,8 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
     if ((st = qconv_pool_run(threads, quantize_task, &j)) != QCONV_OK)
         goto out;
     double t1 = qconv_now();
-    pack_kernel(&a, is_int ? wtmp : (const void *)k, wes, wq);
-    if (comp != NULL) {
-        /* dpbusd multiplies (q_x + 128) by q_w: start each accumulator at -128 * sum(q_w). */
-        const int8_t *p = wq;
-        int64_t per_oc = kh * kw * a.cp;
-        for (int64_t b = 0; b < a.nocb; b++)
-            for (int64_t r = 0; r < a.nr; r++) {
-                uint32_t sum = 0;
-                for (int64_t e = 0; e < per_oc; e++) {
-                    int64_t cg = e / a.grp, g = e % a.grp;
-                    sum += (uint32_t)(int32_t)p[b * a.wblk + (cg * a.nr + r) * a.grp + g];
-                }
-                comp[b * a.nr + r] = (int32_t)(0u - 128u * sum);
-            }
-    }
+    if ((st = qconv_pool_run(threads, pack_task, &j)) != QCONV_OK)
+        goto out;
     double t2 = qconv_now();
     if ((st = qconv_pool_run(threads, conv_task, &j)) != QCONV_OK)
         goto out;
