@@ -372,3 +372,16 @@ def test_cpu_peaks_are_measured_where_the_c_extension_runs(study):
                                       and b["speedup_vs_baseline"] == 1.0))
         if m["backend"] == "reference":
             assert m["peak_gops"] is None
+
+
+def test_gpu_name_falls_back_to_the_cuda_probe(tmp_path, monkeypatch):
+    from qconv.study import energy, runner
+    monkeypatch.setattr(runner, "available_backends", lambda: {
+        "reference": (True, "numpy"),
+        "cuda": (True, "NVIDIA H100 PCIe (sm_90), CUDA driver 13.0, NVRTC 13.0")})
+    monkeypatch.setattr(energy, "nvml_meter", lambda: (None, "no NVML here"))
+    st = Study(tiny_layers(), tmp_path, backends=["reference"], progress=False)
+    assert st.machine["gpu"] == "NVIDIA H100 PCIe"
+    from qconv.contract import Precision
+    from qconv.study.machine import peak_gops
+    assert peak_gops("cuda", Precision.FP32, st.machine)[0] == 51000.0

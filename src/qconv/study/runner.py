@@ -196,6 +196,8 @@ class Study:
         rapl, rapl_why = energy.rapl_meter() if measure_energy else off
         self.meters = {"nvml": nvml, "rapl": rapl}
         gpu_name = nvml.device if nvml is not None else None
+        if gpu_name is None and avail.get("cuda", (False, ""))[0]:
+            gpu_name = avail["cuda"][1].split(" (sm_")[0]  # the cuda backend's probe names the GPU first
         self.machine = machine.describe(gpu_name)
         self.machine["backends"] = {k: {"available": ok, "reason": why} for k, (ok, why) in avail.items()}
         self.machine["energy_meters"] = {
