@@ -109,7 +109,7 @@ def test_unknown_options_are_refused_before_any_gpu_work():
 def test_choose_tiling_fills_the_gpu():
     # big: largest tile with at least one block per SM, no split
     assert cb.choose_tiling(100352, 64, 36, 132) == ((128, 64), 1)
-    assert cb.choose_tiling(25088, 128, 36, 132, mma=True) == ((96, 128), 1)   # fullest last wave
+    assert cb.choose_tiling(25088, 128, 36, 132, mma=True) == ((128, 128), 1)
     assert cb.choose_tiling(100352, 64, 36, 132, mma=True) == ((128, 64), 1)
     assert cb.choose_tiling(25088, 128, 72, 132) == ((128, 64), 1)
     # small, CUDA cores: 64x64 and K split toward three blocks per SM (at most 8, >= 2 K tiles each)
