@@ -7,7 +7,7 @@ to the reference; CUDA events time each phase; host<->device copies are the "tra
 
 Options (``qconv.conv2d(..., backend="cuda", **options)``):
     int8_path: "mma" (tensor cores, the default: faster on every measured layer) or "dp4a".
-    tile: "auto" (default) or "BMxBN" from TILES, the block tile of the implicit GEMM.
+    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile.
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
     fuse_dequantize: True (default) dequantizes in the convolution's epilogue when split_k == 1
         (same bits; the dequantize phase then reads 0); False runs the separate dequantize kernel.
