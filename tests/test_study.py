@@ -303,6 +303,12 @@ def test_batch_tiles_the_input(tmp_path):
     L = res["layers"][0]
     assert L["input_shape"][0] == 3 and L["output_shape"][0] == 3
     assert res["measurements"][0]["flops"] == 3 * 2 * 5 * 4 * 3 * 2
+    # the sweep ran on the layer itself (one copy); its NRMSE is the batch's NRMSE
+    sw = next(s for s in res["sweeps"] if s["rounding"] == "nearest")
+    assert sw["outputs"] == 5 * 4 * 3
+    m = res["measurements"][0]
+    assert m["bit_exact"] is True
+    assert m["nrmse"] == pytest.approx(sw["best"]["nrmse"], rel=1e-9)
 
 
 def test_gpu_runs_and_nvml_energy_with_a_stand_in_backend(tmp_path, monkeypatch):

@@ -408,14 +408,21 @@ class Study:
             self._peak_keys = machine.cpu_peak_keys(self.runs, self.precisions)
             self._measure_peaks()
             for layer in self.layers:
-                x = np.ascontiguousarray(np.concatenate([layer.x] * self.batch, axis=0)) if self.batch > 1 else layer.x
-                ref = conv2d_float64(x, layer.w)
+                # --batch repeats the input along N. Every accuracy figure (NRMSE, wrapped fraction)
+                # of the repeated layer equals that of the layer itself, so the sweeps run on the
+                # layer as given and only the timed runs see the batch.
+                ref1 = conv2d_float64(layer.x, layer.w)
+                if self.batch > 1:
+                    x = np.ascontiguousarray(np.concatenate([layer.x] * self.batch, axis=0))
+                    ref = np.concatenate([ref1] * self.batch, axis=0)
+                else:
+                    x, ref = layer.x, ref1
                 self.results["layers"].append(self._layer_info(layer, x, ref))
                 scales: dict[Precision, dict[str, Any]] = {}
                 expected: dict[Precision, np.ndarray] = {}
                 for p in self.precisions:
                     if p.is_integer:
-                        scales[p] = self._sweeps(layer, x, ref, p)
+                        scales[p] = self._sweeps(layer, layer.x, ref1, p)
                         s_x, s_w = scales[p]["s_x"], scales[p]["s_w"]
                         acc, _ = conv2d_int_wrapped(quantize(x, s_x, p), quantize(layer.w, s_w, p))
                         expected[p] = dequantize(acc, dequant_factor(s_x, s_w))
