@@ -333,16 +333,17 @@ def _factors(res: dict[str, Any]) -> list[str]:
         in_el = math.prod(Ly["input_shape"])
         w_el = math.prod(Ly["kernel_shape"])
         intensity = Ly["flops"] / (4 * (in_el + w_el + n_out))
-        worst32 = k * (2**31 - 1)
         out.append(f"- Layer shape, `{Ly['name']}`: K = {k} multiply-adds per output, {n_out} outputs, arithmetic "
                    f"intensity {intensity:.3g} ops per byte of compulsory FP32 traffic — "
                    + ("compute-bound: narrower arithmetic can pay off." if intensity > 20 else
                       "low: memory and overheads limit what narrower arithmetic can buy."))
         q16 = Ly["overflow_free_q"]["int16"]
         q32 = Ly["overflow_free_q"]["int32"]
-        out.append(f"  Overflow: with int32 accumulators an output is safe only while K*|q_x|*|q_w| < 2^31, so "
-                   f"full-range INT32 operands (up to {worst32:.3g} per output) and INT16 operands overflow unless "
-                   f"|q| <= {q16} (INT16) / {q32} (INT32); INT8 (127^2*K = {127 * 127 * k:.3g}) "
+        out.append(f"  Overflow: an int32 accumulator is safe only while K*max|q_x|*max|q_w| <= 2^31 - 1 = 2.15e9. "
+                   f"Full-range operands reach K*Qmax^2 = {k * (2**31 - 1) ** 2:.3g} (INT32) and "
+                   f"{k * 32767**2:.3g} (INT16) per output, so both can overflow unless |q| <= {q32} (INT32) / "
+                   f"{q16} (INT16) — the same bound, set by K, not by the operand width; INT8 reaches "
+                   f"127^2*K = {127 * 127 * k:.3g}, which "
                    + ("cannot overflow." if 127 * 127 * k <= 2**31 - 1 else "can overflow too."))
     wraps = [s for s in res["sweeps"] if s.get("wrap_threshold")]
     if wraps:
