@@ -69,6 +69,10 @@ def test_default_grid_spans_underflow_to_overflow_and_lands_below_the_wrap_point
     # the winner sits within one fine-grid step (1/8 octave) of the first wrapping S
     assert math.log2(table.wrap_threshold / b.s_x) <= 1 / 8 + 1e-9
     assert all(r.nrmse >= b.nrmse for r in table)
+    # by construction the best power of two is the largest one that does not wrap
+    pow2_below = [r.s_x for r in table if r.kind == "pow2" and r.s_x < table.wrap_threshold]
+    assert table.best_pow2.s_x == max(pow2_below)
+    assert "best power of two" in table.reason or table.best_pow2 is b
 
 
 def test_exactly_representable_data_ties_go_to_the_smallest_s():

@@ -107,6 +107,12 @@ class SweepTable:
         return self._argmin(self.rows + self.pair_rows)
 
     @property
+    def best_pow2(self) -> SweepRow | None:
+        """The best single S that is a power of two (dequantize becomes a shift), if any was swept."""
+        rows = [r for r in self.rows if math.frexp(r.s_x)[0] == 0.5]
+        return self._argmin(rows) if rows else None
+
+    @property
     def wrap_threshold(self) -> float | None:
         """Smallest swept S at which some accumulator wraps (None: none wrapped)."""
         wr = [r.s_x for r in self.rows if r.wrapped > 0]
@@ -131,6 +137,9 @@ class SweepTable:
         n = len(self.rows)
         parts = [f"S={format_scale(b.s_x)} minimizes NRMSE ({b.nrmse:.3g}, {self.rounding.value} rounding) "
                  f"among {n} candidates for {self.precision.value}"]
+        p2 = self.best_pow2
+        if p2 is not None and p2 is not b:
+            parts[0] += f" (best power of two: S={format_scale(p2.s_x)}, NRMSE {p2.nrmse:.3g})"
         wt, st = self.wrap_threshold, self.saturation_threshold
         if wt is not None:
             parts.append(f"from S={format_scale(wt)} accumulators wrap")
@@ -157,6 +166,7 @@ class SweepTable:
             "pair_rows": [r.to_dict() for r in self.pair_rows],
             "best": best.to_dict(),
             "best_pair": None if bp is None else bp.to_dict(),
+            "best_pow2": None if self.best_pow2 is None else self.best_pow2.to_dict(),
             "wrap_threshold": self.wrap_threshold,
             "saturation_threshold": self.saturation_threshold,
             "underflow_threshold": self.underflow_threshold,
