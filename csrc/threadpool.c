@@ -1,5 +1,6 @@
 /* threadpool.c - see threadpool.h. Workers spin briefly on the job counter after finishing a
- * job (back-to-back calls then start without a futex wake-up), then sleep on a condition variable. */
+ * job (back-to-back calls then start without a futex wake-up), then sleep on a condition variable.
+ * After fork() the child starts with no workers and grows its own on first use. */
 #include "threadpool.h"
 
 #include <pthread.h>
@@ -81,11 +82,26 @@ static void pool_shutdown(void)
     pthread_mutex_unlock(&submit_lock);
 }
 
+/* A forked child has none of the parent's workers (only the forking thread survives a fork):
+ * forget them and start afresh, with fresh locks (the parent's may have been held mid-call). */
+static void child_after_fork(void)
+{
+    pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    submit_lock = m;
+    lock = m;
+    work_cv = c;
+    done_cv = c;
+    nworkers = 0;
+    pending = 0;
+    shutting_down = 0;
+}
+
 /* Start workers until nth - 1 exist. Called with submit_lock held. */
 static int grow(int nth)
 {
     if (!atexit_done) {
-        if (atexit(pool_shutdown) != 0)
+        if (atexit(pool_shutdown) != 0 || pthread_atfork(NULL, NULL, child_after_fork) != 0)
             return QCONV_ETHREAD;
         atexit_done = 1;
     }

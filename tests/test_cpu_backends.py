@@ -334,3 +334,17 @@ def test_real_layers(where, name):
             for backend, options in CONFIGS:
                 y = qconv.conv2d(x, w, p, backend, scale=scale, **options)
                 _assert_same_bits(y, ref, f"{name} {backend} {options} {p.value} {scale}")
+
+
+def test_forked_child_gets_its_own_pool():
+    """The pool's workers do not survive fork(); a child must not wait for them."""
+    import multiprocessing as mp
+    _need("c-avx2")
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((1, 6, 7, 5)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 9, 5)).astype(np.float32)
+    ref = qconv.conv2d(x, w, "int8", "reference", scale=20.0)
+    qconv.conv2d(x, w, "int8", "c-avx2", scale=20.0, threads=3)   # the parent's workers exist now
+    with mp.get_context("fork").Pool(1) as pool:
+        y = pool.apply_async(qconv.conv2d, (x, w, "int8", "c-avx2"), {"scale": 20.0, "threads": 3}).get(timeout=60)
+    _assert_same_bits(y, ref, "forked child")
