@@ -391,3 +391,12 @@ def test_gpu_name_falls_back_to_the_cuda_probe(tmp_path, monkeypatch):
     from qconv.contract import Precision
     from qconv.study.machine import peak_gops
     assert peak_gops("cuda", Precision.FP32, st.machine)[0] == 51000.0
+
+
+def test_unusable_output_folder_is_a_clear_error(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("")
+    with pytest.raises(qconv.QconvError, match="output folder"):
+        Study(tiny_layers(), f / "out", backends=["reference"], progress=False)
+    with pytest.raises(qconv.QconvError, match="output folder"):
+        Study(tiny_layers(), f, backends=["reference"], progress=False)

@@ -151,6 +151,12 @@ class Study:
                                  "pip install 'qconv[plot]' (or pass plots=False)") from None
         self.layers = list(layers)
         self.out = Path(out_dir)
+        try:  # an unusable output folder is an error now, not after the measurements
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise QconvError(f"output folder {self.out}: cannot create it ({e.strerror or e})") from None
+        if not os.access(self.out, os.W_OK):
+            raise QconvError(f"output folder {self.out}: not writable")
         self.quick, self.batch, self.repeat = quick, batch, repeat
         self.progress, self.plots = progress, plots
         self.command = command
