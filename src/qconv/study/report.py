@@ -88,6 +88,7 @@ def render(res: dict[str, Any]) -> str:
         aq = s.get("most_accurate_quantized")
         L.append(f"- `{name}` — **fastest: {f['backend']} {f['precision'].upper()}** "
                  f"({_t(f['convolve_s'])} convolve, {_x(f['speedup_vs_baseline'])} over the baseline, "
+                 f"{_x(f.get('speedup_total_vs_baseline'))} for the whole call with quantize/pack/transfer, "
                  f"NRMSE {_g(f['nrmse'])}); most accurate: {_opt(a)} (NRMSE {_g(a and a['nrmse'])}"
                  + (f"; of the quantized options {aq['precision'].upper()}, NRMSE {_g(aq['nrmse'])}, the same on every "
                     f"backend"

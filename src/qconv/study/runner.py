@@ -561,6 +561,7 @@ def derive(res: dict[str, Any]) -> None:
                     "convolve_s": m["phases_s"]["convolve"]["median"], "total_s": m["total_s"]["median"],
                     "nrmse": m["nrmse"], "effective_bits": m["effective_bits"],
                     "speedup_vs_baseline": m["speedup_vs_baseline"],
+                    "speedup_total_vs_baseline": m["speedup_total_vs_baseline"],
                     "energy_estimate_j": m["energy_estimate_j"]["total_j"]}
         fastest = min(lm, key=lambda m: m["phases_s"]["convolve"]["median"])
         ties = [m for m in lm if m is not fastest and overlaps(m, fastest)]
