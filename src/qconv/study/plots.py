@@ -151,30 +151,41 @@ def plot_nrmse(res: dict[str, Any], fig) -> None:
 
 
 def plot_pareto(res: dict[str, Any], fig) -> None:
+    """Colour = precision, marker = backend; only the frontier's points are labelled (integer
+    options of different backends share one NRMSE, so labels on every point would collide)."""
+    from matplotlib.lines import Line2D
+
     from .runner import pareto
     layers = _layers(res)
     axs = _axes_row(fig, len(layers))
+    backends = list(dict.fromkeys(m["backend"] for m in res["measurements"]))
+    markers = dict(zip(backends, "osD^vPXh*<>"))
     for ax, name in zip(axs, layers):
         ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m) and m.get("nrmse")]
         if not ms:
             _empty(ax, "no measurement")
             continue
         for m in ms:
-            t = m["phases_s"]["convolve"]["median"]
-            ax.scatter([t], [m["nrmse"]], color=PREC_COLORS.get(m["precision"], "gray"), s=30, zorder=3)
-            ax.annotate(_label(m), (t, m["nrmse"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter([m["phases_s"]["convolve"]["median"]], [m["nrmse"]], s=36, zorder=3,
+                       color=PREC_COLORS.get(m["precision"], "gray"), marker=markers.get(m["backend"], "o"))
         front = pareto([(m["phases_s"]["convolve"]["median"], m["nrmse"], m) for m in ms])
         fx = [m["phases_s"]["convolve"]["median"] for m in front]
         fy = [m["nrmse"] for m in front]
-        ax.step(fx, fy, where="post", color="k", lw=1.2, label="Pareto frontier", zorder=2)
-        for p, c in PREC_COLORS.items():
-            ax.scatter([], [], color=c, label=p)
+        ax.step(fx, fy, where="post", color="k", lw=1.2, zorder=2)
+        for m in front:
+            ax.annotate(_label(m), (m["phases_s"]["convolve"]["median"], m["nrmse"]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points")
+        handles = [Line2D([], [], color="k", lw=1.2, label="Pareto frontier (labelled)")]
+        handles += [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in PREC_COLORS.items()
+                    if any(m["precision"] == p for m in ms)]
+        handles += [Line2D([], [], ls="", marker=markers[b], color="gray", label=b) for b in backends
+                    if any(m["backend"] == b for m in ms)]
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("convolve time, median (s, log)")
         ax.set_ylabel("NRMSE (log)")
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="best")
+        ax.legend(handles=handles, fontsize=7, loc="center right")  # between integer and FP32 errors
     fig.suptitle(TITLES["pareto"])
 
 
