@@ -251,6 +251,14 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
         ``pair_stride`` octaves; default about 12 points per axis), then a pattern search around
         the best pair down to steps of ``pair_min_step`` octaves.
     reference: the float64 reference output, if already computed (saves one convolution).
+
+    Returns a SweepTable: ``rows`` (single S, sorted; iterate the table for them) and
+    ``pair_rows``, each a SweepRow (s_x, s_w, nrmse, wrapped and wrapped_fraction, max|q|,
+    clamped_fraction, zero_output); ``best`` (lowest NRMSE of all rows; ties go to the smallest
+    s_x*s_w, the most headroom), ``best_single``, ``best_pair``, ``best_pow2``; the thresholds
+    where outputs start to wrap, values to saturate and the output stops being all zero; and
+    ``reason``, one line saying which S wins and why. The default grid stops two octaves past
+    the first power of two at which half the outputs wrap.
     """
     p = parse_precision(precision)
     if not p.is_integer:
