@@ -395,7 +395,10 @@ def _acceptable(res: dict[str, Any]) -> list[str]:
                f"{acc:.3g} for 8 bits, {output_bits_nrmse(4):.3g} for 4 bits. A layer whose result is consumed by "
                f"an 8-bit next layer gains nothing from an error much below the 8-bit figure, and an error above it "
                f"is a loss the network must tolerate; naive post-training quantization is justified where it stays "
-               f"at or below it.")
+               f"at or below it. 8-bit integer inference is also the usual deployment target, with a scale per "
+               f"tensor for activations and per output channel for weights rather than one constant for both "
+               f"(Jacob et al., CVPR 2018; Krishnamoorthi, arXiv:1806.08342) — whether a network tolerates the "
+               f"errors below is a question for its end-to-end accuracy, which one layer cannot answer.")
     out.append("")
     for Ly in res["layers"]:
         if Ly.get("input_int8_nrmse") is not None:
