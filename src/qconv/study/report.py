@@ -317,8 +317,12 @@ def _energy_discussion(res: dict[str, Any]) -> list[str]:
                          f"({est[r['precision']]['total_j']:.3g} J): energy changes the answer.")
         mb = s.get("energy_best_measured")
         if mb:
+            meters_used = sorted({m["energy_measured"]["meter"].upper() for m in lm if m.get("energy_measured")})
             line += (f" Measured, the least energy per call was {mb['backend']} {mb['precision'].upper()} "
-                     f"({mb['joules_per_call']:.3g} J, whole-device counter, idle power included).")
+                     f"({mb['joules_per_call']:.3g} J; whole-device counters, idle power included: "
+                     f"{' and '.join(meters_used)}"
+                     + (" — GPU board and CPU package energies are not like for like" if len(meters_used) > 1 else "")
+                     + ").")
         elif not any(v["available"] for v in meters.values()):
             line += (" No meter here: at a roughly constant package power, measured energy per call would "
                      "follow the call's time, favouring the fastest option.")
