@@ -132,7 +132,8 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float 
 #define MAXMR 8
 
 ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x, const float *w,
-                                        const int32_t *init, float *y, int64_t nvalid, const int mr)
+                                        const int32_t *init, float *y, int64_t nvalid, const int mr,
+                                        const int half)
 {
     (void)init;
     __m256 acc[MAXMR][2];
@@ -148,7 +149,8 @@ ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x
                 for (int m = 0; m < mr; m++) {
                     __m256 b = _mm256_broadcast_ss(xp + m * pix + c);
                     acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
-                    acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
+                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
+                        acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
                 }
             }
         }
@@ -157,7 +159,8 @@ ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x
 }
 
 ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
-                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr)
+                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
+                                        const int half)
 {
     (void)init;
     __m256i acc[MAXMR][2];
@@ -173,7 +176,8 @@ ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t 
                 for (int m = 0; m < mr; m++) {
                     __m256i b = _mm256_set1_epi32(xp[m * pix + c]);
                     acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_mullo_epi32(b, w0));
-                    acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_mullo_epi32(b, w1));
+                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
+                        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_mullo_epi32(b, w1));
                 }
             }
         }
@@ -183,7 +187,8 @@ ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t 
 
 /* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
 ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
-                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr)
+                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
+                                        const int half)
 {
     (void)init;
     __m256i acc[MAXMR][2];
@@ -199,7 +204,8 @@ ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t 
                 for (int m = 0; m < mr; m++) {
                     __m256i b = _mm256_set1_epi32(qconv_load_i32(xp + m * pix + c));
                     acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
-                    acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
+                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
+                        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
                 }
             }
         }

@@ -3,10 +3,11 @@
  *
  * A tile function computes `mr` consecutive output pixels of one output row for one block of
  * QCONV_NR output channels:
- *   TILE(a, x, w, init, y, nvalid, mr)
+ *   TILE(a, x, w, init, y, nvalid, mr, half)
  *     x: padded input at (n, i, q, 0) (the tile's first pixel, top-left tap)
  *     w: the OC block's packed kernel; init: the block's accumulator start (or NULL: zero)
  *     y: output (float or int32) at (n, i, q, o0); nvalid: OC columns to store (<= QCONV_NR)
+ *     half: nvalid <= 8, so only the lower ymm column is computed (OC = 24: 16 + 8, not 16 + 16)
  * QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT) defines
  *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
  * that walks OC blocks (outer: the packed block stays in cache), then rows, then the row's tiles:
@@ -63,7 +64,12 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
 }
 
 #define QCONV_TILE_CASE(TILE, k)                                                               \
-    case k: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k); break;
+    case k:                                                                                    \
+        if (half)                                                                              \
+            TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, 1);                  \
+        else                                                                                   \
+            TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, 0);                  \
+        break;
 
 #define QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT)                                          \
     void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
@@ -81,6 +87,7 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
             int64_t nvalid = a->oc - b * QCONV_NR;                                             \
             if (nvalid > QCONV_NR)                                                             \
                 nvalid = QCONV_NR;                                                             \
+            const int half = nvalid <= QCONV_NR / 2;  /* skip the all-padding upper 8 lanes */ \
             for (int64_t r = r0; r < r1; r++) {                                                \
                 int64_t n = r / a->h, i = r % a->h;                                            \
                 const XT *xr = xq + n * a->img + i * a->row;                                   \

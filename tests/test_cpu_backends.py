@@ -100,9 +100,9 @@ def test_matches_reference(config, precision, problem, scale, rounding, threads)
 # ---- tile boundaries -------------------------------------------------------------------------
 
 # Tiled axes: output width (tiles of 6 pixels; 8 in the AVX512-VNNI kernels), output channels
-# (blocks of 16), input channels (groups of 2 for int16, 4 for int8/dpbusd).
+# (blocks of 16; a last block of <= 8 runs a half-width tile), input channels (groups of 2 for int16, 4 for int8/dpbusd).
 WIDTHS = [1, 5, 6, 7, 8, 9, 12, 16, 17]
-OCS = [1, 15, 16, 17, 32, 33]
+OCS = [1, 8, 9, 15, 16, 17, 24, 32, 33]   # also <= 8 left in the last block: the half tile
 CHANNELS = [1, 2, 3, 4, 5, 8]
 
 
