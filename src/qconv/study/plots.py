@@ -76,7 +76,6 @@ def plot_speedup(res: dict[str, Any], fig) -> None:
     layers = _layers(res)
     axs = _axes_row(fig, len(layers))
     precs = res["config"]["precisions"]
-    peak_labeled = False
     for ax, name in zip(axs, layers):
         ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)
               and m.get("speedup_vs_baseline") is not None]
@@ -91,23 +90,23 @@ def plot_speedup(res: dict[str, Any], fig) -> None:
                 if m is None:
                     continue
                 xpos = i + (j - (len(precs) - 1) / 2) * width
-                ax.bar(xpos, m["speedup_vs_baseline"], width, color=PREC_COLORS.get(p, "gray"),
-                       label=p if i == 0 or not any(l.get_label() == p for l in ax.patches) else None)
-                ax.text(xpos, m["speedup_vs_baseline"], f"{m['speedup_vs_baseline']:.2g}",
+                ax.bar(xpos, m["speedup_vs_baseline"], width, color=PREC_COLORS.get(p, "gray"), label=p)
+                v = m["speedup_vs_baseline"]
+                ax.text(xpos, v, f"{v:.0f}" if v >= 10 else f"{v:.2g}",
                         ha="center", va="bottom", fontsize=7)
                 if m.get("peak_speedup_vs_baseline"):
                     ax.plot([xpos - width / 2, xpos + width / 2], [m["peak_speedup_vs_baseline"]] * 2,
-                            color="k", ls="--", lw=1.2, label=None if peak_labeled else "hardware peak")
-                    peak_labeled = True
+                            color="k", ls="--", lw=1.2, label="hardware peak (measured or datasheet)")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(range(len(backends)), backends)
+        ax.set_xticks(range(len(backends)), backends, rotation=15, ha="right", fontsize=8)
         ax.set_yscale("log")
         base = (res["summary"].get("layers", {}).get(name) or {}).get("baseline") or {}
         ax.set_title(f"{name}\n(baseline {base.get('backend', '?')}/{base.get('precision', '?')} = 1)", fontsize=9)
         ax.set_ylabel("speedup (x, log)")
         handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))
+        uniq = dict(zip(labels, handles))  # one entry per precision, one for the peaks
         ax.legend(uniq.values(), uniq.keys(), fontsize=7)
+    fig.subplots_adjust(bottom=0.14)
     fig.suptitle(TITLES["speedup"] + f" (median of {res['config']['repeat']} runs)")
 
 
