@@ -59,7 +59,7 @@ def test_every_artifact_is_written(study):
     assert len(res["measurements"]) == 2 * n_runs * 4
     # two sweeps (nearest with pairs, truncate) per layer and integer precision, four strategies
     assert len(res["sweeps"]) == 2 * 3 * 2
-    assert len(res["strategies"]) == 2 * 3 * 4
+    assert len(res["strategies"]) == 2 * 3 * 5
 
 
 def test_json_validates_against_the_schema(study):
@@ -400,3 +400,26 @@ def test_unusable_output_folder_is_a_clear_error(tmp_path):
         Study(tiny_layers(), f / "out", backends=["reference"], progress=False)
     with pytest.raises(qconv.QconvError, match="output folder"):
         Study(tiny_layers(), f, backends=["reference"], progress=False)
+
+
+def test_per_channel_scales_reduce_to_maxabs_and_help_when_channels_differ():
+    from qconv.contract import Precision, conv2d_float64
+    from qconv.scales import choose
+    from qconv.study.runner import _per_channel_maxabs
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 5, 4)).astype(np.float32)
+    ref = conv2d_float64(x, w)
+    w_eq = w.copy()
+    m = float(np.max(np.abs(w)))
+    w_eq[0, 0, :, 0] = m  # every channel has the global max: per-channel scales = the tensor's
+    ref_eq = conv2d_float64(x, w_eq)
+    s_x, s_w, e, wf, _, _ = _per_channel_maxabs(x, w_eq, Precision.INT8, ref_eq)
+    r = qconv.conv2d_result(x, w_eq, "int8", "reference", scale="maxabs", reference=ref_eq)
+    assert e == r.nrmse and s_w == pytest.approx(float(choose("maxabs", Precision.INT8, x, w_eq).s_w))
+    w_scaled = w * np.array([1, 1e-3, 1e-2, 1e-1, 1], dtype=np.float32)[None, None, :, None]
+    ref_s = conv2d_float64(x, w_scaled)
+    e_pc = _per_channel_maxabs(x, w_scaled, Precision.INT8, ref_s)[2]
+    e_pt = qconv.conv2d_result(x, w_scaled, "int8", "reference", scale="maxabs", reference=ref_s).nrmse
+    assert e_pc < e_pt  # small channels get their own, finer scale
+    assert _per_channel_maxabs(x, w, Precision.INT8, ref)[3] == 0.0  # maxabs never wraps

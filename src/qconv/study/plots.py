@@ -25,9 +25,9 @@ TITLES = {
 PREC_COLORS = {"fp32": "#4c72b0", "int32": "#dd8452", "int16": "#55a868", "int8": "#c44e52"}
 PHASE_COLORS = {"quantize": "#8172b3", "pack": "#937860", "transfer": "#da8bc3",
                 "convolve": "#4c72b0", "dequantize": "#ccb974"}
-STRATS = ("maxabs", "sweep-S", "sweep-S-truncate", "sweep-pair")
+STRATS = ("maxabs", "sweep-S", "sweep-S-truncate", "sweep-pair", "per-channel")
 STRAT_COLORS = {"maxabs": "#8172b3", "sweep-S": "#55a868", "sweep-S-truncate": "#ccb974",
-                "sweep-pair": "#64b5cd", "fp32": "#4c72b0"}
+                "sweep-pair": "#64b5cd", "per-channel": "#937860", "fp32": "#4c72b0"}
 
 
 def expected_size(name: str, n_layers: int) -> tuple[int, int]:
@@ -133,7 +133,7 @@ def plot_nrmse(res: dict[str, Any], fig) -> None:
                 s = next((s for s in st if s["precision"] == p and s["strategy"] == sname), None)
                 if s is None or not s["nrmse"]:
                     continue
-                ax.bar(i + (j - 1.5) * width, s["nrmse"], width, color=STRAT_COLORS[sname],
+                ax.bar(i + (j - (len(STRATS) - 1) / 2) * width, s["nrmse"], width, color=STRAT_COLORS[sname],
                        label=sname if i == 0 else None)
         xt = list(precs)
         if fp:
