@@ -423,3 +423,10 @@ def test_per_channel_scales_reduce_to_maxabs_and_help_when_channels_differ():
     e_pt = qconv.conv2d_result(x, w_scaled, "int8", "reference", scale="maxabs", reference=ref_s).nrmse
     assert e_pc < e_pt  # small channels get their own, finer scale
     assert _per_channel_maxabs(x, w, Precision.INT8, ref)[3] == 0.0  # maxabs never wraps
+
+
+def test_duplicate_layer_names_are_rejected(tmp_path):
+    a, b = tiny_layers()
+    b.name = a.name
+    with pytest.raises(qconv.QconvError, match="unique"):
+        Study([a, b], tmp_path, backends=["reference"], progress=False)

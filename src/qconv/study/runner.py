@@ -161,6 +161,9 @@ class Study:
                  plots: bool = True) -> None:
         if not layers:
             raise QconvError("the study needs at least one layer")
+        names = [layer.name for layer in layers]
+        if len(set(names)) != len(names):
+            raise QconvError(f"layer names must be unique, got {names}")
         if batch < 1:
             raise QconvError(f"--batch must be >= 1, got {batch}")
         if repeat < 1:
