@@ -129,7 +129,7 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float 
 
 /* ---- microkernels ---------------------------------------------------------------------- */
 
-#define MAXMR 8
+#define MAXMR 16
 
 ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x, const float *w,
                                         const int32_t *init, float *y, int64_t nvalid, const int mr,
@@ -213,9 +213,9 @@ ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t 
         qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
-QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_tile__avx2, 6, float, float, float)
-QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_tile__avx2, 6, int32_t, int32_t, int32_t)
-QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_tile__avx2, 6, int16_t, int16_t, int32_t)
+QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_tile__avx2, 6, 0, float, float, float)
+QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_tile__avx2, 6, 12, int32_t, int32_t, int32_t)
+QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_tile__avx2, 6, 12, int16_t, int16_t, int32_t)
 
 /* ---- instruction microbenchmarks ------------------------------------------------------- */
 

@@ -8,7 +8,7 @@
  *     w: the OC block's packed kernel; init: the block's accumulator start (or NULL: zero)
  *     y: output (float or int32) at (n, i, q, o0); nvalid: OC columns to store (<= QCONV_NR)
  *     half: nvalid <= 8, so only the lower ymm column is computed (OC = 24: 16 + 8, not 16 + 16)
- * QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT) defines
+ * QCONV_DEFINE_CONV(name, TILE, MR, MRH, XT, WT, YT) defines
  *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
  * that walks OC blocks (outer: the packed block stays in cache), then rows, then the row's tiles:
  * ceil(W / MR) of them, widths balanced to within one pixel, each a constant-width instance. */
@@ -63,45 +63,63 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
     }
 }
 
-#define QCONV_TILE_CASE(TILE, k)                                                               \
-    case k:                                                                                    \
-        if (half)                                                                              \
-            TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, 1);                  \
-        else                                                                                   \
-            TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, 0);                  \
-        break;
+#define QCONV_TILE_CASE(TILE, k, h)                                                            \
+    case k: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, h); break;
 
-#define QCONV_DEFINE_CONV(name, TILE, MR, XT, WT, YT)                                          \
+/* Walk one output row in ntiles balanced tiles of width tw or tw + 1 (the first `wide` ones). */
+#define QCONV_ROW_FULL(TILE)                                                                   \
+    for (int64_t t = 0, q = 0; t < nt; q += tw + (t < wide), t++)                              \
+        switch (tw + (t < wide)) {                                                             \
+        QCONV_TILE_CASE(TILE, 1, 0) QCONV_TILE_CASE(TILE, 2, 0) QCONV_TILE_CASE(TILE, 3, 0)    \
+        QCONV_TILE_CASE(TILE, 4, 0) QCONV_TILE_CASE(TILE, 5, 0) QCONV_TILE_CASE(TILE, 6, 0)    \
+        QCONV_TILE_CASE(TILE, 7, 0) QCONV_TILE_CASE(TILE, 8, 0)                                \
+        default: break; /* unreachable: 1 <= width <= MR <= 8 */                               \
+        }
+
+/* Half-width tiles (one ymm column) hold twice the pixels, up to 16: as many independent
+ * accumulator chains as a full tile. They need one x broadcast per multiply-accumulate
+ * instruction (a full tile: one per two), which caps FP32 at about half the FMA rate on Zen 4
+ * (measured: an 8-channel block cost as much as a 16-channel one), so the FP32 kernel passes
+ * MRH = 0 (no half tiles); the integer kernels gain (int8 dpbusd: 8 channels in 76% of the time
+ * of 16; int32: 57%). */
+#define QCONV_ROW_HALF(TILE)                                                                   \
+    for (int64_t t = 0, q = 0; t < nt; q += tw + (t < wide), t++)                              \
+        switch (tw + (t < wide)) {                                                             \
+        QCONV_TILE_CASE(TILE, 1, 1) QCONV_TILE_CASE(TILE, 2, 1) QCONV_TILE_CASE(TILE, 3, 1)    \
+        QCONV_TILE_CASE(TILE, 4, 1) QCONV_TILE_CASE(TILE, 5, 1) QCONV_TILE_CASE(TILE, 6, 1)    \
+        QCONV_TILE_CASE(TILE, 7, 1) QCONV_TILE_CASE(TILE, 8, 1) QCONV_TILE_CASE(TILE, 9, 1)    \
+        QCONV_TILE_CASE(TILE, 10, 1) QCONV_TILE_CASE(TILE, 11, 1) QCONV_TILE_CASE(TILE, 12, 1) \
+        QCONV_TILE_CASE(TILE, 13, 1) QCONV_TILE_CASE(TILE, 14, 1) QCONV_TILE_CASE(TILE, 15, 1) \
+        QCONV_TILE_CASE(TILE, 16, 1)                                                           \
+        default: break; /* unreachable: 1 <= width <= MRH <= 16 */                             \
+        }
+
+#define QCONV_DEFINE_CONV(name, TILE, MR, MRH, XT, WT, YT)                                     \
     void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
     {                                                                                          \
         const XT *xq = (const XT *)a->xq;                                                      \
         const WT *wq = (const WT *)a->wq;                                                      \
         YT *out = (YT *)a->out;                                                                \
-        /* Balanced tiles: ceil(W / MR) tiles whose widths differ by at most one pixel (for  */ \
-        /* W = 28 and MR = 8: four tiles of 7, not three of 8 and a tail of 4).                */ \
-        const int64_t ntiles = (a->w + (MR) - 1) / (MR);                                       \
-        const int64_t tw = a->w / ntiles, wide = a->w % ntiles;                                \
         for (int64_t b = b0; b < b1; b++) {                                                    \
             const WT *wb = wq + b * a->wblk;                                                   \
             const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                     \
             int64_t nvalid = a->oc - b * QCONV_NR;                                             \
             if (nvalid > QCONV_NR)                                                             \
                 nvalid = QCONV_NR;                                                             \
-            const int half = nvalid <= QCONV_NR / 2;  /* skip the all-padding upper 8 lanes */ \
+            /* <= 8 channels left: the upper ymm column is all padding; skip it (MRH > 0).  */ \
+            const int half = (MRH) > 0 && nvalid <= QCONV_NR / 2;                              \
+            /* Balanced tiles: ceil(W / width) tiles whose widths differ by at most one     */ \
+            /* pixel (W = 28, MR = 8: four tiles of 7, not three of 8 and a tail of 4).      */ \
+            const int64_t mr = half ? (MRH) : (MR);                                            \
+            const int64_t nt = (a->w + mr - 1) / mr, tw = a->w / nt, wide = a->w % nt;         \
             for (int64_t r = r0; r < r1; r++) {                                                \
                 int64_t n = r / a->h, i = r % a->h;                                            \
                 const XT *xr = xq + n * a->img + i * a->row;                                   \
                 YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                \
-                int64_t q = 0;                                                                 \
-                for (int64_t t = 0; t < ntiles; t++) {                                         \
-                    int64_t mr = tw + (t < wide);                                              \
-                    switch (mr) {                                                              \
-                    QCONV_TILE_CASE(TILE, 1) QCONV_TILE_CASE(TILE, 2) QCONV_TILE_CASE(TILE, 3) \
-                    QCONV_TILE_CASE(TILE, 4) QCONV_TILE_CASE(TILE, 5) QCONV_TILE_CASE(TILE, 6) \
-                    QCONV_TILE_CASE(TILE, 7) QCONV_TILE_CASE(TILE, 8)                          \
-                    default: break; /* unreachable: 1 <= mr <= MR <= 8 */                      \
-                    }                                                                          \
-                    q += mr;                                                                   \
+                if (half) {                                                                    \
+                    QCONV_ROW_HALF(TILE)                                                       \
+                } else {                                                                       \
+                    QCONV_ROW_FULL(TILE)                                                       \
                 }                                                                              \
             }                                                                                  \
         }                                                                                      \
