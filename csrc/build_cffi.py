@@ -5,6 +5,7 @@ Options from the environment:
     QCONV_CFLAGS   extra compiler flags, appended (e.g. "-fsanitize=address,undefined -g")
     QCONV_LDFLAGS  extra linker flags, appended
 Base flags: -O3, -ffp-contract=off (quantize and dequantize are one multiply each, never fused),
+-fvisibility=hidden (only the module init is exported; cffi calls the ABI inside the .so),
 -pthread. ISA flags are not global: each SIMD file enables its own with `#pragma GCC target`.
 """
 
@@ -36,7 +37,7 @@ ffibuilder.set_source(
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
     depends=[_rel(os.path.join(HERE, s)) for s in ("qconv.h", "qconv_impl.h", "threadpool.h", "conv_tile.h", "conv_vnni.inc")],
-    extra_compile_args=["-O3", "-ffp-contract=off", "-pthread"] + shlex.split(os.environ.get("QCONV_CFLAGS", "")),
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"] + shlex.split(os.environ.get("QCONV_CFLAGS", "")),
     extra_link_args=["-pthread"] + shlex.split(os.environ.get("QCONV_LDFLAGS", "")),
     libraries=["m"],
 )

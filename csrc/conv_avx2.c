@@ -9,6 +9,8 @@
  *   s32: vpbroadcastd + vpmulld + vpaddd           (6 x 16), products and sums wrap mod 2^32
  *   s16: vpbroadcastd (2 channels) + vpmaddwd + vpaddd (6 x 16); also INT8 here (values +-127
  *        held in int16), since a pair of int16 products never exceeds 2 * 32767^2 < 2^31.
+ * A last OC block of <= 8 channels runs the integer tiles at half width (12 x 8, see conv_tile.h).
+ * Names: qconv_<type>_ukernel__<isa>_<MR>x<NR>; the loops over tiles are qconv_<type>_conv__<isa>.
  * Quantize/dequantize are vectorized here too. */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
@@ -131,7 +133,7 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float 
 
 #define MAXMR 16
 
-ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x, const float *w,
+ALWAYS_INLINE void qconv_f32_ukernel__avx2_6x16(const qconv_conv_args *a, const float *x, const float *w,
                                         const int32_t *init, float *y, int64_t nvalid, const int mr,
                                         const int half)
 {
@@ -158,7 +160,7 @@ ALWAYS_INLINE void qconv_f32_tile__avx2(const qconv_conv_args *a, const float *x
         qconv_store16_ps(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
-ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
+ALWAYS_INLINE void qconv_s32_ukernel__avx2_6x16(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
                                         const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
                                         const int half)
 {
@@ -186,7 +188,7 @@ ALWAYS_INLINE void qconv_s32_tile__avx2(const qconv_conv_args *a, const int32_t 
 }
 
 /* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
-ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
+ALWAYS_INLINE void qconv_s16_ukernel__avx2_6x16(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
                                         const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
                                         const int half)
 {
@@ -213,9 +215,9 @@ ALWAYS_INLINE void qconv_s16_tile__avx2(const qconv_conv_args *a, const int16_t 
         qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
 }
 
-QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_tile__avx2, 6, 0, float, float, float)
-QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_tile__avx2, 6, 12, int32_t, int32_t, int32_t)
-QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_tile__avx2, 6, 12, int16_t, int16_t, int32_t)
+QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_ukernel__avx2_6x16, 6, 0, float, float, float)
+QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_ukernel__avx2_6x16, 6, 12, int32_t, int32_t, int32_t)
+QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_ukernel__avx2_6x16, 6, 12, int16_t, int16_t, int32_t)
 
 /* ---- instruction microbenchmarks ------------------------------------------------------- */
 

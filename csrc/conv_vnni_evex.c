@@ -6,6 +6,7 @@
 #define VNNI_NAME "avx512vnni"
 #define VNNI_MR 8   /* 32 ymm registers: 8 x 16 tile = 16 accumulators */
 #define VNNI_MRH 16 /* half-width tiles: 16 x 8 = 16 accumulators */
+#define VNNI_TILE _8x16
 #define DPBUSD(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
 #include "conv_vnni.inc"

@@ -6,6 +6,7 @@
 #define VNNI_NAME "avxvnni"
 #define VNNI_MR 6   /* 16 ymm registers: 6 x 16 tile = 12 accumulators */
 #define VNNI_MRH 12 /* half-width tiles: 12 x 8 = 12 accumulators */
+#define VNNI_TILE _6x16
 #define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
 #include "conv_vnni.inc"
