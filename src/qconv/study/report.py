@@ -69,8 +69,9 @@ def render(res: dict[str, Any]) -> str:
              + ("; ".join(f"`{k}` ({v['reason']})" for k, v in bk.items() if k not in used) or "none") + ".")
     L.append(f"- Precisions: {', '.join(res['config']['precisions'])}; batch {res['config']['batch']}; each option "
              f"timed over {res['config']['repeat']} runs after one warm-up (median, with min-max spread in "
-             f"results.json). Integer precisions run with the S the sweep chose (the assignment's single constant "
-             f"for both tensors, rounding to nearest).")
+             f"results.json). Integer precisions run with the best per-tensor scales (s_x, s_w) the sweep found, "
+             f"rounding to nearest: the most a naive quantization gets from each precision; the assignment's "
+             f"single S for both tensors is compared in 'Which S?'.")
     for Ly in res["layers"]:
         L.append(f"- Layer `{Ly['name']}`: input {tuple(Ly['input_shape'])}, kernel {tuple(Ly['kernel_shape'])} "
                  f"(KH, KW, OC, IC), K = {Ly['k']}, {Ly['flops'] / 1e9:.3g} GFLOP; |x| <= {Ly['input_absmax']:.3g}, "
