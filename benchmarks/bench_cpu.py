@@ -33,6 +33,7 @@ from qconv.tensorfile import load  # noqa: E402
 SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
 QMAX = {"int32": 2**31 - 1, "int16": 2**15 - 1, "int8": 127}
 PRECISIONS = ("fp32", "int32", "int16", "int8")
+NOTES = "### Notes (hand-written"
 
 
 def cpu_name() -> str:
@@ -237,7 +238,10 @@ def main() -> None:
         head = "## CPU backends (c-scalar, c-avx2)"
         marker = "<!-- CUDA section"
         a, b = doc.index(head), doc.index(marker)
-        path.write_text(doc[:a] + text.rstrip() + "\n\n" + doc[b:])
+        # A hand-written "### Notes" subsection, if present, survives the rewrite.
+        old = doc[a:b]
+        notes = old[old.index(NOTES):].rstrip() + "\n\n" if NOTES in old else ""
+        path.write_text(doc[:a] + text.rstrip() + "\n\n" + notes + doc[b:])
         print(f"wrote {path}")
 
 
