@@ -10,7 +10,7 @@
  *     half: nvalid <= 8, so only the lower ymm column is computed (OC = 24: 16 + 8, not 16 + 16)
  * QCONV_DEFINE_CONV(name, TILE, MR, MRH, XT, WT, YT) defines
  *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
- * that walks rows and OC blocks (in the order a->rows_outer picks), then the row's tiles:
+ * that walks OC blocks (outer: the packed block stays in cache), then rows, then the row's tiles:
  * ceil(W / MR) of them, widths balanced to within one pixel, each a constant-width instance. */
 #ifndef QCONV_CONV_TILE_H
 #define QCONV_CONV_TILE_H
@@ -94,46 +94,34 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
         default: break; /* unreachable: 1 <= width <= MRH <= 16 */                             \
         }
 
-/* One output row r for OC block b: tile widths are balanced to within one pixel (W = 28,
- * MR = 8: four tiles of 7, not three of 8 and a tail of 4). */
-#define QCONV_ROW_BLOCK(TILE, MR, MRH, XT, WT, YT)                                             \
-    do {                                                                                       \
-        const WT *wb = wq + b * a->wblk;                                                       \
-        const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                         \
-        int64_t nvalid = a->oc - b * QCONV_NR;                                                 \
-        if (nvalid > QCONV_NR)                                                                 \
-            nvalid = QCONV_NR;                                                                 \
-        /* <= 8 channels left: the upper ymm column is all padding; skip it (MRH > 0).  */     \
-        const int half = (MRH) > 0 && nvalid <= QCONV_NR / 2;                                  \
-        const int64_t mr = half ? (MRH) : (MR);                                                \
-        const int64_t nt = (a->w + mr - 1) / mr, tw = a->w / nt, wide = a->w % nt;             \
-        int64_t n = r / a->h, i = r % a->h;                                                    \
-        const XT *xr = xq + n * a->img + i * a->row;                                           \
-        YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                        \
-        if (half) {                                                                            \
-            QCONV_ROW_HALF(TILE)                                                               \
-        } else {                                                                               \
-            QCONV_ROW_FULL(TILE)                                                               \
-        }                                                                                      \
-    } while (0)
-
-/* Loop order by cache footprint: when the whole packed kernel is small (a->rows_outer), each
- * output row runs all its OC blocks while its input rows are hot; otherwise each OC block's
- * packed kernel stays hot across all rows. */
 #define QCONV_DEFINE_CONV(name, TILE, MR, MRH, XT, WT, YT)                                     \
     void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
     {                                                                                          \
         const XT *xq = (const XT *)a->xq;                                                      \
         const WT *wq = (const WT *)a->wq;                                                      \
         YT *out = (YT *)a->out;                                                                \
-        if (a->rows_outer) {                                                                   \
-            for (int64_t r = r0; r < r1; r++)                                                  \
-                for (int64_t b = b0; b < b1; b++)                                              \
-                    QCONV_ROW_BLOCK(TILE, MR, MRH, XT, WT, YT);                                \
-        } else {                                                                               \
-            for (int64_t b = b0; b < b1; b++)                                                  \
-                for (int64_t r = r0; r < r1; r++)                                              \
-                    QCONV_ROW_BLOCK(TILE, MR, MRH, XT, WT, YT);                                \
+        for (int64_t b = b0; b < b1; b++) {                                                    \
+            const WT *wb = wq + b * a->wblk;                                                   \
+            const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                     \
+            int64_t nvalid = a->oc - b * QCONV_NR;                                             \
+            if (nvalid > QCONV_NR)                                                             \
+                nvalid = QCONV_NR;                                                             \
+            /* <= 8 channels left: the upper ymm column is all padding; skip it (MRH > 0).  */ \
+            const int half = (MRH) > 0 && nvalid <= QCONV_NR / 2;                              \
+            /* Balanced tiles: ceil(W / width) tiles whose widths differ by at most one     */ \
+            /* pixel (W = 28, MR = 8: four tiles of 7, not three of 8 and a tail of 4).      */ \
+            const int64_t mr = half ? (MRH) : (MR);                                            \
+            const int64_t nt = (a->w + mr - 1) / mr, tw = a->w / nt, wide = a->w % nt;         \
+            for (int64_t r = r0; r < r1; r++) {                                                \
+                int64_t n = r / a->h, i = r % a->h;                                            \
+                const XT *xr = xq + n * a->img + i * a->row;                                   \
+                YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                \
+                if (half) {                                                                    \
+                    QCONV_ROW_HALF(TILE)                                                       \
+                } else {                                                                       \
+                    QCONV_ROW_FULL(TILE)                                                       \
+                }                                                                              \
+            }                                                                                  \
         }                                                                                      \
     }
 

@@ -133,10 +133,6 @@ static const qconv_isa_table *table_for(int isa)
 
 /* ---- the driver ------------------------------------------------------------------------ */
 
-#ifndef QCONV_ROWS_OUTER_MAX_BYTES
-#define QCONV_ROWS_OUTER_MAX_BYTES (192 * 1024)
-#endif
-
 static size_t store_size(int store)
 {
     switch (store) {
@@ -382,9 +378,6 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
     a.out = separate ? (void *)acc : (void *)y;
     a.fused = fused;
     a.inv = inv;
-    /* A packed kernel that fits comfortably in L2 (128 KiB of 1 MiB on Zen 4) stays there while
-     * each output row visits all its OC blocks; a larger one is walked block by block. */
-    a.rows_outer = nwq * (int64_t)wes <= QCONV_ROWS_OUTER_MAX_BYTES;
 
     int32_t qmax = precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
     job j = {.t = t, .a = &a, .x = x, .s = s_x, .qmax = qmax, .truncate = truncate, .store = xstore,

@@ -34,7 +34,6 @@ typedef struct {
     const int32_t *comp;            /* int8 dpbusd: 128 * sum of each OC's kernel (nocb*nr entries) */
     void *out;                      /* float (fp32, or fused) or int32 accumulators, (N, H, W, OC) */
     int fused;                      /* integer precisions: store float32(acc) * inv, not acc */
-    int rows_outer;                 /* loop order: rows then OC blocks (small kernels) or the reverse */
     float inv;
 } qconv_conv_args;
 
