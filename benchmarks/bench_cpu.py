@@ -155,22 +155,15 @@ def time_conv(precision, isa, threads, x, w, repeat):
             "pack": med("pack"), "isa": runs[0]["isa"], "other": other}
 
 
-def time_rounds(precision, isa, threads, x, w, repeat, rounds):
-    """`rounds` separate medians of `repeat` calls; keeps the round whose median is lowest (on a
-    shared machine, the round least disturbed by other processes; its foreign load is reported)."""
-    return min((time_conv(precision, isa, threads, x, w, repeat) for _ in range(rounds)),
-               key=lambda r: r["convolve"])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=15, help="timed calls per configuration (median)")
     ap.add_argument("--scalar-repeat", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="c-avx2: rounds of --repeat calls; the least disturbed round's median is kept")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="sweeps over all c-avx2 configurations; per configuration the lowest median is kept")
     ap.add_argument("--threads", type=int, default=2, help="the multi-thread count (compared with 1)")
     ap.add_argument("--write", action="store_true", help="update benchmarks/RESULTS.md")
-    ap.add_argument("--wait-idle", type=float, default=60.0,
+    ap.add_argument("--wait-idle", type=float, default=20.0,
                     help="before each layer, wait up to this many seconds for other load to go")
     args = ap.parse_args()
     if _cext.load_error():
@@ -182,43 +175,56 @@ def main() -> None:
     configs = [("c-scalar", "scalar", [1])] + [("c-avx2", best, [1, nt])]
     if best != "avx2":
         configs.append(("c-avx2", "avx2", [1, nt]))
-    rows, summary = [], {}
-    for name, x, w in layers():
-        busy_seen.append(wait_idle(args.wait_idle))
-        more = measure_peaks([1, nt], tries=2)  # peaks sampled between layers too: keep the best
-        peaks = {k: max(v, more[k]) for k, v in peaks.items()}
+    # Sweeps: every sweep measures every (layer, config, precision, threads) once (a median of
+    # --repeat calls); the kept value is the lowest median over the sweeps. Sweeps spread each
+    # configuration's samples over the whole run, so a burst of load from other tenants of this
+    # shared machine spoils one sample of many configurations rather than all samples of one.
+    data = layers()
+    best_res: dict = {}
+    for sweep in range(args.rounds):
+        for li, (name, x, w) in enumerate(data):
+            busy_seen.append(wait_idle(args.wait_idle))
+            more = measure_peaks([1, nt], tries=2)  # peaks sampled throughout too: keep the best
+            peaks = {k: max(v, more[k]) for k, v in peaks.items()}
+            for backend, isa, tlist in configs:
+                if backend == "c-scalar" and sweep > 0:
+                    continue  # the scalar baseline is measured once
+                for prec in PRECISIONS:
+                    if backend == "c-avx2" and isa == "avx2" and best != "avx2" and prec in ("fp32", "int32"):
+                        continue  # the same kernels as the best family
+                    for t in tlist:
+                        r = time_conv(prec, isa, t, x, w, args.scalar_repeat if isa == "scalar" else args.repeat)
+                        key = (li, backend, isa, prec, t)
+                        if key not in best_res or r["convolve"] < best_res[key]["convolve"]:
+                            best_res[key] = r
+            print(f"sweep {sweep + 1}/{args.rounds}: {name} N={x.shape[0]} done", flush=True)
+    rows = []
+    for li, (name, x, w) in enumerate(data):
         n = x.shape[0]
         flops = 2 * n * x.shape[1] * x.shape[2] * w.shape[2] * w.shape[0] * w.shape[1] * w.shape[3]
         base = None
         for backend, isa, tlist in configs:
             for prec in PRECISIONS:
-                if backend == "c-avx2" and isa == "avx2" and best != "avx2" and prec in ("fp32", "int32"):
-                    continue  # the same kernels as the best family
-                res = {t: time_rounds(prec, isa, t, x, w, args.scalar_repeat if isa == "scalar" else args.repeat,
-                                      1 if isa == "scalar" else args.rounds)
-                       for t in tlist}
+                if (li, backend, isa, prec, tlist[0]) not in best_res:
+                    continue
+                res = {t: best_res[(li, backend, isa, prec, t)] for t in tlist}
                 t_hi = max(tlist)
                 r = res[t_hi]
                 gops = flops / r["convolve"] / 1e9
                 if backend == "c-scalar" and prec == "fp32":
                     base = r["convolve"]
                 ins = instruction(isa, prec)
-                peak = peaks.get((ins, t_hi))
-                row = {
+                rows.append({
                     "layer": name, "shape": f"{tuple(x.shape)} * {tuple(w.shape)}", "n": n,
                     "backend": backend, "isa": r["isa"], "precision": prec, "threads": t_hi,
-                    "ms": r["convolve"] * 1e3, "gops": gops, "instr": ins,
-                    "peak_pct": None if peak is None else 100 * gops / (2 * peak),
+                    "ms": r["convolve"] * 1e3, "gops": gops, "instr": ins, "peak_pct": None,
                     "speedup": base / r["convolve"] if base else None,
                     "scaling": res[1]["convolve"] / r["convolve"] if len(tlist) > 1 else None,
                     "qdq_pct": None if prec == "fp32" else 100 * r["qdq"] / r["convolve"],
                     "other_pct": 100 * max(v["other"] for v in res.values()),
                     "gops1": flops / res[1]["convolve"] / 1e9,
                     "peak1_pct": None,
-                }
-                rows.append(row)
-                print(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
-                      flush=True)
+                })
     late = measure_peaks([1, nt])  # peaks again at the end: the best of both is the peak
     peaks = {k: max(v, late[k]) for k, v in peaks.items()}
     for row in rows:
@@ -272,11 +278,12 @@ def render(rows, peaks, nt, best, args) -> str:
             lines.append(f"| {ins} | {lanes[ins]} | {peaks[(ins, 1)]:.1f} | {peaks[(ins, nt)]:.1f} |")
     lines.append("")
     lines.append("Convolutions: median of the C-timed convolve phase (c-avx2: the lowest of "
-                 f"{args.rounds} rounds' medians, each of {args.repeat} calls; c-scalar: one round of {args.scalar_repeat}); GOP/s = 2*N*H*W*OC*KH*KW*IC / time; "
+                 f"{args.rounds} medians of {args.repeat} calls, one per sweep over all configurations; "
+                 f"c-scalar: one median of {args.scalar_repeat}); GOP/s = 2*N*H*W*OC*KH*KW*IC / time; "
                  "% peak = GOP/s / (2 x the instruction's G MAC/s at the same thread count); "
                  "x scalar = c-scalar FP32 time / this time; 2T/1T = 1-thread time / 2-thread time; "
                  "q+dq = (quantize + dequantize) / convolve (c-avx2 dequantizes inside the convolve store); "
-                 "other = CPU share used by other processes during the kept round (max over the thread counts; "
+                 "other = CPU share used by other processes during the kept sample (max over the thread counts; "
                  "50% = one of the two CPUs taken by someone else, which halves a 2-thread run); "
                  "1T columns: the same kernels on one thread against the 1-thread peak.")
     lines.append("")
