@@ -145,11 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_cmd_backends)
 
     s = sub.add_parser("study", help="measure every backend x precision on layers; write plots and a report")
-    try:
-        from .study import cli as study_cli
-        study_cli.add_arguments(s)
-    except ImportError as e:  # pragma: no cover - the study ships with the package
-        s.set_defaults(study_missing=str(e))
+    from .study import cli as study_cli  # argparse only: the study's heavy imports wait for `run`
+    study_cli.add_arguments(s)
     s.set_defaults(func=_cmd_study)
     return p
 
