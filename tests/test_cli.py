@@ -50,7 +50,7 @@ def _one_line_error(p: subprocess.CompletedProcess, *needles: str) -> None:
 def test_conv_prints_report_and_writes_output(layer, tmp_path):
     xp, wp, x, w = layer
     out = tmp_path / "y.bin"
-    p = _run(["conv", str(xp), str(wp), "-b", "reference", "-o", str(out)], tmp_path)
+    p = _run(["conv", str(xp), str(wp), "-b", "reference", "-o", str(out), "-n", "3"], tmp_path)
     assert p.returncode == 0, p.stderr
     for label in ("layer", "backend", "phases", "speed", "NRMSE", "output"):
         assert any(line.startswith(label) for line in p.stdout.splitlines()), label
@@ -110,6 +110,7 @@ def test_backends_lists_reference(tmp_path):
     (["-s", "4"], "fp32 takes no scale"),
     (["-b", "tpu"], "unknown backend"),
     (["--threads", "2", "-b", "reference"], "does not take option"),
+    (["-n", "0"], "--repeat"),
 ])
 def test_conv_bad_arguments(layer, tmp_path, extra, needle):
     xp, wp, _, _ = layer

@@ -6,7 +6,9 @@ Every user error is one line on stderr and exit status 2; never a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -61,7 +63,7 @@ def _report_lines(r: ConvResult, x_shape: Sequence[int], w_shape: Sequence[int])
     ]
     if r.precision.is_integer:
         lines.append(f"scale      s_input={r.scale_input:.6g}  s_kernel={r.scale_kernel:.6g}  ({r.scale_reason})")
-    lines.append("phases     " + "  ".join(f"{p} {_fmt_ms(t)}" for p, t in r.phases.items()))
+    lines.append("phases     " + "  ".join(f"{p} {_fmt_ms(t)}" for p, t in r.phases.items()) + "  (medians)")
     lines.append(f"speed      {r.gops:.1f} GOP/s in the convolve phase")
     if r.precision.is_integer:
         if r.wrapped is None:
@@ -79,6 +81,18 @@ def _report_lines(r: ConvResult, x_shape: Sequence[int], w_shape: Sequence[int])
     return lines
 
 
+def _measured(x, w, precision, backend: str, repeat: int, **kwargs: Any) -> ConvResult:
+    """One warm-up call (it also gives the output, scales, overflow and NRMSE), then `repeat` timed
+    calls; the result carries the median of each phase."""
+    if repeat < 1:
+        raise QconvError(f"--repeat must be at least 1, got {repeat}")
+    first = conv2d_result(x, w, precision, backend, **kwargs)
+    kwargs.pop("accuracy", None)
+    runs = [conv2d_result(x, w, precision, backend, **kwargs).phases for _ in range(repeat)]
+    medians = {p: statistics.median(r[p] for r in runs) for p in first.phases}
+    return dataclasses.replace(first, phases=medians)
+
+
 def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
     opts: dict[str, Any] = {}
     if args.threads is not None:
@@ -91,8 +105,8 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_conv(args: argparse.Namespace) -> int:
     x, w = tensorfile.load_pair(args.input, args.kernel)
     scale = None if args.scale is None else parse_scale_text(args.scale)
-    r = conv2d_result(x, w, parse_precision(args.precision), args.backend, scale=scale,
-                      rounding=args.rounding, accuracy=not args.no_accuracy, **_backend_options(args))
+    r = _measured(x, w, parse_precision(args.precision), args.backend, args.repeat, scale=scale,
+                  rounding=args.rounding, accuracy=not args.no_accuracy, **_backend_options(args))
     if args.output:
         tensorfile.save(args.output, r.output)
     if args.json:
@@ -136,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="write the output tensor here (.bin)")
     c.add_argument("--threads", type=int, help="worker threads (c-avx2)")
     c.add_argument("--int8-path", choices=["mma", "dp4a"], help="INT8 kernel on cuda")
+    c.add_argument("-n", "--repeat", type=int, default=5,
+                   help="timed runs after one warm-up; phases are their medians (default 5)")
     c.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference (NRMSE)")
     c.add_argument("--json", action="store_true", help="print the result as JSON")
     c.set_defaults(func=_cmd_conv)
@@ -167,15 +183,18 @@ def convolution_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("-b", "--backend", default="auto", help="auto or a name from `qconv backends`")
     p.add_argument("-s", "--scale", help="S, S_INPUT,S_KERNEL, maxabs (default) or sweep")
     p.add_argument("-o", "--output", default="output_tensor.bin", help="where to write (default output_tensor.bin)")
+    p.add_argument("-n", "--repeat", type=int, default=5,
+                   help="timed runs after one warm-up; times are their medians (default 5)")
     args = p.parse_args(argv)
 
     def go() -> int:
         prec = parse_precision(args.mode)
         x, w = tensorfile.load_pair(args.input, args.kernel)
         scale = None if args.scale is None else parse_scale_text(args.scale)
-        r = conv2d_result(x, w, prec, args.backend, scale=scale, accuracy=prec.is_integer)
+        r = _measured(x, w, prec, args.backend, args.repeat, scale=scale, accuracy=prec.is_integer)
         tensorfile.save(args.output, r.output)
-        print(f"Convolution time ({r.backend}, {prec.value}): {_fmt_ms(r.phases['convolve'])}")
+        print(f"Convolution time ({r.backend}, {prec.value}, median of {args.repeat}): "
+              f"{_fmt_ms(r.phases['convolve'])}")
         if prec.is_integer:
             overhead = r.phases["quantize"] + r.phases["dequantize"]
             print(f"Quantization overhead: {_fmt_ms(overhead)} "
