@@ -348,3 +348,13 @@ def test_forked_child_gets_its_own_pool():
     with mp.get_context("fork").Pool(1) as pool:
         y = pool.apply_async(qconv.conv2d, (x, w, "int8", "c-avx2"), {"scale": 20.0, "threads": 3}).get(timeout=60)
     _assert_same_bits(y, ref, "forked child")
+
+
+def test_avx2_backend_reports_a_cpu_without_avx2(monkeypatch):
+    """On a CPU without AVX2/FMA, c-avx2 says so (and c-scalar still runs)."""
+    _need("c-scalar")
+    from qconv.backends import _cext, c_avx2, c_scalar
+    monkeypatch.setattr(_cext, "cpu_features", lambda: {"fma"})
+    ok, why = c_avx2.is_available()
+    assert not ok and "AVX2" in why and "c-scalar" in why
+    assert c_scalar.is_available()[0]
