@@ -50,10 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.layers:
         layers = load_layers(args.layers)
     else:
-        try:
-            from ..samples import sample_layers
-        except ImportError as e:
-            raise QconvError(f"no LAYERS given and the shipped sample layers are unavailable ({e})") from None
+        from ..samples import sample_layers
         from ..tensorfile import load_pair
         layers = [Layer(name, *load_pair(i, k), input_path=str(i), kernel_path=str(k))
                   for name, i, k in sample_layers()]
@@ -71,5 +68,15 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"interrupted: partial results in {out / 'results.json'}", file=sys.stderr)
         return 130
+    print(_answer_section((out / "report.md").read_text()))
     print(f"report: {out / 'report.md'}")
     return 0
+
+
+def _answer_section(report: str) -> str:
+    """The report's '## The answer' section, for the terminal."""
+    start = report.find("## The answer")
+    if start < 0:
+        return ""
+    end = report.find("\n## ", start + 1)
+    return report[start:end if end > 0 else None].strip() + "\n"
