@@ -161,6 +161,9 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--md")
+    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32,int16,int8-mma,int8-dp4a); default all")
+    ap.add_argument("--cases", default="1,2", help="exam cases, comma-separated")
+    ap.add_argument("--batches", default="1,32", help="N values, comma-separated")
     args = ap.parse_args()
     import torch
 
@@ -180,11 +183,12 @@ def main() -> int:
             "cudnn": torch.backends.cudnn.version(), "command": " ".join(sys.argv), "peaks": peaks}
     print(json.dumps(meta, indent=1))
     rows = []
-    for case in ("1", "2"):
+    want = set(filter(None, args.paths.split(",")))
+    for case in args.cases.split(","):
         d = Path(args.shared) / "data" / "exam" / case
         x1 = load_tensor(d / "input_tensor.bin")
         w = load_tensor(d / "kernel_tensor.bin")
-        for n in (1, 32):
+        for n in (int(v) for v in args.batches.split(",")):
             x = np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))
             kh, kw, oc, ic = w.shape
             flops = 2 * x.shape[0] * x.shape[1] * x.shape[2] * oc * kh * kw * ic
@@ -193,6 +197,8 @@ def main() -> int:
             row = {"case": case, "n": n, "flops": flops, "baselines": base, "ours": {}}
             for prec, opts in VARIANTS:
                 label = prec + ("-" + opts["int8_path"] if "int8_path" in opts else "")
+                if want and label not in want:
+                    continue
                 scale = None
                 if prec != "fp32":
                     ch = scales.choose("maxabs", parse_precision(prec), x1, w)
@@ -203,7 +209,10 @@ def main() -> int:
                     t["unfused"] = time_ours(xt, wt, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
                 if args.sweep:
                     sw = {}
-                    for tile in (cb.MMA_TILES if opts.get("int8_path") == "mma" else cb.TILES):
+                    tiles = cb.MMA_TILES if opts.get("int8_path") == "mma" else cb.TILES
+                    if prec == "fp32":  # both FP32 kernels: k-contiguous SIMT and outer product
+                        tiles = cb.TILES + cb.OUTER_TILES
+                    for tile in tiles:
                         for split in (1, 2, 4, 8):
                             try:
                                 sw[f"{tile}/{split}"] = time_ours(xt, wt, prec, scale,

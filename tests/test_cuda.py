@@ -127,6 +127,17 @@ def test_choose_tiling_fills_the_gpu():
         cb.choose_tiling(10, 10, 40, 132, split_k=0)
 
 
+def test_fp32_outer_tiles_are_consistent():
+    names = cb.kernel_names()["conv_f32_outer.cu"]
+    for t in cb.OUTER_TILES:
+        (bm, bn), (tm, tn) = (tuple(int(v) for v in part.split("x")) for part in t.split("/")[:2])
+        assert f"{bm}x{bn}" in cb.TILES and cb._outer_name(t) in names
+        assert cb._outer_threads(t) == bm * bn // (tm * tn) and cb._outer_threads(t) % 32 == 0
+    assert all(v is None or v in cb.OUTER_TILES for v in cb.F32_AUTO.values())
+    with pytest.raises(QconvError, match="128x64/8x8"):
+        cb.choose_tiling(10, 10, 40, 132, tile="128x64/2x2")
+
+
 # --------------------------------------------------------------------------- GPU: differential
 
 def _run_both(x, w, precision, path, scale=None, rounding="nearest", **opts):
@@ -211,6 +222,42 @@ def test_every_tile_and_split(precision, path, tile, split_k):
     for fuse in (True, False):
         got, ref = _run_both(x, w, precision, path, 200.0, tile=tile, split_k=split_k, fuse_dequantize=fuse)
         _assert_matches(x, w, precision, got, ref)
+
+
+@gpu
+@pytest.mark.parametrize("tile", cb.OUTER_TILES)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_fp32_outer_every_tile_and_split(tile, split_k):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 70, 24)) * 0.3).astype(np.float32)
+    got, _ = _run_both(x, w, "fp32", None, tile=tile, split_k=split_k)
+    _assert_matches(x, w, "fp32", got, None)
+
+
+@gpu
+@pytest.mark.parametrize("tile", cb.OUTER_TILES)
+@pytest.mark.parametrize("shapes", BOUNDARY, ids=lambda s: "x".join(map(str, s[0])) + "-" + "x".join(map(str, s[1])))
+def test_fp32_outer_tile_boundaries(tile, shapes):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal(shapes[0]) * 3).astype(np.float32)
+    w = (rng.standard_normal(shapes[1]) * 0.3).astype(np.float32)
+    for split_k in (1, 2):
+        got, _ = _run_both(x, w, "fp32", None, tile=tile, split_k=split_k)
+        _assert_matches(x, w, "fp32", got, None)
+
+
+@gpu
+def test_fp32_kernel_choice():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((4, 16, 16, 32)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 64, 32)).astype(np.float32)
+    k = lambda **o: cb.profile(Plan(Precision.FP32, options=o), x, w, reps=1)["kernel"]  # noqa: E731
+    (bm, bn), _ = cb.choose_tiling(4 * 16 * 16, 64, 288 // 16, cb._runtime().num_sms)
+    auto = cb.F32_AUTO.get((bm, bn))
+    assert k() == (cb._outer_name(auto) if auto else f"qconv_f32_conv_simt_{bm}x{bn}")
+    assert k(tile="64x64") == "qconv_f32_conv_simt_64x64"           # the SIMT kernel stays reachable
+    assert k(tile="64x64/4x4") == "qconv_f32_conv_outer_64x64_4x4"
 
 
 @gpu

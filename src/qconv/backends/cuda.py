@@ -7,7 +7,11 @@ to the reference; CUDA events time each phase; host<->device copies are the "tra
 
 Options (``qconv.conv2d(..., backend="cuda", **options)``):
     int8_path: "mma" (tensor cores, the default: faster on every measured layer) or "dp4a".
-    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile.
+    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile;
+        for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu)
+        with a TMxTN thread tile. FP32 "auto" takes the block tile and split-K of the "auto" rule
+        and runs it on the kernel F32_AUTO names; an explicit "BMxBN" runs the older
+        k-contiguous SIMT kernel (qconv_simt.cu).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
     fuse_dequantize: True (default) dequantizes in the convolution's epilogue when split_k == 1
         (same bits; the dequantize phase then reads 0); False runs the separate dequantize kernel.
@@ -38,6 +42,12 @@ INT8_PATHS = ("mma", "dp4a")
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
 STAGES = 3
+# FP32 outer-product kernels (conv_f32_outer.cu): "BMxBN/TMxTN" (threads = BM*BN/(TM*TN))
+OUTER_TILES = ("128x128/8x8", "128x64/8x4", "128x64/8x8", "128x64/8x8/k8", "64x64/4x4", "64x64/8x4",
+               "64x32/4x4")  # "/k8": 8-word K tiles
+# FP32 "auto": block tile (from choose_tiling) -> outer-product tile; a block tile not listed runs
+# the SIMT kernel (64x64 + split-K at N=1 measured 17-18 us SIMT vs 21-22 us outer, RESULTS.md)
+F32_AUTO = {(128, 64): "128x64/8x8/k8"}
 SIMT_BKW, MMA_BKW = 16, 32  # K words per pipeline stage (must match the .cu files)
 
 # precision -> (bytes per element, kernel module, kernel name prefix, type suffix)
@@ -58,8 +68,18 @@ def kernel_names() -> dict[str, list[str]]:
     quant = ["qconv_gate_wait", "qconv_dequantize_s32", "qconv_dequantize_s32_tail", "qconv_pad_x_f32", "qconv_pack_w_f32"]
     for suf in ("s8", "s16", "s32"):
         quant += [f"qconv_quantize_x_{suf}", f"qconv_quantize_x4_{suf}", f"qconv_pack_w_{suf}"]
+    out["conv_f32_outer.cu"] = [_outer_name(t) for t in OUTER_TILES]
     out["quant.cu"] = quant
     return out
+
+
+def _outer_name(tile: str) -> str:
+    return "qconv_f32_conv_outer_" + tile.replace("/", "_")
+
+
+def _outer_threads(tile: str) -> int:
+    (bm, bn), (tm, tn) = (tuple(int(v) for v in part.split("x")) for part in tile.split("/")[:2])
+    return bm * bn // (tm * tn)
 
 
 # --------------------------------------------------------------------------- availability
@@ -381,7 +401,8 @@ def _roundup(a: int, b: int) -> int:
 def _parse_tile(t: str, mma: bool = False) -> tuple[int, int]:
     tiles = MMA_TILES if mma else TILES
     if t not in tiles:
-        raise QconvError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto')")
+        extra = "" if mma else f"; FP32 also {', '.join(OUTER_TILES)}"
+        raise QconvError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
     bm, bn = t.split("x")
     return int(bm), int(bn)
 
@@ -479,12 +500,21 @@ class _Job:
         self.ocp = _roundup(oc, 128)
         bkw = MMA_BKW if mma else SIMT_BKW
         ktiles = kpw // bkw
-        (bm, bn), split = choose_tiling(m, oc, ktiles, rt.num_sms, plan.options.get("tile", "auto"),
-                                        plan.options.get("split_k", "auto"), mma)
+        tile = plan.options.get("tile", "auto")
+        outer = None
+        if prec is Precision.FP32 and tile in OUTER_TILES:
+            outer = tile
+            tile = tile.split("/")[0]
+        (bm, bn), split = choose_tiling(m, oc, ktiles, rt.num_sms, tile, plan.options.get("split_k", "auto"), mma)
+        if prec is Precision.FP32 and tile == "auto":
+            outer = F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
         self.split = math.ceil(ktiles / kps)
-        self.smem = STAGES * (bm + bn) * (bkw + 4) * 4
-        self.conv_name = f"{prefix}_{bm}x{bn}"
+        if outer is not None:  # static shared memory, its own block size
+            module, self.conv_name, self.smem, self.threads = "conv_f32_outer.cu", _outer_name(outer), 0, _outer_threads(outer)
+        else:
+            self.smem = STAGES * (bm + bn) * (bkw + 4) * 4
+            self.conv_name, self.threads = f"{prefix}_{bm}x{bn}", 256
         self.conv_f = rt.func(module, self.conv_name, self.smem)
         self.grid = (math.ceil(m / bm), math.ceil(oc / bn), self.split)
         self.mode = 2 if self.split > 1 else (1 if prec.is_integer and fuse else 0)
@@ -529,7 +559,7 @@ class _Job:
         rt.record(ev + 1)
         if self.split > 1:
             _ck(drv.cuMemsetD32Async(self.out_ptr, 0, m * self.oc, rt.stream), "cuMemsetD32Async(output)")
-        rt.launch(self.conv_f, self.conv_name, self.grid, 256, self.smem, [self.params])
+        rt.launch(self.conv_f, self.conv_name, self.grid, self.threads, self.smem, [self.params])
         rt.record(ev + 2)
         if self.prec.is_integer and self.mode != 1:  # in place: int32 accumulators become float32
             total = m * self.oc
