@@ -55,6 +55,9 @@ enum qconv_peak_instr {
     QCONV_PEAK_SCALAR_FMA = 5  /* scalar float mul + add, the c-scalar baseline's instruction */
 };
 
+/* Worker threads one call may use (qconv_conv2d, qconv_peak). */
+enum qconv_limits { QCONV_MAX_THREADS = 256 };
+
 /* Bits of qconv_conv2d's flags. */
 enum qconv_flags {
     QCONV_FLAG_SEPARATE_DEQUANTIZE = 1  /* SIMD families: dequantize in its own pass over int32

@@ -7,7 +7,7 @@
 #ifndef QCONV_THREADPOOL_H
 #define QCONV_THREADPOOL_H
 
-#define QCONV_MAX_THREADS 256
+#include "qconv.h" /* QCONV_MAX_THREADS, status codes */
 
 typedef void (*qconv_task_fn)(void *arg, int ith, int nth);
 

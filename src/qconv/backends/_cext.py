@@ -14,14 +14,24 @@ import numpy as np
 
 from ..errors import BackendUnavailable, QconvError
 
-# Mirrors of the C enums (the values are also readable from lib, once it is built).
-PRECISION_CODES = {"fp32": 0, "int32": 1, "int16": 2, "int8": 3}
-ISA_CODES = {"auto": -1, "scalar": 0, "avx2": 1, "avx512vnni": 2, "avxvnni": 3}
-ISA_NAMES = {v: k for k, v in ISA_CODES.items()}
-PEAK_CODES = {"fma": 0, "mullo": 1, "madd": 2, "dpwssd": 3, "dpbusd": 4, "scalar-fma": 5}
-FEATURE_BITS = {"avx2": 1, "fma": 2, "avx512vnni_vl": 4, "avxvnni": 8}
-FLAG_SEPARATE_DEQUANTIZE = 1
-MAX_THREADS = 256
+# Names the Python side uses -> the C constants (csrc/qconv.h); the values live in C only.
+PRECISION_CODES = {"fp32": "QCONV_FP32", "int32": "QCONV_INT32", "int16": "QCONV_INT16", "int8": "QCONV_INT8"}
+ISA_CODES = {"auto": "QCONV_ISA_AUTO", "scalar": "QCONV_ISA_SCALAR", "avx2": "QCONV_ISA_AVX2",
+             "avx512vnni": "QCONV_ISA_AVX512VNNI", "avxvnni": "QCONV_ISA_AVXVNNI"}
+PEAK_CODES = {"fma": "QCONV_PEAK_FMA", "mullo": "QCONV_PEAK_MULLO", "madd": "QCONV_PEAK_MADD",
+              "dpwssd": "QCONV_PEAK_DPWSSD", "dpbusd": "QCONV_PEAK_DPBUSD",
+              "scalar-fma": "QCONV_PEAK_SCALAR_FMA"}
+FEATURE_BITS = {"avx2": "QCONV_CPU_AVX2", "fma": "QCONV_CPU_FMA", "avx512vnni_vl": "QCONV_CPU_AVX512VNNI_VL",
+                "avxvnni": "QCONV_CPU_AVXVNNI"}
+
+
+def _c(name: str) -> int:
+    """The value of a constant of csrc/qconv.h."""
+    return int(getattr(_lib()[1], name))
+
+
+def max_threads() -> int:
+    return _c("QCONV_MAX_THREADS")
 
 
 @functools.lru_cache(maxsize=1)
@@ -57,12 +67,16 @@ def _check(status: int, what: str) -> None:
         raise QconvError(f"{what} failed: {strerror(status)} (qconv status {status})")
 
 
+def _isa_name(code: int) -> str:
+    return next(name for name, const in ISA_CODES.items() if _c(const) == code)
+
+
 def cpu_features() -> set[str]:
     """The features qconv looks for that this CPU has: avx2, fma, avx512vnni_vl, avxvnni."""
     ffi, lib = _lib()
     out = ffi.new("uint32_t *")
     _check(lib.qconv_cpu_features(out), "qconv_cpu_features")
-    return {name for name, bit in FEATURE_BITS.items() if out[0] & bit}
+    return {name for name, bit in FEATURE_BITS.items() if out[0] & _c(bit)}
 
 
 def best_isa(cap: str = "auto") -> str:
@@ -71,8 +85,8 @@ def best_isa(cap: str = "auto") -> str:
         raise QconvError(f"unknown isa {cap!r}: choose one of {', '.join(ISA_CODES)}")
     ffi, lib = _lib()
     out = ffi.new("int *")
-    _check(lib.qconv_best_isa(ISA_CODES[cap], out), f"qconv_best_isa(cap={cap})")
-    return ISA_NAMES[out[0]]
+    _check(lib.qconv_best_isa(_c(ISA_CODES[cap]), out), f"qconv_best_isa(cap={cap})")
+    return _isa_name(out[0])
 
 
 def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s_w: float, inv: float,
@@ -84,8 +98,8 @@ def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s
         raise QconvError(f"unknown precision {precision!r}")
     if isa not in ISA_CODES:
         raise QconvError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= MAX_THREADS:
-        raise QconvError(f"threads must be an integer in 1..{MAX_THREADS}, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= max_threads():
+        raise QconvError(f"threads must be an integer in 1..{max_threads()}, got {threads!r}")
     for name, a in (("input", x), ("kernel", w)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 4 or not a.flags.c_contiguous:
             raise QconvError(f"{name} must be a C-contiguous 4-D float32 numpy array")
@@ -105,15 +119,15 @@ def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s
     y = np.empty((n, h, wd, oc), dtype=np.float32)
     t = ffi.new("qconv_timings *")
     st = lib.qconv_conv2d(
-        PRECISION_CODES[precision], ISA_CODES[isa], int(threads), int(bool(truncate)),
-        0 if fuse_dequantize else FLAG_SEPARATE_DEQUANTIZE,
+        _c(PRECISION_CODES[precision]), _c(ISA_CODES[isa]), int(threads), int(bool(truncate)),
+        0 if fuse_dequantize else _c("QCONV_FLAG_SEPARATE_DEQUANTIZE"),
         float(np.float32(s_x or 1.0)), float(np.float32(s_w or 1.0)), float(np.float32(inv or 1.0)),
         ffi.cast("const float *", ffi.from_buffer(x)), n, h, wd, c,
         ffi.cast("const float *", ffi.from_buffer(w)), kh, kw, oc,
         ffi.cast("float *", ffi.from_buffer(y)), t)
     _check(st, f"qconv_conv2d({precision}, isa={isa}, threads={threads})")
     return y, {"quantize": t.quantize, "pack": t.pack, "convolve": t.convolve,
-               "dequantize": t.dequantize, "isa": ISA_NAMES[t.isa], "threads": t.threads,
+               "dequantize": t.dequantize, "isa": _isa_name(t.isa), "threads": t.threads,
                "fused_dequantize": bool(t.fused_dequantize)}
 
 
@@ -121,9 +135,9 @@ def peak(instr: str, threads: int, iters: int) -> tuple[float, float]:
     """qconv_peak: run an instruction microbenchmark; returns (multiply-accumulates, seconds)."""
     if instr not in PEAK_CODES:
         raise QconvError(f"unknown instruction {instr!r}: choose one of {', '.join(PEAK_CODES)}")
-    if not 1 <= int(threads) <= MAX_THREADS or int(iters) < 1:
-        raise QconvError(f"threads must be in 1..{MAX_THREADS} and iters >= 1")
+    if not 1 <= int(threads) <= max_threads() or int(iters) < 1:
+        raise QconvError(f"threads must be in 1..{max_threads()} and iters >= 1")
     ffi, lib = _lib()
     macs, secs = ffi.new("double *"), ffi.new("double *")
-    _check(lib.qconv_peak(PEAK_CODES[instr], int(threads), int(iters), macs, secs), f"qconv_peak({instr})")
+    _check(lib.qconv_peak(_c(PEAK_CODES[instr]), int(threads), int(iters), macs, secs), f"qconv_peak({instr})")
     return macs[0], secs[0]

@@ -59,8 +59,8 @@ def resolve(options: dict) -> tuple[str, int]:
     threads = options.get("threads")
     if threads is None:
         threads = default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _cext.MAX_THREADS:
-        raise QconvError(f"c-avx2: threads must be an integer in 1..{_cext.MAX_THREADS}, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _cext.max_threads():
+        raise QconvError(f"c-avx2: threads must be an integer in 1..{_cext.max_threads()}, got {threads!r}")
     isa = options.get("isa") or os.environ.get("QCONV_ISA", "").strip().lower() or "auto"
     if isa not in ISAS:
         raise QconvError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")
