@@ -221,6 +221,13 @@ class _Evaluator:
         return row
 
 
+def evaluate_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int", s_x: float, s_w: float,
+                    *, reference: np.ndarray, rounding: "Rounding | str" = "nearest") -> SweepRow:
+    """One (s_x, s_w) evaluated exactly as every backend computes it: NRMSE, wrapped outputs, max|q|."""
+    p, r = parse_precision(precision), parse_rounding(rounding)
+    return _Evaluator(x, w, p, r, np.asarray(reference, dtype=np.float64))(s_x, s_w, "given")
+
+
 def _log2_range(lo: float, hi: float, per_octave: int) -> list[float]:
     a, b = math.floor(math.log2(lo) * per_octave), math.ceil(math.log2(hi) * per_octave)
     return [2.0 ** (i / per_octave) for i in range(a, b + 1)]

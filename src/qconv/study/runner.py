@@ -36,7 +36,7 @@ from ..contract import (Precision, conv2d_float64, conv2d_int_wrapped, dequant_f
                         fp32_error_bound, parse_precision, quantize)
 from ..errors import QconvError
 from ..scales import choose as choose_scale
-from ..sweep import sweep_scales
+from ..sweep import evaluate_scales, sweep_scales
 from ..tensorfile import load_pair
 from . import energy, machine
 
@@ -318,13 +318,10 @@ class Study:
             self.results["sweeps"].append(d)
         # maxabs, evaluated exactly as the contract defines it
         mc = choose_scale("maxabs", p, x, layer.w)
-        qx, qw = quantize(x, mc.s_x, p), quantize(layer.w, mc.s_w, p)
-        acc, wrapped = conv2d_int_wrapped(qx, qw)
-        y = dequantize(acc, dequant_factor(mc.s_x, mc.s_w))
-        from ..contract import nrmse
+        ma = evaluate_scales(x, layer.w, p, mc.s_x, mc.s_w, reference=ref)
         strat = []
         b, bt, bp = near.best_single, trunc.best_single, near.best_pair
-        strat.append(("maxabs", float(mc.s_x), float(mc.s_w), nrmse(y, ref), wrapped / ref.size, "nearest", mc.reason))
+        strat.append(("maxabs", ma.s_x, ma.s_w, ma.nrmse, ma.wrapped_fraction, "nearest", mc.reason))
         strat.append(("sweep-S", b.s_x, b.s_w, b.nrmse, b.wrapped_fraction, "nearest", near.reason))
         strat.append(("sweep-S-truncate", bt.s_x, bt.s_w, bt.nrmse, bt.wrapped_fraction, "truncate", trunc.reason))
         if bp is not None:
