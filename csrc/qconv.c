@@ -170,6 +170,15 @@ typedef struct {
     void *wq;           /* the packed kernel being written */
 } job;
 
+/* Worker ith's share [*lo, *hi) of [0, total) in whole 16-element vectors (the last share ends
+ * at total). */
+static void split_vectors(int64_t total, int ith, int nth, long long *lo, long long *hi)
+{
+    qconv_split((total + 15) / 16, ith, nth, lo, hi);
+    *lo *= 16;
+    *hi = *hi * 16 < total ? *hi * 16 : total;
+}
+
 /* Quantize x into the padded layout, one padded row (n, i) at a time, and (integer precisions)
  * this worker's contiguous share of the kernel into wtmp. */
 static void quantize_task(void *p, int ith, int nth)
@@ -178,9 +187,7 @@ static void quantize_task(void *p, int ith, int nth)
     if (j->wtmp != NULL) {
         int64_t nk = j->a->kh * j->a->kw * j->a->oc * j->a->c;
         long long lo, hi;
-        qconv_split((nk + 15) / 16, ith, nth, &lo, &hi);   /* whole vectors per worker */
-        lo *= 16;
-        hi = hi * 16 < nk ? hi * 16 : nk;
+        split_vectors(nk, ith, nth, &lo, &hi);
         if (lo < hi)
             j->t->quantize(j->k + lo, hi - lo, j->s_w, j->qmax, j->truncate, j->wstore,
                            (char *)j->wtmp + (size_t)lo * store_size(j->wstore));
@@ -235,9 +242,7 @@ static void dequantize_task(void *p, int ith, int nth)
     const job *j = p;
     int64_t total = j->a->n * j->a->h * j->a->w * j->a->oc;
     long long lo, hi;
-    qconv_split((total + 15) / 16, ith, nth, &lo, &hi);  /* whole vectors per worker */
-    lo *= 16;
-    hi = hi * 16 < total ? hi * 16 : total;
+    split_vectors(total, ith, nth, &lo, &hi);
     if (lo < hi)
         j->t->dequantize(j->acc + lo, hi - lo, j->inv, j->y + lo);
 }
