@@ -406,7 +406,8 @@ def test_unusable_output_folder_is_a_clear_error(tmp_path):
 
 def test_per_channel_scales_reduce_to_maxabs_and_help_when_channels_differ():
     from qconv.contract import Precision, conv2d_float64
-    from qconv.scales import choose
+    from qconv.contract import conv_spec
+    from qconv.scales import for_kernel
     from qconv.study.runner import _per_channel_maxabs
     rng = np.random.default_rng(9)
     x = rng.standard_normal((1, 6, 6, 4)).astype(np.float32)
@@ -418,7 +419,7 @@ def test_per_channel_scales_reduce_to_maxabs_and_help_when_channels_differ():
     ref_eq = conv2d_float64(x, w_eq)
     s_x, s_w, e, wf, _, _ = _per_channel_maxabs(x, w_eq, Precision.INT8, ref_eq)
     r = qconv.conv2d_result(x, w_eq, "int8", "reference", scale="maxabs", reference=ref_eq)
-    assert e == r.nrmse and s_w == pytest.approx(float(choose("maxabs", Precision.INT8, x, w_eq).s_w))
+    assert e == r.nrmse and s_w == pytest.approx(float(for_kernel("maxabs", Precision.INT8, w_eq, conv_spec(w_eq.shape)).s_w))
     w_scaled = w * np.array([1, 1e-3, 1e-2, 1e-1, 1], dtype=np.float32)[None, None, :, None]
     ref_s = conv2d_float64(x, w_scaled)
     e_pc = _per_channel_maxabs(x, w_scaled, Precision.INT8, ref_s)[2]

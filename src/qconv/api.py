@@ -1,8 +1,15 @@
-"""The public entry points: conv2d (the output) and conv2d_result (everything about the call)."""
+"""The public entry points.
+
+    conv = qconv.prepare(w, "int8", "c-avx2")   # kernel checked, quantized and packed once
+    y = conv(x)                                 # the hot path: only the answer
+    r = conv.result(x, accuracy=True)           # the answer and everything about it
+    y = qconv.conv2d(x, w, "int8")              # one shot: prepare, then call
+"""
 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,9 +17,10 @@ import numpy as np
 
 from . import backends, scales
 from .backends.base import PHASES
-from .contract import (Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped, count_saturated, nrmse,
-                       overflow_possible, parse_precision, parse_rounding, quantize)
-from .errors import QconvError
+from .contract import (ConvSpec, check_finite, Geometry, Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped,
+                       conv_spec, count_saturated, nrmse, overflow_possible, parse_precision, parse_rounding,
+                       quantize, quantize_kernel)
+from .errors import InputError
 
 # Refuse requests whose working set is absurd before anything is allocated (bytes).
 MAX_TENSOR_BYTES = 2**34
@@ -22,21 +30,22 @@ MAX_TENSOR_BYTES = 2**34
 class ConvResult:
     """One convolution: its output and what the user came for (time, accuracy, overflow, scales)."""
 
-    output: Any                     # float32 (N, H, W, OC); numpy, or a device array for device inputs
+    output: Any                     # float32 (N, Ho, Wo, OC); numpy, or a device array for device inputs
     precision: Precision
     backend: str
     rounding: Rounding
     scale_input: float | None       # s_x (None for fp32)
-    scale_kernel: float | None      # s_w
-    scale_strategy: str | None      # "single", "pair", "maxabs", "sweep"
+    scale_kernel: "float | list[float] | None"  # s_w, or one per output channel
+    scale_strategy: str | None      # "single", "pair", "maxabs", "maxabs-per-channel", "sweep-single", "sweep-pair"
     scale_reason: str
     phases: dict[str, float]        # seconds: quantize, pack, transfer, convolve, dequantize
     overflow_possible: bool         # K * max|q_x| * max|q_w| > 2^31 - 1
     wrapped: int | None             # outputs whose int32 accumulator wrapped (None: not computed)
     saturated: tuple[int, int] | None  # (input, kernel) elements clamped at +-Qmax when quantized
     nrmse: float | None             # against the float64 reference (None: not asked)
-    flops: int                      # 2 * N * H * W * OC * KH * KW * IC
+    flops: int                      # 2 * N * Ho * Wo * OC * KH * KW * C/groups
     options: dict[str, Any] = field(default_factory=dict)
+    layer: dict[str, Any] = field(default_factory=dict)  # stride, padding, groups, bias
 
     @property
     def convolve_seconds(self) -> float:
@@ -65,163 +74,266 @@ class ConvResult:
             "nrmse": self.nrmse,
             "output_shape": list(self.output.shape),
             "options": dict(self.options),
+            "layer": dict(self.layer),
         }
 
 
-def _is_device_array(a: object) -> bool:
-    return not isinstance(a, np.ndarray) and (
-        hasattr(a, "__cuda_array_interface__") or hasattr(a, "__dlpack__"))
+def is_device_array(a: object) -> bool:
+    """A GPU array (CUDA array interface, or DLPack on a non-CPU device)."""
+    if isinstance(a, np.ndarray):
+        return False
+    if hasattr(a, "__cuda_array_interface__"):
+        return True
+    dev = getattr(a, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            return int(dev()[0]) != 1  # kDLCPU = 1
+        except Exception:
+            return True
+    return False
 
 
-def _as_host_float32(a: object, what: str) -> np.ndarray:
+def as_host_float32(a: object, what: str) -> np.ndarray:
+    """A C-contiguous float32 numpy view or copy of `a` (numpy, DLPack CPU tensors, sequences)."""
     if isinstance(a, np.ndarray):
         arr = a
     else:
         try:
-            arr = np.asarray(a)
+            arr = np.from_dlpack(a) if hasattr(a, "__dlpack__") else np.asarray(a)
         except Exception as e:
-            raise QconvError(f"{what}: cannot be read as an array ({e})") from None
+            raise InputError(f"{what}: cannot be read as an array ({e})") from None
     if arr.dtype != np.float32:
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
-            raise QconvError(f"{what}: dtype {arr.dtype} is not a real number type (want float32)")
+            raise InputError(f"{what}: dtype {arr.dtype} is not a real number type (want float32)")
+        _check_bytes(arr.shape, what)
         with np.errstate(over="ignore"):  # reported just below, not as a warning
             converted = arr.astype(np.float32)
         if np.any(np.isfinite(arr) & ~np.isfinite(converted)):
-            raise QconvError(f"{what}: values beyond float32's range")
+            raise InputError(f"{what}: values beyond float32's range")
         arr = converted
-    return np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous or not arr.flags.aligned:
+        _check_bytes(arr.shape, what)
+        arr = np.ascontiguousarray(arr)
+        if not arr.flags.aligned:
+            arr = arr.copy()
+    return arr
+
+
+def _check_bytes(shape: tuple[int, ...], what: str) -> None:
+    nbytes = 4 * math.prod(int(d) for d in shape)
+    if nbytes > MAX_TENSOR_BYTES:
+        raise InputError(f"{what} would take {nbytes / 2**30:.1f} GiB, above qconv's "
+                         f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit per tensor")
 
 
 def _shape_of(a: object) -> tuple[int, ...]:
     return tuple(int(d) for d in a.shape)  # type: ignore[attr-defined]
 
 
-def validate(x: object, w: object) -> None:
-    """Shapes: x (N,H,W,C), w (KH,KW,OC,IC) with IC == C, all dims positive, sizes sane."""
-    xs, ws = _shape_of(x), _shape_of(w)
-    if len(xs) != 4:
-        raise QconvError(f"input must be 4-D (N, H, W, C), got shape {xs}")
-    if len(ws) != 4:
-        raise QconvError(f"kernel must be 4-D (KH, KW, OC, IC), got shape {ws}")
-    if any(d <= 0 for d in xs) or any(d <= 0 for d in ws):
-        raise QconvError(f"empty dimension: input {xs}, kernel {ws}")
-    if ws[3] != xs[3]:
-        raise QconvError(f"kernel IC={ws[3]} does not match the input's C={xs[3]} "
-                         f"(input {xs}, kernel (KH, KW, OC, IC) = {ws})")
-    n, h, wd, _ = xs
-    for what, nbytes in (("input", 4 * math.prod(xs)), ("kernel", 4 * math.prod(ws)),
-                         ("output", 4 * n * h * wd * ws[2])):
-        if nbytes > MAX_TENSOR_BYTES:
-            raise QconvError(f"{what} would take {nbytes / 2**30:.1f} GiB, above qconv's "
-                             f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit per tensor")
+class Conv:
+    """A prepared convolution: the kernel checked, its scale resolved, quantized and packed once,
+    where the backend computes. Calling it convolves one input; it is safe to call from several
+    threads at once. See qconv.prepare."""
+
+    def __init__(self, kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,
+                 stride: object = 1, padding: object = "same", groups: object = 1, bias: Any = None,
+                 scale: object = None, rounding: "Rounding | str" = "nearest",
+                 _choice: "scales.ScaleChoice | None" = None, **options: Any) -> None:
+        self.precision = parse_precision(precision)
+        self.rounding = parse_rounding(rounding)
+        self._backend = backends.get(backend)
+        self.backend = self._backend.NAME
+        self.kernel = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
+        self.spec: ConvSpec = conv_spec(self.kernel.shape, stride=stride, padding=padding, groups=groups,
+                                        bias_shape=None if bias is None else _shape_of(np.asarray(bias)))
+        _check_bytes(self.kernel.shape, "kernel")
+        check_finite(self.kernel, "kernel")
+        self.bias = None if bias is None else as_host_float32(bias, "bias")
+        if self.bias is not None:
+            check_finite(self.bias, "bias")
+        if not self.precision.is_integer:
+            if scale is not None:
+                raise InputError("fp32 takes no scale: scales apply to the integer precisions")
+            self.choice = None
+            self.plan = Plan(self.precision, self.rounding, options=dict(options), spec=self.spec, bias=self.bias)
+        else:
+            self.choice = _choice or scales.for_kernel(scale, self.precision, self.kernel, self.spec)
+            self.plan = Plan(self.precision, self.rounding, self.choice.s_x, self.choice.s_w, dict(options),
+                             self.spec, self.bias, self.choice.input_q)
+            if self.plan.s_x is not None:
+                self.plan.inv  # refuse scales whose dequantize factor leaves float32, now
+        self.options = dict(options)
+        self._packed = self._backend.prepare(self.plan, self.kernel)
+        self._geoms: dict[tuple[int, ...], Geometry] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        s = self.spec
+        return (f"qconv.Conv({s.kh}x{s.kw}, {s.c}->{s.oc}, stride={s.stride}, padding={s.padding!r}, "
+                f"groups={s.groups}, {self.precision.value}, backend={self.backend!r})")
+
+    def geometry(self, x_shape: tuple[int, ...]) -> Geometry:
+        g = self._geoms.get(x_shape)
+        if g is None:
+            g = self.spec.geometry(x_shape)
+            _check_bytes(g.out_shape, "output")
+            with self._lock:
+                self._geoms[x_shape] = g
+        return g
+
+    def _input(self, x: Any) -> Any:
+        if is_device_array(x):
+            if not getattr(self._backend, "ACCEPTS_DEVICE_ARRAYS", False):
+                raise InputError(f"backend {self.backend!r} takes host arrays; this input lives on a GPU: "
+                                 f"use backend='cuda' or copy it to the host first")
+            return x
+        if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned:
+            return x  # the hot path: nothing to convert
+        return as_host_float32(x, "input")
+
+    def _out(self, out: Any, g: Geometry) -> Any:
+        if out is None:
+            return None
+        if _shape_of(out) != g.out_shape or str(getattr(out, "dtype", "")) != "float32":
+            raise InputError(f"out= must be float32 of shape {g.out_shape} (N, Ho, Wo, OC), got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} {_shape_of(out) if hasattr(out, 'shape') else ''}")
+        if isinstance(out, np.ndarray) and not (out.flags.c_contiguous and out.flags.writeable):
+            raise InputError("out= must be a writeable C-contiguous array")
+        return out
+
+    def __call__(self, x: Any, *, out: Any = None) -> Any:
+        """The output, float32 (N, Ho, Wo, OC): numpy for host inputs, a device array for device inputs."""
+        x = self._input(x)
+        g = self.geometry(_shape_of(x))
+        return self._packed.run(x, g, self._out(out, g)).output
+
+    def result(self, x: Any, *, accuracy: bool = False, reference: np.ndarray | None = None,
+               out: Any = None) -> ConvResult:
+        """Convolve and report everything: output, scales and why, phase times, overflow, and (with
+        ``accuracy=True`` or a given float64 ``reference``) NRMSE and the exact count of wrapped outputs."""
+        x = self._input(x)
+        g = self.geometry(_shape_of(x))
+        run = self._packed.run(x, g, self._out(out, g))
+        prec, plan = self.precision, self.plan
+        wrapped, saturated, possible, err = run.wrapped, None, False, None
+        want_acc = accuracy or reference is not None
+        xh = None
+        if prec.is_integer or want_acc:
+            xh = as_host_float32(x, "input") if not is_device_array(x) else _to_host(x)
+        s_x = None
+        if prec.is_integer:
+            s_x = run.s_x if run.s_x is not None else plan.input_scale(xh)
+            qx_max = int(quantize(np.max(np.abs(xh)), s_x, prec, self.rounding))
+            qw_max = int(np.max(np.abs(quantize_kernel(self.kernel, plan.s_w, prec, self.rounding).astype(np.int64))))
+            possible = overflow_possible(qx_max, qw_max, self.spec.k)
+            saturated = (count_saturated(xh, s_x, prec, self.rounding),
+                         count_saturated(self.kernel, plan.s_w if np.ndim(plan.s_w) == 0 else plan.s_w[:, None],
+                                         prec, self.rounding))
+            if wrapped is None and not possible:
+                wrapped = 0
+            if wrapped is None and want_acc:
+                wrapped = conv2d_int_wrapped(quantize(xh, s_x, prec, self.rounding),
+                                             quantize_kernel(self.kernel, plan.s_w, prec, self.rounding), g)[1]
+        if want_acc:
+            ref = reference_output(xh, self.kernel, _geom=g, bias=self.bias) if reference is None \
+                else np.asarray(reference, dtype=np.float64)
+            out_h = run.output if isinstance(run.output, np.ndarray) else _to_host(run.output)
+            err = nrmse(out_h, ref)
+        ch = self.choice
+        s = self.spec
+        return ConvResult(
+            output=run.output, precision=prec, backend=self.backend, rounding=self.rounding,
+            scale_input=None if s_x is None else float(s_x),
+            scale_kernel=None if ch is None else (float(ch.s_w) if np.ndim(ch.s_w) == 0 else
+                                                  [float(v) for v in ch.s_w]),
+            scale_strategy=None if ch is None else ch.strategy,
+            scale_reason="fp32: no quantization" if ch is None else ch.reason,
+            phases={p: float(run.phases.get(p, 0.0)) for p in PHASES},
+            overflow_possible=possible, wrapped=wrapped, saturated=saturated, nrmse=err, flops=g.flops,
+            options=dict(self.options),
+            layer={"stride": list(s.stride), "padding": [[g.pt, g.pb], [g.pl, g.pr]], "groups": s.groups,
+                   "bias": self.bias is not None},
+        )
 
 
-def _check_finite(a: np.ndarray, what: str) -> None:
-    if not np.isfinite(a).all():
-        bad = int(np.count_nonzero(~np.isfinite(a)))
-        raise QconvError(f"{what} holds {bad} non-finite value(s) (NaN or inf): qconv convolves finite data only")
+def _to_host(a: Any) -> np.ndarray:
+    if hasattr(a, "copy_to_host"):
+        return np.asarray(a.copy_to_host(), dtype=np.float32)
+    try:
+        import cupy  # noqa: F401  (only if the user's array is a cupy one)
+    except ImportError:
+        pass
+    if hasattr(a, "cpu"):  # torch
+        return a.detach().cpu().numpy().astype(np.float32, copy=False)
+    return np.asarray(a, dtype=np.float32)
 
 
-def make_plan(x: np.ndarray, w: np.ndarray, precision: Precision, rounding: Rounding,
-              scale: object, options: dict[str, Any]) -> tuple[Plan, scales.ScaleChoice | None]:
-    if not precision.is_integer:
-        if scale is not None:
-            raise QconvError("fp32 takes no scale: scales apply to the integer precisions")
-        return Plan(precision, rounding, options=dict(options)), None
-    choice = scales.choose(scale, precision, x, w)
-    return Plan(precision, rounding, choice.s_x, choice.s_w, dict(options)), choice
+def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,
+            stride: object = 1, padding: object = "same", groups: object = 1, bias: Any = None,
+            scale: object = None, rounding: "Rounding | str" = "nearest", **options: Any) -> Conv:
+    """Prepare a convolution with this kernel for repeated calls: ``conv(x)``, ``conv.result(x)``.
 
-
-def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
-                  backend: str | None = None, *, scale: object = None,
-                  rounding: "Rounding | str" = "nearest", accuracy: bool = False,
-                  reference: np.ndarray | None = None, **options: Any) -> ConvResult:
-    """Convolve (SAME, stride 1) and report everything: output, scales and why, phase times,
-    overflow, and (with ``accuracy=True`` or a given float64 ``reference`` output) NRMSE and the
-    exact count of wrapped outputs.
-
-    input: float32 (N, H, W, C); kernel: float32 (KH, KW, OC, IC).
+    kernel: float32 (KH, KW, OC, C // groups).
     precision: fp32, int32, int16, int8 (or 32, 16, 8, "FP32", "INT16"...).
     backend: a name from qconv.available_backends(), or None/"auto" for the fastest available.
-    scale: integer precisions only — a number S for both tensors, a pair (s_input, s_kernel),
-        "maxabs" (the default: no overflow possible) or "sweep" (the S minimizing NRMSE here).
+    stride: int or (sh, sw). padding: "same" (default; TensorFlow's rule at stride > 1), "valid",
+        an int, (ph, pw) or ((top, bottom), (left, right)). groups: C and OC divisible by it.
+    bias: float32 (OC,), added after dequantization.
+    scale: integer precisions only, a multiplier (q = round(x*S)): a number S for both tensors, a
+        pair (s_input, s_kernel) with s_kernel one value or one per output channel,
+        qconv.StepSize(s) for a step size, "maxabs" (default) or "maxabs-per-channel".
     rounding: "nearest" (half to even, default) or "truncate" (the assignment's (int) cast).
     options: backend-specific, e.g. threads=2 for c-avx2, int8_path="dp4a" for cuda.
     """
+    return Conv(kernel, precision, backend, stride=stride, padding=padding, groups=groups, bias=bias,
+                scale=scale, rounding=rounding, **options)
+
+
+def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
+                  backend: str | None = None, *, stride: object = 1, padding: object = "same",
+                  groups: object = 1, bias: Any = None, scale: object = None,
+                  rounding: "Rounding | str" = "nearest", accuracy: bool = False,
+                  reference: np.ndarray | None = None, **options: Any) -> ConvResult:
+    """One convolution with everything about it (see Conv.result). Takes prepare()'s arguments;
+    scale may also be "sweep-single" ("sweep") or "sweep-pair", searched on this input."""
     prec = parse_precision(precision)
-    rnd = parse_rounding(rounding)
-    mod = backends.get(backend)
-    device = _is_device_array(input) or _is_device_array(kernel)
-    if device:
-        if not getattr(mod, "ACCEPTS_DEVICE_ARRAYS", False):
-            raise QconvError(f"backend {mod.NAME!r} takes host (numpy) arrays; this input lives on a "
-                             f"device: use backend='cuda' or copy it to the host first")
-        validate(input, kernel)
-        if accuracy or reference is not None or prec.is_integer and scale in (None, "maxabs", "sweep"):
-            # Data-dependent work (scales, the float64 reference) runs on the host.
-            raise QconvError("device arrays need an explicit numeric scale and accuracy=False; "
-                             "pass numpy arrays for maxabs/sweep scales or NRMSE")
-        x, w = input, kernel
-    else:
-        x = _as_host_float32(input, "input")
-        w = _as_host_float32(kernel, "kernel")
-        validate(x, w)
-        _check_finite(x, "input")
-        _check_finite(w, "kernel")
-    plan, choice = make_plan(x, w, prec, rnd, scale, options)
-
-    run = mod.run(plan, x, w)
-
-    kh, kw, oc, ic = _shape_of(w)
-    n, h, wd, _ = _shape_of(x)
-    flops = 2 * n * h * wd * oc * kh * kw * ic
-    k = kh * kw * ic
-    possible = False
-    wrapped = run.wrapped
-    saturated = None
-    err = None
-    if prec.is_integer and not device:
-        # Rounding and clamping are odd functions, so max|q(t)| = q(max|t|).
-        qx_max = int(quantize(np.max(np.abs(x)), plan.s_x, prec, rnd))
-        qw_max = int(quantize(np.max(np.abs(w)), plan.s_w, prec, rnd))
-        possible = overflow_possible(qx_max, qw_max, k)
-        saturated = (count_saturated(x, plan.s_x, prec, rnd), count_saturated(w, plan.s_w, prec, rnd))
-        if wrapped is None and not possible:
-            wrapped = 0
-        if wrapped is None and (accuracy or reference is not None):
-            wrapped = conv2d_int_wrapped(quantize(x, plan.s_x, prec, rnd),
-                                         quantize(w, plan.s_w, prec, rnd))[1]
-    if accuracy or reference is not None:
-        ref = conv2d_float64(x, w) if reference is None else np.asarray(reference, dtype=np.float64)
-        out = run.output if isinstance(run.output, np.ndarray) else np.asarray(run.output)
-        err = nrmse(out, ref)
-    return ConvResult(
-        output=run.output, precision=prec, backend=mod.NAME, rounding=rnd,
-        scale_input=None if choice is None else float(choice.s_x),
-        scale_kernel=None if choice is None else float(choice.s_w),
-        scale_strategy=None if choice is None else choice.strategy,
-        scale_reason="fp32: no quantization" if choice is None else choice.reason,
-        phases={p: float(run.phases.get(p, 0.0)) for p in PHASES},
-        overflow_possible=possible, wrapped=wrapped, saturated=saturated, nrmse=err, flops=flops, options=dict(options),
-    )
+    choice = None
+    if prec.is_integer and scales.strategy_name(scale) in scales.NEEDS_INPUT:
+        x = as_host_float32(input, "input") if not is_device_array(input) else _to_host(input)
+        w = as_host_float32(kernel, "kernel")
+        spec = conv_spec(w.shape, stride=stride, padding=padding, groups=groups)
+        spec.geometry(x.shape)
+        check_finite(x, "input")
+        check_finite(w, "kernel")
+        choice = scales.for_call(scale, prec, x, w, spec, parse_rounding(rounding))
+        scale = None
+    conv = Conv(kernel, prec, backend, stride=stride, padding=padding, groups=groups, bias=bias, scale=scale,
+                rounding=rounding, _choice=choice, **options)
+    return conv.result(input, accuracy=accuracy, reference=reference)
 
 
 def conv2d(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
-           backend: str | None = None, *, scale: object = None,
+           backend: str | None = None, *, stride: object = 1, padding: object = "same",
+           groups: object = 1, bias: Any = None, scale: object = None,
            rounding: "Rounding | str" = "nearest", **options: Any) -> Any:
-    """SAME, stride-1 convolution of NHWC float32 `input` with (KH, KW, OC, IC) `kernel`.
+    """Convolve NHWC float32 `input` with a (KH, KW, OC, C/groups) `kernel`: prepare, then call.
 
-    Returns the float32 (N, H, W, OC) output. See conv2d_result for the arguments and for
-    timings, scales, overflow and accuracy.
+    Returns the float32 (N, Ho, Wo, OC) output. See prepare for the arguments and conv2d_result
+    for timings, scales, overflow and accuracy.
     """
-    return conv2d_result(input, kernel, precision, backend, scale=scale, rounding=rounding,
-                         **options).output
+    prec = parse_precision(precision)
+    if prec.is_integer and scales.strategy_name(scale) in scales.NEEDS_INPUT:
+        return conv2d_result(input, kernel, prec, backend, stride=stride, padding=padding, groups=groups,
+                             bias=bias, scale=scale, rounding=rounding, **options).output
+    return Conv(kernel, prec, backend, stride=stride, padding=padding, groups=groups, bias=bias, scale=scale,
+                rounding=rounding, **options)(input)
 
 
-def reference_output(input: np.ndarray, kernel: np.ndarray) -> np.ndarray:
-    """The float64 convolution every NRMSE is measured against."""
-    x = _as_host_float32(input, "input")
-    w = _as_host_float32(kernel, "kernel")
-    validate(x, w)
-    return conv2d_float64(x, w)
-
+def reference_output(input: np.ndarray, kernel: np.ndarray, *, stride: object = 1, padding: object = "same",
+                     groups: object = 1, bias: np.ndarray | None = None, _geom: Geometry | None = None) -> np.ndarray:
+    """The float64 convolution (+ bias) every NRMSE is measured against."""
+    x = as_host_float32(input, "input")
+    w = as_host_float32(kernel, "kernel")
+    g = _geom or conv_spec(w.shape, stride=stride, padding=padding, groups=groups).geometry(x.shape)
+    y = conv2d_float64(x, w, g)
+    return y if bias is None else y + np.asarray(bias, dtype=np.float64)

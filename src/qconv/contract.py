@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import QconvError
+from .errors import InputError
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
@@ -36,7 +36,7 @@ class Precision(enum.Enum):
     def qmax(self) -> int:
         """Largest quantized magnitude: 2^(b-1) - 1 (symmetric; -2^(b-1) is never produced)."""
         if not self.is_integer:
-            raise QconvError("fp32 has no integer range")
+            raise InputError("fp32 has no integer range")
         return 2 ** (self.bits - 1) - 1
 
     @property
@@ -58,7 +58,7 @@ def parse_precision(p: "Precision | str | int") -> Precision:
         return p
     key = str(p).strip().lower()
     if isinstance(p, bool) or key not in _PRECISION_ALIASES:
-        raise QconvError(
+        raise InputError(
             f"unknown precision {p!r}: use fp32, int32, int16 or int8 (or the assignment's 32, 16, 8)"
         )
     return _PRECISION_ALIASES[key]
@@ -76,38 +76,86 @@ def parse_rounding(r: "Rounding | str") -> Rounding:
     aliases = {"nearest": Rounding.NEAREST, "rint": Rounding.NEAREST, "even": Rounding.NEAREST,
                "truncate": Rounding.TRUNCATE, "trunc": Rounding.TRUNCATE, "toward-zero": Rounding.TRUNCATE}
     if key not in aliases:
-        raise QconvError(f"unknown rounding {r!r}: use 'nearest' (half to even) or 'truncate'")
+        raise InputError(f"unknown rounding {r!r}: use 'nearest' (half to even) or 'truncate'")
     return aliases[key]
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything a backend needs besides the tensors: what to compute, exactly.
+    """A resolved call: everything a backend needs besides the tensors, exactly.
 
-    Scales are float32 values (the quantize multiply is one float32 multiply); ``inv`` is
-    float32(1 / (float64(s_x) * float64(s_w))), the single dequantize factor.
+    Scales are float32 values (the quantize multiply is one float32 multiply). ``s_w`` is one
+    value or one per output channel (an (OC,) float32 array). ``s_x`` is fixed, or None with
+    ``input_q`` set: then each call takes s_x = maxabs_scale(x, input_q) from its own input
+    (backends may compute it in a fused reduction; the value is the same bits).
     ``options`` holds backend-specific knobs (threads, int8 path...); each backend validates its own.
     """
 
     precision: Precision
     rounding: Rounding = Rounding.NEAREST
     s_x: np.float32 | None = None
-    s_w: np.float32 | None = None
+    s_w: "np.float32 | np.ndarray | None" = None
     options: dict[str, Any] = field(default_factory=dict)
+    spec: "ConvSpec | None" = None
+    bias: np.ndarray | None = None          # float32 (OC,), added after dequantization
+    input_q: int | None = None              # per-call maxabs input scale to this Q
 
     @property
-    def inv(self) -> np.float32:
+    def inv(self) -> "np.float32 | np.ndarray":
         if self.s_x is None or self.s_w is None:
-            raise QconvError("fp32 plan has no dequantize factor")
+            raise InputError("this plan has no fixed dequantize factor (fp32, or a per-call input scale)")
         return dequant_factor(self.s_x, self.s_w)
 
     @property
     def truncate(self) -> bool:
         return self.rounding is Rounding.TRUNCATE
 
+    @property
+    def per_channel(self) -> bool:
+        return isinstance(self.s_w, np.ndarray)
 
-def dequant_factor(s_x: float, s_w: float) -> np.float32:
-    return np.float32(1.0 / (float(np.float32(s_x)) * float(np.float32(s_w))))
+    def input_scale(self, x: np.ndarray) -> np.float32:
+        """s_x for this input: the fixed one, or maxabs to input_q (numpy; backends may fuse it)."""
+        if self.s_x is not None:
+            return self.s_x
+        if self.input_q is None:
+            raise InputError("fp32 has no input scale")
+        return maxabs_scale(x, self.input_q)
+
+
+def maxabs_scale(t: np.ndarray, q: int) -> np.float32:
+    """The largest float32 s with R(float32(max|t|) * s) <= q: s = float32(q / max|t|), stepped
+    down while float32 rounding of max|t| * s would pass q. An all-zero tensor gets s = 1."""
+    m = float(np.max(np.abs(t), initial=0.0))
+    if m == 0.0:
+        return np.float32(1.0)
+    with np.errstate(over="ignore"):  # denormal data: q / m past float32's range
+        s = np.float32(q / m)
+    if not np.isfinite(s):
+        raise InputError(f"max|value| = {m:.3g} is too small to scale to {q} within float32 "
+                         f"(the scale would be {q / m:.3g}): the tensor is all (near-)denormal")
+    while float(np.float32(np.float32(m) * s)) > q:
+        s = np.nextafter(s, np.float32(0))
+    return s
+
+
+def dequant_factor(s_x: float, s_w: "float | np.ndarray") -> "np.float32 | np.ndarray":
+    """inv = float32(1 / (float64(float32(s_x)) * float64(float32(s_w)))), one per channel for a
+    vector s_w. Refuses scales whose factor leaves float32 (every backend refuses alike)."""
+    sw64 = np.asarray(s_w, dtype=np.float32).astype(np.float64)
+    with np.errstate(over="ignore", divide="ignore"):
+        inv64 = 1.0 / (float(np.float32(s_x)) * sw64)
+        inv = inv64.astype(np.float32)
+    if not (np.all(np.isfinite(inv)) and np.all(inv > 0)):
+        raise InputError(f"scales s_input={float(np.float32(s_x)):g}, s_kernel={_fmt_scales(s_w)}: "
+                         f"1/(s_input*s_kernel) must be a positive finite float32 (between about 1e-38 "
+                         f"and 3e38), so the product of the scales must lie in about [3e-39, 8e37]")
+    return np.float32(inv) if inv.ndim == 0 else inv
+
+
+def _fmt_scales(s: "float | np.ndarray") -> str:
+    a = np.asarray(s)
+    return f"{float(a):g}" if a.ndim == 0 else f"[{float(a.min()):g} .. {float(a.max()):g}] per channel"
 
 
 def quantize(t: np.ndarray, s: float, precision: Precision,
@@ -115,26 +163,51 @@ def quantize(t: np.ndarray, s: float, precision: Precision,
     """q = clamp(R(float32(t) * float32(s)), -Qmax, Qmax), returned in the precision's int dtype."""
     qmax = precision.qmax
     with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
-        v = np.asarray(t, dtype=np.float32) * np.float32(s)  # one float32 multiply per element
+        v = np.asarray(t, dtype=np.float32) * (np.float32(s) if np.ndim(s) == 0 else np.asarray(s, np.float32))
     r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
     # Clamp in float64 so that +-Qmax (2^31-1 is not a float32) is exact; r is already an integer.
     r = np.clip(r.astype(np.float64), -qmax, qmax)
     return r.astype(precision.int_dtype)
 
 
+def quantize_kernel(w: np.ndarray, s_w: "float | np.ndarray", precision: Precision,
+                    rounding: Rounding = Rounding.NEAREST) -> np.ndarray:
+    """quantize() of a (KH, KW, OC, IC) kernel with one scale, or one per output channel."""
+    return quantize(w, _kernel_scale_view(s_w), precision, rounding)
+
+
+def _kernel_scale_view(s_w: "float | np.ndarray") -> "np.float32 | np.ndarray":
+    a = np.asarray(s_w, dtype=np.float32)
+    return np.float32(a) if a.ndim == 0 else a[:, None]  # (OC, 1): broadcasts over (KH, KW, OC, IC)
+
+
+def conv2d_quantized(x: np.ndarray, w: np.ndarray, precision: Precision, s_x: float,
+                     s_w: "float | np.ndarray", rounding: Rounding = Rounding.NEAREST,
+                     geom: "Geometry | None" = None, bias: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int]:
+    """The contract's integer pipeline, defined once: quantize both tensors, convolve exactly with
+    int32 wrap-around, dequantize (+ bias). Returns (y float32, acc int32, wrapped outputs)."""
+    inv = dequant_factor(s_x, s_w)
+    acc, wrapped = conv2d_int_wrapped(quantize(x, s_x, precision, rounding),
+                                      quantize_kernel(w, s_w, precision, rounding), geom)
+    return dequantize(acc, inv, bias), acc, wrapped
+
+
 def count_saturated(t: np.ndarray, s: float, precision: Precision,
                     rounding: Rounding = Rounding.NEAREST) -> int:
     """How many elements quantize() clamps: |R(float32(t) * float32(s))| > Qmax."""
     with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
-        v = np.abs(np.asarray(t, dtype=np.float32) * np.float32(s))
+        v = np.abs(np.asarray(t, dtype=np.float32) * (np.float32(s) if np.ndim(s) == 0 else s))
     r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
     # Compare in float64: Qmax = 2^31-1 would round to 2^31 as a float32 and miss r == 2^31.
     return int(np.count_nonzero(r.astype(np.float64) > precision.qmax))
 
 
-def dequantize(acc: np.ndarray, inv: np.float32) -> np.ndarray:
-    """y = float32(acc) * inv: int32 -> float32 rounds to nearest even, then one float32 multiply."""
-    return np.asarray(acc, dtype=np.int32).astype(np.float32) * np.float32(inv)
+def dequantize(acc: np.ndarray, inv: "np.float32 | np.ndarray", bias: np.ndarray | None = None) -> np.ndarray:
+    """y = float32(acc) * inv[o] (+ bias[o]): int32 -> float32 rounds to nearest even, then one
+    float32 multiply and one float32 add, never fused. inv is one factor or one per output channel."""
+    y = np.asarray(acc, dtype=np.int32).astype(np.float32) * np.asarray(inv, dtype=np.float32)
+    return y if bias is None else y + np.asarray(bias, dtype=np.float32)
 
 
 def same_padding(kh: int, kw: int) -> tuple[int, int]:
@@ -143,29 +216,199 @@ def same_padding(kh: int, kw: int) -> tuple[int, int]:
     return (kh - 1) // 2, (kw - 1) // 2
 
 
-def conv2d_float64(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """SAME, stride-1 convolution in float64, one matmul per kernel tap (readable and BLAS-fast).
+def _pair(v: object, what: str) -> tuple[int, int]:
+    if isinstance(v, (bool, np.bool_)):
+        raise InputError(f"{what} must be an int or a pair of ints, got {v!r}")
+    if isinstance(v, (int, np.integer)):
+        return int(v), int(v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(e, (int, np.integer)) and not isinstance(e, (bool, np.bool_)) for e in v):
+        return int(v[0]), int(v[1])
+    raise InputError(f"{what} must be an int or a pair of ints, got {v!r}")
 
-    x: (N, H, W, C); w: (KH, KW, OC, IC). Returns (N, H, W, OC) float64.
+
+def _padding_spec(padding: object) -> "str | tuple[tuple[int, int], tuple[int, int]]":
+    """'same', 'valid', int, (ph, pw) or ((top, bottom), (left, right)) -> 'same' or explicit pads."""
+    if isinstance(padding, str):
+        key = padding.strip().lower()
+        if key == "same":
+            return "same"
+        if key == "valid":
+            return ((0, 0), (0, 0))
+        raise InputError(f"padding {padding!r}: use 'same', 'valid', an int, (ph, pw) or "
+                         f"((top, bottom), (left, right))")
+    if isinstance(padding, (tuple, list)) and len(padding) == 2 and all(
+            isinstance(p, (tuple, list)) for p in padding):
+        (t, b), (l, r) = _pair(padding[0], "padding (top, bottom)"), _pair(padding[1], "padding (left, right)")
+    else:
+        ph, pw = _pair(padding, "padding")
+        t, b, l, r = ph, ph, pw, pw
+    if min(t, b, l, r) < 0:
+        raise InputError(f"padding {padding!r} is negative")
+    return ((t, b), (l, r))
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """The kernel-side description of a convolution, fixed when it is prepared.
+
+    Kernel layout (KH, KW, OC, C // groups). ``padding`` is "same" (resolved per input size, the
+    TensorFlow rule at stride > 1) or explicit ((top, bottom), (left, right)).
     """
-    n, h, wd, c = x.shape
-    kh, kw, oc, ic = w.shape
-    pt, pl = same_padding(kh, kw)
-    xp = np.zeros((n, h + kh - 1, wd + kw - 1, c), dtype=np.float64)
-    xp[:, pt:pt + h, pl:pl + wd, :] = x
-    wt = np.asarray(w, dtype=np.float64)
-    y = np.zeros((n, h, wd, oc), dtype=np.float64)
-    for i in range(kh):
-        for j in range(kw):
-            y += xp[:, i:i + h, j:j + wd, :] @ wt[i, j].T
-    return y
+
+    kh: int
+    kw: int
+    oc: int
+    icg: int                     # input channels per group (the kernel's last axis)
+    stride: tuple[int, int] = (1, 1)
+    padding: "str | tuple[tuple[int, int], tuple[int, int]]" = "same"
+    groups: int = 1
+
+    @property
+    def c(self) -> int:
+        return self.icg * self.groups
+
+    @property
+    def k(self) -> int:
+        """Reduction length of one output: KH * KW * C / groups."""
+        return self.kh * self.kw * self.icg
+
+    @property
+    def is_default(self) -> bool:
+        """The assignment's layer: 'same', stride 1, one group."""
+        return self.stride == (1, 1) and self.padding == "same" and self.groups == 1
+
+    def geometry(self, x_shape: tuple[int, ...]) -> "Geometry":
+        """The whole layer for one input shape (N, H, W, C); refuses a shape that does not fit."""
+        xs = tuple(int(d) for d in x_shape)
+        if len(xs) != 4:
+            raise InputError(f"input must be 4-D (N, H, W, C), got shape {xs}")
+        if any(d <= 0 for d in xs):
+            raise InputError(f"empty dimension: input {xs}")
+        n, h, w, c = xs
+        if c != self.c:
+            if self.groups == 1:
+                raise InputError(f"kernel IC={self.icg} does not match the input's C={c} "
+                                 f"(input {xs}, kernel (KH, KW, OC, IC) = {(self.kh, self.kw, self.oc, self.icg)})")
+            raise InputError(f"kernel IC={self.icg} x groups={self.groups} = {self.c} does not match the "
+                             f"input's C={c} (input {xs}; a grouped kernel is (KH, KW, OC, C // groups))")
+        sh, sw = self.stride
+        if self.padding == "same":
+            ho, wo = -(-h // sh), -(-w // sw)
+            th, tw = max((ho - 1) * sh + self.kh - h, 0), max((wo - 1) * sw + self.kw - w, 0)
+            pads = ((th // 2, th - th // 2), (tw // 2, tw - tw // 2))
+        else:
+            pads = self.padding
+        (pt, pb), (pl, pr) = pads
+        if max(pt, pb) >= self.kh or max(pl, pr) >= self.kw:
+            raise InputError(f"padding {pads} is not smaller than the kernel {self.kh}x{self.kw}: "
+                             f"some outputs would read only padding")
+        hp, wp = h + pt + pb, w + pl + pr
+        if hp < self.kh or wp < self.kw:
+            raise InputError(f"the padded input {hp}x{wp} is smaller than the kernel {self.kh}x{self.kw}")
+        return Geometry(self, n, h, w, pt, pb, pl, pr, (hp - self.kh) // sh + 1, (wp - self.kw) // sw + 1)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """One convolution with its input size: everything a kernel's index math needs."""
+
+    spec: ConvSpec
+    n: int
+    h: int
+    w: int
+    pt: int
+    pb: int
+    pl: int
+    pr: int
+    ho: int
+    wo: int
+
+    @property
+    def out_shape(self) -> tuple[int, int, int, int]:
+        return (self.n, self.ho, self.wo, self.spec.oc)
+
+    @property
+    def flops(self) -> int:
+        """2 * N * Ho * Wo * OC * K (a multiply-add counts two)."""
+        return 2 * self.n * self.ho * self.wo * self.spec.oc * self.spec.k
+
+
+def check_layer(x_shape: tuple[int, ...], w_shape: tuple[int, ...], *, stride: object = 1,
+                padding: object = "same", groups: object = 1, bias_shape: tuple[int, ...] | None = None
+                ) -> Geometry:
+    """The contract's one shape and parameter check: input (N, H, W, C), kernel (KH, KW, OC, C/g)."""
+    return conv_spec(w_shape, stride=stride, padding=padding, groups=groups,
+                     bias_shape=bias_shape).geometry(x_shape)
+
+
+def conv_spec(w_shape: tuple[int, ...], *, stride: object = 1, padding: object = "same",
+              groups: object = 1, bias_shape: tuple[int, ...] | None = None) -> ConvSpec:
+    """The kernel-side half of check_layer: what prepare() can check before any input exists."""
+    ws = tuple(int(d) for d in w_shape)
+    if len(ws) != 4:
+        raise InputError(f"kernel must be 4-D (KH, KW, OC, IC), got shape {ws}")
+    if any(d <= 0 for d in ws):
+        raise InputError(f"empty dimension: kernel {ws}")
+    kh, kw, oc, icg = ws
+    sh, sw = _pair(stride, "stride")
+    if sh < 1 or sw < 1:
+        raise InputError(f"stride must be positive, got {stride!r}")
+    if isinstance(groups, (bool, np.bool_)) or not isinstance(groups, (int, np.integer)) or groups < 1:
+        raise InputError(f"groups must be a positive int, got {groups!r}")
+    g = int(groups)
+    if oc % g:
+        raise InputError(f"OC={oc} is not divisible by groups={g}")
+    if bias_shape is not None and tuple(bias_shape) != (oc,):
+        raise InputError(f"bias must have shape (OC,) = ({oc},), got {tuple(bias_shape)}")
+    return ConvSpec(kh, kw, oc, icg, (sh, sw), _padding_spec(padding), g)
+
+
+def default_geometry(x_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> Geometry:
+    """The assignment's layer ('same', stride 1, one group) for these shapes."""
+    return check_layer(x_shape, w_shape)
+
+
+def conv2d_direct(x: np.ndarray, w: np.ndarray, geom: Geometry | None = None,
+                  dtype: "type[np.floating]" = np.float64) -> np.ndarray:
+    """The convolution written plainly: one matmul (or broadcast product) per kernel tap and group.
+
+    Accumulates in ``dtype``: float64 for the reference every NRMSE is measured against (and,
+    on integer-valued inputs, the exact integer sum), float32 for the reference backend's FP32.
+    x: (N, H, W, C); w: (KH, KW, OC, C/g). Returns (N, Ho, Wo, OC) in ``dtype``.
+    """
+    g = geom if geom is not None else default_geometry(x.shape, w.shape)
+    s = g.spec
+    sh, sw = s.stride
+    xp = np.zeros((g.n, g.h + g.pt + g.pb, g.w + g.pl + g.pr, s.c), dtype=dtype)
+    xp[:, g.pt:g.pt + g.h, g.pl:g.pl + g.w, :] = x
+    wt = np.asarray(w, dtype=dtype)
+    ocg = s.oc // s.groups
+    y = np.zeros((g.n, g.ho, g.wo, s.groups, ocg), dtype=dtype)
+    # (G, ocg, icg) per tap; x taps viewed as (..., G, icg).
+    wg = wt.reshape(s.kh, s.kw, s.groups, ocg, s.icg)
+    for i in range(s.kh):
+        for j in range(s.kw):
+            xs = xp[:, i:i + sh * (g.ho - 1) + 1:sh, j:j + sw * (g.wo - 1) + 1:sw, :]
+            if s.groups == 1:
+                y[..., 0, :] += xs @ wg[i, j, 0].T
+            elif s.icg == 1:  # depthwise (and channel multipliers): a broadcast product
+                y += xs[..., :, None] * wg[i, j, :, :, 0]
+            else:
+                y += np.einsum("nhwgi,goi->nhwgo", xs.reshape(*xs.shape[:3], s.groups, s.icg), wg[i, j])
+    return y.reshape(g.out_shape)
+
+
+def conv2d_float64(x: np.ndarray, w: np.ndarray, geom: Geometry | None = None) -> np.ndarray:
+    """The float64 convolution every NRMSE is measured against (N, Ho, Wo, OC)."""
+    return conv2d_direct(x, w, geom, np.float64)
 
 
 # float64 holds every integer below 2^53 exactly.
 _EXACT_F64 = 2.0**53
 
 
-def conv2d_int_wrapped(qx: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, int]:
+def conv2d_int_wrapped(qx: np.ndarray, qw: np.ndarray, geom: Geometry | None = None) -> tuple[np.ndarray, int]:
     """Exact integer convolution of quantized tensors, wrapped to int32 as the contract says.
 
     Returns (acc as int32 with two's-complement wrap-around, number of outputs whose exact sum
@@ -177,18 +420,18 @@ def conv2d_int_wrapped(qx: np.ndarray, qw: np.ndarray) -> tuple[np.ndarray, int]
     mx = float(np.max(np.abs(np.asarray(qx, dtype=np.int64)), initial=0))
     mw = float(np.max(np.abs(np.asarray(qw, dtype=np.int64)), initial=0))
     if k * mx * mw < _EXACT_F64:
-        exact = conv2d_float64(qx, qw).astype(np.int64)
+        exact = conv2d_float64(qx, qw, geom).astype(np.int64)
         wrapped = int(np.count_nonzero((exact < INT32_MIN) | (exact > INT32_MAX)))
         return exact.astype(np.int32), wrapped  # int64 -> int32 keeps the low 32 bits
     # q = hi * 2^16 + lo with lo in [0, 2^16): every partial sum is below K * 2^32 < 2^53.
     if k * 2.0**33 >= _EXACT_F64:
-        raise QconvError(f"reduction length K={k} is too long for an exact reference (max 2^20)")
+        raise InputError(f"reduction length K={k} is too long for an exact reference (max 2^20)")
     qx64, qw64 = qx.astype(np.int64), qw.astype(np.int64)
     xh, xl = qx64 >> 16, qx64 & 0xFFFF
     wh, wl = qw64 >> 16, qw64 & 0xFFFF
-    a = conv2d_float64(xh, wh).astype(np.int64)                                  # * 2^32
-    b = (conv2d_float64(xh, wl) + conv2d_float64(xl, wh)).astype(np.int64)       # * 2^16
-    d = conv2d_float64(xl, wl).astype(np.int64)                                  # * 1
+    a = conv2d_float64(xh, wh, geom).astype(np.int64)                                  # * 2^32
+    b = (conv2d_float64(xh, wl, geom) + conv2d_float64(xl, wh, geom)).astype(np.int64)       # * 2^16
+    d = conv2d_float64(xl, wl, geom).astype(np.int64)                                  # * 1
     low = ((b & 0xFFFF) << 16) + d  # the exact sum modulo 2^32, up to a multiple of 2^32
     acc = (low & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
     # Outside int32 unless the approximate value is close to the range; decide those exactly.
@@ -204,14 +447,21 @@ def overflow_possible(qx_absmax: float, qw_absmax: float, k: int) -> bool:
     return k * qx_absmax * qw_absmax > INT32_MAX
 
 
+def check_finite(a: np.ndarray, what: str) -> None:
+    """Refuse NaN and inf: qconv convolves finite data at every precision (docs/SEMANTICS.md)."""
+    if not np.isfinite(a).all():
+        bad = int(np.count_nonzero(~np.isfinite(a)))
+        raise InputError(f"{what} holds {bad} non-finite value(s) (NaN or inf): qconv convolves finite data only")
+
+
 def nrmse(approx: np.ndarray, reference: np.ndarray) -> float:
     """sqrt(mean((x - y)^2)) / (max(Y) - min(Y)), Y the float64 reference (contract's metric)."""
     x = np.asarray(approx, dtype=np.float64)
     y = np.asarray(reference, dtype=np.float64)
     if x.shape != y.shape:
-        raise QconvError(f"nrmse: shapes differ, {x.shape} vs {y.shape}")
+        raise InputError(f"nrmse: shapes differ, {x.shape} vs {y.shape}")
     if y.size == 0:
-        raise QconvError("nrmse: empty tensors")
+        raise InputError("nrmse: empty tensors")
     rng = float(y.max() - y.min())
     rmse = math.sqrt(float(np.mean((x - y) ** 2)))
     if rng == 0.0:
@@ -219,8 +469,13 @@ def nrmse(approx: np.ndarray, reference: np.ndarray) -> float:
     return rmse / rng
 
 
-def fp32_error_bound(x: np.ndarray, w: np.ndarray, c: float = 2.0) -> np.ndarray:
-    """Per-output bound on |y32 - y64|: c * K * eps32 * sum |x * w| over the receptive field."""
+def fp32_error_bound(x: np.ndarray, w: np.ndarray, c: float = 2.0, geom: Geometry | None = None,
+                     bias: np.ndarray | None = None) -> np.ndarray:
+    """Per-output bound on |y32 - y64|: c * K * eps32 * sum |x * w| over the receptive field
+    (K = KH*KW*C/groups, the terms one output sums), plus one rounding of the bias add."""
     k = w.shape[0] * w.shape[1] * w.shape[3]
     eps32 = float(np.finfo(np.float32).eps)
-    return c * k * eps32 * conv2d_float64(np.abs(x), np.abs(w))
+    bound = c * k * eps32 * conv2d_float64(np.abs(x), np.abs(w), geom)
+    if bias is not None:
+        bound = bound * (1 + eps32) + eps32 * np.abs(conv2d_float64(x, w, geom) + np.asarray(bias, np.float64))
+    return bound

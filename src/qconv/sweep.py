@@ -25,7 +25,7 @@ import numpy as np
 
 from .contract import (Precision, Rounding, conv2d_float64, conv2d_int_wrapped, dequant_factor,
                        dequantize, nrmse, parse_precision, parse_rounding, quantize)
-from .errors import QconvError
+from .errors import InputError, QconvError
 
 __all__ = ["SweepRow", "SweepTable", "sweep_scales", "format_scale"]
 
@@ -94,7 +94,7 @@ class SweepTable:
     @property
     def best_single(self) -> SweepRow:
         if not self.rows:
-            raise QconvError("empty sweep")
+            raise InputError("empty sweep")
         return self._argmin(self.rows)
 
     @property
@@ -205,7 +205,7 @@ class _Evaluator:
         if key in self.cache:
             return self.cache[key]
         if not (math.isfinite(s_x) and math.isfinite(s_w) and s_x > 0 and s_w > 0):
-            raise QconvError(f"scales must be positive finite float32 values, got ({s_x!r}, {s_w!r})")
+            raise InputError(f"scales must be positive finite float32 values, got ({s_x!r}, {s_w!r})")
         qx, mx, cx, zx = self._q("x", s_x)
         qw, mw, cw, zw = self._q("w", s_w)
         if zx or zw:
@@ -269,20 +269,20 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
     """
     p = parse_precision(precision)
     if not p.is_integer:
-        raise QconvError("the scale sweep is for integer precisions (int32, int16, int8); fp32 has no scale")
+        raise InputError("the scale sweep is for integer precisions (int32, int16, int8); fp32 has no scale")
     rnd = parse_rounding(rounding)
     x = np.ascontiguousarray(x, dtype=np.float32)
     w = np.ascontiguousarray(w, dtype=np.float32)
     if x.ndim != 4 or w.ndim != 4 or w.shape[3] != x.shape[3]:
-        raise QconvError(f"sweep_scales: want x (N,H,W,C) and w (KH,KW,OC,IC) with IC == C, "
+        raise InputError(f"sweep_scales: want x (N,H,W,C) and w (KH,KW,OC,IC) with IC == C, "
                          f"got {x.shape} and {w.shape}")
     if not (np.isfinite(x).all() and np.isfinite(w).all()):
-        raise QconvError("sweep_scales: non-finite values in the input or kernel")
+        raise InputError("sweep_scales: non-finite values in the input or kernel")
     ref = conv2d_float64(x, w) if reference is None else np.asarray(reference, dtype=np.float64)
     if ref.shape != (x.shape[0], x.shape[1], x.shape[2], w.shape[2]):
-        raise QconvError(f"sweep_scales: reference shape {ref.shape} does not match the layer")
+        raise InputError(f"sweep_scales: reference shape {ref.shape} does not match the layer")
     if fine_per_octave < 1:
-        raise QconvError("fine_per_octave must be >= 1")
+        raise InputError("fine_per_octave must be >= 1")
     ev = _Evaluator(x, w, p, rnd, ref)
     k = w.shape[0] * w.shape[1] * w.shape[3]
     mx, mw = float(np.max(np.abs(x))), float(np.max(np.abs(w)))
@@ -291,7 +291,7 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
     if grid is not None:
         cands = sorted({float(np.float32(s)) for s in grid})
         if not cands:
-            raise QconvError("sweep_scales: empty grid")
+            raise InputError("sweep_scales: empty grid")
         rows = [ev(s, s, "grid") for s in cands]
     elif mx == 0.0 or mw == 0.0:
         rows = [ev(1.0, 1.0, "pow2")]  # the output is 0 whatever S is

@@ -8,7 +8,7 @@ import threading
 from types import ModuleType
 from typing import Iterator
 
-from ..errors import BackendUnavailable, QconvError
+from ..errors import BackendUnavailable, InputError
 
 # name -> module; "auto" tries them in this order (fastest first) and takes the first available.
 _MODULES = {
@@ -64,7 +64,7 @@ def get(name: str | None = None) -> ModuleType:
                 return mod
         raise BackendUnavailable("no backend is available (the reference backend should always be)")
     if key not in _MODULES:
-        raise QconvError(f"unknown backend {name!r}: choose one of auto, {', '.join(_MODULES)}")
+        raise InputError(f"unknown backend {name!r}: choose one of auto, {', '.join(_MODULES)}")
     mod, why = _load(key)
     if mod is None:
         raise BackendUnavailable(f"backend {key!r} is unavailable: {why}")

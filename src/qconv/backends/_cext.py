@@ -1,6 +1,6 @@
 """The C extension qconv._qconv_c, one Python wrapper per C entry point (see csrc/qconv.h).
 
-Each wrapper checks its arguments, allocates the outputs, calls, and raises QconvError through
+Each wrapper checks its arguments, allocates the outputs, calls, and raises InputError/BackendError through
 `_check` when the status is not QCONV_OK. The C side never sees a Python object, and cffi releases
 the GIL for the duration of each call, so several Python threads may call at once.
 """
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BackendUnavailable, QconvError
+from ..errors import BackendError, BackendUnavailable, InputError
 
 # Names the Python side uses -> the C constants (csrc/qconv.h); the values live in C only.
 PRECISION_CODES = {"fp32": "QCONV_FP32", "int32": "QCONV_INT32", "int16": "QCONV_INT16", "int8": "QCONV_INT8"}
@@ -64,7 +64,8 @@ def strerror(status: int) -> str:
 def _check(status: int, what: str) -> None:
     """The one place a C status becomes an exception."""
     if status != 0:
-        raise QconvError(f"{what} failed: {strerror(status)} (qconv status {status})")
+        err = InputError if status == _c("QCONV_EINVAL") else BackendError
+        raise err(f"{what} failed: {strerror(status)} (qconv status {status})")
 
 
 def _isa_name(code: int) -> str:
@@ -82,7 +83,7 @@ def cpu_features() -> set[str]:
 def best_isa(cap: str = "auto") -> str:
     """The best kernel family usable here, no higher than `cap` (a name from ISA_CODES)."""
     if cap not in ISA_CODES:
-        raise QconvError(f"unknown isa {cap!r}: choose one of {', '.join(ISA_CODES)}")
+        raise InputError(f"unknown isa {cap!r}: choose one of {', '.join(ISA_CODES)}")
     ffi, lib = _lib()
     out = ffi.new("int *")
     _check(lib.qconv_best_isa(_c(ISA_CODES[cap]), out), f"qconv_best_isa(cap={cap})")
@@ -95,26 +96,26 @@ def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s
     isa: name, threads: n, fused_dequantize: bool}). fuse_dequantize=False asks the SIMD families
     for a separate dequantize pass (the scalar family always has one)."""
     if precision not in PRECISION_CODES:
-        raise QconvError(f"unknown precision {precision!r}")
+        raise InputError(f"unknown precision {precision!r}")
     if isa not in ISA_CODES:
-        raise QconvError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
+        raise InputError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= max_threads():
-        raise QconvError(f"threads must be an integer in 1..{max_threads()}, got {threads!r}")
+        raise InputError(f"threads must be an integer in 1..{max_threads()}, got {threads!r}")
     for name, a in (("input", x), ("kernel", w)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or a.ndim != 4 or not a.flags.c_contiguous:
-            raise QconvError(f"{name} must be a C-contiguous 4-D float32 numpy array")
+            raise InputError(f"{name} must be a C-contiguous 4-D float32 numpy array")
         if a.size == 0:
-            raise QconvError(f"{name} is empty")
+            raise InputError(f"{name} is empty")
     n, h, wd, c = x.shape
     kh, kw, oc, ic = w.shape
     if ic != c:
-        raise QconvError(f"kernel IC={ic} does not match the input's C={c}")
+        raise InputError(f"kernel IC={ic} does not match the input's C={c}")
     is_int = precision != "fp32"
     if is_int:
         for name, v in (("s_x", s_x), ("s_w", s_w), ("inv", inv)):
             v32 = np.float32(v)
             if not (np.isfinite(v32) and v32 > 0):
-                raise QconvError(f"{name} must be a positive finite float32, got {v!r}")
+                raise InputError(f"{name} must be a positive finite float32, got {v!r}")
     ffi, lib = _lib()
     y = np.empty((n, h, wd, oc), dtype=np.float32)
     t = ffi.new("qconv_timings *")
@@ -134,9 +135,9 @@ def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s
 def peak(instr: str, threads: int, iters: int) -> tuple[float, float]:
     """qconv_peak: run an instruction microbenchmark; returns (multiply-accumulates, seconds)."""
     if instr not in PEAK_CODES:
-        raise QconvError(f"unknown instruction {instr!r}: choose one of {', '.join(PEAK_CODES)}")
+        raise InputError(f"unknown instruction {instr!r}: choose one of {', '.join(PEAK_CODES)}")
     if not 1 <= int(threads) <= max_threads() or int(iters) < 1:
-        raise QconvError(f"threads must be in 1..{max_threads()} and iters >= 1")
+        raise InputError(f"threads must be in 1..{max_threads()} and iters >= 1")
     ffi, lib = _lib()
     macs, secs = ffi.new("double *"), ffi.new("double *")
     _check(lib.qconv_peak(_c(PEAK_CODES[instr]), int(threads), int(iters), macs, secs), f"qconv_peak({instr})")

@@ -3,7 +3,7 @@
 Cubins are cached in memory and on disk (``$QCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/qconv``,
 else ``~/.cache/qconv``), keyed by a hash of the sources (the module and every header it may
 include), the options, the target arch and the NVRTC version, so a second process start compiles
-nothing. A compile failure raises QconvError carrying the NVRTC log.
+nothing. A compile failure raises BackendError carrying the NVRTC log.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from ..errors import QconvError
+from ..errors import BackendError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "cuda_kernels"
 # Files that other .cu files include (passed to NVRTC as headers); the rest are modules.
@@ -34,7 +34,7 @@ def _nvrtc():
     try:
         from cuda.bindings import nvrtc
     except ImportError as e:
-        raise QconvError(f"NVRTC is not importable ({e}): pip install qconv[cuda]") from None
+        raise BackendError(f"NVRTC is not importable ({e}): pip install qconv[cuda]") from None
     return nvrtc
 
 
@@ -42,7 +42,7 @@ def _check(nvrtc, result, call: str, log: str = "") -> None:
     if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, msg = nvrtc.nvrtcGetErrorString(result)
         text = msg.decode(errors="replace") if isinstance(msg, bytes) else str(msg)
-        raise QconvError(f"{call} failed: {text}" + (f"\nNVRTC log:\n{log}" if log else ""))
+        raise BackendError(f"{call} failed: {text}" + (f"\nNVRTC log:\n{log}" if log else ""))
 
 
 def version() -> tuple[int, int]:
@@ -109,7 +109,7 @@ def compile_module(module: str, arch: str, options: tuple[str, ...] = DEFAULT_OP
 
 def compile_source(source: str, headers: dict[str, str], name: str, arch: str,
                    options: tuple[str, ...] = DEFAULT_OPTIONS) -> bytes:
-    """Compile CUDA C++ to a cubin for `arch` with NVRTC; raises QconvError with the log."""
+    """Compile CUDA C++ to a cubin for `arch` with NVRTC; raises BackendError with the log."""
     nvrtc = _nvrtc()
     hnames = list(headers)
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), len(hnames),

@@ -1,12 +1,17 @@
-"""What every backend module provides, and what its run returns.
+"""What every backend module provides, and what its calls return.
 
 A backend is a module with:
     NAME: str
-    ACCEPTS_DEVICE_ARRAYS: bool            (True only where inputs may live on a GPU)
-    is_available() -> tuple[bool, str]     (False with the reason and how to fix it)
-    run(plan, x, w) -> BackendRun          (x, w validated float32, C-contiguous)
+    ACCEPTS_DEVICE_ARRAYS: bool              (True only where inputs may live on a GPU)
+    is_available() -> tuple[bool, str]       (False with the reason and how to fix it)
+    prepare(plan, w) -> Prepared             (w: checked float32 (KH, KW, OC, C/g) numpy)
 
-The backend quantizes, packs, [transfers,] convolves and dequantizes, timing each phase itself.
+A Prepared holds the kernel quantized and packed where the backend computes, and runs:
+    prepared.run(x, geom, out=None) -> BackendRun
+x: float32 NHWC, C-contiguous (numpy, or a device array where ACCEPTS_DEVICE_ARRAYS); geom: the
+checked contract.Geometry of this input; out: None or a float32 array of geom.out_shape to write.
+run refuses non-finite inputs (InputError), takes s_x per call when plan.input_q is set (maxabs),
+and times its own phases. It must be safe to call from several threads at once.
 """
 
 from __future__ import annotations
@@ -14,14 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
+from ..errors import InputError
+
 PHASES = ("quantize", "pack", "transfer", "convolve", "dequantize")
 
 
 @dataclass
 class BackendRun:
-    output: Any                                   # float32 (N, H, W, OC): numpy, or a device array
+    output: Any                                   # float32 (N, Ho, Wo, OC): numpy, or a device array
     phases: dict[str, float] = field(default_factory=dict)  # seconds, keys from PHASES
     wrapped: int | None = None                    # outputs whose int32 accumulator wrapped, if known
+    s_x: np.float32 | None = None                 # the input scale this call used (integer precisions)
 
     def __post_init__(self) -> None:
         unknown = set(self.phases) - set(PHASES)
@@ -32,8 +42,17 @@ class BackendRun:
 
 
 def check_options(backend: str, options: dict[str, Any], known: tuple[str, ...]) -> None:
-    from ..errors import QconvError
     unknown = sorted(set(options) - set(known))
     if unknown:
         have = ", ".join(known) if known else "none"
-        raise QconvError(f"backend {backend!r} does not take option(s) {', '.join(unknown)} (it takes: {have})")
+        raise InputError(f"backend {backend!r} does not take option(s) {', '.join(unknown)} (it takes: {have})")
+
+
+def run_once(prepare: Any, plan: Any, x: Any, w: np.ndarray) -> BackendRun:
+    """prepare(plan, w).run(x): a one-shot call for tests and benchmarks that hold a Plan."""
+    from ..contract import conv_spec
+    spec = plan.spec or conv_spec(w.shape)
+    if plan.spec is None:
+        import dataclasses
+        plan = dataclasses.replace(plan, spec=spec)
+    return prepare(plan, w).run(x, spec.geometry(tuple(int(d) for d in x.shape)))

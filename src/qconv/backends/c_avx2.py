@@ -17,10 +17,10 @@ import os
 import numpy as np
 
 from ..contract import Plan
-from ..errors import QconvError
+from ..errors import InputError
 from . import _cext
-from ._cpu_common import run_c
-from .base import BackendRun, check_options
+from ._cpu_common import Prepared
+from .base import BackendRun, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
@@ -43,7 +43,7 @@ def default_threads() -> int:
         try:
             n = int(env)
         except ValueError:
-            raise QconvError(f"QCONV_THREADS={env!r} is not an integer") from None
+            raise InputError(f"QCONV_THREADS={env!r} is not an integer") from None
         return n
     try:
         return len(os.sched_getaffinity(0))
@@ -55,18 +55,22 @@ def resolve(options: dict) -> tuple[str, int]:
     """(isa, threads) from the options, the environment and the machine."""
     check_options(NAME, options, ("threads", "isa", "fuse_dequantize"))
     if not isinstance(options.get("fuse_dequantize", True), bool):
-        raise QconvError(f"c-avx2: fuse_dequantize must be True or False, got {options['fuse_dequantize']!r}")
+        raise InputError(f"c-avx2: fuse_dequantize must be True or False, got {options['fuse_dequantize']!r}")
     threads = options.get("threads")
     if threads is None:
         threads = default_threads()
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _cext.max_threads():
-        raise QconvError(f"c-avx2: threads must be an integer in 1..{_cext.max_threads()}, got {threads!r}")
+        raise InputError(f"c-avx2: threads must be an integer in 1..{_cext.max_threads()}, got {threads!r}")
     isa = options.get("isa") or os.environ.get("QCONV_ISA", "").strip().lower() or "auto"
     if isa not in ISAS:
-        raise QconvError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")
+        raise InputError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")
     return _cext.best_isa(isa), int(threads)
 
 
-def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+def prepare(plan: Plan, w: np.ndarray) -> Prepared:
     isa, threads = resolve(plan.options)
-    return run_c(plan, x, w, isa, threads, plan.options.get("fuse_dequantize", True))[0]
+    return Prepared(plan, w, isa, threads, plan.options.get("fuse_dequantize", True))
+
+
+def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+    return run_once(prepare, plan, x, w)

@@ -10,8 +10,8 @@ import numpy as np
 
 from ..contract import Plan
 from . import _cext
-from ._cpu_common import run_c
-from .base import BackendRun, check_options
+from ._cpu_common import Prepared
+from .base import BackendRun, check_options, run_once
 
 NAME = "c-scalar"
 ACCEPTS_DEVICE_ARRAYS = False
@@ -24,6 +24,10 @@ def is_available() -> tuple[bool, str]:
     return True, "C extension qconv._qconv_c (scalar kernels)"
 
 
-def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+def prepare(plan: Plan, w: np.ndarray) -> Prepared:
     check_options(NAME, plan.options, ())
-    return run_c(plan, x, w, "scalar", 1)[0]
+    return Prepared(plan, w, "scalar", 1)
+
+
+def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
+    return run_once(prepare, plan, x, w)

@@ -23,6 +23,7 @@ output is a :class:`DeviceArray` on the same device, which frees its memory when
 
 from __future__ import annotations
 
+import dataclasses
 import ctypes
 import math
 import threading
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..contract import Plan, Precision
-from ..errors import QconvError
+from ..errors import BackendError, InputError, QconvError
 from .base import BackendRun, check_options
 
 NAME = "cuda"
@@ -700,3 +701,53 @@ def profile(plan: Plan, x: Any, w: Any, reps: int = 50) -> dict[str, Any]:
         med = {k: float(np.median(v)) for k, v in samples.items()}
         return {"median": med, "samples": samples, "kernel": job.conv_name, "split_k": job.split,
                 "grid": job.grid, "smem": job.smem}
+
+
+class Prepared:
+    """Interim: the kernel is uploaded once; each call re-quantizes and re-packs it on the device
+    (the device-resident packed kernel replaces this)."""
+
+    def __init__(self, plan: Plan, w: np.ndarray) -> None:
+        check_options(NAME, plan.options, OPTIONS)
+        _int8_path(plan)
+        s = plan.spec
+        if s is not None and not s.is_default or plan.bias is not None or plan.per_channel:
+            raise InputError("the cuda backend runs the assignment's layer only ('same', stride 1, one group, "
+                             "no bias, one kernel scale) for now; use backend='reference'")
+        self.plan, self.w = plan, w
+        self._dw: DeviceArray | None = None
+        self._lock = threading.Lock()
+
+    def _device_kernel(self) -> "DeviceArray":
+        with self._lock:
+            if self._dw is None:
+                rt = _runtime()
+                with rt.lock:
+                    rt.make_current()
+                    ptr = int(_ck(rt.drv.cuMemAlloc(self.w.nbytes), "cuMemAlloc(kernel)"))
+                    _ck(rt.drv.cuMemcpyHtoD(ptr, self.w, self.w.nbytes), "cuMemcpyHtoD(kernel)")
+                self._dw = DeviceArray(ptr, self.w.shape)
+            return self._dw
+
+    def run(self, x: Any, geom: Any, out: Any = None) -> BackendRun:
+        plan = self.plan
+        if isinstance(x, np.ndarray):
+            s_x = plan.input_scale(x) if plan.precision.is_integer else None
+            r = run(dataclasses.replace(plan, s_x=s_x), x, self.w)
+        else:
+            if plan.precision.is_integer and plan.s_x is None:
+                raise InputError("device inputs need a fixed input scale for now (a number or a pair)")
+            s_x = plan.s_x
+            r = run(plan, x, self._device_kernel())
+        if out is not None:
+            if isinstance(out, np.ndarray) and isinstance(r.output, np.ndarray):
+                out[...] = r.output
+                r.output = out
+            else:
+                raise InputError("out= for device inputs is not supported yet")
+        r.s_x = s_x
+        return r
+
+
+def prepare(plan: Plan, w: np.ndarray) -> Prepared:
+    return Prepared(plan, w)

@@ -1,7 +1,8 @@
 """The reference backend: numpy, readable, exact. The oracle every other backend is tested against.
 
-FP32 accumulates in float32 (per-tap matmuls). Integer precisions quantize as the contract says,
-convolve exactly and wrap to int32, and count the outputs that wrapped.
+FP32 accumulates in float32 (contract.conv2d_direct). Integer precisions run the contract's
+pipeline (contract.conv2d_quantized): quantize, convolve exactly with int32 wrap-around, count the
+outputs that wrapped, dequantize (+ bias).
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import time
 
 import numpy as np
 
-from ..contract import Plan, Precision, conv2d_int_wrapped, dequantize, quantize, same_padding
-from .base import BackendRun, check_options
+from ..contract import Geometry, check_finite, Plan, Precision, conv2d_direct, conv2d_int_wrapped, dequant_factor, dequantize, \
+    quantize, quantize_kernel
+from .base import BackendRun, check_options, run_once
 
 NAME = "reference"
 ACCEPTS_DEVICE_ARRAYS = False
@@ -21,32 +23,47 @@ def is_available() -> tuple[bool, str]:
     return True, "numpy"
 
 
-def _conv2d_float32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    n, h, wd, c = x.shape
-    kh, kw, oc, _ = w.shape
-    pt, pl = same_padding(kh, kw)
-    xp = np.zeros((n, h + kh - 1, wd + kw - 1, c), dtype=np.float32)
-    xp[:, pt:pt + h, pl:pl + wd, :] = x
-    y = np.zeros((n, h, wd, oc), dtype=np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            y += xp[:, i:i + h, j:j + wd, :] @ w[i, j].T
-    return y
+class Prepared:
+    def __init__(self, plan: Plan, w: np.ndarray) -> None:
+        check_options(NAME, plan.options, ())
+        self.plan = plan
+        self.w = w
+        self.qw = None if not plan.precision.is_integer else quantize_kernel(w, plan.s_w, plan.precision,
+                                                                             plan.rounding)
+
+    def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None) -> BackendRun:
+        check_finite(x, "input")
+        plan, clock = self.plan, time.perf_counter
+        if plan.precision is Precision.FP32:
+            t0 = clock()
+            y = conv2d_direct(x, self.w, geom, np.float32)
+            if plan.bias is not None:
+                y += plan.bias
+            t1 = clock()
+            return BackendRun(_into(out, y), {"convolve": t1 - t0})
+        t0 = clock()
+        s_x = plan.input_scale(x)
+        inv = dequant_factor(s_x, plan.s_w)
+        qx = quantize(x, s_x, plan.precision, plan.rounding)
+        t1 = clock()
+        acc, wrapped = conv2d_int_wrapped(qx, self.qw, geom)
+        t2 = clock()
+        y = dequantize(acc, inv, plan.bias)
+        t3 = clock()
+        return BackendRun(_into(out, y), {"quantize": t1 - t0, "convolve": t2 - t1, "dequantize": t3 - t2},
+                          wrapped, s_x)
+
+
+def _into(out: np.ndarray | None, y: np.ndarray) -> np.ndarray:
+    if out is None:
+        return y
+    out[...] = y
+    return out
+
+
+def prepare(plan: Plan, w: np.ndarray) -> Prepared:
+    return Prepared(plan, w)
 
 
 def run(plan: Plan, x: np.ndarray, w: np.ndarray) -> BackendRun:
-    check_options(NAME, plan.options, ())
-    clock = time.perf_counter
-    if plan.precision is Precision.FP32:
-        t0 = clock()
-        y = _conv2d_float32(x, w)
-        return BackendRun(y, {"convolve": clock() - t0})
-    t0 = clock()
-    qx = quantize(x, plan.s_x, plan.precision, plan.rounding)
-    qw = quantize(w, plan.s_w, plan.precision, plan.rounding)
-    t1 = clock()
-    acc, wrapped = conv2d_int_wrapped(qx, qw)
-    t2 = clock()
-    y = dequantize(acc, plan.inv)
-    t3 = clock()
-    return BackendRun(y, {"quantize": t1 - t0, "convolve": t2 - t1, "dequantize": t3 - t2}, wrapped)
+    return run_once(prepare, plan, x, w)

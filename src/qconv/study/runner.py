@@ -32,10 +32,10 @@ import numpy as np
 from .. import api
 from ..backends import available_backends
 from ..backends.base import PHASES
-from ..contract import (Precision, conv2d_float64, conv2d_int_wrapped, dequant_factor, dequantize,
+from ..contract import (Precision, conv2d_float64, conv_spec, maxabs_scale, conv2d_int_wrapped, dequant_factor, dequantize,
                         fp32_error_bound, parse_precision, quantize)
 from ..errors import QconvError
-from ..scales import choose as choose_scale
+from ..scales import for_call as choose_scale
 from ..sweep import evaluate_scales, sweep_scales
 from ..tensorfile import load_pair
 from . import energy, machine
@@ -115,16 +115,13 @@ def _per_channel_maxabs(x: np.ndarray, w: np.ndarray, p: Precision, ref: np.ndar
     per-channel extension), evaluated with the contract's arithmetic: quantize each channel with
     its own s_w[o], exact int32-wrapped convolution, dequantize with inv[o]. No backend runs it
     yet; it shows what per-tensor scales leave on the table."""
-    from ..contract import nrmse
-    from ..scales import _maxabs_scale, maxabs_q
-    kh, kw, oc, ic = w.shape
-    q = maxabs_q(p, kh * kw * ic)
-    s_x = _maxabs_scale(x, q)
-    s_w = [_maxabs_scale(w[:, :, o, :], q) for o in range(oc)]
-    qw = np.stack([quantize(w[:, :, o, :], s_w[o], p) for o in range(oc)], axis=2)
-    acc, wrapped = conv2d_int_wrapped(quantize(x, s_x, p), qw)
-    inv = np.array([dequant_factor(s_x, s) for s in s_w], dtype=np.float32)
-    y = acc.astype(np.float32) * inv  # one float32 multiply per output, inv[o] by channel
+    from ..contract import conv2d_quantized, conv_spec, nrmse
+    from ..scales import for_kernel, maxabs_q
+    oc = w.shape[2]
+    q = maxabs_q(p, w.shape[0] * w.shape[1] * w.shape[3])
+    choice = for_kernel("maxabs-per-channel", p, w, conv_spec(w.shape))
+    s_x, s_w = maxabs_scale(x, q), choice.s_w
+    y, _, wrapped = conv2d_quantized(x, w, p, s_x, s_w)
     gm = float(np.exp(np.mean(np.log(np.asarray(s_w, dtype=np.float64)))))
     why = (f"maxabs with one kernel scale per output channel ({oc} scales, {float(min(s_w)):.4g} .. "
            f"{float(max(s_w)):.4g}; s_w here is their geometric mean), Q = {q}: beyond the assignment, "
@@ -317,8 +314,8 @@ class Study:
             d["layer"] = layer.name
             self.results["sweeps"].append(d)
         # maxabs, evaluated exactly as the contract defines it
-        mc = choose_scale("maxabs", p, x, layer.w)
-        ma = evaluate_scales(x, layer.w, p, mc.s_x, mc.s_w, reference=ref)
+        mc = choose_scale("maxabs", p, x, layer.w, conv_spec(layer.w.shape))
+        ma = evaluate_scales(x, layer.w, p, maxabs_scale(x, mc.input_q), mc.s_w, reference=ref)
         strat = []
         b, bt, bp = near.best_single, trunc.best_single, near.best_pair
         strat.append(("maxabs", ma.s_x, ma.s_w, ma.nrmse, ma.wrapped_fraction, "nearest", mc.reason))
