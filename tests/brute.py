@@ -115,3 +115,41 @@ def dequantize_oracle(acc: np.ndarray, s_x: float, s_w: float) -> np.ndarray:
     inv = np.float32(1.0 / (float(np.float32(s_x)) * float(np.float32(s_w))))
     a32 = np.array([np.float32(float(int(v))) for v in np.asarray(acc).ravel()], dtype=np.float32)
     return (a32 * inv).reshape(np.shape(acc))
+
+
+def out_size_and_pads(size: int, k: int, s: int, padding) -> tuple[int, int, int]:
+    """(output size, pad before, pad after) for one axis, straight from the contract's text:
+    'same' -> ceil(size/s) outputs, total pad max((out-1)*s + k - size, 0), the odd one after;
+    'valid' -> no pad; (before, after) explicit."""
+    if padding == "same":
+        out = -(-size // s)
+        total = max((out - 1) * s + k - size, 0)
+        return out, total // 2, total - total // 2
+    before, after = (0, 0) if padding == "valid" else padding
+    return (size + before + after - k) // s + 1, before, after
+
+
+def conv_general_f64(x: np.ndarray, w: np.ndarray, stride=(1, 1), padding=("same", "same"),
+                     groups: int = 1) -> np.ndarray:
+    """y[n,i,j,o] = sum x[n, i*sh+kh-top, j*sw+kw-left, g*C/G + c] * w[kh, kw, o, c] with
+    g = o // (OC/G), zeros outside: a loop over output pixels with a gather and a dot per group.
+    padding: per axis 'same', 'valid' or (before, after)."""
+    n, h, wd, c = x.shape
+    kh, kw, oc, icg = w.shape
+    ho, pt, _ = out_size_and_pads(h, kh, stride[0], padding[0])
+    wo, pl, _ = out_size_and_pads(wd, kw, stride[1], padding[1])
+    ocg = oc // groups
+    x64, w64 = np.asarray(x, dtype=np.float64), np.asarray(w, dtype=np.float64)
+    y = np.zeros((n, ho, wo, oc))
+    for i in range(ho):
+        for j in range(wo):
+            patch = np.zeros((n, kh, kw, c))
+            for a in range(kh):
+                for b in range(kw):
+                    r, q = i * stride[0] + a - pt, j * stride[1] + b - pl
+                    if 0 <= r < h and 0 <= q < wd:
+                        patch[:, a, b, :] = x64[:, r, q, :]
+            for o in range(oc):
+                g = o // ocg
+                y[:, i, j, o] = np.tensordot(patch[..., g * icg:(g + 1) * icg], w64[:, :, o, :], axes=3)
+    return y

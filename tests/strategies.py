@@ -47,3 +47,15 @@ def scale_args(draw):
     """None (maxabs), 'maxabs', a single S (powers of two, odd values, overflow-forcing) or a pair."""
     single = st.sampled_from([0.5, 1.0, 3.0, 64.0, 127.0, 1024.0, 2.0**15, 2.0**20, 1e9])
     return draw(st.one_of(st.none(), st.just("maxabs"), single, st.tuples(single, single)))
+
+
+@st.composite
+def layer_args(draw, c: int, oc_choices=None):
+    """Keyword arguments for prepare/conv2d beyond the assignment's layer: stride 1-3, every
+    padding form (asymmetric too), groups in {1, 2, C} where they divide, with or without bias."""
+    groups = draw(st.sampled_from([g for g in (1, 2, c) if c % g == 0]))
+    stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    small = st.integers(0, 2)
+    padding = draw(st.one_of(st.just("same"), st.just("valid"), small, st.tuples(small, small),
+                             st.tuples(st.tuples(small, small), st.tuples(small, small))))
+    return {"stride": stride, "padding": padding, "groups": groups}

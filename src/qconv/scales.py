@@ -180,4 +180,15 @@ def warn_if_degenerate(t: np.ndarray, s: "float | np.ndarray", precision: Precis
         hint = ("zeroes" if zeroed > 0.5 else "saturates") + f" {max(zeroed, saturated):.0%} of the {what}"
         warnings.warn(f"this scale {hint}: qconv's scale is a multiplier (q = round(x*S)); for a "
                       f"step size (x ~ q*s, PyTorch's convention) pass qconv.StepSize(s)",
-                      QconvWarning, stacklevel=4)
+                      QconvWarning, stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside the qconv package: the user's call."""
+    import os
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(here):
+        frame, level = frame.f_back, level + 1
+    return level
