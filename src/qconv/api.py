@@ -141,6 +141,9 @@ class Conv:
                  _choice: "scales.ScaleChoice | None" = None, **options: Any) -> None:
         self.precision = parse_precision(precision)
         self.rounding = parse_rounding(rounding)
+        if backend is not None:
+            backend, variant_opts = backends.parse_variant(backend)
+            options = {**variant_opts, **options}
         self._backend = backends.get(backend)
         self.backend = self._backend.NAME
         self.kernel = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
@@ -275,7 +278,8 @@ def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: s
 
     kernel: float32 (KH, KW, OC, C // groups).
     precision: fp32, int32, int16, int8 (or 32, 16, 8, "FP32", "INT16"...).
-    backend: a name from qconv.available_backends(), or None/"auto" for the fastest available.
+    backend: a name from qconv.available_backends(), or None/"auto" for the fastest available; a
+        variant "name[key=value,...]" (as the study names them) adds those options.
     stride: int or (sh, sw). padding: "same" (default; TensorFlow's rule at stride > 1), "valid",
         an int, (ph, pw) or ((top, bottom), (left, right)). groups: C and OC divisible by it.
     bias: float32 (OC,), added after dequantization.

@@ -1,4 +1,9 @@
-"""The backend registry: names to backend modules, imported lazily so `import qconv` never fails."""
+"""The backend registry: names to backend modules, imported lazily so `import qconv` never fails.
+
+A variant is a backend plus options, written and accepted as ``"c-avx2[isa=avx2]"``: each backend
+module may list its own in ``variants() -> list[dict]`` (default: just the backend itself), so the
+study, the CLI and the tests enumerate them from here.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +29,42 @@ _state = threading.local()
 
 def names() -> tuple[str, ...]:
     return tuple(_MODULES)
+
+
+def variant_name(backend: str, options: dict | None = None) -> str:
+    """'c-avx2' + {'isa': 'avx2'} -> 'c-avx2[isa=avx2]' (options sorted; none: the plain name)."""
+    if not options:
+        return backend
+    return f"{backend}[{','.join(f'{k}={v}' for k, v in sorted(options.items()))}]"
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """'c-avx2[isa=avx2,threads=2]' -> ('c-avx2', {'isa': 'avx2', 'threads': 2}); ints become ints."""
+    t = str(text).strip()
+    if not t.endswith("]") or "[" not in t:
+        return t, {}
+    name, _, body = t[:-1].partition("[")
+    opts: dict = {}
+    for item in filter(None, (i.strip() for i in body.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not k.strip():
+            raise InputError(f"backend {text!r}: options are written name[key=value,...]")
+        v = v.strip()
+        opts[k.strip()] = int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+    return name.strip(), opts
+
+
+def variants(available_only: bool = True) -> list[tuple[str, str, dict]]:
+    """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER."""
+    out = []
+    for name in _MODULES:
+        mod, _ = _load(name)
+        if mod is None or (available_only and not _probe(mod)[0]):
+            continue
+        listed = getattr(mod, "variants", None)
+        for opts in (listed() if listed else [{}]):
+            out.append((variant_name(name, opts), name, dict(opts)))
+    return out
 
 
 def _probe(mod: ModuleType) -> tuple[bool, str]:
@@ -56,7 +97,7 @@ def get(name: str | None = None) -> ModuleType:
     """The backend module for a name ('auto' or None: the default, then the fastest available)."""
     if name is None or str(name).strip().lower() == "auto":
         name = getattr(_state, "default", "auto")  # use_backend's choice, where one is set
-    key = str(name).strip().lower()
+    key = parse_variant(str(name))[0].lower()
     if key == "auto":
         for candidate in AUTO_ORDER:
             mod, _ = _load(candidate)
