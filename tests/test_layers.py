@@ -269,3 +269,41 @@ def test_torch_peer_check_of_the_float64_conv():
         wt = torch.from_numpy(w).permute(2, 3, 0, 1)  # (OC, IC/g, KH, KW)
         want = F.conv2d(xt, wt, stride=stride, groups=2).permute(0, 2, 3, 1).numpy()
         np.testing.assert_allclose(conv2d_float64(x, w, g), want, rtol=1e-12, atol=1e-12)
+
+
+def test_named_layouts_give_the_same_answer_as_the_default_layout():
+    rng = np.random.default_rng(30)
+    x = rng.standard_normal((2, 6, 5, 4)).astype(np.float32)
+    w = rng.standard_normal((3, 2, 6, 4)).astype(np.float32)   # (KH, KW, OC, IC)
+    want = qconv.conv2d(x, w, "int8", "reference", stride=2)
+    x_nchw = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    for klay, wk in (("OIHW", w.transpose(2, 3, 0, 1)), ("HWIO", w.transpose(0, 1, 3, 2)), ("HWOI", w)):
+        got = qconv.conv2d(x_nchw, np.ascontiguousarray(wk), "int8", "reference", stride=2, layout="NCHW",
+                           kernel_layout=klay)
+        assert np.array_equal(got, want.transpose(0, 3, 1, 2))
+    r = qconv.conv2d_result(x_nchw, w, "int8", "reference", layout="NCHW", accuracy=True)
+    assert r.output.shape == (2, 6, 6, 5) and r.nrmse < 0.02
+
+
+def test_a_layout_mixup_gets_a_hint():
+    x = np.ones((1, 8, 5, 5), np.float32)      # NCHW with C=8
+    w = np.ones((3, 3, 4, 8), np.float32)
+    with pytest.raises(InputError, match=r"did you pass NCHW\? use layout='NCHW'"):
+        qconv.conv2d(x, w, "fp32", "reference")
+    x = np.ones((1, 5, 5, 8), np.float32)
+    with pytest.raises(InputError, match=r"kernel_layout='HWIO'"):
+        qconv.conv2d(x, np.ones((3, 3, 8, 4), np.float32), "fp32", "reference")
+    with pytest.raises(InputError, match=r"kernel_layout='OIHW'"):
+        qconv.conv2d(x, np.ones((4, 8, 3, 3), np.float32), "fp32", "reference")
+    with pytest.raises(InputError, match=r"layout 'NWHC'"):
+        qconv.conv2d(x, w, "fp32", "reference", layout="NWHC")
+
+
+def test_a_call_larger_than_the_machine_is_refused_with_the_numbers(monkeypatch):
+    from qconv import layouts
+    monkeypatch.setattr(layouts, "available_memory", lambda: 2**20)
+    x = np.ones((1, 64, 64, 8), np.float32)
+    w = np.ones((3, 3, 8, 8), np.float32)
+    with pytest.raises(InputError, match=r"the float64 reference for NRMSE needs about 1.6 MiB of memory; "
+                                         r"this machine has 1.0 MiB available"):
+        qconv.conv2d_result(x, w, "int8", "reference", accuracy=True)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import backends, scales
+from . import backends, layouts, scales
 from .backends.base import PHASES
 from .contract import (ConvSpec, check_finite, Geometry, Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped,
                        conv_spec, count_saturated, nrmse, overflow_possible, parse_precision, parse_rounding,
@@ -137,8 +137,8 @@ class Conv:
 
     def __init__(self, kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,
                  stride: object = 1, padding: object = "same", groups: object = 1, bias: Any = None,
-                 scale: object = None, rounding: "Rounding | str" = "nearest",
-                 _choice: "scales.ScaleChoice | None" = None, **options: Any) -> None:
+                 scale: object = None, rounding: "Rounding | str" = "nearest", layout: str = "NHWC",
+                 kernel_layout: str = "HWOI", _choice: "scales.ScaleChoice | None" = None, **options: Any) -> None:
         self.precision = parse_precision(precision)
         self.rounding = parse_rounding(rounding)
         if backend is not None:
@@ -146,7 +146,11 @@ class Conv:
             options = {**variant_opts, **options}
         self._backend = backends.get(backend)
         self.backend = self._backend.NAME
-        self.kernel = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
+        self.layout, self.kernel_layout = layouts.check_layouts(layout, kernel_layout)
+        w = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
+        if w.ndim != 4:
+            raise InputError(f"kernel must be 4-D ({self.kernel_layout}), got shape {w.shape}")
+        self.kernel = layouts.kernel_to_hwoi(w, self.kernel_layout)
         self.spec: ConvSpec = conv_spec(self.kernel.shape, stride=stride, padding=padding, groups=groups,
                                         bias_shape=None if bias is None else _shape_of(np.asarray(bias)))
         _check_bytes(self.kernel.shape, "kernel")
@@ -176,10 +180,18 @@ class Conv:
                 f"groups={s.groups}, {self.precision.value}, backend={self.backend!r})")
 
     def geometry(self, x_shape: tuple[int, ...]) -> Geometry:
+        """The layer for an NHWC input shape (checked once per shape, then cached)."""
         g = self._geoms.get(x_shape)
         if g is None:
-            g = self.spec.geometry(x_shape)
+            try:
+                g = self.spec.geometry(x_shape)
+            except InputError as e:
+                shown = x_shape if self.layout == "NHWC" else (x_shape[0], x_shape[3], x_shape[1], x_shape[2])
+                raise InputError(str(e) + layouts.layout_hint(shown, self.kernel.shape, self.spec.c, self.layout,
+                                                              self.kernel_layout)) from None
             _check_bytes(g.out_shape, "output")
+            if 4 * (math.prod(x_shape) + math.prod(g.out_shape)) > 2**30:  # only big calls pay for the look
+                layouts.check_working_set(3 * 4 * (math.prod(x_shape) + math.prod(g.out_shape)), "this call")
             with self._lock:
                 self._geoms[x_shape] = g
         return g
@@ -189,14 +201,26 @@ class Conv:
             if not getattr(self._backend, "ACCEPTS_DEVICE_ARRAYS", False):
                 raise InputError(f"backend {self.backend!r} takes host arrays; this input lives on a GPU: "
                                  f"use backend='cuda' or copy it to the host first")
+            if self.layout != "NHWC":
+                raise InputError("device inputs must be NHWC (layout='NHWC')")
             return x
+        if self.layout == "NCHW":
+            a = as_host_float32(x, "input")
+            if a.ndim != 4:
+                raise InputError(f"input must be 4-D (N, C, H, W), got shape {a.shape}")
+            return np.ascontiguousarray(a.transpose(0, 2, 3, 1))
         if isinstance(x, np.ndarray) and x.dtype == np.float32 and x.flags.c_contiguous and x.flags.aligned:
             return x  # the hot path: nothing to convert
         return as_host_float32(x, "input")
 
+    def _output(self, y: Any) -> Any:
+        return y if self.layout == "NHWC" else np.ascontiguousarray(y.transpose(0, 3, 1, 2))
+
     def _out(self, out: Any, g: Geometry) -> Any:
         if out is None:
             return None
+        if self.layout != "NHWC":
+            raise InputError("out= takes NHWC outputs only (layout='NHWC')")
         if _shape_of(out) != g.out_shape or str(getattr(out, "dtype", "")) != "float32":
             raise InputError(f"out= must be float32 of shape {g.out_shape} (N, Ho, Wo, OC), got "
                              f"{getattr(out, 'dtype', type(out).__name__)} {_shape_of(out) if hasattr(out, 'shape') else ''}")
@@ -208,7 +232,7 @@ class Conv:
         """The output, float32 (N, Ho, Wo, OC): numpy for host inputs, a device array for device inputs."""
         x = self._input(x)
         g = self.geometry(_shape_of(x))
-        return self._packed.run(x, g, self._out(out, g)).output
+        return self._output(self._packed.run(x, g, self._out(out, g)).output)
 
     def result(self, x: Any, *, accuracy: bool = False, reference: np.ndarray | None = None,
                out: Any = None) -> ConvResult:
@@ -238,14 +262,19 @@ class Conv:
                 wrapped = conv2d_int_wrapped(quantize(xh, s_x, prec, self.rounding),
                                              quantize_kernel(self.kernel, plan.s_w, prec, self.rounding), g)[1]
         if want_acc:
-            ref = reference_output(xh, self.kernel, _geom=g, bias=self.bias) if reference is None \
-                else np.asarray(reference, dtype=np.float64)
+            layouts.check_working_set(8 * (3 * math.prod(g.out_shape) + 2 * (g.n * (g.h + g.pt + g.pb) *
+                                      (g.w + g.pl + g.pr) * self.spec.c)), "the float64 reference for NRMSE")
+            if reference is None:
+                ref = reference_output(xh, self.kernel, _geom=g, bias=self.bias)
+            else:
+                ref = np.asarray(reference, dtype=np.float64)
+                ref = ref if self.layout == "NHWC" or ref.ndim != 4 else ref.transpose(0, 2, 3, 1)
             out_h = run.output if isinstance(run.output, np.ndarray) else _to_host(run.output)
             err = nrmse(out_h, ref)
         ch = self.choice
         s = self.spec
         return ConvResult(
-            output=run.output, precision=prec, backend=self.backend, rounding=self.rounding,
+            output=self._output(run.output), precision=prec, backend=self.backend, rounding=self.rounding,
             scale_input=None if s_x is None else float(s_x),
             scale_kernel=None if ch is None else (float(ch.s_w) if np.ndim(ch.s_w) == 0 else
                                                   [float(v) for v in ch.s_w]),
@@ -273,7 +302,8 @@ def _to_host(a: Any) -> np.ndarray:
 
 def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,
             stride: object = 1, padding: object = "same", groups: object = 1, bias: Any = None,
-            scale: object = None, rounding: "Rounding | str" = "nearest", **options: Any) -> Conv:
+            scale: object = None, rounding: "Rounding | str" = "nearest", layout: str = "NHWC",
+            kernel_layout: str = "HWOI", **options: Any) -> Conv:
     """Prepare a convolution with this kernel for repeated calls: ``conv(x)``, ``conv.result(x)``.
 
     kernel: float32 (KH, KW, OC, C // groups).
@@ -287,24 +317,29 @@ def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: s
         pair (s_input, s_kernel) with s_kernel one value or one per output channel,
         qconv.StepSize(s) for a step size, "maxabs" (default) or "maxabs-per-channel".
     rounding: "nearest" (half to even, default) or "truncate" (the assignment's (int) cast).
+    layout: "NHWC" (default) or "NCHW" for inputs and outputs; kernel_layout: "HWOI" (default,
+        (KH, KW, OC, IC)), "OIHW" (PyTorch) or "HWIO" (TensorFlow). Others are converted by copy.
     options: backend-specific, e.g. threads=2 for c-avx2, int8_path="dp4a" for cuda.
     """
     return Conv(kernel, precision, backend, stride=stride, padding=padding, groups=groups, bias=bias,
-                scale=scale, rounding=rounding, **options)
+                scale=scale, rounding=rounding, layout=layout, kernel_layout=kernel_layout, **options)
 
 
 def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
                   backend: str | None = None, *, stride: object = 1, padding: object = "same",
                   groups: object = 1, bias: Any = None, scale: object = None,
                   rounding: "Rounding | str" = "nearest", accuracy: bool = False,
-                  reference: np.ndarray | None = None, **options: Any) -> ConvResult:
+                  reference: np.ndarray | None = None, layout: str = "NHWC", kernel_layout: str = "HWOI",
+                  **options: Any) -> ConvResult:
     """One convolution with everything about it (see Conv.result). Takes prepare()'s arguments;
     scale may also be "sweep-single" ("sweep") or "sweep-pair", searched on this input."""
     prec = parse_precision(precision)
     choice = None
     if prec.is_integer and scales.strategy_name(scale) in scales.NEEDS_INPUT:
+        lay, klay = layouts.check_layouts(layout, kernel_layout)
         x = as_host_float32(input, "input") if not is_device_array(input) else _to_host(input)
-        w = as_host_float32(kernel, "kernel")
+        x = x if lay == "NHWC" or x.ndim != 4 else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+        w = layouts.kernel_to_hwoi(as_host_float32(kernel, "kernel"), klay)
         spec = conv_spec(w.shape, stride=stride, padding=padding, groups=groups)
         spec.geometry(x.shape)
         check_finite(x, "input")
@@ -312,14 +347,15 @@ def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = 
         choice = scales.for_call(scale, prec, x, w, spec, parse_rounding(rounding))
         scale = None
     conv = Conv(kernel, prec, backend, stride=stride, padding=padding, groups=groups, bias=bias, scale=scale,
-                rounding=rounding, _choice=choice, **options)
+                rounding=rounding, layout=layout, kernel_layout=kernel_layout, _choice=choice, **options)
     return conv.result(input, accuracy=accuracy, reference=reference)
 
 
 def conv2d(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
            backend: str | None = None, *, stride: object = 1, padding: object = "same",
            groups: object = 1, bias: Any = None, scale: object = None,
-           rounding: "Rounding | str" = "nearest", **options: Any) -> Any:
+           rounding: "Rounding | str" = "nearest", layout: str = "NHWC", kernel_layout: str = "HWOI",
+           **options: Any) -> Any:
     """Convolve NHWC float32 `input` with a (KH, KW, OC, C/groups) `kernel`: prepare, then call.
 
     Returns the float32 (N, Ho, Wo, OC) output. See prepare for the arguments and conv2d_result
@@ -328,9 +364,10 @@ def conv2d(input: Any, kernel: Any, precision: "Precision | str | int" = "fp32",
     prec = parse_precision(precision)
     if prec.is_integer and scales.strategy_name(scale) in scales.NEEDS_INPUT:
         return conv2d_result(input, kernel, prec, backend, stride=stride, padding=padding, groups=groups,
-                             bias=bias, scale=scale, rounding=rounding, **options).output
+                             bias=bias, scale=scale, rounding=rounding, layout=layout, kernel_layout=kernel_layout,
+                             **options).output
     return Conv(kernel, prec, backend, stride=stride, padding=padding, groups=groups, bias=bias, scale=scale,
-                rounding=rounding, **options)(input)
+                rounding=rounding, layout=layout, kernel_layout=kernel_layout, **options)(input)
 
 
 def reference_output(input: np.ndarray, kernel: np.ndarray, *, stride: object = 1, padding: object = "same",
