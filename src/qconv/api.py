@@ -149,7 +149,8 @@ class Conv:
         self.layout, self.kernel_layout = layouts.check_layouts(layout, kernel_layout)
         w = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
         if w.ndim != 4:
-            raise InputError(f"kernel must be 4-D ({self.kernel_layout}), got shape {w.shape}")
+            names = {"HWOI": "KH, KW, OC, IC", "OIHW": "OC, IC, KH, KW", "HWIO": "KH, KW, IC, OC"}
+            raise InputError(f"kernel must be 4-D ({names[self.kernel_layout]}), got shape {w.shape}")
         self.kernel = layouts.kernel_to_hwoi(w, self.kernel_layout)
         self.spec: ConvSpec = conv_spec(self.kernel.shape, stride=stride, padding=padding, groups=groups,
                                         bias_shape=None if bias is None else _shape_of(np.asarray(bias)))
