@@ -52,3 +52,18 @@ def real_layers() -> list[str]:
     if not REAL.exists():
         return []
     return sorted(str(p.parent.relative_to(REAL)) for p in REAL.glob("*/*/output_tensor.bin"))
+
+
+# QCONV_REQUIRE=c-scalar,c-avx2 (CI sets it): these backends must be available; a broken build
+# then fails the suite instead of skipping it.
+REQUIRED = {n.strip() for n in os.environ.get("QCONV_REQUIRE", "").split(",") if n.strip()}
+
+
+def backend_or_skip(name: str) -> None:
+    """Skip with the backend's own reason when it is unavailable, unless QCONV_REQUIRE names it."""
+    import qconv
+    ok, why = qconv.available_backends().get(name, (False, f"no backend named {name!r}"))
+    if not ok:
+        if name in REQUIRED:
+            pytest.fail(f"{name} is required (QCONV_REQUIRE) but unavailable: {why}")
+        pytest.skip(f"{name} unavailable: {why}")
