@@ -138,7 +138,7 @@ def test_conv_bad_files(layer, tmp_path):
 def test_usage_errors_are_one_line(tmp_path):
     _one_line_error(_run(["conv", "only_one.bin"], tmp_path), "kernel")
     _one_line_error(_run(["frobnicate"], tmp_path), "invalid choice")
-    _one_line_error(_run([], tmp_path), "required")
+    _one_line_error(_run(["conv"], tmp_path), "required")
 
 
 @pytest.mark.parametrize("mode", ["FP32", "32", "16", "8", "INT32", "INT16"])
@@ -159,3 +159,117 @@ def test_convolution_command_errors(layer, tmp_path):
     _one_line_error(_run([str(xp), str(wp), "4"], tmp_path, module="convolution"), "unknown precision")
     _one_line_error(_run([str(xp)], tmp_path, module="convolution"), "kernel")
     assert not (tmp_path / "output_tensor.bin").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --version, help, samples by name, -o -, file errors
+
+
+def test_version(tmp_path):
+    for args, module in ((["--version"], "qconv"), (["--version"], "convolution")):
+        p = _run(args, tmp_path, module=module)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split()[1] == qconv.__version__
+        assert str(Path(qconv.__file__).resolve().parent) in p.stdout  # which copy is running
+
+
+def test_no_arguments_prints_the_help(tmp_path):
+    p = _run([], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("usage: qconv") and "samples" in p.stdout and "--version" in p.stdout
+    assert p.stderr == ""
+
+
+def test_samples_lists_names_shapes_and_installed_paths(tmp_path):
+    p = _run(["samples"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    rows = [line.split() for line in p.stdout.splitlines() if "/" in line.split()[0]]
+    names = [r[0] for r in rows]
+    assert names[:2] == ["exam1/input", "exam1/kernel"] and "exam3/input" in names
+    assert "exam3/kernel" not in names  # not shipped (see data/PROVENANCE.md)
+    for _, shape, path in rows:
+        assert Path(path).is_file() and tuple(map(int, shape.split("x"))) == qconv.load_tensor(path).shape
+    doc = json.loads(_run(["samples", "--json"], tmp_path).stdout)
+    assert doc["exam1/kernel"]["shape"] == [3, 3, 64, 64] and Path(doc["exam1/kernel"]["path"]).is_file()
+
+
+def test_conv_takes_sample_names(tmp_path):
+    p = _run(["conv", "exam2/input", "exam2/kernel", "-b", "reference", "-n", "1", "--no-accuracy", "--json"],
+             tmp_path)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["input_shape"] == [1, 28, 28, 128] and doc["kernel_shape"] == [3, 3, 128, 128]
+    assert Path(doc["input"]).is_file() and doc["input"].endswith("input_tensor.bin")
+    _one_line_error(_run(["conv", "exam9/input", "exam2/kernel"], tmp_path), "'exam9/input'", "no such file")
+
+
+def test_a_file_named_like_a_sample_wins(tmp_path, layer):
+    xp, wp, x, w = layer
+    (tmp_path / "exam1").mkdir()
+    os.replace(xp, tmp_path / "exam1" / "input")
+    p = _run(["conv", "exam1/input", str(wp), "-b", "reference", "-n", "1", "--json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["input_shape"] == list(x.shape)
+
+
+def test_sample_layer_names_resolve_for_the_study():
+    from qconv import samples
+    assert Path(samples.resolve_layer("exam1")).is_dir()
+    a, b = samples.resolve_layer("exam1/input:exam1/kernel").rsplit(":", 1)
+    assert Path(a).name == "input_tensor.bin" and Path(b).name == "kernel_tensor.bin"
+    assert samples.resolve_layer("exam3") == "exam3"  # no kernel shipped: not a layer
+    assert samples.resolve_layer("no/such:thing") == "no/such:thing"
+    assert samples.resolve_tensor("exam1/kernel_tensor.bin") == str(samples.sample_tensors()["exam1/kernel"])
+
+
+@pytest.mark.parametrize("module", ["qconv", "convolution"])
+def test_output_dash_writes_the_tensor_to_stdout_and_the_report_to_stderr(layer, tmp_path, module):
+    xp, wp, x, w = layer
+    args = ["conv", str(xp), str(wp)] if module == "qconv" else [str(xp), str(wp)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "qconv"] if module == "qconv" else \
+        [sys.executable, "-c", "import sys; from qconv.cli import convolution_main; sys.exit(convolution_main())"]
+    p = subprocess.run([*cmd, *args, "-b", "reference", "-n", "1", "-o", "-"], cwd=tmp_path, env=env,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    (tmp_path / "y.bin").write_bytes(p.stdout)
+    np.testing.assert_array_equal(qconv.load_tensor(tmp_path / "y.bin"), qconv.conv2d(x, w, "fp32", "reference"))
+    assert b"layer" in p.stderr or b"Convolution time" in p.stderr
+    assert not (tmp_path / "-").exists() and not (tmp_path / "output_tensor.bin").exists()
+
+
+def test_output_to_a_fifo_stays_a_fifo(layer, tmp_path):
+    import stat
+    import threading
+    xp, wp, x, w = layer
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    p = _run(["conv", str(xp), str(wp), "-b", "reference", "-n", "1", "-o", str(fifo)], tmp_path)
+    reader.join(10)
+    assert p.returncode == 0, p.stderr
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and got and len(got[0]) == 16 + 4 * 9 * 7 * 4
+
+
+def test_file_errors_are_one_line_naming_the_file(layer, tmp_path):
+    xp, wp, _, _ = layer
+    odd = tmp_path / "new\nline.bin"
+    _one_line_error(_run(["conv", str(odd), str(wp)], tmp_path), repr(str(odd)), "no such file")
+    _one_line_error(_run(["conv", str(tmp_path), str(wp)], tmp_path), "is a directory")
+    _one_line_error(_run(["conv", "/dev/zero", str(wp)], tmp_path), "'/dev/zero'", "non-positive dimension")
+    np.save(tmp_path / "c.npy", np.ones((1, 3, 3, 5), np.complex64))
+    _one_line_error(_run(["conv", str(tmp_path / "c.npy"), str(wp)], tmp_path), "c.npy'", "complex")
+    _one_line_error(_run(["conv", str(xp), str(wp), "-b", "reference", "-n", "1", "-o", str(tmp_path)], tmp_path),
+                    "is a directory")
+
+
+def test_conv_reads_npy_and_npz(layer, tmp_path):
+    xp, wp, x, w = layer
+    np.save(tmp_path / "x.npy", x.astype(np.float64))
+    np.savez(tmp_path / "w.npz", kernel=w, other=w[:1])
+    p = _run(["conv", str(tmp_path / "x.npy"), f"{tmp_path / 'w.npz'}:kernel", "-b", "reference", "-n", "1",
+              "-o", str(tmp_path / "y.bin")], tmp_path)
+    assert p.returncode == 0, p.stderr
+    np.testing.assert_array_equal(qconv.load_tensor(tmp_path / "y.bin"), qconv.conv2d(x, w, "fp32", "reference"))

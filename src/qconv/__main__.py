@@ -1,5 +1,8 @@
+"""`python -m qconv`: the `qconv` command (with no arguments, its help)."""
+
 import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())
