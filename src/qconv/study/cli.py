@@ -7,22 +7,24 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import sys
 from pathlib import Path
 
-from ..errors import QconvError
+from ..errors import InputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Measure every backend x precision on real layers, sweep the scale S, and "
-                          "write results.json, results.csv, six plots and report.md into --out.")
+                          "write results.json, results.csv, seven plots and report.md into --out.")
     parser.add_argument("layers", nargs="*", metavar="LAYER",
                         help="a directory holding input_tensor.bin and kernel_tensor.bin, or "
                              "INPUT.bin:KERNEL.bin (default: the shipped sample layers)")
     parser.add_argument("--backends", default=None,
-                        help="comma-separated backends (default: every available one; see "
-                             "qconv.available_backends())")
+                        help="comma-separated backends or variants, e.g. c-scalar,c-avx2[isa=avx2] (default: "
+                             "every available variant the registry lists; scalar C FP32 is always timed as the "
+                             "baseline)")
     parser.add_argument("--precisions", default="fp32,int32,int16,int8",
                         help="comma-separated precisions (default: fp32,int32,int16,int8)")
     parser.add_argument("--batch", type=int, default=1,
@@ -39,14 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _split(text: str | None) -> list[str] | None:
     if text is None:
         return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in re.split(r",(?![^\[]*\])", text) if t.strip()]  # no split inside [...]
     if not items:
-        raise QconvError(f"empty list {text!r}")
+        raise InputError(f"empty list {text!r}")
     return items
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runner import Layer, load_layers, run_study
+    from .config import Layer, load_layers
+    from .grid import run_study
     if args.layers:
         layers = load_layers(args.layers)
     else:
@@ -55,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         layers = [Layer(name, *load_pair(i, k), input_path=str(i), kernel_path=str(k))
                   for name, i, k in sample_layers()]
         if not layers:
-            raise QconvError("no LAYERS given and no shipped sample layer was found")
+            raise InputError("no LAYERS given and no shipped sample layer was found")
     repeat = args.repeat if args.repeat is not None else (3 if args.quick else 5)
     # Record the command line when this is `qconv study ...` (not when called from Python).
     command = ("qconv study " + " ".join(shlex.quote(a) for a in sys.argv[2:])

@@ -6,7 +6,7 @@ import datetime as _dt
 import os
 import platform
 import sys
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -80,12 +80,6 @@ def describe(gpu_name: str | None) -> dict[str, Any]:
     }
 
 
-# ops (2 per multiply-add) per cycle per core. Only FP32 is marked: two 256-bit FMA pipes x 8
-# lanes x 2 on every AVX2+FMA core since Haswell / Zen 2. Integer SIMD multiply throughput
-# (vpmulld, vpmaddwd) differs between microarchitectures, so no integer CPU peak is claimed.
-_CPU_OPS_PER_CYCLE = {("c-avx2", Precision.FP32): 32}
-
-
 # NVIDIA datasheet peaks (dense, no sparsity), by name: FP32 on the CUDA cores (TFLOP/s) and INT8
 # on the tensor cores (TOP/s). INT32 on Hopper: half the FP32 lanes (64 INT32 vs 128 FP32 per SM).
 _GPU_PEAKS = (("H100 PCIe", 51.0, 1513.0), ("H100 NVL", 60.0, 1670.0), ("H100", 67.0, 1979.0),
@@ -93,62 +87,65 @@ _GPU_PEAKS = (("H100 PCIe", 51.0, 1513.0), ("H100 NVL", 60.0, 1670.0), ("H100", 
 
 
 def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
-              isa: str | None = None) -> tuple[float, str] | None:
-    """Theoretical peak (G ops/s) for an option, with how it was computed; None where unknown
-    (CPU: only for c-avx2 running its AVX2 kernels; VNNI families are not modeled)."""
-    if backend == "cuda":
-        name = machine.get("gpu") or ""
-        for key, fp32, int8_tc in _GPU_PEAKS:
-            if key in name:
-                if precision is Precision.FP32:
-                    return fp32 * 1e3, f"{key} FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"
-                if precision is Precision.INT32:
-                    return fp32 * 500, f"{key} INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"
-                if precision is Precision.INT8 and isa in (None, "mma"):
-                    return int8_tc * 1e3, f"{key} INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"
+              options: dict[str, Any] | None = None) -> tuple[float, str] | None:
+    """Datasheet peak (G ops/s) of a GPU option, with where it comes from; None where unknown.
+    CPU peaks are measured (cpu_peak_keys, measure_peaks), never taken from here."""
+    if backend != "cuda":
         return None
-    if backend == "c-avx2" and isa not in (None, "avx2"):
+    path = (options or {}).get("int8_path")
+    name = machine.get("gpu") or ""
+    for key, fp32, int8_tc in _GPU_PEAKS:
+        if key in name:
+            if precision is Precision.FP32:
+                return fp32 * 1e3, f"{key} FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"
+            if precision is Precision.INT32:
+                return fp32 * 500, f"{key} INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"
+            if precision is Precision.INT8 and path in (None, "mma"):
+                return int8_tc * 1e3, f"{key} INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"
+    return None
+
+
+def _isa(backend: str, options: dict[str, Any]) -> str | None:
+    """The kernel family a c-avx2 option runs (its isa option resolved as the backend does)."""
+    if backend != "c-avx2":
         return None
-    ops = _CPU_OPS_PER_CYCLE.get((backend, precision))
-    mhz = machine.get("cpu_mhz")
-    cores = machine.get("cpu_physical_cores") or machine.get("cpu_logical_cores")
-    if ops is None or not mhz or not cores or "avx2" not in machine.get("cpu_simd", []):
+    try:
+        from ..backends.c_avx2 import resolve
+        return resolve(dict(options))[0]
+    except Exception:
         return None
-    return (ops * mhz * 1e-3 * cores,
-            f"{ops} flop/cycle/core (two 256-bit FMA pipes) x {cores} core(s) x {mhz:.0f} MHz as "
-            f"reported (turbo clocks can exceed it)")
 
 
 def _instruction(backend: str, isa: str | None, precision: Precision) -> str | None:
     """The instruction whose throughput bounds a CPU kernel (the one qconv_peak measures)."""
     if backend == "c-scalar":
         return "scalar-fma" if precision is Precision.FP32 else None
-    if backend != "c-avx2":
+    if backend != "c-avx2" or isa is None:
         return None
     if precision is Precision.FP32:
         return "fma"
     if precision is Precision.INT32:
         return "mullo"
-    if isa in (None, "avx2"):
+    if isa == "avx2":
         return "madd"  # INT8 runs on the INT16 vpmaddwd kernel without VNNI
     return "dpwssd" if precision is Precision.INT16 else "dpbusd"
 
 
-def cpu_peak_keys(runs: list[tuple[str, str, dict[str, Any]]],
-                  precisions: list[Precision]) -> dict[tuple[str, str], tuple[str, int]]:
+def cpu_peak_keys(options: Sequence[Any], precisions: list[Precision]) -> dict[tuple[str, str], tuple[str, int]]:
     """{(label, precision): (instruction, threads)} for the CPU options whose kernels are built on
     an instruction the C extension's qconv_peak microbenchmark measures."""
     try:
-        from ..backends.c_avx2 import default_threads
+        from ..backends.c_avx2 import resolve
     except Exception:
         return {}
     out = {}
-    for label, backend, options in runs:
+    for o in options:
+        isa = _isa(o.backend, o.options)
         for p in precisions:
-            ins = _instruction(backend, options.get("isa"), p)
+            ins = _instruction(o.backend, isa, p)
             if ins is not None:
-                threads = 1 if backend == "c-scalar" else int(options.get("threads") or default_threads())
-                out[(label, p.value)] = (ins, threads)
+                threads = 1 if o.backend == "c-scalar" else resolve(dict(o.options))[1]
+                out[(o.label, p.value)] = (ins, threads)
     return out
 
 

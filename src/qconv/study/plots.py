@@ -1,259 +1,132 @@
-"""The six figures of the study, drawn from results.json's content (matplotlib, no pyplot state).
+"""The study's figures, drawn from results.json's content; each figure's size grows with the
+number of layers (and options), and results.json records each file with its pixel size.
 
-Every figure has a fixed pixel size given by ``expected_size(name, n_layers)``; results.json
-records each file with its size.
+    speedup     convolve-phase speedup over the one baseline, with the measured instruction peaks
+    vcurve      NRMSE against S, every integer precision overlaid (plots_scale)
+    histograms  value histograms with each precision's range at its chosen S (plots_scale)
+    nrmse       NRMSE per scale strategy (plots_scale)
+    pareto      whole-call time against NRMSE: single-S, pair and per-channel points, reference points
+    phases      where the time of a call goes
+    energy      the per-operation estimate, and dynamic energy from measured loops where a meter exists
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
-from ..sweep import format_scale
+from ..backends.base import PHASES
+from . import plots_scale
+from .appendix import fmt_time
+from .config import ok
+from .figures import (PHASE_COLORS, PREC_COLORS, STRAT_MARKERS, Panels, collect_legend, empty, layer_names,
+                      wrap)
+from .summary import headline, label, pareto
 
-DPI = 100
-PLOTS = ("speedup", "nrmse", "pareto", "sweep", "phases", "energy")
+PLOTS = ("speedup", "vcurve", "histograms", "nrmse", "pareto", "phases", "energy")
 TITLES = {
-    "speedup": "Speedup of the convolve phase over the scalar FP32 baseline",
-    "nrmse": "NRMSE per precision and scale strategy",
-    "pareto": "Convolution time against NRMSE, with the Pareto frontier",
-    "sweep": "NRMSE and overflow against the scale S",
-    "phases": "Where the time goes: phases per option",
-    "energy": "Energy per convolution: estimate and measurement",
+    "speedup": "Speedup of the convolve phase over scalar C FP32 (the assignment's Problem 1)",
+    "pareto": "Whole-call time against NRMSE: every scale strategy, the frontier, and reference points",
+    "phases": "Where the time of a call goes (medians of each phase)",
+    "energy": "Energy per convolution",
+    **plots_scale.TITLES,
 }
-PREC_COLORS = {"fp32": "#4c72b0", "int32": "#dd8452", "int16": "#55a868", "int8": "#c44e52"}
-PHASE_COLORS = {"quantize": "#8172b3", "pack": "#937860", "transfer": "#da8bc3",
-                "convolve": "#4c72b0", "dequantize": "#ccb974"}
-STRATS = ("maxabs", "sweep-S", "sweep-S-truncate", "sweep-pair", "per-channel")
-STRAT_COLORS = {"maxabs": "#8172b3", "sweep-S": "#55a868", "sweep-S-truncate": "#ccb974",
-                "sweep-pair": "#64b5cd", "per-channel": "#937860", "fp32": "#4c72b0"}
 
 
-def expected_size(name: str, n_layers: int) -> tuple[int, int]:
-    """(width, height) in pixels of a figure."""
-    if name == "sweep":
-        return 1500, 340 * max(1, n_layers) + 160
-    if name == "phases":
-        return 1200, 200 + 320 * max(1, n_layers)
-    if name == "energy":
-        return 1200, 820
-    return 1200, 560
+def _head(res: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    return [m for m in res["measurements"] if m["layer"] == name and ok(m) and headline(m)]
 
 
-def _figure(name: str, n_layers: int):  # -> (Figure, canvas)
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    w, h = expected_size(name, n_layers)
-    fig = Figure(figsize=(w / DPI, h / DPI), dpi=DPI)
-    return fig, FigureCanvasAgg(fig)
-
-
-def _ok(m: dict[str, Any]) -> bool:
-    return m.get("error") is None and "phases_s" in m
-
-
-def _layers(res: dict[str, Any]) -> list[str]:
-    return [L["name"] for L in res["layers"]] or ["(none)"]
-
-
-def _axes_row(fig, n: int, **kw):
-    axs = fig.subplots(1, n, squeeze=False, **kw)[0]
-    return list(axs)
-
-
-def _empty(ax, text: str) -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=8)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _label(m: dict[str, Any]) -> str:
-    return f"{m['backend']}/{m['precision']}"
-
-
-def plot_speedup(res: dict[str, Any], fig) -> None:
-    layers = _layers(res)
-    axs = _axes_row(fig, len(layers))
+def speedup(res: dict[str, Any]) -> Panels:
+    names = layer_names(res)
+    n_opts = max([len({m["backend"] for m in _head(res, n)}) for n in names] + [1])
+    P = Panels(len(names), max(4.5, 1.1 * n_opts + 1.5), 3.6, cols=2, legend_h=0.7)
     precs = res["config"]["precisions"]
-    for ax, name in zip(axs, layers):
-        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)
-              and m.get("speedup_vs_baseline") is not None]
+    for ax, name in zip(P.axes, names):
+        ms = [m for m in _head(res, name) if m.get("speedup_vs_baseline")]
         if not ms:
-            _empty(ax, "no measurement with a baseline")
+            empty(ax, "no measurement with a baseline")
             continue
         backends = list(dict.fromkeys(m["backend"] for m in ms))
         width = 0.8 / max(1, len(precs))
-        for j, p in enumerate(precs):
-            for i, b in enumerate(backends):
-                m = next((m for m in ms if m["backend"] == b and m["precision"] == p), None)
-                if m is None:
-                    continue
-                xpos = i + (j - (len(precs) - 1) / 2) * width
-                ax.bar(xpos, m["speedup_vs_baseline"], width, color=PREC_COLORS.get(p, "gray"), label=p)
-                v = m["speedup_vs_baseline"]
-                ax.text(xpos, v, f"{v:.0f}" if v >= 10 else f"{v:.2g}",
-                        ha="center", va="bottom", fontsize=7)
-                if m.get("peak_speedup_vs_baseline"):
-                    ax.plot([xpos - width / 2, xpos + width / 2], [m["peak_speedup_vs_baseline"]] * 2,
-                            color="k", ls="--", lw=1.2, label="hardware peak (measured or datasheet)")
+        few = len(ms) <= 16
+        for m in ms:
+            i, j = backends.index(m["backend"]), precs.index(m["precision"])
+            xpos = i + (j - (len(precs) - 1) / 2) * width
+            v = m["speedup_vs_baseline"]
+            ax.bar(xpos, v, width, color=PREC_COLORS.get(m["precision"], "gray"), label=m["precision"].upper())
+            if few:
+                ax.text(xpos, v * 1.08, f"{v:.0f}" if v >= 10 else f"{v:.2g}", ha="center", va="bottom",
+                        fontsize=6.5, rotation=90 if v >= 1000 else 0)
+            if m.get("peak_speedup_vs_baseline"):
+                ax.plot([xpos - width / 2, xpos + width / 2], [m["peak_speedup_vs_baseline"]] * 2,
+                        color="k", ls="--", lw=1.1, label="measured peak of the kernel's instruction")
         ax.axhline(1.0, color="gray", lw=0.8)
-        ax.set_xticks(range(len(backends)), backends, rotation=15, ha="right", fontsize=8)
+        ax.set_xticks(range(len(backends)), [wrap(b) for b in backends], fontsize=7.5)
         ax.set_yscale("log")
-        base = (res["summary"].get("layers", {}).get(name) or {}).get("baseline") or {}
-        ax.set_title(f"{name}\n(baseline {base.get('backend', '?')}/{base.get('precision', '?')} = 1)", fontsize=9)
+        top = max(max(m["speedup_vs_baseline"] for m in ms),
+                  max((m.get("peak_speedup_vs_baseline") or 0) for m in ms))
+        ax.set_ylim(top=top * 4)
+        base = ((res.get("summary") or {}).get("layers", {}).get(name) or {}).get("baseline") or {}
+        ax.set_title(f"{name} (baseline {base.get('backend', '?')} {base.get('precision', '?')} = 1)", fontsize=9)
         ax.set_ylabel("speedup (x, log)")
-        handles, labels = ax.get_legend_handles_labels()
-        uniq = dict(zip(labels, handles))  # one entry per precision, one for the peaks
-        ax.legend(uniq.values(), uniq.keys(), fontsize=7)
-    fig.subplots_adjust(bottom=0.14)
-    fig.suptitle(TITLES["speedup"] + f" (median of {res['config']['repeat']} runs)")
+    P.legend(*collect_legend(P.axes))
+    P.title(TITLES["speedup"] + f", median of {res['config']['repeat']} runs")
+    return P
 
 
-def _fp32_nrmse(res: dict[str, Any], name: str) -> float | None:
-    v = [m["nrmse"] for m in res["measurements"] if m["layer"] == name and _ok(m)
-         and m["precision"] == "fp32" and m.get("nrmse")]
-    return min(v) if v else None
-
-
-def plot_nrmse(res: dict[str, Any], fig) -> None:
-    layers = _layers(res)
-    axs = _axes_row(fig, len(layers))
-    acc = res["summary"].get("acceptable_nrmse")
-    for ax, name in zip(axs, layers):
-        st = [s for s in res["strategies"] if s["layer"] == name and s.get("nrmse") is not None]
-        precs = [p for p in ("int32", "int16", "int8") if any(s["precision"] == p for s in st)]
-        fp = _fp32_nrmse(res, name)
-        if not st and fp is None:
-            _empty(ax, "no accuracy data")
-            continue
-        width = 0.8 / len(STRATS)
-        for i, p in enumerate(precs):
-            for j, sname in enumerate(STRATS):
-                s = next((s for s in st if s["precision"] == p and s["strategy"] == sname), None)
-                if s is None or not s["nrmse"]:
-                    continue
-                ax.bar(i + (j - (len(STRATS) - 1) / 2) * width, s["nrmse"], width, color=STRAT_COLORS[sname],
-                       label=sname if i == 0 else None)
-        xt = list(precs)
-        if fp:
-            ax.bar(len(precs), fp, 0.4, color=STRAT_COLORS["fp32"], label="fp32 (own rounding)")
-            xt.append("fp32")
-        ax.set_xticks(range(len(xt)), xt)
-        ax.set_yscale("log")
-        if acc:
-            ax.axhline(acc, color="k", ls="--", lw=1, label="8-bit output (acceptable)")
-        ax.set_ylabel("NRMSE vs float64 (log)")
-        ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle(TITLES["nrmse"])
-
-
-def plot_pareto(res: dict[str, Any], fig) -> None:
-    """Colour = precision, marker = backend; only the frontier's points are labelled (integer
-    options of different backends share one NRMSE, so labels on every point would collide)."""
+def pareto_plot(res: dict[str, Any]) -> Panels:
     from matplotlib.lines import Line2D
-
-    from .runner import pareto
-    layers = _layers(res)
-    axs = _axes_row(fig, len(layers))
-    backends = list(dict.fromkeys(m["backend"] for m in res["measurements"]))
-    markers = dict(zip(backends, "osD^vPXh*<>"))
-    for ax, name in zip(axs, layers):
-        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m) and m.get("nrmse")]
-        if not ms:
-            _empty(ax, "no measurement")
+    names = layer_names(res)
+    P = Panels(len(names), 6.0, 4.0, cols=2, legend_h=1.0)
+    for ax, name in zip(P.axes, names):
+        ms = [m for m in res["measurements"] if m["layer"] == name and ok(m) and m.get("nrmse")]
+        refs = [r for r in res.get("reference_points", []) if r["layer"] == name and r.get("nrmse")]
+        if not ms and not refs:
+            empty(ax, "no measurement")
             continue
         for m in ms:
-            ax.scatter([m["phases_s"]["convolve"]["median"]], [m["nrmse"]], s=36, zorder=3,
-                       color=PREC_COLORS.get(m["precision"], "gray"), marker=markers.get(m["backend"], "o"))
-        front = pareto([(m["phases_s"]["convolve"]["median"], m["nrmse"], m) for m in ms])
-        fx = [m["phases_s"]["convolve"]["median"] for m in front]
-        fy = [m["nrmse"] for m in front]
-        ax.step(fx, fy, where="post", color="k", lw=1.2, zorder=2)
-        for m in front:
-            ax.annotate(_label(m), (m["phases_s"]["convolve"]["median"], m["nrmse"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-        handles = [Line2D([], [], color="k", lw=1.2, label="Pareto frontier (labelled)")]
-        handles += [Line2D([], [], ls="", marker="o", color=c, label=p) for p, c in PREC_COLORS.items()
-                    if any(m["precision"] == p for m in ms)]
-        handles += [Line2D([], [], ls="", marker=markers[b], color="gray", label=b) for b in backends
-                    if any(m["backend"] == b for m in ms)]
+            s = m.get("scale_strategy")
+            ax.scatter([m["call_s"]["median"]], [m["nrmse"]], s=34, zorder=3, marker=STRAT_MARKERS.get(s, "o"),
+                       color=PREC_COLORS.get(m["precision"], "gray"), alpha=0.85 if s in (None, "single-S") else 0.6)
+        front = pareto([(m["call_s"]["median"], m["nrmse"], m) for m in ms])
+        if front:
+            ax.step([m["call_s"]["median"] for m in front], [m["nrmse"] for m in front], where="post",
+                    color="k", lw=1.0, zorder=2)
+        for k, m in enumerate(front):
+            ax.annotate(wrap(label(m), 22), (m["call_s"]["median"], m["nrmse"]), fontsize=6.5,
+                        xytext=(5, 4 if k % 2 else -10), textcoords="offset points")
+        for r in refs:
+            ax.scatter([r["call_s"]["median"]], [r["nrmse"]], s=90, marker="*", color="k", zorder=4)
+            ax.annotate(wrap(r["name"], 18), (r["call_s"]["median"], r["nrmse"]), fontsize=6.5, style="italic",
+                        xytext=(5, 5), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("convolve time, median (s, log)")
-        ax.set_ylabel("NRMSE (log)")
+        ax.set_xlabel("whole call conv(x), median (s, log)")
+        ax.set_ylabel("NRMSE vs float64 (log)")
         ax.set_title(name, fontsize=9)
-        ax.legend(handles=handles, fontsize=7, loc="center right")  # between integer and FP32 errors
-    fig.suptitle(TITLES["pareto"])
+    precs = list(dict.fromkeys(m["precision"] for m in res["measurements"] if ok(m)))
+    handles = [Line2D([], [], color="k", lw=1, label="Pareto frontier of qconv's options (labelled)")]
+    handles += [Line2D([], [], ls="", marker="o", color=PREC_COLORS.get(p, "gray"), label=p.upper()) for p in precs]
+    handles += [Line2D([], [], ls="", marker=STRAT_MARKERS[s], color="gray", label=t) for s, t in
+                ((None, "no scale (FP32)"), ("single-S", "one S for both tensors"), ("pair", "best (s_x, s_w) pair"),
+                 ("per-channel", "maxabs per output channel"))]
+    if res.get("reference_points"):
+        handles.append(Line2D([], [], ls="", marker="*", color="k", markersize=10, label="reference point (library)"))
+    P.legend(handles, [h.get_label() for h in handles], ncol=5)
+    P.title(TITLES["pareto"])
+    return P
 
 
-def plot_sweep(res: dict[str, Any], fig) -> None:
-    layers = _layers(res)
-    precs = [p for p in ("int32", "int16", "int8") if p in res["config"]["precisions"]] or ["int8"]
-    axs = fig.subplots(len(layers), len(precs), squeeze=False)
-    legend: dict[str, Any] = {}
-    for r, name in enumerate(layers):
-        for c, p in enumerate(precs):
-            ax = axs[r][c]
-            near = next((s for s in res["sweeps"] if s["layer"] == name and s["precision"] == p
-                         and s["rounding"] == "nearest"), None)
-            trunc = next((s for s in res["sweeps"] if s["layer"] == name and s["precision"] == p
-                          and s["rounding"] == "truncate"), None)
-            if near is None:
-                _empty(ax, f"{name} {p}: no sweep")
-                continue
-            S = [row["s_x"] for row in near["rows"]]
-            ax.plot(S, [row["nrmse"] for row in near["rows"]], color="#4c72b0", lw=1.3, label="NRMSE (nearest)")
-            if trunc is not None:
-                ax.plot([row["s_x"] for row in trunc["rows"]], [row["nrmse"] for row in trunc["rows"]],
-                        color="#4c72b0", lw=1, ls="--", label="NRMSE (truncate)")
-            best = near["best"]
-            ax.axvline(best["s_x"], color="#c44e52", lw=1.2, label=f"chosen S={best['s_x']:.4g}")
-            st = {s["strategy"]: s for s in res["strategies"] if s["layer"] == name and s["precision"] == p}
-            for key, mk in (("maxabs", "s"), ("sweep-pair", "^")):
-                s = st.get(key)
-                if s and s.get("nrmse"):
-                    ax.scatter([math.sqrt(s["s_x"] * s["s_w"])], [s["nrmse"]], marker=mk, color="k", zorder=4,
-                               label=f"{key} at sqrt(s_x*s_w)")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("S (log2)")
-            ax.set_ylabel("NRMSE (log)")
-            ax2 = ax.twinx()
-            ax2.plot(S, [row["wrapped_fraction"] for row in near["rows"]], color="#dd8452", lw=1,
-                     label="wrapped outputs (fraction)")
-            ax2.plot(S, [row["clamped_fraction"] for row in near["rows"]], color="#55a868", lw=1, ls=":",
-                     label="saturated operands (fraction)")
-            ax2.set_ylim(-0.02, 1.02)
-            ax2.set_ylabel("fraction", fontsize=8)
-            ax.set_title(f"{name} — {p}: chosen S={format_scale(best['s_x'])}", fontsize=9)
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            for h, l in zip(h1 + h2, l1 + l2):
-                if l.startswith("chosen S"):
-                    l = "chosen S (the sweep's best)"
-                legend.setdefault(l, h)
-    fig.suptitle(TITLES["sweep"] + " (chosen S: red line)")
-    n = len(layers)
-    bottom = 90 / expected_size("sweep", n)[1]
-    fig.subplots_adjust(hspace=0.45, wspace=0.45, bottom=bottom + 0.05, top=1 - 60 / expected_size("sweep", n)[1])
-    if legend:
-        fig.legend(list(legend.values()), list(legend.keys()), loc="lower center", ncol=4, fontsize=8)
-
-
-def plot_phases(res: dict[str, Any], fig) -> None:
-    from matplotlib.patches import Patch
-
-    from ..backends.base import PHASES
-    layers = _layers(res)
-    axs = fig.subplots(len(layers), 1, squeeze=False)
-    for ax, name in zip((a[0] for a in axs), layers):
-        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
+def phases(res: dict[str, Any]) -> Panels:
+    names = layer_names(res)
+    n_opts = max([len(_head(res, n)) for n in names] + [1])
+    P = Panels(len(names), 6.2, 0.26 * n_opts + 0.8, cols=2, legend_h=0.6, left=2.2, wspace_in=2.4)
+    for ax, name in zip(P.axes, names):
+        ms = _head(res, name)
         if not ms:
-            _empty(ax, "no measurement")
+            empty(ax, "no measurement")
             continue
-        labels = [_label(m) for m in ms]
         totals = [sum(m["phases_s"][ph]["median"] for ph in PHASES) for m in ms]
         left = [0.0] * len(ms)
         for ph in PHASES:
@@ -261,89 +134,72 @@ def plot_phases(res: dict[str, Any], fig) -> None:
             ax.barh(range(len(ms)), v, left=left, color=PHASE_COLORS[ph], label=ph)
             left = [a + b for a, b in zip(left, v)]
         for i, t in enumerate(totals):
-            ax.text(101, i, f"{t * 1e3:.3g} ms", va="center", fontsize=7)
-        ax.set_xlim(0, 112)
-        ax.set_yticks(range(len(ms)), labels, fontsize=7)
+            ax.text(101, i, fmt_time(t), va="center", fontsize=6.5)
+        ax.set_xlim(0, 118)
+        ax.set_yticks(range(len(ms)), [label(m) for m in ms], fontsize=6.5)
         ax.invert_yaxis()
-        ax.set_xlabel("share of the call (%, medians of each phase); total per call at the right")
+        ax.set_xlabel("share of the phases' sum (%); the sum at the right")
         ax.set_title(name, fontsize=9)
-    fig.suptitle(TITLES["phases"])
-    fig.subplots_adjust(left=0.16, hspace=0.5, top=1 - 90 / expected_size("phases", len(layers))[1])
-    handles = [Patch(color=PHASE_COLORS[ph], label=ph) for ph in PHASES]
-    fig.legend(handles=handles, loc="upper center", ncol=len(PHASES), fontsize=8,
-               bbox_to_anchor=(0.5, 1 - 30 / expected_size("phases", len(layers))[1]))
+    P.legend(*collect_legend(P.axes))
+    P.title(TITLES["phases"])
+    return P
 
 
-def plot_energy(res: dict[str, Any], fig) -> None:
-    """Top row: the per-operation estimate per precision, stacked (linear scale, so the parts add
-    up visually). Bottom row: measured joules per call per option, where a meter exists."""
-    layers = _layers(res)
-    axs = fig.subplots(2, len(layers), squeeze=False)
-    meters = res["machine"].get("energy_meters", {})
-    for c, name in enumerate(layers):
-        ax, axm = axs[0][c], axs[1][c]
-        ms = [m for m in res["measurements"] if m["layer"] == name and _ok(m)]
+def energy_plot(res: dict[str, Any]) -> Panels:
+    names = layer_names(res)
+    loops = [m for m in res["measurements"] if ok(m) and m.get("energy_measured")]
+    n = len(names) * (2 if loops else 1)
+    P = Panels(n, 5.0, 3.2, cols=2, legend_h=0.7)
+    for i, name in enumerate(names):
+        ax = P.axes[i * (2 if loops else 1)]
+        ms = _head(res, name)
         if not ms:
-            _empty(ax, "no measurement")
-            _empty(axm, "no measurement")
+            empty(ax, "no measurement")
             continue
         precs = list(dict.fromkeys(m["precision"] for m in ms))
         est = {p: next(m["energy_estimate_j"] for m in ms if m["precision"] == p) for p in precs}
-        x = list(range(len(precs)))
         uj = 1e6
         comp = [est[p]["compute_j"] * uj for p in precs]
         qd = [est[p]["quantize_dequantize_j"] * uj for p in precs]
-        dlo = [est[p]["dram_low_j"] * uj for p in precs]
-        dhi = [est[p]["dram_high_j"] * uj for p in precs]
-        dmid = [(a + b) / 2 for a, b in zip(dlo, dhi)]
-        ax.bar(x, comp, 0.5, color="#4c72b0", label="multiply-add")
-        ax.bar(x, qd, 0.5, bottom=comp, color="#8172b3", label="(de)quantize")
-        b2 = [a + b for a, b in zip(comp, qd)]
-        ax.bar(x, dmid, 0.5, bottom=b2, color="#ccb974", label="DRAM, compulsory (1.3-2.6 nJ / 64 bit)",
-               yerr=[[m - l for m, l in zip(dmid, dlo)], [h - m for h, m in zip(dhi, dmid)]], capsize=3)
-        ax.set_xticks(x, precs)
-        ax.set_ylim(0, 1.45 * max(a + b for a, b in zip(b2, dhi)))
+        mem = [(est[p]["dram_low_j"] + est[p]["dram_high_j"]) / 2 * uj for p in precs]
+        ax.bar(precs, comp, 0.5, color="#4c72b0", label="multiply-add (Horowitz 2014)")
+        ax.bar(precs, qd, 0.5, bottom=comp, color="#8172b3", label="(de)quantize")
+        ax.bar(precs, mem, 0.5, bottom=[a + b for a, b in zip(comp, qd)], color="#ccb974",
+               label="memory, compulsory traffic (cited pJ/bit)")
         ax.set_ylabel("estimate, uJ per convolution")
         ax.set_title(f"{name}: estimate", fontsize=9)
-        ax.legend(fontsize=7, loc="upper right")
-        measured = [m for m in ms if m.get("energy_measured")]
-        if measured:
-            labels = [_label(m) for m in measured]
-            vals = [m["energy_measured"]["joules_per_call"] * 1e3 for m in measured]
-            axm.bar(range(len(measured)), vals, 0.6,
-                    color=[PREC_COLORS.get(m["precision"], "gray") for m in measured])
-            axm.set_xticks(range(len(measured)), labels, rotation=30, ha="right", fontsize=7)
-            axm.set_ylabel("measured, mJ per call (log)")
-            axm.set_yscale("log")
-            meter = measured[0]["energy_measured"]
-            axm.set_title(f"{name}: measured ({meter['meter']}: {meter['device']}; whole device, idle included)",
-                          fontsize=8)
-        else:
-            why = "; ".join(f"{k.upper()}: {v.get('detail')}" for k, v in meters.items() if not v.get("available"))
-            _empty(axm, "No measured energy on this machine.\n" + _wrap(why, 55))
-    fig.suptitle(TITLES["energy"] + " (per-operation energies: Horowitz, ISSCC 2014, 45 nm)")
-    fig.subplots_adjust(hspace=0.55, bottom=0.14)
+        if loops:
+            axm = P.axes[i * 2 + 1]
+            lm = [m for m in loops if m["layer"] == name]
+            if not lm:
+                empty(axm, "no measured loop for this layer")
+                continue
+            vals = [(m["energy_measured"].get("dynamic_joules_per_call") or 0) * 1e3 for m in lm]
+            for k, (m, v) in enumerate(zip(lm, vals)):
+                good = m["energy_measured"].get("measured")
+                axm.bar(k, v, 0.6, color=PREC_COLORS.get(m["precision"], "gray") if good else "white",
+                        edgecolor=PREC_COLORS.get(m["precision"], "gray"), hatch=None if good else "//",
+                        label="measured (kernel >= 50% of a >= 1 s loop)" if good else "no verdict (kernel < 50% of the loop)")
+            axm.set_xticks(range(len(lm)), [wrap(label(m), 14) for m in lm], fontsize=6.5)
+            axm.set_ylabel("dynamic mJ per call")
+            axm.set_title(f"{name}: loops, idle power subtracted", fontsize=9)
+    P.legend(*collect_legend(P.axes))
+    P.title(TITLES["energy"] + ("" if loops else " (no energy meter here: the estimate only)"))
+    return P
 
 
-def _wrap(text: str, n: int) -> str:
-    import textwrap
-    return "\n".join(textwrap.wrap(text, n)[:8])
-
-
-_DRAW = {"speedup": plot_speedup, "nrmse": plot_nrmse, "pareto": plot_pareto, "sweep": plot_sweep,
-         "phases": plot_phases, "energy": plot_energy}
+_DRAW = {"speedup": speedup, "vcurve": plots_scale.vcurve, "histograms": plots_scale.histograms,
+         "nrmse": plots_scale.nrmse_bars, "pareto": pareto_plot, "phases": phases, "energy": energy_plot}
 
 
 def draw_all(res: dict[str, Any], out_dir: "str | Path") -> list[dict[str, Any]]:
     """Draw every figure into out_dir; returns [{name, file, title, width, height}]."""
     out = Path(out_dir)
-    n = max(1, len(res["layers"]))
     done = []
     for name in PLOTS:
-        fig, canvas = _figure(name, n)
-        _DRAW[name](res, fig)
+        panels = _DRAW[name](res)
         path = out / f"{name}.png"
-        canvas.print_png(str(path))
-        w, h = expected_size(name, n)
+        panels.canvas.print_png(str(path))
+        w, h = panels.pixels
         done.append({"name": name, "file": path.name, "title": TITLES[name], "width": w, "height": h})
     return done

@@ -1,438 +1,362 @@
-"""report.md: every sentence that states a result is generated from results.json's numbers."""
+"""report.md: the answer first, then the evidence; every number comes from results.json.
+
+The body (everything before "## Appendix") keeps its prose under config.BODY_WORD_LIMIT words
+(tables and figures are not prose); the appendix (appendix.py) holds the rest. Per-layer facts
+go into tables, never into one sentence repeated per layer.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from typing import Any, Iterable
 
-from .runner import output_bits_nrmse
+from ..metrics import output_bits_nrmse
+from ..sweep import format_scale
+from . import appendix
+from .appendix import fmt_num, fmt_time, table
+from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
+from .summary import headline
+
+SOURCES = [
+    "M. Horowitz, \"Computing's energy problem (and what we can do about it)\", ISSCC 2014, "
+    "doi:10.1109/ISSCC.2014.6757323 — per-operation and DRAM energies (45 nm).",
+    "B. Jacob et al., \"Quantization and Training of Neural Networks for Efficient Integer-Arithmetic-Only "
+    "Inference\", CVPR 2018, arXiv:1712.05877 — per-tensor scales, int32 accumulation.",
+    "R. Krishnamoorthi, \"Quantizing deep convolutional networks for efficient inference: A whitepaper\", "
+    "arXiv:1806.08342, 2018 — per-channel weight scales, post-training INT8 accuracy.",
+    "M. O'Connor et al., \"Fine-Grained DRAM: Energy-Efficient DRAM for Extreme Bandwidth Systems\", "
+    "MICRO 2017, doi:10.1145/3123939.3124545 — HBM2 access energy (used for GPUs with HBM).",
+]
 
 
-def _opt(o: dict[str, Any] | None) -> str:
-    return "none" if o is None else f"**{o['backend']} {o['precision'].upper()}**"
+t_, g_ = fmt_time, fmt_num
 
 
-def _t(s: float | None) -> str:
-    if s is None:
+def S_(s: float | None) -> str:
+    return "n/a" if s is None else format_scale(s)
+
+
+def pct(f: float | None) -> str:
+    """A share as a percentage with two significant digits ('0.0055%', '27%'); exact 0 as '0%'."""
+    return "n/a" if f is None else "0%" if f == 0 else f"{100 * f:.2g}%"
+
+
+def rng(values: Iterable[float | None], fmt: str = ".3g", suffix: str = "") -> str:
+    """'1.2x' or '1.2-3.4x' over the given values (None skipped)."""
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    if not v:
         return "n/a"
-    return f"{s * 1e3:.3g} ms" if s < 1 else f"{s:.3g} s"
+    lo, hi = format(min(v), fmt), format(max(v), fmt)
+    return f"{lo}{suffix}" if lo == hi else f"{lo}-{hi}{suffix}"
 
 
-def _g(v: float | None, fmt: str = ".3g") -> str:
-    return "n/a" if v is None else format(v, fmt)
+def trng(values: Iterable[float | None]) -> str:
+    """A range of times in one unit: '0.35-0.44 ms'."""
+    v = [x for x in values if x is not None]
+    if not v:
+        return "n/a"
+    unit, f = (("us", 1e6) if max(v) < 1e-3 else ("ms", 1e3) if max(v) < 1 else ("s", 1.0))
+    return rng([x * f for x in v], ".3g", f" {unit}")
 
 
-def _x(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3g}x"
+def times(r: list[float]) -> str:
+    """'1.3-2.6x less' / 'x more' for ratios above / below one."""
+    if not r:
+        return "n/a"
+    if min(r) >= 1:
+        return rng(r, ".2g", "x less")
+    if max(r) <= 1:
+        return rng([1 / x for x in r], ".2g", "x more")
+    return rng(r, ".2g", "x") + " as much"
 
 
-def _ok(m: dict[str, Any]) -> bool:
-    return m.get("error") is None and "phases_s" in m
+def body_words(md: str) -> int:
+    """Words of prose in the body: lines before '## Appendix' that are not tables, figures or headings."""
+    body = md.split("\n## Appendix", 1)[0]
+    words = 0
+    for line in body.splitlines():
+        s = line.strip()
+        if not s or s.startswith(("|", "![", "#")):
+            continue
+        words += len(re.findall(r"\S+", s))
+    return words
 
 
-def _table(head: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
+class _Data:
+    """Lookups over results.json that the sections share."""
+
+    def __init__(self, res: dict[str, Any]) -> None:
+        self.res = res
+        self.S = res.get("summary") or {}
+        self.layers = [L["name"] for L in res["layers"]]
+        self.single = {(r["layer"], r["precision"]): r for r in res.get("single_s", [])}
+        self.strat = {(s["layer"], s["precision"], s["strategy"]): s for s in res.get("strategies", [])}
+        self.precs = [p for p in INT_PRECISIONS if any((L, p) in self.single for L in self.layers)]
+        self.acc = self.S.get("acceptable_nrmse", output_bits_nrmse(8))
+
+    def per_layer(self, p: str, key: str) -> list[Any]:
+        return [self.single[(L, p)][key] for L in self.layers if (L, p) in self.single]
+
+    def ratio(self, p: str, num: str, den: str) -> list[float]:
+        out = []
+        for L in self.layers:
+            a, b = self.strat.get((L, p, num)), self.strat.get((L, p, den))
+            if a and b and a["nrmse"] and b["nrmse"]:
+                out.append(a["nrmse"] / b["nrmse"])
+        return out
+
+    def lay(self) -> list[dict[str, Any]]:
+        return [v for v in (self.S.get("layers") or {}).values() if v]
+
+    def which_limit(self, precs: list[str], kind: str) -> str:
+        """'every layer' or '`a`, `b`': where one of these precisions is limited by `kind`."""
+        hit = [L for L in self.layers if any((self.single.get((L, p)) or {}).get("limit") == kind for p in precs)]
+        return "every layer" if len(hit) == len(self.layers) else ", ".join(f"`{L}`" for L in hit)
+
+
+def _per_layer_s(d: _Data, p: str) -> str:
+    parts = [f"{S_(d.single[(L, p)]['s_nearest'])}" + (f" (`{L}`)" if len(d.layers) > 1 else "")
+             for L in d.layers if (L, p) in d.single]
+    return ", ".join(parts)
+
+
+def _answer_scale(d: _Data) -> list[str]:
+    out = []
+    chosen = "; ".join(f"{p.upper()} S = {_per_layer_s(d, p)} (NRMSE {rng(d.per_layer(p, 'nrmse_nearest'))})"
+                       for p in d.precs)
+    out.append(f"- **Which S?** With one S for both tensors, as the assignment asks, the S with the lowest "
+               f"NRMSE is: {chosen}.")
+    common = {c["precision"]: c for c in d.res.get("common_s", [])}
+    if len(d.layers) > 1 and common:
+        out.append("  One S per precision for every layer (the assignment's program takes none) would be "
+                   + ", ".join(f"{p.upper()} {S_(common[p]['s'])}" for p in d.precs if p in common)
+                   + f", at most {rng([common[p]['worst_ratio'] for p in d.precs if p in common], '.2g', 'x')} "
+                     f"the error of each layer's own best S.")
+    wrap_p = [p for p in d.precs if "wrap-around" in d.per_layer(p, "limit")]
+    clip_p = [p for p in d.precs if "clipping" in d.per_layer(p, "limit")]
+    if wrap_p:
+        ratios = [r for p in wrap_p for r in d.per_layer(p, "wrap_over_bound")]
+        out.append(f"  Why: for {' and '.join(p.upper() for p in wrap_p)} the int32 accumulator sets the limit "
+                   f"on {d.which_limit(wrap_p, 'wrap-around')}: above the chosen S, sums wrap around"
+                   + (f", {rng(ratios, '.2g', 'x')} above the worst-case bound K·max|q_x|·max|q_w| <= 2^31-1, "
+                      f"since products of both signs cancel" if ratios else "") + ".")
+    if clip_p:
+        parts = []
+        for p in clip_p:
+            c = [r["input_clipped_fraction"] * 100 for L in d.layers for r in [d.single.get((L, p))] if r]
+            qm = d.per_layer(p, "kernel_qmax")
+            kz = [z * 100 for z in d.per_layer(p, "kernel_zero_fraction")]
+            parts.append(f"{p.upper()} clips {rng(c, '.2g', '%')} of the inputs while its weights reach only "
+                         f"±{rng(qm, 'd')} ({rng(kz, '.2g', '%')} round to 0)")
+        ratio = [L["input_absmax"] / L["kernel_absmax"] for L in d.res["layers"] if L["kernel_absmax"] > 0]
+        out.append(f"  {'Elsewhere' if wrap_p else 'Why'}, clipping stops S: at the best S " + "; ".join(parts)
+                   + f". The input's range is {rng(ratio, '.3g', 'x')} the kernel's, which one S cannot serve "
+                     f"(histograms below).")
+    ks = [L["k"] for L in d.res["layers"]]
+    bits = "; ".join(f"{p.upper()} {rng(d.per_layer(p, 'accumulator_bits_worst_case'), 'd')}" for p in d.precs)
+    out.append(f"  The worst case needs 2n + log2(C·KH·KW) accumulator bits (K = {rng(ks, 'd')}): {bits}; "
+               f"int32 holds INT8 at any S, the wider operands only at small S.")
+    return out
+
+
+def _answer_on_top(d: _Data) -> list[str]:
+    parts = []
+    for key, what in ((PAIR, "separate input and kernel scales"), (PER_CHANNEL, "a kernel scale per output channel")):
+        r = [x for p in d.precs for x in d.ratio(p, SINGLE, key)]
+        if r:
+            parts.append(f"{what} cut the error {rng(r, '.2g', 'x')}")
+    tr = [x for p in d.precs for x in d.ratio(p, SINGLE_TRUNC, SINGLE)]
+    txt = ("- **What comes on top?** Against one rounded S, " + "; ".join(parts) if parts else
+           "- **What comes on top?** Only the single S was evaluated")
+    if tr:
+        txt += (f"; truncation, the assignment's (int) cast, costs {rng(tr, '.2g', 'x')} the error of rounding "
+                f"at its own best S, since it biases every value toward zero")
+    i8 = [d.strat.get((L, "int8", PER_CHANNEL)) for L in d.layers]
+    i8 = [s["nrmse"] for s in i8 if s and s["nrmse"]]
+    if i8:
+        txt += f". INT8 with per-channel scales reaches NRMSE {rng(i8)}"
+    return [txt + " (table below, [nrmse.png](nrmse.png))."]
+
+
+def _answer_best(d: _Data) -> list[str]:
+    lay = d.lay()
+    if not lay:
+        return ["- **Best option?** Nothing was timed."]
+    names = [n for n, v in (d.S.get("layers") or {}).items() if v]
+
+    def who(key: str) -> str:
+        opts = {n: f"{v[key]['backend']} {v[key]['precision'].upper()}" for n, v in zip(names, lay) if v.get(key)}
+        if not opts:
+            return "none"
+        if len(set(opts.values())) == 1:
+            return f"**{next(iter(opts.values()))}**"
+        return ", ".join(f"**{o}** (`{n}`)" for n, o in opts.items())
+    rec = [v["recommended"] for v in lay if v.get("recommended")]
+    base = sorted({(v["baseline"] or {}).get("backend") or "?" for v in lay})
+    out = [f"- **Best option?** Fastest: {who('fastest')}, {rng([v['fastest']['speedup_vs_baseline'] for v in lay], '.3g', 'x')} "
+           f"the {'/'.join(base)} FP32 baseline in the convolve phase, at single-S NRMSE "
+           f"{rng([v['fastest']['nrmse'] for v in lay])}. Fastest with at least 8 effective output bits "
+           f"(NRMSE <= {d.acc:.3g}): {who('recommended')}" + (f" ({trng([r['convolve_s'] for r in rec])})." if rec else ".")]
+    refs = [p for v in lay for p in v.get("reference_faster", [])]
+    if refs:
+        out.append(f"  A reference point beats qconv's fastest whole call: "
+                   + ", ".join(f"{p['name']} on `{p['layer']}` ({t_(p['call_s']['median'])}, NRMSE {g_(p['nrmse'])})"
+                               for p in refs) + ".")
+    return out
+
+
+def _answer_factors(d: _Data) -> list[str]:
+    hw = []
+    for v in d.lay():
+        f = v["fastest"]
+        if f["precision"] != "fp32" and v.get("best_fp32"):
+            hw.append(v["best_fp32"]["convolve_s"] / f["convolve_s"])
+    txt = ("- **What decides it?** The datapath first: " +
+           (f"the fastest integer option runs {rng(hw, '.2g', 'x')} faster than the fastest FP32 one (Speed "
+            f"says why). " if hw else "no integer option beats FP32 here. ")
+           + "Then the accuracy target, the layer's K (it sets where int32 wraps) and what the whole call "
+             "adds around the kernel (quantizing the input, see [phases.png](phases.png)).")
+    return [txt]
+
+
+def _energy_line(d: _Data) -> list[str]:
+    lay = d.lay()
+    meters = d.res["machine"].get("energy_meters", {})
+    loops = sum(v.get("energy_loops", 0) for v in lay)
+    measured = [v["energy_best_measured"] for v in lay if v.get("energy_best_measured")]
+    est = []
+    for L in d.layers:
+        e = {m["precision"]: m["energy_estimate_j"] for m in d.res["measurements"]
+             if m["layer"] == L and ok(m) and headline(m)}
+        if "fp32" in e and "int8" in e:
+            est.append(e["fp32"]["total_j"] / e["int8"]["total_j"])
+    txt = "- **Does energy change it?** "
+    txt += f"By the per-operation estimate INT8 spends {times(est)} than FP32 per convolution. " if est else ""
+    same = [v for v in lay if v.get("recommended") and v.get("energy_best_estimate_acceptable")]
+    agree = [v for v in same if v["recommended"]["precision"] == v["energy_best_estimate_acceptable"]["precision"]]
+    if same:
+        txt += ("Among options with at least 8 effective bits, the cheapest precision by the estimate is the one the "
+                "fastest uses, so energy does not change the answer" if len(agree) == len(same) else
+                "Among options with at least 8 effective bits, the estimate favours a different precision than speed "
+                f"on {len(same) - len(agree)} of {len(same)} layer(s), so energy can change the answer") + ". "
+    if measured:
+        txt += ("Measured (dynamic energy, idle subtracted, kernel at least half of a loop of at least 1 s): the "
+                "least per call is " + ", ".join(f"{m['backend']} {m['precision'].upper()} "
+                                               f"({m['dynamic_joules_per_call'] * 1e3:.3g} mJ)" for m in measured) + ".")
+    elif loops:
+        txt += ("Energy loops ran, but in none did the kernel fill half the loop, so no measured verdict is "
+                "given (appendix F).")
+    else:
+        txt += "No energy meter is readable here (" + ", ".join(k.upper() for k in meters) + "), so nothing is measured."
+    return [txt]
+
+
+def _answer_acceptable(d: _Data) -> list[str]:
+    fp = [m["nrmse"] for m in d.res["measurements"] if ok(m) and m["precision"] == "fp32" and m.get("nrmse")]
+    one = d.per_layer("int8", "nrmse_nearest") if "int8" in d.precs else []
+    pair = [s["nrmse"] for L in d.layers for s in [d.strat.get((L, "int8", PAIR))] if s and s["nrmse"]]
+    txt = (f"- **Is naive quantization justified?** FP32 itself sits at NRMSE {rng(fp)} against float64. Take "
+           f"the output's own 8-bit step, NRMSE {d.acc:.3g}, as the bar: an 8-bit next layer cannot see less. ")
+    sixteen = d.per_layer("int16", "nrmse_nearest") if "int16" in d.precs else []
+    if sixteen:
+        txt += f"INT16 with one S clears it ({rng(sixteen)}). "
+    if one:
+        verdict = "misses it" if min(one) > d.acc else "clears it"
+        txt += (f"INT8 with one S {verdict} ({rng(one)})"
+                + (f"; with separate scales it reaches {rng(pair)}" if pair else "") + ". "
+                + ("Naive single-S INT8 is therefore not justified; per-tensor (Jacob et al. 2018) and "
+                   "per-channel scales (Krishnamoorthi 2018) are the cheap fix. " if min(one) > d.acc else
+                   "Naive INT8 holds up on these layers; Jacob et al. (2018) and Krishnamoorthi (2018) add "
+                   "per-tensor and per-channel scales for the layers where it does not. ")
+                + "A network's tolerance is an end-to-end question one layer cannot settle.")
+    return [txt]
+
+
+def _single_s_tables(d: _Data) -> list[str]:
+    out = []
+    for L in d.layers:
+        rows = []
+        for p in d.precs:
+            r = d.single.get((L, p))
+            if r is None:
+                continue
+            bits = f"{r['accumulator_bits_worst_case']}" + (f" ({r['accumulator_bits_at_s']} at S)"
+                                                             if r.get("accumulator_bits_at_s") else "")
+            rows.append([p.upper(), S_(r["s_nearest"]), S_(r["s_truncate"]),
+                         f"{g_(r['nrmse_nearest'])} / {g_(r['nrmse_truncate'])}",
+                         f"{r['limit']}: {r['limit_detail']}", pct(r["input_clipped_fraction"]),
+                         f"{r['kernel_levels_used']} (|q| <= {r['kernel_qmax']}, {pct(r['kernel_zero_fraction'])} zero)",
+                         bits])
+        out.append(f"**`{L}`** — one S for both tensors")
+        out.append("")
+        out += table(["precision", "S (nearest)", "S (truncate)", "NRMSE nearest / truncate", "what limits S",
+                      "inputs clipped", "kernel levels used", "accumulator bits (2n+log2 K)"], rows)
+        out.append("")
+    return out
+
+
+def _on_top_table(d: _Data) -> list[str]:
+    rows = []
+    for L in d.layers:
+        for p in d.precs:
+            cells = [d.strat.get((L, p, k)) for k in (SINGLE, SINGLE_TRUNC, PAIR, MAXABS, PER_CHANNEL)]
+            rows.append([f"`{L}`", p.upper()] + [g_(c["nrmse"]) if c else "n/a" for c in cells])
+    return table(["layer", "precision", "one S (nearest)", "one S (truncate)", "best pair", "maxabs",
+                  "maxabs per channel"], rows)
+
+
+def _speed(d: _Data) -> list[str]:
+    out = []
+    sc = {}
+    for m in d.res["measurements"]:
+        if ok(m) and m["backend"] == "c-scalar" and headline(m):
+            sc.setdefault(m["layer"], {})[m["precision"]] = m["phases_s"]["convolve"]["median"]
+    r = [v["fp32"] / v[p] for v in sc.values() if "fp32" in v for p in INT_PRECISIONS if p in v]
+    if r and min(r) > 1:
+        out.append(f"Even without SIMD, scalar C integer runs {rng(r, '.2g', 'x')} faster than scalar C FP32. "
+                   f"The scalar loop sums into one accumulator: FP32 addition is not associative, so the compiler "
+                   f"keeps the order and each multiply-add waits for the previous result (3-4 cycles of FP "
+                   f"latency on current x86 cores), while the integer chain adds in one cycle. Integer arithmetic can pay off without a wider datapath; a wider "
+                   f"one (VNNI, dp4a, tensor cores) multiplies the gain.")
+    call = [v["fastest"]["call_s"] / v["fastest"]["convolve_s"] for v in d.lay() if v["fastest"]["convolve_s"] > 0]
+    if call:
+        out.append(f"The whole call, prepared once and timed from outside, takes {rng(call, '.2g', 'x')} the "
+                   f"fastest option's convolve phase.")
+    shares = [m["peak_share"] for m in d.res["measurements"] if ok(m) and m.get("peak_share")]
+    if shares:
+        over = d.S.get("peak_shares_over_100") or []
+        out.append(f"Kernels reach {rng([s * 100 for s in shares], '.0f', '%')} of their instruction's measured "
+                   f"peak (one table, appendix C)" + (f"; {len(over)} share(s) above 100% are explained there"
+                                                      if over else "") + ".")
+    refs = d.res.get("reference_points", [])
+    if refs:
+        out.append("Reference points from the same run (libraries, not qconv): "
+                   + "; ".join(f"{p['name']} on `{p['layer']}` {t_(p['call_s']['median'])}, NRMSE {g_(p['nrmse'])}"
+                               for p in refs) + ".")
+    else:
+        out.append(f"No library reference point: {d.res.get('reference_points_note') or 'none measured'}.")
     return out
 
 
 def render(res: dict[str, Any]) -> str:
+    d = _Data(res)
     M = res["machine"]
-    S = res.get("summary", {})
-    L: list[str] = []
-    partial = res["status"] != "complete"
-    L.append("# qconv study: what naive quantization buys and costs")
-    L.append("")
-    if partial:
-        L.append(f"> **Partial results** — {res.get('partial_reason')}. Numbers below cover only what was measured.")
-        L.append("")
-    L.append(f"Generated by qconv {M['versions'].get('qconv', '?')} on {M['date']} from `results.json` "
-             f"(schema {res['schema']} v{res['schema_version']}). Every number and every verdict below is "
-             f"computed from the measurements; none is written by hand.")
-    L.append("")
-    if res.get("command"):
-        L.append(f"Command: `{res['command']}`")
-        L.append("")
-    # ------------------------------------------------------------------ setup
-    L.append("## Setup")
-    L.append("")
-    L.append(f"- Machine: {M['cpu_model']}, {M['cpu_logical_cores']} logical cores"
-             f"{', SIMD ' + '/'.join(M['cpu_simd']) if M.get('cpu_simd') else ''}; GPU: {M.get('gpu') or 'none found'}; "
-             f"{M['platform']}; Python {M['versions'].get('python')}, numpy {M['versions'].get('numpy')}.")
-    la = M.get("load_average")
-    if la and M.get("cpu_logical_cores") and la[0] > 0.5 * M["cpu_logical_cores"]:
-        L.append(f"- Note: the machine was busy when the study started (load average {la[0]:.2f} on "
-                 f"{M['cpu_logical_cores']} logical cores): CPU timings carry that noise; see the spread columns.")
-    bk = M.get("backends", {})
-    used = res["config"]["backends"]
-    L.append("- Backends measured: " + ", ".join(f"`{b}`" for b in used) + ". Not measured: "
-             + ("; ".join(f"`{k}` ({v['reason']})" for k, v in bk.items() if k not in used) or "none") + ".")
-    L.append(f"- Precisions: {', '.join(res['config']['precisions'])}; batch {res['config']['batch']}; each option "
-             f"timed over {res['config']['repeat']} runs after one warm-up (median, with min-max spread in "
-             f"results.json). Integer precisions run with the best per-tensor scales (s_x, s_w) the sweep found, "
-             f"rounding to nearest: the most a naive quantization gets from each precision; the assignment's "
-             f"single S for both tensors is compared in 'Which S?'.")
-    for Ly in res["layers"]:
-        L.append(f"- Layer `{Ly['name']}`: input {tuple(Ly['input_shape'])}, kernel {tuple(Ly['kernel_shape'])} "
-                 f"(KH, KW, OC, IC), K = {Ly['k']}, {Ly['flops'] / 1e9:.3g} GFLOP; |x| <= {Ly['input_absmax']:.3g}, "
-                 f"|w| <= {Ly['kernel_absmax']:.3g}; reference output in [{Ly['output_min']:.3g}, {Ly['output_max']:.3g}].")
-    L.append("")
-    # ------------------------------------------------------------------ answer first
-    L.append("## The answer")
-    L.append("")
-    acc = S.get("acceptable_nrmse", output_bits_nrmse(8))
-    for name, s in S.get("layers", {}).items():
-        if not s:
-            L.append(f"- `{name}`: nothing measured.")
-            continue
-        f, a, r = s["fastest"], s.get("most_accurate"), s.get("recommended")
-        aq = s.get("most_accurate_quantized")
-        L.append(f"- `{name}` — **fastest: {f['backend']} {f['precision'].upper()}** "
-                 f"({_t(f['convolve_s'])} convolve, {_x(f['speedup_vs_baseline'])} over the baseline, "
-                 f"{_x(f.get('speedup_total_vs_baseline'))} for the whole call with quantize/pack/transfer, "
-                 f"NRMSE {_g(f['nrmse'])}); most accurate: {_opt(a)} (NRMSE {_g(a and a['nrmse'])}"
-                 + (f"; of the quantized options {aq['precision'].upper()}, NRMSE {_g(aq['nrmse'])}, the same on every "
-                    f"backend"
-                    if aq else "") + "); "
-                 f"best trade-off (fastest with NRMSE <= {acc:.3g}, i.e. at least 8 effective output bits): "
-                 f"{_opt(r)}" + (f" ({_t(r['convolve_s'])}, NRMSE {_g(r['nrmse'])})." if r else
-                                 " — no option meets it."))
-        if s.get("fastest_tied_with"):
-            L.append("  Within the timing spread (overlapping interquartile ranges) the fastest is tied with: "
-                     + ", ".join(f"{o['backend']} {o['precision']} ({_t(o['convolve_s'])})" for o in s["fastest_tied_with"])
-                     + ".")
-        fr = ", ".join(f"{o['backend']} {o['precision']} ({_t(o['convolve_s'])}, {_g(o['nrmse'])})" for o in s["frontier"])
-        L.append(f"  Pareto frontier (time, NRMSE), fastest first: {fr}.")
-    per = [v for v in S.get("layers", {}).values() if v]
-    if len(per) > 1:
-        from collections import Counter
-        fc = Counter(f"{v['fastest']['backend']} {v['fastest']['precision'].upper()}" for v in per)
-        rc = Counter(f"{v['recommended']['backend']} {v['recommended']['precision'].upper()}"
-                     for v in per if v.get("recommended"))
-        L.append(f"- Across the {len(per)} layers: fastest " + ", ".join(f"{k} on {n}" for k, n in fc.most_common())
-                 + ("; best trade-off " + ", ".join(f"{k} on {n}" for k, n in rc.most_common()) if rc else "")
-                 + ".")
-    L.append("")
-    # ------------------------------------------------------------------ speed
-    L.append("## Speed")
-    L.append("")
-    L.append("![speedup](speedup.png)")
-    L.append("")
-    rows = []
-    for m in res["measurements"]:
-        if not _ok(m):
-            rows.append([m["layer"], m["backend"], m["precision"], "error", "", "", "", "", m.get("error") or ""])
-            continue
-        ph = m["phases_s"]["convolve"]
-        rows.append([m["layer"], m["backend"], m["precision"], _t(ph["median"]),
-                     f"{_t(ph['min'])} - {_t(ph['max'])}", _g(m.get("gops")), _x(m.get("speedup_vs_baseline")),
-                     _x(m.get("speedup_vs_best_fp32")),
-                     ("peak " + _g(m["peak_gops"]) + " G/s") if m.get("peak_gops") else ""])
-    L += _table(["layer", "backend", "precision", "convolve (median)", "spread", "G ops/s",
-                 "vs baseline", "vs best FP32", "note"], rows)
-    L.append("")
-    for Ly in res["layers"]:
-        fr = [(m, m["gops"] / m["peak_gops"]) for m in res["measurements"]
-              if m["layer"] == Ly["name"] and _ok(m) and m.get("peak_gops") and m.get("gops")]
-        if fr:
-            L.append(f"Share of the hardware peak reached on `{Ly['name']}` (median convolve throughput over the "
-                     f"peak of the instruction the kernel is built on): "
-                     + ", ".join(f"{m['backend']} {m['precision']} {f:.0%}" for m, f in fr) + ".")
-            L.append("")
-    errs = [m for m in res["measurements"] if m.get("error")]
-    if errs:
-        L.append("Options a backend refused (hardware or implementation support): "
-                 + "; ".join(f"{m['backend']} {m['precision']}: {m['error']}" for m in errs) + ".")
-        L.append("")
-    # ------------------------------------------------------------------ accuracy
-    L.append("## Accuracy")
-    L.append("")
-    L.append("![nrmse](nrmse.png)")
-    L.append("")
-    rows = []
-    for s in res["strategies"]:
-        rows.append([s["layer"], s["precision"], s["strategy"], f"{s['s_x']:.4g}", f"{s['s_w']:.4g}",
-                     _g(s.get("nrmse")), _g(s.get("effective_bits"), ".1f"), _g(s.get("wrapped_fraction"))])
-    for m in res["measurements"]:
-        if _ok(m) and m["precision"] == "fp32":
-            rows.append([m["layer"], "fp32", f"({m['backend']})", "", "", _g(m.get("nrmse")),
-                         _g(m.get("effective_bits"), ".1f"), "0"])
-    L += _table(["layer", "precision", "strategy", "s_x", "s_w", "NRMSE", "effective bits", "wrapped"], rows)
-    L.append("")
-    L.append("Effective bits = log2(1 + 1/(NRMSE*sqrt(12))): the width of a uniform quantizer of the output "
-             "range with the same RMS error. Every integer backend produces the same bits for a given scale, so "
-             "the integer NRMSEs hold for every backend" + _bit_exact_sentence(res) + ".")
-    L.append("")
-    # ------------------------------------------------------------------ the scale question
-    L.append("## Which S? (the assignment's question)")
-    L.append("")
-    L.append("![sweep](sweep.png)")
-    L.append("")
-    for sw in res["sweeps"]:
-        L.append(f"- `{sw['layer']}` {sw['precision']} ({sw['rounding']}): {sw['reason']}.")
-    L.append("")
-    L += _scale_discussion(res)
-    L.append("")
-    # ------------------------------------------------------------------ pareto + phases
-    L.append("## Speed against accuracy")
-    L.append("")
-    L.append("![pareto](pareto.png)")
-    L.append("")
-    L.append("## Where the time goes")
-    L.append("")
-    L.append("![phases](phases.png)")
-    L.append("")
-    L += _phase_discussion(res)
-    L.append("")
-    # ------------------------------------------------------------------ energy
-    L.append("## Energy")
-    L.append("")
-    L.append("![energy](energy.png)")
-    L.append("")
-    L += _energy_discussion(res)
-    L.append("")
-    # ------------------------------------------------------------------ factors + acceptable
-    L.append("## What decides it")
-    L.append("")
-    L += _factors(res)
-    L.append("")
-    L.append("## How much error is acceptable?")
-    L.append("")
-    L += _acceptable(res)
-    L.append("")
-    return "\n".join(L)
-
-
-def _bit_exact_sentence(res: dict[str, Any]) -> str:
-    ints = [m for m in res["measurements"] if _ok(m) and m.get("bit_exact") is not None]
-    if not ints:
-        return ""
-    bad = [m for m in ints if not m["bit_exact"]]
-    if not bad:
-        return f" (checked: all {len(ints)} integer runs matched the contract's exact computation bit for bit)"
-    return (" — **except** " + ", ".join(f"{m['backend']} {m['precision']} on {m['layer']}" for m in bad)
-            + ", whose output differs from the contract's exact computation: a backend bug")
-
-
-def _scale_discussion(res: dict[str, Any]) -> list[str]:
-    out = []
-    for Ly in res["layers"]:
-        name = Ly["name"]
-        st = {(s["precision"], s["strategy"]): s for s in res["strategies"] if s["layer"] == name}
-        for p in ("int32", "int16", "int8"):
-            a, b, t, pr, pc = (st.get((p, k)) for k in ("maxabs", "sweep-S", "sweep-S-truncate", "sweep-pair",
-                                                        "per-channel"))
-            if not b:
-                continue
-            parts = [f"`{name}` {p}: the swept S gives NRMSE {_g(b['nrmse'])}"]
-            if a:
-                ratio = a["nrmse"] / b["nrmse"] if b["nrmse"] else math.inf
-                parts.append(f"maxabs (no overflow possible, Q = {Ly['overflow_free_q'][p]}) gives {_g(a['nrmse'])} "
-                             + (f"({ratio:.2g}x the single S's error: safe costs accuracy)" if ratio >= 1 else
-                                f"({1 / ratio:.2g}x lower than the single S: it gives each tensor its own scale)"))
-            if t:
-                parts.append(f"truncation instead of rounding gives {_g(t['nrmse'])} at its own best S "
-                             f"({t['nrmse'] / b['nrmse']:.2g}x: truncation biases every value toward zero)")
-            if pr:
-                parts.append(f"separate scales (s_x={pr['s_x']:.4g}, s_w={pr['s_w']:.4g}) give {_g(pr['nrmse'])} "
-                             f"({b['nrmse'] / pr['nrmse']:.2g}x better than one S: input and kernel ranges differ by "
-                             f"{Ly['input_absmax'] / Ly['kernel_absmax']:.3g}x, which one constant cannot serve)")
-            if pc and a and pc["nrmse"]:
-                parts.append(f"beyond the assignment, per-output-channel kernel scales (maxabs per channel, no backend "
-                             f"runs them yet) give {_g(pc['nrmse'])} ({a['nrmse'] / pc['nrmse']:.2g}x lower than "
-                             f"per-tensor maxabs)")
-            out.append("- " + "; ".join(parts) + ".")
-        p16, p32 = st.get(("int16", "sweep-pair")), st.get(("int32", "sweep-pair"))
-        if p16 and p32 and p16["nrmse"] and p32["nrmse"] and p16["nrmse"] <= 1.5 * p32["nrmse"]:
-            out.append(f"- `{name}`: with separate scales INT16 ({_g(p16['nrmse'])}) is within "
-                       f"{p16['nrmse'] / p32['nrmse']:.2g}x of INT32 ({_g(p32['nrmse'])}): the int32 accumulator "
-                       f"(s_x*s_w*max|y| must stay below 2^31), not the operand width, bounds the accuracy, so "
-                       f"INT32 operands buy nothing over INT16 here.")
-    return out
-
-
-def _phase_discussion(res: dict[str, Any]) -> list[str]:
-    out = []
-    for m in res["measurements"]:
-        if not _ok(m):
-            continue
-        tot = sum(v["median"] for v in m["phases_s"].values())  # shares of the phase medians add to 1
-        if tot <= 0:
-            continue
-        conv = m["phases_s"]["convolve"]["median"]
-        other = {k: v["median"] for k, v in m["phases_s"].items() if k != "convolve" and v["median"] > 0}
-        if other and sum(other.values()) / tot > 0.2:
-            big = max(other, key=other.get)
-            out.append(f"- `{m['layer']}` {m['backend']} {m['precision']}: only {conv / tot:.0%} of the call is the "
-                       f"convolution; {big} takes {other[big] / tot:.0%}"
-                       + ("" if m["precision"] == "fp32" else
-                          " — a cost the speedup of the convolve phase alone does not show") + ".")
-    tr = [m for m in res["measurements"] if _ok(m) and m["phases_s"]["transfer"]["median"] > 0]
-    if tr:
-        def share(m: dict[str, Any]) -> float:
-            return m["phases_s"]["transfer"]["median"] / max(sum(v["median"] for v in m["phases_s"].values()), 1e-12)
-        worst = max(tr, key=share)
-        out.append(f"- Transfer cost: host-device copies take up to "
-                   f"{share(worst):.0%} of a call "
-                   f"({worst['backend']} {worst['precision']} on `{worst['layer']}`); end-to-end speedups "
-                   f"(results.json: speedup_total_vs_baseline) include them.")
-    else:
-        out.append("- No backend here moves data between host and device (no transfer phase was measured).")
-    if not out:
-        out.append("- The convolution dominates every call (other phases under 20%).")
-    return out
-
-
-def _energy_discussion(res: dict[str, Any]) -> list[str]:
-    em = res["energy_model"]
-    out = [f"Estimate: per-operation energies from {em['source']}; multiply-add energy per precision (pJ): "
-           + ", ".join(f"{k} {v:.3g}" for k, v in em["mac_pj"].items())
-           + f" (int16 multiply {em['int16_mult_note']}). {em['method']}.", ""]
-    meters = res["machine"].get("energy_meters", {})
-    for k, v in meters.items():
-        out.append(f"- Measured energy, {k.upper()}: " + (f"available ({v['detail']})" if v["available"]
-                                                          else f"not available here — {v['detail']}."))
-    out.append("")
-    for name, s in res.get("summary", {}).get("layers", {}).items():
-        if not s:
-            continue
-        f, e, eok, r = s["fastest"], s["energy_best_estimate"], s.get("energy_best_estimate_acceptable"), s.get("recommended")
-        lm = [m for m in res["measurements"] if _ok(m) and m["layer"] == name]
-        est = {m["precision"]: m["energy_estimate_j"] for m in lm}
-        line = f"- `{name}`: by the estimate {e['precision'].upper()} spends the least ({e['energy_estimate_j']:.3g} J per convolution"
-        if "fp32" in est and e["precision"] != "fp32":
-            fp, ep = est["fp32"], est[e["precision"]]
-            line += (f"; {fp['total_j'] / ep['total_j']:.2g}x less than FP32 in all, "
-                     f"{fp['compute_j'] / max(ep['compute_j'], 1e-30):.2g}x less in the multiply-adds alone — "
-                     f"compulsory DRAM traffic, {ep['dram_low_j'] / ep['total_low_j']:.0%}-{ep['dram_high_j'] / ep['total_high_j']:.0%} "
-                     f"of its total, dilutes the arithmetic saving")
-        line += ")."
-        if e["precision"] == f["precision"]:
-            line += f" The fastest option ({f['backend']} {f['precision'].upper()}) uses that precision: energy agrees with speed."
-        else:
-            line += (f" The fastest option is {f['backend']} {f['precision'].upper()}: energy alone would pick a "
-                     f"narrower precision than speed does here.")
-        if r is not None and eok is not None:
-            if eok["precision"] == r["precision"]:
-                line += (f" Among options accurate enough (>= 8 effective bits), the cheapest precision, "
-                         f"{eok['precision'].upper()}, is also the one the fastest acceptable option ({r['backend']}) "
-                         f"uses: energy does not change the answer.")
-            else:
-                line += (f" Among options accurate enough, energy prefers {eok['precision'].upper()} "
-                         f"({eok['energy_estimate_j']:.3g} J) while speed prefers {r['backend']} {r['precision'].upper()} "
-                         f"({est[r['precision']]['total_j']:.3g} J): energy changes the answer.")
-        mb = s.get("energy_best_measured")
-        if mb:
-            meters_used = sorted({m["energy_measured"]["meter"].upper() for m in lm if m.get("energy_measured")})
-            line += (f" Measured, the least energy per call was {mb['backend']} {mb['precision'].upper()} "
-                     f"({mb['joules_per_call']:.3g} J; whole-device counters, idle power included: "
-                     f"{' and '.join(meters_used)}"
-                     + (" — GPU board and CPU package energies are not like for like" if len(meters_used) > 1 else "")
-                     + ").")
-        elif not any(v["available"] for v in meters.values()):
-            line += (" No meter here: at a roughly constant package power, measured energy per call would "
-                     "follow the call's time, favouring the fastest option.")
-        out.append(line)
-    return out
-
-
-def _factors(res: dict[str, Any]) -> list[str]:
-    out = []
-    for Ly in res["layers"]:
-        k = Ly["k"]
-        n_out = math.prod(Ly["output_shape"])
-        in_el = math.prod(Ly["input_shape"])
-        w_el = math.prod(Ly["kernel_shape"])
-        intensity = Ly["flops"] / (4 * (in_el + w_el + n_out))
-        out.append(f"- Layer shape, `{Ly['name']}`: K = {k} multiply-adds per output, {n_out} outputs, arithmetic "
-                   f"intensity {intensity:.3g} ops per byte of compulsory FP32 traffic — "
-                   + ("compute-bound: narrower arithmetic can pay off." if intensity > 20 else
-                      "low: memory and overheads limit what narrower arithmetic can buy."))
-        q16 = Ly["overflow_free_q"]["int16"]
-        q32 = Ly["overflow_free_q"]["int32"]
-        out.append(f"  Overflow: an int32 accumulator is safe only while K*max|q_x|*max|q_w| <= 2^31 - 1 = 2.15e9. "
-                   f"Full-range operands reach K*Qmax^2 = {k * (2**31 - 1) ** 2:.3g} (INT32) and "
-                   f"{k * 32767**2:.3g} (INT16) per output, so both can overflow unless |q| <= {q32} (INT32) / "
-                   f"{q16} (INT16) — the same bound, set by K, not by the operand width; INT8 reaches "
-                   f"127^2*K = {127 * 127 * k:.3g}, which "
-                   + ("cannot overflow." if 127 * 127 * k <= 2**31 - 1 else "can overflow too."))
-    wraps = [s for s in res["sweeps"] if s.get("wrap_threshold")]
-    if wraps:
-        out.append("- Where S causes wrapping: " + "; ".join(
-            f"`{s['layer']}` {s['precision']} from S={s['wrap_threshold']:.4g}" for s in wraps
-            if s["rounding"] == "nearest") + " — past it the NRMSE jumps by orders of magnitude (sweep plot).")
-    wrapped = [m for m in res["measurements"] if _ok(m) and (m.get("wrapped_outputs") or 0) > 0]
-    out.append("- Overflowed outputs in the timed runs: " + (", ".join(
-        f"{m['backend']} {m['precision']} on `{m['layer']}`: {m['wrapped_outputs']}" for m in wrapped)
-        if wrapped else "none (the chosen S leaves every accumulator in range)") + ".")
-    # hardware support: does a narrower integer beat FP32 on the same backend? A verdict only
-    # where the interquartile ranges of the convolve times do not overlap.
-    from .runner import compare
-    by: dict[tuple[str, str], dict[str, Any]] = {}
-    for m in res["measurements"]:
-        if _ok(m):
-            by.setdefault((m["layer"], m["backend"]), {})[m["precision"]] = m
-    lines = []
-    for (layer, b), d in by.items():
-        if "fp32" not in d:
-            continue
-        verdict: dict[str, list[str]] = {"faster": [], "slower": [], "tied": []}
-        for p in ("int32", "int16", "int8"):
-            if p in d:
-                verdict[compare(d[p], d["fp32"])].append(p)
-        parts = [f"{', '.join(v)} {k} than FP32" if k != "tied" else f"{', '.join(v)} tied with FP32 within the spread"
-                 for k, v in verdict.items() if v]
-        lines.append(f"{b} on `{layer}`: " + "; ".join(parts))
-    if lines:
-        out.append("- Hardware support (same backend, integer vs FP32 convolve time): " + "; ".join(lines)
-                   + ". An integer precision pays off only where the backend has a datapath that does more of "
-                   "its operations per cycle than FP32 (e.g. AVX2 vpmaddwd for 16-bit, VNNI vpdpbusd or dp4a "
-                   "for 8-bit)"
-                   + ("; numpy's reference backend has none (its integer path is exact float64 BLAS), so FP32 "
-                      "is its fastest path" if any(b == "reference" for _, b in by) else "") + ".")
-    return out
-
-
-def _acceptable(res: dict[str, Any]) -> list[str]:
-    acc = res.get("summary", {}).get("acceptable_nrmse", output_bits_nrmse(8))
-    out = ["The data arrive as FP32, but FP32 itself is not exact: its NRMSE against float64 is "
-           + (", ".join(f"{_g(m['nrmse'])} (`{m['layer']}`, {m['backend']})" for m in res["measurements"]
-                        if _ok(m) and m["precision"] == "fp32") or "not measured")
-           + ". Nothing below that level is measurable noise."]
-    out.append("")
-    out.append(f"A useful yardstick is the output's own precision: rounding the output to b bits over its range "
-               f"costs NRMSE 1/((2^b - 1)*sqrt(12)): {output_bits_nrmse(16):.3g} for 16 bits, "
-               f"{acc:.3g} for 8 bits, {output_bits_nrmse(4):.3g} for 4 bits. A layer whose result is consumed by "
-               f"an 8-bit next layer gains nothing from an error much below the 8-bit figure, and an error above it "
-               f"is a loss the network must tolerate; naive post-training quantization is justified where it stays "
-               f"at or below it. 8-bit integer inference is also the usual deployment target, with a scale per "
-               f"tensor for activations and per output channel for weights rather than one constant for both "
-               f"(Jacob et al., CVPR 2018; Krishnamoorthi, arXiv:1806.08342) — whether a network tolerates the "
-               f"errors below is a question for its end-to-end accuracy, which one layer cannot answer.")
-    out.append("")
-    for Ly in res["layers"]:
-        if Ly.get("input_int8_nrmse") is not None:
-            out.append(f"- `{Ly['name']}`: the data's own INT8 step — storing the input in INT8 (maxabs) costs NRMSE "
-                       f"{Ly['input_int8_nrmse']:.3g} of its range, the kernel {Ly['kernel_int8_nrmse']:.3g}. These "
-                       f"per-element rounding errors of both operands add up (partly cancelling) over K = {Ly['k']} "
-                       f"products in every output; compare the INT8 output errors below.")
-        st = [s for s in res["strategies"] if s["layer"] == Ly["name"] and s["strategy"] == "sweep-S"]
-        for s in st:
-            verdict = ("acceptable (>= 8 effective bits)" if s["nrmse"] is not None and s["nrmse"] <= acc
-                       else "above the 8-bit yardstick")
-            out.append(f"- `{Ly['name']}` {s['precision']}, one swept S: NRMSE {_g(s['nrmse'])} = "
-                       f"{_g(s['effective_bits'], '.1f')} effective bits — {verdict}.")
-        pr = [s for s in res["strategies"] if s["layer"] == Ly["name"] and s["strategy"] == "sweep-pair"
-              and s["precision"] == "int8"]
-        for s in pr:
-            out.append(f"  With separate input/kernel scales INT8 reaches NRMSE {_g(s['nrmse'])} = "
-                       f"{_g(s['effective_bits'], '.1f')} effective bits: the naive single S, not 8-bit "
-                       f"arithmetic, is what costs most of INT8's accuracy.")
-        pc = [s for s in res["strategies"] if s["layer"] == Ly["name"] and s["strategy"] == "per-channel"
-              and s["precision"] == "int8"]
-        for s in pc:
-            ok = s["nrmse"] is not None and s["nrmse"] <= acc
-            out.append(f"  With a kernel scale per output channel (beyond the assignment) INT8 reaches "
-                       f"{_g(s['nrmse'])} = {_g(s['effective_bits'], '.1f')} effective bits — "
-                       + ("within the 8-bit yardstick." if ok else "still above the 8-bit yardstick."))
-    return out
+    L: list[str] = ["# qconv study: what naive quantization buys and costs", ""]
+    if res["status"] != "complete":
+        L += [f"> **Partial results** — {res.get('partial_reason')}. Numbers below cover only what was measured.", ""]
+    L += [f"{M.get('cpu_model')}, {M.get('cpu_logical_cores')} logical cores; GPU: {M.get('gpu') or 'none'}; "
+          f"batch {res['config']['batch']}; {len(d.layers)} layer(s); generated {M['date']} from results.json "
+          f"(schema v{res['schema_version']}). Setup and every table in the appendix.", ""]
+    L += ["## The answer", ""]
+    L += _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
+    L += _answer_acceptable(d)
+    L += ["", "## One S per precision", "", "![vcurve](vcurve.png)", "", "![histograms](histograms.png)", ""]
+    L += _single_s_tables(d)
+    L += ["## What scales and rounding buy", "", "![nrmse](nrmse.png)", ""] + _on_top_table(d) + [""]
+    L += ["## Speed", "", "![speedup](speedup.png)", ""] + appendix.speed_table(res, headline_only=True) + [""]
+    L += _speed(d) + ["", "![pareto](pareto.png)", "", "![phases](phases.png)", ""]
+    L += ["## Energy", "", "![energy](energy.png)", ""] + appendix.energy_body(res) + [""]
+    L += ["## Sources", ""] + [f"- {s}" for s in SOURCES] + [""]
+    L += appendix.render(res)
+    return "\n".join(L) + "\n"

@@ -1,0 +1,97 @@
+"""The study's files: results.json (schema in results.schema.json), results.csv, the plots and
+report.md, written in that order so that a valid result exists whatever fails later."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..backends.base import PHASES
+from . import plots as figures
+from . import report, summary
+
+
+def clean(o: Any) -> Any:
+    """JSON-safe: non-finite floats become null, numpy scalars become Python numbers."""
+    if isinstance(o, dict):
+        return {str(k): clean(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [clean(v) for v in o]
+    if isinstance(o, (bool, np.bool_)):
+        return bool(o)
+    if isinstance(o, (int, np.integer)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        f = float(o)
+        return f if math.isfinite(f) else None
+    return o
+
+
+def write_json(res: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(clean(res), indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+CSV_FIELDS = ["layer", "backend", "precision", "scale_strategy", "rounding", "s_x", "s_w", "repeat",
+              *(f"{ph}_median_s" for ph in PHASES), "convolve_min_s", "convolve_max_s",
+              "total_median_s", "call_median_s", "gops", "peak_gops", "peak_share", "speedup_vs_baseline",
+              "speedup_call_vs_baseline", "speedup_vs_best_fp32", "nrmse", "effective_bits", "wrapped_outputs",
+              "wrapped_fraction", "overflow_possible", "bit_exact", "energy_estimate_j",
+              "energy_dynamic_j", "energy_measured", "energy_meter", "error"]
+
+
+def write_csv(res: dict[str, Any], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        wr.writeheader()
+        for m in res["measurements"]:
+            row = {k: m.get(k) for k in ("layer", "backend", "precision", "scale_strategy", "rounding", "repeat",
+                                           "gops", "peak_gops", "peak_share", "speedup_vs_baseline",
+                                           "speedup_call_vs_baseline", "speedup_vs_best_fp32", "nrmse",
+                                           "effective_bits", "wrapped_outputs", "wrapped_fraction",
+                                           "overflow_possible", "bit_exact", "error")}
+            sc = m.get("scale") or {}
+            row.update(s_x=sc.get("s_x"), s_w=sc.get("s_w"))
+            if "phases_s" in m:
+                for ph in PHASES:
+                    row[f"{ph}_median_s"] = m["phases_s"][ph]["median"]
+                row["convolve_min_s"] = m["phases_s"]["convolve"]["min"]
+                row["convolve_max_s"] = m["phases_s"]["convolve"]["max"]
+                row["total_median_s"] = m["total_s"]["median"]
+                row["call_median_s"] = m["call_s"]["median"]
+                row["energy_estimate_j"] = m["energy_estimate_j"]["total_j"]
+                em = m.get("energy_measured")
+                row["energy_dynamic_j"] = em.get("dynamic_joules_per_call") if em else None
+                row["energy_measured"] = em.get("measured") if em else None
+                row["energy_meter"] = em["meter"] if em else None
+            wr.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
+def finish(res: dict[str, Any], out: Path, plots: bool = True) -> None:
+    """Derive the summary; write results.json and results.csv first, then the plots, results.json
+    again with the plot list, and report.md. A partial run writes whatever its data allows; a
+    complete run re-raises a plot or report failure after writing the rest."""
+    summary.derive(res)
+    write_json(res, out / "results.json")
+    write_csv(res, out / "results.csv")
+    failure: Exception | None = None
+    if plots:
+        try:
+            res["plots"] = figures.draw_all(res, out)
+        except Exception as e:
+            res["plots_error"] = f"{e.__class__.__name__}: {e}"
+            failure = e
+        write_json(res, out / "results.json")
+    try:
+        (out / "report.md").write_text(report.render(res))
+    except Exception as e:
+        failure = failure or e
+    if failure is not None and res["status"] == "complete":
+        raise failure
