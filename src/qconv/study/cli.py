@@ -36,6 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="coarser scale sweeps and fewer runs: the whole study in well under two minutes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="no figures (matplotlib not needed); results.json, CSV and report only")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -67,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_study(layers, out, backends=_split(args.backends), precisions=_split(args.precisions),
                   batch=args.batch, repeat=repeat, quick=args.quick,
-                  progress=not args.no_progress, command=command)
+                  progress=not args.no_progress, command=command, plots=not args.no_plots)
     except KeyboardInterrupt:
         print(f"interrupted: partial results in {out / 'results.json'}", file=sys.stderr)
         return 130

@@ -65,7 +65,8 @@ class Study:
                 __import__("matplotlib")
             except ImportError:
                 raise InputError("the study draws its plots with matplotlib, which is not installed: "
-                                 "pip install 'qconv[plot]' (or pass plots=False)") from None
+                                 "pip install 'qconv[plot]', or run `qconv study --no-plots` "
+                                 "(plots=False from Python)") from None
         self.layers = list(layers)
         self.out = Path(out_dir)
         try:  # an unusable output folder is an error now, not after the measurements
