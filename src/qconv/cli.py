@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     study_cli.add_arguments(s)
     s.set_defaults(func=_cmd_study)
 
+    from .nets import cli as nets_cli  # argparse only: the networks load when a command runs
+    nets_cli.add_parsers(sub)
+
     m = sub.add_parser("samples", help="list the shipped sample tensors and layers, with their paths")
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=_cmd_samples)
