@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 
 
-from qconv import scales
+import qconv
 from qconv.backends import _nvrtc, cuda as cb
+from qconv.backends.cuda._driver import ck
 from qconv.contract import Plan, parse_precision
 from qconv.tensorfile import load as load_tensor
 
@@ -72,23 +73,27 @@ def measure_peaks(rt) -> dict:
     import ctypes
     drv = rt.drv
     cubin = _nvrtc.compile_source(PEAK_SRC, {}, "peaks.cu", rt.arch)
-    mod = cb._ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(peaks)")
-    out = rt.buf("peak_out", 16)
+    mod = ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(peaks)")
+    out = rt.default.scratch("peak_out", 16)
+    stream = rt.default.stream
+    ev = rt.default.take_events(2)
     res = {}
     blocks, threads, iters = rt.num_sms * 8, 256, 4096
     for name, ops_per_iter in (("dp4a_peak", 8 * 8 * threads), ("mma_peak", 4 * 16 * 8 * 32 * 2 * (threads // 32))):
-        f = cb._ck(drv.cuModuleGetFunction(mod, name.encode()), name)
+        f = ck(drv.cuModuleGetFunction(mod, name.encode()), name)
         args = [ctypes.c_uint64(out), ctypes.c_int(iters), ctypes.c_int(0x01020304), ctypes.c_int(0x05060708)]
         times = []
+        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
         for _ in range(6):
-            rt.record(0)
-            rt.launch(f, name, (blocks, 1, 1), threads, 0, args)
-            rt.record(1)
-            cb._ck(drv.cuEventSynchronize(rt.events[1]), "sync")
-            times.append(rt.elapsed(0, 1))
+            rt.record(ev[0], rt.default.handle)
+            ck(drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(ptrs), 0), name)
+            rt.record(ev[1], rt.default.handle)
+            ck(drv.cuEventSynchronize(ev[1]), "sync")
+            times.append(rt.elapsed(ev[0], ev[1]))
         t = statistics.median(times[1:])
         res[name] = ops_per_iter * iters * blocks / t
-    clock_khz = cb._attr(rt.dev, "CU_DEVICE_ATTRIBUTE_CLOCK_RATE")
+    from qconv.backends.cuda._driver import _attr
+    clock_khz = _attr(rt.dev, "CU_DEVICE_ATTRIBUTE_CLOCK_RATE")
     res["sm_clock_ghz_max"] = clock_khz / 1e6
     res["num_sms"] = rt.num_sms
     return res
@@ -142,11 +147,12 @@ def baselines(x: np.ndarray, w: np.ndarray, reps: int) -> dict:
     return res
 
 
-def time_ours(xt, wt, precision: str, scale, opts: dict, reps: int) -> dict:
+def time_ours(xt, w, precision: str, scale, opts: dict, reps: int) -> dict:
+    """Kernel times of the prepared call (fixed scales: the quantize phase is the x pass alone)."""
     prec = parse_precision(precision)
     plan = Plan(prec, s_x=None if scale is None else np.float32(scale[0]),
                 s_w=None if scale is None else np.float32(scale[1]), options=dict(opts))
-    r = cb.profile(plan, xt, wt, reps)
+    r = cb.profile(plan, xt, w, reps)
     t = {"convolve": 0.0, "quantize": 0.0, "pack": 0.0, "dequantize": 0.0}
     t.update(r["median"])
     t.update({"kernel": r["kernel"], "split_k": r["split_k"]})
@@ -193,7 +199,7 @@ def main() -> int:
             kh, kw, oc, ic = w.shape
             flops = 2 * x.shape[0] * x.shape[1] * x.shape[2] * oc * kh * kw * ic
             base = baselines(x, w, args.reps)
-            xt, wt = torch.from_numpy(x).cuda(), torch.from_numpy(w).cuda()
+            xt = torch.from_numpy(x).cuda()
             row = {"case": case, "n": n, "flops": flops, "baselines": base, "ours": {}}
             for prec, opts in VARIANTS:
                 label = prec + ("-" + opts["int8_path"] if "int8_path" in opts else "")
@@ -201,12 +207,12 @@ def main() -> int:
                     continue
                 scale = None
                 if prec != "fp32":
-                    ch = scales.choose("maxabs", parse_precision(prec), x1, w)
-                    scale = (float(ch.s_x), float(ch.s_w))
-                t = time_ours(xt, wt, prec, scale, opts, args.reps)
+                    r = qconv.conv2d_result(x1, w, prec, backend="reference", scale="maxabs")
+                    scale = (r.scale_input, r.scale_kernel)
+                t = time_ours(xt, w, prec, scale, opts, args.reps)
                 cfg = t
                 if prec != "fp32":
-                    t["unfused"] = time_ours(xt, wt, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
+                    t["unfused"] = time_ours(xt, w, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
                 if args.sweep:
                     sw = {}
                     tiles = cb.MMA_TILES if opts.get("int8_path") == "mma" else cb.TILES
@@ -215,7 +221,7 @@ def main() -> int:
                     for tile in tiles:
                         for split in (1, 2, 4, 8):
                             try:
-                                sw[f"{tile}/{split}"] = time_ours(xt, wt, prec, scale,
+                                sw[f"{tile}/{split}"] = time_ours(xt, w, prec, scale,
                                                                   {**opts, "tile": tile, "split_k": split},
                                                                   max(10, args.reps // 5))["convolve"]
                             except Exception as e:  # noqa: BLE001 - report, keep sweeping

@@ -6,7 +6,10 @@ Options from the environment:
     QCONV_LDFLAGS  extra linker flags, appended
 Base flags: -O3, -ffp-contract=off (quantize and dequantize are one multiply each, never fused),
 -fvisibility=hidden (only the module init is exported; cffi calls the ABI inside the .so),
--pthread. ISA flags are not global: each SIMD file enables its own with `#pragma GCC target`.
+-pthread, -g0 (no debug info in the shipped module: Python's own CFLAGS carry -g, which made it
+1.5 MB; QCONV_CFLAGS="-g" comes later on the command line and wins, as the sanitizer build does).
+ISA flags are not global: each SIMD file enables its own with `#pragma GCC target`.
+cffi builds the module against the stable ABI (Py_LIMITED_API); setup.py tags the wheel abi3.
 """
 
 import os
@@ -15,7 +18,8 @@ import shlex
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["qconv.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_vnni_evex.c", "conv_vnni_vex.c"]
+SOURCES = ["qconv.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_vnni_evex.c", "conv_vnni_vex.c",
+           "conv_vnni_emu.c", "dwconv_scalar.c", "dwconv_avx2.c"]
 
 
 def _cdef() -> str:
@@ -37,7 +41,7 @@ ffibuilder.set_source(
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
     depends=[_rel(os.path.join(HERE, s)) for s in ("qconv.h", "qconv_impl.h", "threadpool.h", "conv_tile.h", "conv_vnni.inc")],
-    extra_compile_args=["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-pthread"] + shlex.split(os.environ.get("QCONV_CFLAGS", "")),
+    extra_compile_args=["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-pthread", "-g0"] + shlex.split(os.environ.get("QCONV_CFLAGS", "")),
     extra_link_args=["-pthread"] + shlex.split(os.environ.get("QCONV_LDFLAGS", "")),
     libraries=["m"],
 )

@@ -26,12 +26,20 @@
 
 /* ---- quantize / dequantize ------------------------------------------------------------- */
 
+/* All ones in the lanes of t that hold a NaN or an infinity: |t| !< inf, unordered included. */
+ALWAYS_INLINE __m256 nonfinite8(__m256 t)
+{
+    const __m256 abs = _mm256_andnot_ps(_mm256_set1_ps(-0.0f), t);
+    return _mm256_cmp_ps(abs, _mm256_set1_ps(__builtin_inff()), _CMP_NLT_UQ);
+}
+
 /* 8 floats -> 8 int32 under the contract: one multiply, round (half-even or toward zero),
  * clamp to +-qmax. INT8/INT16 clamp first, in float (qmax is exact), then convert: cvtps rounds
  * half to even under the default MXCSR, cvttps truncates, and rounding commutes with clamping to
- * integer bounds. INT32 rounds first, then saturates values at or past +-2^31 explicitly (where
- * cvt returns 0x80000000) to +-(2^31 - 1). */
-ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, const int wide, const int truncate, __m256 m, __m256 negm)
+ * integer bounds. The int32 store rounds first, then saturates values at or past +-2^31
+ * explicitly (where cvt returns 0x80000000) to +-(2^31 - 1), then clamps to +-qmax in integers. */
+ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, const int wide, const int truncate, __m256 m, __m256 negm,
+                                __m256i qpos, __m256i qneg)
 {
     __m256 v = _mm256_mul_ps(t, s);
     if (wide) {
@@ -41,22 +49,31 @@ ALWAYS_INLINE __m256i quantize8(__m256 t, __m256 s, const int wide, const int tr
         __m256 lo = _mm256_cmp_ps(r, _mm256_set1_ps(-2147483648.0f), _CMP_LE_OQ);
         __m256i q = _mm256_cvttps_epi32(r);
         q = _mm256_blendv_epi8(q, _mm256_set1_epi32(2147483647), _mm256_castps_si256(hi));
-        return _mm256_blendv_epi8(q, _mm256_set1_epi32(-2147483647), _mm256_castps_si256(lo));
+        q = _mm256_blendv_epi8(q, _mm256_set1_epi32(-2147483647), _mm256_castps_si256(lo));
+        /* A narrower qmax stored as int32 (the depthwise kernels' int16/int8 weights): clamp
+         * the integers, exactly. */
+        return _mm256_min_epi32(_mm256_max_epi32(q, qneg), qpos);
     }
     v = _mm256_min_ps(_mm256_max_ps(v, negm), m);
     return truncate ? _mm256_cvttps_epi32(v) : _mm256_cvtps_epi32(v);
 }
 
-/* 32 elements: the packs interleave 128-bit lanes, vpermd/vpermq put them back in order. */
+/* 32 elements: the packs interleave 128-bit lanes, vpermd/vpermq put them back in order.
+ * Non-finite lanes are or-ed into *bad. */
 ALWAYS_INLINE void quantize32(const float *src, float s, int32_t qmax, const int truncate,
-                              const int store, char *o)
+                              const int store, char *o, __m256 *bad)
 {
     const int wide = store == QCONV_STORE_I32;
     const __m256 vs = _mm256_set1_ps(s), m = _mm256_set1_ps((float)qmax), negm = _mm256_set1_ps(-(float)qmax);
-    __m256i q0 = quantize8(_mm256_loadu_ps(src), vs, wide, truncate, m, negm);
-    __m256i q1 = quantize8(_mm256_loadu_ps(src + 8), vs, wide, truncate, m, negm);
-    __m256i q2 = quantize8(_mm256_loadu_ps(src + 16), vs, wide, truncate, m, negm);
-    __m256i q3 = quantize8(_mm256_loadu_ps(src + 24), vs, wide, truncate, m, negm);
+    const __m256i qpos = _mm256_set1_epi32(qmax), qneg = _mm256_set1_epi32(-qmax);
+    const __m256 t0 = _mm256_loadu_ps(src), t1 = _mm256_loadu_ps(src + 8);
+    const __m256 t2 = _mm256_loadu_ps(src + 16), t3 = _mm256_loadu_ps(src + 24);
+    *bad = _mm256_or_ps(*bad, _mm256_or_ps(_mm256_or_ps(nonfinite8(t0), nonfinite8(t1)),
+                                           _mm256_or_ps(nonfinite8(t2), nonfinite8(t3))));
+    __m256i q0 = quantize8(t0, vs, wide, truncate, m, negm, qpos, qneg);
+    __m256i q1 = quantize8(t1, vs, wide, truncate, m, negm, qpos, qneg);
+    __m256i q2 = quantize8(t2, vs, wide, truncate, m, negm, qpos, qneg);
+    __m256i q3 = quantize8(t3, vs, wide, truncate, m, negm, qpos, qneg);
     if (store == QCONV_STORE_I32) {
         _mm256_storeu_si256((__m256i *)o, q0);
         _mm256_storeu_si256((__m256i *)(o + 32), q1);
@@ -74,39 +91,58 @@ ALWAYS_INLINE void quantize32(const float *src, float s, int32_t qmax, const int
     }
 }
 
-ALWAYS_INLINE void quantize_loop(const float *src, int64_t count, float s, int32_t qmax,
-                                 const int truncate, const int store, void *dst)
+ALWAYS_INLINE int quantize_loop(const float *src, int64_t count, float s, int32_t qmax,
+                                const int truncate, const int store, void *dst)
 {
     const size_t es = store == QCONV_STORE_I32 ? 4 : store == QCONV_STORE_I16 ? 2 : 1;
     char *d = dst;
+    __m256 bad = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= count; i += 32)
-        quantize32(src + i, s, qmax, truncate, store, d + (size_t)i * es);
+        quantize32(src + i, s, qmax, truncate, store, d + (size_t)i * es, &bad);
     if (i < count) { /* tail: through zero-padded buffers, the same arithmetic */
         float tin[32] = {0};
         char tout[128];
         memcpy(tin, src + i, (size_t)(count - i) * sizeof(float));
-        quantize32(tin, s, qmax, truncate, store, tout);
+        quantize32(tin, s, qmax, truncate, store, tout, &bad);
         memcpy(d + (size_t)i * es, tout, (size_t)(count - i) * es);
     }
+    return _mm256_movemask_ps(bad) != 0;
 }
 
 /* One constant-folded loop per (rounding, store). */
-#define QUANTIZE_CASES(tr)                                                                     \
-    switch (store) {                                                                           \
-    case QCONV_STORE_I32: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I32, dst); break; \
-    case QCONV_STORE_I16: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I16, dst); break; \
-    case QCONV_STORE_I8: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I8, dst); break;   \
-    default: quantize_loop(src, count, s, qmax, tr, QCONV_STORE_U8OFF, dst); break;            \
+#define QUANTIZE_CASES(tr)                                                                            \
+    switch (store) {                                                                                  \
+    case QCONV_STORE_I32: return quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I32, dst);        \
+    case QCONV_STORE_I16: return quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I16, dst);        \
+    case QCONV_STORE_I8: return quantize_loop(src, count, s, qmax, tr, QCONV_STORE_I8, dst);          \
+    default: return quantize_loop(src, count, s, qmax, tr, QCONV_STORE_U8OFF, dst);                   \
     }
 
-void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
-                          int store, void *dst)
+/* fp32's padded copy: copy and look for non-finite values in the same pass. */
+static int copy_checked(const float *src, int64_t count, float *dst)
 {
-    if (store == QCONV_STORE_F32) {
-        memcpy(dst, src, (size_t)count * sizeof(float));
-        return;
+    __m256 bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= count; i += 16) {
+        __m256 t0 = _mm256_loadu_ps(src + i), t1 = _mm256_loadu_ps(src + i + 8);
+        bad = _mm256_or_ps(bad, _mm256_or_ps(nonfinite8(t0), nonfinite8(t1)));
+        _mm256_storeu_ps(dst + i, t0);
+        _mm256_storeu_ps(dst + i + 8, t1);
     }
+    int tail = 0;
+    for (; i < count; i++) {
+        tail |= !__builtin_isfinite(src[i]);
+        dst[i] = src[i];
+    }
+    return tail | (_mm256_movemask_ps(bad) != 0);
+}
+
+int qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
+                         int store, void *dst)
+{
+    if (store == QCONV_STORE_F32)
+        return copy_checked(src, count, dst);
     if (truncate) {
         QUANTIZE_CASES(1)
     } else {
@@ -114,19 +150,76 @@ void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax
     }
 }
 
-void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float *dst)
+/* max |src[i]|, four independent vmaxps chains; non-finite values flagged on the side (vmaxps
+ * would drop a NaN). */
+float qconv_absmax__avx2(const float *src, int64_t count, int *nonfinite)
 {
-    __m256 vi = _mm256_set1_ps(inv);
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = m0, m2 = m0, m3 = m0, bad = m0;
     int64_t i = 0;
-    for (; i + 8 <= count; i += 8)  /* cvtdq2ps rounds to nearest even under the default MXCSR */
-        _mm256_storeu_ps(dst + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)(acc + i))), vi));
-    if (i < count) {
-        int32_t tin[8] = {0};
-        float tout[8];
-        memcpy(tin, acc + i, (size_t)(count - i) * 4);
-        _mm256_storeu_ps(tout, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i *)tin)), vi));
-        memcpy(dst + i, tout, (size_t)(count - i) * 4);
+    for (; i + 32 <= count; i += 32) {
+        __m256 t0 = _mm256_loadu_ps(src + i), t1 = _mm256_loadu_ps(src + i + 8);
+        __m256 t2 = _mm256_loadu_ps(src + i + 16), t3 = _mm256_loadu_ps(src + i + 24);
+        bad = _mm256_or_ps(bad, _mm256_or_ps(_mm256_or_ps(nonfinite8(t0), nonfinite8(t1)),
+                                             _mm256_or_ps(nonfinite8(t2), nonfinite8(t3))));
+        m0 = _mm256_max_ps(m0, _mm256_andnot_ps(sign, t0));
+        m1 = _mm256_max_ps(m1, _mm256_andnot_ps(sign, t1));
+        m2 = _mm256_max_ps(m2, _mm256_andnot_ps(sign, t2));
+        m3 = _mm256_max_ps(m3, _mm256_andnot_ps(sign, t3));
     }
+    m0 = _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, m0);
+    float best = 0.0f;
+    for (int k = 0; k < 8; k++)
+        best = lanes[k] > best ? lanes[k] : best;
+    int tail = 0;
+    for (; i < count; i++) {
+        float v = __builtin_fabsf(src[i]);
+        tail |= !__builtin_isfinite(src[i]);
+        best = v > best ? v : best;
+    }
+    if (tail || _mm256_movemask_ps(bad) != 0)
+        *nonfinite = 1;
+    return best;
+}
+
+/* dst[p, o] = (float)acc[p, o] * inv[o] (+ bias[o]): cvtdq2ps rounds to nearest even under the
+ * default MXCSR; multiply and add are separate instructions. */
+ALWAYS_INLINE __m256 dequant8(__m256i acc, const float *inv, const float *bias, const int has_bias)
+{
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(inv));
+    return has_bias ? _mm256_add_ps(y, _mm256_loadu_ps(bias)) : y;
+}
+
+ALWAYS_INLINE void dequantize_rows(const int32_t *acc, int64_t npix, int64_t oc, const float *inv,
+                                   const float *bias, float *dst, const int has_bias)
+{
+    for (int64_t p = 0; p < npix; p++, acc += oc, dst += oc) {
+        int64_t o = 0;
+        for (; o + 8 <= oc; o += 8)
+            _mm256_storeu_ps(dst + o, dequant8(_mm256_loadu_si256((const __m256i *)(acc + o)), inv + o,
+                                               bias + (has_bias ? o : 0), has_bias));
+        if (o < oc) {
+            int32_t tin[8] = {0};
+            float ti[8] = {0}, tb[8] = {0}, tout[8];
+            memcpy(tin, acc + o, (size_t)(oc - o) * 4);
+            memcpy(ti, inv + o, (size_t)(oc - o) * 4);
+            if (has_bias)
+                memcpy(tb, bias + o, (size_t)(oc - o) * 4);
+            _mm256_storeu_ps(tout, dequant8(_mm256_loadu_si256((const __m256i *)tin), ti, tb, has_bias));
+            memcpy(dst + o, tout, (size_t)(oc - o) * 4);
+        }
+    }
+}
+
+void qconv_dequantize__avx2(const int32_t *acc, int64_t npix, int64_t oc, const float *inv,
+                            const float *bias, float *dst)
+{
+    if (bias != NULL)
+        dequantize_rows(acc, npix, oc, inv, bias, dst, 1);
+    else
+        dequantize_rows(acc, npix, oc, inv, inv, dst, 0);
 }
 
 /* ---- microkernels ---------------------------------------------------------------------- */
@@ -134,14 +227,15 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float 
 #define MAXMR 16
 
 ALWAYS_INLINE void qconv_f32_ukernel__avx2_6x16(const qconv_conv_args *a, const float *x, const float *w,
-                                        const int32_t *init, float *y, int64_t nvalid, const int mr,
-                                        const int half)
+                                        const int32_t *init, const float *ib, const float *bb, float *y,
+                                        int64_t nvalid, const int mr, const int half)
 {
     (void)init;
+    (void)ib;
     __m256 acc[MAXMR][2];
     for (int m = 0; m < mr; m++)
         acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    const int64_t pix = a->pix, cp = a->cp;
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
     for (int64_t u = 0; u < a->kh; u++)
         for (int64_t v = 0; v < a->kw; v++) {
             const float *xp = x + u * a->row + v * pix;
@@ -149,26 +243,25 @@ ALWAYS_INLINE void qconv_f32_ukernel__avx2_6x16(const qconv_conv_args *a, const 
                 __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
                 w += 16;
                 for (int m = 0; m < mr; m++) {
-                    __m256 b = _mm256_broadcast_ss(xp + m * pix + c);
+                    __m256 b = _mm256_broadcast_ss(xp + m * step + c);
                     acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
                     if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
                         acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
                 }
             }
         }
-    for (int m = 0; m < mr; m++)
-        qconv_store16_ps(y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+    qconv_store_tile_ps(a, y, acc, mr, nvalid, bb);
 }
 
 ALWAYS_INLINE void qconv_s32_ukernel__avx2_6x16(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
-                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
-                                        const int half)
+                                        const int32_t *init, const float *ib, const float *bb, int32_t *y,
+                                        int64_t nvalid, const int mr, const int half)
 {
     (void)init;
     __m256i acc[MAXMR][2];
     for (int m = 0; m < mr; m++)
         acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const int64_t pix = a->pix, cp = a->cp;
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
     for (int64_t u = 0; u < a->kh; u++)
         for (int64_t v = 0; v < a->kw; v++) {
             const int32_t *xp = x + u * a->row + v * pix;
@@ -176,27 +269,26 @@ ALWAYS_INLINE void qconv_s32_ukernel__avx2_6x16(const qconv_conv_args *a, const 
                 __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 8));
                 w += 16;
                 for (int m = 0; m < mr; m++) {
-                    __m256i b = _mm256_set1_epi32(xp[m * pix + c]);
+                    __m256i b = _mm256_set1_epi32(xp[m * step + c]);
                     acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_mullo_epi32(b, w0));
                     if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
                         acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_mullo_epi32(b, w1));
                 }
             }
         }
-    for (int m = 0; m < mr; m++)
-        qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+    qconv_store_tile_acc(a, y, acc, mr, nvalid, ib, bb);
 }
 
 /* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
 ALWAYS_INLINE void qconv_s16_ukernel__avx2_6x16(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
-                                        const int32_t *init, int32_t *y, int64_t nvalid, const int mr,
-                                        const int half)
+                                        const int32_t *init, const float *ib, const float *bb, int32_t *y,
+                                        int64_t nvalid, const int mr, const int half)
 {
     (void)init;
     __m256i acc[MAXMR][2];
     for (int m = 0; m < mr; m++)
         acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const int64_t pix = a->pix, cp = a->cp;
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
     for (int64_t u = 0; u < a->kh; u++)
         for (int64_t v = 0; v < a->kw; v++) {
             const int16_t *xp = x + u * a->row + v * pix;
@@ -204,15 +296,14 @@ ALWAYS_INLINE void qconv_s16_ukernel__avx2_6x16(const qconv_conv_args *a, const 
                 __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 16));
                 w += 32;
                 for (int m = 0; m < mr; m++) {
-                    __m256i b = _mm256_set1_epi32(qconv_load_i32(xp + m * pix + c));
+                    __m256i b = _mm256_set1_epi32(qconv_load_i32(xp + m * step + c));
                     acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
                     if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
                         acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
                 }
             }
         }
-    for (int m = 0; m < mr; m++)
-        qconv_store16_acc(a, y + m * a->oc, acc[m][0], acc[m][1], nvalid);
+    qconv_store_tile_acc(a, y, acc, mr, nvalid, ib, bb);
 }
 
 QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_ukernel__avx2_6x16, 6, 0, float, float, float)
@@ -286,11 +377,18 @@ double qconv_peak_body__avx2(int instr, int64_t iters)
 const qconv_isa_table qconv_avx2_table = {
     .name = "avx2",
     .quantize = qconv_quantize__avx2,
+    .absmax = qconv_absmax__avx2,
     .dequantize = qconv_dequantize__avx2,
     .conv = {qconv_f32_conv__avx2, qconv_s32_conv__avx2, qconv_s16_conv__avx2, qconv_s16_conv__avx2},
     .nr = {QCONV_NR, QCONV_NR, QCONV_NR, QCONV_NR},
     .grp = {1, 1, 2, 2},
     .xstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
     .wstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
+    .mr = {6, 6, 6, 6},
+    .mrh = {0, 12, 12, 12},
+    .dw = {qconv_f32_dwconv__avx2, qconv_s32_dwconv__avx2, qconv_s16_dwconv__avx2, qconv_s16_dwconv__avx2},
+    .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
+    .dw_block = QCONV_DW_BLOCK_AVX2,
+    .dw_pack = qconv_dw_pack__avx2,
 };
 #endif /* x86 */

@@ -27,9 +27,12 @@ static inline int32_t quantize1(float t, float s, int32_t qmax, int truncate)
     return (int32_t)r;
 }
 
-static void quantize__scalar(const float *src, int64_t count, float s, int32_t qmax, int truncate,
-                             int store, void *dst)
+static int quantize__scalar(const float *src, int64_t count, float s, int32_t qmax, int truncate,
+                            int store, void *dst)
 {
+    int bad = 0;
+    for (int64_t i = 0; i < count; i++)
+        bad |= !isfinite(src[i]);
     switch (store) {
     case QCONV_STORE_F32:
         memcpy(dst, src, (size_t)count * sizeof(float));
@@ -59,56 +62,75 @@ static void quantize__scalar(const float *src, int64_t count, float s, int32_t q
         break;
     }
     }
+    return bad;
 }
 
-static void dequantize__scalar(const int32_t *acc, int64_t count, float inv, float *dst)
+static float absmax__scalar(const float *src, int64_t count, int *nonfinite)
 {
-    for (int64_t i = 0; i < count; i++)
-        dst[i] = (float)acc[i] * inv;        /* int32 -> float rounds to nearest even */
+    float best = 0.0f;
+    for (int64_t i = 0; i < count; i++) {
+        if (!isfinite(src[i]))
+            *nonfinite = 1;
+        float v = fabsf(src[i]);
+        best = v > best ? v : best;
+    }
+    return best;
 }
 
-/* y[n,i,q,o] = sum x[n,i+a,q+b,c] * w[o,a,b,c] over the padded input, float32 accumulation. */
+static void dequantize__scalar(const int32_t *acc, int64_t npix, int64_t oc, const float *inv,
+                               const float *bias, float *dst)
+{
+    for (int64_t p = 0; p < npix; p++)
+        for (int64_t o = 0; o < oc; o++) {
+            float y = (float)acc[p * oc + o] * inv[o];   /* int32 -> float rounds to nearest even */
+            dst[p * oc + o] = bias != NULL ? y + bias[o] : y;
+        }
+}
+
+/* y[n,i,j,o] = sum x[n, i*sh+u, j*sw+v, c] * w[o,u,v,c] over the padded input, float32
+ * accumulation, then + bias[o]. */
 static void qconv_f32_conv__scalar(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
 {
     const float *xq = a->xq, *wq = a->wq;
     float *y = a->out;
     for (int64_t r = r0; r < r1; r++) {
-        int64_t n = r / a->h, i = r % a->h;
-        for (int64_t q = 0; q < a->w; q++)
+        int64_t n = r / a->ho, i = r % a->ho;
+        for (int64_t q = 0; q < a->wo; q++)
             for (int64_t o = b0; o < b1; o++) {
                 const float *wo = wq + o * a->wblk;
                 float acc = 0.0f;
                 for (int64_t u = 0; u < a->kh; u++)
                     for (int64_t v = 0; v < a->kw; v++) {
-                        const float *xp = xq + n * a->img + (i + u) * a->row + (q + v) * a->pix;
+                        const float *xp = xq + n * a->img + i * a->rstep + u * a->row + q * a->xstep + v * a->pix;
                         const float *wp = wo + (u * a->kw + v) * a->cp;
                         for (int64_t c = 0; c < a->c; c++)
                             acc += xp[c] * wp[c];
                     }
-                y[(r * a->w + q) * a->oc + o] = acc;
+                y[(r * a->wo + q) * a->ldy + o] = a->bias != NULL ? acc + a->bias[o] : acc;
             }
     }
 }
 
-/* The same with int32 operands, products and sums modulo 2^32. */
+/* The same with int32 operands, products and sums modulo 2^32; stores the accumulators (the
+ * scalar family always dequantizes in its own pass). */
 static void qconv_s32_conv__scalar(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
 {
     const int32_t *xq = a->xq, *wq = a->wq;
     int32_t *y = a->out;
     for (int64_t r = r0; r < r1; r++) {
-        int64_t n = r / a->h, i = r % a->h;
-        for (int64_t q = 0; q < a->w; q++)
+        int64_t n = r / a->ho, i = r % a->ho;
+        for (int64_t q = 0; q < a->wo; q++)
             for (int64_t o = b0; o < b1; o++) {
                 const int32_t *wo = wq + o * a->wblk;
                 uint32_t acc = 0;
                 for (int64_t u = 0; u < a->kh; u++)
                     for (int64_t v = 0; v < a->kw; v++) {
-                        const int32_t *xp = xq + n * a->img + (i + u) * a->row + (q + v) * a->pix;
+                        const int32_t *xp = xq + n * a->img + i * a->rstep + u * a->row + q * a->xstep + v * a->pix;
                         const int32_t *wp = wo + (u * a->kw + v) * a->cp;
                         for (int64_t c = 0; c < a->c; c++)
                             acc += (uint32_t)xp[c] * (uint32_t)wp[c];
                     }
-                y[(r * a->w + q) * a->oc + o] = (int32_t)acc;
+                y[(r * a->wo + q) * a->ldy + o] = (int32_t)acc;
             }
     }
 }
@@ -133,10 +155,17 @@ double qconv_peak_body__scalar(int instr, int64_t iters)
 const qconv_isa_table qconv_scalar_table = {
     .name = "scalar",
     .quantize = quantize__scalar,
+    .absmax = absmax__scalar,
     .dequantize = dequantize__scalar,
     .conv = {qconv_f32_conv__scalar, qconv_s32_conv__scalar, qconv_s32_conv__scalar, qconv_s32_conv__scalar},
     .nr = {1, 1, 1, 1},
     .grp = {1, 1, 1, 1},
     .xstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I32, QCONV_STORE_I32},
     .wstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I32, QCONV_STORE_I32},
+    .mr = {1, 1, 1, 1},
+    .mrh = {0, 0, 0, 0},
+    .dw = {qconv_f32_dwconv__scalar, qconv_s32_dwconv__scalar, qconv_s32_dwconv__scalar, qconv_s32_dwconv__scalar},
+    .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I32, QCONV_STORE_I32},
+    .dw_block = 1,
+    .dw_pack = qconv_dw_pack__scalar,
 };

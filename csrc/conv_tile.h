@@ -3,15 +3,18 @@
  *
  * A tile function computes `mr` consecutive output pixels of one output row for one block of
  * QCONV_NR output channels:
- *   TILE(a, x, w, init, y, nvalid, mr, half)
- *     x: padded input at (n, i, q, 0) (the tile's first pixel, top-left tap)
+ *   TILE(a, x, w, init, ib, bb, y, nvalid, mr, half)
+ *     x: padded input at the tile's first pixel's top-left tap (pixel m is m * a->xstep further:
+ *        the stride is in that step)
  *     w: the OC block's packed kernel; init: the block's accumulator start (or NULL: zero)
- *     y: output (float or int32) at (n, i, q, o0); nvalid: OC columns to store (<= QCONV_NR)
+ *     ib, bb: the block's 16 dequantize factors and bias values (bb NULL: no bias)
+ *     y: output (float or int32) at the tile's first pixel, channel o0; pixels a->ldy apart;
+ *        nvalid: OC columns to store (<= QCONV_NR)
  *     half: nvalid <= 8, so only the lower ymm column is computed (OC = 24: 16 + 8, not 16 + 16)
  * QCONV_DEFINE_CONV(name, TILE, MR, MRH, XT, WT, YT) defines
  *   void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
  * that walks OC blocks (outer: the packed block stays in cache), then rows, then the row's tiles:
- * ceil(W / MR) of them, widths balanced to within one pixel, each a constant-width instance. */
+ * ceil(WO / MR) of them, widths balanced to within one pixel, each a constant-width instance. */
 #ifndef QCONV_CONV_TILE_H
 #define QCONV_CONV_TILE_H
 
@@ -43,28 +46,61 @@ static inline __attribute__((always_inline)) void qconv_store16_ps(float *y, __m
     }
 }
 
-/* Store one pixel's 16 int32 accumulators, or with a->fused their dequantized values:
- * cvtdq2ps (round to nearest even under the default MXCSR) then one multiply by inv. */
-static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_conv_args *a, int32_t *y,
-                                                                     __m256i a0, __m256i a1, int64_t nvalid)
+/* Store a tile's int32 accumulators, or with a->fused their dequantized values: cvtdq2ps
+ * (round to nearest even under the default MXCSR), one multiply by inv[o], then (with a bias) one
+ * add of bias[o]: two float32 operations, never fused (the build has -ffp-contract=off and no
+ * fmadd is written here). */
+static inline __attribute__((always_inline)) void qconv_store_tile_acc(const qconv_conv_args *a, int32_t *y,
+                                                                        __m256i (*acc)[2], const int mr,
+                                                                        int64_t nvalid, const float *ib,
+                                                                        const float *bb)
 {
     if (a->fused) {
-        __m256 inv = _mm256_set1_ps(a->inv);
-        qconv_store16_ps((float *)(void *)y, _mm256_mul_ps(_mm256_cvtepi32_ps(a0), inv),
-                         _mm256_mul_ps(_mm256_cvtepi32_ps(a1), inv), nvalid);
-    } else if (nvalid == 16) {
-        _mm256_storeu_si256((__m256i *)y, a0);
-        _mm256_storeu_si256((__m256i *)(y + 8), a1);
+        const __m256 i0 = _mm256_loadu_ps(ib), i1 = _mm256_loadu_ps(ib + 8);
+        if (bb != NULL) {
+            const __m256 c0 = _mm256_loadu_ps(bb), c1 = _mm256_loadu_ps(bb + 8);
+            for (int m = 0; m < mr; m++)
+                qconv_store16_ps((float *)(void *)(y + m * a->ldy),
+                                 _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][0]), i0), c0),
+                                 _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][1]), i1), c1), nvalid);
+        } else {
+            for (int m = 0; m < mr; m++)
+                qconv_store16_ps((float *)(void *)(y + m * a->ldy), _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][0]), i0),
+                                 _mm256_mul_ps(_mm256_cvtepi32_ps(acc[m][1]), i1), nvalid);
+        }
+        return;
+    }
+    for (int m = 0; m < mr; m++) {
+        int32_t *ym = y + m * a->ldy;
+        if (nvalid == 16) {
+            _mm256_storeu_si256((__m256i *)ym, acc[m][0]);
+            _mm256_storeu_si256((__m256i *)(ym + 8), acc[m][1]);
+        } else {
+            int32_t t[16];
+            _mm256_storeu_si256((__m256i *)t, acc[m][0]);
+            _mm256_storeu_si256((__m256i *)(t + 8), acc[m][1]);
+            memcpy(ym, t, (size_t)nvalid * 4);
+        }
+    }
+}
+
+/* Store a tile's float32 accumulators (fp32), plus bias[o] after the accumulation if given. */
+static inline __attribute__((always_inline)) void qconv_store_tile_ps(const qconv_conv_args *a, float *y,
+                                                                       __m256 (*acc)[2], const int mr,
+                                                                       int64_t nvalid, const float *bb)
+{
+    if (bb != NULL) {
+        const __m256 c0 = _mm256_loadu_ps(bb), c1 = _mm256_loadu_ps(bb + 8);
+        for (int m = 0; m < mr; m++)
+            qconv_store16_ps(y + m * a->ldy, _mm256_add_ps(acc[m][0], c0), _mm256_add_ps(acc[m][1], c1), nvalid);
     } else {
-        int32_t t[16];
-        _mm256_storeu_si256((__m256i *)t, a0);
-        _mm256_storeu_si256((__m256i *)(t + 8), a1);
-        memcpy(y, t, (size_t)nvalid * 4);
+        for (int m = 0; m < mr; m++)
+            qconv_store16_ps(y + m * a->ldy, acc[m][0], acc[m][1], nvalid);
     }
 }
 
 #define QCONV_TILE_CASE(TILE, k, h)                                                            \
-    case k: TILE(a, xr + q * a->pix, wb, init, yr + q * a->oc, nvalid, k, h); break;
+    case k: TILE(a, xr + q * a->xstep, wb, init, ib, bb, yr + q * a->ldy, nvalid, k, h); break;
 
 /* Walk one output row in ntiles balanced tiles of width tw or tw + 1 (the first `wide` ones). */
 #define QCONV_ROW_FULL(TILE)                                                                   \
@@ -103,19 +139,21 @@ static inline __attribute__((always_inline)) void qconv_store16_acc(const qconv_
         for (int64_t b = b0; b < b1; b++) {                                                    \
             const WT *wb = wq + b * a->wblk;                                                   \
             const int32_t *init = a->comp ? a->comp + b * QCONV_NR : NULL;                     \
+            const float *ib = a->inv ? a->inv + b * QCONV_NR : NULL;                           \
+            const float *bb = a->bias ? a->bias + b * QCONV_NR : NULL;                         \
             int64_t nvalid = a->oc - b * QCONV_NR;                                             \
             if (nvalid > QCONV_NR)                                                             \
                 nvalid = QCONV_NR;                                                             \
             /* <= 8 channels left: the upper ymm column is all padding; skip it (MRH > 0).  */ \
             const int half = (MRH) > 0 && nvalid <= QCONV_NR / 2;                              \
-            /* Balanced tiles: ceil(W / width) tiles whose widths differ by at most one     */ \
-            /* pixel (W = 28, MR = 8: four tiles of 7, not three of 8 and a tail of 4).      */ \
+            /* Balanced tiles: ceil(WO / width) tiles whose widths differ by at most one    */ \
+            /* pixel (WO = 28, MR = 8: four tiles of 7, not three of 8 and a tail of 4).     */ \
             const int64_t mr = half ? (MRH) : (MR);                                            \
-            const int64_t nt = (a->w + mr - 1) / mr, tw = a->w / nt, wide = a->w % nt;         \
+            const int64_t nt = (a->wo + mr - 1) / mr, tw = a->wo / nt, wide = a->wo % nt;      \
             for (int64_t r = r0; r < r1; r++) {                                                \
-                int64_t n = r / a->h, i = r % a->h;                                            \
-                const XT *xr = xq + n * a->img + i * a->row;                                   \
-                YT *yr = out + r * a->w * a->oc + b * QCONV_NR;                                \
+                int64_t n = r / a->ho, i = r % a->ho;                                          \
+                const XT *xr = xq + n * a->img + i * a->rstep;                                 \
+                YT *yr = out + r * a->wo * a->ldy + b * QCONV_NR;                              \
                 if (half) {                                                                    \
                     QCONV_ROW_HALF(TILE)                                                       \
                 } else {                                                                       \

@@ -1,10 +1,13 @@
-/* qconv.c - the C ABI: status text, CPU features, kernel dispatch, and the conv2d driver
- * (buffers, phases and their timing, work split over the thread pool). No SIMD here: the kernels
- * live in conv_scalar.c, conv_avx2.c and conv_vnni_*.c and are reached through qconv_isa_table. */
+/* qconv.c - the C ABI: status text, CPU features, kernel dispatch, and the prepared-convolution
+ * driver (kernel packing once; per call: maxabs reduction, quantize + pad, the convolution, the
+ * dequantize; buffers kept in the handle, phases and their timing, work split over the thread
+ * pool). No SIMD here: the kernels live in conv_scalar.c, conv_avx2.c, conv_vnni_*.c,
+ * dwconv_scalar.c and dwconv_avx2.c and are reached through qconv_isa_table. */
 #define _POSIX_C_SOURCE 200809L
 #include "qconv.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -25,6 +28,9 @@ const char *qconv_strerror(int status)
     case QCONV_EISA: return "the requested instruction set is not available on this CPU or not compiled in";
     case QCONV_ETHREAD: return "the thread pool could not start a worker thread";
     case QCONV_ESIZE: return "a buffer size would overflow 64-bit arithmetic";
+    case QCONV_ENONFINITE: return "the input holds NaN or infinite values";
+    case QCONV_EMAXABS: return "maxabs: the input's largest magnitude is too small to scale within float32";
+    case QCONV_ESCALE: return "1 / (s_input * s_kernel) is not a positive finite float32";
     default: return "unknown qconv status";
     }
 }
@@ -94,6 +100,7 @@ static int isa_usable(int isa)
     case QCONV_ISA_AVX2: return avx2;
     case QCONV_ISA_AVX512VNNI: return avx2 && (f & QCONV_CPU_AVX512VNNI_VL);
     case QCONV_ISA_AVXVNNI: return avx2 && (f & QCONV_CPU_AVXVNNI);
+    case QCONV_ISA_VNNI_EMULATED: return avx2;
 #endif
     default: return 0;
     }
@@ -101,8 +108,14 @@ static int isa_usable(int isa)
 
 int qconv_best_isa(int cap, int *isa)
 {
-    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_AVXVNNI)
+    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_VNNI_EMULATED)
         return QCONV_EINVAL;
+    if (cap == QCONV_ISA_VNNI_EMULATED) {   /* tests only: that family or none */
+        if (!isa_usable(cap))
+            return QCONV_EISA;
+        *isa = cap;
+        return QCONV_OK;
+    }
     /* Preference order; a cap admits the families at or below it in this order. */
     static const int order[] = {QCONV_ISA_AVX512VNNI, QCONV_ISA_AVXVNNI, QCONV_ISA_AVX2, QCONV_ISA_SCALAR};
     int rank_cap = 0;
@@ -126,12 +139,13 @@ static const qconv_isa_table *table_for(int isa)
     case QCONV_ISA_AVX2: return &qconv_avx2_table;
     case QCONV_ISA_AVX512VNNI: return &qconv_avx512vnni_table;
     case QCONV_ISA_AVXVNNI: return &qconv_avxvnni_table;
+    case QCONV_ISA_VNNI_EMULATED: return &qconv_vnni_emulated_table;
 #endif
     default: return NULL;
     }
 }
 
-/* ---- the driver ------------------------------------------------------------------------ */
+/* ---- helpers ----------------------------------------------------------------------------- */
 
 static size_t store_size(int store)
 {
@@ -152,23 +166,16 @@ static void *alloc64(int64_t bytes)
     return p;
 }
 
-typedef struct {
-    const qconv_isa_table *t;
-    const qconv_conv_args *a;
-    const float *x;
-    float s;
-    int32_t qmax;
-    int truncate, store;
-    const int32_t *acc;
-    float inv;
-    float *y;
-    int split_rows;
-    const float *k;     /* the float kernel, quantized into wtmp (NULL for fp32) */
-    float s_w;
-    int wstore;
-    void *wtmp;
-    void *wq;           /* the packed kernel being written */
-} job;
+/* *acc *= v, refusing products past 2^48 (api.py refuses far earlier). */
+static int checked_mul(int64_t *acc, int64_t v)
+{
+    return __builtin_mul_overflow(*acc, v, acc) || *acc > ((int64_t)1 << 48);
+}
+
+static int64_t round_up(int64_t v, int64_t m)
+{
+    return (v + m - 1) / m * m;
+}
 
 /* Worker ith's share [*lo, *hi) of [0, total) in whole 16-element vectors (the last share ends
  * at total). */
@@ -179,98 +186,327 @@ static void split_vectors(int64_t total, int ith, int nth, long long *lo, long l
     *hi = *hi * 16 < total ? *hi * 16 : total;
 }
 
-/* Quantize x into the padded layout, one padded row (n, i) at a time, and (integer precisions)
- * this worker's contiguous share of the kernel into wtmp. */
-static void quantize_task(void *p, int ith, int nth)
+static int32_t qmax_of(int precision)
 {
-    const job *j = p;
-    if (j->wtmp != NULL) {
-        int64_t nk = j->a->kh * j->a->kw * j->a->oc * j->a->c;
-        long long lo, hi;
-        split_vectors(nk, ith, nth, &lo, &hi);
-        if (lo < hi)
-            j->t->quantize(j->k + lo, hi - lo, j->s_w, j->qmax, j->truncate, j->wstore,
-                           (char *)j->wtmp + (size_t)lo * store_size(j->wstore));
-    }
-    const qconv_conv_args *a = j->a;
-    size_t es = store_size(j->store);
-    int64_t hp = a->h + a->kh - 1, wp = a->w + a->kw - 1;
-    int64_t pt = (a->kh - 1) / 2, pl = (a->kw - 1) / 2;
-    int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
-    long long lo, hi;
-    qconv_split(a->n * hp, ith, nth, &lo, &hi);
-    for (long long r = lo; r < hi; r++) {
-        int64_t n = r / hp, i = r % hp - pt;
-        char *row = (char *)a->xq + (size_t)(r * a->row) * es;
-        if (i < 0 || i >= a->h) {
-            memset(row, zero, (size_t)a->row * es);
-            continue;
-        }
-        const float *src = j->x + ((n * a->h + i) * a->w) * a->c;
-        if (a->cp != a->c) {
-            memset(row, zero, (size_t)a->row * es);
-            for (int64_t q = 0; q < a->w; q++)
-                j->t->quantize(src + q * a->c, a->c, j->s, j->qmax, j->truncate, j->store,
-                               row + (size_t)((pl + q) * a->pix) * es);
-        } else {
-            memset(row, zero, (size_t)(pl * a->pix) * es);
-            memset(row + (size_t)((pl + a->w) * a->pix) * es, zero, (size_t)((wp - pl - a->w) * a->pix) * es);
-            j->t->quantize(src, a->w * a->c, j->s, j->qmax, j->truncate, j->store, row + (size_t)(pl * a->pix) * es);
-        }
-    }
+    return precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
 }
 
+/* contract.maxabs_scale, bit for bit: s = float32(q / m) in double, stepped down while the
+ * float32 product m * s rounds past q; m == 0 -> 1. QCONV_EMAXABS where q / m overflows float32. */
+static int maxabs_scale(float m, int64_t q, float *out)
+{
+    if (m == 0.0f) {
+        *out = 1.0f;
+        return QCONV_OK;
+    }
+    float s = (float)((double)q / (double)m);
+    if (!isfinite(s))
+        return QCONV_EMAXABS;
+    while ((double)(m * s) > (double)q)
+        s = nextafterf(s, 0.0f);
+    *out = s;
+    return QCONV_OK;
+}
+
+/* ---- the prepared convolution ------------------------------------------------------------ */
+
+/* Work buffers, grown as calls need them (never shrunk until the handle is released). */
+typedef struct {
+    void *xq;            /* GEMM: the quantized, zero-padded input */
+    int64_t xq_bytes;
+    int32_t *acc;        /* GEMM with a separate dequantize: the int32 accumulators */
+    int64_t acc_bytes;
+    char *dw;            /* depthwise: per-thread rings of padded rows, tap pointers, a zero row */
+    int64_t dw_bytes;
+    float *inv;          /* OC dequantize factors */
+    float *inv_pad;      /* the kernels' zero-padded copy (GEMM: per group, nocb*nr; dw: ocp) */
+    int64_t inv_n, inv_pad_n;
+} workspace;
+
+struct qconv_conv {
+    int precision, isa, threads, truncate, fused, kind;
+    const qconv_isa_table *t;
+    int64_t kh, kw, oc, icg, groups, sh, sw, ocg, c;
+    /* GEMM */
+    int64_t nr, grp, cp, nocb, nocbp, wblk, gblk;
+    int xstore, wstore;
+    void *wq;            /* groups * gblk packed kernel elements */
+    int32_t *comp;       /* groups * nocbp (dpbusd) or NULL */
+    /* depthwise */
+    int64_t ocp, mult;
+    void *dww;
+    /* both */
+    float *s_w;          /* OC kernel scales (one value replicated where one was given) */
+    float *bias;         /* OC or NULL */
+    float *bias_pad;     /* zero-padded like inv_pad, or NULL */
+    int64_t pad_n;       /* entries of bias_pad / inv_pad */
+    pthread_mutex_t lock;  /* guards ws */
+    workspace ws;
+};
+
+static void ws_free(workspace *ws)
+{
+    free(ws->xq);
+    free(ws->acc);
+    free(ws->dw);
+    free(ws->inv);
+    free(ws->inv_pad);
+    memset(ws, 0, sizeof *ws);
+}
+
+/* Make *p hold at least `bytes` (64-byte aligned; old contents are not kept). */
+static int grow(void **p, int64_t *have, int64_t bytes)
+{
+    if (bytes <= *have && *p != NULL)
+        return QCONV_OK;
+    free(*p);
+    *p = alloc64(bytes);
+    *have = *p != NULL ? bytes : 0;
+    return *p != NULL ? QCONV_OK : QCONV_ENOMEM;
+}
+
+/* ---- per-call jobs ------------------------------------------------------------------------ */
+
+typedef struct {
+    const qconv_conv *cv;
+    const qconv_isa_table *t;
+    const float *x;
+    int64_t n, h, w, pt, pl, ho, wo, hp, wp;
+    float s;
+    int32_t qmax;
+    int store;
+    void *xq;
+    int32_t *acc;
+    float *y;
+    const float *inv, *inv_pad;
+    qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
+    int split_rows;
+    /* depthwise */
+    char *dw;                   /* ring area, dw_worker bytes per worker */
+    int64_t dw_worker, row_bytes;
+    const void *zero_row;
+    qconv_dw_args dwa;
+    /* results per worker */
+    float part[QCONV_MAX_THREADS];
+    int bad[QCONV_MAX_THREADS];
+} run_job;
+
+/* max|x| and non-finite values over this worker's share of x. */
+static void absmax_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    long long lo, hi;
+    split_vectors(j->n * j->h * j->w * j->cv->c, ith, nth, &lo, &hi);
+    int bad = 0;
+    j->part[ith] = lo < hi ? j->t->absmax(j->x + lo, hi - lo, &bad) : 0.0f;
+    j->bad[ith] = bad;
+}
+
+/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), one padded row at a time;
+ * padding rows, columns and channels hold zero's representation. */
+static void quantize_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix, c = cv->c;
+    const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
+    long long lo, hi;
+    int bad = 0;
+    qconv_split(j->n * j->hp, ith, nth, &lo, &hi);
+    for (long long r = lo; r < hi; r++) {
+        int64_t n = r / j->hp, i = r % j->hp - j->pt;
+        char *row = (char *)j->xq + (size_t)(r * row_el) * es;
+        if (i < 0 || i >= j->h) {
+            memset(row, zero, (size_t)row_el * es);
+            continue;
+        }
+        const float *src = j->x + ((n * j->h + i) * j->w) * c;
+        if (cv->cp == cv->icg) {   /* dense: the row's pixels are contiguous in x */
+            memset(row, zero, (size_t)(j->pl * pix) * es);
+            memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
+            bad |= j->t->quantize(src, j->w * c, j->s, j->qmax, cv->truncate, j->store,
+                                  row + (size_t)(j->pl * pix) * es);
+        } else {                   /* each group's channels padded to cp */
+            memset(row, zero, (size_t)row_el * es);
+            for (int64_t q = 0; q < j->w; q++)
+                for (int64_t g = 0; g < cv->groups; g++)
+                    bad |= j->t->quantize(src + q * c + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate,
+                                          j->store, row + (size_t)((j->pl + q) * pix + g * cv->cp) * es);
+        }
+    }
+    j->bad[ith] = bad;
+}
+
+/* Every group in turn; within a group, the larger of output rows and OC blocks is split. */
 static void conv_task(void *p, int ith, int nth)
 {
-    const job *j = p;
-    const qconv_conv_args *a = j->a;
-    qconv_conv_fn fn = j->t->conv[a->precision];
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    qconv_conv_fn fn = j->t->conv[cv->precision];
+    const size_t xes = store_size(j->store), wes = store_size(cv->wstore);
     long long lo, hi;
-    if (j->split_rows) {
-        qconv_split(a->n * a->h, ith, nth, &lo, &hi);
-        if (lo < hi)
-            fn(a, lo, hi, 0, a->nocb);
-    } else {
-        qconv_split(a->nocb, ith, nth, &lo, &hi);
-        if (lo < hi)
-            fn(a, 0, a->n * a->h, lo, hi);
+    if (j->split_rows)
+        qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
+    else
+        qconv_split(cv->nocb, ith, nth, &lo, &hi);
+    if (lo >= hi)
+        return;
+    for (int64_t g = 0; g < cv->groups; g++) {
+        qconv_conv_args a = j->base;
+        a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
+        a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
+        a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
+        a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
+        a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
+        a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
+        if (j->split_rows)
+            fn(&a, lo, hi, 0, cv->nocb);
+        else
+            fn(&a, 0, j->n * j->ho, lo, hi);
     }
 }
 
 static void dequantize_task(void *p, int ith, int nth)
 {
-    const job *j = p;
-    int64_t total = j->a->n * j->a->h * j->a->w * j->a->oc;
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
     long long lo, hi;
-    split_vectors(total, ith, nth, &lo, &hi);
+    qconv_split(j->n * j->ho * j->wo, ith, nth, &lo, &hi);
     if (lo < hi)
-        j->t->dequantize(j->acc + lo, hi - lo, j->inv, j->y + lo);
+        j->t->dequantize(j->acc + lo * cv->oc, hi - lo, cv->oc, j->inv, cv->bias, j->y + lo * cv->oc);
 }
 
-/* Re-layout the kernel: src (KH, KW, OC, C) -> [ocb][KH][KW][cp/grp][nr][grp], zeros where
- * o >= OC or ch >= C. One typed loop per element size, so every copy is a plain load/store. */
+/* Depthwise: quantize input row ii of image n into a padded ring row (WP pixels of ocp channels;
+ * each input channel replicated `mult` times). tmp: W * OC floats for the replication. */
+static int dw_fill_row(const run_job *j, int64_t n, int64_t ii, char *row, float *tmp)
+{
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t ocp = cv->ocp, oc = cv->oc, c = cv->c, w = j->w;
+    const float *src = j->x + ((n * j->h + ii) * w) * c;
+    int bad = 0;
+    memset(row, 0, (size_t)(j->pl * ocp) * es);
+    memset(row + (size_t)((j->pl + w) * ocp) * es, 0, (size_t)((j->wp - j->pl - w) * ocp) * es);
+    if (cv->mult > 1) {
+        for (int64_t q = 0; q < w; q++)
+            for (int64_t o = 0; o < oc; o++)
+                tmp[q * oc + o] = src[q * c + o / cv->mult];
+        src = tmp;
+    }
+    char *dst = row + (size_t)(j->pl * ocp) * es;
+    if (ocp == oc)
+        return j->t->quantize(src, w * oc, j->s, j->qmax, cv->truncate, j->store, dst);
+    for (int64_t q = 0; q < w; q++) {
+        bad |= j->t->quantize(src + q * oc, oc, j->s, j->qmax, cv->truncate, j->store, dst + (size_t)(q * ocp) * es);
+        memset(dst + (size_t)(q * ocp + oc) * es, 0, (size_t)(ocp - oc) * es);
+    }
+    return bad;
+}
+
+/* Depthwise, one pass over x: this worker's output rows, each from KH padded rows kept in a ring
+ * (a row shared by consecutive output rows is quantized once). Input rows that no output row
+ * reads (stride > KH, or past the last output row) are still checked for non-finite values. */
+static void dw_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t kh = cv->kh, kw = cv->kw, ocp = cv->ocp;
+    char *mine = j->dw + (size_t)(ith * j->dw_worker);
+    const void **taps = (const void **)(void *)mine;                          /* kh*kw */
+    int64_t *slot_of = (int64_t *)(void *)(mine + round_up(kh * kw * (int64_t)sizeof(void *), 64));  /* kh */
+    char *ring = mine + round_up(kh * kw * (int64_t)sizeof(void *), 64) + round_up(kh * 8, 64);
+    float *tmp = (float *)(void *)(ring + kh * j->row_bytes);
+    for (int64_t u = 0; u < kh; u++)
+        slot_of[u] = -1;
+    long long lo, hi;
+    int bad = 0;
+    qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
+    for (long long r = lo; r < hi; r++) {
+        const int64_t n = r / j->ho, i = r % j->ho;
+        for (int64_t u = 0; u < kh; u++) {
+            const int64_t pr = i * cv->sh + u, ii = pr - j->pt;
+            const char *row;
+            if (ii < 0 || ii >= j->h) {
+                row = j->zero_row;
+            } else {
+                const int64_t slot = pr % kh, key = n * j->hp + pr;
+                char *sr = ring + slot * j->row_bytes;
+                if (slot_of[slot] != key) {
+                    bad |= dw_fill_row(j, n, ii, sr, tmp);
+                    slot_of[slot] = key;
+                }
+                row = sr;
+            }
+            for (int64_t v = 0; v < kw; v++)
+                taps[u * kw + v] = row + (size_t)(v * ocp) * es;
+        }
+        /* Rows this output row owns but does not read: [i*sh - pt + KH, next row's first). */
+        int64_t own_end = i == j->ho - 1 ? j->h : (i + 1) * cv->sh - j->pt;
+        for (int64_t ii = i * cv->sh - j->pt + kh; ii < own_end; ii++)
+            if (ii >= 0 && ii < j->h)
+                (void)j->t->absmax(j->x + ((n * j->h + ii) * j->w) * cv->c, j->w * cv->c, &bad);
+        j->t->dw[cv->precision](&j->dwa, taps, j->y + r * j->wo * cv->oc);
+    }
+    j->bad[ith] = bad;
+}
+
+static int any_bad(const run_job *j, int nth)
+{
+    int bad = 0;
+    for (int i = 0; i < nth; i++)
+        bad |= j->bad[i];
+    return bad;
+}
+
+/* ---- qconv_prepare ------------------------------------------------------------------------ */
+
+int qconv_tile(int isa, int precision, qconv_tile_info *info)
+{
+    if (isa == QCONV_ISA_AUTO) {
+        int st = qconv_best_isa(QCONV_ISA_AUTO, &isa);
+        if (st != QCONV_OK)
+            return st;
+    }
+    if (info == NULL || precision < QCONV_FP32 || precision > QCONV_INT8)
+        return QCONV_EINVAL;
+    const qconv_isa_table *t = table_for(isa);
+    if (t == NULL)
+        return QCONV_EISA;
+    info->mr = t->mr[precision];
+    info->mrh = t->mrh[precision];
+    info->nr = (int)t->nr[precision];
+    info->grp = (int)t->grp[precision];
+    info->dw_block = (int)t->dw_block;
+    return QCONV_OK;
+}
+
+/* Re-layout group g of the quantized kernel src (KH, KW, OC, ICG) into
+ * [ocb][KH][KW][cp/grp][nr][grp], zeros where o >= OCG or ch >= ICG. One typed loop per element
+ * size, so every copy is a plain load/store. */
 #define PACK_KERNEL(T)                                                                         \
     do {                                                                                       \
         const T *s = src;                                                                      \
         T *d = dst;                                                                            \
-        const int64_t ng = a->cp / a->grp, taps = a->kh * a->kw;                               \
-        d += b0 * a->wblk;                                                                     \
-        for (int64_t b = b0; b < b1; b++)                                                      \
+        const int64_t ng = cv->cp / cv->grp, taps = cv->kh * cv->kw;                           \
+        for (int64_t b = 0; b < cv->nocb; b++)                                                 \
             for (int64_t tap = 0; tap < taps; tap++)                                           \
                 for (int64_t cg = 0; cg < ng; cg++)                                            \
-                    for (int64_t r = 0; r < a->nr; r++) {                                      \
-                        const int64_t o = b * a->nr + r;                                       \
-                        const T *so = s + (tap * a->oc + o) * a->c;                            \
-                        for (int64_t g = 0; g < a->grp; g++) {                                 \
-                            const int64_t ch = cg * a->grp + g;                                \
-                            *d++ = (o < a->oc && ch < a->c) ? so[ch] : (T)0;                   \
+                    for (int64_t r = 0; r < cv->nr; r++) {                                     \
+                        const int64_t o = b * cv->nr + r;                                      \
+                        for (int64_t e = 0; e < cv->grp; e++) {                                \
+                            const int64_t ch = cg * cv->grp + e;                               \
+                            *d++ = (o < cv->ocg && ch < cv->icg)                               \
+                                       ? s[(tap * cv->oc + g * cv->ocg + o) * cv->icg + ch]    \
+                                       : (T)0;                                                 \
                         }                                                                      \
                     }                                                                          \
     } while (0)
 
-static void pack_kernel(const qconv_conv_args *a, const void *src, size_t es, void *dst, int64_t b0, int64_t b1)
+static void pack_group(const qconv_conv *cv, const void *src, void *dst, int64_t g)
 {
-    switch (es) {
+    switch (store_size(cv->wstore)) {
     case 4: PACK_KERNEL(int32_t); break;   /* float or int32: the bits are copied */
     case 2: PACK_KERNEL(int16_t); break;
     default: PACK_KERNEL(int8_t); break;
@@ -278,55 +514,58 @@ static void pack_kernel(const qconv_conv_args *a, const void *src, size_t es, vo
 }
 
 /* dpbusd multiplies (q_x + 128) by q_w: each accumulator starts at -128 * sum(q_w) of its output
- * channel (sums modulo 2^32). wq8: the quantized kernel (KH, KW, OC, C); comp: nocb * nr entries,
- * of which OC blocks [b0, b1) are written here. */
-static void compensation(const qconv_conv_args *a, const int8_t *wq8, int32_t *comp, int64_t b0, int64_t b1)
+ * channel (sums modulo 2^32). wq8: the quantized kernel (KH, KW, OC, ICG). */
+static void compensation(const qconv_conv *cv, const int8_t *wq8, int64_t g, int32_t *comp)
 {
-    for (int64_t o = b0 * a->nr; o < b1 * a->nr; o++) {
+    for (int64_t o = 0; o < cv->nocbp; o++) {
         uint32_t sum = 0;
-        if (o < a->oc)
-            for (int64_t tap = 0; tap < a->kh * a->kw; tap++) {
-                const int8_t *p = wq8 + (tap * a->oc + o) * a->c;
-                for (int64_t ch = 0; ch < a->c; ch++)
+        if (o < cv->ocg)
+            for (int64_t tap = 0; tap < cv->kh * cv->kw; tap++) {
+                const int8_t *p = wq8 + (tap * cv->oc + g * cv->ocg + o) * cv->icg;
+                for (int64_t ch = 0; ch < cv->icg; ch++)
                     sum += (uint32_t)(int32_t)p[ch];
             }
         comp[o] = (int32_t)(0u - 128u * sum);
     }
 }
 
-/* Pack this worker's OC blocks of the kernel (and their dpbusd compensation). */
-static void pack_task(void *p, int ith, int nth)
+int qconv_release(qconv_conv *cv)
 {
-    const job *j = p;
-    const qconv_conv_args *a = j->a;
-    long long lo, hi;
-    qconv_split(a->nocb, ith, nth, &lo, &hi);
-    if (lo >= hi)
-        return;
-    pack_kernel(a, j->wtmp != NULL ? j->wtmp : (const void *)j->k, store_size(j->wstore), j->wq, lo, hi);
-    if (a->comp != NULL)
-        compensation(a, j->wtmp, (int32_t *)a->comp, lo, hi);
+    if (cv == NULL)
+        return QCONV_OK;
+    ws_free(&cv->ws);
+    free(cv->wq);
+    free(cv->comp);
+    free(cv->dww);
+    free(cv->s_w);
+    free(cv->bias);
+    free(cv->bias_pad);
+    pthread_mutex_destroy(&cv->lock);
+    free(cv);
+    return QCONV_OK;
 }
 
-static int checked_mul(int64_t *acc, int64_t v)
+int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
+                  int64_t kh, int64_t kw, int64_t oc, int64_t icg, int64_t groups,
+                  int64_t sh, int64_t sw, const float *s_w, int64_t n_sw,
+                  const float *k, const float *bias, qconv_conv **out, qconv_timings *timings)
 {
-    return __builtin_mul_overflow(*acc, v, acc) || *acc > ((int64_t)1 << 48);
-}
-
-int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
-                 float s_x, float s_w, float inv,
-                 const float *x, int64_t n, int64_t h, int64_t w, int64_t c,
-                 const float *k, int64_t kh, int64_t kw, int64_t oc,
-                 float *y, qconv_timings *timings)
-{
+    if (out == NULL)
+        return QCONV_EINVAL;
+    *out = NULL;
     if (precision < QCONV_FP32 || precision > QCONV_INT8 || (truncate != 0 && truncate != 1) ||
-        (flags & ~QCONV_FLAG_SEPARATE_DEQUANTIZE) != 0 ||
-        threads < 1 || threads > QCONV_MAX_THREADS || x == NULL || k == NULL || y == NULL ||
-        timings == NULL || n <= 0 || h <= 0 || w <= 0 || c <= 0 || kh <= 0 || kw <= 0 || oc <= 0)
+        (flags & ~QCONV_FLAG_SEPARATE_DEQUANTIZE) != 0 || threads < 1 || threads > QCONV_MAX_THREADS ||
+        k == NULL || kh <= 0 || kw <= 0 || oc <= 0 || icg <= 0 || groups <= 0 || oc % groups != 0 ||
+        sh <= 0 || sw <= 0)
         return QCONV_EINVAL;
-    int is_int = precision != QCONV_FP32;
-    if (is_int && !(isfinite(s_x) && isfinite(s_w) && isfinite(inv) && s_x > 0 && s_w > 0 && inv > 0))
-        return QCONV_EINVAL;
+    const int is_int = precision != QCONV_FP32;
+    if (is_int) {
+        if (s_w == NULL || (n_sw != 1 && n_sw != oc))
+            return QCONV_EINVAL;
+        for (int64_t o = 0; o < n_sw; o++)
+            if (!(isfinite(s_w[o]) && s_w[o] > 0))
+                return QCONV_EINVAL;
+    }
     if (isa == QCONV_ISA_AUTO) {
         int st = qconv_best_isa(QCONV_ISA_AUTO, &isa);
         if (st != QCONV_OK)
@@ -339,89 +578,335 @@ int qconv_conv2d(int precision, int isa, int threads, int truncate, int flags,
     const qconv_isa_table *t = table_for(isa);
     if (t == NULL)
         return QCONV_EISA;
-
-    qconv_conv_args a;
-    memset(&a, 0, sizeof a);
-    a.precision = precision;
-    a.n = n; a.h = h; a.w = w; a.c = c; a.kh = kh; a.kw = kw; a.oc = oc;
-    a.nr = t->nr[precision];
-    a.grp = t->grp[precision];
-    a.cp = (c + a.grp - 1) / a.grp * a.grp;
-    a.nocb = (oc + a.nr - 1) / a.nr;
-    int xstore = t->xstore[precision], wstore = t->wstore[precision];
-    size_t xes = store_size(xstore), wes = store_size(wstore);
-
-    /* Sizes, refusing anything past 2^48 elements (api.py refuses far earlier). */
-    int64_t hp = h + kh - 1, wp = w + kw - 1, nx = n, nwq = a.nocb, nk = kh, ny = n;
-    if (checked_mul(&nx, hp) || checked_mul(&nx, wp) || checked_mul(&nx, a.cp) ||
-        checked_mul(&nwq, a.nr) || checked_mul(&nwq, kh) || checked_mul(&nwq, kw) || checked_mul(&nwq, a.cp) ||
-        checked_mul(&nk, kw) || checked_mul(&nk, oc) || checked_mul(&nk, c) ||
-        checked_mul(&ny, h) || checked_mul(&ny, w) || checked_mul(&ny, oc))
+    int64_t nk = kh;   /* kernel elements */
+    if (checked_mul(&nk, kw) || checked_mul(&nk, oc) || checked_mul(&nk, icg))
         return QCONV_ESIZE;
-    a.pix = a.cp;
-    a.row = wp * a.cp;
-    a.img = hp * a.row;
-    a.wblk = kh * kw * a.cp * a.nr;
 
-    /* SIMD families dequantize in the microkernel's store unless asked not to. */
-    int fused = is_int && isa != QCONV_ISA_SCALAR && !(flags & QCONV_FLAG_SEPARATE_DEQUANTIZE);
-    int separate = is_int && !fused;
-    void *xq = alloc64(nx * (int64_t)xes);
-    void *wq = alloc64(nwq * (int64_t)wes);
-    void *wtmp = is_int ? alloc64(nk * (int64_t)wes) : NULL;
-    int32_t *acc = separate ? alloc64(ny * 4) : NULL;
-    int32_t *comp = wstore == QCONV_STORE_I8 ? alloc64(a.nocb * a.nr * 4) : NULL;
+    double t0 = qconv_now();
+    qconv_conv *cv = calloc(1, sizeof *cv);
+    if (cv == NULL)
+        return QCONV_ENOMEM;
+    if (pthread_mutex_init(&cv->lock, NULL) != 0) {
+        free(cv);
+        return QCONV_ENOMEM;
+    }
+    cv->precision = precision;
+    cv->isa = isa;
+    cv->threads = threads;
+    cv->truncate = truncate;
+    cv->t = t;
+    cv->kh = kh; cv->kw = kw; cv->oc = oc; cv->icg = icg; cv->groups = groups;
+    cv->sh = sh; cv->sw = sw;
+    cv->ocg = oc / groups;
+    cv->c = icg * groups;
+    cv->kind = groups > 1 && icg == 1 ? QCONV_KIND_DEPTHWISE : QCONV_KIND_GEMM;
+    /* SIMD families dequantize in the microkernel's store unless asked not to; the depthwise
+     * kernels always do. */
+    cv->fused = is_int && (cv->kind == QCONV_KIND_DEPTHWISE ||
+                           (isa != QCONV_ISA_SCALAR && !(flags & QCONV_FLAG_SEPARATE_DEQUANTIZE)));
+    const int64_t taps = kh * kw;
     int st = QCONV_OK;
-    if (xq == NULL || wq == NULL || (is_int && wtmp == NULL) || (separate && acc == NULL) ||
-        (wstore == QCONV_STORE_I8 && comp == NULL)) {
+    void *wtmp = NULL;
+    double t1 = t0;
+
+    cv->s_w = alloc64(oc * 4);
+    if (cv->s_w == NULL)
+        goto nomem;
+    for (int64_t o = 0; o < oc; o++)
+        cv->s_w[o] = is_int ? s_w[n_sw == 1 ? 0 : o] : 1.0f;
+    if (bias != NULL) {
+        if ((cv->bias = alloc64(oc * 4)) == NULL)
+            goto nomem;
+        memcpy(cv->bias, bias, (size_t)oc * 4);
+    }
+
+    /* The quantized kernel (KH, KW, OC, ICG), in the store the packing reads. */
+    if (cv->kind == QCONV_KIND_DEPTHWISE) {
+        cv->wstore = is_int ? QCONV_STORE_I32 : QCONV_STORE_F32;
+        cv->xstore = t->dw_store[precision];
+    } else {
+        cv->wstore = t->wstore[precision];
+        cv->xstore = t->xstore[precision];
+    }
+    const size_t wes = store_size(cv->wstore);
+    if ((wtmp = alloc64(nk * (int64_t)wes)) == NULL)
+        goto nomem;
+    {
+        int bad = 0;
+        const int32_t qmax = is_int ? qmax_of(precision) : 0;
+        if (!is_int || n_sw == 1) {
+            bad = t->quantize(k, nk, is_int ? s_w[0] : 1.0f, qmax, truncate,
+                              is_int ? cv->wstore : QCONV_STORE_F32, wtmp);
+        } else {   /* per output channel: each (tap, o) row of ICG values with its own scale */
+            for (int64_t tap = 0; tap < taps; tap++)
+                for (int64_t o = 0; o < oc; o++) {
+                    const int64_t at = (tap * oc + o) * icg;
+                    bad |= t->quantize(k + at, icg, s_w[o], qmax, truncate, cv->wstore, (char *)wtmp + (size_t)at * wes);
+                }
+        }
+        if (bad) {
+            st = QCONV_EINVAL;   /* Python refuses a non-finite kernel before this */
+            goto fail;
+        }
+    }
+    t1 = qconv_now();
+
+    if (cv->kind == QCONV_KIND_DEPTHWISE) {
+        cv->mult = cv->ocg;
+        cv->ocp = round_up(oc, t->dw_block);
+        cv->pad_n = cv->ocp;
+        int64_t bytes = t->dw_pack(precision, wtmp, taps, oc, cv->ocp, NULL);
+        if ((cv->dww = alloc64(bytes)) == NULL)
+            goto nomem;
+        t->dw_pack(precision, wtmp, taps, oc, cv->ocp, cv->dww);
+    } else {
+        cv->nr = t->nr[precision];
+        cv->grp = t->grp[precision];
+        cv->cp = round_up(icg, cv->grp);
+        cv->nocb = (cv->ocg + cv->nr - 1) / cv->nr;
+        cv->nocbp = cv->nocb * cv->nr;
+        cv->wblk = taps * cv->cp * cv->nr;
+        cv->gblk = cv->nocb * cv->wblk;
+        cv->pad_n = groups * cv->nocbp;
+        int64_t nwq = groups;
+        if (checked_mul(&nwq, cv->gblk)) {
+            st = QCONV_ESIZE;
+            goto fail;
+        }
+        if ((cv->wq = alloc64(nwq * (int64_t)wes)) == NULL)
+            goto nomem;
+        for (int64_t g = 0; g < groups; g++)
+            pack_group(cv, wtmp, (char *)cv->wq + (size_t)(g * cv->gblk) * wes, g);
+        if (cv->wstore == QCONV_STORE_I8) {
+            if ((cv->comp = alloc64(cv->pad_n * 4)) == NULL)
+                goto nomem;
+            for (int64_t g = 0; g < groups; g++)
+                compensation(cv, wtmp, g, cv->comp + g * cv->nocbp);
+        }
+    }
+    if (bias != NULL) {
+        if ((cv->bias_pad = alloc64(cv->pad_n * 4)) == NULL)
+            goto nomem;
+        memset(cv->bias_pad, 0, (size_t)cv->pad_n * 4);
+        if (cv->kind == QCONV_KIND_DEPTHWISE)
+            memcpy(cv->bias_pad, bias, (size_t)oc * 4);
+        else
+            for (int64_t g = 0; g < groups; g++)
+                memcpy(cv->bias_pad + g * cv->nocbp, bias + g * cv->ocg, (size_t)cv->ocg * 4);
+    }
+    free(wtmp);
+    if (timings != NULL) {
+        memset(timings, 0, sizeof *timings);
+        timings->quantize = is_int ? t1 - t0 : 0.0;
+        timings->pack = qconv_now() - (is_int ? t1 : t0);
+        timings->isa = isa;
+        timings->threads = threads;
+        timings->fused_dequantize = cv->fused;
+        timings->kind = cv->kind;
+    }
+    *out = cv;
+    return QCONV_OK;
+nomem:
+    st = QCONV_ENOMEM;
+fail:
+    free(wtmp);
+    qconv_release(cv);
+    return st;
+}
+
+/* ---- qconv_run ---------------------------------------------------------------------------- */
+
+/* Grow ws for this call's geometry. */
+static int ws_reserve(workspace *ws, const qconv_conv *cv, int64_t xq_bytes, int64_t acc_bytes, int64_t dw_bytes)
+{
+    int st;
+    if (xq_bytes > 0 && (st = grow(&ws->xq, &ws->xq_bytes, xq_bytes)) != QCONV_OK)
+        return st;
+    if (acc_bytes > 0 && (st = grow((void **)&ws->acc, &ws->acc_bytes, acc_bytes)) != QCONV_OK)
+        return st;
+    if (dw_bytes > 0 && (st = grow((void **)&ws->dw, &ws->dw_bytes, dw_bytes)) != QCONV_OK)
+        return st;
+    if ((st = grow((void **)&ws->inv, &ws->inv_n, cv->oc * 4)) != QCONV_OK)
+        return st;
+    return grow((void **)&ws->inv_pad, &ws->inv_pad_n, cv->pad_n * 4);
+}
+
+int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
+              int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t ho, int64_t wo,
+              float s_x, int64_t input_q, float *y, qconv_timings *timings)
+{
+    if (cv == NULL || x == NULL || y == NULL || timings == NULL || n <= 0 || h <= 0 || w <= 0 ||
+        pt < 0 || pb < 0 || pl < 0 || pr < 0 || pt >= cv->kh || pb >= cv->kh || pl >= cv->kw || pr >= cv->kw)
+        return QCONV_EINVAL;
+    const int64_t hp = h + pt + pb, wp = w + pl + pr;
+    if (hp < cv->kh || wp < cv->kw || ho != (hp - cv->kh) / cv->sh + 1 || wo != (wp - cv->kw) / cv->sw + 1)
+        return QCONV_EINVAL;
+    const int is_int = cv->precision != QCONV_FP32;
+    const int32_t qmax = is_int ? qmax_of(cv->precision) : 0;
+    if (is_int && !(s_x == 0.0f ? input_q >= 1 && input_q <= qmax : isfinite(s_x) && s_x > 0))
+        return QCONV_EINVAL;
+    const qconv_isa_table *t = cv->t;
+    const int nth = cv->threads;
+    const int dw = cv->kind == QCONV_KIND_DEPTHWISE;
+    const size_t xes = store_size(cv->xstore);
+
+    /* Sizes (elements), refusing anything past 2^48. */
+    int64_t nx = n, npad = n, ny = n;
+    if (checked_mul(&nx, h) || checked_mul(&nx, w) || checked_mul(&nx, cv->c) ||
+        checked_mul(&npad, hp) || checked_mul(&npad, wp) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
+        checked_mul(&ny, ho) || checked_mul(&ny, wo) || checked_mul(&ny, cv->oc))
+        return QCONV_ESIZE;
+    const int separate = is_int && !cv->fused;
+    int64_t xq_bytes = 0, acc_bytes = 0, dw_bytes = 0, dw_worker = 0, row_bytes = 0;
+    if (dw) {
+        row_bytes = round_up(wp * cv->ocp * (int64_t)xes, 64);
+        dw_worker = round_up(cv->kh * cv->kw * (int64_t)sizeof(void *), 64) + round_up(cv->kh * 8, 64) +
+                    cv->kh * row_bytes + (cv->mult > 1 ? round_up(w * cv->oc * 4, 64) : 0);
+        dw_bytes = row_bytes + nth * dw_worker;   /* the zero row, then the workers' areas */
+    } else {
+        xq_bytes = npad * (int64_t)xes;
+        acc_bytes = separate ? ny * 4 : 0;
+    }
+
+    /* The handle's buffers, or this call's own when another call holds them. */
+    workspace tmp_ws;
+    memset(&tmp_ws, 0, sizeof tmp_ws);
+    workspace *ws = &tmp_ws;
+    const int own = pthread_mutex_trylock(&cv->lock) == 0;
+    if (own)
+        ws = &cv->ws;
+    int st = ws_reserve(ws, cv, xq_bytes, acc_bytes, dw_bytes);
+    if (st != QCONV_OK)
+        goto out;
+
+    run_job *j = malloc(sizeof *j);   /* ~2 KB of per-worker slots: not on a worker's stack */
+    if (j == NULL) {
         st = QCONV_ENOMEM;
         goto out;
     }
-    a.xq = xq;
-    a.wq = wq;
-    a.comp = comp;
-    a.out = separate ? (void *)acc : (void *)y;
-    a.fused = fused;
-    a.inv = inv;
+    memset(j, 0, offsetof(run_job, part));
+    j->cv = cv; j->t = t; j->x = x;
+    j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
+    j->qmax = qmax;
+    j->store = cv->xstore;
+    j->y = y;
+    memset(timings, 0, sizeof *timings);
 
-    int32_t qmax = precision == QCONV_INT32 ? 2147483647 : precision == QCONV_INT16 ? 32767 : 127;
-    job j = {.t = t, .a = &a, .x = x, .s = s_x, .qmax = qmax, .truncate = truncate, .store = xstore,
-             .acc = acc, .inv = inv, .y = y, .k = k, .s_w = s_w, .wstore = wstore, .wtmp = wtmp, .wq = wq};
-    /* The largest of the two split axes: output rows (N*H) or OC blocks. */
-    j.split_rows = n * h >= a.nocb;
-
+    /* 1. The input scale: given, or maxabs in a threaded reduction (which also finds non-finite
+     *    values). Then inv[o] = float32(1 / (double(s_x) * double(s_w[o]))). */
     double t0 = qconv_now();
-    if ((st = qconv_pool_run(threads, quantize_task, &j)) != QCONV_OK)
-        goto out;
-    double t1 = qconv_now();
-    if ((st = qconv_pool_run(threads, pack_task, &j)) != QCONV_OK)
-        goto out;
-    double t2 = qconv_now();
-    if ((st = qconv_pool_run(threads, conv_task, &j)) != QCONV_OK)
-        goto out;
-    double t3 = qconv_now();
-    if (separate && (st = qconv_pool_run(threads, dequantize_task, &j)) != QCONV_OK)
-        goto out;
-    double t4 = qconv_now();
-
+    float s = 1.0f;
     if (is_int) {
-        timings->quantize = t1 - t0;
-        timings->pack = t2 - t1;
+        s = s_x;
+        if (s_x == 0.0f) {
+            if ((st = qconv_pool_run(nth, absmax_task, j)) != QCONV_OK)
+                goto done;
+            if (any_bad(j, nth)) {
+                st = QCONV_ENONFINITE;
+                goto done;
+            }
+            float m = 0.0f;
+            for (int i = 0; i < nth; i++)
+                m = j->part[i] > m ? j->part[i] : m;
+            if ((st = maxabs_scale(m, input_q, &s)) != QCONV_OK)
+                goto done;
+        }
+        timings->s_x = s;
+        for (int64_t o = 0; o < cv->oc; o++) {
+            float inv = (float)(1.0 / ((double)s * (double)cv->s_w[o]));
+            if (!(isfinite(inv) && inv > 0)) {
+                st = QCONV_ESCALE;
+                goto done;
+            }
+            ws->inv[o] = inv;
+        }
+        memset(ws->inv_pad, 0, (size_t)cv->pad_n * 4);
+        if (dw)
+            memcpy(ws->inv_pad, ws->inv, (size_t)cv->oc * 4);
+        else
+            for (int64_t g = 0; g < cv->groups; g++)
+                memcpy(ws->inv_pad + g * cv->nocbp, ws->inv + g * cv->ocg, (size_t)cv->ocg * 4);
+        j->inv = ws->inv;
+        j->inv_pad = ws->inv_pad;
+    }
+    j->s = s;
+    double t1 = qconv_now(), t2, t3, t4;
+
+    if (dw) {
+        /* 2. Depthwise: quantize fused into the convolution, one pass over x. */
+        j->dw = ws->dw + row_bytes;
+        j->dw_worker = dw_worker;
+        j->row_bytes = row_bytes;
+        memset(ws->dw, 0, (size_t)row_bytes);
+        j->zero_row = ws->dw;
+        j->dwa.precision = cv->precision;
+        j->dwa.kh = cv->kh; j->dwa.kw = cv->kw; j->dwa.sw = cv->sw; j->dwa.wo = wo;
+        j->dwa.oc = cv->oc; j->dwa.ocp = cv->ocp;
+        j->dwa.w = cv->dww;
+        j->dwa.inv = j->inv_pad;
+        j->dwa.bias = cv->bias_pad;
+        if ((st = qconv_pool_run(nth, dw_task, j)) != QCONV_OK)
+            goto done;
+        t2 = t1;
+        t3 = t4 = qconv_now();
+        if (any_bad(j, nth)) {
+            st = QCONV_ENONFINITE;
+            goto done;
+        }
     } else {
-        timings->quantize = 0.0;
-        timings->pack = t2 - t0;   /* fp32: the padded copy of x and the kernel re-layout */
+        /* 2. Quantize (fp32: copy) into the padded layout, checking for non-finite values. */
+        j->xq = ws->xq;
+        j->acc = ws->acc;
+        if ((st = qconv_pool_run(nth, quantize_task, j)) != QCONV_OK)
+            goto done;
+        if (any_bad(j, nth)) {
+            st = QCONV_ENONFINITE;
+            goto done;
+        }
+        t2 = qconv_now();
+        /* 3. The convolution, group by group. */
+        qconv_conv_args *a = &j->base;
+        a->precision = cv->precision;
+        a->n = n; a->ho = ho; a->wo = wo;
+        a->c = cv->icg; a->kh = cv->kh; a->kw = cv->kw; a->oc = cv->ocg;
+        a->cp = cv->cp; a->grp = cv->grp; a->nr = cv->nr; a->nocb = cv->nocb;
+        a->pix = cv->groups * cv->cp;
+        a->xstep = cv->sw * a->pix;
+        a->row = wp * a->pix;
+        a->rstep = cv->sh * a->row;
+        a->img = hp * a->row;
+        a->ldy = cv->oc;
+        a->wblk = cv->wblk;
+        a->out = separate ? (void *)ws->acc : (void *)y;
+        a->fused = cv->fused;
+        j->split_rows = n * ho >= cv->nocb;
+        if ((st = qconv_pool_run(nth, conv_task, j)) != QCONV_OK)
+            goto done;
+        t3 = qconv_now();
+        /* 4. A separate dequantize where it is not fused into the store. */
+        if (separate && (st = qconv_pool_run(nth, dequantize_task, j)) != QCONV_OK)
+            goto done;
+        t4 = qconv_now();
+    }
+    if (is_int) {
+        timings->quantize = t2 - t0;
+    } else {
+        timings->pack = t2 - t0;   /* fp32: the padded copy of x */
     }
     timings->convolve = t3 - t2;
     timings->dequantize = separate ? t4 - t3 : 0.0;
-    timings->isa = isa;
-    timings->threads = threads;
-    timings->fused_dequantize = fused;
+    timings->isa = cv->isa;
+    timings->threads = nth;
+    timings->fused_dequantize = cv->fused;
+    timings->kind = cv->kind;
+    timings->temporary_buffers = !own;
+done:
+    free(j);
 out:
-    free(xq);
-    free(wq);
-    free(wtmp);
-    free(acc);
-    free(comp);
+    if (own)
+        pthread_mutex_unlock(&cv->lock);
+    else
+        ws_free(&tmp_ws);
     return st;
 }
 

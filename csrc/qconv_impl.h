@@ -5,10 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "qconv.h"
-
-/* Output-channel tile of the SIMD microkernels; the packed kernel is padded to it with zeros. */
-#define QCONV_NR 16
+#include "qconv.h" /* QCONV_NR (the output-channel tile of the SIMD microkernels) lives there */
 
 /* How quantize stores its integers. */
 enum qconv_store {
@@ -19,37 +16,76 @@ enum qconv_store {
     QCONV_STORE_U8OFF = 4   /* q + 128 as uint8: vpdpbusd's unsigned operand */
 };
 
-/* One convolution as the kernels see it. xq is the quantized (or copied) input, zero-padded to
- * (N, H+KH-1, W+KW-1, cp) where cp is C rounded up to the channel group `grp`; padding holds the
- * representation of zero (128 for QCONV_STORE_U8OFF). wq is the packed kernel:
- * [ocb][KH][KW][cp/grp][nr][grp] with OC padded to a multiple of nr by zeros. */
+/* One group of one convolution as the implicit-GEMM kernels see it.
+ *
+ * xq is the quantized (or copied) input, zero-padded to (N, HP, WP, G, cp) where cp is the
+ * group's input channels ICG rounded up to the channel group `grp`; padding holds the
+ * representation of zero (128 for QCONV_STORE_U8OFF). xq points at this group's first channel.
+ * Output pixel (n, i, j) reads the padded pixels (n, i*sh + u, j*sw + v): the tile steps `xstep`
+ * = sw * pix elements per output pixel and `rstep` = sh * row per output row.
+ * wq is this group's packed kernel: [ocb][KH][KW][cp/grp][nr][grp] with its OC padded to a
+ * multiple of nr by zeros. out points at the group's first output channel; pixels are `ldy`
+ * (= the layer's OC) apart. */
 typedef struct {
     int precision;
-    int64_t n, h, w, c, kh, kw, oc;
+    int64_t n, ho, wo;              /* output images, rows, columns */
+    int64_t c, kh, kw, oc;          /* c: the group's input channels (ICG); oc: its output channels */
     int64_t cp, grp, nr, nocb;
-    int64_t pix, row, img;          /* xq strides in elements: pixel (= cp), padded row, image */
+    int64_t pix, xstep, row, rstep, img;   /* xq strides in elements */
+    int64_t ldy;                    /* output pixel stride in elements (the layer's OC) */
     const void *xq;
     const void *wq;
     int64_t wblk;                   /* elements of wq per OC block = KH*KW*cp*nr */
-    const int32_t *comp;            /* int8 dpbusd: 128 * sum of each OC's kernel (nocb*nr entries) */
-    void *out;                      /* float (fp32, or fused) or int32 accumulators, (N, H, W, OC) */
-    int fused;                      /* integer precisions: store float32(acc) * inv, not acc */
-    float inv;
+    const int32_t *comp;            /* int8 dpbusd: -128 * sum of each OC's kernel (nocb*nr entries) */
+    void *out;                      /* float (fp32, or fused) or int32 accumulators */
+    int fused;                      /* integer precisions: store float32(acc) * inv[o] (+ bias[o]) */
+    const float *inv;               /* nocb*nr dequantize factors, zero-padded (integers) */
+    const float *bias;              /* nocb*nr bias values, zero-padded, or NULL */
 } qconv_conv_args;
 
-/* Computes output rows [r0, r1) of the flattened N*H axis for OC blocks [b0, b1). */
+/* Computes output rows [r0, r1) of the flattened N*HO axis for OC blocks [b0, b1). */
 typedef void (*qconv_conv_fn)(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1);
+
+/* A depthwise convolution (groups == C, one input channel per group, OC = C * multiplier) as
+ * its kernels see it: one output row from KH zero-padded input rows. Each padded row holds WP
+ * pixels of `ocp` channels (OC rounded up to the family's dw_block, zeros past OC); input channel
+ * c is replicated `multiplier` times, so output channel o reads row channel o. */
+typedef struct {
+    int precision;
+    int64_t kh, kw, sw, wo, oc, ocp;
+    const void *w;                  /* packed weights (the family's dw_pack layout) */
+    const float *inv;               /* ocp dequantize factors, zero-padded (integers) */
+    const float *bias;              /* ocp bias values, zero-padded, or NULL */
+} qconv_dw_args;
+
+/* One output row: y[j, o] for j < wo, o < oc (pixels oc apart). taps[t], t = u*KW + v, points at
+ * the padded input that output pixel 0 reads through tap (u, v): padded row i*sh + u, pixel v;
+ * output pixel j reads taps[t] + j * sw * ocp. */
+typedef void (*qconv_dw_fn)(const qconv_dw_args *a, const void *const *taps, float *y);
 
 typedef struct {
     const char *name;
-    /* dst[i] = store(clamp(R(src[i] * s), -qmax, qmax)); QCONV_STORE_F32 copies. */
-    void (*quantize)(const float *src, int64_t count, float s, int32_t qmax, int truncate,
-                     int store, void *dst);
-    /* dst[i] = (float)acc[i] * inv */
-    void (*dequantize)(const int32_t *acc, int64_t count, float inv, float *dst);
+    /* dst[i] = store(clamp(R(src[i] * s), -qmax, qmax)); QCONV_STORE_F32 copies. Returns 1 if
+     * src held a NaN or an infinity (the stored values are then meaningless), else 0. */
+    int (*quantize)(const float *src, int64_t count, float s, int32_t qmax, int truncate,
+                    int store, void *dst);
+    /* max |src[i]|; sets *nonfinite to 1 if src held a NaN or an infinity (else leaves it). */
+    float (*absmax)(const float *src, int64_t count, int *nonfinite);
+    /* dst[p, o] = (float)acc[p, o] * inv[o] (+ bias[o]) for p < npix, o < oc: one multiply and
+     * one add, never fused. */
+    void (*dequantize)(const int32_t *acc, int64_t npix, int64_t oc, const float *inv,
+                       const float *bias, float *dst);
     qconv_conv_fn conv[4];        /* by enum qconv_precision */
     int64_t nr[4], grp[4];        /* packing of each precision */
+    int mr[4], mrh[4];            /* declared tiles (qconv_tile) */
     int xstore[4], wstore[4];     /* quantize stores for x and w (xstore FP32 -> F32) */
+    /* Depthwise. */
+    qconv_dw_fn dw[4];
+    int dw_store[4];              /* how the padded rows hold x */
+    int64_t dw_block;             /* the channel axis is padded to a multiple of this */
+    /* Pack src (taps, oc) - float for fp32, int32 quantized otherwise - into dst (NULL: only
+     * return the bytes needed); ocp = oc rounded up to dw_block. */
+    int64_t (*dw_pack)(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
 } qconv_isa_table;
 
 extern const qconv_isa_table qconv_scalar_table;
@@ -57,20 +93,34 @@ extern const qconv_isa_table qconv_scalar_table;
 extern const qconv_isa_table qconv_avx2_table;
 extern const qconv_isa_table qconv_avx512vnni_table;
 extern const qconv_isa_table qconv_avxvnni_table;
+extern const qconv_isa_table qconv_vnni_emulated_table;
 #define QCONV_HAVE_X86 1
 #endif
 
-/* AVX2 kernels that the VNNI tables reuse for fp32 and int32. */
+/* AVX2 kernels that the VNNI tables reuse for fp32 and int32 (and depthwise). */
 void qconv_f32_conv__avx2(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1);
 void qconv_s32_conv__avx2(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1);
-void qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
-                          int store, void *dst);
-void qconv_dequantize__avx2(const int32_t *acc, int64_t count, float inv, float *dst);
+int qconv_quantize__avx2(const float *src, int64_t count, float s, int32_t qmax, int truncate,
+                         int store, void *dst);
+float qconv_absmax__avx2(const float *src, int64_t count, int *nonfinite);
+void qconv_dequantize__avx2(const int32_t *acc, int64_t npix, int64_t oc, const float *inv,
+                            const float *bias, float *dst);
+void qconv_f32_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
+void qconv_s32_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
+void qconv_s16_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
+int64_t qconv_dw_pack__avx2(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
+#define QCONV_DW_BLOCK_AVX2 16
+
+/* The scalar depthwise twins (dwconv_scalar.c). */
+void qconv_f32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
+void qconv_s32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
+int64_t qconv_dw_pack__scalar(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
 
 /* Microbenchmarks (per thread body): returns MACs done. */
 double qconv_peak_body__avx2(int instr, int64_t iters);
 double qconv_peak_body__avx512vnni(int instr, int64_t iters);
 double qconv_peak_body__avxvnni(int instr, int64_t iters);
+double qconv_peak_body__vnni_emulated(int instr, int64_t iters);
 double qconv_peak_body__scalar(int instr, int64_t iters);
 
 double qconv_now(void);

@@ -50,4 +50,7 @@ export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:exitcode=87"
 export PYTHONPATH="$TMP${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONMALLOC=malloc
 LD_PRELOAD="$PRELOAD" "$PY" -c "import qconv._qconv_c as m, sys; assert m.__file__.startswith('$TMP'), m.__file__; print('sanitized extension:', m.__file__)"
-LD_PRELOAD="$PRELOAD" "$PY" -m pytest "$ROOT/tests/test_cpu_backends.py" -q -p no:cacheprovider "$@"
+# The C-backend tests and the differential suite over the whole contract (strides, padding,
+# groups, depthwise, bias, per-channel scales, prepared calls from several threads).
+LD_PRELOAD="$PRELOAD" "$PY" -m pytest "$ROOT/tests/test_cpu_backends.py" "$ROOT/tests/test_differential.py" \
+    -q -p no:cacheprovider "$@"

@@ -1,30 +1,46 @@
-/* threadpool.c - see threadpool.h. Workers spin briefly on the job counter after finishing a
- * job (back-to-back calls then start without a futex wake-up), then sleep on a condition variable.
- * After fork() the child starts with no workers and grows its own on first use. */
+/* threadpool.c - see threadpool.h.
+ *
+ * Each worker has its own job counter and condition variable, so a job wakes only the nth - 1
+ * workers it uses: after one threads=256 call, a threads=2 call signals one worker, not 255.
+ * A worker that ran a job of no more threads than the machine has CPUs spins briefly on its own
+ * counter afterwards (back-to-back phases then start without a futex wake-up), then sleeps; after
+ * an oversubscribed job it sleeps at once, so idle spinners never take the CPUs from the next
+ * call. The submitter waits for the last worker the same way: a short spin, then its own
+ * condition variable. After fork() the child starts with no workers and grows its own on first
+ * use. */
+#define _GNU_SOURCE
 #include "threadpool.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <unistd.h>
 
 #include "qconv.h"
 
 #define SPIN_ITERS 20000
 
+typedef struct {
+    pthread_t tid;
+    _Atomic unsigned long go;     /* bumped by the submitter when this worker has a job */
+    pthread_mutex_t m;            /* with cv: where the worker sleeps */
+    pthread_cond_t cv;
+    char pad[64];
+} worker;
+
 static pthread_mutex_t submit_lock = PTHREAD_MUTEX_INITIALIZER;  /* one job at a time */
-static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;         /* guards the fields below */
-static pthread_cond_t work_cv = PTHREAD_COND_INITIALIZER;
-static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
-static pthread_t workers[QCONV_MAX_THREADS];
+static worker workers[QCONV_MAX_THREADS - 1];
 static int nworkers;               /* started workers; worker i runs as ith = i + 1 */
-static _Atomic unsigned long gen;  /* job counter: a new value means a new job */
-static qconv_task_fn job_fn;
+static qconv_task_fn job_fn;       /* the job: written before the go counters are bumped */
 static void *job_arg;
 static int job_nth;
-static int pending;                /* workers of the current job still running */
-static int shutting_down;
+static int job_spin;               /* workers may spin after this job (nth <= CPUs) */
+static _Atomic int pending;        /* workers of the current job still running */
+static pthread_mutex_t done_m = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t done_cv = PTHREAD_COND_INITIALIZER;
+static _Atomic int shutting_down;
 static int atexit_done;
-static unsigned long start_gen[QCONV_MAX_THREADS];
+static int ncpu;
 
 static inline void cpu_relax(void)
 {
@@ -35,32 +51,28 @@ static inline void cpu_relax(void)
 
 static void *worker_main(void *p)
 {
-    int ith = (int)(long)p;
-    pthread_mutex_lock(&lock);
-    unsigned long seen = start_gen[ith - 1];  /* the counter before any job this worker must run */
-    pthread_mutex_unlock(&lock);
+    worker *me = p;
+    const int ith = (int)(me - workers) + 1;
+    unsigned long seen = 0;   /* go starts at 0 (grow): a job posted before this thread runs is not missed */
+    int spin = 0;
     for (;;) {
-        /* Spin a little for the next job, then sleep. */
-        for (int i = 0; i < SPIN_ITERS && atomic_load_explicit(&gen, memory_order_acquire) == seen; i++)
+        for (int i = 0; spin && i < SPIN_ITERS && atomic_load_explicit(&me->go, memory_order_acquire) == seen; i++)
             cpu_relax();
-        pthread_mutex_lock(&lock);
-        while (atomic_load(&gen) == seen && !shutting_down)
-            pthread_cond_wait(&work_cv, &lock);
-        if (shutting_down) {
-            pthread_mutex_unlock(&lock);
-            return NULL;
+        if (atomic_load_explicit(&me->go, memory_order_acquire) == seen) {
+            pthread_mutex_lock(&me->m);
+            while (atomic_load(&me->go) == seen && !atomic_load(&shutting_down))
+                pthread_cond_wait(&me->cv, &me->m);
+            pthread_mutex_unlock(&me->m);
         }
-        seen = atomic_load(&gen);
-        qconv_task_fn fn = job_fn;
-        void *arg = job_arg;
-        int nth = job_nth;
-        pthread_mutex_unlock(&lock);
-        if (ith < nth) {
-            fn(arg, ith, nth);
-            pthread_mutex_lock(&lock);
-            if (--pending == 0)
-                pthread_cond_signal(&done_cv);
-            pthread_mutex_unlock(&lock);
+        if (atomic_load(&shutting_down))
+            return NULL;
+        seen = atomic_load_explicit(&me->go, memory_order_acquire);
+        spin = job_spin;
+        job_fn(job_arg, ith, job_nth);
+        if (atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel) == 1) {
+            pthread_mutex_lock(&done_m);
+            pthread_cond_signal(&done_cv);
+            pthread_mutex_unlock(&done_m);
         }
     }
 }
@@ -68,17 +80,18 @@ static void *worker_main(void *p)
 static void pool_shutdown(void)
 {
     pthread_mutex_lock(&submit_lock);
-    pthread_mutex_lock(&lock);
-    shutting_down = 1;
-    atomic_fetch_add(&gen, 1);
-    pthread_cond_broadcast(&work_cv);
-    int n = nworkers;
-    pthread_mutex_unlock(&lock);
-    for (int i = 0; i < n; i++)
-        pthread_join(workers[i], NULL);
-    pthread_mutex_lock(&lock);
+    atomic_store(&shutting_down, 1);
+    for (int i = 0; i < nworkers; i++) {
+        pthread_mutex_lock(&workers[i].m);
+        pthread_cond_signal(&workers[i].cv);
+        pthread_mutex_unlock(&workers[i].m);
+    }
+    for (int i = 0; i < nworkers; i++) {
+        pthread_join(workers[i].tid, NULL);
+        pthread_mutex_destroy(&workers[i].m);
+        pthread_cond_destroy(&workers[i].cv);
+    }
     nworkers = 0;
-    pthread_mutex_unlock(&lock);
     pthread_mutex_unlock(&submit_lock);
 }
 
@@ -89,12 +102,11 @@ static void child_after_fork(void)
     pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
     pthread_cond_t c = PTHREAD_COND_INITIALIZER;
     submit_lock = m;
-    lock = m;
-    work_cv = c;
+    done_m = m;
     done_cv = c;
     nworkers = 0;
-    pending = 0;
-    shutting_down = 0;
+    atomic_store(&pending, 0);
+    atomic_store(&shutting_down, 0);
 }
 
 /* Start workers until nth - 1 exist. Called with submit_lock held. */
@@ -103,17 +115,21 @@ static int grow(int nth)
     if (!atexit_done) {
         if (atexit(pool_shutdown) != 0 || pthread_atfork(NULL, NULL, child_after_fork) != 0)
             return QCONV_ETHREAD;
+        long n = sysconf(_SC_NPROCESSORS_ONLN);
+        ncpu = n > 0 ? (int)n : 1;
         atexit_done = 1;
     }
     while (nworkers < nth - 1) {
-        pthread_mutex_lock(&lock);
-        start_gen[nworkers] = atomic_load(&gen);
-        pthread_mutex_unlock(&lock);
-        if (pthread_create(&workers[nworkers], NULL, worker_main, (void *)(long)(nworkers + 1)) != 0)
+        worker *wk = &workers[nworkers];
+        atomic_store(&wk->go, 0);
+        if (pthread_mutex_init(&wk->m, NULL) != 0 || pthread_cond_init(&wk->cv, NULL) != 0)
             return QCONV_ETHREAD;
-        pthread_mutex_lock(&lock);
+        if (pthread_create(&wk->tid, NULL, worker_main, wk) != 0) {
+            pthread_mutex_destroy(&wk->m);
+            pthread_cond_destroy(&wk->cv);
+            return QCONV_ETHREAD;
+        }
         nworkers++;
-        pthread_mutex_unlock(&lock);
     }
     return QCONV_OK;
 }
@@ -127,7 +143,7 @@ int qconv_pool_run(int nth, qconv_task_fn fn, void *arg)
         return QCONV_OK;
     }
     pthread_mutex_lock(&submit_lock);
-    if (shutting_down) {
+    if (atomic_load(&shutting_down)) {
         pthread_mutex_unlock(&submit_lock);
         return QCONV_ETHREAD;
     }
@@ -136,21 +152,29 @@ int qconv_pool_run(int nth, qconv_task_fn fn, void *arg)
         pthread_mutex_unlock(&submit_lock);
         return st;
     }
-    pthread_mutex_lock(&lock);
     job_fn = fn;
     job_arg = arg;
     job_nth = nth;
-    pending = nth - 1;
-    atomic_fetch_add_explicit(&gen, 1, memory_order_release);
-    pthread_cond_broadcast(&work_cv);
-    pthread_mutex_unlock(&lock);
+    job_spin = nth <= ncpu;
+    atomic_store_explicit(&pending, nth - 1, memory_order_release);
+    for (int i = 0; i < nth - 1; i++) {   /* only the workers this job uses */
+        worker *wk = &workers[i];
+        atomic_fetch_add_explicit(&wk->go, 1, memory_order_release);
+        pthread_mutex_lock(&wk->m);       /* no futex call unless the worker sleeps */
+        pthread_cond_signal(&wk->cv);
+        pthread_mutex_unlock(&wk->m);
+    }
 
     fn(arg, 0, nth);
 
-    pthread_mutex_lock(&lock);
-    while (pending > 0)
-        pthread_cond_wait(&done_cv, &lock);
-    pthread_mutex_unlock(&lock);
+    for (int i = 0; job_spin && i < SPIN_ITERS && atomic_load_explicit(&pending, memory_order_acquire) > 0; i++)
+        cpu_relax();
+    if (atomic_load_explicit(&pending, memory_order_acquire) > 0) {
+        pthread_mutex_lock(&done_m);
+        while (atomic_load_explicit(&pending, memory_order_acquire) > 0)
+            pthread_cond_wait(&done_cv, &done_m);
+        pthread_mutex_unlock(&done_m);
+    }
     pthread_mutex_unlock(&submit_lock);
     return QCONV_OK;
 }

@@ -1,9 +1,10 @@
 /* threadpool.h - one persistent pthread pool for the whole extension (ggml style).
  *
  * qconv_pool_run(nth, fn, arg) calls fn(arg, ith, nth) for ith = 0..nth-1: ith 0 on the calling
- * thread, the others on pool workers that are created on first need, reused by every later call
- * and joined at process exit. Calls from several threads are serialized (one job at a time);
- * kernels split their own work by (ith, nth) and take no locks. */
+ * thread, the others on pool workers 1..nth-1 that are created on first need, reused by every
+ * later call and joined at process exit; a job wakes only the workers it uses. Calls from several
+ * threads are serialized (one job at a time); kernels split their own work by (ith, nth) and take
+ * no locks. */
 #ifndef QCONV_THREADPOOL_H
 #define QCONV_THREADPOOL_H
 

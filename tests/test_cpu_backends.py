@@ -168,6 +168,35 @@ def test_threads_give_identical_bits(precision):
                 _assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
 
 
+def test_a_job_wakes_only_the_workers_it_uses():
+    """After a 256-thread job (255 pool workers exist), a 2-thread call signals one worker, not
+    255: its fastest time stays what it was. Minimums, so other load on the machine only adds."""
+    import time
+    cext = _cext()
+    _need("c-avx2")
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((1, 8, 8, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 16, 8)).astype(np.float32)
+    conv = qconv.prepare(w, "int8", "c-avx2", threads=2)
+    out = conv(x)
+
+    def fastest():
+        ts = []
+        for _ in range(300):
+            t0 = time.perf_counter()
+            conv(x, out=out)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    before = fastest()
+    cext.peak("fma", cext.max_threads(), 10)     # every worker of the pool exists now
+    time.sleep(0.05)
+    after = fastest()
+    assert after <= 2 * before + 50e-6, f"2-thread call {after * 1e6:.0f} us after a 256-thread job, " \
+                                        f"{before * 1e6:.0f} us before"
+    _assert_same_bits(out, qconv.conv2d(x, w, "int8", "reference"), "after the 256-thread job")
+
+
 def test_threads_from_environment(monkeypatch):
     _need("c-avx2")
     from qconv.backends import c_avx2

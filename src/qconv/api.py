@@ -79,18 +79,17 @@ class ConvResult:
 
 
 def is_device_array(a: object) -> bool:
-    """A GPU array (CUDA array interface, or DLPack on a non-CPU device)."""
+    """A GPU array: DLPack on a non-CPU device, or the CUDA array interface. Asks the type, or the
+    cheap __dlpack_device__, never builds a tensor's __cuda_array_interface__ (microseconds)."""
     if isinstance(a, np.ndarray):
         return False
-    if hasattr(a, "__cuda_array_interface__"):
-        return True
     dev = getattr(a, "__dlpack_device__", None)
     if dev is not None:
         try:
-            return int(dev()[0]) != 1  # kDLCPU = 1
+            return int(dev()[0]) not in (1, 3)  # kDLCPU, kDLCUDAHost (pinned host memory)
         except Exception:
-            return True
-    return False
+            return False
+    return hasattr(type(a), "__cuda_array_interface__")
 
 
 def as_host_float32(a: object, what: str) -> np.ndarray:
@@ -147,7 +146,7 @@ class Conv:
         self._backend = backends.get(backend)
         self.backend = self._backend.NAME
         self.layout, self.kernel_layout = layouts.check_layouts(layout, kernel_layout)
-        w = as_host_float32(kernel, "kernel")  # a device kernel comes to the host once
+        w = _to_host(kernel) if is_device_array(kernel) else as_host_float32(kernel, "kernel")  # once
         if w.ndim != 4:
             names = {"HWOI": "KH, KW, OC, IC", "OIHW": "OC, IC, KH, KW", "HWIO": "KH, KW, IC, OC"}
             raise InputError(f"kernel must be 4-D ({names[self.kernel_layout]}), got shape {w.shape}")
@@ -222,12 +221,16 @@ class Conv:
             return None
         if self.layout != "NHWC":
             raise InputError("out= takes NHWC outputs only (layout='NHWC')")
-        if _shape_of(out) != g.out_shape or str(getattr(out, "dtype", "")) != "float32":
-            raise InputError(f"out= must be float32 of shape {g.out_shape} (N, Ho, Wo, OC), got "
-                             f"{getattr(out, 'dtype', type(out).__name__)} {_shape_of(out) if hasattr(out, 'shape') else ''}")
-        if isinstance(out, np.ndarray) and not (out.flags.c_contiguous and out.flags.writeable):
-            raise InputError("out= must be a writeable C-contiguous array")
-        return out
+        if isinstance(out, np.ndarray):
+            if out.shape == g.out_shape and out.dtype == np.float32 and out.flags.c_contiguous and \
+                    out.flags.writeable:
+                return out
+        elif tuple(getattr(out, "shape", ())) == g.out_shape and str(getattr(out, "dtype", "")) in (
+                "float32", "torch.float32"):
+            return out
+        raise InputError(f"out= must be a writeable C-contiguous float32 array of shape {g.out_shape} "
+                         f"(N, Ho, Wo, OC), got {getattr(out, 'dtype', type(out).__name__)} "
+                         f"{tuple(getattr(out, 'shape', ()))}")
 
     def __call__(self, x: Any, *, out: Any = None) -> Any:
         """The output, float32 (N, Ho, Wo, OC): numpy for host inputs, a device array for device inputs."""
@@ -290,15 +293,11 @@ class Conv:
 
 
 def _to_host(a: Any) -> np.ndarray:
+    """A device array's values on the host (the diagnostics and a device kernel need them)."""
     if hasattr(a, "copy_to_host"):
         return np.asarray(a.copy_to_host(), dtype=np.float32)
-    try:
-        import cupy  # noqa: F401  (only if the user's array is a cupy one)
-    except ImportError:
-        pass
-    if hasattr(a, "cpu"):  # torch
-        return a.detach().cpu().numpy().astype(np.float32, copy=False)
-    return np.asarray(a, dtype=np.float32)
+    from .backends import cuda
+    return cuda.to_host(a)
 
 
 def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,

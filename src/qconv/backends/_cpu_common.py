@@ -1,47 +1,59 @@
-"""What c-scalar and c-avx2 share: a prepared convolution over qconv_conv2d calls."""
+"""What c-scalar and c-avx2 share: the prepared convolution over the C handle (csrc/qconv.h).
+
+prepare quantizes and packs the kernel once, in C (qconv_prepare); each call (qconv_run) takes the
+input scale (given, or maxabs reduced in C), quantizes and pads the input in one threaded pass
+that also refuses non-finite values, convolves, and dequantizes (+ bias) into the caller's `out`
+when given. No numpy pass over the input on this path. The handle keeps its work buffers between
+calls; a call from a second Python thread while another runs allocates its own (C does it).
+"""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
-from ..contract import Geometry, Plan, check_finite
+from ..contract import Geometry, Plan, check_finite, conv_spec, dequant_factor, maxabs_scale
 from ..errors import InputError
 from . import _cext
 from .base import BackendRun
 
 
 class Prepared:
-    """Interim: re-packs the kernel on every call (the C prepared ABI replaces this)."""
+    """A kernel packed in C for one backend configuration; run() is safe from several threads."""
 
     def __init__(self, plan: Plan, w: np.ndarray, isa: str, threads: int, fuse_dequantize: bool = True) -> None:
-        s = plan.spec
-        if s is not None and not s.is_default or plan.bias is not None or plan.per_channel:
-            raise InputError("the C backends run the assignment's layer only ('same', stride 1, one group, "
-                             "no bias, one kernel scale) for now; use backend='reference'")
-        self.plan, self.w, self.isa, self.threads, self.fuse = plan, w, isa, threads, fuse_dequantize
+        spec = plan.spec if plan.spec is not None else conv_spec(w.shape)
+        self.plan, self.spec, self.isa, self.threads = plan, spec, isa, threads
+        prec = plan.precision
+        self._int = prec.is_integer
+        bias = None if plan.bias is None else np.ascontiguousarray(plan.bias, dtype=np.float32)
+        self._handle, t = _cext.prepare(prec.value, isa, threads, plan.truncate, np.ascontiguousarray(w, np.float32),
+                                        groups=spec.groups, stride=spec.stride,
+                                        s_w=plan.s_w if self._int else None, bias=bias,
+                                        fuse_dequantize=fuse_dequantize)
+        self.prepare_phases = {"quantize": t["quantize"], "pack": t["pack"]}
+        self.kind = t["kind"]
+        # Integer precisions: a fixed s_x, or 0 and Q for maxabs of each input, computed in C.
+        self._s_x = float(plan.s_x) if self._int and plan.s_x is not None else 0.0
+        self._q = int(plan.input_q or 0) if self._int and plan.s_x is None else 0
 
     def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None) -> BackendRun:
-        plan = self.plan
-        check_finite(x, "input")
-        s_x = plan.input_scale(x) if plan.precision.is_integer else None
-        p = dataclasses.replace(plan, s_x=s_x)
-        y, t = run_c(p, x, self.w, self.isa, self.threads, self.fuse)
-        if out is not None:
-            out[...] = y.output
-            y.output = out
-        y.s_x = s_x
-        return y
+        y = np.empty(geom.out_shape, np.float32) if out is None else out
+        try:
+            t = _cext.run(self._handle, x, geom, self._s_x, self._q, y)
+        except _cext.InputStatus as e:
+            self._explain(e, x)
+            raise
+        phases = {"quantize": t.quantize, "pack": t.pack, "convolve": t.convolve, "dequantize": t.dequantize}
+        return BackendRun(y, phases, None, np.float32(t.s_x) if self._int else None)
 
+    def _explain(self, e: "_cext.InputStatus", x: np.ndarray) -> None:
+        """Raise the contract's own message for a status about the input's values."""
+        codes = _cext._codes()
+        if e.status == codes["QCONV_ENONFINITE"]:
+            check_finite(x, "input")
+        elif e.status == codes["QCONV_EMAXABS"]:
+            maxabs_scale(x, self._q)
+        elif e.status == codes["QCONV_ESCALE"]:
+            dequant_factor(self._s_x or maxabs_scale(x, self._q), self.plan.s_w)
+        raise InputError(str(e))  # not reached when the contract agrees with C
 
-def run_c(plan: Plan, x: np.ndarray, w: np.ndarray, isa: str, threads: int,
-          fuse_dequantize: bool = True) -> tuple[BackendRun, dict]:
-    if plan.precision.is_integer:
-        s_x, s_w, inv = plan.s_x, plan.s_w, plan.inv
-    else:
-        s_x = s_w = inv = None
-    y, t = _cext.conv2d(plan.precision.value, isa, threads, plan.truncate, s_x, s_w, inv, x, w,
-                        fuse_dequantize)
-    phases = {p: t[p] for p in ("quantize", "pack", "convolve", "dequantize")}
-    return BackendRun(y, phases), t

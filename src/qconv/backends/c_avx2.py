@@ -1,13 +1,19 @@
 """c-avx2: pthreads + AVX2/FMA kernels in C (csrc/conv_avx2.c, csrc/conv_vnni_*.c).
 
+Implements the whole contract: stride, zero padding, groups (implicit GEMM per group; depthwise
+layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel scales.
+
 Options:
-    threads: worker threads, 1..256; default: env QCONV_THREADS, else every core this process may use.
+    threads: worker threads, 1..4x the CPUs (at most 256); default: env QCONV_THREADS, else every
+        core this process may use.
     isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), "avx2"
         (no VNNI), "avxvnni" (VEX AVX-VNNI at most), "avx512vnni". The best family the CPU has,
         no higher than this, runs; INT16/INT8 use vpdpwssd/vpdpbusd only with a VNNI family.
+        "vnni-emulated" (for tests) runs the AVX512-VNNI family's kernels with vpdpbusd and
+        vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too.
     fuse_dequantize: True (default): integer outputs are dequantized in the microkernel's store
         (its cost is inside "convolve", and "dequantize" reads 0); False: a separate timed pass.
-        The bits are the same either way.
+        The bits are the same either way. Depthwise kernels always dequantize in their store.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from .base import BackendRun, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
-ISAS = ("auto", "avx2", "avxvnni", "avx512vnni")
+ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "vnni-emulated")
 
 
 def is_available() -> tuple[bool, str]:
@@ -35,6 +41,23 @@ def is_available() -> tuple[bool, str]:
     if not {"avx2", "fma"} <= have:
         return False, f"this CPU lacks AVX2 and/or FMA (has: {', '.join(sorted(have)) or 'neither'}); use c-scalar"
     return True, f"C extension qconv._qconv_c, kernels: {_cext.best_isa('auto')}"
+
+
+def variants() -> list[dict]:
+    """The default (best kernel family) and, where that family is a VNNI one, the plain AVX2
+    kernels (isa=avx2), so the study and tests show both."""
+    out: list[dict] = [{}]
+    try:
+        if _cext.best_isa("auto") != "avx2":
+            out.append({"isa": "avx2"})
+    except Exception:  # the extension is absent: only the default, which reports why
+        pass
+    return out
+
+
+def max_threads() -> int:
+    """The thread cap: 4x this machine's CPUs, at most the C pool's 256."""
+    return min(_cext.max_threads(), 4 * (os.cpu_count() or 1))
 
 
 def default_threads() -> int:
@@ -57,10 +80,16 @@ def resolve(options: dict) -> tuple[str, int]:
     if not isinstance(options.get("fuse_dequantize", True), bool):
         raise InputError(f"c-avx2: fuse_dequantize must be True or False, got {options['fuse_dequantize']!r}")
     threads = options.get("threads")
+    where = "threads"
     if threads is None:
-        threads = default_threads()
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or not 1 <= threads <= _cext.max_threads():
-        raise InputError(f"c-avx2: threads must be an integer in 1..{_cext.max_threads()}, got {threads!r}")
+        threads, where = default_threads(), "QCONV_THREADS"
+    cap = max_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise InputError(f"c-avx2: {where} must be a positive integer, got {threads!r}")
+    if threads > cap:
+        raise InputError(f"c-avx2: {where}={threads} is more than {cap} (4x this machine's "
+                         f"{os.cpu_count()} CPUs, at most {_cext.max_threads()}): more threads than that "
+                         f"only contend for the same cores")
     isa = options.get("isa") or os.environ.get("QCONV_ISA", "").strip().lower() or "auto"
     if isa not in ISAS:
         raise InputError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")

@@ -1,7 +1,8 @@
 """c-scalar: the C baseline (csrc/conv_scalar.c): one thread, scalar operations, not vectorized.
 
-The assignment's Problem 1/2 baseline, and the scalar twin every SIMD kernel is checked against.
-Takes no options.
+The assignment's Problem 1/2 baseline, and the scalar twin every SIMD kernel is checked against
+(csrc/conv_scalar.c, csrc/dwconv_scalar.c). Implements the whole contract: stride, zero padding,
+groups, depthwise, bias and per-channel kernel scales. Takes no options.
 """
 
 from __future__ import annotations

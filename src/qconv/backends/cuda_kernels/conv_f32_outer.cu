@@ -13,7 +13,8 @@
 // Pipeline: two shared stages; the global loads of tile t+1 are issued before tile t's math and
 // stored before its last K step, then one barrier per tile; fragments are double-buffered in
 // registers, so the next tile's first shared loads overlap the last step's math.
-// Split-K over grid.z as in qconv_simt.cu (mode 2: float atomics).
+// grid.z = groups x K slices as in qconv_simt.cu (mode 2: float atomics); stride, padding and
+// groups in the A loader's index math.
 #include "qconv_common.cu"
 
 QD unsigned comp(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
@@ -44,9 +45,10 @@ QD void conv_outer(const ConvParams& p) {
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const int kt0 = blockIdx.z * p.ktiles_per_split * SUB;  // in BK-word tiles
-  const int kt1 = min(p.ktiles, (blockIdx.z + 1) * p.ktiles_per_split) * SUB;
-  const int nk = kt1 - kt0;
+  scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
+  const BlockWork bw = block_work(p);
+  const int kt0 = bw.kt0 * SUB;  // in BK-word tiles
+  const int nk = bw.nk * SUB;
 
   // ---- loader: every thread loads R consecutive rows of one 16-byte K chunk of each operand (an
   // R x 4 block, R LDG.128) and stores it transposed as 4 R-word rows of the m- (o-) contiguous
@@ -54,17 +56,20 @@ QD void conv_outer(const ConvParams& p) {
   constexpr int LA = 32 / RA, LB = 32 / RB;
   const int ja = (tid / LA) % CPR, ga = (tid % LA) + LA * (tid / (CPR * LA));
   const int jb = (tid / LB) % CPR, gb = (tid % LB) + LB * (tid / (CPR * LB));
-  int ah[RA], aw[RA];  // (h, w) of this thread's A rows; h huge when the row is past M
+  // This thread's A rows: top-left input pixel (i*sh - pt, j*sw - pl) of the receptive field, as
+  // (h, w) for the bounds test and as a pixel index; h huge when the row is past M.
+  int ah[RA], aw[RA], apix[RA];
 #pragma unroll
   for (int r = 0; r < RA; ++r) {
     int m = m0 + RA * ga + r;
     if (m < p.M) {
-      int hw = p.H * p.W;
+      int hw = p.Ho * p.Wo;
       int n = m / hw, rem = m - n * hw;
-      int h = rem / p.W;
-      ah[r] = h; aw[r] = rem - h * p.W;
+      int i = rem / p.Wo;
+      ah[r] = i * p.sh - p.pt; aw[r] = (rem - i * p.Wo) * p.sw - p.pl;
+      apix[r] = (n * p.H + ah[r]) * p.W + aw[r];
     } else {
-      ah[r] = -(1 << 28); aw[r] = 0;
+      ah[r] = -(1 << 28); aw[r] = 0; apix[r] = 0;
     }
   }
   uint4 sa[RA], sb[RB];
@@ -80,18 +85,17 @@ QD void conv_outer(const ConvParams& p) {
   }
 
   auto load_global = [&](int kt) {
-    const int dh = ld_kh - p.pt, dw = ld_kw - p.pl;
     const bool tap_ok = ld_kh < p.KH;
-    const long long off = (long long)(dh * p.W + dw) * p.Cw + ld_cw;
+    const int dpix = ld_kh * p.W + ld_kw;
 #pragma unroll
     for (int r = 0; r < RA; ++r) {
-      int hi = ah[r] + dh, wi = aw[r] + dw;
+      int hi = ah[r] + ld_kh, wi = aw[r] + ld_kw;
       bool ok = tap_ok && (unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (ok) v = __ldg((const uint4*)(p.x + ((long long)(m0 + RA * ga + r) * p.Cw + off)));
+      if (ok) v = __ldg((const uint4*)(p.x + ((long long)(apix[r] + dpix) * p.XPW + bw.xoff + ld_cw)));
       sa[r] = v;
     }
-    const unsigned* src = p.w + (size_t)(n0 + RB * gb) * p.Kpw + kt * BK + 4 * jb;
+    const unsigned* src = p.w + ((size_t)(n0 + RB * gb) * p.Kpw + bw.woff + kt * BK + 4 * jb);
 #pragma unroll
     for (int r = 0; r < RB; ++r) sb[r] = __ldg((const uint4*)(src + (size_t)r * p.Kpw));
     ld_cw += BK;  // next tile
@@ -167,8 +171,8 @@ QD void conv_outer(const ConvParams& p) {
     }
   }
 
-  // ---- epilogue: float4 rows when the output allows it, else one element at a time
-  const bool vec = p.mode == 0 && (p.OC & 3) == 0;
+  // ---- epilogue: float4 rows (+ bias) when the output allows it, else one element at a time
+  const bool vec = p.mode == 0 && p.vec_out && (p.OC & 3) == 0 && (p.OCg & 3) == 0;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     int m = m0 + arow + 16 * (i / 4) + (i & 3);
@@ -176,15 +180,23 @@ QD void conv_outer(const ConvParams& p) {
     for (int g = 0; g < TN / 4; ++g) {
       int o = n0 + bcol + 32 * g;
       if (vec) {
-        if (m < p.M && o < p.OC)
-          *(float4*)((float*)p.out + (size_t)m * p.OC + o) =
-              make_float4(acc[i][4 * g], acc[i][4 * g + 1], acc[i][4 * g + 2], acc[i][4 * g + 3]);
+        if (m < p.M && o < p.OCg) {
+          const int oc = bw.ocol + o;
+          float4 y = make_float4(acc[i][4 * g], acc[i][4 * g + 1], acc[i][4 * g + 2], acc[i][4 * g + 3]);
+          if (p.bias) {
+            const float4 b = *(const float4*)(p.bias + oc);
+            y.x = __fadd_rn(y.x, b.x); y.y = __fadd_rn(y.y, b.y);
+            y.z = __fadd_rn(y.z, b.z); y.w = __fadd_rn(y.w, b.w);
+          }
+          *(float4*)((float*)p.out + (size_t)m * p.OC + oc) = y;
+        }
       } else {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) store_out(p, m, o + c, acc[i][4 * g + c]);
+        for (int c = 0; c < 4; ++c) store_out(p, bw.ocol, m, o + c, acc[i][4 * g + c]);
       }
     }
   }
+  publish_stats(p.stats, p.slot);
 }
 
 #define QCONV_OUTER(NAME, BM, BN, TM, TN, BK, MINB)                                                    \

@@ -1,7 +1,8 @@
 // INT8 convolution on the tensor cores: mma.sync.m16n8k32 s8 x s8 -> s32 through inline PTX.
 // Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
 // K in steps of 32 words (128 int8), 3-stage cp.async pipeline, fragments through ldmatrix; rows
-// padded to 36 words so each 8-row ldmatrix phase hits 32 distinct banks. Split-K over grid.z.
+// padded to 36 words so each 8-row ldmatrix phase hits 32 distinct banks. grid.z = groups x K
+// slices (split-K); stride, padding and groups live in the loader (qconv_common.cu).
 // The s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
 #include "qconv_common.cu"
 
@@ -40,9 +41,9 @@ QD void conv_mma(const ConvParams& p) {
   const int g = lane >> 2, t = lane & 3;
   const int wm = warp / WN, wn = warp % WN;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const int kt0 = blockIdx.z * p.ktiles_per_split;
-  const int kt1 = min(p.ktiles, kt0 + p.ktiles_per_split);
-  const int nk = kt1 - kt0;
+  scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
+  const BlockWork bw = block_work(p);
+  const int kt0 = bw.kt0, nk = bw.nk;
 
   L loader(p, m0, tid);
   int acc[MT][NTL][4];
@@ -55,14 +56,14 @@ QD void conv_mma(const ConvParams& p) {
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) loader.load(p, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
+    if (s < nk) loader.load(p, bw.xoff, bw.woff, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
     cp_async_commit();
   }
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     int pf = it + STAGES - 1;
-    if (pf < nk) loader.load(p, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
+    if (pf < nk) loader.load(p, bw.xoff, bw.woff, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
     cp_async_commit();
     // ldmatrix row addresses: A lanes 0-15 rows 0-15 at k 0-15, lanes 16-31 the same rows at k 16-31;
     // B lanes 0-7 / 8-15 rows of n-tile j at k 0-15 / 16-31, lanes 16-31 the same for n-tile j+1.
@@ -88,16 +89,18 @@ QD void conv_mma(const ConvParams& p) {
     }
   }
   cp_async_wait<0>();
+  const float inv0 = epilogue_inv(p);
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int j = 0; j < NTL; ++j) {
       int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
-      store_out(p, m, o, (unsigned)acc[i][j][0]);
-      store_out(p, m, o + 1, (unsigned)acc[i][j][1]);
-      store_out(p, m + 8, o, (unsigned)acc[i][j][2]);
-      store_out(p, m + 8, o + 1, (unsigned)acc[i][j][3]);
+      store_out(p, bw.ocol, m, o, (unsigned)acc[i][j][0], inv0);
+      store_out(p, bw.ocol, m, o + 1, (unsigned)acc[i][j][1], inv0);
+      store_out(p, bw.ocol, m + 8, o, (unsigned)acc[i][j][2], inv0);
+      store_out(p, bw.ocol, m + 8, o + 1, (unsigned)acc[i][j][3], inv0);
     }
+  publish_stats(p.stats, p.slot);
 }
 
 // MINB: blocks per SM to fit (128x128 is capped at 128 registers so two blocks share an SM).

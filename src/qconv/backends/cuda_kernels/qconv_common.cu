@@ -1,27 +1,64 @@
 // qconv CUDA kernels: shared definitions (included by every module file; compiled by NVRTC).
 //
-// Layouts (see cuda.py):
-//   activations: NHWC, channels padded to Cp so one pixel is Cw = Cp*elem/4 32-bit words,
-//                Cw a multiple of 4 (so every 16-byte chunk lies inside one pixel);
-//   weights:     packed [OCp][Kpw] words, k = (kh*KW + kw)*Cp + c, zero-padded in OC and K;
-//   output:      [M][OC] = NHWC, M = N*H*W, int32 accumulators or float32.
+// Every kernel takes one parameter struct by value. The structs below are mirrored field for
+// field by ctypes.Structure classes in qconv/backends/cuda/_launch.py (a test parses this file
+// and compares the two), so a launch signature is declared once.
+//
+// Layouts (see cuda/_tiling.py):
+//   activations: NHWC; for the implicit GEMM each pixel is XPW 32-bit words, G groups of Cw words
+//                (the group's icg channels padded to icgp so that Cw is a multiple of 4: every
+//                16-byte chunk lies inside one pixel and one group);
+//   weights:     packed [G][OCgp][Kpw] words, k = (kh*KW + kw)*icgp + c, zero-padded in OC and K;
+//   output:      [M][OC] = NHWC, M = N*Ho*Wo, int32 accumulators or float32.
 #pragma once
 
 typedef signed char qs8;
 typedef short qs16;
 #define QD __device__ __forceinline__
 
-// 'SAME' stride-1 implicit GEMM description, passed by value (mirrored by a ctypes.Structure).
+// Per-call statistics on the device, one per prepared convolution and stream. The passes before
+// the convolution fill them (flag bits, the maxabs input scale); the convolution's first thread
+// copies them to the call's host record and clears the flag for the next call.
+struct QStats {
+  unsigned maxbits;   // max |x| as float bits (non-negative floats order like their bits)
+  int flag;           // bit 0: non-finite input; bit 2: inv out of float32; bit 3: s_x not finite
+  unsigned counter;   // blocks of the scan arrived (the last one finalizes)
+  float s_x;          // this call's input scale (maxabs)
+  float m;            // this call's max |x|
+  unsigned gen;       // barrier generation of the fused scan+quantize (bumped once per call)
+  unsigned done;      // blocks of the main kernel finished (the last one publishes)
+  int pad;
+};
+
+// The call's record in mapped host memory (what the host reads once the call is done).
+struct QSlot {
+  int flag;
+  float s_x;
+  float m;
+  int pad;
+};
+
+// Implicit-GEMM convolution, any stride, explicit padding and groups.
 struct ConvParams {
-  const unsigned* x;      // activations, Cw words per pixel
-  const unsigned* w;      // packed weights [OCp][Kpw]
+  const unsigned* x;      // activations, XPW words per pixel, group g at word g*Cw
+  const unsigned* w;      // packed weights [G][OCgp][Kpw]
   void* out;              // [M][OC]
-  int N, H, W, Cw;        // input
-  int KH, KW, pt, pl;     // kernel and top/left padding
-  int OC, Kpw, M, T;      // output channels, packed K in words, N*H*W, KH*KW
-  int ktiles, ktiles_per_split;
-  int mode;               // 0: store raw, 1: store float(acc)*inv (int only), 2: atomic add raw
-  float inv;
+  const float* inv;       // [OC] dequantize factors (integer paths)
+  const float* bias;      // [OC] or null
+  QStats* stats;          // device statistics of this call (or null)
+  QSlot* slot;            // host-mapped record of this call (or null)
+  const float* scan_x;    // FP32 read in place: the input, scanned for NaN/inf in the prologue (or null)
+  long long scan_n;       // its elements
+  long long wgs;          // words per group of packed weights (OCgp * Kpw)
+  int N, H, W, Cw, XPW;   // input: Cw words per pixel per group, XPW words per pixel
+  int KH, KW, pt, pl, sh, sw;
+  int Ho, Wo, OC, OCg;    // output; OCg output channels per group
+  int Kpw, M, T;          // packed K in words, N*Ho*Wo, KH*KW
+  int ktiles, ktiles_per_split, splits;  // grid.z = groups * splits
+  int mode;               // 0: store raw (+bias for float), 1: float(acc)*inv[o] (+bias), 2: atomic add raw
+  int vec_out;            // out is 16-byte aligned: float4 stores allowed
+  int scan_vec;           // scan_x is 16-byte aligned and scan_n % 4 == 0
+  int inv_uniform;        // one kernel scale: every inv[o] is inv[0] (loaded once per thread)
 };
 
 // Shared-memory address of a generic pointer, for cp.async.
@@ -46,35 +83,86 @@ QD int quantize1(float t, float s, int qmax, int trunc) {
   return i > qmax ? qmax : (i < -qmax ? -qmax : i);
 }
 
-// Loads one BM x BKW-word A tile (implicit im2col of NHWC activations) and one BN x BKW B tile
-// (packed weights) into shared memory with 16-byte cp.async; rows padded to SW words.
+// The contract's dequantize (+ bias): float32(acc) * inv, then + bias, two roundings, no FMA.
+QD float dequant1(unsigned acc, float inv, const float* bias, int o) {
+  float y = __fmul_rn(__int2float_rn((int)acc), inv);
+  return bias ? __fadd_rn(y, bias[o]) : y;
+}
+
+// Sets the flag's bit 0 if any of x's n elements is not finite: a grid-stride prologue of the main
+// kernel (every thread of the grid takes its share), so no separate pass is launched.
+QD void scan_finite(const float* x, long long n, int vec, QStats* st) {
+  if (x == nullptr) return;
+  const long long nthreads = (long long)gridDim.x * gridDim.y * gridDim.z * blockDim.x;
+  const long long tid = (((long long)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
+  int bad = 0;
+  if (vec) {
+    for (long long i = tid; i < n / 4; i += nthreads) {
+      float4 t = __ldg((const float4*)x + i);
+      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+    }
+  } else {
+    for (long long i = tid; i < n; i += nthreads) bad |= !isfinite(__ldg(x + i));
+  }
+  if (bad) atomicOr(&st->flag, 1);
+}
+
+// Called by every thread at the end of the main kernel: the last block to finish copies the call's
+// statistics (set by the passes before this kernel and by its own prologue) to the call's host
+// record, then clears the flag and the block count for the next call.
+QD void publish_stats(QStats* st, QSlot* slot) {
+  if (slot == nullptr) return;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    const unsigned nblocks = gridDim.x * gridDim.y * gridDim.z;
+    if (atomicAdd(&st->done, 1u) == nblocks - 1) {
+      __threadfence();
+      volatile QStats* v = st;
+      volatile QSlot* s = slot;
+      s->flag = v->flag;
+      s->s_x = v->s_x;
+      s->m = v->m;
+      v->flag = 0;
+      v->done = 0;
+      __threadfence_system();
+    }
+  }
+}
+
+// Loads one BM x BKW-word A tile (implicit im2col of the activations, stride and padding in the
+// index math) and one BN x BKW B tile (packed weights of the block's group) into shared memory
+// with 16-byte cp.async; rows padded to SW words.
 template <int BM, int BN, int BKW, int NT>
 struct TileLoader {
   static constexpr int SW = BKW + 4;
   static constexpr int CPR = BKW / 4;                  // 16-byte chunks per row
   static constexpr int CA = (BM * CPR + NT - 1) / NT;  // A chunks per thread
   static constexpr int CB = (BN * CPR + NT - 1) / NT;
-  int a_nh[CA], a_h[CA], a_w[CA];                      // image row base n*H, h, w (h huge if m >= M)
+  int a_nh[CA], a_h[CA], a_w[CA];                      // n*H, i*sh - pt, j*sw - pl (a_h huge if m >= M)
   int j;                                               // this thread's chunk column
 
   QD TileLoader(const ConvParams& p, int m0, int tid) {
     j = tid % CPR;
+    const int hw = p.Ho * p.Wo;
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
       int row = (tid + c * NT) / CPR;
       int m = m0 + row;
       if (m < p.M && row < BM) {
-        int hw = p.H * p.W;
         int n = m / hw, r = m - n * hw;
-        int h = r / p.W;
-        a_nh[c] = n * p.H; a_h[c] = h; a_w[c] = r - h * p.W;
+        int i = r / p.Wo;
+        a_nh[c] = n * p.H; a_h[c] = i * p.sh - p.pt; a_w[c] = (r - i * p.Wo) * p.sw - p.pl;
       } else {
         a_nh[c] = 0; a_h[c] = -(1 << 28); a_w[c] = 0;
       }
     }
   }
 
-  QD void load(const ConvParams& p, unsigned* As, unsigned* Bs, int kt, int n0, int tid) const {
+  // xoff, woff: word offsets of the block's group in the activations and the packed weights
+  // (ints, so the pointers stay in the constant bank rather than in registers).
+  QD void load(const ConvParams& p, int xoff, int woff, unsigned* As, unsigned* Bs,
+               int kt, int n0, int tid) const {
     int kword = kt * BKW + j * 4;
     int tap = kword / p.Cw;
     int cw = kword - tap * p.Cw;
@@ -86,9 +174,9 @@ struct TileLoader {
       int idx = tid + c * NT;
       if (CA * NT == BM * CPR || idx < BM * CPR) {
         int row = idx / CPR;
-        int hi = a_h[c] + kh - p.pt, wi = a_w[c] + kw - p.pl;
+        int hi = a_h[c] + kh, wi = a_w[c] + kw;
         bool ok = tap_ok && (unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W;
-        const unsigned* src = ok ? p.x + ((size_t)((a_nh[c] + hi) * p.W + wi) * p.Cw + cw) : p.x;
+        const unsigned* src = ok ? p.x + ((size_t)((a_nh[c] + hi) * p.W + wi) * p.XPW + xoff + cw) : p.x;
         cp_async16(As + row * SW + j * 4, src, ok);
       }
     }
@@ -97,24 +185,48 @@ struct TileLoader {
       int idx = tid + c * NT;
       if (CB * NT == BN * CPR || idx < BN * CPR) {
         int row = idx / CPR;
-        const unsigned* src = p.w + (size_t)(n0 + row) * p.Kpw + kt * BKW + j * 4;
+        const unsigned* src = p.w + ((size_t)(n0 + row) * p.Kpw + woff + kt * BKW + j * 4);
         cp_async16(Bs + row * SW + j * 4, src, true);
       }
     }
   }
 };
 
-// Epilogue store of one accumulator (float or 32-bit integer bits) according to p.mode.
-QD void store_out(const ConvParams& p, int m, int o, float v) {
-  if (m < p.M && o < p.OC) {
-    float* out = (float*)p.out + (size_t)m * p.OC + o;
-    if (p.mode == 2) atomicAdd(out, v); else *out = v;
+// Which group and K slice a block computes (grid.z = groups * splits), and where they start.
+struct BlockWork {
+  int xoff;             // word offset of the group's channels in a pixel (grp * Cw)
+  int woff;             // word offset of the group's packed weights (grp * wgs)
+  int ocol;             // first output channel of the group
+  int kt0, nk;          // first K tile and K tiles of the slice
+};
+QD BlockWork block_work(const ConvParams& p) {
+  BlockWork b;
+  const int grp = blockIdx.z / p.splits, slice = blockIdx.z - grp * p.splits;
+  b.xoff = grp * p.Cw;
+  b.woff = (int)(grp * p.wgs);  // < 2^31: the packed weights are checked on the host
+  b.ocol = grp * p.OCg;
+  b.kt0 = slice * p.ktiles_per_split;
+  b.nk = min(p.ktiles, b.kt0 + p.ktiles_per_split) - b.kt0;
+  return b;
+}
+
+// Epilogue store of one accumulator (float or 32-bit integer bits) according to p.mode;
+// o is the channel inside the group (< OCg), ocol the group's first output channel.
+QD void store_out(const ConvParams& p, int ocol, int m, int o, float v, float = 0.0f) {
+  if (m < p.M && o < p.OCg) {
+    const int oc = ocol + o;
+    float* out = (float*)p.out + (size_t)m * p.OC + oc;
+    if (p.mode == 2) atomicAdd(out, v);
+    else *out = p.bias ? __fadd_rn(v, p.bias[oc]) : v;
   }
 }
-QD void store_out(const ConvParams& p, int m, int o, unsigned v) {
-  if (m < p.M && o < p.OC) {
-    size_t i = (size_t)m * p.OC + o;
-    if (p.mode == 1) ((float*)p.out)[i] = __fmul_rn(__int2float_rn((int)v), p.inv);
+// inv0: epilogue_inv(p), the factor of every channel when p.inv_uniform.
+QD float epilogue_inv(const ConvParams& p) { return p.mode == 1 && p.inv_uniform ? __ldg(p.inv) : 0.0f; }
+QD void store_out(const ConvParams& p, int ocol, int m, int o, unsigned v, float inv0) {
+  if (m < p.M && o < p.OCg) {
+    const int oc = ocol + o;
+    size_t i = (size_t)m * p.OC + oc;
+    if (p.mode == 1) ((float*)p.out)[i] = dequant1(v, p.inv_uniform ? inv0 : p.inv[oc], p.bias, oc);
     else if (p.mode == 2) atomicAdd((unsigned*)p.out + i, v);  // modulo 2^32, order-free
     else ((unsigned*)p.out)[i] = v;
   }

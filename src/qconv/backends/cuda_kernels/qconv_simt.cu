@@ -1,6 +1,7 @@
 // CUDA-core implicit-GEMM convolution, one template for FP32, INT32, INT16 and INT8 (dp4a).
 // Block: 256 threads as 16 x 16, each computing TM x TN outputs (rows ty + 16 i, columns tx + 16 j);
-// BM = 16 TM, BN = 16 TN; K in steps of 16 words, 3-stage cp.async pipeline; split-K over grid.z.
+// BM = 16 TM, BN = 16 TN; K in steps of 16 words, 3-stage cp.async pipeline; grid.z = groups x
+// K slices (split-K); stride, padding and groups live in the loader's index math (qconv_common.cu).
 // A warp covers 4 consecutive rows x 8 consecutive columns, so with rows padded to 20 words its
 // 16-byte shared loads hit distinct banks (4 rows -> banks 0,20,8,28; 8 columns -> all 32).
 #include "qconv_common.cu"
@@ -40,9 +41,9 @@ QD void conv_simt(const ConvParams& p) {
   const int tx = (warp & 1) * 8 + (lane & 7);
   const int ty = (warp >> 1) * 4 + (lane >> 3);
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  const int kt0 = blockIdx.z * p.ktiles_per_split;
-  const int kt1 = min(p.ktiles, kt0 + p.ktiles_per_split);
-  const int nk = kt1 - kt0;
+  scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
+  const BlockWork bw = block_work(p);
+  const int kt0 = bw.kt0, nk = bw.nk;
 
   L loader(p, m0, tid);
   typename Op::Acc acc[TM][TN];
@@ -53,14 +54,14 @@ QD void conv_simt(const ConvParams& p) {
 
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) loader.load(p, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
+    if (s < nk) loader.load(p, bw.xoff, bw.woff, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
     cp_async_commit();
   }
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
     int pf = it + STAGES - 1;
-    if (pf < nk) loader.load(p, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
+    if (pf < nk) loader.load(p, bw.xoff, bw.woff, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
     cp_async_commit();
     const unsigned* as = As + (it % STAGES) * BM * SW;
     const unsigned* bs = Bs + (it % STAGES) * BN * SW;
@@ -83,10 +84,12 @@ QD void conv_simt(const ConvParams& p) {
     }
   }
   cp_async_wait<0>();
+  const float inv0 = epilogue_inv(p);
 #pragma unroll
   for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int j = 0; j < TN; ++j) store_out(p, m0 + ty + 16 * i, n0 + tx + 16 * j, acc[i][j]);
+    for (int j = 0; j < TN; ++j) store_out(p, bw.ocol, m0 + ty + 16 * i, n0 + tx + 16 * j, acc[i][j], inv0);
+  publish_stats(p.stats, p.slot);
 }
 
 #define QCONV_SIMT(NAME, OP, TM, TN)                                              \

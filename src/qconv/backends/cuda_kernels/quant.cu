@@ -1,123 +1,234 @@
-// Quantize, pack and dequantize kernels (bit-exact to qconv.contract).
+// Elementwise passes around the convolution (bit-exact to qconv.contract): the input scan
+// (finiteness, max|x| and the per-call maxabs scale), quantize/pad of the activations into the
+// implicit GEMM's layout, and the dequantize (+ bias) epilogue when it is not fused.
 #include "qconv_common.cu"
 
-// x (npix x C floats) -> padded (npix x Cp) of T, quantized; flag set when an input is not finite.
-template <typename T>
-QD void quantize_x_body(const float* __restrict__ x, T* __restrict__ out, long long npix, int C, int Cp,
-                        float s, int qmax, int trunc, int* flag) {
-  long long total = npix * Cp;
-  int bad = 0;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    long long pix = i / Cp;
-    int c = (int)(i - pix * Cp);
-    int q = 0;
-    if (c < C) {
-      float t = x[pix * C + c];
-      bad |= !isfinite(t);
-      q = quantize1(t, s, qmax, trunc);
-    }
-    out[i] = (T)q;
-  }
-  if (bad) atomicOr(flag, 1);
+struct PassParams {
+  const float* x;        // input, n floats (NHWC)
+  void* out;             // quantize/pad: [pixels][G][icgp]; epilogue: [M][OC] in place
+  QStats* stats;         // device statistics of the call
+  const float* s_w;      // [OC] kernel scales (scan's finalize: inv[o])
+  float* inv;            // [OC] dequantize factors (written by the finalize, read by the epilogue)
+  const float* bias;     // [OC] or null
+  long long n;           // elements of x (scan, quantize, pad) or of the output (epilogue)
+  int C, G, icg, icgp;   // channel layout: a pixel is G groups of icg channels, padded to icgp
+  int OC;                // output channels (inv, bias)
+  int q;                 // scan: maxabs target Q (the largest quantized |x|)
+  int qmax, trunc;       // quantize
+  float s;               // fixed input scale (dev_scale == 0)
+  int dev_scale;         // 1: the input scale is stats->s_x (maxabs, computed by the scan)
+  int vec;               // 16-byte vectors allowed (aligned, n % 4 == 0; quantize/pad: no channel padding)
+  int do_max;            // scan: reduce max|x| and finalize s_x and inv
+  int mode;              // epilogue: 0 float + bias[o]; 1 float32(int32) * inv[o] (+ bias[o])
+};
+
+#define QGRID_STRIDE(i, n)                                                                   \
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < (n);             \
+       i += (long long)gridDim.x * blockDim.x)
+
+QD unsigned abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
+
+// contract.maxabs_scale: s = float32(q / m) in double, stepped down while float32(m * s) > q;
+// m == 0 gives 1. Returns 0 (and flags bit 3) when s is not finite (denormal m).
+QD float maxabs_scale_dev(float m, int q, int* flag) {
+  if (m == 0.0f) return 1.0f;
+  float s = __double2float_rn((double)q / (double)m);
+  if (!isfinite(s)) { *flag |= 8; return 0.0f; }
+  while (s > 0.0f && (double)__fmul_rn(m, s) > (double)q) s = __uint_as_float(__float_as_uint(s) - 1u);
+  return s;
 }
 
-// Fast path, C == Cp and 4 | total: float4 in, 4 quantized values out.
+// Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
+// reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
+// inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
+// then clears the reduction for the next call. Returns true in the block that finalized.
+QD bool scan_x_body(const PassParams& p) {
+  QStats* st = p.stats;
+  unsigned mx = 0;
+  int bad = 0;
+  if (p.vec) {
+    const float4* x4 = (const float4*)p.x;
+    QGRID_STRIDE(i, p.n / 4) {
+      float4 t = __ldg(x4 + i);
+      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+      mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
+    }
+  } else {
+    QGRID_STRIDE(i, p.n) {
+      float t = __ldg(p.x + i);
+      bad |= !isfinite(t);
+      mx = max(mx, abs_bits(t));
+    }
+  }
+  if (bad) atomicOr(&st->flag, 1);
+  if (!p.do_max) return false;
+  __shared__ unsigned red[8];
+  __shared__ bool last;
+  __shared__ float s_sh;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = mx;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned b = 0;
+    for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) b = max(b, red[w]);
+    atomicMax(&st->maxbits, b);
+    __threadfence();
+    last = atomicAdd(&st->counter, 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return false;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    unsigned bits = atomicOr(&st->maxbits, 0u);
+    // NaN bits order above inf: the flag already says why; keep the arithmetic finite-safe
+    float m = bits >= 0x7f800000u ? __uint_as_float(0x7f7fffffu) : __uint_as_float(bits);
+    int f = 0;
+    float s = maxabs_scale_dev(m, p.q, &f);
+    if (f) atomicOr(&st->flag, f);
+    st->s_x = s;
+    st->m = m;
+    st->maxbits = 0;
+    st->counter = 0;
+    s_sh = s;
+  }
+  __syncthreads();
+  const float s = s_sh;
+  int f = 0;
+  for (int o = threadIdx.x; o < p.OC; o += blockDim.x) {
+    float v = __double2float_rn(1.0 / ((double)s * (double)p.s_w[o]));
+    if (!(isfinite(v) && v > 0.0f)) f = 4;
+    p.inv[o] = v;
+  }
+  if (f && s > 0.0f) atomicOr(&st->flag, f);
+  return true;
+}
+extern "C" __global__ void __launch_bounds__(256) qconv_scan_x(const PassParams p) { scan_x_body(p); }
+
+// Fast path of quantize (no channel padding, aligned, n % 4 == 0): float4 in, 4 values out.
 template <typename T> struct Vec4;
 template <> struct Vec4<qs8> { typedef char4 type; };
 template <> struct Vec4<qs16> { typedef short4 type; };
 template <> struct Vec4<int> { typedef int4 type; };
 
+// x (pixels x C floats) -> [pixels][G][icgp] of T, quantized with the fixed or the per-call scale;
+// the flag's bit 0 when an input is not finite.
 template <typename T>
-QD void quantize_x4_body(const float4* __restrict__ x, typename Vec4<T>::type* __restrict__ out, long long n4,
-                         float s, int qmax, int trunc, int* flag) {
+QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4;
-       i += (long long)gridDim.x * blockDim.x) {
-    float4 t = x[i];
-    bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
-    typename Vec4<T>::type q;
-    q.x = (T)quantize1(t.x, s, qmax, trunc); q.y = (T)quantize1(t.y, s, qmax, trunc);
-    q.z = (T)quantize1(t.z, s, qmax, trunc); q.w = (T)quantize1(t.w, s, qmax, trunc);
-    out[i] = q;
-  }
-  if (bad) atomicOr(flag, 1);
-}
-
-// w (T taps x OC x IC floats) -> packed [OCp][Kp] of T with k = tap*Cp + c; quantized when quant.
-template <typename T>
-QD void pack_w_body(const float* __restrict__ w, T* __restrict__ out, int taps, int OC, int IC, int Cp,
-                    int OCp, int Kp, float s, int qmax, int trunc, int quant, int* flag) {
-  long long total = (long long)OCp * Kp;
-  int bad = 0;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    int o = (int)(i / Kp), k = (int)(i - (long long)o * Kp);
-    int tap = k / Cp, c = k - tap * Cp;
-    T q = (T)0;
-    if (o < OC && tap < taps && c < IC) {
-      float t = w[((long long)tap * OC + o) * IC + c];
-      if (quant) { bad |= !isfinite(t); q = (T)quantize1(t, s, qmax, trunc); }
-      else q = (T)t;
+  if (p.vec) {
+    const float4* x4 = (const float4*)p.x;
+    typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
+    QGRID_STRIDE(i, p.n / 4) {
+      float4 t = __ldg(x4 + i);
+      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+      typename Vec4<T>::type q;
+      q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
+      q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
+      o4[i] = q;
     }
-    out[i] = q;
+  } else {
+    T* out = (T*)p.out;
+    const long long gp = (long long)p.G * p.icgp;   // padded channels per pixel
+    const long long total = p.n / p.C * gp;
+    QGRID_STRIDE(i, total) {
+      long long pix = i / gp;
+      int r = (int)(i - pix * gp);
+      int g = r / p.icgp, c = r - g * p.icgp;
+      int q = 0;
+      if (c < p.icg) {
+        float t = __ldg(p.x + pix * p.C + g * p.icg + c);
+        bad |= !isfinite(t);
+        q = quantize1(t, s, p.qmax, p.trunc);
+      }
+      out[i] = (T)q;
+    }
   }
-  if (bad) atomicOr(flag, 2);
+  if (bad) atomicOr(&p.stats->flag, 1);
 }
 
-// y = float32(acc) * inv, in place (int32 in, float32 out, same buffer), one multiply, no FMA.
-extern "C" __global__ void qconv_dequantize_s32(int4* buf, long long n4, float inv) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n4;
-       i += (long long)gridDim.x * blockDim.x) {
-    int4 a = buf[i];
-    float4 y;
-    y.x = __fmul_rn(__int2float_rn(a.x), inv); y.y = __fmul_rn(__int2float_rn(a.y), inv);
-    y.z = __fmul_rn(__int2float_rn(a.z), inv); y.w = __fmul_rn(__int2float_rn(a.w), inv);
-    ((float4*)buf)[i] = y;
+// The maxabs path in one launch: scan (flag, max|x|), a grid-wide barrier, quantize with the new
+// scale. The last block to arrive computes s_x and inv[o] (scan_finalize) and bumps the barrier's
+// generation; the others spin on it. Launched with cuLaunchCooperativeKernel and at most as many
+// blocks as fit on the GPU at once, so every block is resident and the barrier cannot deadlock.
+// x is read twice; the second read mostly hits L2.
+template <typename T>
+QD void scan_quantize_x_body(const PassParams& p) {
+  QStats* st = p.stats;
+  __shared__ unsigned gen0;
+  if (threadIdx.x == 0) gen0 = *(volatile unsigned*)&st->gen;  // before arriving: the barrier's generation
+  __syncthreads();
+  if (scan_x_body(p)) {  // the last block: s_x and inv[o] are written; release the others
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicAdd(&st->gen, 1u);
+    }
+  } else {
+    if (threadIdx.x == 0) {
+      while (*(volatile unsigned*)&st->gen == gen0) __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
   }
-}
-extern "C" __global__ void qconv_dequantize_s32_tail(int* buf, long long start, long long n, float inv) {
-  long long i = start + blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  if (i < n) ((float*)buf)[i] = __fmul_rn(__int2float_rn(buf[i]), inv);
+  quantize_x_body<T>(p, __ldcg(&st->s_x));
 }
 
-#define QCONV_QUANT(SUF, T)                                                                         \
-  extern "C" __global__ void qconv_quantize_x_##SUF(const float* x, T* out, long long npix, int C,   \
-                                                    int Cp, float s, int qmax, int trunc, int* flag) { \
-    quantize_x_body<T>(x, out, npix, C, Cp, s, qmax, trunc, flag);                                  \
-  }                                                                                                 \
-  extern "C" __global__ void qconv_quantize_x4_##SUF(const float4* x, Vec4<T>::type* out, long long n4, \
-                                                     float s, int qmax, int trunc, int* flag) {     \
-    quantize_x4_body<T>(x, out, n4, s, qmax, trunc, flag);                                          \
-  }                                                                                                 \
-  extern "C" __global__ void qconv_pack_w_##SUF(const float* w, T* out, int taps, int OC, int IC,   \
-                                                int Cp, int OCp, int Kp, float s, int qmax,         \
-                                                int trunc, int quant, int* flag) {                  \
-    pack_w_body<T>(w, out, taps, OC, IC, Cp, OCp, Kp, s, qmax, trunc, quant, flag);                 \
+#define QCONV_QUANT(SUF, T)                                                                               \
+  extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
+    quantize_x_body<T>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                     \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
+    scan_quantize_x_body<T>(p);                                                                           \
   }
-
 QCONV_QUANT(s8, qs8)
 QCONV_QUANT(s16, qs16)
 QCONV_QUANT(s32, int)
 
-// FP32: channel padding of x (only when C % 4 != 0) and weight packing (no quantization).
-extern "C" __global__ void qconv_pad_x_f32(const float* x, float* out, long long npix, int C, int Cp) {
-  long long total = npix * Cp;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < total;
-       i += (long long)gridDim.x * blockDim.x) {
-    long long pix = i / Cp;
-    int c = (int)(i - pix * Cp);
-    out[i] = c < C ? x[pix * C + c] : 0.0f;
+// FP32: x -> [pixels][G][icgp] floats (channel padding for the 16-byte loader), with the flag.
+extern "C" __global__ void __launch_bounds__(256) qconv_pad_x_f32(const PassParams p) {
+  float* out = (float*)p.out;
+  const long long gp = (long long)p.G * p.icgp;
+  const long long total = p.n / p.C * gp;
+  int bad = 0;
+  QGRID_STRIDE(i, total) {
+    long long pix = i / gp;
+    int r = (int)(i - pix * gp);
+    int g = r / p.icgp, c = r - g * p.icgp;
+    float v = 0.0f;
+    if (c < p.icg) {
+      v = __ldg(p.x + pix * p.C + g * p.icg + c);
+      bad |= !isfinite(v);
+    }
+    out[i] = v;
   }
-}
-extern "C" __global__ void qconv_pack_w_f32(const float* w, float* out, int taps, int OC, int IC, int Cp,
-                                            int OCp, int Kp) {
-  pack_w_body<float>(w, out, taps, OC, IC, Cp, OCp, Kp, 1.0f, 0, 0, 0, 0);
+  if (bad) atomicOr(&p.stats->flag, 1);
 }
 
-// Stream gate: holds the stream until the host writes 1 to a mapped host word (or 5 s pass), so
-// that everything enqueued behind it runs back to back and CUDA events time the GPU work alone,
-// not the host's launch latency.
+// Epilogue in place over [M][OC]: mode 1 turns int32 accumulators into float32(acc) * inv[o]
+// (+ bias[o]); mode 0 adds bias[o] to float32 sums (FP32 after split-K). Two roundings, no FMA.
+QD float epi1(const PassParams& p, float v, int o) {
+  if (p.mode == 1) return dequant1(__float_as_uint(v), p.inv[o], p.bias, o);
+  return __fadd_rn(v, p.bias[o]);
+}
+extern "C" __global__ void __launch_bounds__(256) qconv_epilogue(const PassParams p) {
+  if (p.vec) {  // OC % 4 == 0: four consecutive elements share a row
+    float4* b4 = (float4*)p.out;
+    QGRID_STRIDE(i, p.n / 4) {
+      float4 v = b4[i];
+      int o = (int)((i * 4) % p.OC);
+      v.x = epi1(p, v.x, o); v.y = epi1(p, v.y, o + 1); v.z = epi1(p, v.z, o + 2); v.w = epi1(p, v.w, o + 3);
+      b4[i] = v;
+    }
+  } else {
+    float* b = (float*)p.out;
+    QGRID_STRIDE(i, p.n) b[i] = epi1(p, b[i], (int)(i % p.OC));
+  }
+}
+
+// Stream gate (benchmarks): holds the stream until the host writes 1 to a mapped host word (or 5 s
+// pass), so that everything enqueued behind it runs back to back and CUDA events time the GPU
+// work alone, not the host's launch latency.
 extern "C" __global__ void qconv_gate_wait(const volatile int* flag) {
   unsigned long long t0, t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));

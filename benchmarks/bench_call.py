@@ -1,0 +1,462 @@
+"""The whole prepared call on the CPU, as a user makes it, beside its convolve phase and PyTorch.
+
+    python3 benchmarks/bench_call.py [--threads 2] [--reps 200] [--sections layers,strided,depthwise]
+                                     [--json out.json] [--md out.md]
+    python3 benchmarks/bench_call.py --torch-only ...   (PyTorch's rows alone: what the default runs
+                                                         in a child process, so the two libraries'
+                                                         thread pools never share a process)
+    python3 benchmarks/bench_call.py --qconv-only ...   (no PyTorch at all)
+
+Sections (issue 8's and issue 10's CPU targets):
+
+- layers: the exam layers (shipped samples) and ../shared/data/real at N=1, for fp32, int16 and
+  int8 (maxabs: the input's scale is taken per call, in C) and int8 with a fixed scale pair:
+    * prepared call: ``conv(x, out=y)`` timed from outside with perf_counter, median of --reps;
+    * its convolve phase: ``conv.result(x).phases["convolve"]`` (timed in C), median; calls and
+      results alternate, and call / convolve is the median of the per-pair ratios;
+    * one-shot ``qconv.conv2d(x, w, ...)`` (prepare, then call), median of --reps // 4;
+    * PyTorch on the same layer and threads, in its own process: ``F.conv2d`` FP32 on
+      channels-last tensors; the quantized INT8 conv (``torch.ops.quantized.conv2d`` with weights
+      prepacked once, x86/onednn engine) on an already-quantized input ("op"), and the same with
+      ``quantize_per_tensor`` before and ``dequantize`` after ("float in/out", what a qconv call does).
+- strided: 3x3 and 1x1 layers at stride 1 and 2 with equal FLOPs: convolve GOP/s and its share of
+  the instruction's peak (qconv_peak, same threads), and stride 2's share over stride 1's.
+- depthwise: 3x3 and 5x5, C = 144..1152: bytes moved (float32 input + output) per second of the
+  convolve phase (quantize fused into it, median) and of the whole call (median), against the
+  fastest copy of the input (minimum time of numpy copyto, one thread or split over the same
+  threads), which moves the same bytes at stride 1 (the input read and written once).
+
+The GPU has its own script (bench_call_gpu.py); the timing helpers here take plain callables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO / "src") not in sys.path:
+    sys.path.insert(0, str(REPO / "src"))
+
+SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
+VARIANTS = [  # label, precision, scale
+    ("fp32", "fp32", None),
+    ("int16", "int16", None),           # maxabs per call, reduced in C
+    ("int8", "int8", None),
+    ("int8 S", "int8", "fixed"),        # a fixed (s_x, s_w) pair: no reduction pass
+]
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                return line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return platform.processor() or "unknown"
+
+
+def wall_times(fn, reps: int, warm: int = 5) -> list[float]:
+    """Wall times of fn() (perf_counter around each call), after warm-up calls."""
+    for _ in range(warm):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return ts
+
+
+def wall(fn, reps: int, warm: int = 5) -> float:
+    """Median wall time of fn()."""
+    return statistics.median(wall_times(fn, reps, warm))
+
+
+def load_layers() -> list[dict]:
+    """The exam layers (shipped in the package) and the real layers, N=1, with their options."""
+    import qconv
+    from qconv.samples import DATA
+    out = []
+    for case in ("exam1", "exam2"):
+        d = DATA / case
+        if (d / "kernel_tensor.bin").exists():
+            out.append({"name": case, "x": qconv.load_tensor(d / "input_tensor.bin"),
+                        "w": qconv.load_tensor(d / "kernel_tensor.bin"), "layer": {}})
+    real = SHARED / "data" / "real"
+    for p in sorted(real.glob("*/*/kernel_tensor.bin")) if real.exists() else []:
+        d = p.parent
+        layer = {}
+        info = d / "meta.json"
+        if info.exists():   # stride, padding and groups as the real layer records them
+            meta = json.loads(info.read_text())
+            layer = {k: (tuple(v) if isinstance(v, list) else v.lower() if isinstance(v, str) else v)
+                     for k, v in meta.items() if k in ("stride", "padding", "groups")}
+        b = d / "bias_tensor.bin"
+        if b.exists():
+            layer["bias"] = qconv.load_tensor(b).reshape(-1)
+        out.append({"name": str(d.relative_to(real)), "x": qconv.load_tensor(d / "input_tensor.bin"),
+                    "w": qconv.load_tensor(p), "layer": layer})
+    return out
+
+
+def fixed_scale(x: np.ndarray, w: np.ndarray, q: int) -> tuple[float, float]:
+    return (float(np.float32(q / np.max(np.abs(x)))), float(np.float32(q / np.max(np.abs(w)))))
+
+
+# ---- qconv ------------------------------------------------------------------------------------
+
+def qconv_call_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
+    import qconv
+    from qconv.contract import check_layer
+    rows = []
+    for L in layers:
+        x, w, layer = L["x"], L["w"], dict(L["layer"])
+        geom = check_layer(x.shape, w.shape, stride=layer.get("stride", 1), padding=layer.get("padding", "same"),
+                           groups=layer.get("groups", 1))
+        for label, prec, scale in VARIANTS:
+            if scale == "fixed":
+                scale = fixed_scale(x, w, 127)
+            conv = qconv.prepare(w, prec, "c-avx2", scale=scale, threads=threads, **layer)
+            out = conv(x)
+            for _ in range(20):
+                conv(x, out=out)
+            # Interleaved, so both see the same load: a call timed from outside, then a
+            # result() whose C-timed phases stand for the convolve phase at that moment.
+            calls, phases = [], []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                conv(x, out=out)
+                calls.append(time.perf_counter() - t0)
+                phases.append(conv.result(x, out=out).phases)
+            call = statistics.median(calls)
+            med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+            ratio = statistics.median(c / p["convolve"] for c, p in zip(calls, phases))
+            ones = wall_times(lambda: qconv.conv2d(x, w, prec, "c-avx2", scale=scale, threads=threads, **layer),
+                              max(10, reps // 4), warm=3)
+            one = statistics.median(ones)
+            rows.append({"layer": L["name"], "x": list(x.shape), "w": list(w.shape), "variant": label,
+                         "threads": threads, "call_s": call, "one_shot_s": one, "flops": geom.flops,
+                         "call_min_s": min(calls), "one_shot_min_s": min(ones), "call_over_convolve": ratio,
+                         "convolve_min_s": min(p["convolve"] for p in phases),
+                         **{f"{k}_s": v for k, v in med.items()}})
+            print(f"  qconv {L['name']} {label}: call {call * 1e3:.3f} ms, convolve {med['convolve'] * 1e3:.3f} ms, "
+                  f"one-shot {one * 1e3:.3f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def peaks(threads: int) -> dict[str, float]:
+    """G MAC/s of each instruction the kernels use, best of 5 runs of ~50 ms, at `threads`."""
+    from qconv.backends import _cext
+    best = _cext.best_isa("auto")
+    instrs = ["fma", "mullo", "madd"] + (["dpwssd", "dpbusd"] if best != "avx2" else [])
+    out = {}
+    for ins in instrs:
+        macs, secs = _cext.peak(ins, threads, 1000)
+        iters = max(1000, int(1000 * 0.05 / max(secs, 1e-6)))
+        out[ins] = max(m / s / 1e9 for m, s in (_cext.peak(ins, threads, iters) for _ in range(5)))
+    return out
+
+
+def instruction(isa: str, precision: str) -> str:
+    if precision == "fp32":
+        return "fma"
+    if precision == "int32":
+        return "mullo"
+    if isa == "avx2":
+        return "madd"
+    return "dpwssd" if precision == "int16" else "dpbusd"
+
+
+STRIDED = [  # name, x shape, w shape, stride: pairs of equal FLOPs (ResNet-50 shapes)
+    ("3x3 s1", (1, 56, 56, 64), (3, 3, 64, 64), 1),
+    ("3x3 s2", (1, 112, 112, 64), (3, 3, 64, 64), 2),
+    ("1x1 s1", (1, 28, 28, 256), (1, 1, 512, 256), 1),
+    ("1x1 s2", (1, 56, 56, 256), (1, 1, 512, 256), 2),
+]
+
+
+def strided_rows(threads: int, reps: int) -> list[dict]:
+    import qconv
+    from qconv.backends import _cext
+    from qconv.contract import check_layer
+    rng = np.random.default_rng(0)
+    pk = peaks(threads)
+    isa = _cext.best_isa("auto")
+    rows = []
+    for name, xs, ws, s in STRIDED:
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        geom = check_layer(xs, ws, stride=s)
+        for prec in ("fp32", "int16", "int8"):
+            conv = qconv.prepare(w, prec, "c-avx2", stride=s, threads=threads)
+            out = conv(x)
+            for _ in range(5):
+                conv(x, out=out)
+            conv_s = statistics.median(conv.result(x, out=out).phases["convolve"] for _ in range(reps // 4 or 1))
+            call = wall(lambda: conv(x, out=out), reps // 4 or 1)
+            gops = geom.flops / conv_s / 1e9
+            ins = instruction(isa, prec)
+            rows.append({"layer": name, "x": list(xs), "w": list(ws), "stride": s, "precision": prec,
+                         "convolve_s": conv_s, "call_s": call, "gops": gops, "instr": ins,
+                         "peak_pct": 100 * gops / (2 * pk[ins])})
+            print(f"  strided {name} {prec}: {conv_s * 1e3:.3f} ms, {gops:.0f} GOP/s", file=sys.stderr, flush=True)
+    return rows
+
+
+DEPTHWISE = [  # x shape, kernel size, stride
+    ((1, 56, 56, 144), 3, 1), ((1, 28, 28, 144), 3, 2), ((1, 14, 14, 576), 3, 1), ((1, 7, 7, 1152), 3, 1),
+    ((1, 28, 28, 240), 5, 1), ((1, 14, 14, 672), 5, 1), ((1, 7, 7, 1152), 5, 1),
+]
+
+
+def copy_time(x: np.ndarray, threads: int, reps: int) -> float:
+    """The fastest copy of x this machine does: the minimum over --reps of a single-threaded
+    np.copyto and of one split over `threads` Python threads (numpy releases the GIL), whichever
+    is faster (the thread hand-off costs tens of microseconds on small arrays)."""
+    dst = np.empty_like(x)
+    flat_s, flat_d = x.reshape(-1), dst.reshape(-1)
+
+    def best(fn):
+        for _ in range(5):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t1 = best(lambda: np.copyto(flat_d, flat_s))
+    if threads == 1:
+        return t1
+    bounds = np.linspace(0, flat_s.size, threads + 1).astype(int)
+    parts = [(flat_d[a:b], flat_s[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(threads) as ex:
+        tn = best(lambda: list(ex.map(lambda p: np.copyto(*p), parts)))
+    return min(t1, tn)
+
+
+def depthwise_rows(threads: int, reps: int) -> list[dict]:
+    import qconv
+    from qconv.contract import check_layer
+    rng = np.random.default_rng(1)
+    rows = []
+    for xs, k, s in DEPTHWISE:
+        c = xs[3]
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal((k, k, c, 1)).astype(np.float32)
+        geom = check_layer(xs, w.shape, stride=s, groups=c)
+        moved = 4 * (x.size + int(np.prod(geom.out_shape)))
+        t_copy = copy_time(x, threads, reps)
+        copy_bw = 2 * x.nbytes / t_copy
+        for prec in ("fp32", "int16", "int8"):
+            conv = qconv.prepare(w, prec, "c-avx2", stride=s, groups=c, threads=threads)
+            out = conv(x)
+            call = wall(lambda: conv(x, out=out), reps)
+            conv_s = statistics.median(conv.result(x, out=out).phases["convolve"] for _ in range(reps // 2 or 1))
+            rows.append({"x": list(xs), "k": k, "stride": s, "precision": prec, "convolve_s": conv_s, "call_s": call,
+                         "copy_s": t_copy, "bytes": moved, "copy_gbs": copy_bw / 1e9,
+                         "convolve_gbs": moved / conv_s / 1e9, "call_gbs": moved / call / 1e9,
+                         "convolve_pct": 100 * (moved / conv_s) / copy_bw, "call_pct": 100 * (moved / call) / copy_bw})
+            print(f"  depthwise {xs} {k}x{k} s{s} {prec}: {conv_s * 1e6:.1f} us, copy {t_copy * 1e6:.1f} us",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+# ---- PyTorch (its own process) ---------------------------------------------------------------
+
+def torch_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
+    import warnings
+    warnings.filterwarnings("ignore")
+    import torch
+    import torch.nn.functional as F
+    from qconv.contract import check_layer
+    torch.set_num_threads(threads)
+    engines = [e for e in ("x86", "onednn", "fbgemm") if e in torch.backends.quantized.supported_engines]
+    torch.backends.quantized.engine = engines[0]
+    rows = []
+    with torch.inference_mode():
+        for L in layers:
+            x, w, layer = L["x"], L["w"], L["layer"]
+            s = layer.get("stride", 1)
+            stride = (s, s) if isinstance(s, int) else tuple(s)
+            g = layer.get("groups", 1)
+            geom = check_layer(x.shape, w.shape, stride=stride, padding=layer.get("padding", "same"), groups=g)
+            pads = (geom.pl, geom.pr, geom.pt, geom.pb)
+            sym = geom.pl == geom.pr and geom.pt == geom.pb
+            xt = torch.from_numpy(x).permute(0, 3, 1, 2)             # NHWC memory: channels-last NCHW view
+            wt = torch.from_numpy(np.ascontiguousarray(w.transpose(2, 3, 0, 1))).contiguous(
+                memory_format=torch.channels_last)
+            bt = torch.from_numpy(layer["bias"]) if "bias" in layer else None
+            pad_arg = (geom.pt, geom.pl) if sym else 0
+
+            def fp32():
+                xin = xt if sym else F.pad(xt, pads)
+                return F.conv2d(xin, wt, bt, stride, pad_arg, 1, g)
+
+            f32t = wall_times(fp32, reps, warm=20)
+            t_fp32 = statistics.median(f32t)
+            # INT8: per-tensor scales from the data (maxabs), weights prepacked once.
+            sx = float(np.max(np.abs(x))) / 127 * 2    # quint8 with zero point 128: range +-127 * s
+            sw = float(np.max(np.abs(w))) / 127
+            wq = torch.quantize_per_tensor(torch.from_numpy(np.ascontiguousarray(w.transpose(2, 3, 0, 1))), sw, 0,
+                                           torch.qint8)
+            packed = torch.ops.quantized.conv2d_prepack(wq, bt, list(stride), [geom.pt, geom.pl] if sym else [0, 0],
+                                                        [1, 1], g)
+            out_scale = float(np.max(np.abs(x))) * float(np.max(np.abs(w))) * w.shape[0] * w.shape[1] * w.shape[3] / 127 / 8
+            xq = torch.quantize_per_tensor((xt if sym else F.pad(xt, pads)).contiguous(memory_format=torch.channels_last),
+                                           sx, 128, torch.quint8)
+
+            def int8_op():
+                return torch.ops.quantized.conv2d(xq, packed, out_scale, 128)
+
+            def int8_float():
+                xin = (xt if sym else F.pad(xt, pads)).contiguous(memory_format=torch.channels_last)
+                q = torch.quantize_per_tensor(xin, sx, 128, torch.quint8)
+                return torch.ops.quantized.conv2d(q, packed, out_scale, 128).dequantize()
+
+            opt, flt = wall_times(int8_op, reps, warm=20), wall_times(int8_float, reps, warm=20)
+            t_op, t_fl = statistics.median(opt), statistics.median(flt)
+            rows.append({"layer": L["name"], "threads": threads, "torch_fp32_s": t_fp32, "torch_int8_op_s": t_op,
+                         "torch_int8_float_s": t_fl, "torch_fp32_min_s": min(f32t), "torch_int8_op_min_s": min(opt),
+                         "torch_int8_float_min_s": min(flt), "engine": engines[0], "torch": torch.__version__})
+            print(f"  torch {L['name']}: fp32 {t_fp32 * 1e3:.3f} ms, int8 op {t_op * 1e3:.3f} ms, "
+                  f"int8 float in/out {t_fl * 1e3:.3f} ms", file=sys.stderr, flush=True)
+    return rows
+
+
+def torch_in_child(args) -> list[dict] | None:
+    """PyTorch's rows from a child process (its OpenMP pool never meets qconv's), or None."""
+    cmd = [sys.executable, __file__, "--torch-only", "--threads", str(args.threads), "--reps", str(args.reps),
+           "--json", "-"]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    sys.stderr.write(p.stderr)
+    if p.returncode != 0:
+        print(f"(PyTorch rows skipped: the child exited {p.returncode})", file=sys.stderr)
+        return None
+    return json.loads(p.stdout)["torch"]
+
+
+# ---- report -----------------------------------------------------------------------------------
+
+def ms(v) -> str:
+    return "-" if v is None else f"{v * 1e3:.3f}"
+
+
+def render(out: dict) -> str:
+    lines = [f"Measured {out['date']} on {out['cpu']} ({out['cpus']} logical CPUs), {out['threads']} threads, "
+             f"kernel family `{out['isa']}`, Python {out['python']}" +
+             (f", PyTorch {out['torch_version']} (`{out['torch_engine']}` quantized engine, own process)"
+              if out.get("torch_version") else "") + ".", "", f"Command: `{out['command']}`", ""]
+    if out.get("layers"):
+        torch = {r["layer"]: r for r in out.get("torch") or []}
+        lines += ["Medians, and (in brackets) minimums, which other load on the machine can only raise. "
+                  "call / convolve: the median over calls of (call time / the convolve phase of the "
+                  "result() timed right after it), and (in brackets) the ratio of the minimums.", "",
+                  "| layer | variant | prepared call ms | convolve ms | call / convolve | quantize+pack ms | "
+                  "one-shot ms | one-shot / convolve | torch FP32 CL ms | torch INT8 op ms | torch INT8 float in/out ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in out["layers"]:
+            t = torch.get(r["layer"], {})
+            v = r["variant"]
+            def tc(k):
+                return f"{ms(t.get(k + '_s'))} ({ms(t.get(k + '_min_s'))})" if t else "-"
+            cols = [tc("torch_fp32") if v == "fp32" else "-",
+                    tc("torch_int8_op") if v.startswith("int8") else "-",
+                    tc("torch_int8_float") if v.startswith("int8") else "-"]
+            lines.append(f"| {r['layer']} | {v} | {ms(r['call_s'])} ({ms(r['call_min_s'])}) | "
+                         f"{ms(r['convolve_s'])} ({ms(r['convolve_min_s'])}) | "
+                         f"{r['call_over_convolve']:.2f} ({r['call_min_s'] / r['convolve_min_s']:.2f}) | "
+                         f"{ms(r['quantize_s'] + r['pack_s'])} | {ms(r['one_shot_s'])} ({ms(r['one_shot_min_s'])}) | "
+                         f"{r['one_shot_s'] / r['convolve_s']:.2f} ({r['one_shot_min_s'] / r['convolve_min_s']:.2f}) | "
+                         f"{' | '.join(cols)} |")
+        lines.append("")
+    if out.get("strided"):
+        lines += ["| layer | x | kernel | precision | convolve ms | GOP/s | instr | % peak | stride 2 / stride 1 share |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        by = {(r["layer"], r["precision"]): r for r in out["strided"]}
+        for r in out["strided"]:
+            rel = "-"
+            if r["stride"] == 2:
+                base = by.get((r["layer"].replace("s2", "s1"), r["precision"]))
+                rel = f"{r['peak_pct'] / base['peak_pct']:.2f}" if base else "-"
+            lines.append(f"| {r['layer']} | {tuple(r['x'])} | {tuple(r['w'])} | {r['precision']} | {ms(r['convolve_s'])} | "
+                         f"{r['gops']:.0f} | {r['instr']} | {r['peak_pct']:.0f} | {rel} |")
+        lines.append("")
+    if out.get("depthwise"):
+        lines += ["| x | kernel | stride | precision | convolve us | whole call us | copy us | MB moved | "
+                  "convolve GB/s | copy GB/s | convolve % of copy | call % of copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in out["depthwise"]:
+            lines.append(f"| {tuple(r['x'])} | {r['k']}x{r['k']} | {r['stride']} | {r['precision']} | "
+                         f"{r['convolve_s'] * 1e6:.1f} | {r['call_s'] * 1e6:.1f} | {r['copy_s'] * 1e6:.1f} | "
+                         f"{r['bytes'] / 1e6:.2f} | {r['convolve_gbs']:.1f} | {r['copy_gbs']:.1f} | "
+                         f"{r['convolve_pct']:.0f} | {r['call_pct']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=200, help="timed calls per configuration (median)")
+    ap.add_argument("--sections", default="layers,strided,depthwise")
+    ap.add_argument("--torch-only", action="store_true", help="only PyTorch's rows (JSON with --json -)")
+    ap.add_argument("--qconv-only", action="store_true", help="no PyTorch rows")
+    ap.add_argument("--json", help="write the results as JSON here ('-': stdout)")
+    ap.add_argument("--md", help="write the markdown tables here")
+    args = ap.parse_args()
+    layers = load_layers()
+    if args.torch_only:
+        res = {"torch": torch_rows(layers, args.threads, args.reps)}
+        text = json.dumps(res)
+        if args.json == "-":
+            print(text)
+        elif args.json:
+            Path(args.json).write_text(text)
+        return 0
+    import qconv  # noqa: F401
+    from qconv.backends import _cext
+    sections = set(args.sections.split(","))
+    out = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "cpu": cpu_name(),
+           "cpus": os.cpu_count(), "threads": args.threads, "isa": _cext.best_isa("auto"),
+           "python": platform.python_version(),
+           "command": "python3 benchmarks/bench_call.py " + " ".join(sys.argv[1:])}
+    if "layers" in sections:
+        out["layers"] = qconv_call_rows(layers, args.threads, args.reps)
+        if not args.qconv_only:
+            t = torch_in_child(args)
+            if t:
+                out["torch"] = t
+                out["torch_version"], out["torch_engine"] = t[0]["torch"], t[0]["engine"]
+    if "strided" in sections:
+        out["strided"] = strided_rows(args.threads, args.reps)
+    if "depthwise" in sections:
+        out["depthwise"] = depthwise_rows(args.threads, args.reps)
+    text = render(out)
+    print(text)
+    if args.md:
+        Path(args.md).write_text(text + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

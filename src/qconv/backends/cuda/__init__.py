@@ -1,0 +1,80 @@
+"""The CUDA backend: hand-written kernels compiled at run time by NVRTC, driven through cuda-python.
+
+The whole contract runs on the GPU: stride, explicit and asymmetric padding and groups in the
+implicit-GEMM kernels' index math (FP32, INT32, INT16 on the CUDA cores; INT8 with ``__dp4a`` or
+the tensor cores' ``mma.sync`` s8 x s8 -> s32), depthwise layers (groups == C) in their own
+memory-bound kernels, per-output-channel dequantize factors and bias in the fused epilogue.
+Integer results are bit-identical to the reference backend.
+
+``prepare`` quantizes and packs the kernel once into device memory. A call with device arrays
+(PyTorch, CuPy, DLPack, qconv's DeviceArray) enqueues a few kernels on one stream with no
+allocation, module load or synchronization; maxabs input scales are computed on the device. Host
+arrays go through pinned staging buffers and asynchronous copies, and the call returns when its
+output is on the host.
+
+Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
+    int8_path: "mma" (tensor cores, the default: faster on every measured layer) or "dp4a".
+    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile;
+        for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
+    split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
+    fuse_dequantize: True (default) dequantizes (+ bias) in the convolution's epilogue when
+        split_k == 1 (same bits); False runs the separate epilogue kernel.
+    stream: None (qconv's own stream, ordered with PyTorch's default stream) or the caller's stream
+        (an int handle, a torch.cuda.Stream, a CuPy stream): every call is enqueued on it.
+    timing: True (default) records CUDA events around each phase (ConvResult.phases); False
+        skips them (the phases then read 0), for the leanest call.
+(tile, split_k and int8_path apply to the implicit GEMM; depthwise layers run the depthwise kernels.)
+
+Device outputs are DeviceArrays from a per-stream pool, returned to it when collected. Non-finite
+inputs raise InputError: at the end of a call with host arrays; for device arrays when the call's
+result is looked at (Conv.result, DeviceArray.copy_to_host / np.asarray / synchronize), since
+the hot path never waits for the GPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ...contract import Plan
+from ..base import BackendRun, run_once
+from ._arrays import DeviceArray, to_device, to_host
+from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
+from ._prepared import NAME, OPTIONS, Prepared
+from ._tiling import (F32_AUTO, INT8_PATHS, MMA_TILES, OUTER_TILES, TILES, choose_tiling, kernel_names,
+                      outer_name as _outer_name, outer_threads as _outer_threads)
+
+ACCEPTS_DEVICE_ARRAYS = True
+
+__all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
+           "profile", "Prepared", "DeviceArray", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
+           "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "release_pools"]
+
+
+def prepare(plan: Plan, w: np.ndarray) -> Prepared:
+    return Prepared(plan, w)
+
+
+def run(plan: Plan, x: Any, w: np.ndarray) -> BackendRun:
+    """One-shot prepare(plan, w).run(x) (tests and benchmarks that hold a Plan)."""
+    return run_once(prepare, plan, x, w)
+
+
+def profile(plan: Plan, x: Any, w: np.ndarray, reps: int = 50) -> dict[str, Any]:
+    """Median kernel times of `reps` back-to-back calls (Prepared.profile) for a one-shot plan."""
+    import dataclasses
+
+    from ...contract import conv_spec
+    if plan.spec is None:
+        plan = dataclasses.replace(plan, spec=conv_spec(w.shape))
+    return prepare(plan, w).profile(x, reps)
+
+
+def release_pools() -> None:
+    """Free the pooled device outputs and scratch buffers that no array references."""
+    from ._driver import current
+    rt = current()
+    if rt is not None:
+        rt.make_current()
+        rt.release_pools()

@@ -1,0 +1,189 @@
+"""Per-input-shape jobs of a prepared convolution: which kernels a call enqueues, their launch
+configurations and parameter structs, built once per (geometry, input alignment); a call writes
+pointers into the structs and enqueues (see _prepared.py for the paths, _tiling.py for the layouts)."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from ...contract import Geometry, Precision
+from ...errors import InputError
+from . import _driver, _tiling
+from ._launch import ConvParams, DwParams, PassParams
+from ._streams import StreamCtx
+
+if TYPE_CHECKING:
+    from ._prepared import Prepared, Record
+
+
+class Job:
+    """One input shape: launch configurations and parameter structs built once; a call writes
+    pointers into them and enqueues. Stages: an optional pass before the main kernel (phase
+    `first`), the main kernel ("convolve"), an optional epilogue pass (phase `last`)."""
+
+    pre: "_driver.Launch | None" = None
+    pre_writes: bool = False          # the pass writes the packed input (xq)
+    post: "_driver.Launch | None" = None
+    scan_in_main: bool = False        # the main kernel scans x for NaN/inf itself
+    xq_bytes: int = 0
+    split_words: int = 0
+    first, last = "quantize", "dequantize"
+
+    @property
+    def n_events(self) -> int:
+        return 2 + (self.pre is not None) + (self.post is not None)
+
+    def enqueue(self, ctx: StreamCtx, x_ptr: int, out_ptr: int, rec: Record, ev0: int | None) -> None:
+        rt, s, h = ctx.rt, ctx.stream, ctx.handle
+        ev, i = rec.events, ev0
+        xq = ctx.scratch("xq", self.xq_bytes) if self.xq_bytes else x_ptr
+        if i is not None:
+            rt.record(ev[i], h)
+        if self.pre is not None:
+            pp = self.pre.params
+            pp.x = x_ptr
+            if self.pre_writes:
+                pp.out = xq
+            self.pre.launch(s, h)
+            if i is not None:
+                rt.record(ev[i + 1], h)
+                rec.marks.append((self.first, i, i + 1))
+                i += 1
+        if self.split_words:
+            _driver.ck(rt.drv.cuMemsetD32Async(out_ptr, 0, self.split_words, s), "cuMemsetD32Async(output)")
+        cp = self.main.params
+        cp.x, cp.out, cp.slot = xq, out_ptr, rec.slot[1]
+        if self.scan_in_main:
+            cp.scan_x = x_ptr
+        self.main.launch(s, h)
+        if i is not None:
+            rt.record(ev[i + 1], h)
+            rec.marks.append(("convolve", i, i + 1))
+            i += 1
+        if self.post is not None:
+            self.post.params.out = out_ptr
+            self.post.launch(s, h)
+            if i is not None:
+                rt.record(ev[i + 1], h)
+                rec.marks.append((self.last, i, i + 1))
+
+
+class GemmJob(Job):
+    """The implicit-GEMM kernels. Integers: [fused scan + quantize (maxabs, one cooperative
+    launch) | quantize] -> convolve (+ dequantize, bias) [-> epilogue]. FP32: [pad] -> convolve
+    (+ bias; scans x itself when it reads x in place) [-> bias after split-K]."""
+
+    def __init__(self, prep: Prepared, g: Geometry, aligned: bool) -> None:
+        rt, plan, prec, lay, spec, o = prep.rt, prep.plan, prep.prec, prep.layout, prep.spec, prep.opts
+        assert lay is not None  # (a job keeps no reference to prep: no cycle, so a dropped Prepared is freed at once)
+        m = g.n * g.ho * g.wo
+        if max(m, g.n * g.h * g.w) > _tiling.INT_LIMIT:
+            raise InputError(f"the cuda backend indexes pixels with 32-bit ints: {g.n}x{g.h}x{g.w} -> "
+                             f"{g.n}x{g.ho}x{g.wo} is too large; split the batch")
+        mma = prec is Precision.INT8 and o.int8_path == "mma"
+        bkw = _tiling.MMA_BKW if mma else _tiling.SIMT_BKW
+        ktiles = lay.kpw // bkw
+        tile, outer = o.tile, None
+        if tile in _tiling.OUTER_TILES:
+            if prec is not Precision.FP32:
+                raise InputError(f"tile {tile!r} is an FP32 outer-product tile")
+            outer, tile = tile, tile.split("/")[0]
+        (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups)
+        if prec is Precision.FP32 and tile == "auto":
+            outer = _tiling.F32_AUTO.get((bm, bn))
+        kps = math.ceil(ktiles / split)
+        self.split = split = math.ceil(ktiles / kps)
+        module, prefix = _tiling.conv_kernel(prec, o.int8_path)
+        if outer is not None:
+            module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
+                _tiling.outer_threads(outer)
+        else:
+            self.smem = _tiling.STAGES * (bm + bn) * (bkw + 4) * 4
+            self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
+        self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
+        fused = prec.is_integer and o.fuse_dequantize
+        mode = 2 if split > 1 else (1 if fused else 0)
+        npix = g.n * g.h * g.w
+        nx = npix * spec.c
+        vec_x = aligned and nx % 4 == 0
+        self.scan_in_main = prec is Precision.FP32 and not lay.padded and aligned
+        self.xq_bytes = 0 if self.scan_in_main else npix * lay.xpw * 4
+        self.split_words = m * spec.oc if split > 1 else 0   # zeroed before split-K's atomics
+        st = prep.stats
+
+        def pass_params(**kw: Any) -> PassParams:
+            return PassParams(stats=st, s_w=prep.s_w_dev, inv=prep.inv_dev, bias=prep.bias_dev, OC=spec.oc,
+                              C=spec.c, G=spec.groups, icg=lay.icg, icgp=lay.icgp, **kw)
+
+        if prec.is_integer:
+            self.first = "quantize"
+            qv = vec_x and not lay.padded
+            items = nx // 4 if qv else npix * spec.groups * lay.icgp
+            p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
+                            s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs))
+            suf = _tiling.QUANT_SUFFIX[prec]
+            if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
+                name = f"qconv_scan_quantize_x_{suf}"
+                blocks = min(_tiling.grid1(items, rt.num_sms)[0], _driver.resident_blocks(rt, "quant.cu", name, 256))
+                self.pre = _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), 256, 0, p, cooperative=True)
+            else:
+                self.pre = _driver.Launch(rt, "quant.cu", f"qconv_quantize_x_{suf}", _tiling.grid1(items, rt.num_sms),
+                                          256, 0, p)
+            self.pre_writes = True
+        elif not self.scan_in_main:
+            self.first = "pack"
+            p = pass_params(n=nx)
+            self.pre = _driver.Launch(rt, "quant.cu", "qconv_pad_x_f32",
+                                      _tiling.grid1(npix * spec.groups * lay.icgp, rt.num_sms), 256, 0, p)
+            self.pre_writes = True
+        cp = ConvParams(w=prep.w_dev, inv=prep.inv_dev, bias=prep.bias_dev, stats=st, scan_n=nx if self.scan_in_main else 0,
+                        wgs=lay.wgs(), N=g.n, H=g.h, W=g.w, Cw=lay.cw, XPW=lay.xpw, KH=spec.kh, KW=spec.kw, pt=g.pt,
+                        pl=g.pl, sh=spec.stride[0], sw=spec.stride[1], Ho=g.ho, Wo=g.wo, OC=spec.oc, OCg=lay.ocg,
+                        Kpw=lay.kpw, M=m, T=spec.kh * spec.kw, ktiles=ktiles, ktiles_per_split=kps, splits=split,
+                        mode=mode, vec_out=1, scan_vec=int(vec_x), inv_uniform=int(not plan.per_channel))
+        self.main = _driver.Launch(rt, module, self.conv_name, self.grid, threads, self.smem, cp)
+        vec = spec.oc % 4 == 0
+        grid = _tiling.grid1(m * spec.oc // (4 if vec else 1), rt.num_sms)
+        if prec.is_integer and mode != 1:
+            self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
+                                       pass_params(n=m * spec.oc, vec=int(vec), mode=1))
+        elif prec is Precision.FP32 and split > 1 and plan.bias is not None:
+            self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
+                                       pass_params(n=m * spec.oc, vec=int(vec), mode=0))
+            self.last = "convolve"
+
+
+class DwJob(Job):
+    """The depthwise kernels (groups == C): one pass that quantizes on load and scans the input for
+    NaN/inf itself; with maxabs a scan pass first computes s_x and inv[o]."""
+
+    def __init__(self, prep: Prepared, g: Geometry, aligned: bool) -> None:
+        rt, plan, prec, spec = prep.rt, prep.plan, prep.prec, prep.spec
+        mult = spec.oc // spec.groups
+        vector = aligned and mult == 1 and spec.c % 4 == 0
+        cv, tw = (_tiling.DW_TILE if vector else (1, _tiling.DW_TILE[1]))
+        tiles_w = math.ceil(g.wo / tw)
+        total = g.n * g.ho * tiles_w * (spec.oc // cv)
+        if total > _tiling.INT_LIMIT or g.n * g.h * g.w * spec.c > 2**40:
+            raise InputError(f"the depthwise kernel indexes its work with 32-bit ints: {g.out_shape} is too "
+                             f"large; split the batch")
+        nx = g.n * g.h * g.w * spec.c
+        vec_x = aligned and nx % 4 == 0
+        self.first = "quantize" if prec.is_integer else "pack"
+        if prep.maxabs:
+            p = PassParams(stats=prep.stats, s_w=prep.s_w_dev, inv=prep.inv_dev, OC=spec.oc, n=nx,
+                           q=plan.input_q or 0, vec=int(vec_x), do_max=1)
+            self.pre = _driver.Launch(rt, "quant.cu", "qconv_scan_x",
+                                      _tiling.grid1(nx // 4 if vec_x else nx, rt.num_sms), 256, 0, p)
+        self.scan_in_main = not prep.maxabs
+        self.conv_name = _tiling.dw_kernel(prec, vector, spec.kh, spec.kw, spec.stride[1])
+        dp = DwParams(w=prep.w_dev, inv=prep.inv_dev, bias=prep.bias_dev, stats=prep.stats,
+                      scan_n=nx if self.scan_in_main else 0, N=g.n, H=g.h, W=g.w,
+                      C=spec.c, KH=spec.kh, KW=spec.kw, pt=g.pt, pl=g.pl, sh=spec.stride[0], sw=spec.stride[1],
+                      Ho=g.ho, Wo=g.wo, OC=spec.oc, mult=mult, tiles_w=tiles_w, s=float(plan.s_x or 0.0),
+                      dev_scale=int(prep.maxabs), qmax=prec.qmax if prec.is_integer else 0,
+                      trunc=int(plan.truncate), scan_vec=int(vec_x))
+        self.grid = _tiling.grid1(total, rt.num_sms, per_sm=32)
+        self.split, self.smem = 1, 0
+        self.main = _driver.Launch(rt, "conv_dw.cu", self.conv_name, self.grid, _tiling.BLOCK, 0, dp)

@@ -1,0 +1,392 @@
+"""The prepared convolution on the GPU: the kernel quantized (contract.quantize_kernel, on the host,
+so the bits are the contract's) and packed once into device memory; each call enqueues a few
+kernels on one stream with no allocation, module load or synchronization for device arrays.
+
+Per call, by path (every kernel reads and writes device memory only):
+  implicit GEMM, integers: [scan x: max|x| -> s_x, inv[o] (maxabs only)] -> quantize x into the
+      packed layout -> convolve (+ dequantize and bias fused in the epilogue) [-> epilogue pass
+      when split-K or fuse_dequantize=False]
+  implicit GEMM, FP32: scan x (finiteness) or pad x (channels not a multiple of 4, unaligned
+      input) -> convolve (+ bias) [-> bias pass after split-K]
+  depthwise (groups == C): scan x (finiteness; maxabs too) -> depthwise kernel (quantize on load)
+
+The scan and quantize passes set the call's non-finite flag on the device; the convolution's
+first thread copies it (and s_x) to the call's record in mapped host memory. Host arrays: the call
+waits, reads the record and raises at its end. Device arrays: nothing waits; the record is read
+when the result is asked for (Conv.result(), BackendRun.phases / .s_x), or when the output is read
+back through qconv (DeviceArray.copy_to_host, np.asarray, DeviceArray.synchronize).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...contract import ConvSpec, Geometry, Plan, conv_spec, dequant_factor, quantize_kernel
+from ...errors import InputError
+from ..base import PHASES, BackendRun, check_options
+from . import _arrays, _driver, _tiling
+from ._jobs import DwJob, GemmJob
+from ._streams import StreamCtx
+
+NAME = "cuda"
+OPTIONS = ("int8_path", "tile", "split_k", "fuse_dequantize", "stream", "timing")
+NONFINITE = "input holds non-finite value(s) (NaN or inf): qconv convolves finite data only"
+CHUNK = 2 << 20        # host input -> pinned staging, in chunks: each chunk's DMA starts when it is copied
+PARALLEL_MIN = 4 << 20  # from this size the chunks are copied by a thread pool (numpy releases the GIL)
+_pool: Any = None
+
+
+def _stage_in(x: np.ndarray, pin: int, xd: int, stream: Any, drv: Any) -> None:
+    """Copy a host input into the pinned staging buffer and on to the device: chunk k's DMA is
+    enqueued as soon as chunk k is copied, so host copies overlap the transfers; big inputs are
+    copied by several threads at once (one thread's memcpy is far below PCIe bandwidth)."""
+    global _pool
+    n = x.nbytes
+    src = x.reshape(-1).view(np.uint8)
+    dst = np.ctypeslib.as_array((ctypes.c_uint8 * n).from_address(pin))
+    chunks = [(a, min(a + CHUNK, n)) for a in range(0, n, CHUNK)]
+
+    def copy(ab: tuple[int, int]) -> None:
+        dst[ab[0]:ab[1]] = src[ab[0]:ab[1]]
+
+    if n >= PARALLEL_MIN:
+        if _pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            _pool = ThreadPoolExecutor(8, thread_name_prefix="qconv-stage")
+        done = _pool.map(copy, chunks)
+    else:
+        done = map(copy, chunks)
+    for (a, b), _ in zip(chunks, done):  # in order, each as soon as its copy is done
+        _driver.ck(drv.cuMemcpyHtoDAsync(xd + a, pin + a, b - a, stream), "cuMemcpyHtoDAsync(input)")
+
+
+@dataclass(frozen=True)
+class Options:
+    int8_path: str = "mma"
+    tile: str = "auto"
+    split_k: Any = "auto"
+    fuse_dequantize: bool = True
+    stream: int | None = None
+    timing: bool = True
+
+
+def parse_options(options: dict[str, Any]) -> Options:
+    check_options(NAME, options, OPTIONS)
+    o = Options(**{k: v for k, v in options.items() if k != "stream"},
+                stream=_driver.stream_handle(options.get("stream")))
+    if o.int8_path not in _tiling.INT8_PATHS:
+        raise InputError(f"int8_path {o.int8_path!r}: use one of {', '.join(_tiling.INT8_PATHS)}")
+    if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.OUTER_TILES:
+        _tiling.parse_tile(str(o.tile))  # raises with the list
+    if o.split_k != "auto" and (isinstance(o.split_k, bool) or not isinstance(o.split_k, int) or o.split_k < 1):
+        raise InputError(f"split_k must be 'auto' or a positive int, got {o.split_k!r}")
+    for k in ("fuse_dequantize", "timing"):
+        if not isinstance(getattr(o, k), bool):
+            raise InputError(f"{k} must be True or False, got {getattr(o, k)!r}")
+    return o
+
+
+# --------------------------------------------------------------------------- call records
+
+class Record:
+    """One call: its host-mapped slot (flag, s_x, max|x| written by the convolution kernel) and
+    its timing events. resolve() waits for the call, reads them once and gives them back."""
+
+    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "_phases", "_s_x", "_error", "_done")
+
+    def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool) -> None:
+        self.ctx, self.maxabs = ctx, maxabs
+        self.slot = ctx.take_slot()
+        self.events = ctx.take_events(n_events) if n_events else []
+        self.marks: list[tuple[str, int, int]] = []   # (phase, from event, to event)
+        self._done = False
+        self._phases: dict[str, float] = {}
+        self._s_x: np.float32 | None = None
+        self._error: str | None = None
+
+    def resolve(self) -> "Record":
+        if not self._done:
+            ctx, drv = self.ctx, self.ctx.rt.drv
+            ctx.rt.make_current()
+            if self.events:
+                _driver.ck(drv.cuEventSynchronize(self.events[-1]), "cuEventSynchronize")
+            else:
+                _driver.ck(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
+            flag = ctypes.c_int.from_address(self.slot[0]).value
+            s_x = ctypes.c_float.from_address(self.slot[0] + 4).value
+            m = ctypes.c_float.from_address(self.slot[0] + 8).value
+            ph = {p: 0.0 for p in PHASES}
+            for name, a, b in self.marks:
+                ph[name] += ctx.rt.elapsed(self.events[a], self.events[b])
+            self._phases = ph
+            if self.maxabs:
+                self._s_x = np.float32(s_x)
+            self._error = _flag_message(flag, m)
+            self._release()
+        if self._error:
+            raise InputError(self._error)
+        return self
+
+    def phases(self) -> dict[str, float]:
+        return self.resolve()._phases
+
+    def s_x(self) -> np.float32 | None:
+        return self.resolve()._s_x
+
+    def _release(self) -> None:
+        if not self._done:
+            self._done = True
+            self.ctx.give_slot(self.slot)
+            if self.events:
+                self.ctx.give_events(self.events)
+                self.events = []
+
+    def __del__(self) -> None:
+        try:
+            self._release()
+        except Exception:
+            pass
+
+
+def _flag_message(flag: int, m: float) -> str | None:
+    if flag & 1:
+        return NONFINITE
+    if flag & 8:
+        return (f"max|value| = {m:.3g} is too small to scale within float32: the input is all "
+                f"(near-)denormal")
+    if flag & 4:
+        return ("the per-call input scale makes 1/(s_input*s_kernel) leave float32 (between about 1e-38 "
+                "and 3e38): the input's largest magnitude is too far from the kernel's")
+    return None
+
+
+class LazyRun(BackendRun):
+    """A device call's BackendRun: phases and s_x are read from its record when first asked for
+    (that waits for the call), so the hot path (Conv.__call__) never synchronizes."""
+
+    def __init__(self, output: Any, record: Record, s_x: np.float32 | None) -> None:  # noqa: D107
+        self.output, self._record, self._fixed_s_x, self.wrapped = output, record, s_x, None
+
+    @property  # type: ignore[override]
+    def phases(self) -> dict[str, float]:
+        return self._record.phases()
+
+    @property  # type: ignore[override]
+    def s_x(self) -> np.float32 | None:
+        if self._record.maxabs:
+            return self._record.s_x()
+        self._record.resolve()  # the flag is checked whenever the result is looked at
+        return self._fixed_s_x
+
+
+# --------------------------------------------------------------------------- the prepared kernel
+
+class Prepared:
+    """The kernel quantized, packed and resident in device memory, with its dequantize factors,
+    kernel scales and bias; calls are enqueued on one stream (qconv's, or stream=)."""
+
+    def __init__(self, plan: Plan, w: np.ndarray) -> None:
+        self.opts = parse_options(plan.options)
+        self.rt = rt = _driver.runtime()
+        self.ctx = rt.stream_ctx(self.opts.stream)
+        self.plan = plan
+        self.spec: ConvSpec = plan.spec or conv_spec(w.shape)
+        prec = self.prec = plan.precision
+        spec = self.spec
+        self.depthwise = _tiling.is_depthwise(spec)
+        self.maxabs = prec.is_integer and plan.s_x is None
+        wq = quantize_kernel(w, plan.s_w, prec, plan.rounding) if prec.is_integer else np.asarray(w, np.float32)
+        if self.depthwise:
+            self.layout = None
+            packed = _tiling.pack_dw_weights(wq)
+        else:
+            self.layout = _tiling.gemm_layout(prec, spec)
+            if self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
+                raise InputError(f"the packed kernel {w.shape} would exceed 2^31 words, the cuda kernels' "
+                                 f"32-bit offsets")
+            packed = _tiling.pack_gemm_weights(wq, self.layout)
+        oc = spec.oc
+        self._owned: list[int] = []
+        self._jobs: dict[tuple[Geometry, bool], Any] = {}
+        self._by_id: dict[tuple[int, bool], Any] = {}
+        self._dirty = False
+        with self.ctx.lock:
+            self.w_dev = self._upload(packed)
+            self.bias_dev = self._upload(np.asarray(plan.bias, np.float32)) if plan.bias is not None else 0
+            self.stats = self._upload(np.zeros(8, np.int32))
+            self.inv_dev = self.s_w_dev = 0
+            if prec.is_integer:
+                if self.maxabs:
+                    self.s_w_dev = self._upload(np.broadcast_to(np.asarray(plan.s_w, np.float32), (oc,)))
+                    self.inv_dev = self._upload(np.zeros(oc, np.float32))  # written by each call's scan
+                else:
+                    self.inv_dev = self._upload(np.broadcast_to(dequant_factor(plan.s_x, plan.s_w), (oc,)))
+        import weakref
+        weakref.finalize(self, _free, self._owned, self.ctx.stream)
+
+    def _upload(self, a: np.ndarray) -> int:
+        a = np.ascontiguousarray(a)
+        drv = self.rt.drv
+        ptr = int(_driver.ck(drv.cuMemAlloc(max(a.nbytes, 16)), f"cuMemAlloc({a.nbytes} bytes)"))
+        self._owned.append(ptr)
+        _driver.ck(drv.cuMemcpyHtoD(ptr, a.ctypes.data, a.nbytes), "cuMemcpyHtoD")
+        return ptr
+
+    # ---------------------------------------------------------------- jobs: one per input shape
+
+    def job(self, geom: Geometry, aligned: bool) -> "GemmJob | DwJob":
+        # Conv hands the same Geometry object for the same input shape: look it up by identity
+        # first (a job keeps its geometry alive, so the id cannot be reused), then by value.
+        j = self._by_id.get((id(geom), aligned))
+        if j is not None:
+            return j
+        with self.ctx.lock:
+            j = self._jobs.get((geom, aligned))
+            if j is None:
+                j = (DwJob if self.depthwise else GemmJob)(self, geom, aligned)
+                j.geom, j.out_shape = geom, geom.out_shape
+                j.out_bytes = 4 * math.prod(geom.out_shape)
+                self._jobs[(geom, aligned)] = j
+            if j.geom is geom:
+                self._by_id[(id(geom), aligned)] = j
+        return j
+
+    def _events_needed(self, job: Any, host: bool) -> int:
+        if not self.opts.timing:
+            return 1 if host else 0
+        return job.n_events + (2 if host else 0)
+
+    # ---------------------------------------------------------------- calls
+
+    def run(self, x: Any, geom: Geometry, out: Any = None) -> BackendRun:
+        if isinstance(x, np.ndarray):
+            return self._run_host(x, geom, out)
+        return self._run_device(x, geom, out)
+
+    def _run_device(self, x: Any, geom: Geometry, out: Any) -> BackendRun:
+        ctx = self.ctx
+        self.rt.make_current()
+        keep: list[Any] = []
+        with ctx.lock:
+            x_ptr, _ = _arrays.device_view(x, "input", ctx, keep)
+            job = self.job(geom, x_ptr % 16 == 0)
+            if out is None:
+                out_ptr = ctx.take_output(job.out_bytes)
+                y = _arrays.DeviceArray(out_ptr, job.out_shape, ctx, pool=True)
+            else:
+                if isinstance(out, np.ndarray):
+                    raise InputError("out= must be a device array for device inputs (the output stays on the GPU)")
+                out_ptr, _ = _arrays.device_view(out, "out", ctx, keep)
+                if out_ptr % 16:
+                    raise InputError("out= must start on a 16-byte boundary")
+                y = out
+            rec = Record(ctx, self._events_needed(job, False), self.maxabs)
+            self._enqueue(job, x_ptr, out_ptr, rec, 0 if rec.events else None)
+        if isinstance(y, _arrays.DeviceArray):
+            y._record = rec
+        return LazyRun(y, rec, None if self.maxabs else self.plan.s_x)
+
+    def _run_host(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None) -> BackendRun:
+        ctx, rt, drv = self.ctx, self.rt, self.rt.drv
+        rt.make_current()
+        shape = geom.out_shape
+        ybytes = 4 * math.prod(shape)
+        job = self.job(geom, True)
+        ck = _driver.ck
+        with ctx.lock:
+            xd = ctx.scratch("x_in", x.nbytes)
+            yd = ctx.scratch("y_out", ybytes)
+            pin = ctx.pinned("x_pin", x.nbytes)
+            rec = Record(ctx, self._events_needed(job, True), self.maxabs)
+            ev, s = rec.events, ctx.stream
+            timing = self.opts.timing
+            if timing:
+                rt.record(ev[0], ctx.handle)
+            _stage_in(x, pin, xd, s, drv)
+            self._enqueue(job, xd, yd, rec, 1 if timing else None)
+            y = out if out is not None else _arrays.host_output(ctx, shape)
+            ck(drv.cuMemcpyDtoHAsync(y.ctypes.data, yd, ybytes, s), "cuMemcpyDtoHAsync(output)")
+            rt.record(ev[-1], ctx.handle)
+            if timing:
+                last = len(ev) - 2
+                rec.marks += [("transfer", 0, 1), ("transfer", last, last + 1)]
+            rec.resolve()
+        return BackendRun(y, rec.phases(), None, rec.s_x() if self.maxabs else self.plan.s_x)
+
+    def _enqueue(self, job: Any, x_ptr: int, out_ptr: int, rec: Record, ev0: int | None) -> None:
+        """Enqueue one call on ctx's stream (ctx.lock held): events ev0.. around the phases (None: untimed)."""
+        ctx = self.ctx
+        try:
+            if self._dirty:  # a call failed halfway: its flag may still be set
+                _driver.ck(self.rt.drv.cuMemsetD32Async(self.stats, 0, 8, ctx.stream), "cuMemsetD32Async(stats)")
+                self._dirty = False
+            job.enqueue(ctx, x_ptr, out_ptr, rec, ev0)
+        except BaseException:
+            self._dirty = True
+            raise
+
+    # ---------------------------------------------------------------- benchmarks
+
+    def profile(self, x: Any, reps: int = 50) -> dict[str, Any]:
+        """Kernel times for benchmarks: `reps` calls on device-resident x enqueued back to back
+        behind the stream gate (so events time GPU work, not Python), median seconds per phase."""
+        rt, ctx = self.rt, self.ctx
+        rt.make_current()
+        dev = _arrays.to_device(x) if isinstance(x, np.ndarray) else x
+        keep: list[Any] = []
+        with ctx.lock:
+            x_ptr, xs = _arrays.device_view(dev, "input", ctx, keep)
+        geom = self.spec.geometry(xs)
+        job = self.job(geom, x_ptr % 16 == 0)
+        out = _arrays.DeviceArray(ctx.take_output(4 * math.prod(geom.out_shape)), geom.out_shape, ctx, pool=True)
+        samples: dict[str, list[float]] = {}
+        import gc
+        gc_was = gc.isenabled()
+        gc.disable()  # no finalizer may synchronize the stream while the gate holds it
+        try:
+            self._profile(job, x_ptr, out, reps, samples)
+        finally:
+            if gc_was:
+                gc.enable()
+        med = {k: float(np.median(v)) for k, v in samples.items()}
+        return {"median": med, "samples": samples, "kernel": job.conv_name, "split_k": job.split,
+                "grid": job.grid, "smem": job.smem}
+
+    def _profile(self, job: Any, x_ptr: int, out: Any, reps: int, samples: dict[str, list[float]]) -> None:
+        rt, ctx = self.rt, self.ctx
+        with ctx.lock:
+            rec = Record(ctx, job.n_events, self.maxabs)
+            self._enqueue(job, x_ptr, out.ptr, rec, 0)  # warm-up (module loads) outside the gate
+            rec.resolve()
+            done = 0
+            while done < reps:
+                batch = min(64, reps - done)  # bounded: the launch queue must never fill behind the gate
+                recs = [Record(ctx, job.n_events, self.maxabs) for _ in range(batch)]
+                rt.gate_close(ctx.stream)
+                try:
+                    for r in recs:
+                        self._enqueue(job, x_ptr, out.ptr, r, 0)
+                finally:
+                    rt.gate_open()
+                for r in recs:
+                    for k, v in r.phases().items():
+                        samples.setdefault(k, []).append(v)
+                done += batch
+
+
+def _free(ptrs: list[int], stream: Any) -> None:
+    rt = _driver.current()
+    if rt is None:
+        return
+    try:
+        rt.make_current()
+        rt.drv.cuStreamSynchronize(stream)  # calls in flight may still read the weights
+        for p in ptrs:
+            rt.drv.cuMemFree(p)
+    except Exception:
+        pass

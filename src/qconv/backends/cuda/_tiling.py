@@ -1,0 +1,218 @@
+"""The cuda backend's pure decisions, testable without a GPU: kernel names and tiles, the packed
+layouts of activations and weights, weight packing (numpy), tile and split-K choice.
+
+Constants here mirror the .cu sources: SIMT_BKW / MMA_BKW are the K words per pipeline stage of
+qconv_simt.cu / conv_s8_mma.cu, STAGES their pipeline depth, DW_TILE the depthwise kernels'
+channels x output columns per thread (conv_dw.cu).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ...contract import ConvSpec, Precision
+from ...errors import InputError
+
+INT8_PATHS = ("mma", "dp4a")
+TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
+MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
+STAGES = 3
+# FP32 outer-product kernels (conv_f32_outer.cu): "BMxBN/TMxTN" (threads = BM*BN/(TM*TN))
+OUTER_TILES = ("128x128/8x8", "128x64/8x4", "128x64/8x8", "128x64/8x8/k8", "64x64/4x4", "64x64/8x4",
+               "64x32/4x4")  # "/k8": 8-word K tiles
+# FP32 "auto": block tile (from choose_tiling) -> outer-product tile; a block tile not listed runs
+# the SIMT kernel (64x64 + split-K at N=1 measured 17-18 us SIMT vs 21-22 us outer, RESULTS.md)
+F32_AUTO = {(128, 64): "128x64/8x8/k8"}
+SIMT_BKW, MMA_BKW = 16, 32  # K words per pipeline stage
+KPW_ALIGN = 32              # packed K in words: a multiple of both stages
+OC_ALIGN = 128              # packed output channels per group: a multiple of every BN
+DW_TILE = (4, 4)            # depthwise: channels (float4) x output columns per thread
+DW_FIXED = ((3, 1), (3, 2), (5, 1), (5, 2))  # depthwise KxK kernels / column strides compiled as such (FP32)
+DW_FIXED_INT = ((3, 1), (3, 2))              # (integers: the 5x5 specialization spills, conv_dw.cu)
+BLOCK = 256                 # threads of the elementwise and depthwise kernels
+INT_LIMIT = 2**31 - 1       # kernels index pixels and outputs with 32-bit ints
+
+ELEM = {Precision.FP32: 4, Precision.INT32: 4, Precision.INT16: 2, Precision.INT8: 1}
+_CONV = {  # precision / int8 path -> (module, kernel name prefix)
+    Precision.FP32: ("conv_f32.cu", "qconv_f32_conv_simt"),
+    Precision.INT32: ("conv_s32.cu", "qconv_s32_conv_simt"),
+    Precision.INT16: ("conv_s16.cu", "qconv_s16_conv_simt"),
+    "mma": ("conv_s8_mma.cu", "qconv_s8_conv_mma"),
+    "dp4a": ("conv_s8_dp4a.cu", "qconv_s8_conv_dp4a"),
+}
+QUANT_SUFFIX = {Precision.INT32: "s32", Precision.INT16: "s16", Precision.INT8: "s8"}
+
+
+def conv_kernel(precision: Precision, int8_path: str) -> tuple[str, str]:
+    """(module, name prefix) of the implicit-GEMM kernel for a precision."""
+    return _CONV[int8_path if precision is Precision.INT8 else precision]
+
+
+def outer_name(tile: str) -> str:
+    return "qconv_f32_conv_outer_" + tile.replace("/", "_")
+
+
+def outer_threads(tile: str) -> int:
+    (bm, bn), (tm, tn) = (tuple(int(v) for v in part.split("x")) for part in tile.split("/")[:2])
+    return bm * bn // (tm * tn)
+
+
+def dw_kernel(precision: Precision, vector: bool, kh: int = 0, kw: int = 0, sw: int = 0) -> str:
+    """The depthwise kernel: vector (4 channels, aligned, no channel multiplier) or scalar; the vector
+    kernel has compile-time specializations for square kernels and column strides in DW_FIXED."""
+    c, w = DW_TILE if vector else (1, DW_TILE[1])
+    name = f"qconv_{'f32' if precision is Precision.FP32 else 'q32'}_dwconv_c{c}w{w}"
+    if vector and kh == kw and (kh, sw) in (DW_FIXED if precision is Precision.FP32 else DW_FIXED_INT):
+        name += f"_k{kh}s{sw}"
+    return name
+
+
+def kernel_names() -> dict[str, list[str]]:
+    """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
+    out: dict[str, list[str]] = {}
+    for key, (mod, prefix) in _CONV.items():
+        out[mod] = [f"{prefix}_{t}" for t in (MMA_TILES if key == "mma" else TILES)]
+    out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
+    out["conv_dw.cu"] = [dw_kernel(p, v) for p in (Precision.FP32, Precision.INT8) for v in (True, False)] + [
+        dw_kernel(Precision.FP32, True, k, k, s) for k, s in DW_FIXED] + [
+        dw_kernel(Precision.INT8, True, k, k, s) for k, s in DW_FIXED_INT]
+    out["quant.cu"] = ["qconv_scan_x", "qconv_pad_x_f32", "qconv_epilogue", "qconv_gate_wait"] + [
+        f"qconv_{k}_x_{s}" for k in ("quantize", "scan_quantize") for s in ("s8", "s16", "s32")]
+    return out
+
+
+def roundup(a: int, b: int) -> int:
+    return (a + b - 1) // b * b
+
+
+def is_depthwise(spec: ConvSpec) -> bool:
+    """groups == C (one input channel per group, any channel multiplier): the depthwise kernels."""
+    return spec.groups > 1 and spec.icg == 1
+
+
+# --------------------------------------------------------------------------- implicit-GEMM layout
+
+@dataclass(frozen=True)
+class GemmLayout:
+    """Where the implicit GEMM finds its operands. Activations: each pixel is xpw 32-bit words, G
+    groups of cw words (icg channels padded to icgp, so every 16-byte chunk lies in one group).
+    Weights: [G][ocgp][kpw] words, k = tap * icgp + c, zero-padded."""
+
+    elem: int     # bytes per element
+    groups: int
+    icg: int      # input channels per group
+    icgp: int     # padded: icgp * elem is a multiple of 16 bytes
+    taps: int     # KH * KW
+    ocg: int      # output channels per group
+    ocgp: int     # padded to OC_ALIGN
+
+    @property
+    def cw(self) -> int:
+        return self.icgp * self.elem // 4
+
+    @property
+    def xpw(self) -> int:
+        return self.groups * self.cw
+
+    @property
+    def kpw(self) -> int:
+        return roundup(self.taps * self.cw, KPW_ALIGN)
+
+    @property
+    def kp(self) -> int:
+        """Packed K in elements."""
+        return self.kpw * 4 // self.elem
+
+    @property
+    def padded(self) -> bool:
+        """The channels need padding: the activations cannot be read in place."""
+        return self.icgp != self.icg
+
+    def wgs(self) -> int:
+        """Words per group of packed weights."""
+        return self.ocgp * self.kpw
+
+
+def gemm_layout(precision: Precision, spec: ConvSpec) -> GemmLayout:
+    elem = ELEM[precision]
+    icgp = roundup(spec.icg, 16 // elem)
+    ocg = spec.oc // spec.groups
+    return GemmLayout(elem, spec.groups, spec.icg, icgp, spec.kh * spec.kw, ocg, roundup(ocg, OC_ALIGN))
+
+
+def pack_gemm_weights(wq: np.ndarray, lay: GemmLayout) -> np.ndarray:
+    """(KH, KW, OC, icg) quantized (or FP32) kernel -> [G][ocgp][kp] of the same dtype."""
+    kh, kw, oc, icg = wq.shape
+    a = wq.reshape(lay.taps, lay.groups, lay.ocg, icg).transpose(1, 2, 0, 3)  # G, ocg, taps, icg
+    buf = np.zeros((lay.groups, lay.ocgp, lay.taps, lay.icgp), dtype=wq.dtype)
+    buf[:, :lay.ocg, :, :icg] = a
+    out = np.zeros((lay.groups, lay.ocgp, lay.kp), dtype=wq.dtype)
+    out[:, :, :lay.taps * lay.icgp] = buf.reshape(lay.groups, lay.ocgp, -1)
+    return out
+
+
+def pack_dw_weights(wq: np.ndarray) -> np.ndarray:
+    """(KH, KW, OC, 1) depthwise kernel -> [KH*KW][OC], int32 for the integer paths."""
+    kh, kw, oc, _ = wq.shape
+    dt = np.float32 if wq.dtype == np.float32 else np.int32
+    return np.ascontiguousarray(wq.reshape(kh * kw, oc).astype(dt))
+
+
+# --------------------------------------------------------------------------- choices
+
+def parse_tile(t: str, mma: bool = False) -> tuple[int, int]:
+    tiles = MMA_TILES if mma else TILES
+    if t not in tiles:
+        extra = "" if mma else f"; FP32 also {', '.join(OUTER_TILES)}"
+        raise InputError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
+    bm, bn = t.split("x")
+    return int(bm), int(bn)
+
+
+def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
+                  split_k: Any = "auto", mma: bool = False, groups: int = 1) -> tuple[tuple[int, int], int]:
+    """Block tile and K split (rules fitted to the H100 sweep in benchmarks/RESULTS.md); oc is the
+    output channels of one group, and the grid has `groups` times the blocks.
+
+    The largest tile (for the CUDA-core kernels only 128x64 and 64x64, or 64x32 when OC <= 32:
+    128x128 and the small tiles lost on every measured layer) that gives every SM a block.
+    (96x128, which fills the last wave on exam case 2 at N=32 where 128x128 leaves it 74% full,
+    measured no faster: 32.3 vs 31.2 us; it stays selectable with tile="96x128".)
+    Otherwise: the tensor-core kernel takes the smallest tile and no split (its short K loops
+    lose more to the atomic adds than they gain); the CUDA-core kernels take 64x64 (64x32 for
+    OC <= 32) and split K into up to 8 slices, aiming at three blocks per SM, at least 2 K tiles each.
+    """
+    if tile != "auto":
+        bm, bn = parse_tile(str(tile), mma)
+    else:
+        widest = max(32, 1 << max(0, (oc - 1).bit_length()))
+        tiles = MMA_TILES if mma else TILES[1:]
+        cands = [c for c in (parse_tile(t, mma) for t in tiles) if c[1] <= widest]
+        if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
+            cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
+        fits = [c for c in cands if groups * math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]
+        if fits:
+            bm, bn = fits[0]
+        elif mma:
+            bm, bn = cands[-1]
+        else:
+            bm, bn = (64, 64) if oc > 32 else (64, 32)
+    blocks = groups * math.ceil(m / bm) * math.ceil(oc / bn)
+    if split_k == "auto":
+        split = 1
+        if blocks < num_sms and not mma:
+            split = max(1, min(math.ceil(3 * num_sms / blocks), 8, ktiles // 2))
+    else:
+        if isinstance(split_k, bool) or not isinstance(split_k, int) or split_k < 1:
+            raise InputError(f"split_k must be 'auto' or a positive int, got {split_k!r}")
+        split = min(split_k, ktiles)
+    return (bm, bn), split
+
+
+def grid1(total: int, num_sms: int, per_sm: int = 16) -> tuple[int, int, int]:
+    """Blocks of BLOCK threads for a grid-stride loop over `total` items."""
+    return (max(1, min(math.ceil(total / BLOCK), num_sms * per_sm)), 1, 1)
