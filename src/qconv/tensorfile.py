@@ -165,8 +165,12 @@ def load(path: PathArg, *, key: str | None = None) -> np.ndarray:
     """Read a tensor file (.bin, .npy or .npz; the format is told by the file's first bytes) into
     a C-contiguous, writable float32 array. `path` may be str, bytes or os.PathLike, or "-" for
     standard input. `key` names an array in a .npz; "weights.npz:NAME" does the same when no file of
-    that exact name exists. Every malformed or unreadable file raises InputError naming it."""
+    that exact name exists. A shipped sample's name ("exam1/input", see `qconv samples`) loads that
+    sample when no file of that name exists. Every malformed or unreadable file raises InputError naming it."""
     p = _path(path, "load_tensor")
+    if not os.path.lexists(p) and not _is_std(p):
+        from .samples import resolve_tensor  # a shipped sample's name ("exam1/input") works too
+        p = resolve_tensor(p)
     if _is_std(p):
         stdin = getattr(sys.stdin, "buffer", None)
         if stdin is None:

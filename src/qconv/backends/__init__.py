@@ -67,11 +67,19 @@ def variants(available_only: bool = True) -> list[tuple[str, str, dict]]:
     return out
 
 
+_probed: dict[str, tuple[bool, str]] = {}
+
+
 def _probe(mod: ModuleType) -> tuple[bool, str]:
-    try:
-        return mod.is_available()
-    except Exception as e:  # a probe must never take the registry down
-        return False, f"availability check failed: {e}"
+    """mod.is_available(), asked once per process (a machine's backends do not come and go)."""
+    hit = _probed.get(mod.__name__)
+    if hit is None:
+        try:
+            hit = mod.is_available()
+        except Exception as e:  # a probe must never take the registry down
+            hit = (False, f"availability check failed: {e}")
+        _probed[mod.__name__] = hit
+    return hit
 
 
 def _load(name: str) -> tuple[ModuleType | None, str]:

@@ -77,14 +77,16 @@ def _isa_name(code: int) -> str:
     return next(name for name, const in ISA_CODES.items() if _c(const) == code)
 
 
-def cpu_features() -> set[str]:
+@functools.lru_cache(maxsize=None)  # CPUID traps to the hypervisor in a VM: ask once
+def cpu_features() -> frozenset[str]:
     """The features qconv looks for that this CPU has: avx2, fma, avx512vnni_vl, avxvnni."""
     ffi, lib = _lib()
     out = ffi.new("uint32_t *")
     _check(lib.qconv_cpu_features(out), "qconv_cpu_features")
-    return {name for name, bit in FEATURE_BITS.items() if out[0] & _c(bit)}
+    return frozenset(name for name, bit in FEATURE_BITS.items() if out[0] & _c(bit))
 
 
+@functools.lru_cache(maxsize=None)
 def best_isa(cap: str = "auto") -> str:
     """The best kernel family usable here, no higher than `cap` (a name from ISA_CODES)."""
     if cap not in ISA_CODES:
