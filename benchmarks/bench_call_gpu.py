@@ -41,7 +41,11 @@ VARIANTS = [  # label, precision, prepare options
     ("int8", "int8", {}),                          # maxabs (the default): s_x per call on the device
     ("int8 S", "int8", {"scale": "fixed"}),        # a fixed scale pair: no scan pass
     ("int8 untimed", "int8", {"timing": False}),  # no phase events
-    ("int16", "int16", {}),
+    ("int16", "int16", {}),                        # int16_path "auto"
+    ("int16 simt", "int16", {"int16_path": "simt"}),
+    ("int16 mma", "int16", {"int16_path": "mma"}),  # tensor cores by byte-plane decomposition
+    ("int32 simt", "int32", {"int32_path": "simt"}),
+    ("int32 mma", "int32", {"int32_path": "mma"}),
 ]
 
 

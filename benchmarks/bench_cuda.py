@@ -32,8 +32,15 @@ from qconv.backends.cuda._driver import ck
 from qconv.contract import Plan, parse_precision
 from qconv.tensorfile import load as load_tensor
 
-VARIANTS = [("fp32", {}), ("int32", {}), ("int16", {}), ("int8", {"int8_path": "mma"}),
+VARIANTS = [("fp32", {}), ("int32", {"int32_path": "simt"}), ("int32", {"int32_path": "mma"}),
+            ("int16", {"int16_path": "simt"}), ("int16", {"int16_path": "mma"}), ("int8", {"int8_path": "mma"}),
             ("int8", {"int8_path": "dp4a"})]
+
+
+def label_of(prec: str, opts: dict) -> str:
+    """fp32, int32-simt, int32-mma, int16-simt, int16-mma, int8-mma, int8-dp4a."""
+    path = opts.get(f"{prec}_path")
+    return prec + ("-" + path if path else "")
 
 PEAK_SRC = r"""
 extern "C" __global__ void dp4a_peak(int* out, int iters, int a0, int b0) {
@@ -167,7 +174,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--md")
-    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32,int16,int8-mma,int8-dp4a); default all")
+    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32-simt,int32-mma,int16-simt,int16-mma,int8-mma,int8-dp4a); default all")
     ap.add_argument("--cases", default="1,2", help="exam cases, comma-separated")
     ap.add_argument("--batches", default="1,32", help="N values, comma-separated")
     args = ap.parse_args()
@@ -202,7 +209,7 @@ def main() -> int:
             xt = torch.from_numpy(x).cuda()
             row = {"case": case, "n": n, "flops": flops, "baselines": base, "ours": {}}
             for prec, opts in VARIANTS:
-                label = prec + ("-" + opts["int8_path"] if "int8_path" in opts else "")
+                label = label_of(prec, opts)
                 if want and label not in want:
                     continue
                 scale = None
@@ -215,7 +222,9 @@ def main() -> int:
                     t["unfused"] = time_ours(xt, w, prec, scale, {**opts, "fuse_dequantize": False}, args.reps // 2)
                 if args.sweep:
                     sw = {}
-                    tiles = cb.MMA_TILES if opts.get("int8_path") == "mma" else cb.TILES
+                    pr = parse_precision(prec)
+                    tiles = cb._tiling.tiles_for(pr, opts.get("int8_path", "mma"),
+                                                 cb._tiling.resolve_int_path(pr, opts.get(f"{prec}_path", "auto")))
                     if prec == "fp32":  # both FP32 kernels: k-contiguous SIMT and outer product
                         tiles = cb.TILES + cb.OUTER_TILES
                     for tile in tiles:

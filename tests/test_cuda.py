@@ -9,7 +9,8 @@ itself unavailable cleanly.
 
 With a GPU: a hypothesis differential suite against the reference backend through qconv.prepare /
 qconv.conv2d for strides 1-3, every padding form, groups {1, 2, C}, bias, per-tensor and
-per-channel scales, every precision and INT8 path, both roundings (integers bit for bit, FP32
+per-channel scales, every precision and path (INT8 mma/dp4a, INT16/INT32 simt and the tensor-core
+byte-plane decomposition "mma"), both roundings (integers bit for bit, FP32
 within contract.fp32_error_bound); tile-boundary shapes derived from each kernel's tile; every tile
 and split-K; prepared == one-shot; device arrays with maxabs == host bit for bit (and s_x ==
 contract.maxabs_scale); non-finite inputs; streams; threads; 10,000 prepared calls without
@@ -43,7 +44,14 @@ from conftest import EXAM, REAL, exam_cases, real_layers
 AVAILABLE, REASON = cb.is_available()
 gpu = pytest.mark.skipif(not AVAILABLE, reason=f"cuda backend unavailable: {REASON}")
 ARCHS = ("sm_80", "sm_90")
-PATHS = [("fp32", None), ("int32", None), ("int16", None), ("int8", "mma"), ("int8", "dp4a")]
+PATHS = [("fp32", None), ("int32", "simt"), ("int32", "mma"), ("int16", "simt"), ("int16", "mma"), ("int8", "mma"),
+         ("int8", "dp4a")]
+PLANE_PATHS = [("int16", "mma"), ("int32", "mma")]
+
+
+def _path_opts(precision, path):
+    """The backend option that selects `path` for `precision` (int8_path / int16_path / int32_path)."""
+    return {f"{precision}_path": path} if path and precision != "fp32" else {}
 KERNEL_DIR = Path(cb.__file__).resolve().parent.parent / "cuda_kernels"
 
 
@@ -159,10 +167,30 @@ def test_unknown_and_bad_options_are_refused_before_any_gpu_work():
         cb.run(Plan(Precision.FP32, options={"bogus": 1}), x, w)
     for bad, what in (({"int8_path": "wmma"}, "int8_path"), ({"tile": "8x8"}, "tile"), ({"split_k": 0}, "split_k"),
                       ({"fuse_dequantize": 1}, "fuse_dequantize"), ({"timing": "no"}, "timing"),
-                      ({"stream": "s"}, "stream")):
+                      ({"stream": "s"}, "stream"), ({"int16_path": "wmma"}, "int16_path"),
+                      ({"int32_path": "dp4a"}, "int32_path")):
         with pytest.raises(InputError, match=what):
             parse_options(bad)
     assert parse_options({"stream": 0}).stream == 0
+    assert parse_options({}).int16_path == "auto" and parse_options({"int32_path": "mma"}).int32_path == "mma"
+    # a tile the decomposed kernels do not have is refused (128x128 is INT8-only)
+    with pytest.raises(InputError, match="tile"):
+        cb.choose_tiling(10, 10, 40, 132, tile="128x128", mma=True, tiles=cb.PLANE_TILES[Precision.INT16])
+
+
+def test_int_paths_resolve_and_are_listed_as_variants():
+    for prec in (Precision.INT16, Precision.INT32):
+        assert _tiling.resolve_int_path(prec, "auto") == cb.INT_AUTO[prec] in ("simt", "mma")
+        assert _tiling.resolve_int_path(prec, "mma") == "mma"
+        mod, prefix = _tiling.conv_kernel(prec, "mma", "mma")
+        assert mod == "conv_planes_mma.cu" and all(f"{prefix}_{t}" in cb.kernel_names()[mod] for t in cb.PLANE_TILES[prec])
+        assert _tiling.conv_kernel(prec, "mma", "simt")[1].endswith("_simt")
+    assert _tiling.resolve_int_path(Precision.INT8, "mma") == "simt"  # int8 has its own int8_path
+    v = cb.variants()
+    assert v[0] == {} and {"int16_path", "int32_path"} <= {k for o in v for k in o}
+    for o in v[1:]:
+        (k, p), = o.items()
+        assert p != cb.INT_AUTO[Precision(k.split("_")[0])]  # the path auto does not take
 
 
 def test_choose_tiling_fills_the_gpu():
@@ -320,6 +348,55 @@ def test_pack_dw_weights_is_taps_by_channels():
     assert _tiling.pack_dw_weights(w.astype(np.int8)).dtype == np.int32
 
 
+@pytest.mark.parametrize("precision", ["int16", "int32"])
+@pytest.mark.parametrize("seed", range(4))
+def test_model_byte_plane_decomposition(precision, seed):
+    """What conv_planes_mma.cu computes, in numpy: byte planes (top signed, the rest unsigned), one
+    int32 accumulator per shift class s = i + j < 4 summing the byte products with wrap-around,
+    combined as sum acc_s << 8s modulo 2^32: equal to the contract's wrapped dot product, for full
+    range operands of every sign (forced wrap-around) and the extremes."""
+    prec = Precision(precision)
+    planes = _tiling.PLANES[prec]
+    rng = np.random.default_rng(seed)
+    k = 700
+    qmax = prec.qmax
+    for xq, wq in ((rng.integers(-qmax, qmax + 1, (5, k)), rng.integers(-qmax, qmax + 1, (3, k))),
+                   (np.full((2, k), -qmax), np.full((2, k), -qmax)),         # all -Qmax: wraps
+                   (np.full((2, k), qmax), np.full((2, k), -qmax)),
+                   (-rng.integers(0, qmax + 1, (2, k)), rng.integers(0, qmax + 1, (2, k))),
+                   (rng.choice([-1, 0, 1, -256, 255, 256, -qmax, qmax], (4, k)),
+                    rng.choice([-1, 0, 1, -256, 255, 256, -qmax, qmax], (4, k)))):
+        xp = _tiling.split_planes(xq, planes).astype(np.int64)
+        wp = _tiling.split_planes(wq, planes).astype(np.int64)
+        # unsigned view for every plane but the top one (what .u8 reads)
+        xp[:-1] &= 0xFF
+        wp[:-1] &= 0xFF
+        assert np.array_equal(sum(xp[b] << (8 * b) for b in range(planes)), xq)  # exact identity
+        out = np.zeros((xq.shape[0], wq.shape[0]), np.uint64)
+        for s in range(min(4, 2 * planes - 1)):
+            acc = sum(xp[i] @ wp[s - i].T for i in range(planes) if 0 <= s - i < planes)
+            acc = (acc & 0xFFFFFFFF).astype(np.uint64)     # the mma's s32 accumulator, wrapped
+            out = (out + (acc << np.uint64(8 * s))) & np.uint64(0xFFFFFFFF)
+        want = (xq.astype(np.int64) @ wq.astype(np.int64).T) & 0xFFFFFFFF      # contract: modulo 2^32
+        assert np.array_equal(out.astype(np.int64), want)
+
+
+def test_plane_weights_pack_like_int8_planes():
+    rng = np.random.default_rng(2)
+    from qconv.contract import conv_spec
+    for prec in (Precision.INT16, Precision.INT32):
+        wq = rng.integers(-prec.qmax, prec.qmax + 1, (3, 3, 10, 6)).astype(np.int32)
+        spec = conv_spec(wq.shape, groups=2)
+        lay = _tiling.gemm_layout(prec, spec, planes=True)
+        assert lay.planes == _tiling.PLANES[prec] and lay.elem == 1 and lay.icgp == 16
+        assert lay.xpw == lay.planes * lay.groups * lay.cw
+        packed = _tiling.pack_plane_weights(wq, lay)
+        assert packed.shape == (lay.planes, lay.groups, lay.ocgp, lay.kp) and packed.dtype == np.int8
+        top = lay.planes - 1  # the signed plane; the others are read as unsigned bytes
+        back = sum((packed[b].astype(np.int64) & (0xFF if b < top else -1)) << (8 * b) for b in range(lay.planes))
+        assert np.array_equal(back, _tiling.pack_gemm_weights(wq.astype(np.int64), lay))
+
+
 # =========================================================================== GPU: differential
 
 def _reference(x, w, prec, **kw):
@@ -345,9 +422,7 @@ def _assert_matches(x, w, prec, y, ref=None, **layer):
 
 
 def _run_both(x, w, prec, path=None, *, scale=None, rounding="nearest", opts=None, device=False, **layer):
-    opts = dict(opts or {})
-    if path:
-        opts["int8_path"] = path
+    opts = {**_path_opts(prec, path), **(opts or {})}
     q = {} if prec == "fp32" else {"scale": scale, "rounding": rounding}
     xin = cb.to_device(x) if device else x
     y = qconv.conv2d(xin, w, prec, backend="cuda", **layer, **q, **opts)
@@ -408,16 +483,16 @@ def _boundary_shapes(bm, bn):
     return out
 
 
-def _tiles(path):
-    return _tiling.MMA_TILES if path == "mma" else _tiling.TILES
+def _tiles(precision, path):
+    return _tiling.tiles_for(Precision(precision), path or "mma", path or "simt")
 
 
 @gpu
 @pytest.mark.parametrize("precision,path", PATHS)
 @pytest.mark.parametrize("tile", sorted(set(_tiling.MMA_TILES)))
 def test_tile_boundaries(precision, path, tile):
-    if tile not in _tiles(path):
-        pytest.skip(f"{tile} is a tensor-core tile only")
+    if tile not in _tiles(precision, path):
+        pytest.skip(f"{tile} is not a tile of {precision}/{path}")
     bm, bn = (int(v) for v in tile.split("x"))
     rng = np.random.default_rng(7)
     for xs, ws, stride in _boundary_shapes(bm, bn):
@@ -426,7 +501,7 @@ def test_tile_boundaries(precision, path, tile):
         _run_both(x, w, precision, path, scale="maxabs", opts={"tile": tile}, stride=stride)
     # K around the pipeline stage: taps * channel words just below, at and above 16/32 words
     bkw = _tiling.MMA_BKW if path == "mma" else _tiling.SIMT_BKW
-    elem = _tiling.ELEM[Precision(precision)]
+    elem = 1 if path == "mma" else _tiling.ELEM[Precision(precision)]  # byte planes: 1 byte per plane
     for words in (bkw - 4, bkw, bkw + 4):
         c = words * 4 // elem
         x = (rng.standard_normal((1, 5, 7, c)) * 3).astype(np.float32)
@@ -463,8 +538,12 @@ class _Shifted:
 
     def __init__(self, base, offset, shape):
         self._base, self.shape, self.dtype = base, shape, np.dtype(np.float32)
-        self.__cuda_array_interface__ = {"shape": shape, "typestr": "<f4", "version": 3, "strides": None,
-                                         "data": (base.ptr + offset, False)}
+        self._cai = {"shape": shape, "typestr": "<f4", "version": 3, "strides": None,
+                     "data": (base.ptr + offset, False)}
+
+    @property  # on the type: api.is_device_array asks the type, never an instance's attributes
+    def __cuda_array_interface__(self):
+        return self._cai
 
 
 @gpu
@@ -472,8 +551,8 @@ class _Shifted:
 @pytest.mark.parametrize("tile", _tiling.MMA_TILES)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_every_tile_and_split(precision, path, tile, split_k):
-    if tile not in _tiles(path):
-        pytest.skip(f"{tile} is a tensor-core tile only")
+    if tile not in _tiles(precision, path):
+        pytest.skip(f"{tile} is not a tile of {precision}/{path}")
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
     w = (rng.standard_normal((3, 3, 70, 12)) * 0.3).astype(np.float32)
@@ -530,6 +609,34 @@ def test_overflow_wraps_like_the_reference(precision, path):
 
 
 @gpu
+@pytest.mark.parametrize("precision", ["int16", "int32"])
+@pytest.mark.parametrize("channels", [48, 20])  # 48: the vector byte-plane quantize; 20: padded channels
+def test_planes_every_sign_and_wrap(precision, channels):
+    """The tensor-core decomposition against the reference and the CUDA-core kernel, bit for bit:
+    every operand sign combination (positive, negative, mixed), operands all at -Qmax or +Qmax
+    (every accumulator wraps, K = 9 * channels), forced wrap-around and saturation by huge scales."""
+    qmax = float(Precision(precision).qmax)
+    rng = np.random.default_rng(17)
+    xs, ws = (2, 7, 9, channels), (3, 3, 33, channels)
+    mag_x = rng.uniform(0.01, 1.0, xs).astype(np.float32)
+    mag_w = rng.uniform(0.01, 1.0, ws).astype(np.float32)
+    signs = {"pos": lambda a: a, "neg": lambda a: -a,
+             "mixed": lambda a: np.where(rng.random(a.shape) < 0.5, -a, a).astype(np.float32)}
+    cases = [(signs[a](mag_x), signs[b](mag_w), qmax) for a in signs for b in signs]
+    ones_x, ones_w = np.ones(xs, np.float32), np.ones(ws, np.float32)
+    cases += [(-ones_x, -ones_w, qmax), (-ones_x, ones_w, qmax), (ones_x, ones_w, qmax),   # all at +-Qmax
+              (mag_x * 1e30, signs["mixed"](mag_w), 1e9),                                 # saturation past int32
+              (signs["mixed"](mag_x), signs["mixed"](mag_w), (qmax, [qmax / (o + 1) for o in range(33)]))]
+    for x, w, scale in cases:
+        y = _run_both(x, w, precision, "mma", scale=scale)
+        simt = qconv.conv2d(x, w, precision, backend="cuda", scale=scale, **_path_opts(precision, "simt"))
+        assert np.array_equal(np.asarray(y).view(np.uint32), simt.view(np.uint32))
+    assert 9 * channels * int(qmax) ** 2 > 2**32  # the all-Qmax cases wrap (several times over)
+    wg = -np.ones((3, 3, 32, channels // 2), np.float32)
+    _run_both(-ones_x, wg, precision, "mma", scale=qmax, stride=2, groups=2)  # groups, stride: the plane offsets
+
+
+@gpu
 @pytest.mark.parametrize("precision,path", PATHS)
 @pytest.mark.parametrize("case", exam_cases())
 @pytest.mark.parametrize("n", [1, 3])
@@ -567,7 +674,7 @@ def test_prepared_equals_one_shot_and_keeps_no_state(precision, path):
     rng = np.random.default_rng(12)
     w = (rng.standard_normal((3, 3, 16, 4)) * 0.3).astype(np.float32)
     b = rng.standard_normal(16).astype(np.float32)
-    opts = {"int8_path": path} if path else {}
+    opts = _path_opts(precision, path)
     q = {} if precision == "fp32" else {"scale": "maxabs-per-channel"}
     conv = qconv.prepare(w, precision, "cuda", stride=2, groups=2, bias=b, **q, **opts)
     yd = None
@@ -763,7 +870,7 @@ def test_device_arrays_stay_on_device(precision, path, kind):
         elif kind == "cai":
             xt = _Shifted(_CAIOf(xt), 0, x.shape)
     q = {} if precision == "fp32" else {"scale": "maxabs"}
-    opts = {"int8_path": path} if path else {}
+    opts = _path_opts(precision, path)
     conv = qconv.prepare(w, precision, "cuda", **q, **opts)
     y = conv(xt)
     assert isinstance(y, cb.DeviceArray) and y.shape == (2, 11, 9, 24)

@@ -14,6 +14,10 @@ output is on the host.
 
 Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
     int8_path: "mma" (tensor cores, the default: faster on every measured layer) or "dp4a".
+    int16_path, int32_path: "auto" (default: _tiling.INT_AUTO, the faster path measured on the
+        H200), "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition: 2 / 4 byte
+        planes per value, mma.sync s8/u8 products combined modulo 2^32, conv_planes_mma.cu; the
+        same bits).
     tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile;
         for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
@@ -42,14 +46,25 @@ from ..base import BackendRun, run_once
 from ._arrays import DeviceArray, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared
-from ._tiling import (F32_AUTO, INT8_PATHS, MMA_TILES, OUTER_TILES, TILES, choose_tiling, kernel_names,
+from ._tiling import (F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_TILES, PLANE_TILES, OUTER_TILES, TILES, choose_tiling, kernel_names,
                       outer_name as _outer_name, outer_threads as _outer_threads)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
            "profile", "Prepared", "DeviceArray", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
-           "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "release_pools"]
+           "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
+           "release_pools", "variants"]
+
+
+def variants() -> list[dict]:
+    """The default and, for INT16 and INT32, the path that "auto" does not take (the tensor-core
+    decomposition or the CUDA-core kernel), so the study and tests time both."""
+    from ...contract import Precision
+    out: list[dict] = [{}]
+    for prec, key in ((Precision.INT16, "int16_path"), (Precision.INT32, "int32_path")):
+        out.append({key: "simt" if INT_AUTO[prec] == "mma" else "mma"})
+    return out
 
 
 def prepare(plan: Plan, w: np.ndarray) -> Prepared:

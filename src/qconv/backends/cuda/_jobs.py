@@ -81,7 +81,9 @@ class GemmJob(Job):
         if max(m, g.n * g.h * g.w) > _tiling.INT_LIMIT:
             raise InputError(f"the cuda backend indexes pixels with 32-bit ints: {g.n}x{g.h}x{g.w} -> "
                              f"{g.n}x{g.ho}x{g.wo} is too large; split the batch")
-        mma = prec is Precision.INT8 and o.int8_path == "mma"
+        planes = lay.planes                    # > 1: INT16/INT32 as byte planes on the tensor cores
+        mma = (prec is Precision.INT8 and o.int8_path == "mma") or planes > 1
+        tiles = _tiling.tiles_for(prec, o.int8_path, prep.int_path)
         bkw = _tiling.MMA_BKW if mma else _tiling.SIMT_BKW
         ktiles = lay.kpw // bkw
         tile, outer = o.tile, None
@@ -89,17 +91,19 @@ class GemmJob(Job):
             if prec is not Precision.FP32:
                 raise InputError(f"tile {tile!r} is an FP32 outer-product tile")
             outer, tile = tile, tile.split("/")[0]
-        (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups)
+        (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
+                                                tiles if mma else None)
         if prec is Precision.FP32 and tile == "auto":
             outer = _tiling.F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
         self.split = split = math.ceil(ktiles / kps)
-        module, prefix = _tiling.conv_kernel(prec, o.int8_path)
+        module, prefix = _tiling.conv_kernel(prec, o.int8_path, prep.int_path)
         if outer is not None:
             module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
                 _tiling.outer_threads(outer)
         else:
-            self.smem = _tiling.STAGES * (bm + bn) * (bkw + 4) * 4
+            stages = _tiling.PLANE_STAGES[prec] if planes > 1 else _tiling.STAGES
+            self.smem = stages * planes * (bm + bn) * (bkw + 4) * 4
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
         fused = prec.is_integer and o.fuse_dequantize
@@ -122,7 +126,7 @@ class GemmJob(Job):
             items = nx // 4 if qv else npix * spec.groups * lay.icgp
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs))
-            suf = _tiling.QUANT_SUFFIX[prec]
+            suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
             if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
                 name = f"qconv_scan_quantize_x_{suf}"
                 blocks = min(_tiling.grid1(items, rt.num_sms)[0], _driver.resident_blocks(rt, "quant.cu", name, 256))

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ...contract import ConvSpec, Geometry, Plan, conv_spec, dequant_factor, quantize_kernel
+from ...contract import ConvSpec, Geometry, Plan, Precision, conv_spec, dequant_factor, quantize_kernel
 from ...errors import InputError
 from ..base import PHASES, BackendRun, check_options
 from . import _arrays, _driver, _tiling
@@ -34,7 +34,7 @@ from ._jobs import DwJob, GemmJob
 from ._streams import StreamCtx
 
 NAME = "cuda"
-OPTIONS = ("int8_path", "tile", "split_k", "fuse_dequantize", "stream", "timing")
+OPTIONS = ("int8_path", "int16_path", "int32_path", "tile", "split_k", "fuse_dequantize", "stream", "timing")
 NONFINITE = "input holds non-finite value(s) (NaN or inf): qconv convolves finite data only"
 CHUNK = 2 << 20        # host input -> pinned staging, in chunks: each chunk's DMA starts when it is copied
 PARALLEL_MIN = 4 << 20  # from this size the chunks are copied by a thread pool (numpy releases the GIL)
@@ -68,6 +68,8 @@ def _stage_in(x: np.ndarray, pin: int, xd: int, stream: Any, drv: Any) -> None:
 @dataclass(frozen=True)
 class Options:
     int8_path: str = "mma"
+    int16_path: str = "auto"
+    int32_path: str = "auto"
     tile: str = "auto"
     split_k: Any = "auto"
     fuse_dequantize: bool = True
@@ -81,6 +83,9 @@ def parse_options(options: dict[str, Any]) -> Options:
                 stream=_driver.stream_handle(options.get("stream")))
     if o.int8_path not in _tiling.INT8_PATHS:
         raise InputError(f"int8_path {o.int8_path!r}: use one of {', '.join(_tiling.INT8_PATHS)}")
+    for k in ("int16_path", "int32_path"):
+        if getattr(o, k) not in _tiling.INT_PATHS:
+            raise InputError(f"{k} {getattr(o, k)!r}: use one of {', '.join(_tiling.INT_PATHS)}")
     if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.OUTER_TILES:
         _tiling.parse_tile(str(o.tile))  # raises with the list
     if o.split_k != "auto" and (isinstance(o.split_k, bool) or not isinstance(o.split_k, int) or o.split_k < 1):
@@ -199,17 +204,22 @@ class Prepared:
         prec = self.prec = plan.precision
         spec = self.spec
         self.depthwise = _tiling.is_depthwise(spec)
+        # INT16/INT32: "simt" or "mma" (byte planes on the tensor cores); "auto" per INT_AUTO
+        opt = {Precision.INT16: self.opts.int16_path, Precision.INT32: self.opts.int32_path}.get(prec, "simt")
+        self.int_path = _tiling.resolve_int_path(prec, opt)
         self.maxabs = prec.is_integer and plan.s_x is None
         wq = quantize_kernel(w, plan.s_w, prec, plan.rounding) if prec.is_integer else np.asarray(w, np.float32)
         if self.depthwise:
             self.layout = None
             packed = _tiling.pack_dw_weights(wq)
         else:
-            self.layout = _tiling.gemm_layout(prec, spec)
-            if self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
+            planes = self.int_path == "mma"
+            self.layout = _tiling.gemm_layout(prec, spec, planes)
+            if self.layout.planes * self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
                 raise InputError(f"the packed kernel {w.shape} would exceed 2^31 words, the cuda kernels' "
                                  f"32-bit offsets")
-            packed = _tiling.pack_gemm_weights(wq, self.layout)
+            packed = (_tiling.pack_plane_weights(wq, self.layout) if planes
+                      else _tiling.pack_gemm_weights(wq, self.layout))
         oc = spec.oc
         self._owned: list[int] = []
         self._jobs: dict[tuple[Geometry, bool], Any] = {}

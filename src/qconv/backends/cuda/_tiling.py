@@ -18,6 +18,17 @@ from ...contract import ConvSpec, Precision
 from ...errors import InputError
 
 INT8_PATHS = ("mma", "dp4a")
+# INT16 / INT32: "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition,
+# conv_planes_mma.cu); "auto" resolves through INT_AUTO, set from the H200 measurements in
+# benchmarks/RESULTS.md (exam layers, N=32, kernel alone: INT16 mma 94.5 / 69.6 us vs SIMT
+# 286.4 / 285.2 us; INT32 mma 194.4 / 149.8 us vs SIMT 299.0 / 300.9 us)
+INT_PATHS = ("auto", "simt", "mma")
+INT_AUTO = {Precision.INT16: "mma", Precision.INT32: "mma"}
+PLANES = {Precision.INT16: 2, Precision.INT32: 4}  # byte planes per value on the "mma" path
+# tensor-core tiles of the decomposed kernels (registers: one accumulator set per shift class)
+PLANE_TILES = {Precision.INT16: ("128x64", "64x64", "64x32", "32x32"),
+               Precision.INT32: ("64x64", "64x32", "32x32")}
+PLANE_STAGES = {Precision.INT16: 3, Precision.INT32: 2}
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
 STAGES = 3
@@ -43,13 +54,37 @@ _CONV = {  # precision / int8 path -> (module, kernel name prefix)
     Precision.INT16: ("conv_s16.cu", "qconv_s16_conv_simt"),
     "mma": ("conv_s8_mma.cu", "qconv_s8_conv_mma"),
     "dp4a": ("conv_s8_dp4a.cu", "qconv_s8_conv_dp4a"),
+    "mma16": ("conv_planes_mma.cu", "qconv_s16_conv_mma"),
+    "mma32": ("conv_planes_mma.cu", "qconv_s32_conv_mma"),
 }
+_PLANE_KEY = {Precision.INT16: "mma16", Precision.INT32: "mma32"}
 QUANT_SUFFIX = {Precision.INT32: "s32", Precision.INT16: "s16", Precision.INT8: "s8"}
 
 
-def conv_kernel(precision: Precision, int8_path: str) -> tuple[str, str]:
-    """(module, name prefix) of the implicit-GEMM kernel for a precision."""
-    return _CONV[int8_path if precision is Precision.INT8 else precision]
+def conv_kernel(precision: Precision, int8_path: str, int_path: str = "simt") -> tuple[str, str]:
+    """(module, name prefix) of the implicit-GEMM kernel for a precision (int_path: the resolved
+    INT16/INT32 path, "simt" or "mma")."""
+    if precision is Precision.INT8:
+        return _CONV[int8_path]
+    if int_path == "mma" and precision in _PLANE_KEY:
+        return _CONV[_PLANE_KEY[precision]]
+    return _CONV[precision]
+
+
+def resolve_int_path(precision: Precision, option: str) -> str:
+    """The INT16/INT32 path actually run: "simt" or "mma" ("auto": INT_AUTO)."""
+    if precision not in PLANES:
+        return "simt"
+    return INT_AUTO[precision] if option == "auto" else option
+
+
+def tiles_for(precision: Precision, int8_path: str = "mma", int_path: str = "simt") -> tuple[str, ...]:
+    """The block tiles of the implicit-GEMM kernel a precision/path runs."""
+    if precision is Precision.INT8 and int8_path == "mma":
+        return MMA_TILES
+    if int_path == "mma" and precision in PLANE_TILES:
+        return PLANE_TILES[precision]
+    return TILES
 
 
 def outer_name(tile: str) -> str:
@@ -75,13 +110,16 @@ def kernel_names() -> dict[str, list[str]]:
     """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
     out: dict[str, list[str]] = {}
     for key, (mod, prefix) in _CONV.items():
-        out[mod] = [f"{prefix}_{t}" for t in (MMA_TILES if key == "mma" else TILES)]
+        tiles = MMA_TILES if key == "mma" else TILES
+        if key in ("mma16", "mma32"):
+            tiles = PLANE_TILES[Precision.INT16 if key == "mma16" else Precision.INT32]
+        out.setdefault(mod, []).extend(f"{prefix}_{t}" for t in tiles)
     out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
     out["conv_dw.cu"] = [dw_kernel(p, v) for p in (Precision.FP32, Precision.INT8) for v in (True, False)] + [
         dw_kernel(Precision.FP32, True, k, k, s) for k, s in DW_FIXED] + [
         dw_kernel(Precision.INT8, True, k, k, s) for k, s in DW_FIXED_INT]
     out["quant.cu"] = ["qconv_scan_x", "qconv_pad_x_f32", "qconv_epilogue", "qconv_gate_wait"] + [
-        f"qconv_{k}_x_{s}" for k in ("quantize", "scan_quantize") for s in ("s8", "s16", "s32")]
+        f"qconv_{k}_x_{s}" for k in ("quantize", "scan_quantize") for s in ("s8", "s16", "s32", "p16", "p32")]
     return out
 
 
@@ -109,6 +147,7 @@ class GemmLayout:
     taps: int     # KH * KW
     ocg: int      # output channels per group
     ocgp: int     # padded to OC_ALIGN
+    planes: int = 1  # byte planes per value (the INT16/INT32 "mma" path: 2 / 4, each an INT8 layout)
 
     @property
     def cw(self) -> int:
@@ -116,7 +155,8 @@ class GemmLayout:
 
     @property
     def xpw(self) -> int:
-        return self.groups * self.cw
+        """Words per pixel: every plane's G groups of cw words."""
+        return self.planes * self.groups * self.cw
 
     @property
     def kpw(self) -> int:
@@ -133,15 +173,17 @@ class GemmLayout:
         return self.icgp != self.icg
 
     def wgs(self) -> int:
-        """Words per group of packed weights."""
+        """Words per group of one plane of packed weights."""
         return self.ocgp * self.kpw
 
 
-def gemm_layout(precision: Precision, spec: ConvSpec) -> GemmLayout:
-    elem = ELEM[precision]
+def gemm_layout(precision: Precision, spec: ConvSpec, planes: bool = False) -> GemmLayout:
+    """The implicit GEMM's layout; planes=True: INT16/INT32 as PLANES[precision] byte planes."""
+    np_ = PLANES[precision] if planes else 1
+    elem = 1 if planes else ELEM[precision]
     icgp = roundup(spec.icg, 16 // elem)
     ocg = spec.oc // spec.groups
-    return GemmLayout(elem, spec.groups, spec.icg, icgp, spec.kh * spec.kw, ocg, roundup(ocg, OC_ALIGN))
+    return GemmLayout(elem, spec.groups, spec.icg, icgp, spec.kh * spec.kw, ocg, roundup(ocg, OC_ALIGN), np_)
 
 
 def pack_gemm_weights(wq: np.ndarray, lay: GemmLayout) -> np.ndarray:
@@ -155,6 +197,18 @@ def pack_gemm_weights(wq: np.ndarray, lay: GemmLayout) -> np.ndarray:
     return out
 
 
+def split_planes(q: np.ndarray, planes: int) -> np.ndarray:
+    """Integers -> (planes, *shape) int8 byte planes, plane b = (q >> 8b) & 0xFF as bits (the top
+    plane is the signed top byte): q == sum_b<P-1 uint8(plane_b) << 8b + int8(plane_P-1) << 8(P-1)."""
+    q = np.asarray(q).astype(np.int64)
+    return np.stack([((q >> (8 * b)) & 0xFF).astype(np.uint8).view(np.int8) for b in range(planes)])
+
+
+def pack_plane_weights(wq: np.ndarray, lay: GemmLayout) -> np.ndarray:
+    """(KH, KW, OC, icg) int16/int32 kernel -> [P][G][ocgp][kp] int8, each plane packed as INT8."""
+    return np.stack([pack_gemm_weights(p, lay) for p in split_planes(wq, lay.planes)])
+
+
 def pack_dw_weights(wq: np.ndarray) -> np.ndarray:
     """(KH, KW, OC, 1) depthwise kernel -> [KH*KW][OC], int32 for the integer paths."""
     kh, kw, oc, _ = wq.shape
@@ -164,17 +218,19 @@ def pack_dw_weights(wq: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- choices
 
-def parse_tile(t: str, mma: bool = False) -> tuple[int, int]:
-    tiles = MMA_TILES if mma else TILES
+def parse_tile(t: str, mma: bool = False, tiles: tuple[str, ...] | None = None) -> tuple[int, int]:
+    if tiles is None:
+        tiles = MMA_TILES if mma else TILES
     if t not in tiles:
-        extra = "" if mma else f"; FP32 also {', '.join(OUTER_TILES)}"
+        extra = "" if mma or tiles != TILES else f"; FP32 also {', '.join(OUTER_TILES)}"
         raise InputError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
     bm, bn = t.split("x")
     return int(bm), int(bn)
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
-                  split_k: Any = "auto", mma: bool = False, groups: int = 1) -> tuple[tuple[int, int], int]:
+                  split_k: Any = "auto", mma: bool = False, groups: int = 1,
+                  tiles: tuple[str, ...] | None = None) -> tuple[tuple[int, int], int]:
     """Block tile and K split (rules fitted to the H100 sweep in benchmarks/RESULTS.md); oc is the
     output channels of one group, and the grid has `groups` times the blocks.
 
@@ -185,13 +241,15 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
     Otherwise: the tensor-core kernel takes the smallest tile and no split (its short K loops
     lose more to the atomic adds than they gain); the CUDA-core kernels take 64x64 (64x32 for
     OC <= 32) and split K into up to 8 slices, aiming at three blocks per SM, at least 2 K tiles each.
+    `tiles`: the tensor-core tiles when they are not MMA_TILES (the decomposed INT16/INT32 kernels;
+    mma must be True), chosen by the same rule.
     """
     if tile != "auto":
-        bm, bn = parse_tile(str(tile), mma)
+        bm, bn = parse_tile(str(tile), mma, tiles)
     else:
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
-        tiles = MMA_TILES if mma else TILES[1:]
-        cands = [c for c in (parse_tile(t, mma) for t in tiles) if c[1] <= widest]
+        tiles = (tiles or MMA_TILES) if mma else TILES[1:]
+        cands = [c for c in (parse_tile(t, mma, tiles) for t in tiles) if c[1] <= widest]
         if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
             cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
         fits = [c for c in cands if groups * math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]

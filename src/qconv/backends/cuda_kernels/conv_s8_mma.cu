@@ -6,25 +6,7 @@
 // The s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
 #include "qconv_common.cu"
 
-// D = A(16x32 s8, row) * B(32x8 s8, col) + C, s32.
-QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-}
-
-// Four (x4) or two (x2) 8x8 b16 matrices from shared memory: with int8 data each is 8 rows x 16 bytes,
-// exactly the m16n8k32 A / B fragment layout (thread l gets row l/4, bytes 4(l%4)..4(l%4)+3).
-QD void ldsm_x4(unsigned (&r)[4], const unsigned* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
-}
-QD void ldsm_x2(unsigned (&r)[2], const unsigned* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
-}
+// mma_s8_16832, ldsm_x4 and ldsm_x2 are in qconv_common.cu (shared with conv_planes_mma.cu).
 
 template <int BM, int BN, int WM, int WN, int STAGES>
 QD void conv_mma(const ConvParams& p) {

@@ -72,6 +72,44 @@ QD void cp_async16(void* smem, const void* gmem, bool valid) {
 QD void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> QD void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" :: "n"(N)); }
 
+// Tensor-core helpers (sm_80+; emitted only where a kernel uses them).
+// D = A(16x32 s8, row) * B(32x8 s8, col) + C, s32. No .satfinite: the s32 accumulation wraps
+// modulo 2^32 (two's complement), which is the contract's int32 accumulation.
+QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Four (x4) or two (x2) 8x8 b16 matrices from shared memory: with int8 data each is 8 rows x 16 bytes,
+// exactly the m16n8k32 A / B fragment layout (thread l gets row l/4, bytes 4(l%4)..4(l%4)+3).
+QD void ldsm_x4(unsigned (&r)[4], const unsigned* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)));
+}
+QD void ldsm_x2(unsigned (&r)[2], const unsigned* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1]) : "r"(smem_u32(p)));
+}
+
+// The same with each operand's type chosen: AS / BS true = .s8 (signed byte), false = .u8
+// (unsigned byte, 0..255). Every combination is a PTX mma.sync m16n8k32 type (sm_80+).
+template <bool AS, bool BS>
+QD void mma_x8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#define QCONV_MMA_X8(TA, TB)                                                                              \
+  asm volatile("mma.sync.aligned.m16n8k32.row.col.s32." TA "." TB ".s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, " \
+               "{%0,%1,%2,%3};\n"                                                                        \
+               : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])                                          \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]))
+  if constexpr (AS && BS) QCONV_MMA_X8("s8", "s8");
+  else if constexpr (AS) QCONV_MMA_X8("s8", "u8");
+  else if constexpr (BS) QCONV_MMA_X8("u8", "s8");
+  else QCONV_MMA_X8("u8", "u8");
+#undef QCONV_MMA_X8
+}
+
 // The contract's quantize: clamp(R(float32(t) * float32(s)), -qmax, qmax); one float32 multiply
 // without FMA contraction; R = rint (half to even) or trunc; saturation past int32.
 QD int quantize1(float t, float s, int qmax, int trunc) {

@@ -185,6 +185,82 @@ QCONV_QUANT(s8, qs8)
 QCONV_QUANT(s16, qs16)
 QCONV_QUANT(s32, int)
 
+// Byte planes for the tensor-core INT16 / INT32 kernels (conv_planes_mma.cu): x (pixels x C
+// floats) -> [pixels][P][G][icgp] bytes, plane b holding byte b of each quantized value
+// ((q >> 8b) & 0xFF; the top plane is the signed top byte q >> 8(P-1) as bits), icgp a multiple
+// of 16 so that every plane is the INT8 kernel's layout. Quantized with the fixed or the per-call
+// scale; the flag's bit 0 when an input is not finite.
+template <int P>
+QD void quantize_planes_body(const PassParams& p, const float s) {
+  int bad = 0;
+  unsigned char* out = (unsigned char*)p.out;
+  const long long gp = (long long)p.G * p.icgp;  // bytes of one plane of a pixel
+  if (p.vec) {  // no channel padding (gp == C, a multiple of 16): 4 values of one pixel per item
+    const float4* x4 = (const float4*)p.x;
+    QGRID_STRIDE(i, p.n / 4) {
+      float4 t = __ldg(x4 + i);
+      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+      const unsigned q0 = (unsigned)quantize1(t.x, s, p.qmax, p.trunc), q1 = (unsigned)quantize1(t.y, s, p.qmax, p.trunc);
+      const unsigned q2 = (unsigned)quantize1(t.z, s, p.qmax, p.trunc), q3 = (unsigned)quantize1(t.w, s, p.qmax, p.trunc);
+      const long long e = i * 4, pix = e / gp;
+      unsigned char* o = out + pix * P * gp + (e - pix * gp);
+#pragma unroll
+      for (int b = 0; b < P; ++b)  // 4 bytes of one plane, little-endian: one 32-bit store
+        *(unsigned*)(o + b * gp) = ((q0 >> (8 * b)) & 0xFFu) | (((q1 >> (8 * b)) & 0xFFu) << 8) |
+                                   (((q2 >> (8 * b)) & 0xFFu) << 16) | (((q3 >> (8 * b)) & 0xFFu) << 24);
+    }
+  } else {
+    const long long total = p.n / p.C * gp;
+    QGRID_STRIDE(i, total) {
+      long long pix = i / gp;
+      int r = (int)(i - pix * gp);
+      int g = r / p.icgp, c = r - g * p.icgp;
+      unsigned q = 0;
+      if (c < p.icg) {
+        float t = __ldg(p.x + pix * p.C + g * p.icg + c);
+        bad |= !isfinite(t);
+        q = (unsigned)quantize1(t, s, p.qmax, p.trunc);
+      }
+      unsigned char* o = out + pix * P * gp + r;
+#pragma unroll
+      for (int b = 0; b < P; ++b) o[b * gp] = (unsigned char)(q >> (8 * b));
+    }
+  }
+  if (bad) atomicOr(&p.stats->flag, 1);
+}
+
+template <int P>
+QD void scan_quantize_planes_body(const PassParams& p) {  // as scan_quantize_x_body, planes out
+  QStats* st = p.stats;
+  __shared__ unsigned gen0;
+  if (threadIdx.x == 0) gen0 = *(volatile unsigned*)&st->gen;
+  __syncthreads();
+  if (scan_x_body(p)) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence();
+      atomicAdd(&st->gen, 1u);
+    }
+  } else {
+    if (threadIdx.x == 0) {
+      while (*(volatile unsigned*)&st->gen == gen0) __nanosleep(64);
+      __threadfence();
+    }
+    __syncthreads();
+  }
+  quantize_planes_body<P>(p, __ldcg(&st->s_x));
+}
+
+#define QCONV_QUANT_PLANES(SUF, P)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
+    quantize_planes_body<P>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
+    scan_quantize_planes_body<P>(p);                                                                      \
+  }
+QCONV_QUANT_PLANES(p16, 2)
+QCONV_QUANT_PLANES(p32, 4)
+
 // FP32: x -> [pixels][G][icgp] floats (channel padding for the 16-byte loader), with the flag.
 extern "C" __global__ void __launch_bounds__(256) qconv_pad_x_f32(const PassParams p) {
   float* out = (float*)p.out;
