@@ -1,7 +1,7 @@
 /* qconv.c - the C ABI: status text, CPU features, kernel dispatch, and the prepared-convolution
  * driver (kernel packing once; per call: maxabs reduction, quantize + pad, the convolution, the
  * dequantize; buffers kept in the handle, phases and their timing, work split over the thread
- * pool). No SIMD here: the kernels live in conv_scalar.c, conv_avx2.c, conv_vnni_*.c,
+ * pool). No SIMD here: the kernels live in conv_scalar.c, conv_avx2.c, conv_avx512.c, conv_amx.c, conv_vnni_*.c,
  * dwconv_scalar.c and dwconv_avx2.c and are reached through qconv_isa_table. */
 #define _POSIX_C_SOURCE 200809L
 #include "qconv.h"
@@ -75,6 +75,11 @@ static uint32_t detect_features(void)
     int avx512f = (b >> 16) & 1, avx512vl = (b >> 31) & 1, avx512vnni = (c >> 11) & 1;
     if (avx512f && avx512vl && avx512vnni && (xcr0 & 0xE0) == 0xE0)
         f |= QCONV_CPU_AVX512VNNI_VL;
+    int avx512bw = (b >> 30) & 1;
+    if (avx512f && avx512bw && avx512vl && avx512vnni && (xcr0 & 0xE0) == 0xE0)
+        f |= QCONV_CPU_AVX512;
+    if (((d >> 24) & 1) && ((d >> 25) & 1) && ((xcr0 >> 17) & 3) == 3)   /* AMX-TILE, AMX-INT8, XTILECFG/DATA */
+        f |= QCONV_CPU_AMX;
     unsigned max7 = a;
     if (max7 >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1))
         f |= QCONV_CPU_AVXVNNI;
@@ -90,6 +95,9 @@ int qconv_cpu_features(uint32_t *features)
     return QCONV_OK;
 }
 
+static const qconv_isa_table *table_for(int isa);
+static int table_for_isa_exists(int isa);
+
 static int isa_usable(int isa)
 {
     uint32_t f = detect_features();
@@ -101,14 +109,49 @@ static int isa_usable(int isa)
     case QCONV_ISA_AVX512VNNI: return avx2 && (f & QCONV_CPU_AVX512VNNI_VL);
     case QCONV_ISA_AVXVNNI: return avx2 && (f & QCONV_CPU_AVXVNNI);
     case QCONV_ISA_VNNI_EMULATED: return avx2;
+    case QCONV_ISA_AVX512: return avx2 && (f & QCONV_CPU_AVX512);
+    case QCONV_ISA_AMX: return avx2 && (f & QCONV_CPU_AVX512) && (f & QCONV_CPU_AMX) && qconv_amx_unusable() == NULL;
 #endif
     default: return 0;
     }
 }
 
+int qconv_isa_reason(int isa, char *buf, int64_t len)
+{
+    if (buf == NULL || len < 1)
+        return QCONV_EINVAL;
+    const char *why = "";
+    uint32_t f = detect_features();
+    if (isa == QCONV_ISA_AUTO || isa == QCONV_ISA_SCALAR || isa_usable(isa)) {
+        why = "";
+    } else if (table_for_isa_exists(isa) == 0) {
+        why = "not an instruction-set level of this build";
+    } else if (!((f & QCONV_CPU_AVX2) && (f & QCONV_CPU_FMA))) {
+        why = "this CPU (or the OS) lacks AVX2/FMA";
+    } else if (isa == QCONV_ISA_AVX512VNNI) {
+        why = "this CPU (or the OS) lacks AVX512F/VL/VNNI with ZMM state";
+    } else if (isa == QCONV_ISA_AVXVNNI) {
+        why = "this CPU lacks AVX-VNNI";
+#if defined(QCONV_HAVE_X86)
+    } else if (isa == QCONV_ISA_AMX && qconv_amx_unusable() != NULL) {
+        why = qconv_amx_unusable();   /* QCONV_NO_AMX, the CPU, XCR0, or arch_prctl refused */
+#endif
+    } else if (!(f & QCONV_CPU_AVX512)) {
+        why = "this CPU (or the OS) lacks AVX512F/BW/VL/VNNI with ZMM state";
+    } else {
+        why = "this CPU or the OS lacks AMX-TILE/AMX-INT8";
+    }
+    size_t n = strlen(why);
+    if ((int64_t)n >= len)
+        n = (size_t)len - 1;
+    memcpy(buf, why, n);
+    buf[n] = '\0';
+    return QCONV_OK;
+}
+
 int qconv_best_isa(int cap, int *isa)
 {
-    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_VNNI_EMULATED)
+    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_AMX)
         return QCONV_EINVAL;
     if (cap == QCONV_ISA_VNNI_EMULATED) {   /* tests only: that family or none */
         if (!isa_usable(cap))
@@ -117,13 +160,15 @@ int qconv_best_isa(int cap, int *isa)
         return QCONV_OK;
     }
     /* Preference order; a cap admits the families at or below it in this order. */
-    static const int order[] = {QCONV_ISA_AVX512VNNI, QCONV_ISA_AVXVNNI, QCONV_ISA_AVX2, QCONV_ISA_SCALAR};
+    static const int order[] = {QCONV_ISA_AMX, QCONV_ISA_AVX512, QCONV_ISA_AVX512VNNI, QCONV_ISA_AVXVNNI,
+                                QCONV_ISA_AVX2, QCONV_ISA_SCALAR};
+    const int norder = (int)(sizeof order / sizeof order[0]);
     int rank_cap = 0;
     if (cap != QCONV_ISA_AUTO)
-        for (int i = 0; i < 4; i++)
+        for (int i = 0; i < norder; i++)
             if (order[i] == cap)
                 rank_cap = i;
-    for (int i = rank_cap; i < 4; i++)
+    for (int i = rank_cap; i < norder; i++)
         if (isa_usable(order[i])) {
             *isa = order[i];
             return QCONV_OK;
@@ -140,9 +185,16 @@ static const qconv_isa_table *table_for(int isa)
     case QCONV_ISA_AVX512VNNI: return &qconv_avx512vnni_table;
     case QCONV_ISA_AVXVNNI: return &qconv_avxvnni_table;
     case QCONV_ISA_VNNI_EMULATED: return &qconv_vnni_emulated_table;
+    case QCONV_ISA_AVX512: return &qconv_avx512_table;
+    case QCONV_ISA_AMX: return &qconv_amx_table;
 #endif
     default: return NULL;
     }
+}
+
+static int table_for_isa_exists(int isa)
+{
+    return table_for(isa) != NULL;
 }
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -479,6 +531,7 @@ int qconv_tile(int isa, int precision, qconv_tile_info *info)
     info->nr = (int)t->nr[precision];
     info->grp = (int)t->grp[precision];
     info->dw_block = (int)t->dw_block;
+    info->cpad = (int)(t->cpad[precision] > t->grp[precision] ? t->cpad[precision] : t->grp[precision]);
     return QCONV_OK;
 }
 
@@ -662,7 +715,7 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
     } else {
         cv->nr = t->nr[precision];
         cv->grp = t->grp[precision];
-        cv->cp = round_up(icg, cv->grp);
+        cv->cp = round_up(icg, t->cpad[precision] > cv->grp ? t->cpad[precision] : cv->grp);
         cv->nocb = (cv->ocg + cv->nr - 1) / cv->nr;
         cv->nocbp = cv->nocb * cv->nr;
         cv->wblk = taps * cv->cp * cv->nr;
@@ -765,6 +818,8 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         dw_bytes = row_bytes + nth * dw_worker;   /* the zero row, then the workers' areas */
     } else {
         xq_bytes = npad * (int64_t)xes;
+        if (t->xslack[cv->precision] > 0)   /* tiles that read past a row's last pixel (AMX) */
+            xq_bytes += (t->xslack[cv->precision] * cv->sw * cv->groups * cv->cp + 64) * (int64_t)xes;
         acc_bytes = separate ? ny * 4 : 0;
     }
 
@@ -943,6 +998,16 @@ int qconv_peak(int instr, int threads, int64_t iters, double *macs, double *seco
         if (!isa_usable(QCONV_ISA_AVX2))
             return QCONV_EISA;
         j.body = qconv_peak_body__avx2;
+        break;
+    case QCONV_PEAK_FMA512: case QCONV_PEAK_DPWSSD512: case QCONV_PEAK_DPBUSD512:
+        if (!isa_usable(QCONV_ISA_AVX512))
+            return QCONV_EISA;
+        j.body = qconv_peak_body__avx512;
+        break;
+    case QCONV_PEAK_AMX_DPBSSD:
+        if (!isa_usable(QCONV_ISA_AMX))
+            return QCONV_EISA;
+        j.body = qconv_peak_body__amx;
         break;
     case QCONV_PEAK_DPWSSD: case QCONV_PEAK_DPBUSD:
         if (isa_usable(QCONV_ISA_AVX512VNNI))

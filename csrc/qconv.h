@@ -39,8 +39,10 @@ enum qconv_isa {
     QCONV_ISA_AVX2 = 1,         /* conv_avx2.c, dwconv_avx2.c: AVX2 + FMA */
     QCONV_ISA_AVX512VNNI = 2,   /* conv_vnni_evex.c: AVX2 kernels + 256-bit EVEX vpdpbusd/vpdpwssd */
     QCONV_ISA_AVXVNNI = 3,      /* conv_vnni_vex.c: AVX2 kernels + VEX AVX-VNNI vpdpbusd/vpdpwssd */
-    QCONV_ISA_VNNI_EMULATED = 4 /* conv_vnni_emu.c: the AVX512-VNNI family's kernels with vpdpbusd and
+    QCONV_ISA_VNNI_EMULATED = 4, /* conv_vnni_emu.c: the AVX512-VNNI family's kernels with vpdpbusd and
                                    vpdpwssd emulated by AVX2 (tests only; never chosen by auto) */
+    QCONV_ISA_AVX512 = 5,       /* conv_avx512.c: zmm kernels (FMA, vpmulld, vpdpwssd, vpdpbusd), 14 x 32 */
+    QCONV_ISA_AMX = 6           /* conv_amx.c: INT8 on AMX tiles (tdpbssd); other precisions as AVX512 */
 };
 
 /* Bits of qconv_cpu_features(). */
@@ -48,7 +50,9 @@ enum qconv_feature {
     QCONV_CPU_AVX2 = 1,
     QCONV_CPU_FMA = 2,
     QCONV_CPU_AVX512VNNI_VL = 4,   /* AVX512F + AVX512VL + AVX512_VNNI, OS saves ZMM state */
-    QCONV_CPU_AVXVNNI = 8          /* VEX-encoded AVX-VNNI */
+    QCONV_CPU_AVXVNNI = 8,         /* VEX-encoded AVX-VNNI */
+    QCONV_CPU_AVX512 = 16,         /* AVX512F + BW + VL + VNNI, OS saves ZMM state */
+    QCONV_CPU_AMX = 32             /* AMX-TILE + AMX-INT8 in CPUID and XCR0 (Linux's permission aside) */
 };
 
 /* Instruction microbenchmarks for qconv_peak(). */
@@ -58,7 +62,11 @@ enum qconv_peak_instr {
     QCONV_PEAK_MADD = 2,       /* vpmaddwd + vpaddd ymm: 16 MAC (8 independent per iteration) */
     QCONV_PEAK_DPWSSD = 3,     /* vpdpwssd ymm: 16 MAC */
     QCONV_PEAK_DPBUSD = 4,     /* vpdpbusd ymm: 32 MAC */
-    QCONV_PEAK_SCALAR_FMA = 5  /* scalar float mul + add, the c-scalar baseline's instruction */
+    QCONV_PEAK_SCALAR_FMA = 5, /* scalar float mul + add, the c-scalar baseline's instruction */
+    QCONV_PEAK_FMA512 = 6,     /* vfmadd231ps zmm: 16 MAC */
+    QCONV_PEAK_DPWSSD512 = 7,  /* vpdpwssd zmm: 32 MAC */
+    QCONV_PEAK_DPBUSD512 = 8,  /* vpdpbusd zmm: 64 MAC */
+    QCONV_PEAK_AMX_DPBSSD = 9  /* tdpbssd 16 x 16 x 64: 16384 MAC (4 independent tiles per iteration) */
 };
 
 /* Worker threads one call may use (qconv_prepare, qconv_peak); the output-channel tile. */
@@ -97,6 +105,7 @@ typedef struct {
     int nr;        /* output channels per block */
     int grp;       /* input channels per packed group (pairs for madd/dpwssd, quads for dpbusd) */
     int dw_block;  /* depthwise: channels per vector block (the channel axis is padded to it) */
+    int cpad;      /* GEMM: each group's input channels are padded to a multiple of this */
 } qconv_tile_info;
 
 /* A prepared convolution: the kernel quantized and packed once, plus reusable work buffers. */
@@ -110,6 +119,9 @@ int qconv_cpu_features(uint32_t *features);
 /* The best kernel family usable here, capped at `cap` (QCONV_ISA_AUTO: no cap); a cap of
  * QCONV_ISA_VNNI_EMULATED asks for exactly that family (usable wherever AVX2 is). */
 int qconv_best_isa(int cap, int *isa);
+
+/* Why `isa` cannot run here, into buf (len bytes, NUL-terminated); "" when it can. */
+int qconv_isa_reason(int isa, char *buf, int64_t len);
 
 /* The declared tile of `isa`'s kernels for `precision`. */
 int qconv_tile(int isa, int precision, qconv_tile_info *info);

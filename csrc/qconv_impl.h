@@ -77,6 +77,9 @@ typedef struct {
                        const float *bias, float *dst);
     qconv_conv_fn conv[4];        /* by enum qconv_precision */
     int64_t nr[4], grp[4];        /* packing of each precision */
+    int64_t cpad[4];              /* input channels padded to a multiple of this (0: grp) */
+    int64_t xslack[4];            /* pixel steps a tile may read past a row's last output pixel
+                                     (the padded input gets that much slack; 0: none) */
     int mr[4], mrh[4];            /* declared tiles (qconv_tile) */
     int xstore[4], wstore[4];     /* quantize stores for x and w (xstore FP32 -> F32) */
     /* Depthwise. */
@@ -94,6 +97,11 @@ extern const qconv_isa_table qconv_avx2_table;
 extern const qconv_isa_table qconv_avx512vnni_table;
 extern const qconv_isa_table qconv_avxvnni_table;
 extern const qconv_isa_table qconv_vnni_emulated_table;
+extern const qconv_isa_table qconv_avx512_table;
+extern const qconv_isa_table qconv_amx_table;
+/* NULL when AMX INT8 may run in this process (CPU, XCR0, and Linux granted XTILEDATA through
+ * arch_prctl, asked once); else why not (conv_amx.c). */
+const char *qconv_amx_unusable(void);
 #define QCONV_HAVE_X86 1
 #endif
 
@@ -122,6 +130,8 @@ double qconv_peak_body__avx512vnni(int instr, int64_t iters);
 double qconv_peak_body__avxvnni(int instr, int64_t iters);
 double qconv_peak_body__vnni_emulated(int instr, int64_t iters);
 double qconv_peak_body__scalar(int instr, int64_t iters);
+double qconv_peak_body__avx512(int instr, int64_t iters);
+double qconv_peak_body__amx(int instr, int64_t iters);
 
 double qconv_now(void);
 

@@ -9,6 +9,7 @@ Every test skips with the backend's own reason where the extension is not built.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -248,20 +249,52 @@ def test_isa_cap_selects_the_kernels_that_run():
     assert t["isa"] == "scalar"
     feats = cext.cpu_features()
     best = cext.best_isa("auto")
-    if "avx512vnni_vl" in feats:
+    if not cext.isa_reason("amx"):
+        assert best == "amx" and {"amx", "avx512"} <= feats
+    elif "avx512" in feats:
+        assert best == "avx512"
+    elif "avx512vnni_vl" in feats:
         assert best == "avx512vnni"
     elif "avxvnni" in feats:
         assert best == "avxvnni"
     else:
         assert best == "avx2"
-    for isa in ("avx512vnni", "avxvnni"):
-        have = {"avx512vnni": "avx512vnni_vl", "avxvnni": "avxvnni"}[isa] in feats
-        if have:
-            _, t = cext.conv2d("int16", isa, 1, False, 10.0, 10.0, 0.01, x, w)
-            assert t["isa"] == isa
+    assert cext.usable_isas()[0] == best
+    for isa in ("amx", "avx512", "avx512vnni", "avxvnni"):
+        why = cext.isa_reason(isa)
+        if not why:
+            for p in ("int16", "int8"):
+                _, t = cext.conv2d(p, isa, 1, False, 10.0, 10.0, 0.01, x, w)
+                assert t["isa"] == isa
         else:
             with pytest.raises(QconvError, match="instruction set"):
                 cext.conv2d("int16", isa, 1, False, 10.0, 10.0, 0.01, x, w)
+
+
+def test_amx_refused_falls_back_with_the_reason():
+    """AMX refused (QCONV_NO_AMX, as a VM or an old kernel refusing ARCH_REQ_XCOMP_PERM does):
+    `auto` runs the next level, and c-avx2's description says why AMX is not used. In a child
+    process, since the permission is asked once per process."""
+    import subprocess
+    import sys
+    _cext()
+    _need("c-avx2")
+    code = ("from qconv.backends import _cext, available_backends; "
+            "print(_cext.best_isa('auto')); print(_cext.isa_reason('amx')); "
+            "print(available_backends()['c-avx2'][1]); print(','.join(_cext.usable_isas()))")
+    env = dict(os.environ, QCONV_NO_AMX="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    best, why, desc, usable = out.stdout.strip().splitlines()
+    assert best != "amx" and "amx" not in usable.split(",")
+    assert best == usable.split(",")[0]
+    assert why == "AMX disabled by QCONV_NO_AMX=1", why
+    assert f"amx: {why}" in desc
+    # Without the variable, this process's own answer: AMX where it runs, else the real reason.
+    from qconv.backends import _cext as cext
+    if os.environ.get("QCONV_NO_AMX", "") in ("", "0"):
+        assert "QCONV_NO_AMX" not in cext.isa_reason("amx")
+    if cext.isa_reason("amx"):
+        assert cext.best_isa("auto") == best
 
 
 def test_env_isa_cap(monkeypatch):
@@ -285,6 +318,17 @@ def test_peak_microbenchmarks_count_their_work():
         if cext.best_isa("auto") != "avx2":
             assert cext.peak("dpbusd", 1, 1000)[0] == 32 * 12 * 1000
             assert cext.peak("dpwssd", 1, 1000)[0] == 16 * 12 * 1000
+        for instr, macs in (("fma512", 16), ("dpwssd512", 32), ("dpbusd512", 64)):
+            if cext.isa_reason("avx512"):
+                with pytest.raises(QconvError, match="instruction set"):
+                    cext.peak(instr, 1, 10)
+            else:
+                assert cext.peak(instr, 1, 1000)[0] == macs * 12 * 1000
+        if cext.isa_reason("amx"):
+            with pytest.raises(QconvError, match="instruction set"):
+                cext.peak("amx-dpbssd", 1, 10)
+        else:
+            assert cext.peak("amx-dpbssd", 2, 1000)[0] == 2 * 4 * 16 * 16 * 64 * 1000
 
 
 # ---- bad input never reaches C ----------------------------------------------------------------

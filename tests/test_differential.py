@@ -11,7 +11,8 @@ Then the shapes at each kernel's declared tile boundaries (qconv_tile), prepared
 one-shot calls, buffer reuse and out=, several Python threads on one prepared convolution, the
 errors the C path words like the contract, and the threads option.
 
-The backends are every registered "c-*" backend and its variants (qconv.backends.variants), plus
+The backends are every registered "c-*" backend and its variants (qconv.backends.variants: for
+c-avx2, every SIMD level this machine runs — amx, avx512, avx512vnni, avxvnni, avx2), plus
 c-avx2 with a separate dequantize pass and c-avx2 running the VNNI kernels with vpdpbusd/vpdpwssd
 emulated by AVX2 (isa="vnni-emulated"), so their code is checked on CPUs without VNNI too. An unavailable backend is skipped with its reason, unless
 it is named in QCONV_REQUIRE (e.g. QCONV_REQUIRE=c-scalar,c-avx2), which makes that a failure.
@@ -205,7 +206,8 @@ def test_tile_boundaries(cfg, precision):
     nr, grp = max(t["nr"], 2), t["grp"]
     ocs = sorted(set(_around(nr // 2) + _around(nr) + [2 * nr + 1]))
     wos = sorted(set(_around(t["mr"]) + _around(2 * t["mr"]) + (_around(t["mrh"]) if t["mrh"] else [])))
-    cs = sorted(set(_around(grp) + [2 * grp + 1]))
+    cpad = t.get("cpad", grp)
+    cs = sorted(set(_around(grp) + [2 * grp + 1] + (_around(cpad) if cpad > grp else [])))
     scale = None if not precision.is_integer else (3.0, 40.0)
     for i, oc in enumerate(ocs):
         for j, wo in enumerate(wos):
@@ -226,6 +228,26 @@ def test_tile_boundaries(cfg, precision):
             w = rng.standard_normal((k, k, c * mult, 1)).astype(np.float32)
             bias = rng.standard_normal(c * mult).astype(np.float32)
             _check(cfg, precision, x, w, {"stride": stride, "padding": "same", "groups": c}, bias, scale)
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_int8_accumulators_wrap_like_the_contract(cfg):
+    """INT8 operands clamp at 127, so only a long reduction overflows int32: K = 140,000 products
+    of 127 * 127 (and of 127 * -127 in the odd channels' columns) pass 2^31, and every kernel
+    family (vpdpbusd with its +128 compensation, AMX tdpbssd) must wrap modulo 2^32 as the
+    reference does. OC 17 and 3 pixels cross the tiles' channel and pixel blocks."""
+    _need(cfg[1])
+    c = 140_000
+    x = np.full((1, 1, 3, c), 1.0, np.float32)
+    x[0, 0, 1, ::3] = -1.0
+    w = np.full((1, 1, 17, c), 1.0, np.float32)
+    w[:, :, 1::2, ::2] = -1.0
+    for scale in ((127.0, 127.0), (127.0, 64.0)):
+        ref = qconv.conv2d(x, w, "int8", "reference", scale=scale, padding="valid")
+        acc = np.int64(c) * 127 * int(scale[1])
+        assert acc > 2**31 - 1 or scale[1] != 127.0   # the first scale overflows int32
+        y = qconv.conv2d(x, w, "int8", cfg[1], scale=scale, padding="valid", **cfg[2])
+        _same_bits(y, ref, f"{cfg[0]} int8 K={c} scale={scale}")
 
 
 def test_strided_layers_skip_input_rows_but_still_check_them():

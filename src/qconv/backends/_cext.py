@@ -18,12 +18,17 @@ from ..errors import BackendError, BackendUnavailable, InputError
 PRECISION_CODES = {"fp32": "QCONV_FP32", "int32": "QCONV_INT32", "int16": "QCONV_INT16", "int8": "QCONV_INT8"}
 ISA_CODES = {"auto": "QCONV_ISA_AUTO", "scalar": "QCONV_ISA_SCALAR", "avx2": "QCONV_ISA_AVX2",
              "avx512vnni": "QCONV_ISA_AVX512VNNI", "avxvnni": "QCONV_ISA_AVXVNNI",
+             "avx512": "QCONV_ISA_AVX512", "amx": "QCONV_ISA_AMX",
              "vnni-emulated": "QCONV_ISA_VNNI_EMULATED"}  # tests only: VNNI kernels, dp* emulated
+# The levels `auto` chooses from, best first (qconv_best_isa's order).
+ISA_ORDER = ("amx", "avx512", "avx512vnni", "avxvnni", "avx2", "scalar")
 PEAK_CODES = {"fma": "QCONV_PEAK_FMA", "mullo": "QCONV_PEAK_MULLO", "madd": "QCONV_PEAK_MADD",
               "dpwssd": "QCONV_PEAK_DPWSSD", "dpbusd": "QCONV_PEAK_DPBUSD",
-              "scalar-fma": "QCONV_PEAK_SCALAR_FMA"}
+              "scalar-fma": "QCONV_PEAK_SCALAR_FMA", "fma512": "QCONV_PEAK_FMA512",
+              "dpwssd512": "QCONV_PEAK_DPWSSD512", "dpbusd512": "QCONV_PEAK_DPBUSD512",
+              "amx-dpbssd": "QCONV_PEAK_AMX_DPBSSD"}
 FEATURE_BITS = {"avx2": "QCONV_CPU_AVX2", "fma": "QCONV_CPU_FMA", "avx512vnni_vl": "QCONV_CPU_AVX512VNNI_VL",
-                "avxvnni": "QCONV_CPU_AVXVNNI"}
+                "avxvnni": "QCONV_CPU_AVXVNNI", "avx512": "QCONV_CPU_AVX512", "amx": "QCONV_CPU_AMX"}
 
 
 _F32 = np.dtype(np.float32)
@@ -79,7 +84,8 @@ def _isa_name(code: int) -> str:
 
 @functools.lru_cache(maxsize=None)  # CPUID traps to the hypervisor in a VM: ask once
 def cpu_features() -> frozenset[str]:
-    """The features qconv looks for that this CPU has: avx2, fma, avx512vnni_vl, avxvnni."""
+    """The features qconv looks for that this CPU has: avx2, fma, avx512vnni_vl, avxvnni, avx512
+    (F+BW+VL+VNNI), amx (AMX-TILE+INT8 with the OS's tile state; Linux's permission aside)."""
     ffi, lib = _lib()
     out = ffi.new("uint32_t *")
     _check(lib.qconv_cpu_features(out), "qconv_cpu_features")
@@ -87,6 +93,22 @@ def cpu_features() -> frozenset[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def isa_reason(isa: str) -> str:
+    """Why the kernel level `isa` cannot run here ('' when it can): the CPU, the OS, or (AMX) Linux
+    refusing the tile data state, or QCONV_NO_AMX set."""
+    if isa not in ISA_CODES:
+        raise InputError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
+    ffi, lib = _lib()
+    buf = ffi.new("char[256]")
+    _check(lib.qconv_isa_reason(_c(ISA_CODES[isa]), buf, 256), f"qconv_isa_reason({isa})")
+    return ffi.string(buf).decode()
+
+
+def usable_isas() -> list[str]:
+    """The levels `auto` may choose that run here, best first."""
+    return [isa for isa in ISA_ORDER if not isa_reason(isa)]
+
+
 def best_isa(cap: str = "auto") -> str:
     """The best kernel family usable here, no higher than `cap` (a name from ISA_CODES)."""
     if cap not in ISA_CODES:
@@ -122,7 +144,8 @@ def _threads_ok(threads: object) -> bool:
 def tile(isa: str, precision: str) -> dict[str, int]:
     """qconv_tile: the tile isa's kernels declare for precision: mr (pixels per full tile), mrh
     (pixels per half-width tile, 0: none), nr (OC per block), grp (input channels packed
-    together), dw_block (depthwise channel block)."""
+    together), dw_block (depthwise channel block), cpad (each group's input channels are padded
+    to a multiple of it: grp, or AMX's 64)."""
     if precision not in PRECISION_CODES:
         raise InputError(f"unknown precision {precision!r}")
     if isa not in ISA_CODES:
@@ -130,7 +153,8 @@ def tile(isa: str, precision: str) -> dict[str, int]:
     ffi, lib = _lib()
     info = ffi.new("qconv_tile_info *")
     _check(lib.qconv_tile(_c(ISA_CODES[isa]), _c(PRECISION_CODES[precision]), info), f"qconv_tile({isa}, {precision})")
-    return {"mr": info.mr, "mrh": info.mrh, "nr": info.nr, "grp": info.grp, "dw_block": info.dw_block}
+    return {"mr": info.mr, "mrh": info.mrh, "nr": info.nr, "grp": info.grp, "dw_block": info.dw_block,
+            "cpad": info.cpad}
 
 
 def timings(t: Any) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""c-avx2: pthreads + AVX2/FMA kernels in C (csrc/conv_avx2.c, csrc/conv_vnni_*.c).
+"""c-avx2: pthreads + SIMD kernels in C: AVX2/FMA (csrc/conv_avx2.c, csrc/conv_vnni_*.c), AVX-512
+(csrc/conv_avx512.c) and AMX INT8 (csrc/conv_amx.c), the level chosen at run time.
 
 Implements the whole contract: stride, zero padding, groups (implicit GEMM per group; depthwise
 layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel scales.
@@ -6,9 +7,13 @@ layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel s
 Options:
     threads: worker threads, 1..4x the CPUs (at most 256); default: env QCONV_THREADS, else every
         core this process may use.
-    isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), "avx2"
-        (no VNNI), "avxvnni" (VEX AVX-VNNI at most), "avx512vnni". The best family the CPU has,
-        no higher than this, runs; INT16/INT8 use vpdpwssd/vpdpbusd only with a VNNI family.
+    isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), then best
+        first: "amx" (INT8 on AMX tiles, tdpbssd; the rest as avx512), "avx512" (zmm kernels:
+        FMA, vpmulld, vpdpwssd, vpdpbusd), "avx512vnni" (ymm kernels with EVEX VNNI), "avxvnni"
+        (VEX AVX-VNNI), "avx2" (no VNNI). The best family the CPU and the OS allow, no higher
+        than this, runs; AMX needs Linux to grant the tile state (asked once per process; env
+        QCONV_NO_AMX=1 refuses it, as a VM might), and the reason it cannot run is in
+        available_backends()'s description.
         "vnni-emulated" (for tests) runs the AVX512-VNNI family's kernels with vpdpbusd and
         vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too.
     fuse_dequantize: True (default): integer outputs are dequantized in the microkernel's store
@@ -30,7 +35,7 @@ from .base import BackendRun, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
-ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "vnni-emulated")
+ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated")
 
 
 def is_available() -> tuple[bool, str]:
@@ -40,18 +45,22 @@ def is_available() -> tuple[bool, str]:
     have = _cext.cpu_features()
     if not {"avx2", "fma"} <= have:
         return False, f"this CPU lacks AVX2 and/or FMA (has: {', '.join(sorted(have)) or 'neither'}); use c-scalar"
-    return True, f"C extension qconv._qconv_c, kernels: {_cext.best_isa('auto')}"
+    best = _cext.best_isa("auto")
+    desc = f"C extension qconv._qconv_c, kernels: {best}"
+    if best != "amx":
+        desc += f" (amx: {_cext.isa_reason('amx')})"
+    return True, desc
 
 
 def variants() -> list[dict]:
-    """The default (best kernel family) and, where that family is a VNNI one, the plain AVX2
-    kernels (isa=avx2), so the study and tests show both."""
+    """The default (the best kernel family) and every lower SIMD level this machine runs (amx,
+    avx512, avx512vnni, avxvnni, avx2), so the study and the tests show each beside the others."""
     out: list[dict] = [{}]
     try:
-        if _cext.best_isa("auto") != "avx2":
-            out.append({"isa": "avx2"})
+        levels = [i for i in _cext.usable_isas() if i != "scalar"]
     except Exception:  # the extension is absent: only the default, which reports why
-        pass
+        return out
+    out += [{"isa": i} for i in levels[1:]]
     return out
 
 

@@ -1,0 +1,311 @@
+/* conv_avx512.c - AVX-512 kernels (zmm): the only translation unit built with AVX512F/BW/VL/VNNI
+ * (the pragma below). Reached only through qconv_avx512_table after qconv.c has checked the CPU
+ * (AVX512F + BW + VL + VNNI, ZMM state saved by the OS), so the rest of the extension runs on any
+ * x86-64.
+ *
+ * Microkernels: MR output pixels x 32 output channels (two zmm columns), register-blocked,
+ * implicit GEMM over the zero-padded input as in conv_avx2.c; the packed kernel rows are 32 wide
+ * (nr = 32, the driver packs [ocb][KH][KW][cp/grp][32][grp]):
+ *   f32: vbroadcastss + vfmadd231ps zmm            (14 x 32, 28 accumulators, 1 broadcast per 2 FMA)
+ *   s32: vpbroadcastd + vpmulld + vpaddd zmm        (14 x 32), products and sums wrap mod 2^32
+ *   s16: vpbroadcastd (2 channels) + vpdpwssd zmm   (14 x 32); the non-saturating form wraps, and
+ *        |x0*w0 + x1*w1| <= 2 * 32767^2 < 2^31 anyway
+ *   s8:  vpbroadcastd (4 uint8 channels holding q_x + 128) + vpdpbusd zmm with 4 int8 weights; every
+ *        accumulator starts at -128 * sum(q_w) of its output channel (a->comp, packed once), so
+ *        the result is sum q_x * q_w modulo 2^32 (as conv_vnni.inc)
+ * A last OC block of <= 16 channels runs at half width (28 x 16: one zmm column, 28 accumulators).
+ * Partial blocks store through write masks (no write past the row). 32 zmm registers: 28
+ * accumulators + 2 kernel rows + 1 broadcast.
+ * Quantize, dequantize and the depthwise kernels are the AVX2 ones (qconv_avx512_table). */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "conv_tile.h"
+#include "qconv_impl.h"
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+#define NR512 32
+#define MR512 14
+#define MRH512 28
+
+/* The write mask of the first n (0..16) lanes. */
+ALWAYS_INLINE __mmask16 lanes16(int64_t n)
+{
+    return n >= 16 ? (__mmask16)0xFFFF : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* Store a tile's int32 accumulators, or with a->fused float32(acc) * inv[o] (+ bias[o]): cvtdq2ps
+ * rounds to nearest even under the default MXCSR, then one multiply and one add, never fused. */
+ALWAYS_INLINE void store_acc512(const qconv_conv_args *a, int32_t *y, __m512i (*acc)[2], const int mr,
+                                const int half, int64_t nvalid, const float *ib, const float *bb)
+{
+    const __mmask16 k0 = lanes16(nvalid), k1 = lanes16(nvalid - 16);
+    if (a->fused) {
+        const __m512 i0 = _mm512_loadu_ps(ib), i1 = _mm512_loadu_ps(ib + 16);
+        const __m512 c0 = bb ? _mm512_loadu_ps(bb) : _mm512_setzero_ps(), c1 = bb ? _mm512_loadu_ps(bb + 16) : c0;
+        for (int m = 0; m < mr; m++) {
+            float *ym = (float *)(void *)(y + m * a->ldy);
+            __m512 v0 = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][0]), i0);
+            if (bb)
+                v0 = _mm512_add_ps(v0, c0);
+            _mm512_mask_storeu_ps(ym, k0, v0);
+            if (!half) {
+                __m512 v1 = _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][1]), i1);
+                if (bb)
+                    v1 = _mm512_add_ps(v1, c1);
+                _mm512_mask_storeu_ps(ym + 16, k1, v1);
+            }
+        }
+        return;
+    }
+    for (int m = 0; m < mr; m++) {
+        int32_t *ym = y + m * a->ldy;
+        _mm512_mask_storeu_epi32(ym, k0, acc[m][0]);
+        if (!half)
+            _mm512_mask_storeu_epi32(ym + 16, k1, acc[m][1]);
+    }
+}
+
+ALWAYS_INLINE void store_ps512(const qconv_conv_args *a, float *y, __m512 (*acc)[2], const int mr,
+                               const int half, int64_t nvalid, const float *bb)
+{
+    const __mmask16 k0 = lanes16(nvalid), k1 = lanes16(nvalid - 16);
+    const __m512 c0 = bb ? _mm512_loadu_ps(bb) : _mm512_setzero_ps(), c1 = bb ? _mm512_loadu_ps(bb + 16) : c0;
+    for (int m = 0; m < mr; m++) {
+        float *ym = y + m * a->ldy;
+        _mm512_mask_storeu_ps(ym, k0, bb ? _mm512_add_ps(acc[m][0], c0) : acc[m][0]);
+        if (!half)
+            _mm512_mask_storeu_ps(ym + 16, k1, bb ? _mm512_add_ps(acc[m][1], c1) : acc[m][1]);
+    }
+}
+
+#define MAXMR 28
+
+ALWAYS_INLINE void qconv_f32_ukernel__avx512_14x32(const qconv_conv_args *a, const float *x, const float *w,
+                                                   const int32_t *init, const float *ib, const float *bb,
+                                                   float *y, int64_t nvalid, const int mr, const int half)
+{
+    (void)init;
+    (void)ib;
+    __m512 acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const float *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c++) {
+                __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
+                w += 32;
+                for (int m = 0; m < mr; m++) {
+                    __m512 b = _mm512_set1_ps(xp[m * step + c]);
+                    acc[m][0] = _mm512_fmadd_ps(b, w0, acc[m][0]);
+                    if (!half) /* 16 or fewer OC left: the upper 16 lanes are padding */
+                        acc[m][1] = _mm512_fmadd_ps(b, w1, acc[m][1]);
+                }
+            }
+        }
+    store_ps512(a, y, acc, mr, half, nvalid, bb);
+}
+
+ALWAYS_INLINE void qconv_s32_ukernel__avx512_14x32(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
+                                                   const int32_t *init, const float *ib, const float *bb,
+                                                   int32_t *y, int64_t nvalid, const int mr, const int half)
+{
+    (void)init;
+    __m512i acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const int32_t *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c++) {
+                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 16));
+                w += 32;
+                for (int m = 0; m < mr; m++) {
+                    __m512i b = _mm512_set1_epi32(xp[m * step + c]);
+                    acc[m][0] = _mm512_add_epi32(acc[m][0], _mm512_mullo_epi32(b, w0));
+                    if (!half)
+                        acc[m][1] = _mm512_add_epi32(acc[m][1], _mm512_mullo_epi32(b, w1));
+                }
+            }
+        }
+    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
+}
+
+ALWAYS_INLINE void qconv_s16_ukernel__avx512_14x32(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
+                                                   const int32_t *init, const float *ib, const float *bb,
+                                                   int32_t *y, int64_t nvalid, const int mr, const int half)
+{
+    (void)init;
+    __m512i acc[MAXMR][2];
+    for (int m = 0; m < mr; m++)
+        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const int16_t *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c += 2) {
+                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 32));
+                w += 64;
+                for (int m = 0; m < mr; m++) {
+                    __m512i b = _mm512_set1_epi32(qconv_load_i32(xp + m * step + c));
+                    acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], b, w0);
+                    if (!half)
+                        acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], b, w1);
+                }
+            }
+        }
+    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
+}
+
+ALWAYS_INLINE void qconv_s8_ukernel__avx512_14x32(const qconv_conv_args *a, const uint8_t *x, const int8_t *w,
+                                                  const int32_t *init, const float *ib, const float *bb,
+                                                  int32_t *y, int64_t nvalid, const int mr, const int half)
+{
+    __m512i acc[MAXMR][2];
+    const __m512i i0 = _mm512_loadu_si512((const void *)init), i1 = _mm512_loadu_si512((const void *)(init + 16));
+    for (int m = 0; m < mr; m++) {
+        acc[m][0] = i0;
+        acc[m][1] = i1;
+    }
+    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
+    for (int64_t u = 0; u < a->kh; u++)
+        for (int64_t v = 0; v < a->kw; v++) {
+            const uint8_t *xp = x + u * a->row + v * pix;
+            for (int64_t c = 0; c < cp; c += 4) {
+                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 64));
+                w += 128;
+                for (int m = 0; m < mr; m++) {
+                    __m512i b = _mm512_set1_epi32(qconv_load_i32(xp + m * step + c));
+                    acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b, w0);
+                    if (!half)
+                        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b, w1);
+                }
+            }
+        }
+    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
+}
+
+#define CASE512(TILE, k, h)                                                                    \
+    case k: TILE(a, xr + q * a->xstep, wb, init, ib, bb, yr + q * a->ldy, nvalid, k, h); break;
+
+/* The loop over tiles (as QCONV_DEFINE_CONV in conv_tile.h, with 32-channel blocks): OC blocks
+ * outer, then rows, then ceil(WO / width) balanced tiles of one row. */
+#define DEFINE_CONV512(name, TILE, XT, WT, YT)                                                 \
+    void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
+    {                                                                                          \
+        const XT *xq = (const XT *)a->xq;                                                      \
+        const WT *wq = (const WT *)a->wq;                                                      \
+        YT *out = (YT *)a->out;                                                                \
+        for (int64_t b = b0; b < b1; b++) {                                                    \
+            const WT *wb = wq + b * a->wblk;                                                   \
+            const int32_t *init = a->comp ? a->comp + b * NR512 : NULL;                        \
+            const float *ib = a->inv ? a->inv + b * NR512 : NULL;                              \
+            const float *bb = a->bias ? a->bias + b * NR512 : NULL;                            \
+            int64_t nvalid = a->oc - b * NR512;                                                \
+            if (nvalid > NR512)                                                                \
+                nvalid = NR512;                                                                \
+            const int half = nvalid <= NR512 / 2;                                              \
+            const int64_t mr = half ? MRH512 : MR512;                                          \
+            const int64_t nt = (a->wo + mr - 1) / mr, tw = a->wo / nt, wide = a->wo % nt;      \
+            for (int64_t r = r0; r < r1; r++) {                                                \
+                int64_t n = r / a->ho, i = r % a->ho;                                          \
+                const XT *xr = xq + n * a->img + i * a->rstep;                                 \
+                YT *yr = out + r * a->wo * a->ldy + b * NR512;                                 \
+                for (int64_t t = 0, q = 0; t < nt; q += tw + (t < wide), t++) {                \
+                    if (half) {                                                                \
+                        switch (tw + (t < wide)) {                                             \
+                        CASE512(TILE, 1, 1) CASE512(TILE, 2, 1) CASE512(TILE, 3, 1)            \
+                        CASE512(TILE, 4, 1) CASE512(TILE, 5, 1) CASE512(TILE, 6, 1)            \
+                        CASE512(TILE, 7, 1) CASE512(TILE, 8, 1) CASE512(TILE, 9, 1)            \
+                        CASE512(TILE, 10, 1) CASE512(TILE, 11, 1) CASE512(TILE, 12, 1)         \
+                        CASE512(TILE, 13, 1) CASE512(TILE, 14, 1) CASE512(TILE, 15, 1)         \
+                        CASE512(TILE, 16, 1) CASE512(TILE, 17, 1) CASE512(TILE, 18, 1)         \
+                        CASE512(TILE, 19, 1) CASE512(TILE, 20, 1) CASE512(TILE, 21, 1)         \
+                        CASE512(TILE, 22, 1) CASE512(TILE, 23, 1) CASE512(TILE, 24, 1)         \
+                        CASE512(TILE, 25, 1) CASE512(TILE, 26, 1) CASE512(TILE, 27, 1)         \
+                        CASE512(TILE, 28, 1)                                                   \
+                        default: break; /* unreachable: 1 <= width <= 28 */                    \
+                        }                                                                      \
+                    } else {                                                                   \
+                        switch (tw + (t < wide)) {                                             \
+                        CASE512(TILE, 1, 0) CASE512(TILE, 2, 0) CASE512(TILE, 3, 0)            \
+                        CASE512(TILE, 4, 0) CASE512(TILE, 5, 0) CASE512(TILE, 6, 0)            \
+                        CASE512(TILE, 7, 0) CASE512(TILE, 8, 0) CASE512(TILE, 9, 0)            \
+                        CASE512(TILE, 10, 0) CASE512(TILE, 11, 0) CASE512(TILE, 12, 0)         \
+                        CASE512(TILE, 13, 0) CASE512(TILE, 14, 0)                              \
+                        default: break; /* unreachable: 1 <= width <= 14 */                    \
+                        }                                                                      \
+                    }                                                                          \
+                }                                                                              \
+            }                                                                                  \
+        }                                                                                      \
+    }
+
+DEFINE_CONV512(qconv_f32_conv__avx512, qconv_f32_ukernel__avx512_14x32, float, float, float)
+DEFINE_CONV512(qconv_s32_conv__avx512, qconv_s32_ukernel__avx512_14x32, int32_t, int32_t, int32_t)
+DEFINE_CONV512(qconv_s16_conv__avx512, qconv_s16_ukernel__avx512_14x32, int16_t, int16_t, int32_t)
+DEFINE_CONV512(qconv_s8_conv__avx512, qconv_s8_ukernel__avx512_14x32, uint8_t, int8_t, int32_t)
+
+/* ---- instruction microbenchmarks: 12 independent zmm accumulator chains ------------------ */
+
+double qconv_peak_body__avx512(int instr, int64_t iters)
+{
+    volatile int seed = 3;
+    double lanes;
+    if (instr == QCONV_PEAK_FMA512) {
+        __m512 acc[12], b = _mm512_set1_ps(1e-3f * (float)seed), c = _mm512_set1_ps(5e-4f);
+        for (int k = 0; k < 12; k++)
+            acc[k] = _mm512_set1_ps((float)k);
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                acc[k] = _mm512_fmadd_ps(b, c, acc[k]);
+        for (int k = 1; k < 12; k++)
+            acc[0] = _mm512_add_ps(acc[0], acc[k]);
+        seed = (int)_mm512_reduce_add_ps(acc[0]);
+        return 16.0 * 12.0 * (double)iters;
+    }
+    __m512i acc[12], a = _mm512_set1_epi32(seed), b = _mm512_set1_epi32(seed + 1);
+    for (int k = 0; k < 12; k++)
+        acc[k] = _mm512_set1_epi32(k);
+    if (instr == QCONV_PEAK_DPWSSD512) {
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                acc[k] = _mm512_dpwssd_epi32(acc[k], a, b);
+        lanes = 32;
+    } else {
+        for (int64_t i = 0; i < iters; i++)
+            for (int k = 0; k < 12; k++)
+                acc[k] = _mm512_dpbusd_epi32(acc[k], a, b);
+        lanes = 64;
+    }
+    for (int k = 1; k < 12; k++)
+        acc[0] = _mm512_add_epi32(acc[0], acc[k]);
+    seed = _mm512_reduce_add_epi32(acc[0]);
+    return lanes * 12.0 * (double)iters;
+}
+
+const qconv_isa_table qconv_avx512_table = {
+    .name = "avx512",
+    .quantize = qconv_quantize__avx2,
+    .absmax = qconv_absmax__avx2,
+    .dequantize = qconv_dequantize__avx2,
+    .conv = {qconv_f32_conv__avx512, qconv_s32_conv__avx512, qconv_s16_conv__avx512, qconv_s8_conv__avx512},
+    .nr = {NR512, NR512, NR512, NR512},
+    .grp = {1, 1, 2, 4},
+    .xstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_U8OFF},
+    .wstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I8},
+    .mr = {MR512, MR512, MR512, MR512},
+    .mrh = {MRH512, MRH512, MRH512, MRH512},
+    .dw = {qconv_f32_dwconv__avx2, qconv_s32_dwconv__avx2, qconv_s16_dwconv__avx2, qconv_s16_dwconv__avx2},
+    .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
+    .dw_block = QCONV_DW_BLOCK_AVX2,
+    .dw_pack = qconv_dw_pack__avx2,
+};
+#endif /* x86 */
