@@ -20,7 +20,7 @@ demo: $(VENV)/.ok-plot
 	$(VENV)/bin/qconv study --quick --out $(OUT)
 
 test: $(VENV)/.ok-test
-	$(PY) -m pytest -q
+	QCONV_REQUIRE=c-scalar,c-avx2 $(PY) -m pytest -q
 	$(MAKE) sanitize
 	$(MAKE) install-check
 

@@ -19,7 +19,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import qconv
-from conftest import EXAM, REAL, exam_cases, real_layers
+from conftest import EXAM, REAL, backend_or_skip, exam_cases, real_layers
 from qconv import backends
 from qconv.contract import Precision, conv2d_float64, fp32_error_bound
 from qconv.errors import QconvError
@@ -33,10 +33,7 @@ CONFIGS = [("c-scalar", {}), ("c-avx2", {"isa": "avx2"}), ("c-avx2", {"isa": "au
 CONFIG_IDS = ["scalar", "avx2", "best", "best-unfused"]
 
 
-def _need(name: str) -> None:
-    ok, why = backends.available_backends()[name]
-    if not ok:
-        pytest.skip(f"{name}: {why}")
+_need = backend_or_skip  # QCONV_REQUIRE turns "unavailable" into a failure
 
 
 def _cext():

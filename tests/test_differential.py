@@ -34,10 +34,10 @@ from qconv import backends
 from qconv.contract import Precision, check_layer, conv2d_float64, fp32_error_bound, maxabs_scale
 from qconv.errors import InputError
 
+from conftest import REQUIRED, backend_or_skip
 from strategies import tensors
 
 PRECISIONS = list(Precision)
-REQUIRED = {n.strip() for n in os.environ.get("QCONV_REQUIRE", "").split(",") if n.strip()}
 
 
 def _cpu_configs() -> list[tuple[str, str, dict]]:
@@ -61,12 +61,7 @@ CONFIGS = _cpu_configs()
 IDS = [c[0] for c in CONFIGS]
 
 
-def _need(name: str) -> None:
-    ok, why = backends.available_backends()[name]
-    if not ok:
-        if name in REQUIRED:
-            pytest.fail(f"{name} is required (QCONV_REQUIRE) but unavailable: {why}")
-        pytest.skip(f"{name}: {why}")
+_need = backend_or_skip
 
 
 def test_required_backends_are_registered():
