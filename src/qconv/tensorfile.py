@@ -8,6 +8,9 @@ the data. A FIFO, a character device or standard input (`-`) is read bounded: th
 it declares, and one more byte to detect trailing data, never more. Ctrl-C interrupts a read
 between 16 MiB chunks and is never turned into another error.
 
+(Longer than the house's ~400 lines on purpose: the three formats share one bounded reader and one
+safe writer, and splitting them would spread the rules about untrusted sizes over two files.)
+
 .npy and .npz are parsed here rather than by np.load, which allocates whatever a header declares
 and ignores trailing bytes; the rules are np.load's with allow_pickle=False: numbers only (no
 object, structured or complex arrays), any byte order, C or Fortran order. Their values become
