@@ -77,7 +77,7 @@ def test_json_validates_against_the_schema(study):
     out, _ = study
     doc = json.loads((out / "results.json").read_text())
     assert validate(doc) == []
-    assert doc["schema"] == "qconv-study-results" and doc["schema_version"] == 2
+    assert doc["schema"] == "qconv-study-results" and doc["schema_version"] == 3
     for key in ("cpu_model", "gpu", "versions", "date"):
         assert key in doc["machine"]
 
@@ -558,8 +558,9 @@ def test_study_modules_import_no_cycle():
     """Each study module imports only modules before it in this order (module-level imports)."""
     import ast
     import qconv.study as pkg
-    order = ["config", "schema", "accuracy", "energy", "machine", "references", "summary", "figures",
-             "plots_scale", "appendix", "plots", "report", "artifacts", "grid", "cli"]
+    order = ["config", "schema", "accuracy", "energy", "machine", "references", "network", "summary", "figures",
+             "plots_scale", "plots_network", "appendix", "report_network", "plots", "report", "artifacts", "grid",
+             "cli"]
     root = Path(pkg.__file__).parent
     assert {p.stem for p in root.glob("*.py")} - {"__init__"} == set(order)
     for i, name in enumerate(order):

@@ -8,8 +8,9 @@ From the command line: ``qconv study [LAYERS...] --out DIR`` (see qconv.study.cl
 
 Modules, each importing only those before it: config (layers, options, constants), accuracy
 (sweeps, strategies, the single-S table), energy, machine, references (library reference
-points), summary (derive, pareto, compare), figures/plots_scale/plots, appendix/report,
-artifacts (the writers), grid (the Study that runs it all).
+points), network (the --network section: a pretrained network through qconv.nets), summary
+(derive, pareto, compare, the acceptable NRMSE), figures/plots_scale/plots_network/plots,
+appendix/report_network/report, artifacts (the writers), grid (the Study that runs it all).
 """
 
 from .config import SCHEMA_NAME, SCHEMA_VERSION, Layer, load_layers

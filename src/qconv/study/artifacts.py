@@ -1,5 +1,6 @@
-"""The study's files: results.json (schema in results.schema.json), results.csv, the plots and
-report.md, written in that order so that a valid result exists whatever fails later."""
+"""The study's files: results.json (schema in results.schema.json), results.csv (network.csv with
+--network), the plots and report.md, written in that order so that a valid result exists whatever
+fails later."""
 
 from __future__ import annotations
 
@@ -74,6 +75,32 @@ def write_csv(res: dict[str, Any], path: Path) -> None:
             wr.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
+NETWORK_CSV_FIELDS = ["network", "backend", "precision", "scale_strategy", "single_s", "images", "labelled", "top1",
+                      "top5", "fp32_top1", "lost", "agreement", "logits_nrmse", "layer_nrmse_median",
+                      "layer_nrmse_max", "worst_layer", "layers_over_99", "layers_over_95", "threshold_99",
+                      "threshold_95"]
+
+
+def write_network_csv(res: dict[str, Any], path: Path) -> None:
+    """network.csv: one row per network option (results.csv keeps one row per layer measurement)."""
+    net = res["network"]
+    th = (net.get("threshold") or {}).get("agreement") or {}
+    with open(path, "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=NETWORK_CSV_FIELDS)
+        wr.writeheader()
+        for o in net["options"]:
+            lo = o.get("layers_over") or {}
+            row = {"network": net["name"], "backend": net.get("backend"), "precision": o["precision"],
+                   "scale_strategy": o["strategy"], "single_s": o.get("single_s"), "images": net["evaluation_images"],
+                   "labelled": net["labelled_images"], "top1": o["top1"], "top5": o["top5"],
+                   "fp32_top1": (net.get("fp32") or {}).get("top1"), "lost": o["lost"], "agreement": o["agreement"],
+                   "logits_nrmse": o["logits_nrmse"], "layer_nrmse_median": o["layer_nrmse_median"],
+                   "layer_nrmse_max": o["layer_nrmse_max"], "worst_layer": o["worst_layer"],
+                   "layers_over_99": lo.get("0.99"), "layers_over_95": lo.get("0.95"),
+                   "threshold_99": th.get("0.99"), "threshold_95": th.get("0.95")}
+            wr.writerow({k: ("" if v is None else v) for k, v in row.items()})
+
+
 def finish(res: dict[str, Any], out: Path, plots: bool = True) -> None:
     """Derive the summary; write results.json and results.csv first, then the plots, results.json
     again with the plot list, and report.md. A partial run writes whatever its data allows; a
@@ -81,6 +108,8 @@ def finish(res: dict[str, Any], out: Path, plots: bool = True) -> None:
     summary.derive(res)
     write_json(res, out / "results.json")
     write_csv(res, out / "results.csv")
+    if res.get("network"):
+        write_network_csv(res, out / "network.csv")
     failure: Exception | None = None
     if plots:
         try:

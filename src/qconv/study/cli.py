@@ -1,7 +1,9 @@
 """`qconv study`: the argparse hook the main CLI (qconv.cli) mounts as a subcommand.
 
-    add_arguments(parser)   # LAYERS..., --backends, --precisions, --batch, --repeat, --out, --quick
+    add_arguments(parser)   # LAYERS..., --backends, --precisions, --batch, --repeat, --out, --quick, --network
     run(args) -> int        # 0 done, 130 interrupted (partial results written); QconvError for bad input
+
+--network NAME adds the network section (network.py); --network-limit N keeps it short.
 """
 
 from __future__ import annotations
@@ -38,6 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--no-plots", action="store_true",
                         help="no figures (matplotlib not needed); results.json, CSV and report only")
+    parser.add_argument("--network", default=None, metavar="NAME",
+                        help="also run a pretrained network with every convolution through qconv "
+                             "(efficientnet-lite0, efficientnet-lite1, efficientnet-lite2 or mnist; fetched once by "
+                             "`qconv fetch-models`): accuracy per precision x scale strategy, per-layer NRMSE, the "
+                             "NRMSE the network tolerates (which then answers the acceptable-loss question), images/s")
+    parser.add_argument("--network-limit", type=int, default=None, metavar="N",
+                        help="evaluate only the first N of the network's evaluation images (labelled first); "
+                             "the network section's time grows with N (default: all)")
+    parser.add_argument("--network-backend", default=None, metavar="BACKEND",
+                        help="backend for the network's accuracy runs (default: the fastest of --backends that "
+                             "runs every layer; integer results are bit-identical across backends)")
 
 
 def _split(text: str | None) -> list[str] | None:
@@ -69,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         run_study(layers, out, backends=_split(args.backends), precisions=_split(args.precisions),
                   batch=args.batch, repeat=repeat, quick=args.quick,
-                  progress=not args.no_progress, command=command, plots=not args.no_plots)
+                  progress=not args.no_progress, command=command, plots=not args.no_plots,
+                  network_=getattr(args, "network", None), network_limit=getattr(args, "network_limit", None),
+                  network_backend=getattr(args, "network_backend", None))
     except KeyboardInterrupt:
         print(f"interrupted: partial results in {out / 'results.json'}", file=sys.stderr)
         return 130

@@ -20,7 +20,7 @@ from ..errors import InputError
 from ..tensorfile import load_pair
 
 SCHEMA_NAME = "qconv-study-results"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 INT_PRECISIONS = ("int32", "int16", "int8")
 ALL_PRECISIONS = ("fp32", *INT_PRECISIONS)
 # The assignment's Problem 1: the speedup of every option, at every batch, is over this one.

@@ -30,7 +30,7 @@ from .. import api, metrics
 from ..backends.base import PHASES
 from ..contract import Precision, conv2d_float64, conv2d_quantized, fp32_error_bound, parse_precision
 from ..errors import InputError, QconvError, QconvWarning
-from . import accuracy, artifacts, energy, machine, references
+from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
                      Layer, Option, stats, timed_options)
 from .summary import headline
@@ -50,7 +50,8 @@ class Study:
                  backends: Sequence[str] | None = None, precisions: Sequence[str] | None = None,
                  batch: int = 1, repeat: int = 5, quick: bool = False, progress: bool = True,
                  command: str | None = None, measure_energy: bool = True, plots: bool = True,
-                 references_: bool = True, energy_loop_s: float = ENERGY_LOOP_S) -> None:
+                 references_: bool = True, energy_loop_s: float = ENERGY_LOOP_S, network_: Any = None,
+                 network_limit: int | None = None, network_backend: str | None = None) -> None:
         if not layers:
             raise InputError("the study needs at least one layer")
         names = [layer.name for layer in layers]
@@ -99,6 +100,24 @@ class Study:
         }
         self.machine["measured_peaks"] = []
         self.settings = accuracy.sweep_settings(quick)
+        # The network section (--network): loaded now, so that a missing download is one line
+        # before minutes of measuring. ``network_`` is a name or a ready qconv.nets Network.
+        self.section: network.NetworkSection | None = None
+        net_record = None
+        if network_ is not None:
+            if network_backend is not None:
+                nb, nb_opts = registry.parse_variant(network_backend.strip())
+                if not avail.get(nb.lower(), (False, ""))[0]:
+                    raise InputError(f"--network-backend {network_backend!r}: not an available backend "
+                                     f"({', '.join(k for k, (a, _) in avail.items() if a)})")
+                network_backend = registry.variant_name(nb.lower(), nb_opts)
+            net, split = network.load(network_, network_limit)
+            cuda = avail.get("cuda", (False, "not in the registry"))
+            self.section = network.NetworkSection(
+                net, split, backends=[o.label for o in self.options if not o.baseline_only],
+                precisions=[p.value for p in self.precisions], backend=network_backend, quick=quick,
+                gpu_reason=None if cuda[0] else cuda[1].split(";")[0])
+            net_record = network.new_record(net, split, network_limit)
         self.results: dict[str, Any] = {
             "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "status": "running",
             "partial_reason": None, "command": command, "machine": self.machine,
@@ -107,6 +126,8 @@ class Study:
                        "baseline_note": baseline_note,
                        "precisions": [p.value for p in self.precisions],
                        "batch": batch, "repeat": repeat, "warmup": 1, "quick": quick, "sweep": self.settings,
+                       "network": None if net_record is None else net_record["name"],
+                       "network_limit": network_limit, "network_backend": network_backend,
                        "scale_for_integer_runs": ("single-S: the sweep's best single S for both tensors, rounding "
                                                   "to nearest (the assignment's scheme); the sweep's best (s_x, s_w) "
                                                   "pair and maxabs-per-channel scales are timed beside it where the "
@@ -117,6 +138,7 @@ class Study:
             "energy_model": energy.model(self.machine.get("gpu")),
             "layers": [], "measurements": [], "sweeps": [], "strategies": [], "single_s": [], "common_s": [],
             "reference_points": [], "reference_points_note": None, "idle_power_w": {}, "summary": {}, "plots": [], "elapsed_s": None,
+            "network": net_record,
         }
         self._bar: Any = None
         self.peaks: dict[tuple[str, int], float] = {}
@@ -126,7 +148,7 @@ class Study:
     # ---------------------------------------------------------------------------- progress bar
     def _steps(self) -> int:
         n_int = sum(p.is_integer for p in self.precisions)
-        return len(self.layers) * (n_int + self.repeat + 1)
+        return len(self.layers) * (n_int + self.repeat + 1) + (self.section.steps() if self.section else 0)
 
     def _open_bar(self) -> None:
         if not self.progress:
@@ -318,6 +340,8 @@ class Study:
             for m in self.results["measurements"]:
                 if m.get("peak_key"):
                     m["peak_gops"] = self.peaks.get(tuple(m["peak_key"]))
+            if self.section is not None:
+                self.section.run(self.results["network"], self._tick)
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "partial"

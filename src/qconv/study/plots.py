@@ -8,6 +8,7 @@ number of layers (and options), and results.json records each file with its pixe
     pareto      whole-call time against NRMSE: single-S, pair and per-channel points, reference points
     phases      where the time of a call goes
     energy      the per-operation estimate, and dynamic energy from measured loops where a meter exists
+    network_layers  per-layer NRMSE against depth in the network (plots_network; with --network only)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import PHASES
-from . import plots_scale
+from . import plots_network, plots_scale
 from .appendix import fmt_time
 from .config import ok
 from .figures import (PHASE_COLORS, PREC_COLORS, STRAT_MARKERS, Panels, collect_legend, empty, layer_names,
@@ -29,6 +30,7 @@ TITLES = {
     "pareto": "Whole-call time against NRMSE: every scale strategy, the frontier, and reference points",
     "phases": "Where the time of a call goes (medians of each phase)",
     "energy": "Energy per convolution",
+    "network_layers": plots_network.TITLE,
     **plots_scale.TITLES,
 }
 
@@ -189,14 +191,16 @@ def energy_plot(res: dict[str, Any]) -> Panels:
 
 
 _DRAW = {"speedup": speedup, "vcurve": plots_scale.vcurve, "histograms": plots_scale.histograms,
-         "nrmse": plots_scale.nrmse_bars, "pareto": pareto_plot, "phases": phases, "energy": energy_plot}
+         "nrmse": plots_scale.nrmse_bars, "pareto": pareto_plot, "phases": phases, "energy": energy_plot,
+         "network_layers": plots_network.network_layers}
 
 
 def draw_all(res: dict[str, Any], out_dir: "str | Path") -> list[dict[str, Any]]:
     """Draw every figure into out_dir; returns [{name, file, title, width, height}]."""
     out = Path(out_dir)
     done = []
-    for name in PLOTS:
+    extra = ("network_layers",) if (res.get("network") or {}).get("options") else ()
+    for name in PLOTS + extra:
         panels = _DRAW[name](res)
         path = out / f"{name}.png"
         panels.canvas.print_png(str(path))

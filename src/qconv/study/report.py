@@ -13,7 +13,7 @@ from typing import Any, Iterable
 
 from ..metrics import output_bits_nrmse
 from ..sweep import format_scale
-from . import appendix
+from . import appendix, report_network
 from .appendix import fmt_num, fmt_time, table
 from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
 from .summary import headline
@@ -94,6 +94,7 @@ class _Data:
         self.strat = {(s["layer"], s["precision"], s["strategy"]): s for s in res.get("strategies", [])}
         self.precs = [p for p in INT_PRECISIONS if any((L, p) in self.single for L in self.layers)]
         self.acc = self.S.get("acceptable_nrmse", output_bits_nrmse(8))
+        self.net = report_network.present(res) and self.S.get("acceptable_source") == "network"
 
     def per_layer(self, p: str, key: str) -> list[Any]:
         return [self.single[(L, p)][key] for L in self.layers if (L, p) in self.single]
@@ -194,10 +195,12 @@ def _answer_best(d: _Data) -> list[str]:
         return ", ".join(f"**{o}** (`{n}`)" for n, o in opts.items())
     rec = [v["recommended"] for v in lay if v.get("recommended")]
     base = sorted({(v["baseline"] or {}).get("backend") or "?" for v in lay})
+    bar = (f"within the NRMSE the network tolerates (<= {d.acc:.3g}, measured below)" if d.net else
+           f"with at least 8 effective output bits (NRMSE <= {d.acc:.3g})")
     out = [f"- **Best option?** Fastest: {who('fastest')}, {rng([v['fastest']['speedup_vs_baseline'] for v in lay], '.3g', 'x')} "
            f"the {'/'.join(base)} FP32 baseline in the convolve phase, at single-S NRMSE "
-           f"{rng([v['fastest']['nrmse'] for v in lay])}. Fastest with at least 8 effective output bits "
-           f"(NRMSE <= {d.acc:.3g}): {who('recommended')}" + (f" ({trng([r['convolve_s'] for r in rec])})." if rec else ".")]
+           f"{rng([v['fastest']['nrmse'] for v in lay])}. Fastest {bar}: {who('recommended')}"
+           + (f" ({trng([r['convolve_s'] for r in rec])})." if rec else ".")]
     refs = [p for v in lay for p in v.get("reference_faster", [])]
     if refs:
         out.append(f"  A reference point beats qconv's fastest whole call: "
@@ -236,9 +239,10 @@ def _energy_line(d: _Data) -> list[str]:
     same = [v for v in lay if v.get("recommended") and v.get("energy_best_estimate_acceptable")]
     agree = [v for v in same if v["recommended"]["precision"] == v["energy_best_estimate_acceptable"]["precision"]]
     if same:
-        txt += ("Among options with at least 8 effective bits, the cheapest precision by the estimate is the one the "
+        within = "Among options within the acceptable NRMSE" if d.net else "Among options with at least 8 effective bits"
+        txt += (f"{within}, the cheapest precision by the estimate is the one the "
                 "fastest uses, so energy does not change the answer" if len(agree) == len(same) else
-                "Among options with at least 8 effective bits, the estimate favours a different precision than speed "
+                f"{within}, the estimate favours a different precision than speed "
                 f"on {len(same) - len(agree)} of {len(same)} layer(s), so energy can change the answer") + ". "
     if measured:
         txt += ("Measured (dynamic energy, idle subtracted, kernel at least half of a loop of at least 1 s): the "
@@ -253,6 +257,9 @@ def _energy_line(d: _Data) -> list[str]:
 
 
 def _answer_acceptable(d: _Data) -> list[str]:
+    if d.net:
+        return report_network.answer_acceptable(d.res, {p: d.per_layer(p, "nrmse_nearest") for p in ("int8", "int16")
+                                                         if p in d.precs})
     fp = [m["nrmse"] for m in d.res["measurements"] if ok(m) and m["precision"] == "fp32" and m.get("nrmse")]
     one = d.per_layer("int8", "nrmse_nearest") if "int8" in d.precs else []
     pair = [s["nrmse"] for L in d.layers for s in [d.strat.get((L, "int8", PAIR))] if s and s["nrmse"]]
@@ -260,7 +267,7 @@ def _answer_acceptable(d: _Data) -> list[str]:
            f"the output's own 8-bit step, NRMSE {d.acc:.3g}, as the bar: an 8-bit next layer cannot see less. ")
     sixteen = d.per_layer("int16", "nrmse_nearest") if "int16" in d.precs else []
     if sixteen:
-        txt += f"INT16 with one S clears it ({rng(sixteen)}). "
+        txt += f"INT16 with one S {'clears' if max(sixteen) <= d.acc else 'misses'} it ({rng(sixteen)}). "
     if one:
         verdict = "misses it" if min(one) > d.acc else "clears it"
         txt += (f"INT8 with one S {verdict} ({rng(one)})"
@@ -268,8 +275,8 @@ def _answer_acceptable(d: _Data) -> list[str]:
                 + ("Naive single-S INT8 is therefore not justified; per-tensor (Jacob et al. 2018) and "
                    "per-channel scales (Krishnamoorthi 2018) are the cheap fix. " if min(one) > d.acc else
                    "Naive INT8 holds up on these layers; Jacob et al. (2018) and Krishnamoorthi (2018) add "
-                   "per-tensor and per-channel scales for the layers where it does not. ")
-                + "A network's tolerance is an end-to-end question one layer cannot settle.")
+                   "per-tensor and per-channel scales for the layers where it does not. "))
+    txt += report_network.fallback_note(d.res)
     return [txt]
 
 
@@ -354,9 +361,10 @@ def render(res: dict[str, Any]) -> str:
     L += ["", "## One S per precision", "", "![vcurve](vcurve.png)", "", "![histograms](histograms.png)", ""]
     L += _single_s_tables(d)
     L += ["## What scales and rounding buy", "", "![nrmse](nrmse.png)", ""] + _on_top_table(d) + [""]
+    L += report_network.body(res)
     L += ["## Speed", "", "![speedup](speedup.png)", ""] + appendix.speed_table(res, headline_only=True) + [""]
     L += _speed(d) + ["", "![pareto](pareto.png)", "", "![phases](phases.png)", ""]
     L += ["## Energy", "", "![energy](energy.png)", ""] + appendix.energy_body(res) + [""]
     L += ["## Sources", ""] + [f"- {s}" for s in SOURCES] + [""]
-    L += appendix.render(res)
+    L += appendix.render(res) + report_network.appendix(res)
     return "\n".join(L) + "\n"
