@@ -583,3 +583,10 @@ def test_reference_points_are_labelled_and_measured_against_the_same_reference()
         assert p["layer"] == "tiny3x3" and p["call_s"]["median"] > 0 and p["note"]
     fp32 = next(p for p in points if p["precision"] == "fp32")
     assert fp32["nrmse"] < 1e-6
+
+
+def test_an_unknown_backend_leaves_no_empty_output_folder(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(qconv.QconvError, match="unknown backend 'nope'"):
+        Study(tiny_layers(), out, backends=["nope"], progress=False)
+    assert not out.exists()

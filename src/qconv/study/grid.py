@@ -70,18 +70,20 @@ class Study:
                                  "(plots=False from Python)") from None
         self.layers = list(layers)
         self.out = Path(out_dir)
-        try:  # an unusable output folder is an error now, not after the measurements
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"output folder {self.out}: cannot create it ({e.strerror or e})") from None
-        if not os.access(self.out, os.W_OK):
-            raise InputError(f"output folder {self.out}: not writable")
         self.quick, self.batch, self.repeat = quick, batch, repeat
         self.progress, self.plots, self.want_refs = progress, plots, references_
         self.energy_loop_s = energy_loop_s
         precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
         self.precisions = list(dict.fromkeys(precs))
         self.options, baseline_note = timed_options(backends, self.precisions, batch)
+        # Arguments checked first, so a bad one leaves no empty folder behind; then an unusable
+        # output folder is an error now, not after the measurements.
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"output folder {self.out}: cannot create it ({e.strerror or e})") from None
+        if not os.access(self.out, os.W_OK):
+            raise InputError(f"output folder {self.out}: not writable")
         self.baseline_only = {o.label for o in self.options if o.baseline_only}
         from .. import backends as registry
         avail = registry.available_backends()
