@@ -273,3 +273,13 @@ def test_conv_reads_npy_and_npz(layer, tmp_path):
               "-o", str(tmp_path / "y.bin")], tmp_path)
     assert p.returncode == 0, p.stderr
     np.testing.assert_array_equal(qconv.load_tensor(tmp_path / "y.bin"), qconv.conv2d(x, w, "fp32", "reference"))
+
+
+def test_a_scale_warning_is_one_line_on_stderr(layer, tmp_path):
+    xp, wp, _, _ = layer
+    r = _run(["conv", str(xp), str(wp), "-p", "int8", "-s", "1e-6", "-b", "reference", "-n", "1",
+              "--no-accuracy"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    warn = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(warn) == 1 and warn[0].startswith("qconv: warning: this scale zeroes"), r.stderr
+    assert "StepSize" in warn[0]

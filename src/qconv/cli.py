@@ -11,6 +11,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -32,6 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _guard(fn: Callable[[], int], prog: str) -> int:
+    def one_line(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)  # no source line: this is a CLI, not a script
+    warnings.showwarning = one_line
     try:
         return fn()
     except BackendError as e:  # a driver, compiler or kernel failure: not the user's input
