@@ -152,8 +152,9 @@ QD void quantize_x_body(const PassParams& p, const float s) {
 // generation; the others spin on it. Launched with cuLaunchCooperativeKernel and at most as many
 // blocks as fit on the GPU at once, so every block is resident and the barrier cannot deadlock.
 // x is read twice; the second read mostly hits L2.
-template <typename T>
-QD void scan_quantize_x_body(const PassParams& p) {
+// The maxabs scan, then a grid-wide barrier (every block is resident: cooperative launch); returns
+// the s_x the last block wrote, which every block then quantizes with.
+QD float scan_then_wait(const PassParams& p) {
   QStats* st = p.stats;
   __shared__ unsigned gen0;
   if (threadIdx.x == 0) gen0 = *(volatile unsigned*)&st->gen;  // before arriving: the barrier's generation
@@ -171,7 +172,7 @@ QD void scan_quantize_x_body(const PassParams& p) {
     }
     __syncthreads();
   }
-  quantize_x_body<T>(p, __ldcg(&st->s_x));
+  return __ldcg(&st->s_x);
 }
 
 #define QCONV_QUANT(SUF, T)                                                                               \
@@ -179,7 +180,7 @@ QD void scan_quantize_x_body(const PassParams& p) {
     quantize_x_body<T>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                     \
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
-    scan_quantize_x_body<T>(p);                                                                           \
+    quantize_x_body<T>(p, scan_then_wait(p));                                                             \
   }
 QCONV_QUANT(s8, qs8)
 QCONV_QUANT(s16, qs16)
@@ -229,34 +230,12 @@ QD void quantize_planes_body(const PassParams& p, const float s) {
   if (bad) atomicOr(&p.stats->flag, 1);
 }
 
-template <int P>
-QD void scan_quantize_planes_body(const PassParams& p) {  // as scan_quantize_x_body, planes out
-  QStats* st = p.stats;
-  __shared__ unsigned gen0;
-  if (threadIdx.x == 0) gen0 = *(volatile unsigned*)&st->gen;
-  __syncthreads();
-  if (scan_x_body(p)) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicAdd(&st->gen, 1u);
-    }
-  } else {
-    if (threadIdx.x == 0) {
-      while (*(volatile unsigned*)&st->gen == gen0) __nanosleep(64);
-      __threadfence();
-    }
-    __syncthreads();
-  }
-  quantize_planes_body<P>(p, __ldcg(&st->s_x));
-}
-
 #define QCONV_QUANT_PLANES(SUF, P)                                                                        \
   extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
     quantize_planes_body<P>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                \
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
-    scan_quantize_planes_body<P>(p);                                                                      \
+    quantize_planes_body<P>(p, scan_then_wait(p));                                                        \
   }
 QCONV_QUANT_PLANES(p16, 2)
 QCONV_QUANT_PLANES(p32, 4)
