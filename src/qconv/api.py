@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -17,9 +18,9 @@ import numpy as np
 
 from . import backends, layouts, scales
 from .backends.base import PHASES
-from .contract import (ConvSpec, check_finite, Geometry, Plan, Precision, Rounding, conv2d_float64, conv2d_int_wrapped,
-                       conv_spec, count_saturated, nrmse, overflow_possible, parse_precision, parse_rounding,
-                       quantize, quantize_kernel)
+from .contract import (ConvSpec, Geometry, Plan, Precision, Rounding, check_finite, conv2d_float64, conv2d_int_wrapped,
+                       conv_spec, count_saturated, kernel_scale_view, nrmse, overflow_possible, parse_precision,
+                       parse_rounding, quantize, quantize_kernel)
 from .errors import InputError
 
 # Refuse requests whose working set is absurd before anything is allocated (bytes).
@@ -174,6 +175,14 @@ class Conv:
         self._geoms: dict[tuple[int, ...], Geometry] = {}
         self._lock = threading.Lock()
 
+    @functools.cached_property
+    def _kernel_diagnostics(self) -> tuple[np.ndarray, int, int]:
+        """The quantized kernel, its max |q|, and how many of its values saturate (asked once)."""
+        plan = self.plan
+        qw = quantize_kernel(self.kernel, plan.s_w, self.precision, self.rounding)
+        return (qw, int(np.max(np.abs(qw.astype(np.int64)))),
+                count_saturated(self.kernel, kernel_scale_view(plan.s_w), self.precision, self.rounding))
+
     def __repr__(self) -> str:
         s = self.spec
         return (f"qconv.Conv({s.kh}x{s.kw}, {s.c}->{s.oc}, stride={s.stride}, padding={s.padding!r}, "
@@ -254,17 +263,14 @@ class Conv:
         s_x = None
         if prec.is_integer:
             s_x = run.s_x if run.s_x is not None else plan.input_scale(xh)
+            qw, qw_max, w_saturated = self._kernel_diagnostics
             qx_max = int(quantize(np.max(np.abs(xh)), s_x, prec, self.rounding))
-            qw_max = int(np.max(np.abs(quantize_kernel(self.kernel, plan.s_w, prec, self.rounding).astype(np.int64))))
             possible = overflow_possible(qx_max, qw_max, self.spec.k)
-            saturated = (count_saturated(xh, s_x, prec, self.rounding),
-                         count_saturated(self.kernel, plan.s_w if np.ndim(plan.s_w) == 0 else plan.s_w[:, None],
-                                         prec, self.rounding))
+            saturated = (count_saturated(xh, s_x, prec, self.rounding), w_saturated)
             if wrapped is None and not possible:
                 wrapped = 0
             if wrapped is None and want_acc:
-                wrapped = conv2d_int_wrapped(quantize(xh, s_x, prec, self.rounding),
-                                             quantize_kernel(self.kernel, plan.s_w, prec, self.rounding), g)[1]
+                wrapped = conv2d_int_wrapped(quantize(xh, s_x, prec, self.rounding), qw, g)[1]
         if want_acc:
             layouts.check_working_set(8 * (3 * math.prod(g.out_shape) + 2 * (g.n * (g.h + g.pt + g.pb) *
                                       (g.w + g.pl + g.pr) * self.spec.c)), "the float64 reference for NRMSE")

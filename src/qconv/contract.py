@@ -174,10 +174,10 @@ def quantize(t: np.ndarray, s: float, precision: Precision,
 def quantize_kernel(w: np.ndarray, s_w: "float | np.ndarray", precision: Precision,
                     rounding: Rounding = Rounding.NEAREST) -> np.ndarray:
     """quantize() of a (KH, KW, OC, IC) kernel with one scale, or one per output channel."""
-    return quantize(w, _kernel_scale_view(s_w), precision, rounding)
+    return quantize(w, kernel_scale_view(s_w), precision, rounding)
 
 
-def _kernel_scale_view(s_w: "float | np.ndarray") -> "np.float32 | np.ndarray":
+def kernel_scale_view(s_w: "float | np.ndarray") -> "np.float32 | np.ndarray":
     a = np.asarray(s_w, dtype=np.float32)
     return np.float32(a) if a.ndim == 0 else a[:, None]  # (OC, 1): broadcasts over (KH, KW, OC, IC)
 

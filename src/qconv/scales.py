@@ -168,8 +168,8 @@ def for_call(scale: object, precision: Precision, x: np.ndarray, w: np.ndarray, 
 def warn_if_degenerate(t: np.ndarray, s: "float | np.ndarray", precision: Precision, what: str) -> None:
     """QconvWarning when a given scale zeroes or saturates most of a tensor (a step size passed as
     a multiplier, typically)."""
-    from .contract import _kernel_scale_view, quantize
-    sv = _kernel_scale_view(s) if what == "kernel" else s
+    from .contract import kernel_scale_view, quantize
+    sv = kernel_scale_view(s) if what == "kernel" else s
     nz = np.count_nonzero(t)
     if nz == 0:
         return
