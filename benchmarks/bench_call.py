@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
+from bench_cpu import cpu_name  # noqa: E402  (its folder is on sys.path: benchmarks run as scripts)
+
 SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
 VARIANTS = [  # label, precision, scale
     ("fp32", "fp32", None),
@@ -59,17 +61,6 @@ VARIANTS = [  # label, precision, scale
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
-
 
 def wall_times(fn, reps: int, warm: int = 5) -> list[float]:
     """Wall times of fn() (perf_counter around each call), after warm-up calls."""
