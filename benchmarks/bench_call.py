@@ -422,7 +422,12 @@ def main() -> int:
         elif args.json:
             Path(args.json).write_text(text)
         return 0
-    import qconv  # noqa: F401
+    from qconv.pools import quiet_blas
+    with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers (qconv.pools)
+        return measure(args, layers)
+
+
+def measure(args, layers: list[dict]) -> int:
     from qconv.backends import _cext
     sections = set(args.sections.split(","))
     out = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "cpu": cpu_name(),
