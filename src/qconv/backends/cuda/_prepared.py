@@ -10,11 +10,13 @@ Per call, by path (every kernel reads and writes device memory only):
       input) -> convolve (+ bias) [-> bias pass after split-K]
   depthwise (groups == C): scan x (finiteness; maxabs too) -> depthwise kernel (quantize on load)
 
-The scan and quantize passes set the call's non-finite flag on the device; the convolution's
-first thread copies it (and s_x) to the call's record in mapped host memory. Host arrays: the call
-waits, reads the record and raises at its end. Device arrays: nothing waits; the record is read
-when the result is asked for (Conv.result(), BackendRun.phases / .s_x), or when the output is read
-back through qconv (DeviceArray.copy_to_host, np.asarray, DeviceArray.synchronize).
+The scan and quantize passes set the call's non-finite flag on the device, and the kernels that
+write FP32 outputs (convolution epilogues, the bias pass after split-K, the depthwise kernel) count
+the non-finite outputs (float32 overflow); the call's last kernel copies flag, count and s_x to the
+call's record in mapped host memory. Host arrays: the call waits, reads the record and raises at
+its end. Device arrays: nothing waits; the record is read when the result is asked for
+(Conv.result(), BackendRun.phases / .s_x), or when the output is read back through qconv
+(DeviceArray.copy_to_host, np.asarray, DeviceArray.synchronize).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ...errors import InputError
 from ..base import PHASES, BackendRun, check_options
 from . import _arrays, _driver, _tiling
 from ._jobs import DwJob, GemmJob
+from ._launch import QSlot
 from ._streams import StreamCtx
 
 NAME = "cuda"
@@ -99,8 +102,9 @@ def parse_options(options: dict[str, Any]) -> Options:
 # --------------------------------------------------------------------------- call records
 
 class Record:
-    """One call: its host-mapped slot (flag, s_x, max|x| written by the convolution kernel) and
-    its timing events. resolve() waits for the call, reads them once and gives them back."""
+    """One call: its host-mapped slot (a QSlot: flag, s_x, max|x|, non-finite outputs, written by
+    the call's last kernel) and its timing events. resolve() waits for the call, reads them once
+    and gives them back."""
 
     __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "_phases", "_s_x", "_error", "_done")
 
@@ -112,7 +116,7 @@ class Record:
         self._done = False
         self._phases: dict[str, float] = {}
         self._s_x: np.float32 | None = None
-        self._error: str | None = None
+        self._error: InputError | None = None
 
     def resolve(self) -> "Record":
         if not self._done:
@@ -122,19 +126,17 @@ class Record:
                 _driver.ck(drv.cuEventSynchronize(self.events[-1]), "cuEventSynchronize")
             else:
                 _driver.ck(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
-            flag = ctypes.c_int.from_address(self.slot[0]).value
-            s_x = ctypes.c_float.from_address(self.slot[0] + 4).value
-            m = ctypes.c_float.from_address(self.slot[0] + 8).value
+            slot = QSlot.from_address(self.slot[0])
             ph = {p: 0.0 for p in PHASES}
             for name, a, b in self.marks:
                 ph[name] += ctx.rt.elapsed(self.events[a], self.events[b])
             self._phases = ph
             if self.maxabs:
-                self._s_x = np.float32(s_x)
-            self._error = _flag_message(flag, m)
+                self._s_x = np.float32(slot.s_x)
+            self._error = _flag_error(slot.flag, slot.m, slot.nonfinite)
             self._release()
         if self._error:
-            raise InputError(self._error)
+            raise self._error.with_traceback(None)
         return self
 
     def phases(self) -> dict[str, float]:
@@ -158,15 +160,19 @@ class Record:
             pass
 
 
-def _flag_message(flag: int, m: float) -> str | None:
+def _flag_error(flag: int, m: float, nonfinite: int) -> InputError | None:
+    """The error a call's record holds (QStats.flag's bits, qconv_common.cuh), or None."""
     if flag & 1:
-        return NONFINITE
+        return InputError(NONFINITE)
     if flag & 8:
-        return (f"max|value| = {m:.3g} is too small to scale within float32: the input is all "
-                f"(near-)denormal")
+        return InputError(f"max|value| = {m:.3g} is too small to scale within float32: the input is all "
+                          f"(near-)denormal")
     if flag & 4:
-        return ("the per-call input scale makes 1/(s_input*s_kernel) leave float32 (between about 1e-38 "
-                "and 3e38): the input's largest magnitude is too far from the kernel's")
+        return InputError("the per-call input scale makes 1/(s_input*s_kernel) leave float32 (between about "
+                          "1e-38 and 3e38): the input's largest magnitude is too far from the kernel's")
+    if flag & 16:
+        from ...contract import fp32_overflow_error
+        return fp32_overflow_error(nonfinite or None)  # the count is modulo 2^32: 0 means it wrapped
     return None
 
 
