@@ -1,4 +1,4 @@
-"""FP32 overflow on the cuda backend (issue 13): a convolution of finite data whose float32 output
+"""Float32 overflow on the cuda backend (issue 13). FP32: a convolution of finite data whose float32 output
 holds inf is refused with contract.fp32_overflow_error(count), the reference's error, on host
 arrays (at the end of the call) and on device arrays (when the result is read); the same call just
 below float32's range passes, and an overflow does not outlive its call.
@@ -89,3 +89,28 @@ def test_fp32_overflow_is_refused_like_the_reference(name, bias):
         assert np.all(np.isfinite(ok))
         np.testing.assert_allclose(ok, ref_ok, rtol=1e-4)
         np.testing.assert_allclose(np.asarray(conv(cb.to_device(below))), ref_ok, rtol=1e-4)
+
+
+@pytest.mark.parametrize("groups", [1, 8], ids=["gemm", "depthwise"])
+@pytest.mark.parametrize("precision", ["int8", "int16", "int32"])
+def test_per_call_scales_that_leave_float32_are_refused_like_the_reference(precision, groups):
+    """maxabs on the device: all-denormal input (s_x = Q / max|x| overflows) and an input and kernel
+    so small that 1/(s_x*s_w) leaves float32, refused with the reference's words, host and device."""
+    backend_or_skip("cuda")
+    rng = np.random.default_rng(14)
+    x = rng.standard_normal((1, 6, 6, 8)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 8, 8 // groups)).astype(np.float32)
+    tiny = np.float32(1e-33)
+    for xb, wb in ((np.full_like(x, 1e-44), w), (x * tiny, w * tiny)):
+        with pytest.raises(InputError) as ref:
+            qconv.conv2d(xb, wb, precision, "reference", groups=groups)
+        conv = qconv.prepare(wb, precision, "cuda", groups=groups)
+        with pytest.raises(InputError) as e:
+            conv(xb)
+        assert str(e.value) == str(ref.value)
+        y = conv(cb.to_device(xb))
+        with pytest.raises(InputError) as e:
+            y.copy_to_host()
+        assert str(e.value) == str(ref.value)
+        good = x * np.float32(1e30)  # scales well inside float32 with either kernel: the refusal does not outlive its call
+        assert np.array_equal(conv(good), qconv.conv2d(good, wb, precision, "reference", groups=groups))
