@@ -273,17 +273,21 @@ QD float epi1(const PassParams& p, float v, int o, unsigned& nonfinite) {
 }
 extern "C" __global__ void __launch_bounds__(256) qconv_epilogue(const PassParams p) {
   unsigned nf = 0;
+  const bool store = p.mode == 1 || p.bias;  // FP32 without a bias: only counted
   if (p.vec) {  // OC % 4 == 0: four consecutive elements share a row
     float4* b4 = (float4*)p.out;
     QGRID_STRIDE(i, p.n / 4) {
       float4 v = b4[i];
       int o = (int)((i * 4) % p.OC);
       v.x = epi1(p, v.x, o, nf); v.y = epi1(p, v.y, o + 1, nf); v.z = epi1(p, v.z, o + 2, nf); v.w = epi1(p, v.w, o + 3, nf);
-      b4[i] = v;
+      if (store) b4[i] = v;
     }
   } else {
     float* b = (float*)p.out;
-    QGRID_STRIDE(i, p.n) b[i] = epi1(p, b[i], (int)(i % p.OC), nf);
+    QGRID_STRIDE(i, p.n) {
+      const float v = epi1(p, b[i], (int)(i % p.OC), nf);
+      if (store) b[i] = v;
+    }
   }
   count_nonfinite(p.stats, nf);
   publish_stats(p.stats, p.slot);
