@@ -264,6 +264,17 @@ class Conv:
         g = self.geometry(_shape_of(x))
         return self._output(self._packed.run(x, g, self._out(out, g)).output)
 
+    def capture(self, x: Any, *, out: Any = None) -> Any:
+        """This call recorded once as a CUDA Graph on x's device buffer (backend 'cuda'): ``g =
+        conv.capture(x)``, then ``g()`` convolves whatever x holds at that moment into ``g.output``
+        with one graph launch, leaving out the per-call host work (PyTorch's CUDAGraph convention)."""
+        cap = getattr(self._packed, "capture", None)
+        if cap is None or not is_device_array(x):
+            raise InputError("capture() records a CUDA Graph: it takes backend='cuda' and a device-array input")
+        x = self._input(x)
+        g = self.geometry(_shape_of(x))
+        return cap(x, g, self._out(out, g))
+
     def result(self, x: Any, *, accuracy: bool = False, reference: np.ndarray | None = None,
                out: Any = None) -> ConvResult:
         """Convolve and report everything: output, scales and why, phase times, overflow, and (with

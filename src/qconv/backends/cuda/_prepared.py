@@ -337,9 +337,15 @@ class Prepared:
             rec.resolve()
         return BackendRun(y, rec.phases(), None, rec.s_x() if self.maxabs else self.plan.s_x)
 
-    def _enqueue(self, job: Any, x_ptr: int, out_ptr: int, rec: Record, ev0: int | None) -> None:
-        """Enqueue one call on ctx's stream (ctx.lock held): events ev0.. around the phases (None: untimed)."""
-        ctx = self.ctx
+    def capture(self, x: Any, geom: Geometry, out: Any = None) -> Any:
+        """This call as a CUDA Graph on x's buffer (api.Conv.capture)."""
+        from ._graph import Captured
+        return Captured(self, x, geom, out)
+
+    def _enqueue(self, job: Any, x_ptr: int, out_ptr: int, rec: Any, ev0: int | None, ctx: Any = None) -> None:
+        """Enqueue one call on ctx's stream (ctx.lock held): events ev0.. around the phases (None:
+        untimed). ctx: this conv's stream context, or a view of it with its own scratch (a graph's)."""
+        ctx = self.ctx if ctx is None else ctx
         try:
             if self._dirty:  # a call failed halfway: its flag may still be set
                 _driver.ck(self.rt.drv.cuMemsetD32Async(self.stats, 0, 8, ctx.stream), "cuMemsetD32Async(stats)")
