@@ -2,7 +2,8 @@
  * QCONV_STORE_I16PL / I32PL hold E-byte integers (E = 2, 4) in blocks of 64 elements, each block
  * as E planes of 64 bytes, plane i holding byte i (little-endian) of every element. Blocks start
  * at multiples of 64 elements from the start of the array handed over, which the AMX level
- * guarantees by padding every group's channels to 64 (cpad). No SIMD here: plain C, any x86-64. */
+ * guarantees by padding every group's channels to 64 (cpad). No SIMD here: plain C, any CPU
+ * (qconv.c splits the packed kernel through these on every platform; quantize is x86 only). */
 #include <string.h>
 
 #include "qconv_impl.h"
@@ -36,9 +37,11 @@ void qconv_split_planes(void *p, int64_t count, int store)
         to_planes(p, count, 4);
 }
 
+#if defined(__x86_64__) || defined(__i386__)
 int qconv_quantize__amx(const float *src, int64_t count, float s, int32_t qmax, int truncate, int store, void *dst)
 {
     const int bad = qconv_quantize__avx2(src, count, s, qmax, truncate, qconv_plain_store(store), dst);
     qconv_split_planes(dst, count, store);
     return bad;
 }
+#endif /* x86 */

@@ -1,5 +1,5 @@
 """c-avx2: pthreads + SIMD kernels in C: AVX2/FMA (csrc/conv_avx2.c, csrc/conv_vnni_*.c), AVX-512
-(csrc/conv_avx512.c) and AMX INT8 (csrc/conv_amx.c), the level chosen at run time.
+(csrc/conv_avx512.c) and AMX INT8/INT16/INT32 (csrc/conv_amx.c), the level chosen at run time.
 
 Implements the whole contract: stride, zero padding, groups (implicit GEMM per group; depthwise
 layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel scales.
