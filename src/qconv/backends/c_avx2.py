@@ -1,5 +1,5 @@
 """c-avx2: pthreads + SIMD kernels in C: AVX2/FMA (csrc/conv_avx2.c, csrc/conv_vnni_*.c), AVX-512
-(csrc/conv_avx512.c) and AMX INT8 (csrc/conv_amx.c), the level chosen at run time.
+(csrc/conv_avx512.c) and AMX INT8/INT16/INT32 (csrc/conv_amx.c), the level chosen at run time.
 
 Implements the whole contract: stride, zero padding, groups (implicit GEMM per group; depthwise
 layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel scales.
@@ -8,14 +8,17 @@ Options:
     threads: worker threads, 1..4x the CPUs (at most 256); default: env QCONV_THREADS, else every
         core this process may use.
     isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), then best
-        first: "amx" (INT8 on AMX tiles, tdpbssd; the rest as avx512), "avx512" (zmm kernels:
+        first: "amx" (INT8, INT16, INT32 on AMX tiles, the wider integers by exact byte
+        decomposition; FP32 as avx512), "avx512" (zmm kernels:
         FMA, vpmulld, vpdpwssd, vpdpbusd), "avx512vnni" (ymm kernels with EVEX VNNI), "avxvnni"
         (VEX AVX-VNNI), "avx2" (no VNNI). The best family the CPU and the OS allow, no higher
         than this, runs; AMX needs Linux to grant the tile state (asked once per process; env
         QCONV_NO_AMX=1 refuses it, as a VM might), and the reason it cannot run is in
         available_backends()'s description.
         "vnni-emulated" (for tests) runs the AVX512-VNNI family's kernels with vpdpbusd and
-        vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too.
+        vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too;
+        "amx-emulated" (for tests) runs the amx level's INT8/INT16/INT32 tile kernels with every
+        tile instruction emulated in C (csrc/amx_emu.h), FP32 as avx2.
     fuse_dequantize: True (default): integer outputs are dequantized in the microkernel's store
         (its cost is inside "convolve", and "dequantize" reads 0); False: a separate timed pass.
         The bits are the same either way. Depthwise kernels always dequantize in their store.
@@ -35,7 +38,7 @@ from .base import BackendRun, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
-ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated")
+ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated", "amx-emulated")
 
 
 def is_available() -> tuple[bool, str]:
