@@ -151,7 +151,7 @@ static inline __attribute__((always_inline)) void qconv_store_tile_ps(const qcon
 #define QCONV_YMM_ZERO_PS(init, k) _mm256_setzero_ps()
 #define QCONV_YMM_ZERO_SI(init, k) _mm256_setzero_si256()
 #define QCONV_YMM_LOAD_SI(p) _mm256_load_si256((const __m256i *)(const void *)(p))
-/* 4 input bytes (one int32, two int16 or four uint8 channels) in every 32-bit lane: vpbroadcastd. */
+/* 4 input bytes (two int16 or four uint8 channels) in every 32-bit lane: vpbroadcastd. */
 #define QCONV_YMM_BCAST32(x, o, c) _mm256_set1_epi32(qconv_load_i32((x) + (o) + (c)))
 #define QCONV_YMM_STORE_PS(a, y, acc, mr, half, nvalid, ib, bb) qconv_store_tile_ps(a, y, acc, mr, nvalid, bb)
 #define QCONV_YMM_STORE_ACC(a, y, acc, mr, half, nvalid, ib, bb) qconv_store_tile_acc(a, y, acc, mr, nvalid, ib, bb)
