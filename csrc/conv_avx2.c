@@ -2,9 +2,10 @@
  * below; the VNNI files carry their own). Reached only through qconv_avx2_table after qconv.c has
  * checked the CPU, so the rest of the extension runs on any x86-64.
  *
- * Microkernels: MR output pixels x 16 output channels (two ymm columns), register-blocked,
- * implicit GEMM over the zero-padded input (no im2col): for each tap (u, v) and input channel
- * (group) c, broadcast x[pixel m, c] and multiply-accumulate with the packed kernel row w[c][0:16].
+ * Microkernels (one body in conv_tile.h, the per-type pieces below): MR output pixels x 16 output
+ * channels (two ymm columns), register-blocked, implicit GEMM over the zero-padded input (no
+ * im2col): for each tap (u, v) and input channel (group) c, broadcast x[pixel m, c] and
+ * multiply-accumulate with the packed kernel row w[c][0:16].
  *   f32: vbroadcastss + vfmadd231ps               (6 x 16, 12 accumulators)
  *   s32: vpbroadcastd + vpmulld + vpaddd           (6 x 16), products and sums wrap mod 2^32
  *   s16: vpbroadcastd (2 channels) + vpmaddwd + vpaddd (6 x 16); also INT8 here (values +-127
@@ -224,91 +225,34 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t npix, int64_t oc, const 
 
 /* ---- microkernels ---------------------------------------------------------------------- */
 
-#define MAXMR 16
+#define AVX2_MR 6   /* 16 ymm registers: 6 x 16 tile = 12 accumulators, 2 kernel columns, 1 broadcast */
+#define AVX2_MRH 12 /* half-width tiles: 12 x 8 = 12 accumulators */
+#define MAXMR AVX2_MRH
 
-ALWAYS_INLINE void qconv_f32_ukernel__avx2_6x16(const qconv_conv_args *a, const float *x, const float *w,
-                                        const int32_t *init, const float *ib, const float *bb, float *y,
-                                        int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    (void)ib;
-    __m256 acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm256_setzero_ps();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const float *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c++) {
-                __m256 w0 = _mm256_load_ps(w), w1 = _mm256_load_ps(w + 8);
-                w += 16;
-                for (int m = 0; m < mr; m++) {
-                    __m256 b = _mm256_broadcast_ss(xp + m * step + c);
-                    acc[m][0] = _mm256_fmadd_ps(b, w0, acc[m][0]);
-                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
-                        acc[m][1] = _mm256_fmadd_ps(b, w1, acc[m][1]);
-                }
-            }
-        }
-    qconv_store_tile_ps(a, y, acc, mr, nvalid, bb);
-}
+/* The AVX2 pieces of the microkernel (conv_tile.h). x[o + c] in every lane: int32 indexes x, as
+ * this kernel always did (the pointer form changes GCC's register allocation; int16 uses it). */
+#define BCAST_F32(x, o, c) _mm256_broadcast_ss((x) + (o) + (c))
+#define BCAST_S32(x, o, c) _mm256_set1_epi32((x)[(o) + (c)])
+/* acc + b * w: one vfmadd231ps; or vpmulld + vpaddd (wrapping); or vpmaddwd (b holds two int16
+ * channels: x0*w0 + x1*w1 per lane) + vpaddd. */
+#define MAC_F32(acc, b, w) _mm256_fmadd_ps((b), (w), (acc))
+#define MAC_S32(acc, b, w) _mm256_add_epi32((acc), _mm256_mullo_epi32((b), (w)))
+#define MAC_S16(acc, b, w) _mm256_add_epi32((acc), _mm256_madd_epi16((b), (w)))
 
-ALWAYS_INLINE void qconv_s32_ukernel__avx2_6x16(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
-                                        const int32_t *init, const float *ib, const float *bb, int32_t *y,
-                                        int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    __m256i acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const int32_t *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c++) {
-                __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 8));
-                w += 16;
-                for (int m = 0; m < mr; m++) {
-                    __m256i b = _mm256_set1_epi32(xp[m * step + c]);
-                    acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_mullo_epi32(b, w0));
-                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
-                        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_mullo_epi32(b, w1));
-                }
-            }
-        }
-    qconv_store_tile_acc(a, y, acc, mr, nvalid, ib, bb);
-}
+QCONV_DEFINE_UKERNEL(qconv_f32_ukernel__avx2_6x16, float, float, float, __m256, 1, QCONV_YMM_ZERO_PS,
+                     _mm256_load_ps, BCAST_F32, MAC_F32, QCONV_YMM_STORE_PS)
+QCONV_DEFINE_UKERNEL(qconv_s32_ukernel__avx2_6x16, int32_t, int32_t, int32_t, __m256i, 1, QCONV_YMM_ZERO_SI,
+                     QCONV_YMM_LOAD_SI, BCAST_S32, MAC_S32, QCONV_YMM_STORE_ACC)
+QCONV_DEFINE_UKERNEL(qconv_s16_ukernel__avx2_6x16, int16_t, int16_t, int32_t, __m256i, 2, QCONV_YMM_ZERO_SI,
+                     QCONV_YMM_LOAD_SI, QCONV_YMM_BCAST32, MAC_S16, QCONV_YMM_STORE_ACC)
 
-/* int16 pairs: broadcast (x[c], x[c+1]) as one int32, vpmaddwd with w[c/2][o][0:2]. */
-ALWAYS_INLINE void qconv_s16_ukernel__avx2_6x16(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
-                                        const int32_t *init, const float *ib, const float *bb, int32_t *y,
-                                        int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    __m256i acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm256_setzero_si256();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const int16_t *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c += 2) {
-                __m256i w0 = _mm256_load_si256((const __m256i *)w), w1 = _mm256_load_si256((const __m256i *)(w + 16));
-                w += 32;
-                for (int m = 0; m < mr; m++) {
-                    __m256i b = _mm256_set1_epi32(qconv_load_i32(xp + m * step + c));
-                    acc[m][0] = _mm256_add_epi32(acc[m][0], _mm256_madd_epi16(b, w0));
-                    if (!half) /* 8 or fewer OC left: the upper 8 lanes are padding */
-                        acc[m][1] = _mm256_add_epi32(acc[m][1], _mm256_madd_epi16(b, w1));
-                }
-            }
-        }
-    qconv_store_tile_acc(a, y, acc, mr, nvalid, ib, bb);
-}
-
-QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_ukernel__avx2_6x16, 6, 0, float, float, float)
-QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_ukernel__avx2_6x16, 6, 12, int32_t, int32_t, int32_t)
-QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_ukernel__avx2_6x16, 6, 12, int16_t, int16_t, int32_t)
+/* FP32 has no half tiles (MRH 0: see conv_tile.h). */
+QCONV_DEFINE_CONV(qconv_f32_conv__avx2, qconv_f32_ukernel__avx2_6x16, QCONV_NR, AVX2_MR, 0, float, float, float,
+                  QCONV_ROW_HALF_OUTSIDE)
+QCONV_DEFINE_CONV(qconv_s32_conv__avx2, qconv_s32_ukernel__avx2_6x16, QCONV_NR, AVX2_MR, AVX2_MRH, int32_t, int32_t,
+                  int32_t, QCONV_ROW_HALF_OUTSIDE)
+QCONV_DEFINE_CONV(qconv_s16_conv__avx2, qconv_s16_ukernel__avx2_6x16, QCONV_NR, AVX2_MR, AVX2_MRH, int16_t, int16_t,
+                  int32_t, QCONV_ROW_HALF_OUTSIDE)
 
 /* ---- instruction microbenchmarks ------------------------------------------------------- */
 
@@ -384,8 +328,8 @@ const qconv_isa_table qconv_avx2_table = {
     .grp = {1, 1, 2, 2},
     .xstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
     .wstore = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
-    .mr = {6, 6, 6, 6},
-    .mrh = {0, 12, 12, 12},
+    .mr = {AVX2_MR, AVX2_MR, AVX2_MR, AVX2_MR},
+    .mrh = {0, AVX2_MRH, AVX2_MRH, AVX2_MRH},
     .dw = {qconv_f32_dwconv__avx2, qconv_s32_dwconv__avx2, qconv_s16_dwconv__avx2, qconv_s16_dwconv__avx2},
     .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
     .dw_block = QCONV_DW_BLOCK_AVX2,

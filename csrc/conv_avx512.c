@@ -3,9 +3,10 @@
  * (AVX512F + BW + VL + VNNI, ZMM state saved by the OS), so the rest of the extension runs on any
  * x86-64.
  *
- * Microkernels: MR output pixels x 32 output channels (two zmm columns), register-blocked,
- * implicit GEMM over the zero-padded input as in conv_avx2.c; the packed kernel rows are 32 wide
- * (nr = 32, the driver packs [ocb][KH][KW][cp/grp][32][grp]):
+ * Microkernels (one body in conv_tile.h, the zmm pieces below): MR output pixels x 32 output
+ * channels (two zmm columns), register-blocked, implicit GEMM over the zero-padded input as in
+ * conv_avx2.c; the packed kernel rows are 32 wide (nr = 32, the driver packs
+ * [ocb][KH][KW][cp/grp][32][grp]):
  *   f32: vbroadcastss + vfmadd231ps zmm            (14 x 32, 28 accumulators, 1 broadcast per 2 FMA)
  *   s32: vpbroadcastd + vpmulld + vpaddd zmm        (14 x 32), products and sums wrap mod 2^32
  *   s16: vpbroadcastd (2 channels) + vpdpwssd zmm   (14 x 32); the non-saturating form wraps, and
@@ -83,175 +84,41 @@ ALWAYS_INLINE void store_ps512(const qconv_conv_args *a, float *y, __m512 (*acc)
     }
 }
 
-#define MAXMR 28
+#define MAXMR MRH512
 
-ALWAYS_INLINE void qconv_f32_ukernel__avx512_14x32(const qconv_conv_args *a, const float *x, const float *w,
-                                                   const int32_t *init, const float *ib, const float *bb,
-                                                   float *y, int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    (void)ib;
-    __m512 acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const float *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c++) {
-                __m512 w0 = _mm512_load_ps(w), w1 = _mm512_load_ps(w + 16);
-                w += 32;
-                for (int m = 0; m < mr; m++) {
-                    __m512 b = _mm512_set1_ps(xp[m * step + c]);
-                    acc[m][0] = _mm512_fmadd_ps(b, w0, acc[m][0]);
-                    if (!half) /* 16 or fewer OC left: the upper 16 lanes are padding */
-                        acc[m][1] = _mm512_fmadd_ps(b, w1, acc[m][1]);
-                }
-            }
-        }
-    store_ps512(a, y, acc, mr, half, nvalid, bb);
-}
+/* The zmm pieces of the microkernel (conv_tile.h), 16 lanes per column. Kernel columns are
+ * aligned; fp32 and int32 index x (as these kernels always did: the pointer form changes GCC's
+ * register allocation), int16 and int8 load 4 bytes at x + o + c. */
+#define ZERO_PS512(init, k) _mm512_setzero_ps()
+#define ZERO_SI512(init, k) _mm512_setzero_si512()
+#define COMP512(init, k) _mm512_loadu_si512((const void *)((init) + 16 * (k))) /* int8: -128 * sum(q_w) */
+#define LOAD_SI512(p) _mm512_load_si512((const void *)(p))
+#define BCAST_F32_512(x, o, c) _mm512_set1_ps((x)[(o) + (c)])
+#define BCAST_S32_512(x, o, c) _mm512_set1_epi32((x)[(o) + (c)])
+#define BCAST32_512(x, o, c) _mm512_set1_epi32(qconv_load_i32((x) + (o) + (c)))
+#define MAC_F32_512(acc, b, w) _mm512_fmadd_ps((b), (w), (acc))
+#define MAC_S32_512(acc, b, w) _mm512_add_epi32((acc), _mm512_mullo_epi32((b), (w)))
+#define MAC_S16_512(acc, b, w) _mm512_dpwssd_epi32((acc), (b), (w))
+#define MAC_S8_512(acc, b, w) _mm512_dpbusd_epi32((acc), (b), (w))
+#define STORE_PS512(a, y, acc, mr, half, nvalid, ib, bb) store_ps512(a, y, acc, mr, half, nvalid, bb)
 
-ALWAYS_INLINE void qconv_s32_ukernel__avx512_14x32(const qconv_conv_args *a, const int32_t *x, const int32_t *w,
-                                                   const int32_t *init, const float *ib, const float *bb,
-                                                   int32_t *y, int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    __m512i acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const int32_t *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c++) {
-                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 16));
-                w += 32;
-                for (int m = 0; m < mr; m++) {
-                    __m512i b = _mm512_set1_epi32(xp[m * step + c]);
-                    acc[m][0] = _mm512_add_epi32(acc[m][0], _mm512_mullo_epi32(b, w0));
-                    if (!half)
-                        acc[m][1] = _mm512_add_epi32(acc[m][1], _mm512_mullo_epi32(b, w1));
-                }
-            }
-        }
-    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
-}
+QCONV_DEFINE_UKERNEL(qconv_f32_ukernel__avx512_14x32, float, float, float, __m512, 1, ZERO_PS512, _mm512_load_ps,
+                     BCAST_F32_512, MAC_F32_512, STORE_PS512)
+QCONV_DEFINE_UKERNEL(qconv_s32_ukernel__avx512_14x32, int32_t, int32_t, int32_t, __m512i, 1, ZERO_SI512, LOAD_SI512,
+                     BCAST_S32_512, MAC_S32_512, store_acc512)
+QCONV_DEFINE_UKERNEL(qconv_s16_ukernel__avx512_14x32, int16_t, int16_t, int32_t, __m512i, 2, ZERO_SI512, LOAD_SI512,
+                     BCAST32_512, MAC_S16_512, store_acc512)
+QCONV_DEFINE_UKERNEL(qconv_s8_ukernel__avx512_14x32, uint8_t, int8_t, int32_t, __m512i, 4, COMP512, LOAD_SI512,
+                     BCAST32_512, MAC_S8_512, store_acc512)
 
-ALWAYS_INLINE void qconv_s16_ukernel__avx512_14x32(const qconv_conv_args *a, const int16_t *x, const int16_t *w,
-                                                   const int32_t *init, const float *ib, const float *bb,
-                                                   int32_t *y, int64_t nvalid, const int mr, const int half)
-{
-    (void)init;
-    __m512i acc[MAXMR][2];
-    for (int m = 0; m < mr; m++)
-        acc[m][0] = acc[m][1] = _mm512_setzero_si512();
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const int16_t *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c += 2) {
-                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 32));
-                w += 64;
-                for (int m = 0; m < mr; m++) {
-                    __m512i b = _mm512_set1_epi32(qconv_load_i32(xp + m * step + c));
-                    acc[m][0] = _mm512_dpwssd_epi32(acc[m][0], b, w0);
-                    if (!half)
-                        acc[m][1] = _mm512_dpwssd_epi32(acc[m][1], b, w1);
-                }
-            }
-        }
-    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
-}
-
-ALWAYS_INLINE void qconv_s8_ukernel__avx512_14x32(const qconv_conv_args *a, const uint8_t *x, const int8_t *w,
-                                                  const int32_t *init, const float *ib, const float *bb,
-                                                  int32_t *y, int64_t nvalid, const int mr, const int half)
-{
-    __m512i acc[MAXMR][2];
-    const __m512i i0 = _mm512_loadu_si512((const void *)init), i1 = _mm512_loadu_si512((const void *)(init + 16));
-    for (int m = 0; m < mr; m++) {
-        acc[m][0] = i0;
-        acc[m][1] = i1;
-    }
-    const int64_t pix = a->pix, step = a->xstep, cp = a->cp;
-    for (int64_t u = 0; u < a->kh; u++)
-        for (int64_t v = 0; v < a->kw; v++) {
-            const uint8_t *xp = x + u * a->row + v * pix;
-            for (int64_t c = 0; c < cp; c += 4) {
-                __m512i w0 = _mm512_load_si512((const void *)w), w1 = _mm512_load_si512((const void *)(w + 64));
-                w += 128;
-                for (int m = 0; m < mr; m++) {
-                    __m512i b = _mm512_set1_epi32(qconv_load_i32(xp + m * step + c));
-                    acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], b, w0);
-                    if (!half)
-                        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], b, w1);
-                }
-            }
-        }
-    store_acc512(a, y, acc, mr, half, nvalid, ib, bb);
-}
-
-#define CASE512(TILE, k, h)                                                                    \
-    case k: TILE(a, xr + q * a->xstep, wb, init, ib, bb, yr + q * a->ldy, nvalid, k, h); break;
-
-/* The loop over tiles (as QCONV_DEFINE_CONV in conv_tile.h, with 32-channel blocks): OC blocks
- * outer, then rows, then ceil(WO / width) balanced tiles of one row. */
-#define DEFINE_CONV512(name, TILE, XT, WT, YT)                                                 \
-    void name(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)        \
-    {                                                                                          \
-        const XT *xq = (const XT *)a->xq;                                                      \
-        const WT *wq = (const WT *)a->wq;                                                      \
-        YT *out = (YT *)a->out;                                                                \
-        for (int64_t b = b0; b < b1; b++) {                                                    \
-            const WT *wb = wq + b * a->wblk;                                                   \
-            const int32_t *init = a->comp ? a->comp + b * NR512 : NULL;                        \
-            const float *ib = a->inv ? a->inv + b * NR512 : NULL;                              \
-            const float *bb = a->bias ? a->bias + b * NR512 : NULL;                            \
-            int64_t nvalid = a->oc - b * NR512;                                                \
-            if (nvalid > NR512)                                                                \
-                nvalid = NR512;                                                                \
-            const int half = nvalid <= NR512 / 2;                                              \
-            const int64_t mr = half ? MRH512 : MR512;                                          \
-            const int64_t nt = (a->wo + mr - 1) / mr, tw = a->wo / nt, wide = a->wo % nt;      \
-            for (int64_t r = r0; r < r1; r++) {                                                \
-                int64_t n = r / a->ho, i = r % a->ho;                                          \
-                const XT *xr = xq + n * a->img + i * a->rstep;                                 \
-                YT *yr = out + r * a->wo * a->ldy + b * NR512;                                 \
-                for (int64_t t = 0, q = 0; t < nt; q += tw + (t < wide), t++) {                \
-                    if (half) {                                                                \
-                        switch (tw + (t < wide)) {                                             \
-                        CASE512(TILE, 1, 1) CASE512(TILE, 2, 1) CASE512(TILE, 3, 1)            \
-                        CASE512(TILE, 4, 1) CASE512(TILE, 5, 1) CASE512(TILE, 6, 1)            \
-                        CASE512(TILE, 7, 1) CASE512(TILE, 8, 1) CASE512(TILE, 9, 1)            \
-                        CASE512(TILE, 10, 1) CASE512(TILE, 11, 1) CASE512(TILE, 12, 1)         \
-                        CASE512(TILE, 13, 1) CASE512(TILE, 14, 1) CASE512(TILE, 15, 1)         \
-                        CASE512(TILE, 16, 1) CASE512(TILE, 17, 1) CASE512(TILE, 18, 1)         \
-                        CASE512(TILE, 19, 1) CASE512(TILE, 20, 1) CASE512(TILE, 21, 1)         \
-                        CASE512(TILE, 22, 1) CASE512(TILE, 23, 1) CASE512(TILE, 24, 1)         \
-                        CASE512(TILE, 25, 1) CASE512(TILE, 26, 1) CASE512(TILE, 27, 1)         \
-                        CASE512(TILE, 28, 1)                                                   \
-                        default: break; /* unreachable: 1 <= width <= 28 */                    \
-                        }                                                                      \
-                    } else {                                                                   \
-                        switch (tw + (t < wide)) {                                             \
-                        CASE512(TILE, 1, 0) CASE512(TILE, 2, 0) CASE512(TILE, 3, 0)            \
-                        CASE512(TILE, 4, 0) CASE512(TILE, 5, 0) CASE512(TILE, 6, 0)            \
-                        CASE512(TILE, 7, 0) CASE512(TILE, 8, 0) CASE512(TILE, 9, 0)            \
-                        CASE512(TILE, 10, 0) CASE512(TILE, 11, 0) CASE512(TILE, 12, 0)         \
-                        CASE512(TILE, 13, 0) CASE512(TILE, 14, 0)                              \
-                        default: break; /* unreachable: 1 <= width <= 14 */                    \
-                        }                                                                      \
-                    }                                                                          \
-                }                                                                              \
-            }                                                                                  \
-        }                                                                                      \
-    }
-
-DEFINE_CONV512(qconv_f32_conv__avx512, qconv_f32_ukernel__avx512_14x32, float, float, float)
-DEFINE_CONV512(qconv_s32_conv__avx512, qconv_s32_ukernel__avx512_14x32, int32_t, int32_t, int32_t)
-DEFINE_CONV512(qconv_s16_conv__avx512, qconv_s16_ukernel__avx512_14x32, int16_t, int16_t, int32_t)
-DEFINE_CONV512(qconv_s8_conv__avx512, qconv_s8_ukernel__avx512_14x32, uint8_t, int8_t, int32_t)
+QCONV_DEFINE_CONV(qconv_f32_conv__avx512, qconv_f32_ukernel__avx512_14x32, NR512, MR512, MRH512, float, float, float,
+                  QCONV_ROW_HALF_INSIDE)
+QCONV_DEFINE_CONV(qconv_s32_conv__avx512, qconv_s32_ukernel__avx512_14x32, NR512, MR512, MRH512, int32_t, int32_t,
+                  int32_t, QCONV_ROW_HALF_INSIDE)
+QCONV_DEFINE_CONV(qconv_s16_conv__avx512, qconv_s16_ukernel__avx512_14x32, NR512, MR512, MRH512, int16_t, int16_t,
+                  int32_t, QCONV_ROW_HALF_INSIDE)
+QCONV_DEFINE_CONV(qconv_s8_conv__avx512, qconv_s8_ukernel__avx512_14x32, NR512, MR512, MRH512, uint8_t, int8_t,
+                  int32_t, QCONV_ROW_HALF_INSIDE)
 
 /* ---- instruction microbenchmarks: 12 independent zmm accumulator chains ------------------ */
 

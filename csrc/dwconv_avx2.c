@@ -23,18 +23,12 @@
 #include "qconv_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-#define BLK QCONV_DW_BLOCK_AVX2
 
-/* Weights: [tap][ocp], float for fp32, int32 for every integer precision (zeros past OC). */
+/* Weights: [tap][ocp], float for fp32, int32 for every integer precision (zeros past OC): the
+ * scalar twin's layout, only ocp (OC rounded up to QCONV_DW_BLOCK_AVX2) differs. */
 int64_t qconv_dw_pack__avx2(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst)
 {
-    (void)precision;
-    if (dst != NULL) {
-        memset(dst, 0, (size_t)(taps * ocp) * 4);
-        for (int64_t t = 0; t < taps; t++)
-            memcpy((char *)dst + (size_t)(t * ocp) * 4, (const char *)src + (size_t)(t * oc) * 4, (size_t)oc * 4);
-    }
-    return taps * ocp * 4;
+    return qconv_dw_pack__scalar(precision, src, taps, oc, ocp, dst);
 }
 
 /* Load 8 channels of the padded input as the accumulation type: float (fp32), int32 (int32), or
@@ -46,25 +40,10 @@ int64_t qconv_dw_pack__avx2(int precision, const void *src, int64_t taps, int64_
 #define MAC_F32(acc, x, w) _mm256_fmadd_ps((x), (w), (acc))
 #define MAC_S32(acc, x, w) _mm256_add_epi32((acc), _mm256_mullo_epi32((x), (w)))
 
-/* Store 8 outputs of one pixel at channel o (a partial last block through a buffer): fp32 adds
- * the bias after its accumulation; integers dequantize with cvtdq2ps, one multiply by inv[o],
- * then + bias[o] (never fused). */
-ALWAYS_INLINE void store8_f32(const qconv_dw_args *a, float *y, __m256 acc, int64_t o)
+/* Store 8 float outputs of one pixel at channel o, plus bias[o] if any (a partial last block
+ * through a buffer): fp32 stores its accumulators so, adding the bias after its accumulation. */
+ALWAYS_INLINE void store8(const qconv_dw_args *a, float *y, __m256 v, int64_t o)
 {
-    if (a->bias != NULL)
-        acc = _mm256_add_ps(acc, _mm256_loadu_ps(a->bias + o));
-    if (o + 8 <= a->oc) {
-        _mm256_storeu_ps(y + o, acc);
-    } else {
-        float t[8];
-        _mm256_storeu_ps(t, acc);
-        memcpy(y + o, t, (size_t)(a->oc - o) * 4);
-    }
-}
-
-ALWAYS_INLINE void store8_s32(const qconv_dw_args *a, float *y, __m256i acc, int64_t o)
-{
-    __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a->inv + o));
     if (a->bias != NULL)
         v = _mm256_add_ps(v, _mm256_loadu_ps(a->bias + o));
     if (o + 8 <= a->oc) {
@@ -74,6 +53,12 @@ ALWAYS_INLINE void store8_s32(const qconv_dw_args *a, float *y, __m256i acc, int
         _mm256_storeu_ps(t, v);
         memcpy(y + o, t, (size_t)(a->oc - o) * 4);
     }
+}
+
+/* Integers dequantize first: cvtdq2ps, one multiply by inv[o], then + bias[o] (never fused). */
+ALWAYS_INLINE void store8_s32(const qconv_dw_args *a, float *y, __m256i acc, int64_t o)
+{
+    store8(a, y, _mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(a->inv + o)), o);
 }
 
 #define MP 8   /* output pixels per strip: 8 accumulators, the kernel row (KW vectors), one input */
@@ -170,10 +155,10 @@ ALWAYS_INLINE void store8_s32(const qconv_dw_args *a, float *y, __m256i acc, int
         }                                                                                            \
     }
 
-DW_STRIP(f32_strip, __m256, _mm256_setzero_ps(), LD_F32, LD_F32, MAC_F32, store8_f32, 4)
+DW_STRIP(f32_strip, __m256, _mm256_setzero_ps(), LD_F32, LD_F32, MAC_F32, store8, 4)
 DW_STRIP(s32_strip, __m256i, _mm256_setzero_si256(), LD_S32, LD_S32, MAC_S32, store8_s32, 4)
 DW_STRIP(s16_strip, __m256i, _mm256_setzero_si256(), LD_S16, LD_S32, MAC_S32, store8_s32, 2)
-DW_PIXEL(f32_pixel, __m256, _mm256_setzero_ps(), LD_F32, LD_F32, MAC_F32, store8_f32, 4)
+DW_PIXEL(f32_pixel, __m256, _mm256_setzero_ps(), LD_F32, LD_F32, MAC_F32, store8, 4)
 DW_PIXEL(s32_pixel, __m256i, _mm256_setzero_si256(), LD_S32, LD_S32, MAC_S32, store8_s32, 4)
 DW_PIXEL(s16_pixel, __m256i, _mm256_setzero_si256(), LD_S16, LD_S32, MAC_S32, store8_s32, 2)
 DW_ROW(f32_row, f32_strip, f32_pixel)
