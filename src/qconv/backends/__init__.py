@@ -54,15 +54,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), opts
 
 
-def variants(available_only: bool = True) -> list[tuple[str, str, dict]]:
-    """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER."""
+def variants(available_only: bool = True, for_tests: bool = False) -> list[tuple[str, str, dict]]:
+    """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER;
+    for_tests: also what only the tests run (each module's variants_for_tests(): emulated ISA
+    levels, non-default switches)."""
     out = []
     for name in _MODULES:
         mod, _ = _load(name)
         if mod is None or (available_only and not _probe(mod)[0]):
             continue
         listed = getattr(mod, "variants", None)
-        for opts in (listed() if listed else [{}]):
+        extra = getattr(mod, "variants_for_tests", None) if for_tests else None
+        for opts in (listed() if listed else [{}]) + (extra() if extra else []):
             out.append((variant_name(name, opts), name, dict(opts)))
     return out
 
