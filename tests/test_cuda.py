@@ -19,7 +19,7 @@ GPU run: QCONV_HYPOTHESIS_PROFILE=gpu PYTHONPATH=src python3 -m pytest tests/tes
 from __future__ import annotations
 
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -595,23 +595,13 @@ def test_threads_share_a_prepared_conv_with_device_inputs():
     conv = qconv.prepare(w, "int8", "cuda", scale="maxabs-per-channel")
     xs = [(rng.standard_normal((1, 10, 10, 16)) * 10 ** rng.uniform(-2, 3)).astype(np.float32) for _ in range(8)]
     refs = [qconv.conv2d(x, w, "int8", "reference", scale="maxabs-per-channel") for x in xs]
-    errors = []
 
     def work(i):
-        try:
-            for _ in range(25):
-                y = conv(cb.to_device(xs[i]))
-                if not np.array_equal(np.asarray(y).view(np.uint32), refs[i].view(np.uint32)):
-                    errors.append(i)
-        except Exception as e:  # noqa: BLE001 - collected and reported below
-            errors.append(repr(e))
+        for _ in range(25):
+            assert_same_bits(conv(cb.to_device(xs[i])), refs[i], f"thread {i}")
 
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(work, range(8)))   # a worker's assertion re-raises here
 
 
 # =========================================================================== GPU: device arrays

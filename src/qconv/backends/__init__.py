@@ -92,6 +92,13 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return None, f"cannot import {_MODULES[name]}: {e}"
 
 
+def module(name: str) -> ModuleType | None:
+    """The backend's module, available or not (None where it does not import): what it says about
+    itself (variants, tiles, bound_instruction) needs no device."""
+    key = parse_variant(str(name))[0].lower()
+    return _load(key)[0] if key in _MODULES else None
+
+
 def available_backends() -> dict[str, tuple[bool, str]]:
     """Every registered backend: (available, reason) — the reason says why a missing one is missing."""
     out = {}

@@ -99,6 +99,11 @@ def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | 
     return None if ins is None else (ins, 1)
 
 
+def threads(options: dict) -> int:
+    """The worker threads these options run (the threads option, QCONV_THREADS, or every core)."""
+    return resolve(dict(options))[1]
+
+
 def max_threads() -> int:
     """The thread cap: 4x this machine's CPUs, at most the C pool's 256."""
     return min(_cext.max_threads(), 4 * (os.cpu_count() or 1))

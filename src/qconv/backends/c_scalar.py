@@ -35,6 +35,11 @@ def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | 
     return ("scalar-fma", 1) if Precision(precision) is Precision.FP32 else None
 
 
+def threads(options: dict) -> int:
+    """One thread, always."""
+    return 1
+
+
 def prepare(plan: Plan, w: np.ndarray) -> Prepared:
     check_options(NAME, plan.options, ())
     return Prepared(plan, w, "scalar", 1)
