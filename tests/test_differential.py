@@ -91,10 +91,6 @@ def test_required_backends_are_registered():
         backend_or_skip(name)
 
 
-def test_every_backend_has_a_variant_here():
-    assert {name for _, name, _ in VARIANTS} == set(backends.names()) - {ORACLE}
-
-
 # ---- the general layer, hypothesis ---------------------------------------------------------
 
 @with_precisions

@@ -4,6 +4,7 @@ A backend is a module with:
     NAME: str
     ACCEPTS_DEVICE_ARRAYS: bool              (True only where inputs may live on a GPU)
     is_available() -> tuple[bool, str]       (False with the reason and how to fix it)
+    to_device(x)                             (where ACCEPTS_DEVICE_ARRAYS: a host array copied to the device)
     prepare(plan, w) -> Prepared             (w: checked float32 (KH, KW, OC, C/g) numpy)
 and may describe itself with:
     variants() -> list[dict]                 the options the study and the CLI show side by side

@@ -82,8 +82,9 @@ def _paths(options: dict, precision: Precision) -> tuple[str, str]:
 
 def tiles(options: dict, precision: Precision) -> list[Tile]:
     """Every block tile (tile="BMxBN") of the implicit-GEMM kernel these options run for a precision,
-    FP32's outer-product tiles too, with K per pipeline stage in channels of a 1x1 kernel, and the
-    depthwise kernels' channels x output columns (_tiling's constants, mirrored from the .cu files)."""
+    FP32's outer-product tiles too, with the channels of one K stage of a 1x1 kernel (and of one
+    16-byte load less: a partial stage), and the depthwise kernels' channels x output columns
+    (_tiling's constants, mirrored from the .cu files)."""
     precision = Precision(precision)
     int8_path, int_path = _paths(options, precision)
     tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path == "mma")
@@ -93,7 +94,8 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     for name in names:
         bm, bn = (int(v) for v in name.split("/")[0].split("x"))
         k_words = 8 if name.endswith("/k8") else MMA_BKW if tensor_cores else SIMT_BKW
-        out.append(Tile({"tile": name}, (bm,), (bn,), (k_words * 4 // elem,), *DW_TILE))
+        stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
+        out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))
     return out
 
 
