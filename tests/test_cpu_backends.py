@@ -246,6 +246,20 @@ def test_every_level_declares_the_instructions_that_bound_it():
     assert c_scalar.bound_instruction({}, Precision.INT8) is None
 
 
+def test_a_new_level_reaches_the_differential_suite_by_itself(monkeypatch):
+    """A level added to c_avx2.ISAS that this machine runs (best_isa(level) == level), but which
+    "auto" never picks (an emulated one), is listed by backends.variants(for_tests=True), which
+    test_differential enumerates: no test file names the levels."""
+    _need("c-avx2")
+    from qconv.backends import _cext, c_avx2
+    real = _cext.best_isa
+    monkeypatch.setattr(c_avx2, "ISAS", c_avx2.ISAS + ("new-emulated",))
+    monkeypatch.setattr(_cext, "best_isa", lambda cap="auto": cap if cap == "new-emulated" else real(cap))
+    listed = [name for name, _, _ in backends.variants(for_tests=True)]
+    assert "c-avx2[isa=new-emulated]" in listed and "c-avx2[isa=vnni-emulated]" in listed
+    assert "c-avx2[isa=new-emulated]" not in [name for name, _, _ in backends.variants()]
+
+
 def test_bad_arguments_are_refused_in_python():
     cext = _cext()
     x = np.ones((1, 4, 4, 3), np.float32)
