@@ -190,12 +190,12 @@ def strided_rows(threads: int, reps: int) -> list[dict]:
             gops = geom.flops / conv_s / 1e9
             # the instruction the backend declares bounds this level's kernel, at its own width
             bound = c_avx2.bound_instruction({"threads": threads}, Precision(prec))
-            ins = bound[0] if bound else None
+            ins, per_mac = bound if bound else (None, 1)
             if ins is not None and ins not in pk:
                 pk[ins] = peak_gmacs(ins, threads)
             rows.append({"layer": name, "x": list(xs), "w": list(ws), "stride": s, "precision": prec,
                          "convolve_s": conv_s, "call_s": call, "gops": gops, "instr": ins or "-",
-                         "peak_pct": 100 * gops / (2 * pk[ins]) if ins else None})
+                         "peak_pct": 100 * gops / (2 * pk[ins] / per_mac) if ins else None})
             print(f"  strided {name} {prec}: {conv_s * 1e3:.3f} ms, {gops:.0f} GOP/s", file=sys.stderr, flush=True)
     return rows
 
@@ -413,7 +413,12 @@ def main() -> int:
         elif args.json:
             Path(args.json).write_text(text)
         return 0
-    import qconv  # noqa: F401
+    from qconv.pools import quiet_blas
+    with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers (qconv.pools)
+        return measure(args, layers)
+
+
+def measure(args, layers: list[dict]) -> int:
     from qconv.backends import _cext
     sections = set(args.sections.split(","))
     out = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "cpu": cpu_name(),

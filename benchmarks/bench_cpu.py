@@ -79,7 +79,7 @@ def instruction(isa: str, precision: str) -> str:
     """The instruction the backend declares bounds this level's kernels ("-": none measured)."""
     bound = (c_scalar.bound_instruction({}, Precision(precision)) if isa == "scalar"
              else c_avx2.bound_instruction({"isa": isa}, Precision(precision)))
-    return bound[0] if bound else "-"
+    return bound[0] if bound and bound[1] == 1 else "-"   # byte-decomposed paths (AMX INT16/32): not yet
 
 
 def measure_peaks(threads: list[int], levels: list[str], tries: int = 5) -> dict[tuple[str, int], float]:

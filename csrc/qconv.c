@@ -111,6 +111,7 @@ static int isa_usable(int isa)
     case QCONV_ISA_VNNI_EMULATED: return avx2;
     case QCONV_ISA_AVX512: return avx2 && (f & QCONV_CPU_AVX512);
     case QCONV_ISA_AMX: return avx2 && (f & QCONV_CPU_AVX512) && (f & QCONV_CPU_AMX) && qconv_amx_unusable() == NULL;
+    case QCONV_ISA_AMX_EMULATED: return avx2;
 #endif
     default: return 0;
     }
@@ -151,9 +152,9 @@ int qconv_isa_reason(int isa, char *buf, int64_t len)
 
 int qconv_best_isa(int cap, int *isa)
 {
-    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_AMX)
+    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_AMX_EMULATED)
         return QCONV_EINVAL;
-    if (cap == QCONV_ISA_VNNI_EMULATED) {   /* tests only: that family or none */
+    if (cap == QCONV_ISA_VNNI_EMULATED || cap == QCONV_ISA_AMX_EMULATED) {   /* tests only: that family or none */
         if (!isa_usable(cap))
             return QCONV_EISA;
         *isa = cap;
@@ -187,6 +188,7 @@ static const qconv_isa_table *table_for(int isa)
     case QCONV_ISA_VNNI_EMULATED: return &qconv_vnni_emulated_table;
     case QCONV_ISA_AVX512: return &qconv_avx512_table;
     case QCONV_ISA_AMX: return &qconv_amx_table;
+    case QCONV_ISA_AMX_EMULATED: return &qconv_amx_emulated_table;
 #endif
     default: return NULL;
     }
@@ -203,7 +205,8 @@ static size_t store_size(int store)
 {
     switch (store) {
     case QCONV_STORE_F32: case QCONV_STORE_I32: return 4;
-    case QCONV_STORE_I16: return 2;
+    case QCONV_STORE_I16: case QCONV_STORE_I16PL: return 2;
+    case QCONV_STORE_I32PL: return 4;
     default: return 1;
     }
 }
@@ -687,14 +690,15 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
     {
         int bad = 0;
         const int32_t qmax = is_int ? qmax_of(precision) : 0;
+        const int wplain = qconv_plain_store(cv->wstore);   /* byte planes: split after packing */
         if (!is_int || n_sw == 1) {
             bad = t->quantize(k, nk, is_int ? s_w[0] : 1.0f, qmax, truncate,
-                              is_int ? cv->wstore : QCONV_STORE_F32, wtmp);
+                              is_int ? wplain : QCONV_STORE_F32, wtmp);
         } else {   /* per output channel: each (tap, o) row of ICG values with its own scale */
             for (int64_t tap = 0; tap < taps; tap++)
                 for (int64_t o = 0; o < oc; o++) {
                     const int64_t at = (tap * oc + o) * icg;
-                    bad |= t->quantize(k + at, icg, s_w[o], qmax, truncate, cv->wstore, (char *)wtmp + (size_t)at * wes);
+                    bad |= t->quantize(k + at, icg, s_w[o], qmax, truncate, wplain, (char *)wtmp + (size_t)at * wes);
                 }
         }
         if (bad) {
@@ -730,6 +734,7 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
             goto nomem;
         for (int64_t g = 0; g < groups; g++)
             pack_group(cv, wtmp, (char *)cv->wq + (size_t)(g * cv->gblk) * wes, g);
+        qconv_split_planes(cv->wq, nwq, cv->wstore);
         if (cv->wstore == QCONV_STORE_I8) {
             if ((cv->comp = alloc64(cv->pad_n * 4)) == NULL)
                 goto nomem;

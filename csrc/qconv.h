@@ -42,7 +42,9 @@ enum qconv_isa {
     QCONV_ISA_VNNI_EMULATED = 4, /* conv_vnni_emu.c: the AVX512-VNNI family's kernels with vpdpbusd and
                                    vpdpwssd emulated by AVX2 (tests only; never chosen by auto) */
     QCONV_ISA_AVX512 = 5,       /* conv_avx512.c: zmm kernels (FMA, vpmulld, vpdpwssd, vpdpbusd), 14 x 32 */
-    QCONV_ISA_AMX = 6           /* conv_amx.c: INT8 on AMX tiles (tdpbssd); other precisions as AVX512 */
+    QCONV_ISA_AMX = 6,          /* conv_amx.c: INT8, INT16, INT32 on AMX tiles (tdpb**d); FP32 as AVX512 */
+    QCONV_ISA_AMX_EMULATED = 7  /* conv_amx_emu.c: the AMX kernels with the tile instructions emulated
+                                   in C (tests only; never chosen by auto; any AVX2 CPU) */
 };
 
 /* Bits of qconv_cpu_features(). */
@@ -117,7 +119,8 @@ const char *qconv_strerror(int status);
 int qconv_cpu_features(uint32_t *features);
 
 /* The best kernel family usable here, capped at `cap` (QCONV_ISA_AUTO: no cap); a cap of
- * QCONV_ISA_VNNI_EMULATED asks for exactly that family (usable wherever AVX2 is). */
+ * QCONV_ISA_VNNI_EMULATED or QCONV_ISA_AMX_EMULATED asks for exactly that family (usable wherever
+ * AVX2 is). */
 int qconv_best_isa(int cap, int *isa);
 
 /* Why `isa` cannot run here, into buf (len bytes, NUL-terminated); "" when it can. */

@@ -13,8 +13,15 @@ enum qconv_store {
     QCONV_STORE_I32 = 1,
     QCONV_STORE_I16 = 2,
     QCONV_STORE_I8 = 3,
-    QCONV_STORE_U8OFF = 4   /* q + 128 as uint8: vpdpbusd's unsigned operand */
+    QCONV_STORE_U8OFF = 4,  /* q + 128 as uint8: vpdpbusd's unsigned operand */
+    QCONV_STORE_I16PL = 5,  /* int16 as byte planes per 64-element block (AMX, amx_planes.c) */
+    QCONV_STORE_I32PL = 6   /* int32 likewise: 4 planes per block */
 };
+
+/* The byte-plane stores (amx_planes.c): the plain store a plane store is split from (others:
+ * themselves); p's `count` elements, stored plain, split into planes in place (others: nothing). */
+int qconv_plain_store(int store);
+void qconv_split_planes(void *p, int64_t count, int store);
 
 /* One group of one convolution as the implicit-GEMM kernels see it.
  *
@@ -99,6 +106,9 @@ extern const qconv_isa_table qconv_avxvnni_table;
 extern const qconv_isa_table qconv_vnni_emulated_table;
 extern const qconv_isa_table qconv_avx512_table;
 extern const qconv_isa_table qconv_amx_table;
+extern const qconv_isa_table qconv_amx_emulated_table;
+/* qconv_quantize__avx2, then the byte planes for QCONV_STORE_I16PL / I32PL (amx_planes.c). */
+int qconv_quantize__amx(const float *src, int64_t count, float s, int32_t qmax, int truncate, int store, void *dst);
 /* NULL when AMX INT8 may run in this process (CPU, XCR0, and Linux granted XTILEDATA through
  * arch_prctl, asked once); else why not (conv_amx.c). */
 const char *qconv_amx_unusable(void);

@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -25,6 +26,8 @@ from .errors import InputError
 
 # Refuse requests whose working set is absurd before anything is allocated (bytes).
 MAX_TENSOR_BYTES = 2**34
+# Calls and copies from this size on are checked against the memory available (reading it costs ~40 us).
+CHECK_MEMORY_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -105,17 +108,16 @@ def as_host_float32(a: object, what: str) -> np.ndarray:
     if arr.dtype != np.float32:
         if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
             raise InputError(f"{what}: dtype {arr.dtype} is not a real number type (want float32)")
-        _check_bytes(arr.shape, what)
-        with np.errstate(over="ignore"):  # reported just below, not as a warning
+        with _copying(arr.shape, what), np.errstate(over="ignore"):  # reported just below, not as a warning
             converted = arr.astype(np.float32)
         if np.any(np.isfinite(arr) & ~np.isfinite(converted)):
             raise InputError(f"{what}: values beyond float32's range")
         arr = converted
     if not arr.flags.c_contiguous or not arr.flags.aligned:
-        _check_bytes(arr.shape, what)
-        arr = np.ascontiguousarray(arr)
-        if not arr.flags.aligned:
-            arr = arr.copy()
+        with _copying(arr.shape, what):  # a broadcast view may be far larger than its memory
+            arr = np.ascontiguousarray(arr)
+            if not arr.flags.aligned:
+                arr = arr.copy()
     return arr
 
 
@@ -124,6 +126,21 @@ def _check_bytes(shape: tuple[int, ...], what: str) -> None:
     if nbytes > MAX_TENSOR_BYTES:
         raise InputError(f"{what} would take {nbytes / 2**30:.1f} GiB, above qconv's "
                          f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit per tensor")
+
+
+@contextlib.contextmanager
+def _copying(shape: tuple[int, ...], what: str) -> Iterator[None]:
+    """Around a float32 copy of `what`: refused up front when it cannot fit, and an allocation that
+    fails anyway is an InputError with the size, not a bare MemoryError."""
+    _check_bytes(shape, what)
+    nbytes = 4 * math.prod(int(d) for d in shape)
+    if nbytes >= CHECK_MEMORY_BYTES:
+        layouts.check_working_set(nbytes, f"{what}'s float32 copy")
+    try:
+        yield
+    except MemoryError:
+        raise InputError(f"{what}'s float32 copy needs {nbytes / 2**20:.1f} MiB of memory, which could not "
+                         f"be allocated") from None
 
 
 def _shape_of(a: object) -> tuple[int, ...]:
@@ -199,7 +216,7 @@ class Conv:
                 raise InputError(str(e) + layouts.layout_hint(shown, self.kernel.shape, self.spec.c, self.layout,
                                                               self.kernel_layout)) from None
             _check_bytes(g.out_shape, "output")
-            if 4 * (math.prod(x_shape) + math.prod(g.out_shape)) > 2**30:  # only big calls pay for the look
+            if 4 * (math.prod(x_shape) + math.prod(g.out_shape)) >= CHECK_MEMORY_BYTES:
                 layouts.check_working_set(3 * 4 * (math.prod(x_shape) + math.prod(g.out_shape)), "this call")
             with self._lock:
                 self._geoms[x_shape] = g
@@ -246,6 +263,17 @@ class Conv:
         x = self._input(x)
         g = self.geometry(_shape_of(x))
         return self._output(self._packed.run(x, g, self._out(out, g)).output)
+
+    def capture(self, x: Any, *, out: Any = None) -> Any:
+        """This call recorded once as a CUDA Graph on x's device buffer (backend 'cuda'): ``g =
+        conv.capture(x)``, then ``g()`` convolves whatever x holds at that moment into ``g.output``
+        with one graph launch, leaving out the per-call host work (PyTorch's CUDAGraph convention)."""
+        cap = getattr(self._packed, "capture", None)
+        if cap is None or not is_device_array(x):
+            raise InputError("capture() records a CUDA Graph: it takes backend='cuda' and a device-array input")
+        x = self._input(x)
+        g = self.geometry(_shape_of(x))
+        return cap(x, g, self._out(out, g))
 
     def result(self, x: Any, *, accuracy: bool = False, reference: np.ndarray | None = None,
                out: Any = None) -> ConvResult:

@@ -22,7 +22,7 @@ from numbers import Real
 
 import numpy as np
 
-from .contract import INT32_MAX, ConvSpec, Precision, Rounding, count_saturated, maxabs_scale
+from .contract import INT32_MAX, ConvSpec, Precision, Rounding, count_saturated, dequant_factor, maxabs_scale
 from .errors import InputError, QconvWarning
 
 PER_CALL = ("maxabs", "maxabs-per-channel")          # resolvable from the kernel alone
@@ -146,6 +146,7 @@ def for_kernel(scale: object, precision: Precision, w: np.ndarray, spec: ConvSpe
     else:
         s = check_scale(scale, "scale S")
         choice = ScaleChoice(s, s, "single", f"given: S={float(s):g} for both tensors (the assignment's scheme)")
+    dequant_factor(choice.s_x, choice.s_w)  # a refused pair is not worth a warning first
     warn_if_degenerate(w, choice.s_w, precision, "kernel")
     return choice
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from .contract import (Precision, Rounding, conv2d_float64, conv2d_int_wrapped, dequant_factor,
-                       dequantize, nrmse, parse_precision, parse_rounding, quantize)
+                       dequantize, maxabs_scale, nrmse, parse_precision, parse_rounding, quantize)
 from .errors import InputError, QconvError
 
 __all__ = ["SweepRow", "SweepTable", "sweep_scales", "format_scale"]
@@ -296,6 +296,8 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
     elif mx == 0.0 or mw == 0.0:
         rows = [ev(1.0, 1.0, "pow2")]  # the output is 0 whatever S is
     else:
+        for t in (x, w):   # (near-)denormal data: its scale leaves float32; refused as every backend does
+            maxabs_scale(t, p.qmax)
         lo, hi = _span(mx, mw, p, rnd)
         pow2 = [2.0 ** e for e in range(lo, hi + 1)]
         rows = [ev(s, s, "pow2") for s in pow2]

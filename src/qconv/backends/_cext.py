@@ -19,7 +19,10 @@ PRECISION_CODES = {"fp32": "QCONV_FP32", "int32": "QCONV_INT32", "int16": "QCONV
 ISA_CODES = {"auto": "QCONV_ISA_AUTO", "scalar": "QCONV_ISA_SCALAR", "avx2": "QCONV_ISA_AVX2",
              "avx512vnni": "QCONV_ISA_AVX512VNNI", "avxvnni": "QCONV_ISA_AVXVNNI",
              "avx512": "QCONV_ISA_AVX512", "amx": "QCONV_ISA_AMX",
-             "vnni-emulated": "QCONV_ISA_VNNI_EMULATED"}  # tests only: VNNI kernels, dp* emulated
+             "vnni-emulated": "QCONV_ISA_VNNI_EMULATED",  # tests only: VNNI kernels, dp* emulated
+             "amx-emulated": "QCONV_ISA_AMX_EMULATED"}    # tests only: AMX kernels, tiles emulated in C
+# The test-only levels (never chosen by `auto`, usable wherever AVX2 is): run them beside ISA_ORDER's.
+EMULATED_ISAS = ("vnni-emulated", "amx-emulated")
 # The levels `auto` chooses from, best first (qconv_best_isa's order).
 ISA_ORDER = ("amx", "avx512", "avx512vnni", "avxvnni", "avx2", "scalar")
 PEAK_CODES = {"fma": "QCONV_PEAK_FMA", "mullo": "QCONV_PEAK_MULLO", "madd": "QCONV_PEAK_MADD",

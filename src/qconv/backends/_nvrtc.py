@@ -17,8 +17,6 @@ from pathlib import Path
 from ..errors import BackendError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "cuda_kernels"
-# Files that other .cu files include (passed to NVRTC as headers); the rest are modules.
-HEADERS = ("qconv_common.cu", "qconv_simt.cu")
 DEFAULT_OPTIONS = ("--std=c++17", "-default-device", "--extra-device-vectorization")
 
 _lock = threading.Lock()
@@ -26,8 +24,12 @@ _memory: dict[str, bytes] = {}
 
 
 def modules() -> list[str]:
-    """Every kernel module (a .cu file that is not a header), by file name."""
-    return sorted(p.name for p in KERNEL_DIR.glob("*.cu") if p.name not in HEADERS)
+    """Every kernel module (a .cu file; the .cuh files are headers that modules include), by file name."""
+    return sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
+
+
+def headers() -> list[str]:
+    return sorted(p.name for p in KERNEL_DIR.glob("*.cuh"))
 
 
 def _nvrtc():
@@ -61,14 +63,13 @@ def cache_dir() -> Path:
 
 def _sources(module: str) -> tuple[str, dict[str, str]]:
     main = (KERNEL_DIR / module).read_text()
-    headers = {h: (KERNEL_DIR / h).read_text() for h in HEADERS}
-    return main, headers
+    return main, {h: (KERNEL_DIR / h).read_text() for h in headers()}
 
 
 def cache_key(module: str, arch: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> str:
-    main, headers = _sources(module)
+    main, hdrs = _sources(module)
     h = hashlib.sha256()
-    for part in (module, main, *[k + "\0" + v for k, v in sorted(headers.items())], arch,
+    for part in (module, main, *[k + "\0" + v for k, v in sorted(hdrs.items())], arch,
                  "\0".join(options), "nvrtc-%d.%d" % version()):
         h.update(part.encode())
         h.update(b"\1")

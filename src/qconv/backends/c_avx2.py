@@ -1,5 +1,5 @@
 """c-avx2: pthreads + SIMD kernels in C: AVX2/FMA (csrc/conv_avx2.c, csrc/conv_vnni_*.c), AVX-512
-(csrc/conv_avx512.c) and AMX INT8 (csrc/conv_amx.c), the level chosen at run time.
+(csrc/conv_avx512.c) and AMX INT8/INT16/INT32 (csrc/conv_amx.c), the level chosen at run time.
 
 Implements the whole contract: stride, zero padding, groups (implicit GEMM per group; depthwise
 layers get their own kernels, csrc/dwconv_avx2.c), bias and per-channel kernel scales.
@@ -8,14 +8,17 @@ Options:
     threads: worker threads, 1..4x the CPUs (at most 256); default: env QCONV_THREADS, else every
         core this process may use.
     isa: the highest kernel family to use — "auto" (default; env QCONV_ISA overrides), then best
-        first: "amx" (INT8 on AMX tiles, tdpbssd; the rest as avx512), "avx512" (zmm kernels:
+        first: "amx" (INT8, INT16, INT32 on AMX tiles, the wider integers by exact byte
+        decomposition; FP32 as avx512), "avx512" (zmm kernels:
         FMA, vpmulld, vpdpwssd, vpdpbusd), "avx512vnni" (ymm kernels with EVEX VNNI), "avxvnni"
         (VEX AVX-VNNI), "avx2" (no VNNI). The best family the CPU and the OS allow, no higher
         than this, runs; AMX needs Linux to grant the tile state (asked once per process; env
         QCONV_NO_AMX=1 refuses it, as a VM might), and the reason it cannot run is in
         available_backends()'s description.
         "vnni-emulated" (for tests) runs the AVX512-VNNI family's kernels with vpdpbusd and
-        vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too.
+        vpdpwssd emulated by AVX2 instructions, so a CPU without VNNI checks their code too;
+        "amx-emulated" (for tests) runs the amx level's INT8/INT16/INT32 tile kernels with every
+        tile instruction emulated in C (csrc/amx_emu.h), FP32 as avx2.
     fuse_dequantize: True (default): integer outputs are dequantized in the microkernel's store
         (its cost is inside "convolve", and "dequantize" reads 0); False: a separate timed pass.
         The bits are the same either way. Depthwise kernels always dequantize in their store.
@@ -35,18 +38,21 @@ from .base import BackendRun, Tile, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
-ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated")
+ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated", "amx-emulated")
 # Per level and precision, the instruction whose throughput bounds its kernels (the names
 # qconv_peak measures, csrc/qconv.h); None: no one instruction the microbenchmarks measure
-# (vpmulld zmm; the emulated VNNI sequences).
+# (vpmulld zmm; the emulated VNNI sequences and tile instructions).
 BOUND_INSTRUCTIONS = {
-    "avx2":          {"fp32": "fma",    "int32": "mullo", "int16": "madd",      "int8": "madd"},
-    "avxvnni":       {"fp32": "fma",    "int32": "mullo", "int16": "dpwssd",    "int8": "dpbusd"},
-    "avx512vnni":    {"fp32": "fma",    "int32": "mullo", "int16": "dpwssd",    "int8": "dpbusd"},
-    "avx512":        {"fp32": "fma512", "int32": None,    "int16": "dpwssd512", "int8": "dpbusd512"},
-    "amx":           {"fp32": "fma512", "int32": None,    "int16": "dpwssd512", "int8": "amx-dpbssd"},
-    "vnni-emulated": {"fp32": "fma",    "int32": "mullo", "int16": None,        "int8": None},
+    "avx2":          {"fp32": "fma",    "int32": "mullo",      "int16": "madd",       "int8": "madd"},
+    "avxvnni":       {"fp32": "fma",    "int32": "mullo",      "int16": "dpwssd",     "int8": "dpbusd"},
+    "avx512vnni":    {"fp32": "fma",    "int32": "mullo",      "int16": "dpwssd",     "int8": "dpbusd"},
+    "avx512":        {"fp32": "fma512", "int32": None,         "int16": "dpwssd512",  "int8": "dpbusd512"},
+    "amx":           {"fp32": "fma512", "int32": "amx-dpbssd", "int16": "amx-dpbssd", "int8": "amx-dpbssd"},
+    "vnni-emulated": {"fp32": "fma",    "int32": "mullo",      "int16": None,         "int8": None},
+    "amx-emulated":  {"fp32": "fma",    "int32": None,         "int16": None,         "int8": None},
 }
+# Tile products per MAC where a level decomposes a precision into bytes (AMX: INT16 4, INT32 10).
+PRODUCTS_PER_MAC = {("amx", "int16"): 4, ("amx", "int32"): 10}
 
 
 def is_available() -> tuple[bool, str]:
@@ -94,9 +100,10 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
 
 
 def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
-    """(the instruction bounding the kernels these options run, 1 instruction-MAC per MAC)."""
-    ins = BOUND_INSTRUCTIONS.get(resolve(dict(options))[0], {}).get(Precision(precision).value)
-    return None if ins is None else (ins, 1)
+    """(the instruction bounding the kernels these options run, its multiply-adds per MAC)."""
+    level, prec = resolve(dict(options))[0], Precision(precision).value
+    ins = BOUND_INSTRUCTIONS.get(level, {}).get(prec)
+    return None if ins is None else (ins, PRODUCTS_PER_MAC.get((level, prec), 1))
 
 
 def threads(options: dict) -> int:

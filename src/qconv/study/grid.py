@@ -30,6 +30,7 @@ from .. import api, metrics
 from ..backends.base import PHASES
 from ..contract import Precision, conv2d_float64, conv2d_quantized, fp32_error_bound, parse_precision
 from ..errors import InputError, QconvError, QconvWarning
+from ..pools import quiet_blas
 from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
                      Layer, Option, stats, timed_options)
@@ -330,7 +331,8 @@ class Study:
                 for p, t in acc["tables"].items():
                     tables[p][layer.name] = t
                 self._measure_peaks(2)
-                self._measure_layer(layer, x, ref)
+                with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers
+                    self._measure_layer(layer, x, ref)
                 if refs_ok:
                     self.results["reference_points"] += references.measure(layer, x, ref, self._tables,
                                                                            self.repeat)

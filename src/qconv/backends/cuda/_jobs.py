@@ -53,7 +53,8 @@ class Job:
         if self.split_words:
             _driver.ck(rt.drv.cuMemsetD32Async(out_ptr, 0, self.split_words, s), "cuMemsetD32Async(output)")
         cp = self.main.params
-        cp.x, cp.out, cp.slot = xq, out_ptr, rec.slot[1]
+        cp.x, cp.out = xq, out_ptr
+        cp.slot = 0 if self.post is not None else rec.slot[1]  # the call's last kernel publishes its record
         if self.scan_in_main:
             cp.scan_x = x_ptr
         self.main.launch(s, h)
@@ -62,7 +63,7 @@ class Job:
             rec.marks.append(("convolve", i, i + 1))
             i += 1
         if self.post is not None:
-            self.post.params.out = out_ptr
+            self.post.params.out, self.post.params.slot = out_ptr, rec.slot[1]
             self.post.launch(s, h)
             if i is not None:
                 rt.record(ev[i + 1], h)
@@ -72,7 +73,7 @@ class Job:
 class GemmJob(Job):
     """The implicit-GEMM kernels. Integers: [fused scan + quantize (maxabs, one cooperative
     launch) | quantize] -> convolve (+ dequantize, bias) [-> epilogue]. FP32: [pad] -> convolve
-    (+ bias; scans x itself when it reads x in place) [-> bias after split-K]."""
+    (+ bias; scans x itself when it reads x in place) [-> bias and non-finite count after split-K]."""
 
     def __init__(self, prep: Prepared, g: Geometry, aligned: bool) -> None:
         rt, plan, prec, lay, spec, o = prep.rt, prep.plan, prep.prec, prep.layout, prep.spec, prep.opts
@@ -152,7 +153,7 @@ class GemmJob(Job):
         if prec.is_integer and mode != 1:
             self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
                                        pass_params(n=m * spec.oc, vec=int(vec), mode=1))
-        elif prec is Precision.FP32 and split > 1 and plan.bias is not None:
+        elif prec is Precision.FP32 and split > 1:  # the sums are final here: bias, non-finite count
             self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
                                        pass_params(n=m * spec.oc, vec=int(vec), mode=0))
             self.last = "convolve"

@@ -1,13 +1,13 @@
 """Kernel launch signatures, declared once: every qconv kernel takes one parameter struct by
-value, mirrored here field for field from cuda_kernels/*.cu (tests/test_cuda.py parses the C
+value, mirrored here field for field from cuda_kernels/*.cu and *.cuh (tests/test_cuda.py parses the C
 structs and compares them with these, so the two cannot drift apart).
 
-    struct in C                 ctypes mirror   kernels
-    ConvParams (qconv_common)   ConvParams      qconv_{f32,s32,s16}_conv_simt_*, qconv_s8_conv_{mma,dp4a}_*,
-                                                qconv_f32_conv_outer_*
-    PassParams (quant.cu)       PassParams      qconv_scan_x, qconv_quantize_x_*, qconv_pad_x_f32, qconv_epilogue
-    DwParams (conv_dw.cu)       DwParams        qconv_{f32,q32}_dwconv_*
-    QStats, QSlot               QStats, QSlot   (device statistics and the host-mapped call record)
+    struct in C                     ctypes mirror   kernels
+    ConvParams (qconv_common.cuh)   ConvParams      qconv_{f32,s32,s16}_conv_simt_*, qconv_s8_conv_{mma,dp4a}_*,
+                                                    qconv_f32_conv_outer_*
+    PassParams (quant.cu)           PassParams      qconv_scan_x, qconv_quantize_x_*, qconv_pad_x_f32, qconv_epilogue
+    DwParams (conv_dw.cu)           DwParams        qconv_{f32,q32}_dwconv_*
+    QStats, QSlot                   QStats, QSlot   (device statistics and the host-mapped call record)
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _ints(*names: str) -> list[tuple[str, Any]]:
 
 
 class QStats(ctypes.Structure):
-    _fields_ = [("maxbits", U), ("flag", I), ("counter", U), ("s_x", F), ("m", F), ("gen", U), ("done", U), ("pad", I)]
+    _fields_ = [("maxbits", U), ("flag", I), ("counter", U), ("s_x", F), ("m", F), ("gen", U), ("done", U), ("nonfinite", U)]
 
 
 class QSlot(ctypes.Structure):
-    _fields_ = [("flag", I), ("s_x", F), ("m", F), ("pad", I)]
+    _fields_ = [("flag", I), ("s_x", F), ("m", F), ("nonfinite", U)]
 
 
 class ConvParams(ctypes.Structure):
@@ -42,7 +42,7 @@ class ConvParams(ctypes.Structure):
 
 
 class PassParams(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "out", "stats", "s_w", "inv", "bias")] + [("n", LL)] + _ints(
+    _fields_ = [(n, P) for n in ("x", "out", "stats", "slot", "s_w", "inv", "bias")] + [("n", LL)] + _ints(
         "C", "G", "icg", "icgp", "OC", "q", "qmax", "trunc") + [("s", F)] + _ints("dev_scale", "vec", "do_max", "mode")
 
 

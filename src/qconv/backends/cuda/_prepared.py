@@ -10,11 +10,13 @@ Per call, by path (every kernel reads and writes device memory only):
       input) -> convolve (+ bias) [-> bias pass after split-K]
   depthwise (groups == C): scan x (finiteness; maxabs too) -> depthwise kernel (quantize on load)
 
-The scan and quantize passes set the call's non-finite flag on the device; the convolution's
-first thread copies it (and s_x) to the call's record in mapped host memory. Host arrays: the call
-waits, reads the record and raises at its end. Device arrays: nothing waits; the record is read
-when the result is asked for (Conv.result(), BackendRun.phases / .s_x), or when the output is read
-back through qconv (DeviceArray.copy_to_host, np.asarray, DeviceArray.synchronize).
+The scan and quantize passes set the call's non-finite flag on the device, and the kernels that
+write FP32 outputs (convolution epilogues, the bias pass after split-K, the depthwise kernel) count
+the non-finite outputs (float32 overflow); the call's last kernel copies flag, count and s_x to the
+call's record in mapped host memory. Host arrays: the call waits, reads the record and raises at
+its end. Device arrays: nothing waits; the record is read when the result is asked for
+(Conv.result(), BackendRun.phases / .s_x), or when the output is read back through qconv
+(DeviceArray.copy_to_host, np.asarray, DeviceArray.synchronize).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from ...contract import ConvSpec, Geometry, Plan, Precision, conv_spec, dequant_factor, quantize_kernel
-from ...errors import InputError
+from ...contract import (ConvSpec, Geometry, Plan, Precision, conv_spec, dequant_factor, maxabs_scale,
+                         quantize_kernel)
+from ...errors import BackendError, InputError
 from ..base import PHASES, BackendRun, check_options
 from . import _arrays, _driver, _tiling
 from ._jobs import DwJob, GemmJob
+from ._launch import QSlot
 from ._streams import StreamCtx
 
 NAME = "cuda"
@@ -99,20 +103,21 @@ def parse_options(options: dict[str, Any]) -> Options:
 # --------------------------------------------------------------------------- call records
 
 class Record:
-    """One call: its host-mapped slot (flag, s_x, max|x| written by the convolution kernel) and
-    its timing events. resolve() waits for the call, reads them once and gives them back."""
+    """One call: its host-mapped slot (a QSlot: flag, s_x, max|x|, non-finite outputs, written by
+    the call's last kernel) and its timing events. resolve() waits for the call, reads them once
+    and gives them back."""
 
-    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "_phases", "_s_x", "_error", "_done")
+    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "plan", "_phases", "_s_x", "_error", "_done")
 
-    def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool) -> None:
-        self.ctx, self.maxabs = ctx, maxabs
+    def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool, plan: Plan) -> None:
+        self.ctx, self.maxabs, self.plan = ctx, maxabs, plan
         self.slot = ctx.take_slot()
         self.events = ctx.take_events(n_events) if n_events else []
         self.marks: list[tuple[str, int, int]] = []   # (phase, from event, to event)
         self._done = False
         self._phases: dict[str, float] = {}
         self._s_x: np.float32 | None = None
-        self._error: str | None = None
+        self._error: InputError | None = None
 
     def resolve(self) -> "Record":
         if not self._done:
@@ -122,19 +127,17 @@ class Record:
                 _driver.ck(drv.cuEventSynchronize(self.events[-1]), "cuEventSynchronize")
             else:
                 _driver.ck(drv.cuStreamSynchronize(ctx.stream), "cuStreamSynchronize")
-            flag = ctypes.c_int.from_address(self.slot[0]).value
-            s_x = ctypes.c_float.from_address(self.slot[0] + 4).value
-            m = ctypes.c_float.from_address(self.slot[0] + 8).value
+            slot = QSlot.from_address(self.slot[0])
             ph = {p: 0.0 for p in PHASES}
             for name, a, b in self.marks:
                 ph[name] += ctx.rt.elapsed(self.events[a], self.events[b])
             self._phases = ph
             if self.maxabs:
-                self._s_x = np.float32(s_x)
-            self._error = _flag_message(flag, m)
+                self._s_x = np.float32(slot.s_x)
+            self._error = _flag_error(slot, self.plan)
             self._release()
         if self._error:
-            raise InputError(self._error)
+            raise self._error.with_traceback(None)
         return self
 
     def phases(self) -> dict[str, float]:
@@ -158,15 +161,21 @@ class Record:
             pass
 
 
-def _flag_message(flag: int, m: float) -> str | None:
+def _flag_error(slot: QSlot, plan: Plan) -> InputError | None:
+    """The error a call's record holds (QStats.flag's bits, qconv_common.cuh), in the contract's
+    words, or None."""
+    flag = slot.flag
     if flag & 1:
-        return NONFINITE
-    if flag & 8:
-        return (f"max|value| = {m:.3g} is too small to scale within float32: the input is all "
-                f"(near-)denormal")
-    if flag & 4:
-        return ("the per-call input scale makes 1/(s_input*s_kernel) leave float32 (between about 1e-38 "
-                "and 3e38): the input's largest magnitude is too far from the kernel's")
+        return InputError(NONFINITE)
+    if flag & 12:  # the per-call scale was refused: the contract's own check on max|x| says why
+        try:
+            dequant_factor(maxabs_scale(np.float32(slot.m), int(plan.input_q)), plan.s_w)
+        except InputError as e:
+            return e
+        raise BackendError(f"the device refused the scale of max|x| = {slot.m!r}, which the contract accepts")
+    if flag & 16:
+        from ...contract import fp32_overflow_error
+        return fp32_overflow_error(slot.nonfinite or None)  # the count is modulo 2^32: 0 means it wrapped
     return None
 
 
@@ -295,7 +304,7 @@ class Prepared:
                 if out_ptr % 16:
                     raise InputError("out= must start on a 16-byte boundary")
                 y = out
-            rec = Record(ctx, self._events_needed(job, False), self.maxabs)
+            rec = Record(ctx, self._events_needed(job, False), self.maxabs, self.plan)
             self._enqueue(job, x_ptr, out_ptr, rec, 0 if rec.events else None)
         if isinstance(y, _arrays.DeviceArray):
             y._record = rec
@@ -312,7 +321,7 @@ class Prepared:
             xd = ctx.scratch("x_in", x.nbytes)
             yd = ctx.scratch("y_out", ybytes)
             pin = ctx.pinned("x_pin", x.nbytes)
-            rec = Record(ctx, self._events_needed(job, True), self.maxabs)
+            rec = Record(ctx, self._events_needed(job, True), self.maxabs, self.plan)
             ev, s = rec.events, ctx.stream
             timing = self.opts.timing
             if timing:
@@ -328,9 +337,15 @@ class Prepared:
             rec.resolve()
         return BackendRun(y, rec.phases(), None, rec.s_x() if self.maxabs else self.plan.s_x)
 
-    def _enqueue(self, job: Any, x_ptr: int, out_ptr: int, rec: Record, ev0: int | None) -> None:
-        """Enqueue one call on ctx's stream (ctx.lock held): events ev0.. around the phases (None: untimed)."""
-        ctx = self.ctx
+    def capture(self, x: Any, geom: Geometry, out: Any = None) -> Any:
+        """This call as a CUDA Graph on x's buffer (api.Conv.capture)."""
+        from ._graph import Captured
+        return Captured(self, x, geom, out)
+
+    def _enqueue(self, job: Any, x_ptr: int, out_ptr: int, rec: Any, ev0: int | None, ctx: Any = None) -> None:
+        """Enqueue one call on ctx's stream (ctx.lock held): events ev0.. around the phases (None:
+        untimed). ctx: this conv's stream context, or a view of it with its own scratch (a graph's)."""
+        ctx = self.ctx if ctx is None else ctx
         try:
             if self._dirty:  # a call failed halfway: its flag may still be set
                 _driver.ck(self.rt.drv.cuMemsetD32Async(self.stats, 0, 8, ctx.stream), "cuMemsetD32Async(stats)")
@@ -370,13 +385,13 @@ class Prepared:
     def _profile(self, job: Any, x_ptr: int, out: Any, reps: int, samples: dict[str, list[float]]) -> None:
         rt, ctx = self.rt, self.ctx
         with ctx.lock:
-            rec = Record(ctx, job.n_events, self.maxabs)
+            rec = Record(ctx, job.n_events, self.maxabs, self.plan)
             self._enqueue(job, x_ptr, out.ptr, rec, 0)  # warm-up (module loads) outside the gate
             rec.resolve()
             done = 0
             while done < reps:
                 batch = min(64, reps - done)  # bounded: the launch queue must never fill behind the gate
-                recs = [Record(ctx, job.n_events, self.maxabs) for _ in range(batch)]
+                recs = [Record(ctx, job.n_events, self.maxabs, self.plan) for _ in range(batch)]
                 rt.gate_close(ctx.stream)
                 try:
                     for r in recs:

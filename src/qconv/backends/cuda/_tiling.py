@@ -2,7 +2,7 @@
 layouts of activations and weights, weight packing (numpy), tile and split-K choice.
 
 Constants here mirror the .cu sources: SIMT_BKW / MMA_BKW are the K words per pipeline stage of
-qconv_simt.cu / conv_s8_mma.cu, STAGES their pipeline depth, DW_TILE the depthwise kernels'
+qconv_simt.cuh / conv_s8_mma.cu, STAGES their pipeline depth, DW_TILE the depthwise kernels'
 channels x output columns per thread (conv_dw.cu).
 """
 

@@ -10,8 +10,9 @@
 // contract says; FP32 accumulates in float32 and adds the bias after. Neighbouring threads take
 // neighbouring channel vectors of the same pixels, so loads and stores are coalesced along C.
 // A grid-stride prologue scans the whole input for NaN/inf (unless a scan pass ran before: maxabs),
-// and the last block to finish publishes the call's record (qconv_common.cu).
-#include "qconv_common.cu"
+// FP32 counts its non-finite outputs, and the last block to finish publishes the call's record
+// (qconv_common.cuh).
+#include "qconv_common.cuh"
 
 struct DwParams {
   const float* x;     // input (N, H, W, C) float32
@@ -59,6 +60,7 @@ QD void dwconv(const DwParams& p) {
   const int CV = p.OC / V;                        // channel vectors per output pixel
   const int total = p.N * p.Ho * p.tiles_w * CV;  // < 2^31 (checked on the host)
   const int span = (TW - 1) * SW + KW;            // input columns one kernel row of a strip reads
+  unsigned nonfinite = 0;
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
     const int cv = idx % CV;
     int r = idx / CV;
@@ -123,13 +125,18 @@ QD void dwconv(const DwParams& p) {
         float y[V];
 #pragma unroll
         for (int v = 0; v < V; ++v) {
-          if constexpr (Q) y[v] = dequant1(iacc[u][v], p.inv[o + v], p.bias, o + v);
-          else y[v] = p.bias ? __fadd_rn(facc[u][v], p.bias[o + v]) : facc[u][v];
+          if constexpr (Q) {
+            y[v] = dequant1(iacc[u][v], p.inv[o + v], p.bias, o + v);
+          } else {
+            y[v] = p.bias ? __fadd_rn(facc[u][v], p.bias[o + v]) : facc[u][v];
+            nonfinite += !isfinite(y[v]);
+          }
         }
         FV<V>::store(orow + (size_t)u * p.OC, y);
       }
     }
   }
+  count_nonfinite(p.stats, nonfinite);
   publish_stats(p.stats, p.slot);
 }
 

@@ -1,6 +1,6 @@
 // FP32 convolution on the CUDA cores, outer-product form (the CUTLASS-SIMT shared-memory layout).
 //
-// Same implicit GEMM as qconv_simt.cu (C[m][o] = sum_k X[m][k] W[o][k], both operands k-contiguous
+// Same implicit GEMM as qconv_simt.cuh (C[m][o] = sum_k X[m][k] W[o][k], both operands k-contiguous
 // in global memory), but shared memory holds the A tile m-contiguous (As[k][m]) and the B tile
 // o-contiguous (Bs[k][o]): each K step a thread reads TM/4 + TN/4 float4 and does TM*TN FFMA.
 // The transpose happens on the way in, through registers: each thread loads R = 1, 2 or 4
@@ -13,9 +13,9 @@
 // Pipeline: two shared stages; the global loads of tile t+1 are issued before tile t's math and
 // stored before its last K step, then one barrier per tile; fragments are double-buffered in
 // registers, so the next tile's first shared loads overlap the last step's math.
-// grid.z = groups x K slices as in qconv_simt.cu (mode 2: float atomics); stride, padding and
+// grid.z = groups x K slices as in qconv_simt.cuh (mode 2: float atomics); stride, padding and
 // groups in the A loader's index math.
-#include "qconv_common.cu"
+#include "qconv_common.cuh"
 
 QD unsigned comp(const uint4& v, int c) { return c == 0 ? v.x : c == 1 ? v.y : c == 2 ? v.z : v.w; }
 // Stores the R x 4 block v (row r = v[r]) transposed: shared row kk (stride rs) gets the R words v[.][kk].
@@ -173,6 +173,7 @@ QD void conv_outer(const ConvParams& p) {
 
   // ---- epilogue: float4 rows (+ bias) when the output allows it, else one element at a time
   const bool vec = p.mode == 0 && p.vec_out && (p.OC & 3) == 0 && (p.OCg & 3) == 0;
+  unsigned nonfinite = 0;
 #pragma unroll
   for (int i = 0; i < TM; ++i) {
     int m = m0 + arow + 16 * (i / 4) + (i & 3);
@@ -189,13 +190,15 @@ QD void conv_outer(const ConvParams& p) {
             y.z = __fadd_rn(y.z, b.z); y.w = __fadd_rn(y.w, b.w);
           }
           *(float4*)((float*)p.out + (size_t)m * p.OC + oc) = y;
+          nonfinite += !isfinite(y.x) + !isfinite(y.y) + !isfinite(y.z) + !isfinite(y.w);
         }
       } else {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) store_out(p, bw.ocol, m, o + c, acc[i][4 * g + c]);
+        for (int c = 0; c < 4; ++c) nonfinite += store_out(p, bw.ocol, m, o + c, acc[i][4 * g + c]);
       }
     }
   }
+  count_nonfinite(p.stats, nonfinite);
   publish_stats(p.stats, p.slot);
 }
 

@@ -33,7 +33,7 @@
 //
 // Block: 8 warps as WM x WN as in conv_s8_mma.cu; per pipeline stage P A tiles and P B tiles of
 // BM/BN x 32 words; one accumulator set per shift class (3 for INT16, 4 for INT32).
-#include "qconv_common.cu"
+#include "qconv_common.cuh"
 
 template <int P, int BM, int BN, int WM, int WN, int STAGES>
 QD void conv_planes(const ConvParams& p) {

@@ -2,11 +2,11 @@
 // Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
 // K in steps of 32 words (128 int8), 3-stage cp.async pipeline, fragments through ldmatrix; rows
 // padded to 36 words so each 8-row ldmatrix phase hits 32 distinct banks. grid.z = groups x K
-// slices (split-K); stride, padding and groups live in the loader (qconv_common.cu).
+// slices (split-K); stride, padding and groups live in the loader (qconv_common.cuh).
 // The s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
-#include "qconv_common.cu"
+#include "qconv_common.cuh"
 
-// mma_s8_16832, ldsm_x4 and ldsm_x2 are in qconv_common.cu (shared with conv_planes_mma.cu).
+// mma_s8_16832, ldsm_x4 and ldsm_x2 are in qconv_common.cuh (shared with conv_planes_mma.cu).
 
 template <int BM, int BN, int WM, int WN, int STAGES>
 QD void conv_mma(const ConvParams& p) {

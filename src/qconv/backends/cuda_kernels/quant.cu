@@ -1,12 +1,13 @@
 // Elementwise passes around the convolution (bit-exact to qconv.contract): the input scan
 // (finiteness, max|x| and the per-call maxabs scale), quantize/pad of the activations into the
 // implicit GEMM's layout, and the dequantize (+ bias) epilogue when it is not fused.
-#include "qconv_common.cu"
+#include "qconv_common.cuh"
 
 struct PassParams {
   const float* x;        // input, n floats (NHWC)
   void* out;             // quantize/pad: [pixels][G][icgp]; epilogue: [M][OC] in place
   QStats* stats;         // device statistics of the call
+  QSlot* slot;           // epilogue: the call's host-mapped record, published by this last pass
   const float* s_w;      // [OC] kernel scales (scan's finalize: inv[o])
   float* inv;            // [OC] dequantize factors (written by the finalize, read by the epilogue)
   const float* bias;     // [OC] or null
@@ -19,7 +20,8 @@ struct PassParams {
   int dev_scale;         // 1: the input scale is stats->s_x (maxabs, computed by the scan)
   int vec;               // 16-byte vectors allowed (aligned, n % 4 == 0; quantize/pad: no channel padding)
   int do_max;            // scan: reduce max|x| and finalize s_x and inv
-  int mode;              // epilogue: 0 float + bias[o]; 1 float32(int32) * inv[o] (+ bias[o])
+  int mode;              // epilogue: 0 FP32 after split-K (+ bias[o], non-finite outputs counted);
+                         // 1 float32(int32) * inv[o] (+ bias[o])
 };
 
 #define QGRID_STRIDE(i, n)                                                                   \
@@ -260,25 +262,35 @@ extern "C" __global__ void __launch_bounds__(256) qconv_pad_x_f32(const PassPara
   if (bad) atomicOr(&p.stats->flag, 1);
 }
 
-// Epilogue in place over [M][OC]: mode 1 turns int32 accumulators into float32(acc) * inv[o]
-// (+ bias[o]); mode 0 adds bias[o] to float32 sums (FP32 after split-K). Two roundings, no FMA.
-QD float epi1(const PassParams& p, float v, int o) {
+// Epilogue in place over [M][OC], the call's last kernel: mode 1 turns int32 accumulators into
+// float32(acc) * inv[o] (+ bias[o]); mode 0 finishes FP32 after split-K: + bias[o] (when there is
+// one) and the count of non-finite outputs. Two roundings, no FMA.
+QD float epi1(const PassParams& p, float v, int o, unsigned& nonfinite) {
   if (p.mode == 1) return dequant1(__float_as_uint(v), p.inv[o], p.bias, o);
-  return __fadd_rn(v, p.bias[o]);
+  const float y = p.bias ? __fadd_rn(v, p.bias[o]) : v;
+  nonfinite += !isfinite(y);
+  return y;
 }
 extern "C" __global__ void __launch_bounds__(256) qconv_epilogue(const PassParams p) {
+  unsigned nf = 0;
+  const bool store = p.mode == 1 || p.bias;  // FP32 without a bias: only counted
   if (p.vec) {  // OC % 4 == 0: four consecutive elements share a row
     float4* b4 = (float4*)p.out;
     QGRID_STRIDE(i, p.n / 4) {
       float4 v = b4[i];
       int o = (int)((i * 4) % p.OC);
-      v.x = epi1(p, v.x, o); v.y = epi1(p, v.y, o + 1); v.z = epi1(p, v.z, o + 2); v.w = epi1(p, v.w, o + 3);
-      b4[i] = v;
+      v.x = epi1(p, v.x, o, nf); v.y = epi1(p, v.y, o + 1, nf); v.z = epi1(p, v.z, o + 2, nf); v.w = epi1(p, v.w, o + 3, nf);
+      if (store) b4[i] = v;
     }
   } else {
     float* b = (float*)p.out;
-    QGRID_STRIDE(i, p.n) b[i] = epi1(p, b[i], (int)(i % p.OC));
+    QGRID_STRIDE(i, p.n) {
+      const float v = epi1(p, b[i], (int)(i % p.OC), nf);
+      if (store) b[i] = v;
+    }
   }
+  count_nonfinite(p.stats, nf);
+  publish_stats(p.stats, p.slot);
 }
 
 // Stream gate (benchmarks): holds the stream until the host writes 1 to a mapped host word (or 5 s

@@ -17,17 +17,19 @@ typedef short qs16;
 #define QD __device__ __forceinline__
 
 // Per-call statistics on the device, one per prepared convolution and stream. The passes before
-// the convolution fill them (flag bits, the maxabs input scale); the convolution's first thread
-// copies them to the call's host record and clears the flag for the next call.
+// the convolution fill them (flag bits, the maxabs input scale), the kernels that write FP32
+// outputs count the non-finite ones; the last kernel of the call copies them to the call's host
+// record (publish_stats) and clears them for the next call.
 struct QStats {
   unsigned maxbits;   // max |x| as float bits (non-negative floats order like their bits)
-  int flag;           // bit 0: non-finite input; bit 2: inv out of float32; bit 3: s_x not finite
+  int flag;           // bit 0: non-finite input; bit 2: inv out of float32; bit 3: s_x not finite;
+                      // bit 4: non-finite FP32 output (float32 overflow)
   unsigned counter;   // blocks of the scan arrived (the last one finalizes)
   float s_x;          // this call's input scale (maxabs)
   float m;            // this call's max |x|
   unsigned gen;       // barrier generation of the fused scan+quantize (bumped once per call)
-  unsigned done;      // blocks of the main kernel finished (the last one publishes)
-  int pad;
+  unsigned done;      // blocks of the publishing kernel finished (the last one publishes)
+  unsigned nonfinite; // FP32 outputs written non-finite (modulo 2^32; the flag's bit 4 says whether any)
 };
 
 // The call's record in mapped host memory (what the host reads once the call is done).
@@ -35,7 +37,7 @@ struct QSlot {
   int flag;
   float s_x;
   float m;
-  int pad;
+  unsigned nonfinite;
 };
 
 // Implicit-GEMM convolution, any stride, explicit padding and groups.
@@ -46,7 +48,7 @@ struct ConvParams {
   const float* inv;       // [OC] dequantize factors (integer paths)
   const float* bias;      // [OC] or null
   QStats* stats;          // device statistics of this call (or null)
-  QSlot* slot;            // host-mapped record of this call (or null)
+  QSlot* slot;            // host-mapped record of this call (null: a later pass publishes it)
   const float* scan_x;    // FP32 read in place: the input, scanned for NaN/inf in the prologue (or null)
   long long scan_n;       // its elements
   long long wgs;          // words per group of packed weights (OCgp * Kpw)
@@ -145,9 +147,19 @@ QD void scan_finite(const float* x, long long n, int vec, QStats* st) {
   if (bad) atomicOr(&st->flag, 1);
 }
 
-// Called by every thread at the end of the main kernel: the last block to finish copies the call's
-// statistics (set by the passes before this kernel and by its own prologue) to the call's host
-// record, then clears the flag and the block count for the next call.
+// Called by every thread (whole warps) of a kernel that writes FP32 outputs, once, with the number
+// of non-finite outputs it wrote: one vote per warp, one atomic per warp that has any.
+QD void count_nonfinite(QStats* st, unsigned n) {
+  const unsigned total = __reduce_add_sync(0xffffffffu, n);
+  if (total && (threadIdx.x & 31) == 0) {
+    atomicAdd(&st->nonfinite, total);
+    atomicOr(&st->flag, 16);
+  }
+}
+
+// Called by every thread at the end of the call's last kernel: the last block to finish copies the
+// call's statistics (set by the passes before this kernel and by this kernel) to the call's host
+// record, then clears them and the block count for the next call.
 QD void publish_stats(QStats* st, QSlot* slot) {
   if (slot == nullptr) return;
   __syncthreads();
@@ -161,7 +173,9 @@ QD void publish_stats(QStats* st, QSlot* slot) {
       s->flag = v->flag;
       s->s_x = v->s_x;
       s->m = v->m;
+      s->nonfinite = v->nonfinite;
       v->flag = 0;
+      v->nonfinite = 0;
       v->done = 0;
       __threadfence_system();
     }
@@ -249,18 +263,26 @@ QD BlockWork block_work(const ConvParams& p) {
 }
 
 // Epilogue store of one accumulator (float or 32-bit integer bits) according to p.mode;
-// o is the channel inside the group (< OCg), ocol the group's first output channel.
-QD void store_out(const ConvParams& p, int ocol, int m, int o, float v, float = 0.0f) {
+// o is the channel inside the group (< OCg), ocol the group's first output channel. Returns 1 when
+// it stored a non-finite FP32 output (a split-K partial sum is counted by the pass after: 0).
+QD unsigned store_out(const ConvParams& p, int ocol, int m, int o, float v, float = 0.0f) {
   if (m < p.M && o < p.OCg) {
     const int oc = ocol + o;
     float* out = (float*)p.out + (size_t)m * p.OC + oc;
-    if (p.mode == 2) atomicAdd(out, v);
-    else *out = p.bias ? __fadd_rn(v, p.bias[oc]) : v;
+    if (p.mode == 2) {
+      atomicAdd(out, v);
+    } else {
+      const float y = p.bias ? __fadd_rn(v, p.bias[oc]) : v;
+      *out = y;
+      return !isfinite(y);
+    }
   }
+  return 0;
 }
 // inv0: epilogue_inv(p), the factor of every channel when p.inv_uniform.
 QD float epilogue_inv(const ConvParams& p) { return p.mode == 1 && p.inv_uniform ? __ldg(p.inv) : 0.0f; }
-QD void store_out(const ConvParams& p, int ocol, int m, int o, unsigned v, float inv0) {
+// Integer outputs are not counted (the FP32 overflow check is FP32's): returns 0.
+QD unsigned store_out(const ConvParams& p, int ocol, int m, int o, unsigned v, float inv0) {
   if (m < p.M && o < p.OCg) {
     const int oc = ocol + o;
     size_t i = (size_t)m * p.OC + oc;
@@ -268,4 +290,5 @@ QD void store_out(const ConvParams& p, int ocol, int m, int o, unsigned v, float
     else if (p.mode == 2) atomicAdd((unsigned*)p.out + i, v);  // modulo 2^32, order-free
     else ((unsigned*)p.out)[i] = v;
   }
+  return 0;
 }

@@ -1,10 +1,10 @@
 // CUDA-core implicit-GEMM convolution, one template for FP32, INT32, INT16 and INT8 (dp4a).
 // Block: 256 threads as 16 x 16, each computing TM x TN outputs (rows ty + 16 i, columns tx + 16 j);
 // BM = 16 TM, BN = 16 TN; K in steps of 16 words, 3-stage cp.async pipeline; grid.z = groups x
-// K slices (split-K); stride, padding and groups live in the loader's index math (qconv_common.cu).
+// K slices (split-K); stride, padding and groups live in the loader's index math (qconv_common.cuh).
 // A warp covers 4 consecutive rows x 8 consecutive columns, so with rows padded to 20 words its
 // 16-byte shared loads hit distinct banks (4 rows -> banks 0,20,8,28; 8 columns -> all 32).
-#include "qconv_common.cu"
+#include "qconv_common.cuh"
 
 // Multiply-accumulate four 32-bit words of K: one float, one int32, two int16 or four int8 each.
 struct OpF32 {
@@ -85,10 +85,12 @@ QD void conv_simt(const ConvParams& p) {
   }
   cp_async_wait<0>();
   const float inv0 = epilogue_inv(p);
+  unsigned nonfinite = 0;
 #pragma unroll
   for (int i = 0; i < TM; ++i)
 #pragma unroll
-    for (int j = 0; j < TN; ++j) store_out(p, bw.ocol, m0 + ty + 16 * i, n0 + tx + 16 * j, acc[i][j], inv0);
+    for (int j = 0; j < TN; ++j) nonfinite += store_out(p, bw.ocol, m0 + ty + 16 * i, n0 + tx + 16 * j, acc[i][j], inv0);
+  count_nonfinite(p.stats, nonfinite);  // integer stores return 0
   publish_stats(p.stats, p.slot);
 }
 
