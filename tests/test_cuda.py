@@ -113,9 +113,9 @@ def test_compile_error_is_a_backend_error_with_the_log():
 
 
 def _c_structs() -> dict[str, list[tuple[str, str]]]:
-    """Every `struct Name { ... };` in the kernel sources: [(field, C type)] in order."""
+    """Every `struct Name { ... };` in the kernel sources and headers (.cu, .cuh): [(field, C type)] in order."""
     out: dict[str, list[tuple[str, str]]] = {}
-    for f in sorted(KERNEL_DIR.glob("*.cu")):
+    for f in sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cuh")):
         text = re.sub(r"//[^\n]*", "", f.read_text())
         for name, body in re.findall(r"struct\s+(\w+)\s*\{([^{}]*)\};", text):
             fields = []
