@@ -20,7 +20,9 @@ Sections (issue 8's and issue 10's CPU targets):
       prepacked once, x86/onednn engine) on an already-quantized input ("op"), and the same with
       ``quantize_per_tensor`` before and ``dequantize`` after ("float in/out", what a qconv call does).
 - strided: 3x3 and 1x1 layers at stride 1 and 2 with equal FLOPs: convolve GOP/s and its share of
-  the instruction's peak (qconv_peak, same threads), and stride 2's share over stride 1's.
+  the peak of the instruction c-avx2 declares bounds the level that ran (c_avx2.BOUND_INSTRUCTIONS:
+  ymm FMA on AVX2, zmm FMA on AVX-512, tdpbssd for AMX INT8; qconv_peak, same threads), and stride
+  2's share over stride 1's.
 - depthwise: 3x3 and 5x5, C = 144..1152: bytes moved (float32 input + output) per second of the
   convolve phase (quantize fused into it, median) and of the whole call (median), against the
   fastest copy of the input (minimum time of numpy copyto, one thread or split over the same
@@ -151,27 +153,12 @@ def qconv_call_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
     return rows
 
 
-def peaks(threads: int) -> dict[str, float]:
-    """G MAC/s of each instruction the kernels use, best of 5 runs of ~50 ms, at `threads`."""
+def peak_gmacs(instruction: str, threads: int) -> float:
+    """G MAC/s of one instruction (qconv_peak), best of 5 runs of ~50 ms, at `threads`."""
     from qconv.backends import _cext
-    best = _cext.best_isa("auto")
-    instrs = ["fma", "mullo", "madd"] + (["dpwssd", "dpbusd"] if best != "avx2" else [])
-    out = {}
-    for ins in instrs:
-        macs, secs = _cext.peak(ins, threads, 1000)
-        iters = max(1000, int(1000 * 0.05 / max(secs, 1e-6)))
-        out[ins] = max(m / s / 1e9 for m, s in (_cext.peak(ins, threads, iters) for _ in range(5)))
-    return out
-
-
-def instruction(isa: str, precision: str) -> str:
-    if precision == "fp32":
-        return "fma"
-    if precision == "int32":
-        return "mullo"
-    if isa == "avx2":
-        return "madd"
-    return "dpwssd" if precision == "int16" else "dpbusd"
+    macs, secs = _cext.peak(instruction, threads, 1000)
+    iters = max(1000, int(1000 * 0.05 / max(secs, 1e-6)))
+    return max(m / s / 1e9 for m, s in (_cext.peak(instruction, threads, iters) for _ in range(5)))
 
 
 STRIDED = [  # name, x shape, w shape, stride: pairs of equal FLOPs (ResNet-50 shapes)
@@ -184,11 +171,10 @@ STRIDED = [  # name, x shape, w shape, stride: pairs of equal FLOPs (ResNet-50 s
 
 def strided_rows(threads: int, reps: int) -> list[dict]:
     import qconv
-    from qconv.backends import _cext
-    from qconv.contract import check_layer
+    from qconv.backends import c_avx2
+    from qconv.contract import Precision, check_layer
     rng = np.random.default_rng(0)
-    pk = peaks(threads)
-    isa = _cext.best_isa("auto")
+    pk: dict[str, float] = {}   # instruction -> G MAC/s at `threads`, measured once
     rows = []
     for name, xs, ws, s in STRIDED:
         x = rng.standard_normal(xs).astype(np.float32)
@@ -202,10 +188,14 @@ def strided_rows(threads: int, reps: int) -> list[dict]:
             conv_s = statistics.median(conv.result(x, out=out).phases["convolve"] for _ in range(reps // 4 or 1))
             call = wall(lambda: conv(x, out=out), reps // 4 or 1)
             gops = geom.flops / conv_s / 1e9
-            ins = instruction(isa, prec)
+            # the instruction the backend declares bounds this level's kernel, at its own width
+            bound = c_avx2.bound_instruction({"threads": threads}, Precision(prec))
+            ins, per_mac = bound if bound else (None, 1)
+            if ins is not None and ins not in pk:
+                pk[ins] = peak_gmacs(ins, threads)
             rows.append({"layer": name, "x": list(xs), "w": list(ws), "stride": s, "precision": prec,
-                         "convolve_s": conv_s, "call_s": call, "gops": gops, "instr": ins,
-                         "peak_pct": 100 * gops / (2 * pk[ins])})
+                         "convolve_s": conv_s, "call_s": call, "gops": gops, "instr": ins or "-",
+                         "peak_pct": 100 * gops / (2 * pk[ins] / per_mac) if ins else None})
             print(f"  strided {name} {prec}: {conv_s * 1e3:.3f} ms, {gops:.0f} GOP/s", file=sys.stderr, flush=True)
     return rows
 
@@ -386,9 +376,10 @@ def render(out: dict) -> str:
             rel = "-"
             if r["stride"] == 2:
                 base = by.get((r["layer"].replace("s2", "s1"), r["precision"]))
-                rel = f"{r['peak_pct'] / base['peak_pct']:.2f}" if base else "-"
+                rel = f"{r['gops'] / base['gops']:.2f}" if base else "-"   # equal FLOPs, same peak: the share's ratio
+            pct = "-" if r["peak_pct"] is None else f"{r['peak_pct']:.0f}"
             lines.append(f"| {r['layer']} | {tuple(r['x'])} | {tuple(r['w'])} | {r['precision']} | {ms(r['convolve_s'])} | "
-                         f"{r['gops']:.0f} | {r['instr']} | {r['peak_pct']:.0f} | {rel} |")
+                         f"{r['gops']:.0f} | {r['instr']} | {pct} | {rel} |")
         lines.append("")
     if out.get("depthwise"):
         lines += ["| x | kernel | stride | precision | convolve us | whole call us | copy us | MB moved | "

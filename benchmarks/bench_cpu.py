@@ -27,7 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "src"))
 
-from qconv.backends import _cext  # noqa: E402
+from qconv.backends import _cext, c_avx2, c_scalar  # noqa: E402
+from qconv.contract import Precision  # noqa: E402
 from qconv.tensorfile import load  # noqa: E402
 
 SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
@@ -75,21 +76,16 @@ def wait_idle(limit_s: float, threshold: float = 0.15) -> float:
 
 
 def instruction(isa: str, precision: str) -> str:
-    if isa == "scalar":
-        return "scalar-fma" if precision == "fp32" else "-"
-    if precision == "fp32":
-        return "fma"
-    if precision == "int32":
-        return "mullo"
-    if isa == "avx2":
-        return "madd"          # INT8 runs on the INT16 madd kernel without VNNI
-    return "dpwssd" if precision == "int16" else "dpbusd"
+    """The instruction the backend declares bounds this level's kernels ("-": none measured)."""
+    bound = (c_scalar.bound_instruction({}, Precision(precision)) if isa == "scalar"
+             else c_avx2.bound_instruction({"isa": isa}, Precision(precision)))
+    return bound[0] if bound and bound[1] == 1 else "-"   # byte-decomposed paths (AMX INT16/32): not yet
 
 
-def measure_peaks(threads: list[int], tries: int = 5) -> dict[tuple[str, int], float]:
-    """G MAC/s per (instruction, threads): the best of `tries` runs of about 50 ms."""
-    best_isa = _cext.best_isa("auto")
-    instrs = ["scalar-fma", "fma", "mullo", "madd"] + (["dpwssd", "dpbusd"] if best_isa != "avx2" else [])
+def measure_peaks(threads: list[int], levels: list[str], tries: int = 5) -> dict[tuple[str, int], float]:
+    """G MAC/s per (instruction, threads) of the instructions these levels declare: the best of
+    `tries` runs of about 50 ms."""
+    instrs = sorted({instruction(isa, p) for isa in levels for p in PRECISIONS} - {"-"})
     peaks = {}
     for ins in instrs:
         for t in threads:
@@ -171,10 +167,11 @@ def main() -> None:
     nt = args.threads
     best = _cext.best_isa("auto")
     busy_seen = [wait_idle(args.wait_idle)]
-    peaks = measure_peaks([1, nt])
     configs = [("c-scalar", "scalar", [1])] + [("c-avx2", best, [1, nt])]
     if best != "avx2":
         configs.append(("c-avx2", "avx2", [1, nt]))
+    levels = [isa for _, isa, _ in configs]
+    peaks = measure_peaks([1, nt], levels)
     # Sweeps: every sweep measures every (layer, config, precision, threads) once (a median of
     # --repeat calls); the kept value is the lowest median over the sweeps. Sweeps spread each
     # configuration's samples over the whole run, so a burst of load from other tenants of this
@@ -184,7 +181,7 @@ def main() -> None:
     for sweep in range(args.rounds):
         for li, (name, x, w) in enumerate(data):
             busy_seen.append(wait_idle(args.wait_idle))
-            more = measure_peaks([1, nt], tries=2)  # peaks sampled throughout too: keep the best
+            more = measure_peaks([1, nt], levels, tries=2)  # peaks sampled throughout too: keep the best
             peaks = {k: max(v, more[k]) for k, v in peaks.items()}
             for backend, isa, tlist in configs:
                 if backend == "c-scalar" and sweep > 0:
@@ -225,7 +222,7 @@ def main() -> None:
                     "gops1": flops / res[1]["convolve"] / 1e9,
                     "peak1_pct": None,
                 })
-    late = measure_peaks([1, nt])  # peaks again at the end: the best of both is the peak
+    late = measure_peaks([1, nt], levels)  # peaks again at the end: the best of both is the peak
     peaks = {k: max(v, late[k]) for k, v in peaks.items()}
     for row in rows:
         peak = peaks.get((row["instr"], row["threads"]))
@@ -272,7 +269,8 @@ def render(rows, peaks, nt, best, args) -> str:
     lines.append("")
     lines.append("| instruction | MAC per instr | 1 thread G MAC/s | %d threads G MAC/s |" % nt)
     lines.append("|---|---|---|---|")
-    lanes = {"scalar-fma": 1, "fma": 8, "mullo": 8, "madd": 16, "dpwssd": 16, "dpbusd": 32}
+    lanes = {"scalar-fma": 1, "fma": 8, "mullo": 8, "madd": 16, "dpwssd": 16, "dpbusd": 32,   # csrc/qconv.h
+             "fma512": 16, "dpwssd512": 32, "dpbusd512": 64, "amx-dpbssd": 16384}
     for ins in lanes:
         if (ins, 1) in peaks:
             lines.append(f"| {ins} | {lanes[ins]} | {peaks[(ins, 1)]:.1f} | {peaks[(ins, nt)]:.1f} |")

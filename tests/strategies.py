@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import assume
 from hypothesis import strategies as st
 
-from qconv.contract import Precision
+from qconv.contract import Precision, check_layer
+from qconv.errors import InputError
 
 PRECISIONS = list(Precision)
 INT_PRECISIONS = [p for p in Precision if p.is_integer]
@@ -59,3 +61,54 @@ def layer_args(draw, c: int, oc_choices=None):
     padding = draw(st.one_of(st.just("same"), st.just("valid"), small, st.tuples(small, small),
                              st.tuples(st.tuples(small, small), st.tuples(small, small))))
     return {"stride": stride, "padding": padding, "groups": groups}
+
+
+@st.composite
+def layer_shapes(draw, max_hw: int = 9, kinds=("dense", "grouped", "depthwise"), max_dw_c: int = 40):
+    """(x_shape, w_shape, layer kwargs) the contract accepts: dense, two groups, or depthwise
+    (channel multipliers 1-3); strides 1-3 (pairs too); 'same', 'valid', int, pair and
+    ((top, bottom), (left, right)) paddings smaller than the kernel; N 1-2."""
+    kind = draw(st.sampled_from(kinds))
+    if kind == "dense":
+        c, g = draw(st.integers(1, 12)), 1
+        oc = draw(st.integers(1, 20))
+    elif kind == "grouped":
+        g = 2
+        c = 2 * draw(st.integers(1, 6))
+        oc = 2 * draw(st.integers(1, 10))
+    else:
+        c = draw(st.integers(1, max_dw_c))
+        g, oc = c, c * draw(st.sampled_from([1, 1, 2, 3]))
+    kh, kwd = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    h, wd = draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw))
+    stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
+    small_h, small_w = st.integers(0, kh - 1), st.integers(0, kwd - 1)
+    padding = draw(st.one_of(
+        st.just("same"), st.just("valid"), st.integers(0, min(kh, kwd) - 1),
+        st.tuples(small_h, small_w), st.tuples(st.tuples(small_h, small_h), st.tuples(small_w, small_w))))
+    layer = {"stride": stride, "padding": padding, "groups": g}
+    x_shape, w_shape = (draw(st.integers(1, 2)), h, wd, c), (kh, kwd, oc, c // g)
+    try:
+        check_layer(x_shape, w_shape, **layer)
+    except InputError:
+        assume(False)
+    return x_shape, w_shape, layer
+
+
+SCALES = [0.5, 3.0, 64.0, 1024.0, 2.0**15, 2.0**20, 1e9]   # the large ones force int32 wrap-around
+
+
+@st.composite
+def layers(draw, max_hw: int = 9):
+    """(x, w, layer kwargs, bias, scale): a layer_shapes layer with data, bias or none, and a scale:
+    maxabs (None, "maxabs", "maxabs-per-channel"), one S, or a pair with a scalar or per-channel s_w."""
+    x_shape, w_shape, layer = draw(layer_shapes(max_hw))
+    oc = w_shape[2]
+    x, w = draw(tensors(x_shape)), draw(tensors(w_shape))
+    bias = draw(st.one_of(st.none(), tensors((oc,), scale=2.0)))
+    single = st.sampled_from(SCALES)
+    per_channel = st.builds(lambda seed: np.random.default_rng(seed).uniform(0.5, 3e3, oc).astype(np.float32),
+                            st.integers(0, 2**32 - 1))
+    scale = draw(st.one_of(st.none(), st.just("maxabs"), st.just("maxabs-per-channel"), single,
+                           st.tuples(single, single), st.tuples(single, per_channel)))
+    return x, w, layer, bias, scale

@@ -1,9 +1,7 @@
-"""c-scalar and c-avx2 (the C extension) against the reference backend.
-
-Integer precisions: the output bits equal the reference's (wrap-around included), for both
-roundings, single S and pairs, scales that force overflow, every kernel family this CPU has
-(the VNNI kernels and, forced with isa="avx2", the plain AVX2 ones), 1..5 threads, several Python
-threads at once. FP32: within contract.fp32_error_bound of the float64 convolution.
+"""c-scalar and c-avx2 (the C extension): what is theirs alone — threads and the thread pool,
+ISA levels and their selection, AMX refusal, instruction microbenchmarks and the instructions each
+level declares as its bound, phases, fork, memory over many calls, argument checks. Their
+differential tests (every variant against the reference) are in test_differential.py.
 Every test skips with the backend's own reason where the extension is not built.
 """
 
@@ -15,22 +13,20 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
-from hypothesis import strategies as st
 
 import qconv
-from conftest import EXAM, REAL, backend_or_skip, exam_cases, real_layers
+from checks import assert_matches, assert_same_bits
+from conftest import backend_or_skip
 from qconv import backends
-from qconv.contract import Precision, conv2d_float64, fp32_error_bound
-from qconv.errors import QconvError
-from strategies import INT_PRECISIONS, PRECISIONS, conv_problems, scale_args, tensors
+from qconv.contract import Precision
+from qconv.errors import InputError, QconvError
+from strategies import INT_PRECISIONS
 
 # (backend, options): the scalar twin, the AVX2 kernels with VNNI forced off, the best family
 # this CPU has (VNNI where present; the same as the second on a CPU without it), and the best
 # family with a separate dequantize pass instead of the one fused into the microkernel's store.
 CONFIGS = [("c-scalar", {}), ("c-avx2", {"isa": "avx2"}), ("c-avx2", {"isa": "auto"}),
            ("c-avx2", {"isa": "auto", "fuse_dequantize": False})]
-CONFIG_IDS = ["scalar", "avx2", "best", "best-unfused"]
 
 
 _need = backend_or_skip  # QCONV_REQUIRE turns "unavailable" into a failure
@@ -42,113 +38,15 @@ def _cext():
     return _cext
 
 
-def _bits(a: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
-
-
-def _assert_same_bits(y: np.ndarray, ref: np.ndarray, what: str = "") -> None:
-    assert y.shape == ref.shape
-    bad = _bits(y) != _bits(ref)
-    if bad.any():
-        where = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise AssertionError(f"{what}: {int(bad.sum())} outputs differ from the reference; first at "
-                             f"{where}: {y[where]!r} vs {ref[where]!r}")
-
-
-def _assert_fp32_bound(y: np.ndarray, x: np.ndarray, w: np.ndarray, what: str = "") -> None:
-    err = np.abs(y.astype(np.float64) - conv2d_float64(x, w))
-    bound = fp32_error_bound(x, w)
-    if not np.all(err <= bound):
-        worst = np.unravel_index(np.argmax(err - bound), err.shape)
-        raise AssertionError(f"{what}: FP32 error {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}")
-
-
-def _check(x, w, precision, backend, options, scale=None, rounding="nearest") -> np.ndarray:
-    prec = Precision(precision) if isinstance(precision, str) else precision
-    if not prec.is_integer:
-        y = qconv.conv2d(x, w, prec, backend, rounding=rounding, **options)
-        _assert_fp32_bound(y, x, w, f"{backend} {options} fp32")
-        return y
-    ref = qconv.conv2d(x, w, prec, "reference", scale=scale, rounding=rounding)
-    y = qconv.conv2d(x, w, prec, backend, scale=scale, rounding=rounding, **options)
-    _assert_same_bits(y, ref, f"{backend} {options} {prec.value} scale={scale} {rounding}")
+def _check(x, w, precision, backend, options, scale=None) -> np.ndarray:
+    """One call, checked against the contract (checks.assert_matches)."""
+    y = qconv.conv2d(x, w, precision, backend, scale=scale, **options)
+    assert_matches(y, x, w, precision, scale=scale, what=f"{backend} {options}")
     return y
 
 
-# ---- differential, hypothesis ----------------------------------------------------------------
-
-@pytest.mark.parametrize("precision", PRECISIONS, ids=lambda p: p.value)
-@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-@given(problem=conv_problems(), scale=scale_args(), rounding=st.sampled_from(["nearest", "truncate"]),
-       threads=st.integers(1, 5))
-@example(problem=(np.full((1, 3, 3, 2), 0.5, np.float32), np.full((3, 3, 1, 2), 1.5, np.float32)),
-         scale=1.0, rounding="nearest", threads=1)           # ties: half to even on both tensors
-@example(problem=(np.full((2, 5, 7, 3), 3e4, np.float32), np.full((3, 3, 17, 3), -3e4, np.float32)),
-         scale=1e9, rounding="truncate", threads=3)          # saturation, and int32 wrap-around
-def test_matches_reference(config, precision, problem, scale, rounding, threads):
-    backend, options = config
-    _need(backend)
-    x, w = problem
-    opts = dict(options)
-    if backend == "c-avx2":
-        opts["threads"] = threads
-    _check(x, w, precision, backend, opts, None if not precision.is_integer else scale, rounding)
-
-
-# ---- tile boundaries -------------------------------------------------------------------------
-
-# Tiled axes: output width (tiles of 6 pixels; 8 in the AVX512-VNNI kernels), output channels
-# (blocks of 16; a last block of <= 8 runs a half-width tile), input channels (groups of 2 for int16, 4 for int8/dpbusd).
-WIDTHS = [1, 5, 6, 7, 8, 9, 12, 16, 17]
-OCS = [1, 8, 9, 15, 16, 17, 24, 32, 33]   # also <= 8 left in the last block: the half tile
-CHANNELS = [1, 2, 3, 4, 5, 8]
-
-
-@pytest.mark.parametrize("precision", PRECISIONS, ids=lambda p: p.value)
-@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
-def test_tile_boundaries(config, precision):
-    backend, options = config
-    _need(backend)
-    rng = np.random.default_rng(1)
-    scale = None if not precision.is_integer else (3.0, 40.0)
-    for i, wd in enumerate(WIDTHS):
-        for j, oc in enumerate(OCS):
-            c = CHANNELS[(i + j) % len(CHANNELS)]
-            k = (1, 3, 5, 2)[(i + 2 * j) % 4]
-            x = rng.standard_normal((2, 3, wd, c)).astype(np.float32)
-            w = rng.standard_normal((k, k, oc, c)).astype(np.float32)
-            _check(x, w, precision, backend, dict(options), scale)
-
-
-def test_odd_channels_even_kernels_and_big_kernels():
-    _need("c-avx2")
-    rng = np.random.default_rng(2)
-    for xs, ws in [((3, 4, 5, 7), (4, 2, 9, 7)), ((1, 2, 3, 13), (7, 7, 21, 13)),
-                   ((1, 1, 1, 3), (5, 5, 2, 3)), ((2, 7, 7, 31), (2, 4, 18, 31))]:
-        x = rng.standard_normal(xs).astype(np.float32)
-        w = rng.standard_normal(ws).astype(np.float32)
-        for p in PRECISIONS:
-            for backend, options in CONFIGS:
-                _check(x, w, p, backend, dict(options), None if not p.is_integer else 50.0)
-
-
-# ---- quantization edge values ------------------------------------------------------------------
-
-def test_quantize_edges_through_identity_kernel():
-    """A 1x1 identity kernel turns the output into dequantize(q_x * q_w): ties, saturation at
-    +-Qmax, +-2^31 for INT32 (where cvtps returns 0x80000000), and a length that leaves a tail."""
-    _need("c-avx2")
-    special = [0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, 127.5, -127.5, 128.0, -128.0, 32766.5,
-               32767.5, -32768.0, 2.0**31, -2.0**31, 2.0**31 - 128, -(2.0**31 - 128), 3e9, -3e9,
-               1e38, -1e38, 0.0, -0.0, 1e-30, 0.49999997, -0.49999997]
-    vals = np.array(special * 2 + [7.25], dtype=np.float32)       # 55 values: not a multiple of 8
-    x = vals.reshape(1, 1, -1, 1)
-    w = np.ones((1, 1, 1, 1), np.float32)
-    for p in INT_PRECISIONS:
-        for rounding in ("nearest", "truncate"):
-            for backend, options in CONFIGS:
-                _check(x, w, p, backend, dict(options), (1.0, 1.0), rounding)
-
+# (Differential tests of every variant against the reference, tile boundaries and the real layers
+# included, are in test_differential.py.)
 
 # ---- threads ----------------------------------------------------------------------------------
 
@@ -163,7 +61,7 @@ def test_threads_give_identical_bits(precision):
         for isa in ("avx2", "auto"):
             outs = [_check(x, w, precision, "c-avx2", {"threads": t, "isa": isa}, 1e5) for t in range(1, 6)]
             for t, y in enumerate(outs[1:], start=2):
-                _assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
+                assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
 
 
 def test_a_job_wakes_only_the_workers_it_uses():
@@ -192,7 +90,7 @@ def test_a_job_wakes_only_the_workers_it_uses():
     after = fastest()
     assert after <= 2 * before + 50e-6, f"2-thread call {after * 1e6:.0f} us after a 256-thread job, " \
                                         f"{before * 1e6:.0f} us before"
-    _assert_same_bits(out, qconv.conv2d(x, w, "int8", "reference"), "after the 256-thread job")
+    assert_same_bits(out, qconv.conv2d(x, w, "int8", "reference"), "after the 256-thread job")
 
 
 def test_threads_from_environment(monkeypatch):
@@ -229,7 +127,7 @@ def test_concurrent_python_threads():
         results = list(ex.map(call, jobs))
     for job, outs in zip(jobs, results):
         for y in outs:
-            _assert_same_bits(y, job[3], "concurrent call")
+            assert_same_bits(y, job[3], "concurrent call")
 
 
 # ---- kernel families --------------------------------------------------------------------------
@@ -330,6 +228,38 @@ def test_peak_microbenchmarks_count_their_work():
 
 # ---- bad input never reaches C ----------------------------------------------------------------
 
+def test_every_level_declares_the_instructions_that_bound_it():
+    """c-avx2's BOUND_INSTRUCTIONS has a row for every level it accepts, each naming an instruction
+    qconv_peak measures (or None); bound_instruction reads the row of the level options resolve to."""
+    _need("c-avx2")
+    from qconv.backends import _cext, c_avx2, c_scalar
+    assert set(c_avx2.BOUND_INSTRUCTIONS) == set(c_avx2.ISAS) - {"auto"}
+    for level, row in c_avx2.BOUND_INSTRUCTIONS.items():
+        assert set(row) == {p.value for p in Precision}, level
+        assert {i for i in row.values() if i is not None} <= set(_cext.PEAK_CODES), level
+    best = _cext.best_isa("auto")
+    for p in Precision:
+        want = c_avx2.BOUND_INSTRUCTIONS[best][p.value]
+        assert c_avx2.bound_instruction({}, p) == (None if want is None else (want, 1))
+        assert c_avx2.bound_instruction({"isa": "avx2"}, p)[0] == {"fp32": "fma", "int32": "mullo"}.get(p.value, "madd")
+    assert c_scalar.bound_instruction({}, Precision.FP32) == ("scalar-fma", 1)
+    assert c_scalar.bound_instruction({}, Precision.INT8) is None
+
+
+def test_a_new_level_reaches_the_differential_suite_by_itself(monkeypatch):
+    """A level added to c_avx2.ISAS that this machine runs (best_isa(level) == level), but which
+    "auto" never picks (an emulated one), is listed by backends.variants(for_tests=True), which
+    test_differential enumerates: no test file names the levels."""
+    _need("c-avx2")
+    from qconv.backends import _cext, c_avx2
+    real = _cext.best_isa
+    monkeypatch.setattr(c_avx2, "ISAS", c_avx2.ISAS + ("new-emulated",))
+    monkeypatch.setattr(_cext, "best_isa", lambda cap="auto": cap if cap == "new-emulated" else real(cap))
+    listed = [name for name, _, _ in backends.variants(for_tests=True)]
+    assert "c-avx2[isa=new-emulated]" in listed and "c-avx2[isa=vnni-emulated]" in listed
+    assert "c-avx2[isa=new-emulated]" not in [name for name, _, _ in backends.variants()]
+
+
 def test_bad_arguments_are_refused_in_python():
     cext = _cext()
     x = np.ones((1, 4, 4, 3), np.float32)
@@ -378,34 +308,6 @@ def test_phases_are_reported():
     assert not t["fused_dequantize"]
 
 
-# ---- the real layers ----------------------------------------------------------------------------
-
-def _layers():
-    return ([("exam", c) for c in exam_cases()] + [("real", l) for l in real_layers()])
-
-
-@pytest.mark.parametrize("where,name", _layers())
-def test_real_layers(where, name):
-    _need("c-avx2")
-    base = (EXAM if where == "exam" else REAL) / name
-    if not base.exists():
-        pytest.skip(f"{base} is absent")
-    x = qconv.load_tensor(base / "input_tensor.bin")
-    w = qconv.load_tensor(base / "kernel_tensor.bin")
-    y64 = conv2d_float64(x, w)
-    bound = fp32_error_bound(x, w)
-    for backend, options in CONFIGS:
-        y = qconv.conv2d(x, w, "fp32", backend, **options)
-        assert np.all(np.abs(y - y64) <= bound), f"{backend} {options} fp32 beyond the bound on {name}"
-    for p in INT_PRECISIONS:
-        # maxabs (no overflow possible) and one large S for both tensors (overflow for int32/int16).
-        for scale in ("maxabs", 2.0**14):
-            ref = qconv.conv2d(x, w, p, "reference", scale=scale)
-            for backend, options in CONFIGS:
-                y = qconv.conv2d(x, w, p, backend, scale=scale, **options)
-                _assert_same_bits(y, ref, f"{name} {backend} {options} {p.value} {scale}")
-
-
 def test_forked_child_gets_its_own_pool():
     """The pool's workers do not survive fork(); a child must not wait for them."""
     import multiprocessing as mp
@@ -417,7 +319,7 @@ def test_forked_child_gets_its_own_pool():
     qconv.conv2d(x, w, "int8", "c-avx2", scale=20.0, threads=3)   # the parent's workers exist now
     with mp.get_context("fork").Pool(1) as pool:
         y = pool.apply_async(qconv.conv2d, (x, w, "int8", "c-avx2"), {"scale": 20.0, "threads": 3}).get(timeout=60)
-    _assert_same_bits(y, ref, "forked child")
+    assert_same_bits(y, ref, "forked child")
 
 
 def test_avx2_backend_reports_a_cpu_without_avx2(monkeypatch):
@@ -428,3 +330,40 @@ def test_avx2_backend_reports_a_cpu_without_avx2(monkeypatch):
     ok, why = c_avx2.is_available()
     assert not ok and "AVX2" in why and "c-scalar" in why
     assert c_scalar.is_available()[0]
+
+
+def test_many_prepared_calls_do_not_grow_memory():
+    import resource
+    _need("c-avx2")
+    rng = np.random.default_rng(8)
+    w = rng.standard_normal((3, 3, 16, 8)).astype(np.float32)
+    x = rng.standard_normal((1, 12, 12, 8)).astype(np.float32)
+    for layer in ({}, {"groups": 8, "padding": "valid"}):
+        conv = qconv.prepare(w if not layer else w[..., :1].copy() * 1, "int8", "c-avx2", threads=2, **layer)
+        xx = x if not layer else x
+        out = conv(xx)
+        for _ in range(500):
+            conv(xx, out=out)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(10_000):
+            conv(xx, out=out)
+        grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        assert grown < 4096, f"max RSS grew by {grown} KiB over 10,000 prepared calls"
+
+
+def test_threads_option_edges():
+    _need("c-avx2")
+    from qconv.backends import c_avx2
+    cap = c_avx2.max_threads()
+    assert cap == min(256, 4 * (os.cpu_count() or 1))
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((1, 5, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 9, 6)).astype(np.float32)
+    ref = qconv.conv2d(x, w, "int8", "reference")
+    for t in sorted({1, 2, 3, cap}):   # more threads than rows or OC blocks: some have no work
+        assert_same_bits(qconv.conv2d(x, w, "int8", "c-avx2", threads=t), ref, f"threads={t}")
+    for bad in (0, -1, cap + 1, 10**6, True, 2.0, "2"):
+        with pytest.raises(InputError, match="threads"):
+            qconv.prepare(w, "int8", "c-avx2", threads=bad)
+    with pytest.raises(InputError, match=f"more than {cap}"):
+        qconv.prepare(w, "int8", "c-avx2", threads=cap + 1)

@@ -1,57 +1,58 @@
-"""The cuda backend.
+"""The cuda backend's own things; its differential tests are in test_differential.py with every
+other backend's (every cuda variant, tiles from cb.tiles, which reads _tiling).
 
 Without a GPU (CI): every kernel module compiles through NVRTC for sm_80 and sm_90 and holds every
 kernel entry point (a compile failure fails; only a missing cuda-python/NVRTC skips, with the
 reason), the ctypes parameter structs match the C structs field for field, numpy models of the
-kernels' index math (implicit GEMM over the packed layouts, the depthwise strip loop) reproduce the
-contract for random strides, paddings and groups, tile and option rules, and the backend reports
-itself unavailable cleanly.
+kernels' index math (implicit GEMM over the packed layouts, the depthwise strip loop, the byte-plane
+decomposition) reproduce the contract for random strides, paddings and groups, tile and option
+rules, the tiles the backend declares, and the backend reports itself unavailable cleanly.
 
-With a GPU: a hypothesis differential suite against the reference backend through qconv.prepare /
-qconv.conv2d for strides 1-3, every padding form, groups {1, 2, C}, bias, per-tensor and
-per-channel scales, every precision and path (INT8 mma/dp4a, INT16/INT32 simt and the tensor-core
-byte-plane decomposition "mma"), both roundings (integers bit for bit, FP32
-within contract.fp32_error_bound); tile-boundary shapes derived from each kernel's tile; every tile
-and split-K; prepared == one-shot; device arrays with maxabs == host bit for bit (and s_x ==
-contract.maxabs_scale); non-finite inputs; streams; threads; 10,000 prepared calls without
-device-memory growth.
+With a GPU: every tile and split-K, the FP32 kernel choice, device arrays (torch, CUDA array
+interface, DLPack, qconv's own; unaligned), maxabs on the device == host bit for bit (and s_x ==
+contract.maxabs_scale), non-finite device inputs, phases and timing=False, streams, threads on
+device arrays, 10,000 prepared calls without device-memory growth.
 
-GPU run: QCONV_HYPOTHESIS_PROFILE=gpu PYTHONPATH=src python3 -m pytest tests/test_cuda.py
+GPU run: QCONV_HYPOTHESIS_PROFILE=gpu PYTHONPATH=src python3 -m pytest tests/test_cuda.py tests/test_differential.py
 """
 
 from __future__ import annotations
 
 import re
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, reject, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import qconv
+from checks import assert_matches, assert_same_bits
 from qconv.backends import BackendUnavailable
 from qconv.backends import cuda as cb
 from qconv.backends.cuda import _launch, _tiling
-from qconv.contract import (Plan, Precision, check_layer, conv2d_direct, conv2d_float64, conv2d_int_wrapped,
-                            fp32_error_bound, maxabs_scale)
+from qconv.contract import Plan, Precision, check_layer, conv2d_direct, conv2d_int_wrapped, maxabs_scale
 from qconv.errors import BackendError, InputError
 from qconv.scales import maxabs_q
-from qconv.tensorfile import load as load_tensor
-
-from conftest import EXAM, REAL, exam_cases, real_layers
+from strategies import layer_shapes
 
 AVAILABLE, REASON = cb.is_available()
 gpu = pytest.mark.skipif(not AVAILABLE, reason=f"cuda backend unavailable: {REASON}")
 ARCHS = ("sm_80", "sm_90")
-PATHS = [("fp32", None), ("int32", "simt"), ("int32", "mma"), ("int16", "simt"), ("int16", "mma"), ("int8", "mma"),
-         ("int8", "dp4a")]
-PLANE_PATHS = [("int16", "mma"), ("int32", "mma")]
 
 
-def _path_opts(precision, path):
-    """The backend option that selects `path` for `precision` (int8_path / int16_path / int32_path)."""
-    return {f"{precision}_path": path} if path and precision != "fp32" else {}
+def _kernel_paths() -> list[tuple[Precision, dict]]:
+    """(precision, options) once per kernel path the cuda variants run (FP32; INT32/INT16 on the
+    CUDA cores and by byte planes; INT8 mma and dp4a): one per bounding instruction."""
+    seen: dict = {}
+    for opts in cb.variants() + cb.variants_for_tests():
+        for p in Precision:
+            seen.setdefault((p, cb.bound_instruction(opts, p)), (p, opts))
+    return list(seen.values())
+
+
+PATHS = _kernel_paths()
+PATH_IDS = [f"{p.value}-{cb.bound_instruction(o, p)[0]}" for p, o in PATHS]
 KERNEL_DIR = Path(cb.__file__).resolve().parent.parent / "cuda_kernels"
 
 
@@ -112,9 +113,9 @@ def test_compile_error_is_a_backend_error_with_the_log():
 
 
 def _c_structs() -> dict[str, list[tuple[str, str]]]:
-    """Every `struct Name { ... };` in the kernel sources: [(field, C type)] in order."""
+    """Every `struct Name { ... };` in the kernel sources and headers (.cu, .cuh): [(field, C type)] in order."""
     out: dict[str, list[tuple[str, str]]] = {}
-    for f in sorted(KERNEL_DIR.glob("*.cu")):
+    for f in sorted(KERNEL_DIR.glob("*.cu")) + sorted(KERNEL_DIR.glob("*.cuh")):
         text = re.sub(r"//[^\n]*", "", f.read_text())
         for name, body in re.findall(r"struct\s+(\w+)\s*\{([^{}]*)\};", text):
             fields = []
@@ -285,43 +286,12 @@ def _emulate_dw(x, w, g, vector):
     return y
 
 
-@st.composite
-def layers(draw, max_hw=9, max_icg=6, max_ocg=5, groups=(1, 2, 3), depthwise=False):
-    """(x_shape, w_shape, stride, padding, groups): strides 1-3, 'same', 'valid', int, pair and
-    asymmetric ((t, b), (l, r)) paddings, the padding smaller than the kernel."""
-    g = draw(st.sampled_from(groups))
-    icg = 1 if depthwise else draw(st.integers(1, max_icg))
-    c = draw(st.integers(1, 9)) if depthwise else icg * g
-    if depthwise:
-        g = c
-    ocg = draw(st.integers(1, 2)) if depthwise else draw(st.integers(1, max_ocg))
-    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
-    stride = draw(st.one_of(st.integers(1, 3), st.tuples(st.integers(1, 3), st.integers(1, 3))))
-    pad = draw(st.sampled_from(["same", "valid", "int", "pair", "asym"]))
-    m = min(kh, kw)
-    padding = {"same": "same", "valid": "valid", "int": draw(st.integers(0, m - 1)),
-               "pair": (draw(st.integers(0, kh - 1)), draw(st.integers(0, kw - 1))),
-               "asym": ((draw(st.integers(0, kh - 1)), draw(st.integers(0, kh - 1))),
-                        (draw(st.integers(0, kw - 1)), draw(st.integers(0, kw - 1))))}[pad]
-    xs = (draw(st.integers(1, 2)), draw(st.integers(1, max_hw)), draw(st.integers(1, max_hw)), c)
-    return xs, (kh, kw, ocg * g, icg), stride, padding, g
-
-
-def _geom(xs, ws, stride, padding, groups):
-    try:
-        return check_layer(xs, ws, stride=stride, padding=padding, groups=groups)
-    except InputError:
-        reject()
-
-
 @settings(max_examples=150, deadline=None)
-@given(layer=layers(), prec=st.sampled_from([Precision.INT8, Precision.INT16, Precision.INT32]),
+@given(layer=layer_shapes(kinds=("dense", "grouped")), prec=st.sampled_from([Precision.INT8, Precision.INT16, Precision.INT32]),
        seed=st.integers(0, 2**32 - 1))
 def test_model_implicit_gemm_layout(layer, prec, seed):
-    xs, ws, stride, padding, groups = layer
-    g = _geom(xs, ws, stride, padding, groups)
-    if _tiling.is_depthwise(g.spec):
-        return
+    xs, ws, kw = layer
+    g = check_layer(xs, ws, **kw)
     rng = np.random.default_rng(seed)
     xq = rng.integers(-prec.qmax, prec.qmax + 1, size=xs, dtype=np.int64).astype(prec.int_dtype)
     wq = rng.integers(-prec.qmax, prec.qmax + 1, size=ws, dtype=np.int64).astype(prec.int_dtype)
@@ -331,10 +301,10 @@ def test_model_implicit_gemm_layout(layer, prec, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(layer=layers(depthwise=True), vector=st.booleans(), seed=st.integers(0, 2**32 - 1))
+@given(layer=layer_shapes(kinds=("depthwise",), max_dw_c=9), vector=st.booleans(), seed=st.integers(0, 2**32 - 1))
 def test_model_depthwise_strip(layer, vector, seed):
-    xs, ws, stride, padding, groups = layer
-    g = _geom(xs, ws, stride, padding, groups)
+    xs, ws, kw = layer
+    g = check_layer(xs, ws, **kw)
     vector = vector and ws[2] == xs[3] and xs[3] % 4 == 0
     rng = np.random.default_rng(seed)
     x, w = rng.standard_normal(xs), rng.standard_normal(ws)
@@ -397,140 +367,57 @@ def test_plane_weights_pack_like_int8_planes():
         assert np.array_equal(back, _tiling.pack_gemm_weights(wq.astype(np.int64), lay))
 
 
-# =========================================================================== GPU: differential
+# =========================================================================== GPU: options and kernels
 
-def _reference(x, w, prec, **kw):
-    return qconv.conv2d(x, w, prec, backend="reference", **kw)
-
-
-def _assert_matches(x, w, prec, y, ref=None, **layer):
-    """Integers: the reference's bits. FP32: within contract.fp32_error_bound of float64."""
-    g = check_layer(x.shape, w.shape, stride=layer.get("stride", 1), padding=layer.get("padding", "same"),
-                    groups=layer.get("groups", 1))
-    y = np.asarray(y)
-    assert y.dtype == np.float32 and y.shape == g.out_shape
-    if prec == "fp32":
-        bias = layer.get("bias")
-        y64 = conv2d_float64(x, w, g) + (0 if bias is None else np.asarray(bias, np.float64))
-        err = np.abs(y.astype(np.float64) - y64)
-        bound = fp32_error_bound(x, w, geom=g, bias=bias)
-        assert np.all(err <= bound), f"max excess {np.max(err - bound)}"
-    else:
-        bad = np.flatnonzero(y.view(np.uint32) != ref.view(np.uint32))
-        assert bad.size == 0, f"{bad.size} outputs differ, first at {np.unravel_index(bad[0], y.shape)}: " \
-                              f"{y.flat[bad[0]]!r} vs {ref.flat[bad[0]]!r}"
-
-
-def _run_both(x, w, prec, path=None, *, scale=None, rounding="nearest", opts=None, device=False, **layer):
-    opts = {**_path_opts(prec, path), **(opts or {})}
-    q = {} if prec == "fp32" else {"scale": scale, "rounding": rounding}
-    xin = cb.to_device(x) if device else x
-    y = qconv.conv2d(xin, w, prec, backend="cuda", **layer, **q, **opts)
-    ref = None if prec == "fp32" else _reference(x, w, prec, **layer, **q)
-    _assert_matches(x, w, prec, y, ref, **layer)
+def _run(x, w, precision, opts=None, *, scale=None, **layer):
+    """A cuda call with these options, checked against the contract (checks.assert_matches)."""
+    q = {"scale": scale} if Precision(precision).is_integer else {}
+    y = qconv.conv2d(x, w, precision, backend="cuda", **layer, **q, **(opts or {}))
+    assert_matches(y, x, w, precision, layer, scale=scale, bias=layer.get("bias"), what=f"cuda {precision} {opts}")
     return y
 
 
-@st.composite
-def scales_for(draw, oc):
-    """maxabs, maxabs-per-channel, a number, or a pair with per-channel kernel scales."""
-    num = st.sampled_from([1.0, 3.0, 127.0, 2.0**15, 2.0**20, 1e9])
-    kind = draw(st.sampled_from(["maxabs", "per-channel", "number", "pair-vector"]))
-    if kind == "maxabs":
-        return draw(st.sampled_from([None, "maxabs"]))
-    if kind == "per-channel":
-        return "maxabs-per-channel"
-    if kind == "number":
-        return draw(num)
-    return (draw(num), [draw(st.sampled_from([0.5, 3.0, 100.0, 4096.0])) for _ in range(oc)])
+@gpu
+@pytest.mark.parametrize("precision,opts", PATHS, ids=PATH_IDS)
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_every_tile_and_split(precision, opts, split_k):
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 70, 12)) * 0.3).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    for tile in cb.tiles(opts, precision):
+        for fuse in (True, False):
+            _run(x, w, precision, {**opts, **tile.options, "split_k": split_k, "fuse_dequantize": fuse}, scale=200.0,
+                 stride=2, padding=((1, 0), (2, 1)), groups=2, bias=b)
+
+
+def test_declared_tiles_are_the_kernels_tiles():
+    """cb.tiles names every block tile of the kernel a path runs (tile= selects it), FP32's outer
+    tiles too, and the depthwise tile; each is a kernel entry point."""
+    names = [n for mod in cb.kernel_names().values() for n in mod]
+    for precision, opts in PATHS:
+        declared = cb.tiles(opts, precision)
+        int8_path, int_path = cb._paths(opts, precision)
+        want = _tiling.tiles_for(precision, int8_path, int_path) + (cb.OUTER_TILES if precision is Precision.FP32 else ())
+        assert [t.options["tile"] for t in declared] == list(want)
+        module, prefix = _tiling.conv_kernel(precision, int8_path, int_path)
+        for t in declared:
+            name = t.options["tile"]
+            assert (cb._outer_name(name) if "/" in name else f"{prefix}_{name}") in names
+            assert (t.pixels[0], t.out_channels[0]) == tuple(int(v) for v in name.split("/")[0].split("x"))
+            assert (t.dw_channels, t.dw_columns) == _tiling.DW_TILE
 
 
 @gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-@given(data=st.data())
-@example(data=None)
-@settings(suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-def test_differential_general(precision, path, data):
-    if data is None:  # pinned: asymmetric padding, stride (2, 3), two groups, bias, odd channels
-        rng = np.random.default_rng(1)
-        xs, ws, stride, padding, groups = (2, 9, 11, 6), (3, 4, 10, 3), (2, 3), ((2, 0), (1, 3)), 2
-        x = (rng.standard_normal(xs) * 40).astype(np.float32)
-        w = (rng.standard_normal(ws) * 0.25).astype(np.float32)
-        bias, scale, rounding, device = rng.standard_normal(10).astype(np.float32), "maxabs-per-channel", "nearest", False
-    else:
-        xs, ws, stride, padding, groups = data.draw(layers(max_hw=12, groups=(1, 2)))
-        if data.draw(st.booleans(), label="depthwise"):
-            xs, ws, stride, padding, groups = data.draw(layers(max_hw=12, depthwise=True))
-        _geom(xs, ws, stride, padding, groups)
-        rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
-        mag = data.draw(st.sampled_from([1e-3, 1.0, 40.0, 1e4]), label="magnitude")
-        x = (rng.standard_normal(xs) * mag).astype(np.float32)
-        w = (rng.standard_normal(ws) * 0.3).astype(np.float32)
-        bias = (rng.standard_normal(ws[2]) * mag).astype(np.float32) if data.draw(st.booleans(), label="bias") else None
-        scale = data.draw(scales_for(ws[2]), label="scale")
-        rounding = data.draw(st.sampled_from(["nearest", "truncate"]), label="rounding")
-        device = data.draw(st.booleans(), label="device")
-    _run_both(x, w, precision, path, scale=scale, rounding=rounding, device=device,
-              stride=stride, padding=padding, groups=groups, bias=bias)
-
-
-def _boundary_shapes(bm, bn):
-    """(x_shape, w_shape, stride) with M = N*Ho*Wo and OC below, at, above and a multiple of the tile."""
-    out = []
-    for m in (bm - 1, bm, bm + 1, 2 * bm):
-        for oc in (bn - 1, bn + 1, 2 * bn):
-            out.append(((1, 2, m, 20), (3, 3, oc, 20), (2, 1)))   # stride (2, 1), 'same': Ho = 1, Wo = m
-    return out
-
-
-def _tiles(precision, path):
-    return _tiling.tiles_for(Precision(precision), path or "mma", path or "simt")
-
-
-@gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-@pytest.mark.parametrize("tile", sorted(set(_tiling.MMA_TILES)))
-def test_tile_boundaries(precision, path, tile):
-    if tile not in _tiles(precision, path):
-        pytest.skip(f"{tile} is not a tile of {precision}/{path}")
-    bm, bn = (int(v) for v in tile.split("x"))
-    rng = np.random.default_rng(7)
-    for xs, ws, stride in _boundary_shapes(bm, bn):
-        x = (rng.standard_normal(xs) * 3).astype(np.float32)
-        w = (rng.standard_normal(ws) * 0.3).astype(np.float32)
-        _run_both(x, w, precision, path, scale="maxabs", opts={"tile": tile}, stride=stride)
-    # K around the pipeline stage: taps * channel words just below, at and above 16/32 words
-    bkw = _tiling.MMA_BKW if path == "mma" else _tiling.SIMT_BKW
-    elem = 1 if path == "mma" else _tiling.ELEM[Precision(precision)]  # byte planes: 1 byte per plane
-    for words in (bkw - 4, bkw, bkw + 4):
-        c = words * 4 // elem
-        x = (rng.standard_normal((1, 5, 7, c)) * 3).astype(np.float32)
-        w = (rng.standard_normal((1, 1, bn + 1, c)) * 0.3).astype(np.float32)
-        _run_both(x, w, precision, path, scale="maxabs", opts={"tile": tile})
-
-
-@gpu
-@pytest.mark.parametrize("precision", ["fp32", "int8", "int16", "int32"])
-def test_depthwise_tile_boundaries(precision):
-    """Channels around DW_TILE's vector width, output columns around its strip, both kernels."""
-    cvec, tw = _tiling.DW_TILE
+@pytest.mark.parametrize("precision", list(Precision), ids=lambda p: p.value)
+def test_unaligned_device_input_takes_the_scalar_depthwise_kernel(precision):
     rng = np.random.default_rng(9)
-    for c in (cvec - 1, cvec, cvec + 1, 2 * cvec):
-        for wo in (tw - 1, tw, tw + 1, 2 * tw + 1):
-            for mult in (1, 2):
-                x = (rng.standard_normal((2, 3, wo, c)) * 3).astype(np.float32)
-                w = (rng.standard_normal((3, 3, c * mult, 1)) * 0.3).astype(np.float32)
-                b = rng.standard_normal(c * mult).astype(np.float32)
-                _run_both(x, w, precision, scale="maxabs-per-channel", groups=c, bias=b)
-    # an unaligned device input takes the scalar kernel
     x = (rng.standard_normal((1, 4, 9, 8)) * 3).astype(np.float32)
     w = (rng.standard_normal((3, 3, 8, 1)) * 0.3).astype(np.float32)
     big = cb.to_device(np.concatenate([np.zeros(1, np.float32), x.reshape(-1)]))
-    shifted = _Shifted(big, 4, x.shape)
-    q = {} if precision == "fp32" else {"scale": "maxabs"}
-    y = qconv.conv2d(shifted, w, precision, backend="cuda", groups=8, **q)
-    ref = None if precision == "fp32" else _reference(x, w, precision, groups=8, **q)
-    _assert_matches(x, w, precision, y, ref, groups=8)
+    q = {"scale": "maxabs"} if precision.is_integer else {}
+    y = qconv.conv2d(_Shifted(big, 4, x.shape), w, precision, backend="cuda", groups=8, **q)
+    assert_matches(y, x, w, precision, {"groups": 8}, **q)
 
 
 class _Shifted:
@@ -547,22 +434,6 @@ class _Shifted:
 
 
 @gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-@pytest.mark.parametrize("tile", _tiling.MMA_TILES)
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_every_tile_and_split(precision, path, tile, split_k):
-    if tile not in _tiles(precision, path):
-        pytest.skip(f"{tile} is not a tile of {precision}/{path}")
-    rng = np.random.default_rng(11)
-    x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
-    w = (rng.standard_normal((3, 3, 70, 12)) * 0.3).astype(np.float32)
-    b = rng.standard_normal(70).astype(np.float32)
-    for fuse in (True, False):
-        _run_both(x, w, precision, path, scale=200.0, opts={"tile": tile, "split_k": split_k, "fuse_dequantize": fuse},
-                  stride=2, padding=((1, 0), (2, 1)), groups=2, bias=b)
-
-
-@gpu
 @pytest.mark.parametrize("tile", cb.OUTER_TILES)
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_fp32_outer_every_tile_and_split(tile, split_k):
@@ -570,14 +441,9 @@ def test_fp32_outer_every_tile_and_split(tile, split_k):
     x = (rng.standard_normal((2, 9, 13, 24)) * 3).astype(np.float32)
     w = (rng.standard_normal((3, 3, 70, 24)) * 0.3).astype(np.float32)
     b = rng.standard_normal(70).astype(np.float32)
-    _run_both(x, w, "fp32", opts={"tile": tile, "split_k": split_k})
-    _run_both(x[:, :, :, :12].copy(), w[..., :6].copy(), "fp32", opts={"tile": tile, "split_k": split_k},
-              stride=(1, 2), padding="valid", groups=2, bias=b)
-    bm, bn = (int(v) for v in tile.split("/")[0].split("x"))
-    for xs, ws, stride in _boundary_shapes(bm, bn)[::3]:
-        x = (rng.standard_normal(xs) * 3).astype(np.float32)
-        w = (rng.standard_normal(ws) * 0.3).astype(np.float32)
-        _run_both(x, w, "fp32", opts={"tile": tile, "split_k": split_k}, stride=stride)
+    _run(x, w, "fp32", {"tile": tile, "split_k": split_k})
+    _run(x[:, :, :, :12].copy(), w[..., :6].copy(), "fp32", {"tile": tile, "split_k": split_k},
+         stride=(1, 2), padding="valid", groups=2, bias=b)
 
 
 @gpu
@@ -593,105 +459,27 @@ def test_fp32_kernel_choice():
     assert k(tile="64x64/4x4") == "qconv_f32_conv_outer_64x64_4x4"
 
 
-@gpu
-@pytest.mark.parametrize("precision,path", [p for p in PATHS if p[0] != "fp32"])
-def test_overflow_wraps_like_the_reference(precision, path):
-    # full-range operands with K = 9 * 64: int32/int16 accumulators wrap; the bits must still agree
-    rng = np.random.default_rng(3)
-    x = rng.uniform(-1, 1, (1, 10, 10, 64)).astype(np.float32)
-    w = rng.uniform(-1, 1, (3, 3, 16, 64)).astype(np.float32)
-    qmax = Precision(precision).qmax
-    _run_both(x, w, precision, path, scale=float(qmax))
-    _run_both(x, w[..., :16].copy(), precision, path, scale=float(qmax), stride=2, groups=4)
-    wd = rng.uniform(-1, 1, (5, 5, 64, 1)).astype(np.float32)
-    _run_both(x, wd, precision, path, scale=float(qmax), groups=64)            # depthwise wraps too
-    _run_both(x * 1e30, w, precision, path, scale=1e9)                         # saturation past int32
-
-
-@gpu
-@pytest.mark.parametrize("precision", ["int16", "int32"])
-@pytest.mark.parametrize("channels", [48, 20])  # 48: the vector byte-plane quantize; 20: padded channels
-def test_planes_every_sign_and_wrap(precision, channels):
-    """The tensor-core decomposition against the reference and the CUDA-core kernel, bit for bit:
-    every operand sign combination (positive, negative, mixed), operands all at -Qmax or +Qmax
-    (every accumulator wraps, K = 9 * channels), forced wrap-around and saturation by huge scales."""
-    qmax = float(Precision(precision).qmax)
-    rng = np.random.default_rng(17)
-    xs, ws = (2, 7, 9, channels), (3, 3, 33, channels)
-    mag_x = rng.uniform(0.01, 1.0, xs).astype(np.float32)
-    mag_w = rng.uniform(0.01, 1.0, ws).astype(np.float32)
-    signs = {"pos": lambda a: a, "neg": lambda a: -a,
-             "mixed": lambda a: np.where(rng.random(a.shape) < 0.5, -a, a).astype(np.float32)}
-    cases = [(signs[a](mag_x), signs[b](mag_w), qmax) for a in signs for b in signs]
-    ones_x, ones_w = np.ones(xs, np.float32), np.ones(ws, np.float32)
-    cases += [(-ones_x, -ones_w, qmax), (-ones_x, ones_w, qmax), (ones_x, ones_w, qmax),   # all at +-Qmax
-              (mag_x * 1e30, signs["mixed"](mag_w), 1e9),                                 # saturation past int32
-              (signs["mixed"](mag_x), signs["mixed"](mag_w), (qmax, [qmax / (o + 1) for o in range(33)]))]
-    for x, w, scale in cases:
-        y = _run_both(x, w, precision, "mma", scale=scale)
-        simt = qconv.conv2d(x, w, precision, backend="cuda", scale=scale, **_path_opts(precision, "simt"))
-        assert np.array_equal(np.asarray(y).view(np.uint32), simt.view(np.uint32))
-    assert 9 * channels * int(qmax) ** 2 > 2**32  # the all-Qmax cases wrap (several times over)
-    wg = -np.ones((3, 3, 32, channels // 2), np.float32)
-    _run_both(-ones_x, wg, precision, "mma", scale=qmax, stride=2, groups=2)  # groups, stride: the plane offsets
-
-
-@gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-@pytest.mark.parametrize("case", exam_cases())
-@pytest.mark.parametrize("n", [1, 3])
-def test_exam_cases(precision, path, case, n):
-    if not EXAM.exists():
-        pytest.skip(f"{EXAM} is absent")
-    x = load_tensor(EXAM / case / "input_tensor.bin")
-    w = load_tensor(EXAM / case / "kernel_tensor.bin")
-    x = np.ascontiguousarray(np.concatenate([x] + [x[:, ::-1] for _ in range(n - 1)]) if n > 1 else x)
-    _run_both(x, w, precision, path, scale="maxabs")
-    if n == 1:
-        _run_both(x, w, precision, path, scale="maxabs-per-channel", stride=2)
-
-
-@gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-@pytest.mark.parametrize("layer", real_layers() or ["(absent)"])
-def test_real_layers(precision, path, layer):
-    if layer == "(absent)":
-        pytest.skip(f"{REAL} is absent")
-    d = REAL / layer
-    x = load_tensor(d / "input_tensor.bin")
-    w = load_tensor(d / "kernel_tensor.bin")
-    bias = load_tensor(d / "bias_tensor.bin").reshape(-1) if (d / "bias_tensor.bin").exists() else None
-    _run_both(x, w, precision, path, scale="maxabs", bias=bias)
-    if precision != "fp32":
-        _run_both(x, w, precision, path, scale=2.0**10)  # an S that overflows INT32/INT16
-
-
 # =========================================================================== GPU: the prepared call
 
 @gpu
-@pytest.mark.parametrize("precision,path", PATHS)
-def test_prepared_equals_one_shot_and_keeps_no_state(precision, path):
+@pytest.mark.parametrize("precision,opts", PATHS, ids=PATH_IDS)
+def test_prepared_device_calls_equal_host_calls(precision, opts):
+    """Device inputs through one prepared convolution, a device out= reused: the host call's bits
+    (integers; maxabs scales change call to call) or the contract's bound (FP32: split-K atomics)."""
     rng = np.random.default_rng(12)
     w = (rng.standard_normal((3, 3, 16, 4)) * 0.3).astype(np.float32)
     b = rng.standard_normal(16).astype(np.float32)
-    opts = _path_opts(precision, path)
-    q = {} if precision == "fp32" else {"scale": "maxabs-per-channel"}
-    conv = qconv.prepare(w, precision, "cuda", stride=2, groups=2, bias=b, **q, **opts)
+    q = {"scale": "maxabs-per-channel"} if precision.is_integer else {}
+    layer = {"stride": 2, "groups": 2, "bias": b}
+    conv = qconv.prepare(w, precision, "cuda", **layer, **q, **opts)
     yd = None
-    for i, mag in enumerate((1.0, 1e3, 1e-2, 7.0)):  # maxabs scales change call to call
+    for mag in (1.0, 1e3, 1e-2, 7.0):
         x = (rng.standard_normal((2, 9, 10, 8)) * mag).astype(np.float32)
-        one = qconv.conv2d(x, w, precision, "cuda", stride=2, groups=2, bias=b, **q, **opts)
         y = conv(x)
-        assert y.view(np.uint32).tobytes() == one.view(np.uint32).tobytes() or precision == "fp32"
-        _assert_matches(x, w, precision, y, None if precision == "fp32" else
-                        _reference(x, w, precision, stride=2, groups=2, bias=b, **q), stride=2, groups=2, bias=b)
-        out = np.empty_like(y)
-        assert conv(x, out=out) is out and np.array_equal(out.view(np.uint32), y.view(np.uint32))
-        dev = conv(cb.to_device(x)) if yd is None else conv(cb.to_device(x), out=yd)
-        yd = dev
-        assert np.array_equal(np.asarray(dev).view(np.uint32), y.view(np.uint32))
-    with pytest.raises(InputError, match="out="):
-        conv(x, out=np.empty((1, 2, 3, 4), np.float32))
+        yd = conv(cb.to_device(x)) if yd is None else conv(cb.to_device(x), out=yd)
+        if precision.is_integer:
+            assert_same_bits(yd, y, f"{precision.value} {opts} device")
+        assert_matches(yd, x, w, precision, {"stride": 2, "groups": 2}, bias=b, **q)
     with pytest.raises(InputError, match="device array"):
         conv(cb.to_device(x), out=np.empty_like(y))
 
@@ -711,9 +499,8 @@ def test_device_maxabs_matches_host_bit_for_bit(precision, strategy):
             host = conv.result(x)
             dev = conv.result(cb.to_device(x))
             assert host.scale_input == dev.scale_input == float(maxabs_scale(x, q))
-            assert np.array_equal(np.asarray(dev.output).view(np.uint32), host.output.view(np.uint32))
-            ref = _reference(x, kernel, precision, scale=strategy, groups=groups)
-            assert np.array_equal(host.output.view(np.uint32), ref.view(np.uint32))
+            assert_same_bits(dev.output, host.output, f"{precision} {strategy} device")
+            assert_matches(host.output, x, kernel, precision, {"groups": groups}, scale=strategy)
 
 
 @gpu
@@ -763,7 +550,7 @@ def test_non_finite_inputs_are_refused(precision, groups):
                 conv.result(cb.to_device(xb))
             good = conv(x)                                # the flag does not outlive its call
             assert np.all(np.isfinite(good))
-            assert np.array_equal(np.asarray(conv(cb.to_device(x))).view(np.uint32), good.view(np.uint32))
+            assert_same_bits(conv(cb.to_device(x)), good, f"{precision} device after a refused call")
 
 
 @gpu
@@ -797,35 +584,24 @@ def test_stream_option_orders_on_the_callers_stream():
         y = conv(xt)
         yt = torch.as_tensor(y, device="cuda") * 1.0   # consumed on the same stream
     s.synchronize()
-    ref = _reference(x, w, "int8", scale="maxabs")
-    assert np.array_equal(yt.cpu().numpy().view(np.uint32), ref.view(np.uint32))
+    assert_matches(yt.cpu().numpy(), x, w, "int8", scale="maxabs")
 
 
 @gpu
-@pytest.mark.parametrize("device", [False, True])
-def test_threads_share_a_prepared_conv(device):
+def test_threads_share_a_prepared_conv_with_device_inputs():
+    """(Host inputs from several threads: test_differential.)"""
     rng = np.random.default_rng(17)
     w = (rng.standard_normal((3, 3, 32, 16)) * 0.3).astype(np.float32)
     conv = qconv.prepare(w, "int8", "cuda", scale="maxabs-per-channel")
     xs = [(rng.standard_normal((1, 10, 10, 16)) * 10 ** rng.uniform(-2, 3)).astype(np.float32) for _ in range(8)]
-    refs = [_reference(x, w, "int8", scale="maxabs-per-channel") for x in xs]
-    errors = []
+    refs = [qconv.conv2d(x, w, "int8", "reference", scale="maxabs-per-channel") for x in xs]
 
     def work(i):
-        try:
-            for _ in range(25):
-                y = conv(cb.to_device(xs[i])) if device else conv(xs[i])
-                if not np.array_equal(np.asarray(y).view(np.uint32), refs[i].view(np.uint32)):
-                    errors.append(i)
-        except Exception as e:  # noqa: BLE001 - collected and reported below
-            errors.append(repr(e))
+        for _ in range(25):
+            assert_same_bits(conv(cb.to_device(xs[i])), refs[i], f"thread {i}")
 
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(work, range(8)))   # a worker's assertion re-raises here
 
 
 # =========================================================================== GPU: device arrays
@@ -854,9 +630,9 @@ class _DLPackOnly:
 
 
 @gpu
-@pytest.mark.parametrize("precision,path", PATHS)
+@pytest.mark.parametrize("precision,opts", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("kind", ["torch", "cai", "dlpack", "qconv"])
-def test_device_arrays_stay_on_device(precision, path, kind):
+def test_device_arrays_stay_on_device(precision, opts, kind):
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((2, 11, 9, 20)) * 2).astype(np.float32)
     w = (rng.standard_normal((3, 3, 24, 20)) * 0.5).astype(np.float32)
@@ -869,17 +645,15 @@ def test_device_arrays_stay_on_device(precision, path, kind):
             xt = _DLPackOnly(xt)
         elif kind == "cai":
             xt = _Shifted(_CAIOf(xt), 0, x.shape)
-    q = {} if precision == "fp32" else {"scale": "maxabs"}
-    opts = _path_opts(precision, path)
+    q = {"scale": "maxabs"} if precision.is_integer else {}
     conv = qconv.prepare(w, precision, "cuda", **q, **opts)
     y = conv(xt)
     assert isinstance(y, cb.DeviceArray) and y.shape == (2, 11, 9, 24)
     host = conv(x)
     back = np.asarray(y)
-    if precision == "fp32":  # split-K float atomics: any summation order, within the bound
-        _assert_matches(x, w, "fp32", back)
-    else:
-        assert np.array_equal(back.view(np.uint32), host.view(np.uint32))
+    if precision.is_integer:
+        assert_same_bits(back, host, f"{kind} {precision.value} {opts}")
+    assert_matches(back, x, w, precision, **q)  # FP32: split-K float atomics sum in any order
     if kind == "torch":
         torch = _torch_cuda()
         assert np.array_equal(torch.as_tensor(y, device="cuda").cpu().numpy(), back)
@@ -931,7 +705,7 @@ def test_ten_thousand_prepared_calls_do_not_grow_device_memory():
         if i % 500 == 0:
             convs[i % 4](x)
     y.synchronize()
-    assert np.array_equal(np.asarray(y).view(np.uint32), _reference(x, w, "int8", scale="maxabs").view(np.uint32))
+    assert_matches(y, x, w, "int8", scale="maxabs")
     assert before - _free_bytes() <= 4 << 20
     for _ in range(300):  # one-shot calls free their prepared kernel
         qconv.conv2d(xd, w, "int8", backend="cuda", scale=8.0)

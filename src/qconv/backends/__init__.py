@@ -54,15 +54,18 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), opts
 
 
-def variants(available_only: bool = True) -> list[tuple[str, str, dict]]:
-    """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER."""
+def variants(available_only: bool = True, for_tests: bool = False) -> list[tuple[str, str, dict]]:
+    """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER;
+    for_tests: also what only the tests run (each module's variants_for_tests(): emulated ISA
+    levels, non-default switches)."""
     out = []
     for name in _MODULES:
         mod, _ = _load(name)
         if mod is None or (available_only and not _probe(mod)[0]):
             continue
         listed = getattr(mod, "variants", None)
-        for opts in (listed() if listed else [{}]):
+        extra = getattr(mod, "variants_for_tests", None) if for_tests else None
+        for opts in (listed() if listed else [{}]) + (extra() if extra else []):
             out.append((variant_name(name, opts), name, dict(opts)))
     return out
 
@@ -87,6 +90,13 @@ def _load(name: str) -> tuple[ModuleType | None, str]:
         return importlib.import_module(_MODULES[name]), ""
     except Exception as e:  # not only ImportError: a bad .so or a driver probe may raise anything
         return None, f"cannot import {_MODULES[name]}: {e}"
+
+
+def module(name: str) -> ModuleType | None:
+    """The backend's module, available or not (None where it does not import): what it says about
+    itself (variants, tiles, bound_instruction) needs no device."""
+    key = parse_variant(str(name))[0].lower()
+    return _load(key)[0] if key in _MODULES else None
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract import Geometry, Plan, check_finite, conv_spec, dequant_factor, maxabs_scale
+from ..contract import Geometry, Plan, Precision, check_finite, conv_spec, dequant_factor, maxabs_scale
 from ..errors import InputError
 from . import _cext
-from .base import BackendRun
+from .base import BackendRun, Tile
+
+
+def c_tiles(isa: str, precision: Precision) -> Tile:
+    """A level's tile as C declares it (qconv_tile): pixels per full and half-width tile, output
+    channels per block and per half block, input channels packed together and padded to."""
+    t = _cext.tile(isa, precision.value)
+    half = t["mrh"] > 0
+    return Tile({}, (t["mr"], t["mrh"]) if half else (t["mr"],),
+                (t["nr"], t["nr"] // 2) if half else (t["nr"],),
+                tuple(sorted({t["grp"], t["cpad"]})), t["dw_block"])
 
 
 class Prepared:

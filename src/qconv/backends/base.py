@@ -4,7 +4,15 @@ A backend is a module with:
     NAME: str
     ACCEPTS_DEVICE_ARRAYS: bool              (True only where inputs may live on a GPU)
     is_available() -> tuple[bool, str]       (False with the reason and how to fix it)
+    to_device(x)                             (where ACCEPTS_DEVICE_ARRAYS: a host array copied to the device)
     prepare(plan, w) -> Prepared             (w: checked float32 (KH, KW, OC, C/g) numpy)
+and may describe itself with:
+    variants() -> list[dict]                 the options the study and the CLI show side by side
+    variants_for_tests() -> list[dict]       options only the tests run besides (emulations, switches)
+    tiles(options, precision) -> list[Tile]  its kernels' blocking, for tests at the tile edges
+    bound_instruction(options, precision) -> str | None
+                                             the instruction whose throughput bounds the kernel:
+                                             a name qconv_peak measures, or the GPU's datasheet unit
 
 A Prepared holds the kernel quantized and packed where the backend computes, and runs:
     prepared.run(x, geom, out=None) -> BackendRun
@@ -39,6 +47,18 @@ class BackendRun:
             raise ValueError(f"unknown phases {sorted(unknown)}")
         for p in PHASES:
             self.phases.setdefault(p, 0.0)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One blocking of a backend's kernels for one precision: the sizes of each tiled axis, so a
+    test can put shapes equal to, one below, one above and a multiple of each. 1: not tiled."""
+    options: dict[str, Any]          # options that select this tiling ({}: the backend picks it)
+    pixels: tuple[int, ...]          # output pixels per block (along a row): full tile, half tile
+    out_channels: int                # output channels per block
+    in_channels: tuple[int, ...]     # input channels packed together / per K step of the pipeline
+    dw_channels: int = 1             # the depthwise kernels' channel block
+    dw_columns: int = 1              # the depthwise kernels' output columns per strip
 
 
 def check_options(backend: str, options: dict[str, Any], known: tuple[str, ...]) -> None:

@@ -30,15 +30,29 @@ import os
 
 import numpy as np
 
-from ..contract import Plan
+from ..contract import Plan, Precision
 from ..errors import InputError
 from . import _cext
-from ._cpu_common import Prepared
-from .base import BackendRun, check_options, run_once
+from ._cpu_common import Prepared, c_tiles
+from .base import BackendRun, Tile, check_options, run_once
 
 NAME = "c-avx2"
 ACCEPTS_DEVICE_ARRAYS = False
 ISAS = ("auto", "avx2", "avxvnni", "avx512vnni", "avx512", "amx", "vnni-emulated", "amx-emulated")
+# Per level and precision, the instruction whose throughput bounds its kernels (the names
+# qconv_peak measures, csrc/qconv.h); None: no one instruction the microbenchmarks measure
+# (vpmulld zmm; the emulated VNNI sequences and tile instructions).
+BOUND_INSTRUCTIONS = {
+    "avx2":          {"fp32": "fma",    "int32": "mullo",      "int16": "madd",       "int8": "madd"},
+    "avxvnni":       {"fp32": "fma",    "int32": "mullo",      "int16": "dpwssd",     "int8": "dpbusd"},
+    "avx512vnni":    {"fp32": "fma",    "int32": "mullo",      "int16": "dpwssd",     "int8": "dpbusd"},
+    "avx512":        {"fp32": "fma512", "int32": None,         "int16": "dpwssd512",  "int8": "dpbusd512"},
+    "amx":           {"fp32": "fma512", "int32": "amx-dpbssd", "int16": "amx-dpbssd", "int8": "amx-dpbssd"},
+    "vnni-emulated": {"fp32": "fma",    "int32": "mullo",      "int16": None,         "int8": None},
+    "amx-emulated":  {"fp32": "fma",    "int32": None,         "int16": None,         "int8": None},
+}
+# Tile products per MAC where a level decomposes a precision into bytes (AMX: INT16 4, INT32 10).
+PRODUCTS_PER_MAC = {("amx", "int16"): 4, ("amx", "int32"): 10}
 
 
 def is_available() -> tuple[bool, str]:
@@ -65,6 +79,36 @@ def variants() -> list[dict]:
         return out
     out += [{"isa": i} for i in levels[1:]]
     return out
+
+
+def variants_for_tests() -> list[dict]:
+    """What the tests run besides variants(): every other level this machine runs (the emulated
+    ones, e.g. vnni-emulated: a family's kernels with its special instructions emulated in AVX2)
+    and the separate dequantize pass."""
+    try:
+        best = _cext.best_isa("auto")
+    except Exception:  # the extension is absent: nothing more to list
+        return []
+    shown = {best} | {o["isa"] for o in variants() if "isa" in o}
+    levels = [i for i in ISAS if i != "auto" and i not in shown and _cext.best_isa(i) == i]
+    return [{"isa": i} for i in levels] + [{"fuse_dequantize": False}]
+
+
+def tiles(options: dict, precision: Precision) -> list[Tile]:
+    """The tile the level these options run declares in C (qconv_tile)."""
+    return [c_tiles(resolve(dict(options))[0], Precision(precision))]
+
+
+def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
+    """(the instruction bounding the kernels these options run, its multiply-adds per MAC)."""
+    level, prec = resolve(dict(options))[0], Precision(precision).value
+    ins = BOUND_INSTRUCTIONS.get(level, {}).get(prec)
+    return None if ins is None else (ins, PRODUCTS_PER_MAC.get((level, prec), 1))
+
+
+def threads(options: dict) -> int:
+    """The worker threads these options run (the threads option, QCONV_THREADS, or every core)."""
+    return resolve(dict(options))[1]
 
 
 def max_threads() -> int:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..contract import Plan
+from ..contract import Plan, Precision
 from . import _cext
-from ._cpu_common import Prepared
-from .base import BackendRun, check_options, run_once
+from ._cpu_common import Prepared, c_tiles
+from .base import BackendRun, Tile, check_options, run_once
 
 NAME = "c-scalar"
 ACCEPTS_DEVICE_ARRAYS = False
@@ -23,6 +23,21 @@ def is_available() -> tuple[bool, str]:
     if why:
         return False, why
     return True, "C extension qconv._qconv_c (scalar kernels)"
+
+
+def tiles(options: dict, precision: Precision) -> list[Tile]:
+    """The scalar kernels' tile as C declares it (qconv_tile: 1 on every axis)."""
+    return [c_tiles("scalar", Precision(precision))]
+
+
+def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
+    """FP32: a scalar multiply and add (qconv_peak's "scalar-fma"); integers: none measured."""
+    return ("scalar-fma", 1) if Precision(precision) is Precision.FP32 else None
+
+
+def threads(options: dict) -> int:
+    """One thread, always."""
+    return 1
 
 
 def prepare(plan: Plan, w: np.ndarray) -> Prepared:

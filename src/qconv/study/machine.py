@@ -86,66 +86,62 @@ _GPU_PEAKS = (("H100 PCIe", 51.0, 1513.0), ("H100 NVL", 60.0, 1670.0), ("H100", 
               ("H200", 67.0, 1979.0))
 
 
+def _gpu_instruction_peaks(fp32: float, int8_tc: float) -> dict[str, tuple[float, str]]:
+    """G ops/s of each GPU instruction a backend may name as its bound, from one GPU's datasheet."""
+    return {"ffma": (fp32 * 1e3, f"FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"),
+            "imad": (fp32 * 500, f"INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"),
+            "mma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)")}
+
+
+def _bound(backend: str, precision: Precision, options: dict[str, Any] | None) -> tuple[str, int] | None:
+    """What the backend declares bounds its kernel for these options: (instruction, its
+    multiply-adds per MAC), or None (it declares none, or the options are not its own)."""
+    from .. import backends
+    from ..errors import QconvError
+    mod = backends.module(backend)
+    declare = getattr(mod, "bound_instruction", None)
+    if declare is None:
+        return None
+    try:
+        return declare(dict(options or {}), precision)
+    except QconvError:   # options the backend refuses: no kernel, no bound
+        return None
+
+
 def peak_gops(backend: str, precision: Precision, machine: dict[str, Any],
               options: dict[str, Any] | None = None) -> tuple[float, str] | None:
-    """Datasheet peak (G ops/s) of a GPU option, with where it comes from; None where unknown.
-    CPU peaks are measured (cpu_peak_keys, measure_peaks), never taken from here."""
-    if backend != "cuda":
-        return None
-    path = (options or {}).get("int8_path")
+    """Datasheet peak (G ops/s) of a GPU option's bounding instruction, with where it comes from;
+    None where unknown. CPU peaks are measured (cpu_peak_keys, measure_peaks), never taken from here."""
+    bound = _bound(backend, precision, options)
     name = machine.get("gpu") or ""
     for key, fp32, int8_tc in _GPU_PEAKS:
-        if key in name:
-            if precision is Precision.FP32:
-                return fp32 * 1e3, f"{key} FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"
-            if precision is Precision.INT32:
-                return fp32 * 500, f"{key} INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"
-            if precision is Precision.INT8 and path in (None, "mma"):
-                return int8_tc * 1e3, f"{key} INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"
+        if key in name and bound is not None:
+            hit = _gpu_instruction_peaks(fp32, int8_tc).get(bound[0])
+            if hit is None:
+                return None
+            gops, note = hit
+            per_mac = bound[1]
+            return gops / per_mac, f"{key} {note}" + (f", / {per_mac} {bound[0]} per MAC" if per_mac > 1 else "")
     return None
 
 
-def _isa(backend: str, options: dict[str, Any]) -> str | None:
-    """The kernel family a c-avx2 option runs (its isa option resolved as the backend does)."""
-    if backend != "c-avx2":
-        return None
-    try:
-        from ..backends.c_avx2 import resolve
-        return resolve(dict(options))[0]
-    except Exception:
-        return None
-
-
-def _instruction(backend: str, isa: str | None, precision: Precision) -> str | None:
-    """The instruction whose throughput bounds a CPU kernel (the one qconv_peak measures)."""
-    if backend == "c-scalar":
-        return "scalar-fma" if precision is Precision.FP32 else None
-    if backend != "c-avx2" or isa is None:
-        return None
-    if precision is Precision.FP32:
-        return "fma"
-    if precision is Precision.INT32:
-        return "mullo"
-    if isa == "avx2":
-        return "madd"  # INT8 runs on the INT16 vpmaddwd kernel without VNNI
-    return "dpwssd" if precision is Precision.INT16 else "dpbusd"
-
-
 def cpu_peak_keys(options: Sequence[Any], precisions: list[Precision]) -> dict[tuple[str, str], tuple[str, int]]:
-    """{(label, precision): (instruction, threads)} for the CPU options whose kernels are built on
-    an instruction the C extension's qconv_peak microbenchmark measures."""
+    """{(label, precision): (instruction, threads)} for the options whose backend declares a bounding
+    instruction that the C extension's qconv_peak microbenchmark measures, at the option's threads."""
     try:
-        from ..backends.c_avx2 import resolve
-    except Exception:
+        from ..backends import _cext
+        measured = set(_cext.PEAK_CODES)
+    except ImportError:
         return {}
+    from .. import backends
     out = {}
     for o in options:
-        isa = _isa(o.backend, o.options)
         for p in precisions:
-            ins = _instruction(o.backend, isa, p)
-            if ins is not None:
-                threads = 1 if o.backend == "c-scalar" else resolve(dict(o.options))[1]
-                out[(o.label, p.value)] = (ins, threads)
+            bound = _bound(o.backend, p, o.options)
+            # a byte-decomposed path (AMX INT16/INT32) would need the peak divided by its products per
+            # MAC, which the study's measured-peak records do not carry yet: no peak rather than a wrong one
+            if bound is not None and bound[0] in measured and bound[1] == 1:
+                out[(o.label, p.value)] = (bound[0], backends.module(o.backend).threads(dict(o.options)))
     return out
 
 

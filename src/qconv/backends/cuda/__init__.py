@@ -41,20 +41,21 @@ from typing import Any
 
 import numpy as np
 
-from ...contract import Plan
-from ..base import BackendRun, run_once
+from ...contract import Plan, Precision
+from ..base import BackendRun, Tile, run_once
 from ._arrays import DeviceArray, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
-from ._prepared import NAME, OPTIONS, Prepared
-from ._tiling import (F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_TILES, PLANE_TILES, OUTER_TILES, TILES, choose_tiling, kernel_names,
-                      outer_name as _outer_name, outer_threads as _outer_threads)
+from ._prepared import NAME, OPTIONS, Prepared, parse_options
+from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_BKW, MMA_TILES, PLANES, PLANE_TILES,
+                      OUTER_TILES, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
+                      outer_threads as _outer_threads, resolve_int_path, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
            "profile", "Prepared", "DeviceArray", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
            "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
-           "release_pools", "variants"]
+           "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction"]
 
 
 def variants() -> list[dict]:
@@ -65,6 +66,54 @@ def variants() -> list[dict]:
     for prec, key in ((Precision.INT16, "int16_path"), (Precision.INT32, "int32_path")):
         out.append({key: "simt" if INT_AUTO[prec] == "mma" else "mma"})
     return out
+
+
+def variants_for_tests() -> list[dict]:
+    """What the tests run besides variants(): INT8 on the CUDA cores (__dp4a)."""
+    return [{"int8_path": "dp4a"}]
+
+
+def _paths(options: dict, precision: Precision) -> tuple[str, str]:
+    """(int8_path, the INT16/INT32 path resolved) these options run for a precision."""
+    o = parse_options(options)
+    int_path = getattr(o, f"{precision.value}_path", "simt")
+    return o.int8_path, resolve_int_path(precision, int_path)
+
+
+def tiles(options: dict, precision: Precision) -> list[Tile]:
+    """Every block tile (tile="BMxBN") of the implicit-GEMM kernel these options run for a precision,
+    FP32's outer-product tiles too, with the channels of one K stage of a 1x1 kernel (and of one
+    16-byte load less: a partial stage), and the depthwise kernels' channels x output columns
+    (_tiling's constants, mirrored from the .cu files)."""
+    precision = Precision(precision)
+    int8_path, int_path = _paths(options, precision)
+    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path == "mma")
+    elem = 1 if int_path == "mma" else ELEM[precision]      # byte planes: one byte per plane
+    names = tiles_for(precision, int8_path, int_path) + (OUTER_TILES if precision is Precision.FP32 else ())
+    out = []
+    for name in names:
+        bm, bn = (int(v) for v in name.split("/")[0].split("x"))
+        k_words = 8 if name.endswith("/k8") else MMA_BKW if tensor_cores else SIMT_BKW
+        stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
+        out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))
+    return out
+
+
+# The instruction bounding each kernel, and how many of its multiply-adds one MAC of the
+# precision takes (the byte-plane decomposition: the products of shift classes 0..3).
+_BOUND = {"simt": {Precision.FP32: "ffma", Precision.INT32: "imad", Precision.INT16: "imad"},
+          "mma": {Precision.INT16: "mma-s8", Precision.INT32: "mma-s8"}}
+_PLANE_PRODUCTS = {p: sum(1 for i in range(n) for j in range(n) if i + j < 4) for p, n in PLANES.items()}
+
+
+def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
+    """(instruction, its multiply-adds per MAC): FP32 ffma, INT32/INT16 on the CUDA cores imad,
+    INT8 mma-s8 (tensor cores) or dp4a, INT16/INT32 by byte planes mma-s8 (4 / 10 products)."""
+    precision = Precision(precision)
+    int8_path, int_path = _paths(options, precision)
+    if precision is Precision.INT8:
+        return ("mma-s8" if int8_path == "mma" else "dp4a", 1)
+    return _BOUND[int_path][precision], (_PLANE_PRODUCTS[precision] if int_path == "mma" else 1)
 
 
 def prepare(plan: Plan, w: np.ndarray) -> Prepared:

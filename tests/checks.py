@@ -1,0 +1,47 @@
+"""The one differential check every test module uses: a backend's output against the contract."""
+
+from __future__ import annotations
+
+import numpy as np
+
+import qconv
+from qconv.contract import Precision, check_layer, conv2d_float64, fp32_error_bound
+
+
+def assert_matches(y, x: np.ndarray, w: np.ndarray, precision, layer: dict | None = None, *, bias=None,
+                   scale=None, rounding: str = "nearest", what: str = "") -> None:
+    """Integers: the reference backend's bits for the same call. FP32: within
+    contract.fp32_error_bound of the float64 convolution (+ bias). y may be a device array."""
+    precision = Precision(precision)
+    layer = layer or {}
+    g = check_layer(x.shape, w.shape, stride=layer.get("stride", 1), padding=layer.get("padding", "same"),
+                    groups=layer.get("groups", 1))
+    y = np.asarray(y)
+    assert y.dtype == np.float32 and y.shape == g.out_shape, f"{what}: {y.dtype} {y.shape}, want {g.out_shape}"
+    if precision.is_integer:
+        ref = qconv.conv2d(x, w, precision, "reference", scale=scale, rounding=rounding, bias=bias, **layer)
+        bad = y.view(np.uint32) != ref.view(np.uint32)
+        if bad.any():
+            at = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} outputs differ from the reference; "
+                                 f"first at {at}: {y[at]!r} vs {ref[at]!r}")
+        return
+    y64 = conv2d_float64(x, w, g)
+    if bias is not None:
+        y64 = y64 + np.asarray(bias, np.float64)
+    err = np.abs(y.astype(np.float64) - y64)
+    bound = fp32_error_bound(x, w, geom=g, bias=bias)
+    if not np.all(err <= bound):
+        at = np.unravel_index(np.argmax(err - bound), err.shape)
+        raise AssertionError(f"{what}: FP32 error {err[at]:.3g} > bound {bound[at]:.3g} at {at}")
+
+
+def assert_same_bits(y, want: np.ndarray, what: str = "") -> None:
+    """Two outputs of the same computation (a prepared call and a one-shot call, host and device)."""
+    y = np.asarray(y)
+    assert y.shape == want.shape, f"{what}: shape {y.shape} vs {want.shape}"
+    bad = y.view(np.uint32) != np.asarray(want, np.float32).view(np.uint32)
+    if bad.any():
+        at = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} outputs differ; first at {at}: "
+                             f"{y[at]!r} vs {want[at]!r}")
