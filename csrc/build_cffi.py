@@ -18,7 +18,7 @@ import shlex
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["qconv.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_avx512.c", "conv_amx.c", "conv_vnni_evex.c", "conv_vnni_vex.c",
+SOURCES = ["qconv.c", "cpu_features.c", "peak.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_avx512.c", "conv_amx.c", "conv_vnni_evex.c", "conv_vnni_vex.c",
            "conv_vnni_emu.c", "dwconv_scalar.c", "dwconv_avx2.c"]
 
 

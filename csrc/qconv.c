@@ -1,8 +1,9 @@
-/* qconv.c - the C ABI: status text, CPU features, kernel dispatch, and the prepared-convolution
- * driver (kernel packing once; per call: maxabs reduction, quantize + pad, the convolution, the
- * dequantize; buffers kept in the handle, phases and their timing, work split over the thread
- * pool). No SIMD here: the kernels live in conv_scalar.c, conv_avx2.c, conv_avx512.c, conv_amx.c, conv_vnni_*.c,
- * dwconv_scalar.c and dwconv_avx2.c and are reached through qconv_isa_table. */
+/* qconv.c - status text and the prepared-convolution driver (kernel packing once; per call:
+ * maxabs reduction, quantize + pad, the convolution, the dequantize; buffers kept in the handle,
+ * phases and their timing, work split over the thread pool). No SIMD here: the kernels live in
+ * conv_scalar.c, conv_avx2.c, conv_avx512.c, conv_amx.c, conv_vnni_*.c, dwconv_scalar.c and
+ * dwconv_avx2.c and are reached through qconv_table_for (cpu_features.c, which also says what
+ * this CPU runs); peak.c holds the instruction microbenchmarks. */
 #define _POSIX_C_SOURCE 200809L
 #include "qconv.h"
 
@@ -14,10 +15,6 @@
 
 #include "qconv_impl.h"
 #include "threadpool.h"
-
-#if defined(QCONV_HAVE_X86)
-#include <cpuid.h>
-#endif
 
 const char *qconv_strerror(int status)
 {
@@ -40,161 +37,6 @@ double qconv_now(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* ---- CPU features ---------------------------------------------------------------------- */
-
-#if defined(QCONV_HAVE_X86)
-static uint64_t xgetbv0(void)
-{
-    uint32_t lo, hi;
-    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
-    return ((uint64_t)hi << 32) | lo;
-}
-#endif
-
-static uint32_t detect_features(void)
-{
-    uint32_t f = 0;
-#if defined(QCONV_HAVE_X86)
-    unsigned a, b, c, d;
-    if (!__get_cpuid(1, &a, &b, &c, &d))
-        return 0;
-    int fma = (c >> 12) & 1, osxsave = (c >> 27) & 1, avx = (c >> 28) & 1;
-    if (!osxsave || !avx)
-        return 0;
-    uint64_t xcr0 = xgetbv0();
-    if ((xcr0 & 0x6) != 0x6)          /* XMM and YMM state saved by the OS */
-        return 0;
-    if (fma)
-        f |= QCONV_CPU_FMA;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d))
-        return f;
-    if ((b >> 5) & 1)
-        f |= QCONV_CPU_AVX2;
-    int avx512f = (b >> 16) & 1, avx512vl = (b >> 31) & 1, avx512vnni = (c >> 11) & 1;
-    if (avx512f && avx512vl && avx512vnni && (xcr0 & 0xE0) == 0xE0)
-        f |= QCONV_CPU_AVX512VNNI_VL;
-    int avx512bw = (b >> 30) & 1;
-    if (avx512f && avx512bw && avx512vl && avx512vnni && (xcr0 & 0xE0) == 0xE0)
-        f |= QCONV_CPU_AVX512;
-    if (((d >> 24) & 1) && ((d >> 25) & 1) && ((xcr0 >> 17) & 3) == 3)   /* AMX-TILE, AMX-INT8, XTILECFG/DATA */
-        f |= QCONV_CPU_AMX;
-    unsigned max7 = a;
-    if (max7 >= 1 && __get_cpuid_count(7, 1, &a, &b, &c, &d) && ((a >> 4) & 1))
-        f |= QCONV_CPU_AVXVNNI;
-#endif
-    return f;
-}
-
-int qconv_cpu_features(uint32_t *features)
-{
-    if (features == NULL)
-        return QCONV_EINVAL;
-    *features = detect_features();
-    return QCONV_OK;
-}
-
-static const qconv_isa_table *table_for(int isa);
-static int table_for_isa_exists(int isa);
-
-static int isa_usable(int isa)
-{
-    uint32_t f = detect_features();
-    int avx2 = (f & QCONV_CPU_AVX2) && (f & QCONV_CPU_FMA);
-    switch (isa) {
-    case QCONV_ISA_SCALAR: return 1;
-#if defined(QCONV_HAVE_X86)
-    case QCONV_ISA_AVX2: return avx2;
-    case QCONV_ISA_AVX512VNNI: return avx2 && (f & QCONV_CPU_AVX512VNNI_VL);
-    case QCONV_ISA_AVXVNNI: return avx2 && (f & QCONV_CPU_AVXVNNI);
-    case QCONV_ISA_VNNI_EMULATED: return avx2;
-    case QCONV_ISA_AVX512: return avx2 && (f & QCONV_CPU_AVX512);
-    case QCONV_ISA_AMX: return avx2 && (f & QCONV_CPU_AVX512) && (f & QCONV_CPU_AMX) && qconv_amx_unusable() == NULL;
-#endif
-    default: return 0;
-    }
-}
-
-int qconv_isa_reason(int isa, char *buf, int64_t len)
-{
-    if (buf == NULL || len < 1)
-        return QCONV_EINVAL;
-    const char *why = "";
-    uint32_t f = detect_features();
-    if (isa == QCONV_ISA_AUTO || isa == QCONV_ISA_SCALAR || isa_usable(isa)) {
-        why = "";
-    } else if (table_for_isa_exists(isa) == 0) {
-        why = "not an instruction-set level of this build";
-    } else if (!((f & QCONV_CPU_AVX2) && (f & QCONV_CPU_FMA))) {
-        why = "this CPU (or the OS) lacks AVX2/FMA";
-    } else if (isa == QCONV_ISA_AVX512VNNI) {
-        why = "this CPU (or the OS) lacks AVX512F/VL/VNNI with ZMM state";
-    } else if (isa == QCONV_ISA_AVXVNNI) {
-        why = "this CPU lacks AVX-VNNI";
-#if defined(QCONV_HAVE_X86)
-    } else if (isa == QCONV_ISA_AMX && qconv_amx_unusable() != NULL) {
-        why = qconv_amx_unusable();   /* QCONV_NO_AMX, the CPU, XCR0, or arch_prctl refused */
-#endif
-    } else if (!(f & QCONV_CPU_AVX512)) {
-        why = "this CPU (or the OS) lacks AVX512F/BW/VL/VNNI with ZMM state";
-    } else {
-        why = "this CPU or the OS lacks AMX-TILE/AMX-INT8";
-    }
-    size_t n = strlen(why);
-    if ((int64_t)n >= len)
-        n = (size_t)len - 1;
-    memcpy(buf, why, n);
-    buf[n] = '\0';
-    return QCONV_OK;
-}
-
-int qconv_best_isa(int cap, int *isa)
-{
-    if (isa == NULL || cap < QCONV_ISA_AUTO || cap > QCONV_ISA_AMX)
-        return QCONV_EINVAL;
-    if (cap == QCONV_ISA_VNNI_EMULATED) {   /* tests only: that family or none */
-        if (!isa_usable(cap))
-            return QCONV_EISA;
-        *isa = cap;
-        return QCONV_OK;
-    }
-    /* Preference order; a cap admits the families at or below it in this order. */
-    static const int order[] = {QCONV_ISA_AMX, QCONV_ISA_AVX512, QCONV_ISA_AVX512VNNI, QCONV_ISA_AVXVNNI,
-                                QCONV_ISA_AVX2, QCONV_ISA_SCALAR};
-    const int norder = (int)(sizeof order / sizeof order[0]);
-    int rank_cap = 0;
-    if (cap != QCONV_ISA_AUTO)
-        for (int i = 0; i < norder; i++)
-            if (order[i] == cap)
-                rank_cap = i;
-    for (int i = rank_cap; i < norder; i++)
-        if (isa_usable(order[i])) {
-            *isa = order[i];
-            return QCONV_OK;
-        }
-    return QCONV_EISA;
-}
-
-static const qconv_isa_table *table_for(int isa)
-{
-    switch (isa) {
-    case QCONV_ISA_SCALAR: return &qconv_scalar_table;
-#if defined(QCONV_HAVE_X86)
-    case QCONV_ISA_AVX2: return &qconv_avx2_table;
-    case QCONV_ISA_AVX512VNNI: return &qconv_avx512vnni_table;
-    case QCONV_ISA_AVXVNNI: return &qconv_avxvnni_table;
-    case QCONV_ISA_VNNI_EMULATED: return &qconv_vnni_emulated_table;
-    case QCONV_ISA_AVX512: return &qconv_avx512_table;
-    case QCONV_ISA_AMX: return &qconv_amx_table;
-#endif
-    default: return NULL;
-    }
-}
-
-static int table_for_isa_exists(int isa)
-{
-    return table_for(isa) != NULL;
 }
 
 /* ---- helpers ----------------------------------------------------------------------------- */
@@ -523,7 +365,7 @@ int qconv_tile(int isa, int precision, qconv_tile_info *info)
     }
     if (info == NULL || precision < QCONV_FP32 || precision > QCONV_INT8)
         return QCONV_EINVAL;
-    const qconv_isa_table *t = table_for(isa);
+    const qconv_isa_table *t = qconv_table_for(isa);
     if (t == NULL)
         return QCONV_EISA;
     info->mr = t->mr[precision];
@@ -624,11 +466,11 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
         if (st != QCONV_OK)
             return st;
     }
-    if (!isa_usable(isa))
+    if (!qconv_isa_usable(isa))
         return QCONV_EISA;
     if (isa == QCONV_ISA_SCALAR && threads != 1)
         return QCONV_EINVAL;
-    const qconv_isa_table *t = table_for(isa);
+    const qconv_isa_table *t = qconv_table_for(isa);
     if (t == NULL)
         return QCONV_EISA;
     int64_t nk = kh;   /* kernel elements */
@@ -963,73 +805,4 @@ out:
     else
         ws_free(&tmp_ws);
     return st;
-}
-
-/* ---- microbenchmarks ------------------------------------------------------------------- */
-
-typedef struct {
-    double (*body)(int, int64_t);
-    int instr;
-    int64_t iters;
-    double macs[QCONV_MAX_THREADS];
-} peak_job;
-
-static void peak_task(void *p, int ith, int nth)
-{
-    (void)nth;
-    peak_job *j = p;
-    j->macs[ith] = j->body(j->instr, j->iters);
-}
-
-int qconv_peak(int instr, int threads, int64_t iters, double *macs, double *seconds)
-{
-    if (macs == NULL || seconds == NULL || iters < 1 || threads < 1 || threads > QCONV_MAX_THREADS)
-        return QCONV_EINVAL;
-    peak_job j;
-    memset(&j, 0, sizeof j);
-    j.instr = instr;
-    j.iters = iters;
-    switch (instr) {
-    case QCONV_PEAK_SCALAR_FMA:
-        j.body = qconv_peak_body__scalar;
-        break;
-#if defined(QCONV_HAVE_X86)
-    case QCONV_PEAK_FMA: case QCONV_PEAK_MULLO: case QCONV_PEAK_MADD:
-        if (!isa_usable(QCONV_ISA_AVX2))
-            return QCONV_EISA;
-        j.body = qconv_peak_body__avx2;
-        break;
-    case QCONV_PEAK_FMA512: case QCONV_PEAK_DPWSSD512: case QCONV_PEAK_DPBUSD512:
-        if (!isa_usable(QCONV_ISA_AVX512))
-            return QCONV_EISA;
-        j.body = qconv_peak_body__avx512;
-        break;
-    case QCONV_PEAK_AMX_DPBSSD:
-        if (!isa_usable(QCONV_ISA_AMX))
-            return QCONV_EISA;
-        j.body = qconv_peak_body__amx;
-        break;
-    case QCONV_PEAK_DPWSSD: case QCONV_PEAK_DPBUSD:
-        if (isa_usable(QCONV_ISA_AVX512VNNI))
-            j.body = qconv_peak_body__avx512vnni;
-        else if (isa_usable(QCONV_ISA_AVXVNNI))
-            j.body = qconv_peak_body__avxvnni;
-        else
-            return QCONV_EISA;
-        break;
-#endif
-    default:
-        return QCONV_EINVAL;
-    }
-    double t0 = qconv_now();
-    int st = qconv_pool_run(threads, peak_task, &j);
-    double t1 = qconv_now();
-    if (st != QCONV_OK)
-        return st;
-    double total = 0;
-    for (int i = 0; i < threads; i++)
-        total += j.macs[i];
-    *macs = total;
-    *seconds = t1 - t0;
-    return QCONV_OK;
 }
