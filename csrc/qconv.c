@@ -168,10 +168,13 @@ typedef struct {
     int64_t n, h, w, pt, pl, ho, wo, hp, wp;
     float s;
     int32_t qmax;
+    int64_t input_q;            /* maxabs's Q (0: s is given) */
     int store;
+    int separate;               /* integers: a dequantize phase after the convolution */
     void *xq;
     int32_t *acc;
     float *y;
+    workspace *ws;
     const float *inv, *inv_pad;
     qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
     int split_rows;
@@ -180,6 +183,9 @@ typedef struct {
     int64_t dw_worker, row_bytes;
     const void *zero_row;
     qconv_dw_args dwa;
+    /* set by thread 0 between barriers */
+    int st;                     /* maxabs: the scale's status */
+    double t1, t2, t3;          /* the scale known, the quantize done, the convolution done */
     /* results per worker */
     float part[QCONV_MAX_THREADS];
     int bad[QCONV_MAX_THREADS];
@@ -352,6 +358,73 @@ static int any_bad(const run_job *j, int nth)
     for (int i = 0; i < nth; i++)
         bad |= j->bad[i];
     return bad;
+}
+
+/* The input scale (maxabs: from the workers' partial maxima, refusing non-finite input), then
+ * inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) and its zero-padded copy. */
+static int scale_step(run_job *j, int nth)
+{
+    const qconv_conv *cv = j->cv;
+    workspace *ws = j->ws;
+    if (j->input_q > 0) {
+        if (any_bad(j, nth))
+            return QCONV_ENONFINITE;
+        float m = 0.0f;
+        for (int i = 0; i < nth; i++)
+            m = j->part[i] > m ? j->part[i] : m;
+        int st = maxabs_scale(m, j->input_q, &j->s);
+        if (st != QCONV_OK)
+            return st;
+    }
+    for (int64_t o = 0; o < cv->oc; o++) {
+        float inv = (float)(1.0 / ((double)j->s * (double)cv->s_w[o]));
+        if (!(isfinite(inv) && inv > 0))
+            return QCONV_ESCALE;
+        ws->inv[o] = inv;
+    }
+    memset(ws->inv_pad, 0, (size_t)cv->pad_n * 4);
+    if (cv->kind == QCONV_KIND_DEPTHWISE)
+        memcpy(ws->inv_pad, ws->inv, (size_t)cv->oc * 4);
+    else
+        for (int64_t g = 0; g < cv->groups; g++)
+            memcpy(ws->inv_pad + g * cv->nocbp, ws->inv + g * cv->ocg, (size_t)cv->ocg * 4);
+    return QCONV_OK;
+}
+
+/* A whole call as one pool job, its phases separated by barriers (one wake-up of the workers
+ * per call, not one per phase). Thread 0 takes the phase times at the barriers. Every thread
+ * takes the same branches: they read only what a barrier has published. */
+static void call_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    if (j->input_q > 0) {
+        absmax_task(j, ith, nth);
+        qconv_pool_barrier(nth);
+        if (ith == 0) {
+            j->st = scale_step(j, nth);
+            j->t1 = qconv_now();
+        }
+        qconv_pool_barrier(nth);
+        if (j->st != QCONV_OK)
+            return;
+    }
+    if (j->cv->kind == QCONV_KIND_DEPTHWISE) {
+        dw_task(j, ith, nth);   /* quantize fused into the convolution, one pass over x */
+        return;
+    }
+    quantize_task(j, ith, nth);
+    qconv_pool_barrier(nth);
+    if (any_bad(j, nth))
+        return;
+    if (ith == 0)
+        j->t2 = qconv_now();
+    conv_task(j, ith, nth);
+    if (!j->separate)
+        return;
+    qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution rows or OC blocks */
+    if (ith == 0)
+        j->t3 = qconv_now();
+    dequantize_task(j, ith, nth);
 }
 
 /* ---- qconv_prepare ------------------------------------------------------------------------ */
@@ -685,52 +758,15 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     j->cv = cv; j->t = t; j->x = x;
     j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
     j->qmax = qmax;
+    j->input_q = is_int && s_x == 0.0f ? input_q : 0;
+    j->s = is_int ? s_x : 1.0f;
     j->store = cv->xstore;
+    j->separate = separate;
     j->y = y;
-    memset(timings, 0, sizeof *timings);
-
-    /* 1. The input scale: given, or maxabs in a threaded reduction (which also finds non-finite
-     *    values). Then inv[o] = float32(1 / (double(s_x) * double(s_w[o]))). */
-    double t0 = qconv_now();
-    float s = 1.0f;
-    if (is_int) {
-        s = s_x;
-        if (s_x == 0.0f) {
-            if ((st = qconv_pool_run(nth, absmax_task, j)) != QCONV_OK)
-                goto done;
-            if (any_bad(j, nth)) {
-                st = QCONV_ENONFINITE;
-                goto done;
-            }
-            float m = 0.0f;
-            for (int i = 0; i < nth; i++)
-                m = j->part[i] > m ? j->part[i] : m;
-            if ((st = maxabs_scale(m, input_q, &s)) != QCONV_OK)
-                goto done;
-        }
-        timings->s_x = s;
-        for (int64_t o = 0; o < cv->oc; o++) {
-            float inv = (float)(1.0 / ((double)s * (double)cv->s_w[o]));
-            if (!(isfinite(inv) && inv > 0)) {
-                st = QCONV_ESCALE;
-                goto done;
-            }
-            ws->inv[o] = inv;
-        }
-        memset(ws->inv_pad, 0, (size_t)cv->pad_n * 4);
-        if (dw)
-            memcpy(ws->inv_pad, ws->inv, (size_t)cv->oc * 4);
-        else
-            for (int64_t g = 0; g < cv->groups; g++)
-                memcpy(ws->inv_pad + g * cv->nocbp, ws->inv + g * cv->ocg, (size_t)cv->ocg * 4);
-        j->inv = ws->inv;
-        j->inv_pad = ws->inv_pad;
-    }
-    j->s = s;
-    double t1 = qconv_now(), t2, t3, t4;
-
+    j->ws = ws;
+    j->inv = ws->inv;
+    j->inv_pad = is_int ? ws->inv_pad : NULL;
     if (dw) {
-        /* 2. Depthwise: quantize fused into the convolution, one pass over x. */
         j->dw = ws->dw + row_bytes;
         j->dw_worker = dw_worker;
         j->row_bytes = row_bytes;
@@ -742,26 +778,9 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         j->dwa.w = cv->dww;
         j->dwa.inv = j->inv_pad;
         j->dwa.bias = cv->bias_pad;
-        if ((st = qconv_pool_run(nth, dw_task, j)) != QCONV_OK)
-            goto done;
-        t2 = t1;
-        t3 = t4 = qconv_now();
-        if (any_bad(j, nth)) {
-            st = QCONV_ENONFINITE;
-            goto done;
-        }
     } else {
-        /* 2. Quantize (fp32: copy) into the padded layout, checking for non-finite values. */
         j->xq = ws->xq;
         j->acc = ws->acc;
-        if ((st = qconv_pool_run(nth, quantize_task, j)) != QCONV_OK)
-            goto done;
-        if (any_bad(j, nth)) {
-            st = QCONV_ENONFINITE;
-            goto done;
-        }
-        t2 = qconv_now();
-        /* 3. The convolution, group by group. */
         qconv_conv_args *a = &j->base;
         a->precision = cv->precision;
         a->n = n; a->ho = ho; a->wo = wo;
@@ -777,21 +796,35 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->out = separate ? (void *)ws->acc : (void *)y;
         a->fused = cv->fused;
         j->split_rows = n * ho >= cv->nocb;
-        if ((st = qconv_pool_run(nth, conv_task, j)) != QCONV_OK)
-            goto done;
-        t3 = qconv_now();
-        /* 4. A separate dequantize where it is not fused into the store. */
-        if (separate && (st = qconv_pool_run(nth, dequantize_task, j)) != QCONV_OK)
-            goto done;
-        t4 = qconv_now();
     }
+    memset(timings, 0, sizeof *timings);
+
+    /* One pool job: [maxabs, the scale,] quantize, convolve[, dequantize] (call_task). A given
+     * scale's inv[] is formed here first; maxabs's by thread 0 inside the job. */
+    double t0 = qconv_now();
+    if (is_int && j->input_q == 0 && (st = scale_step(j, nth)) != QCONV_OK)
+        goto done;
+    j->t1 = qconv_now();
+    if ((st = qconv_pool_run(nth, call_task, j)) != QCONV_OK)
+        goto done;
+    const double tend = qconv_now();
+    if (j->st != QCONV_OK) {
+        st = j->st;
+        goto done;
+    }
+    if (any_bad(j, nth)) {
+        st = QCONV_ENONFINITE;
+        goto done;
+    }
+    const double t2 = dw ? j->t1 : j->t2, t3 = separate ? j->t3 : tend;
     if (is_int) {
         timings->quantize = t2 - t0;
+        timings->s_x = j->s;
     } else {
         timings->pack = t2 - t0;   /* fp32: the padded copy of x */
     }
     timings->convolve = t3 - t2;
-    timings->dequantize = separate ? t4 - t3 : 0.0;
+    timings->dequantize = separate ? tend - t3 : 0.0;
     timings->isa = cv->isa;
     timings->threads = nth;
     timings->fused_dequantize = cv->fused;
