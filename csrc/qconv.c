@@ -7,6 +7,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "qconv.h"
 
+#include <float.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -28,8 +29,18 @@ const char *qconv_strerror(int status)
     case QCONV_ENONFINITE: return "the input holds NaN or infinite values";
     case QCONV_EMAXABS: return "maxabs: the input's largest magnitude is too small to scale within float32";
     case QCONV_ESCALE: return "1 / (s_input * s_kernel) is not a positive finite float32";
+    case QCONV_EOVERFLOW: return "the FP32 convolution's output holds non-finite values: float32 overflowed";
+    case QCONV_ECANCELED: return "the call was cancelled (qconv_cancel)";
     default: return "unknown qconv status";
     }
+}
+
+int qconv_cancel(int *flag)
+{
+    if (flag == NULL)
+        return QCONV_EINVAL;
+    __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+    return QCONV_OK;
 }
 
 double qconv_now(void)
@@ -174,6 +185,7 @@ typedef struct {
     void *xq;
     int32_t *acc;
     float *y;
+    const int *cancel;          /* NULL, or the caller's flag: stop between blocks once it is set */
     workspace *ws;
     const float *inv, *inv_pad;
     qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
@@ -188,8 +200,42 @@ typedef struct {
     double t1, t2, t3;          /* the scale known, the quantize done, the convolution done */
     /* results per worker */
     float part[QCONV_MAX_THREADS];
-    int bad[QCONV_MAX_THREADS];
+    int bad[QCONV_MAX_THREADS];         /* non-finite input */
+    int stopped[QCONV_MAX_THREADS];     /* left work undone: the call was cancelled */
+    int64_t overflowed[QCONV_MAX_THREADS];  /* FP32: non-finite outputs */
 } run_job;
+
+/* Output values per block of the convolution: the cancel flag is polled between blocks, and
+ * FP32 checks a block's outputs for overflow while they are still in cache. */
+#define BLOCK_OUTPUTS (32 * 1024)
+
+static int cancelled(const run_job *j)
+{
+    return j->cancel != NULL && __atomic_load_n(j->cancel, __ATOMIC_RELAXED) != 0;
+}
+
+/* How many of v[0..count) are NaN or infinite (a loop the compiler vectorizes). */
+static int64_t count_nonfinite(const float *v, int64_t count)
+{
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; i++)
+        bad += !(fabsf(v[i]) <= FLT_MAX);
+    return bad;
+}
+
+/* FP32: the non-finite values among y's rows [r0, r1) of the flattened N*HO axis, channels
+ * [c0, c1) of each group. */
+static int64_t overflowed_outputs(const run_job *j, int64_t r0, int64_t r1, int64_t c0, int64_t c1)
+{
+    const qconv_conv *cv = j->cv;
+    if (cv->groups == 1 && c0 == 0 && c1 == cv->oc)
+        return count_nonfinite(j->y + r0 * j->wo * cv->oc, (r1 - r0) * j->wo * cv->oc);
+    int64_t bad = 0;
+    for (int64_t p = r0 * j->wo; p < r1 * j->wo; p++)
+        for (int64_t g = 0; g < cv->groups; g++)
+            bad += count_nonfinite(j->y + p * cv->oc + g * cv->ocg + c0, c1 - c0);
+    return bad;
+}
 
 /* max|x| and non-finite values over this worker's share of x. */
 static void absmax_task(void *p, int ith, int nth)
@@ -238,32 +284,42 @@ static void quantize_task(void *p, int ith, int nth)
     j->bad[ith] = bad;
 }
 
-/* Every group in turn; within a group, the larger of output rows and OC blocks is split. */
+/* This worker's share: the larger of output rows and OC blocks is split. The rows go in blocks
+ * of about BLOCK_OUTPUTS outputs, every group in turn within a block. */
 static void conv_task(void *p, int ith, int nth)
 {
     run_job *j = p;
     const qconv_conv *cv = j->cv;
     qconv_conv_fn fn = j->t->conv[cv->precision];
     const size_t xes = store_size(j->store), wes = store_size(cv->wstore);
-    long long lo, hi;
+    const int64_t rows = j->n * j->ho;
+    long long lo = 0, hi = rows, b0 = 0, b1 = cv->nocb;
     if (j->split_rows)
-        qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
+        qconv_split(rows, ith, nth, &lo, &hi);
     else
-        qconv_split(cv->nocb, ith, nth, &lo, &hi);
-    if (lo >= hi)
+        qconv_split(cv->nocb, ith, nth, &b0, &b1);
+    if (lo >= hi || b0 >= b1)
         return;
-    for (int64_t g = 0; g < cv->groups; g++) {
-        qconv_conv_args a = j->base;
-        a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
-        a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
-        a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
-        a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
-        a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
-        a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
-        if (j->split_rows)
-            fn(&a, lo, hi, 0, cv->nocb);
-        else
-            fn(&a, 0, j->n * j->ho, lo, hi);
+    const int64_t step = BLOCK_OUTPUTS / (j->wo * cv->oc) > 1 ? BLOCK_OUTPUTS / (j->wo * cv->oc) : 1;
+    const int64_t c0 = b0 * cv->nr, c1 = b1 * cv->nr < cv->ocg ? b1 * cv->nr : cv->ocg;
+    for (int64_t r0 = lo; r0 < hi; r0 += step) {
+        if (cancelled(j)) {
+            j->stopped[ith] = 1;
+            return;
+        }
+        const int64_t r1 = r0 + step < hi ? r0 + step : hi;
+        for (int64_t g = 0; g < cv->groups; g++) {
+            qconv_conv_args a = j->base;
+            a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
+            a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
+            a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
+            a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
+            a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
+            a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
+            fn(&a, r0, r1, b0, b1);
+        }
+        if (cv->precision == QCONV_FP32)
+            j->overflowed[ith] += overflowed_outputs(j, r0, r1, c0, c1);
     }
 }
 
@@ -324,6 +380,10 @@ static void dw_task(void *p, int ith, int nth)
     int bad = 0;
     qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
     for (long long r = lo; r < hi; r++) {
+        if (cancelled(j)) {
+            j->stopped[ith] = 1;
+            break;
+        }
         const int64_t n = r / j->ho, i = r % j->ho;
         for (int64_t u = 0; u < kh; u++) {
             const int64_t pr = i * cv->sh + u, ii = pr - j->pt;
@@ -347,7 +407,10 @@ static void dw_task(void *p, int ith, int nth)
         for (int64_t ii = i * cv->sh - j->pt + kh; ii < own_end; ii++)
             if (ii >= 0 && ii < j->h)
                 (void)j->t->absmax(j->x + ((n * j->h + ii) * j->w) * cv->c, j->w * cv->c, &bad);
-        j->t->dw[cv->precision](&j->dwa, taps, j->y + r * j->wo * cv->oc);
+        float *yr = j->y + r * j->wo * cv->oc;
+        j->t->dw[cv->precision](&j->dwa, taps, yr);
+        if (cv->precision == QCONV_FP32)
+            j->overflowed[ith] += count_nonfinite(yr, j->wo * cv->oc);
     }
     j->bad[ith] = bad;
 }
@@ -358,6 +421,14 @@ static int any_bad(const run_job *j, int nth)
     for (int i = 0; i < nth; i++)
         bad |= j->bad[i];
     return bad;
+}
+
+static int any_stopped(const run_job *j, int nth)
+{
+    int stopped = 0;
+    for (int i = 0; i < nth; i++)
+        stopped |= j->stopped[i];
+    return stopped;
 }
 
 /* The input scale (maxabs: from the workers' partial maxima, refusing non-finite input), then
@@ -424,7 +495,8 @@ static void call_task(void *p, int ith, int nth)
     qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution rows or OC blocks */
     if (ith == 0)
         j->t3 = qconv_now();
-    dequantize_task(j, ith, nth);
+    if (!any_stopped(j, nth))
+        dequantize_task(j, ith, nth);
 }
 
 /* ---- qconv_prepare ------------------------------------------------------------------------ */
@@ -701,7 +773,7 @@ static int ws_reserve(workspace *ws, const qconv_conv *cv, int64_t xq_bytes, int
 
 int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t ho, int64_t wo,
-              float s_x, int64_t input_q, float *y, qconv_timings *timings)
+              float s_x, int64_t input_q, float *y, qconv_timings *timings, const int *cancel)
 {
     if (cv == NULL || x == NULL || y == NULL || timings == NULL || n <= 0 || h <= 0 || w <= 0 ||
         pt < 0 || pb < 0 || pl < 0 || pr < 0 || pt >= cv->kh || pb >= cv->kh || pl >= cv->kw || pr >= cv->kw)
@@ -755,6 +827,8 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         goto out;
     }
     memset(j, 0, offsetof(run_job, part));
+    memset(j->stopped, 0, sizeof j->stopped);
+    memset(j->overflowed, 0, sizeof j->overflowed);
     j->cv = cv; j->t = t; j->x = x;
     j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
     j->qmax = qmax;
@@ -763,6 +837,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     j->store = cv->xstore;
     j->separate = separate;
     j->y = y;
+    j->cancel = cancel;
     j->ws = ws;
     j->inv = ws->inv;
     j->inv_pad = is_int ? ws->inv_pad : NULL;
@@ -814,6 +889,16 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     }
     if (any_bad(j, nth)) {
         st = QCONV_ENONFINITE;
+        goto done;
+    }
+    if (any_stopped(j, nth)) {
+        st = QCONV_ECANCELED;
+        goto done;
+    }
+    for (int i = 0; i < nth; i++)
+        timings->overflowed += j->overflowed[i];
+    if (timings->overflowed > 0) {
+        st = QCONV_EOVERFLOW;
         goto done;
     }
     const double t2 = dw ? j->t1 : j->t2, t3 = separate ? j->t3 : tend;

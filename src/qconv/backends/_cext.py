@@ -8,7 +8,8 @@ the GIL for the duration of each call, so several Python threads may call at onc
 from __future__ import annotations
 
 import functools
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -132,8 +133,8 @@ class InputStatus(InputError):
 @functools.lru_cache(maxsize=1)
 def _codes() -> dict[str, int]:
     """The C constants the hot path needs, read once."""
-    names = ("QCONV_OK", "QCONV_EINVAL", "QCONV_ENONFINITE", "QCONV_EMAXABS", "QCONV_ESCALE",
-             "QCONV_KIND_DEPTHWISE", "QCONV_FLAG_SEPARATE_DEQUANTIZE")
+    names = ("QCONV_OK", "QCONV_EINVAL", "QCONV_ENONFINITE", "QCONV_EMAXABS", "QCONV_ESCALE", "QCONV_EOVERFLOW",
+             "QCONV_ECANCELED", "QCONV_KIND_DEPTHWISE", "QCONV_FLAG_SEPARATE_DEQUANTIZE")
     return {n: _c(n) for n in names}
 
 
@@ -224,10 +225,13 @@ def release(handle: Any) -> None:
     ffi.release(handle)
 
 
-def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.ndarray) -> Any:
+def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.ndarray,
+        interruptible: bool = False) -> Any:
     """qconv_run into y. geom: a contract.Geometry (pads and output size). s_x: the input scale,
-    or 0 with input_q for maxabs computed in C. Raises InputStatus for non-finite input values and
-    scales out of float32's range (the caller words those), InputError/BackendError otherwise.
+    or 0 with input_q for maxabs computed in C. interruptible: run the C call in a helper thread
+    so that Ctrl-C stops it (for long calls; see _interruptible). Raises InputStatus for non-finite
+    input values and scales out of float32's range (the caller words those),
+    contract.fp32_overflow_error when FP32 overflowed, InputError/BackendError otherwise.
     Returns the qconv_timings struct (timings() makes it a dict; .s_x is the scale used)."""
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == _F32 and y.dtype == _F32
             and x.flags.c_contiguous and x.flags.aligned
@@ -240,14 +244,43 @@ def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.n
                          f"({(n, h, w, geom.spec.c)} -> {geom.out_shape})")
     ffi, lib = _lib()
     t = ffi.new("qconv_timings *")
-    st = lib.qconv_run(handle, ffi.from_buffer("float[]", x), n, h, w, geom.pt, geom.pb, geom.pl, geom.pr,
-                       geom.ho, geom.wo, s_x, input_q, ffi.from_buffer("float[]", y, require_writable=True), t)
+    xp, yp = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y, require_writable=True)
+
+    def call(cancel: Any) -> int:
+        return lib.qconv_run(handle, xp, n, h, w, geom.pt, geom.pb, geom.pl, geom.pr, geom.ho, geom.wo,
+                             s_x, input_q, yp, t, cancel)
+
+    st = _interruptible(call) if interruptible else call(ffi.NULL)
     if st:
         codes = _codes()
         if st in (codes["QCONV_ENONFINITE"], codes["QCONV_EMAXABS"], codes["QCONV_ESCALE"]):
             raise InputStatus(st, f"{strerror(st)} (qconv status {st})")
+        if st == codes["QCONV_EOVERFLOW"]:
+            from ..contract import fp32_overflow_error
+            raise fp32_overflow_error(int(t.overflowed))
         _check(st, "qconv_run")
     return t
+
+
+def _interruptible(call: Callable[[Any], int]) -> int:
+    """call(cancel_flag) in a helper thread while this thread waits in join(), which Ctrl-C
+    interrupts (cffi releases the GIL during the C call). On KeyboardInterrupt: qconv_cancel, wait
+    for C to stop between blocks of work, re-raise. Off the main thread there is no Ctrl-C to
+    take, so the call is made directly."""
+    ffi, lib = _lib()
+    flag = ffi.new("int *")
+    if threading.current_thread() is not threading.main_thread():
+        return call(flag)
+    status: list[int] = []
+    helper = threading.Thread(target=lambda: status.append(call(flag)), name="qconv-call", daemon=True)
+    helper.start()
+    try:
+        helper.join()
+    except KeyboardInterrupt:
+        lib.qconv_cancel(flag)
+        helper.join()
+        raise
+    return status[0]
 
 
 def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s_w: float, inv: float,
