@@ -166,12 +166,15 @@ def timings(t: Any) -> dict[str, Any]:
             "s_x": t.s_x, "temporary_buffers": bool(t.temporary_buffers)}
 
 
-def _float_array(a: np.ndarray, what: str, writable: bool = False) -> None:
-    """The arrays C reads or writes: float32, C-contiguous, aligned (api.py copies any other)."""
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.aligned:
-        raise InputError(f"{what} must be an aligned C-contiguous float32 numpy array")
+def _float_array(a: np.ndarray, what: str, writable: bool = False) -> np.ndarray:
+    """An array C reads or writes: float32 and C-contiguous (api.py converts any other), and
+    aligned: a view at an odd byte offset is copied, since C reads it through float pointers
+    (undefined behaviour, which UBSan reports). Output: the caller copies the result back."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise InputError(f"{what} must be a C-contiguous float32 numpy array")
     if writable and not a.flags.writeable:
         raise InputError(f"{what} must be writeable")
+    return a if a.flags.aligned else a.copy()
 
 
 def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarray, *, groups: int = 1,
@@ -187,7 +190,7 @@ def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarra
         raise InputError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
     if not _threads_ok(threads):
         raise InputError(f"threads must be an integer in 1..{max_threads()}, got {threads!r}")
-    _float_array(w, "kernel")
+    w = _float_array(w, "kernel")
     if w.ndim != 4 or w.size == 0:
         raise InputError(f"kernel must be a non-empty 4-D (KH, KW, OC, C/groups) array, got shape {w.shape}")
     kh, kw, oc, icg = (int(d) for d in w.shape)
@@ -197,13 +200,13 @@ def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarra
     ffi, lib = _lib()
     is_int = precision != "fp32"
     if is_int:
-        sw_arr = np.ascontiguousarray(np.atleast_1d(np.asarray(s_w, dtype=np.float32)))
+        sw_arr = np.array(s_w, dtype=np.float32, ndmin=1)   # a copy: contiguous and aligned
         if sw_arr.ndim != 1 or sw_arr.size not in (1, oc) or not (np.all(np.isfinite(sw_arr)) and np.all(sw_arr > 0)):
             raise InputError(f"s_w must be one positive finite float32 or {oc} of them")
     else:
         sw_arr = np.ones(1, np.float32)
     if bias is not None:
-        _float_array(bias, "bias")
+        bias = _float_array(bias, "bias")
         if bias.shape != (oc,):
             raise InputError(f"bias must have shape ({oc},), got {bias.shape}")
     out = ffi.new("qconv_conv **")
@@ -236,8 +239,12 @@ def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.n
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == _F32 and y.dtype == _F32
             and x.flags.c_contiguous and x.flags.aligned
             and y.flags.c_contiguous and y.flags.aligned and y.flags.writeable):
-        _float_array(x, "input")
-        _float_array(y, "output", writable=True)
+        x = _float_array(x, "input")
+        y_aligned = _float_array(y, "output", writable=True)
+        if y_aligned is not y:
+            t = run(handle, x, geom, s_x, input_q, y_aligned, interruptible)
+            y[...] = y_aligned
+            return t
     n, h, w = geom.n, geom.h, geom.w
     if x.shape != (n, h, w, geom.spec.c) or y.shape != geom.out_shape:
         raise InputError(f"input {x.shape} / output {y.shape} do not match the geometry "
