@@ -18,7 +18,7 @@ import shlex
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = ["qconv.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_avx512.c", "conv_amx.c", "conv_amx_emu.c", "amx_planes.c", "conv_vnni_evex.c", "conv_vnni_vex.c",
+SOURCES = ["qconv.c", "run.c", "cpu_features.c", "peak.c", "threadpool.c", "conv_scalar.c", "conv_avx2.c", "conv_avx512.c", "conv_amx.c", "conv_amx_emu.c", "amx_planes.c", "conv_vnni_evex.c", "conv_vnni_vex.c",
            "conv_vnni_emu.c", "dwconv_scalar.c", "dwconv_avx2.c"]
 
 
@@ -40,7 +40,7 @@ ffibuilder.set_source(
     '#include "qconv.h"',
     sources=[_rel(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[_rel(HERE)],
-    depends=[_rel(os.path.join(HERE, s)) for s in ("qconv.h", "qconv_impl.h", "threadpool.h", "conv_tile.h", "conv_vnni.inc", "conv_amx.inc", "amx_emu.h")],
+    depends=[_rel(os.path.join(HERE, s)) for s in ("qconv.h", "qconv_impl.h", "driver.h", "threadpool.h", "conv_tile.h", "conv_vnni.inc", "conv_amx.inc", "amx_emu.h")],
     extra_compile_args=["-O3", "-ffp-contract=off", "-fvisibility=hidden", "-pthread", "-g0"] + shlex.split(os.environ.get("QCONV_CFLAGS", "")),
     extra_link_args=["-pthread"] + shlex.split(os.environ.get("QCONV_LDFLAGS", "")),
     libraries=["m"],

@@ -27,7 +27,9 @@ enum qconv_status {
     QCONV_ESIZE = 5,      /* a size computation would overflow */
     QCONV_ENONFINITE = 6, /* the input holds NaN or +-inf (contract.check_finite) */
     QCONV_EMAXABS = 7,    /* maxabs: q / max|x| is past float32's range (contract.maxabs_scale) */
-    QCONV_ESCALE = 8      /* 1 / (s_x * s_w[o]) is not a positive finite float32 (contract.dequant_factor) */
+    QCONV_ESCALE = 8,     /* 1 / (s_x * s_w[o]) is not a positive finite float32 (contract.dequant_factor) */
+    QCONV_EOVERFLOW = 9,  /* FP32: an output is non-finite, float32 overflowed (contract.fp32_overflow_error) */
+    QCONV_ECANCELED = 10  /* qconv_cancel stopped the call; the output is incomplete */
 };
 
 enum qconv_precision { QCONV_FP32 = 0, QCONV_INT32 = 1, QCONV_INT16 = 2, QCONV_INT8 = 3 };
@@ -98,6 +100,7 @@ typedef struct {
     int kind;            /* enum qconv_kind */
     float s_x;           /* the input scale used (integer precisions; maxabs: the one computed) */
     int temporary_buffers; /* 1: the handle's buffers were busy (another call), this call allocated */
+    int64_t overflowed;  /* FP32: outputs that came out non-finite (QCONV_EOVERFLOW when > 0) */
 } qconv_timings;
 
 /* The tile a kernel family declares for one precision (tests derive boundary shapes from it). */
@@ -148,11 +151,17 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
  * Integer precisions: s_x > 0 quantizes with s_x; s_x == 0 takes maxabs of x to input_q
  * (bit-identical to contract.maxabs_scale) in a threaded reduction. inv[o] = float32(1 /
  * (double(s_x) * double(s_w[o]))) is formed here. Non-finite x: QCONV_ENONFINITE (nothing
- * written to y past that point is meaningful). Safe to call from several threads at once: a call
- * that finds the handle's buffers busy allocates its own. */
+ * written to y past that point is meaningful). FP32 outputs that overflow float32 (NaN or inf
+ * from finite data): QCONV_EOVERFLOW, their count in timings->overflowed. cancel: NULL, or a
+ * flag that qconv_cancel may set from another thread while the call runs; the convolution then
+ * stops between blocks of work and the call returns QCONV_ECANCELED. Safe to call from several
+ * threads at once: a call that finds the handle's buffers busy allocates its own. */
 int qconv_run(qconv_conv *conv, const float *x, int64_t n, int64_t h, int64_t w,
               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t ho, int64_t wo,
-              float s_x, int64_t input_q, float *y, qconv_timings *timings);
+              float s_x, int64_t input_q, float *y, qconv_timings *timings, const int *cancel);
+
+/* Ask the qconv_run given this flag to stop (sets *flag; safe from any thread). */
+int qconv_cancel(int *flag);
 
 /* Free a prepared convolution and its buffers (NULL: nothing). */
 int qconv_release(qconv_conv *conv);

@@ -145,4 +145,9 @@ double qconv_peak_body__amx(int instr, int64_t iters);
 
 double qconv_now(void);
 
+/* cpu_features.c: the table of a kernel family (NULL: not in this build), and whether this CPU
+ * and OS run it (features detected once per process). */
+const qconv_isa_table *qconv_table_for(int isa);
+int qconv_isa_usable(int isa);
+
 #endif

@@ -51,6 +51,9 @@ export PYTHONPATH="$TMP${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONMALLOC=malloc
 LD_PRELOAD="$PRELOAD" "$PY" -c "import qconv._qconv_c as m, sys; assert m.__file__.startswith('$TMP'), m.__file__; print('sanitized extension:', m.__file__)"
 # The C-backend tests and the differential suite over the whole contract (strides, padding,
-# groups, depthwise, bias, per-channel scales, prepared calls from several threads).
+# groups, depthwise, bias, per-channel scales, prepared calls from several threads), misaligned
+# arrays (UBSan's alignment check), FP32 overflow and cancelled calls (the driver's error paths).
 LD_PRELOAD="$PRELOAD" "$PY" -m pytest "$ROOT/tests/test_cpu_backends.py" "$ROOT/tests/test_differential.py" \
+    "$ROOT/tests/test_alignment.py" "$ROOT/tests/test_fp32_overflow.py" \
+    "$ROOT/tests/test_interrupt.py::test_a_cancelled_call_stops_and_the_handle_still_works" \
     -q -p no:cacheprovider "$@"

@@ -296,6 +296,15 @@ def check_finite(a: np.ndarray, what: str) -> None:
         raise InputError(f"{what} holds {bad} non-finite value(s) (NaN or inf): qconv convolves finite data only")
 
 
+def fp32_overflow_error(count: int | None = None) -> InputError:
+    """The error every backend raises when a FP32 convolution of finite data produces a NaN or an
+    infinity (float32 overflowed; docs/SEMANTICS.md). count: the non-finite outputs, None when
+    the backend does not count them."""
+    where = "" if count is None else f" in {count} output(s)"
+    return InputError(f"the FP32 convolution overflowed float32{where}: the inputs' magnitudes are too large "
+                      f"for float32 (scale them down)")
+
+
 def nrmse(approx: np.ndarray, reference: np.ndarray) -> float:
     """sqrt(mean((x - y)^2)) / (max(Y) - min(Y)), Y the float64 reference (contract's metric)."""
     x = np.asarray(approx, dtype=np.float64)

@@ -8,7 +8,8 @@ the GIL for the duration of each call, so several Python threads may call at onc
 from __future__ import annotations
 
 import functools
-from typing import Any
+import threading
+from typing import Any, Callable
 
 import numpy as np
 
@@ -135,8 +136,8 @@ class InputStatus(InputError):
 @functools.lru_cache(maxsize=1)
 def _codes() -> dict[str, int]:
     """The C constants the hot path needs, read once."""
-    names = ("QCONV_OK", "QCONV_EINVAL", "QCONV_ENONFINITE", "QCONV_EMAXABS", "QCONV_ESCALE",
-             "QCONV_KIND_DEPTHWISE", "QCONV_FLAG_SEPARATE_DEQUANTIZE")
+    names = ("QCONV_OK", "QCONV_EINVAL", "QCONV_ENONFINITE", "QCONV_EMAXABS", "QCONV_ESCALE", "QCONV_EOVERFLOW",
+             "QCONV_ECANCELED", "QCONV_KIND_DEPTHWISE", "QCONV_FLAG_SEPARATE_DEQUANTIZE")
     return {n: _c(n) for n in names}
 
 
@@ -168,12 +169,15 @@ def timings(t: Any) -> dict[str, Any]:
             "s_x": t.s_x, "temporary_buffers": bool(t.temporary_buffers)}
 
 
-def _float_array(a: np.ndarray, what: str, writable: bool = False) -> None:
-    """The arrays C reads or writes: float32, C-contiguous, aligned (api.py copies any other)."""
-    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous or not a.flags.aligned:
-        raise InputError(f"{what} must be an aligned C-contiguous float32 numpy array")
+def _float_array(a: np.ndarray, what: str, writable: bool = False) -> np.ndarray:
+    """An array C reads or writes: float32 and C-contiguous (api.py converts any other), and
+    aligned: a view at an odd byte offset is copied, since C reads it through float pointers
+    (undefined behaviour, which UBSan reports). Output: the caller copies the result back."""
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+        raise InputError(f"{what} must be a C-contiguous float32 numpy array")
     if writable and not a.flags.writeable:
         raise InputError(f"{what} must be writeable")
+    return a if a.flags.aligned else a.copy()
 
 
 def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarray, *, groups: int = 1,
@@ -189,7 +193,7 @@ def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarra
         raise InputError(f"unknown isa {isa!r}: choose one of {', '.join(ISA_CODES)}")
     if not _threads_ok(threads):
         raise InputError(f"threads must be an integer in 1..{max_threads()}, got {threads!r}")
-    _float_array(w, "kernel")
+    w = _float_array(w, "kernel")
     if w.ndim != 4 or w.size == 0:
         raise InputError(f"kernel must be a non-empty 4-D (KH, KW, OC, C/groups) array, got shape {w.shape}")
     kh, kw, oc, icg = (int(d) for d in w.shape)
@@ -199,13 +203,13 @@ def prepare(precision: str, isa: str, threads: int, truncate: bool, w: np.ndarra
     ffi, lib = _lib()
     is_int = precision != "fp32"
     if is_int:
-        sw_arr = np.ascontiguousarray(np.atleast_1d(np.asarray(s_w, dtype=np.float32)))
+        sw_arr = np.array(s_w, dtype=np.float32, ndmin=1)   # a copy: contiguous and aligned
         if sw_arr.ndim != 1 or sw_arr.size not in (1, oc) or not (np.all(np.isfinite(sw_arr)) and np.all(sw_arr > 0)):
             raise InputError(f"s_w must be one positive finite float32 or {oc} of them")
     else:
         sw_arr = np.ones(1, np.float32)
     if bias is not None:
-        _float_array(bias, "bias")
+        bias = _float_array(bias, "bias")
         if bias.shape != (oc,):
             raise InputError(f"bias must have shape ({oc},), got {bias.shape}")
     out = ffi.new("qconv_conv **")
@@ -227,30 +231,66 @@ def release(handle: Any) -> None:
     ffi.release(handle)
 
 
-def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.ndarray) -> Any:
+def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.ndarray,
+        interruptible: bool = False) -> Any:
     """qconv_run into y. geom: a contract.Geometry (pads and output size). s_x: the input scale,
-    or 0 with input_q for maxabs computed in C. Raises InputStatus for non-finite input values and
-    scales out of float32's range (the caller words those), InputError/BackendError otherwise.
+    or 0 with input_q for maxabs computed in C. interruptible: run the C call in a helper thread
+    so that Ctrl-C stops it (for long calls; see _interruptible). Raises InputStatus for non-finite
+    input values and scales out of float32's range (the caller words those),
+    contract.fp32_overflow_error when FP32 overflowed, InputError/BackendError otherwise.
     Returns the qconv_timings struct (timings() makes it a dict; .s_x is the scale used)."""
     if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and x.dtype == _F32 and y.dtype == _F32
             and x.flags.c_contiguous and x.flags.aligned
             and y.flags.c_contiguous and y.flags.aligned and y.flags.writeable):
-        _float_array(x, "input")
-        _float_array(y, "output", writable=True)
+        x = _float_array(x, "input")
+        y_aligned = _float_array(y, "output", writable=True)
+        if y_aligned is not y:
+            t = run(handle, x, geom, s_x, input_q, y_aligned, interruptible)
+            y[...] = y_aligned
+            return t
     n, h, w = geom.n, geom.h, geom.w
     if x.shape != (n, h, w, geom.spec.c) or y.shape != geom.out_shape:
         raise InputError(f"input {x.shape} / output {y.shape} do not match the geometry "
                          f"({(n, h, w, geom.spec.c)} -> {geom.out_shape})")
     ffi, lib = _lib()
     t = ffi.new("qconv_timings *")
-    st = lib.qconv_run(handle, ffi.from_buffer("float[]", x), n, h, w, geom.pt, geom.pb, geom.pl, geom.pr,
-                       geom.ho, geom.wo, s_x, input_q, ffi.from_buffer("float[]", y, require_writable=True), t)
+    xp, yp = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y, require_writable=True)
+
+    def call(cancel: Any) -> int:
+        return lib.qconv_run(handle, xp, n, h, w, geom.pt, geom.pb, geom.pl, geom.pr, geom.ho, geom.wo,
+                             s_x, input_q, yp, t, cancel)
+
+    st = _interruptible(call) if interruptible else call(ffi.NULL)
     if st:
         codes = _codes()
         if st in (codes["QCONV_ENONFINITE"], codes["QCONV_EMAXABS"], codes["QCONV_ESCALE"]):
             raise InputStatus(st, f"{strerror(st)} (qconv status {st})")
+        if st == codes["QCONV_EOVERFLOW"]:
+            from ..contract import fp32_overflow_error
+            raise fp32_overflow_error(int(t.overflowed))
         _check(st, "qconv_run")
     return t
+
+
+def _interruptible(call: Callable[[Any], int]) -> int:
+    """call(cancel_flag) in a helper thread while this thread waits in join(), which Ctrl-C
+    interrupts (cffi releases the GIL during the C call). On KeyboardInterrupt: qconv_cancel, wait
+    for C to stop between blocks of work, re-raise. Off the main thread there is no Ctrl-C to
+    take, so the call is made directly."""
+    ffi, lib = _lib()
+    flag = ffi.new("int *")
+    if threading.current_thread() is not threading.main_thread():
+        return call(flag)
+    status: list[int] = []
+    helper = threading.Thread(target=lambda: status.append(call(flag)), name="qconv-call", daemon=True)
+    helper.start()
+    try:
+        helper.join()
+    except KeyboardInterrupt:
+        lib.qconv_cancel(flag)
+        helper.join()
+        raise
+    return status[0]
 
 
 def conv2d(precision: str, isa: str, threads: int, truncate: bool, s_x: float, s_w: float, inv: float,

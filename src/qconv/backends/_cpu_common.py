@@ -5,6 +5,7 @@ input scale (given, or maxabs reduced in C), quantizes and pads the input in one
 that also refuses non-finite values, convolves, and dequantizes (+ bias) into the caller's `out`
 when given. No numpy pass over the input on this path. The handle keeps its work buffers between
 calls; a call from a second Python thread while another runs allocates its own (C does it).
+A call long enough for a user to press Ctrl-C during it runs interruptibly (_cext._interruptible).
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def c_tiles(isa: str, precision: Precision) -> Tile:
                 (t["nr"], t["nr"] // 2) if half else (t["nr"],),
                 tuple(sorted({t["grp"], t["cpad"]})), t["dw_block"])
 
+# A call estimated to take at least INTERRUPTIBLE_S (at a typical rate per thread: 1e9 MAC/s
+# scalar, 2e10 SIMD) runs in a helper thread so that Ctrl-C can stop it; a shorter one is not
+# worth a thread start (~0.1 ms).
+INTERRUPTIBLE_S = 0.05
+
 
 class Prepared:
     """A kernel packed in C for one backend configuration; run() is safe from several threads."""
@@ -45,11 +51,13 @@ class Prepared:
         # Integer precisions: a fixed s_x, or 0 and Q for maxabs of each input, computed in C.
         self._s_x = float(plan.s_x) if self._int and plan.s_x is not None else 0.0
         self._q = int(plan.input_q or 0) if self._int and plan.s_x is None else 0
+        self._macs_per_s = (1e9 if isa == "scalar" else 2e10) * threads
 
     def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None) -> BackendRun:
         y = np.empty(geom.out_shape, np.float32) if out is None else out
         try:
-            t = _cext.run(self._handle, x, geom, self._s_x, self._q, y)
+            long = geom.flops / 2 >= INTERRUPTIBLE_S * self._macs_per_s
+            t = _cext.run(self._handle, x, geom, self._s_x, self._q, y, interruptible=long)
         except _cext.InputStatus as e:
             self._explain(e, x)
             raise

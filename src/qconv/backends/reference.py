@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from ..contract import Geometry, check_finite, Plan, Precision, conv2d_direct, conv2d_int_wrapped, dequant_factor, dequantize, \
-    quantize, quantize_kernel
+from ..contract import Geometry, check_finite, Plan, Precision, conv2d_direct, conv2d_int_wrapped, \
+    dequant_factor, dequantize, fp32_overflow_error, quantize, quantize_kernel
 from .base import BackendRun, check_options, run_once
 
 NAME = "reference"
@@ -36,10 +36,13 @@ class Prepared:
         plan, clock = self.plan, time.perf_counter
         if plan.precision is Precision.FP32:
             t0 = clock()
-            y = conv2d_direct(x, self.w, geom, np.float32)
-            if plan.bias is not None:
-                y += plan.bias
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below
+                y = conv2d_direct(x, self.w, geom, np.float32)
+                if plan.bias is not None:
+                    y += plan.bias
             t1 = clock()
+            if not np.isfinite(y).all():
+                raise fp32_overflow_error(int(np.count_nonzero(~np.isfinite(y))))
             return BackendRun(_into(out, y), {"convolve": t1 - t0})
         t0 = clock()
         s_x = plan.input_scale(x)

@@ -1,0 +1,548 @@
+/* run.c - qconv_run: one call of a prepared convolution as one pool job (maxabs reduction,
+ * quantize + pad, the convolution, the dequantize), its phases separated by barriers; FP32
+ * overflow checked and the cancel flag polled between blocks of the convolution. */
+#define _POSIX_C_SOURCE 200809L
+#include "qconv.h"
+
+#include <float.h>
+#include <math.h>
+
+#include "driver.h"
+#include "threadpool.h"
+
+/* Worker ith's share [*lo, *hi) of [0, total) in whole 16-element vectors (the last share ends
+ * at total). */
+static void split_vectors(int64_t total, int ith, int nth, long long *lo, long long *hi)
+{
+    qconv_split((total + 15) / 16, ith, nth, lo, hi);
+    *lo *= 16;
+    *hi = *hi * 16 < total ? *hi * 16 : total;
+}
+
+/* contract.maxabs_scale, bit for bit: s = float32(q / m) in double, stepped down while the
+ * float32 product m * s rounds past q; m == 0 -> 1. QCONV_EMAXABS where q / m overflows float32. */
+static int maxabs_scale(float m, int64_t q, float *out)
+{
+    if (m == 0.0f) {
+        *out = 1.0f;
+        return QCONV_OK;
+    }
+    float s = (float)((double)q / (double)m);
+    if (!isfinite(s))
+        return QCONV_EMAXABS;
+    while ((double)(m * s) > (double)q)
+        s = nextafterf(s, 0.0f);
+    *out = s;
+    return QCONV_OK;
+}
+
+/* Make *p hold at least `bytes` (64-byte aligned; old contents are not kept). */
+static int grow(void **p, int64_t *have, int64_t bytes)
+{
+    if (bytes <= *have && *p != NULL)
+        return QCONV_OK;
+    free(*p);
+    *p = alloc64(bytes);
+    *have = *p != NULL ? bytes : 0;
+    return *p != NULL ? QCONV_OK : QCONV_ENOMEM;
+}
+
+/* ---- per-call jobs ------------------------------------------------------------------------ */
+
+typedef struct {
+    const qconv_conv *cv;
+    const qconv_isa_table *t;
+    const float *x;
+    int64_t n, h, w, pt, pl, ho, wo, hp, wp;
+    float s;
+    int32_t qmax;
+    int64_t input_q;            /* maxabs's Q (0: s is given) */
+    int store;
+    int separate;               /* integers: a dequantize phase after the convolution */
+    void *xq;
+    int32_t *acc;
+    float *y;
+    const int *cancel;          /* NULL, or the caller's flag: stop between blocks once it is set */
+    workspace *ws;
+    const float *inv, *inv_pad;
+    qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
+    int split_rows;
+    /* depthwise */
+    char *dw;                   /* ring area, dw_worker bytes per worker */
+    int64_t dw_worker, row_bytes;
+    const void *zero_row;
+    qconv_dw_args dwa;
+    /* set by thread 0 between barriers */
+    int st;                     /* maxabs: the scale's status */
+    double t1, t2, t3;          /* the scale known, the quantize done, the convolution done */
+    /* results per worker */
+    float part[QCONV_MAX_THREADS];
+    int bad[QCONV_MAX_THREADS];         /* non-finite input */
+    int stopped[QCONV_MAX_THREADS];     /* left work undone: the call was cancelled */
+    int64_t overflowed[QCONV_MAX_THREADS];  /* FP32: non-finite outputs */
+} run_job;
+
+/* Output values per block of the convolution: the cancel flag is polled between blocks, and
+ * FP32 checks a block's outputs for overflow while they are still in cache. */
+#define BLOCK_OUTPUTS (32 * 1024)
+
+static int cancelled(const run_job *j)
+{
+    return j->cancel != NULL && __atomic_load_n(j->cancel, __ATOMIC_RELAXED) != 0;
+}
+
+/* How many of v[0..count) are NaN or infinite (a loop the compiler vectorizes). */
+static int64_t count_nonfinite(const float *v, int64_t count)
+{
+    int64_t bad = 0;
+    for (int64_t i = 0; i < count; i++)
+        bad += !(fabsf(v[i]) <= FLT_MAX);
+    return bad;
+}
+
+/* FP32: the non-finite values among y's rows [r0, r1) of the flattened N*HO axis, channels
+ * [c0, c1) of each group. */
+static int64_t overflowed_outputs(const run_job *j, int64_t r0, int64_t r1, int64_t c0, int64_t c1)
+{
+    const qconv_conv *cv = j->cv;
+    if (cv->groups == 1 && c0 == 0 && c1 == cv->oc)
+        return count_nonfinite(j->y + r0 * j->wo * cv->oc, (r1 - r0) * j->wo * cv->oc);
+    int64_t bad = 0;
+    for (int64_t p = r0 * j->wo; p < r1 * j->wo; p++)
+        for (int64_t g = 0; g < cv->groups; g++)
+            bad += count_nonfinite(j->y + p * cv->oc + g * cv->ocg + c0, c1 - c0);
+    return bad;
+}
+
+/* max|x| and non-finite values over this worker's share of x. */
+static void absmax_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    long long lo, hi;
+    split_vectors(j->n * j->h * j->w * j->cv->c, ith, nth, &lo, &hi);
+    int bad = 0;
+    j->part[ith] = lo < hi ? j->t->absmax(j->x + lo, hi - lo, &bad) : 0.0f;
+    j->bad[ith] = bad;
+}
+
+/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), one padded row at a time;
+ * padding rows, columns and channels hold zero's representation. */
+static void quantize_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix, c = cv->c;
+    const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
+    long long lo, hi;
+    int bad = 0;
+    qconv_split(j->n * j->hp, ith, nth, &lo, &hi);
+    for (long long r = lo; r < hi; r++) {
+        int64_t n = r / j->hp, i = r % j->hp - j->pt;
+        char *row = (char *)j->xq + (size_t)(r * row_el) * es;
+        if (i < 0 || i >= j->h) {
+            memset(row, zero, (size_t)row_el * es);
+            continue;
+        }
+        const float *src = j->x + ((n * j->h + i) * j->w) * c;
+        if (cv->cp == cv->icg) {   /* dense: the row's pixels are contiguous in x */
+            memset(row, zero, (size_t)(j->pl * pix) * es);
+            memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
+            bad |= j->t->quantize(src, j->w * c, j->s, j->qmax, cv->truncate, j->store,
+                                  row + (size_t)(j->pl * pix) * es);
+        } else {                   /* each group's channels padded to cp */
+            memset(row, zero, (size_t)row_el * es);
+            for (int64_t q = 0; q < j->w; q++)
+                for (int64_t g = 0; g < cv->groups; g++)
+                    bad |= j->t->quantize(src + q * c + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate,
+                                          j->store, row + (size_t)((j->pl + q) * pix + g * cv->cp) * es);
+        }
+    }
+    j->bad[ith] = bad;
+}
+
+/* This worker's share: the larger of output rows and OC blocks is split. The rows go in blocks
+ * of about BLOCK_OUTPUTS outputs, every group in turn within a block. */
+static void conv_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    qconv_conv_fn fn = j->t->conv[cv->precision];
+    const size_t xes = store_size(j->store), wes = store_size(cv->wstore);
+    const int64_t rows = j->n * j->ho;
+    long long lo = 0, hi = rows, b0 = 0, b1 = cv->nocb;
+    if (j->split_rows)
+        qconv_split(rows, ith, nth, &lo, &hi);
+    else
+        qconv_split(cv->nocb, ith, nth, &b0, &b1);
+    if (lo >= hi || b0 >= b1)
+        return;
+    const int64_t step = BLOCK_OUTPUTS / (j->wo * cv->oc) > 1 ? BLOCK_OUTPUTS / (j->wo * cv->oc) : 1;
+    const int64_t c0 = b0 * cv->nr, c1 = b1 * cv->nr < cv->ocg ? b1 * cv->nr : cv->ocg;
+    for (int64_t r0 = lo; r0 < hi; r0 += step) {
+        if (cancelled(j)) {
+            j->stopped[ith] = 1;
+            return;
+        }
+        const int64_t r1 = r0 + step < hi ? r0 + step : hi;
+        for (int64_t g = 0; g < cv->groups; g++) {
+            qconv_conv_args a = j->base;
+            a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
+            a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
+            a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
+            a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
+            a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
+            a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
+            fn(&a, r0, r1, b0, b1);
+        }
+        if (cv->precision == QCONV_FP32)
+            j->overflowed[ith] += overflowed_outputs(j, r0, r1, c0, c1);
+    }
+}
+
+static void dequantize_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    long long lo, hi;
+    qconv_split(j->n * j->ho * j->wo, ith, nth, &lo, &hi);
+    if (lo < hi)
+        j->t->dequantize(j->acc + lo * cv->oc, hi - lo, cv->oc, j->inv, cv->bias, j->y + lo * cv->oc);
+}
+
+/* Depthwise: quantize input row ii of image n into a padded ring row (WP pixels of ocp channels;
+ * each input channel replicated `mult` times). tmp: W * OC floats for the replication. */
+static int dw_fill_row(const run_job *j, int64_t n, int64_t ii, char *row, float *tmp)
+{
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t ocp = cv->ocp, oc = cv->oc, c = cv->c, w = j->w;
+    const float *src = j->x + ((n * j->h + ii) * w) * c;
+    int bad = 0;
+    memset(row, 0, (size_t)(j->pl * ocp) * es);
+    memset(row + (size_t)((j->pl + w) * ocp) * es, 0, (size_t)((j->wp - j->pl - w) * ocp) * es);
+    if (cv->mult > 1) {
+        for (int64_t q = 0; q < w; q++)
+            for (int64_t o = 0; o < oc; o++)
+                tmp[q * oc + o] = src[q * c + o / cv->mult];
+        src = tmp;
+    }
+    char *dst = row + (size_t)(j->pl * ocp) * es;
+    if (ocp == oc)
+        return j->t->quantize(src, w * oc, j->s, j->qmax, cv->truncate, j->store, dst);
+    for (int64_t q = 0; q < w; q++) {
+        bad |= j->t->quantize(src + q * oc, oc, j->s, j->qmax, cv->truncate, j->store, dst + (size_t)(q * ocp) * es);
+        memset(dst + (size_t)(q * ocp + oc) * es, 0, (size_t)(ocp - oc) * es);
+    }
+    return bad;
+}
+
+/* Depthwise, one pass over x: this worker's output rows, each from KH padded rows kept in a ring
+ * (a row shared by consecutive output rows is quantized once). Input rows that no output row
+ * reads (stride > KH, or past the last output row) are still checked for non-finite values. */
+static void dw_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t kh = cv->kh, kw = cv->kw, ocp = cv->ocp;
+    char *mine = j->dw + (size_t)(ith * j->dw_worker);
+    const void **taps = (const void **)(void *)mine;                          /* kh*kw */
+    int64_t *slot_of = (int64_t *)(void *)(mine + round_up(kh * kw * (int64_t)sizeof(void *), 64));  /* kh */
+    char *ring = mine + round_up(kh * kw * (int64_t)sizeof(void *), 64) + round_up(kh * 8, 64);
+    float *tmp = (float *)(void *)(ring + kh * j->row_bytes);
+    for (int64_t u = 0; u < kh; u++)
+        slot_of[u] = -1;
+    long long lo, hi;
+    int bad = 0;
+    qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
+    for (long long r = lo; r < hi; r++) {
+        if (cancelled(j)) {
+            j->stopped[ith] = 1;
+            break;
+        }
+        const int64_t n = r / j->ho, i = r % j->ho;
+        for (int64_t u = 0; u < kh; u++) {
+            const int64_t pr = i * cv->sh + u, ii = pr - j->pt;
+            const char *row;
+            if (ii < 0 || ii >= j->h) {
+                row = j->zero_row;
+            } else {
+                const int64_t slot = pr % kh, key = n * j->hp + pr;
+                char *sr = ring + slot * j->row_bytes;
+                if (slot_of[slot] != key) {
+                    bad |= dw_fill_row(j, n, ii, sr, tmp);
+                    slot_of[slot] = key;
+                }
+                row = sr;
+            }
+            for (int64_t v = 0; v < kw; v++)
+                taps[u * kw + v] = row + (size_t)(v * ocp) * es;
+        }
+        /* Rows this output row owns but does not read: [i*sh - pt + KH, next row's first). */
+        int64_t own_end = i == j->ho - 1 ? j->h : (i + 1) * cv->sh - j->pt;
+        for (int64_t ii = i * cv->sh - j->pt + kh; ii < own_end; ii++)
+            if (ii >= 0 && ii < j->h)
+                (void)j->t->absmax(j->x + ((n * j->h + ii) * j->w) * cv->c, j->w * cv->c, &bad);
+        float *yr = j->y + r * j->wo * cv->oc;
+        j->t->dw[cv->precision](&j->dwa, taps, yr);
+        if (cv->precision == QCONV_FP32)
+            j->overflowed[ith] += count_nonfinite(yr, j->wo * cv->oc);
+    }
+    j->bad[ith] = bad;
+}
+
+static int any_bad(const run_job *j, int nth)
+{
+    int bad = 0;
+    for (int i = 0; i < nth; i++)
+        bad |= j->bad[i];
+    return bad;
+}
+
+static int any_stopped(const run_job *j, int nth)
+{
+    int stopped = 0;
+    for (int i = 0; i < nth; i++)
+        stopped |= j->stopped[i];
+    return stopped;
+}
+
+/* The input scale (maxabs: from the workers' partial maxima, refusing non-finite input), then
+ * inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) and its zero-padded copy. */
+static int scale_step(run_job *j, int nth)
+{
+    const qconv_conv *cv = j->cv;
+    workspace *ws = j->ws;
+    if (j->input_q > 0) {
+        if (any_bad(j, nth))
+            return QCONV_ENONFINITE;
+        float m = 0.0f;
+        for (int i = 0; i < nth; i++)
+            m = j->part[i] > m ? j->part[i] : m;
+        int st = maxabs_scale(m, j->input_q, &j->s);
+        if (st != QCONV_OK)
+            return st;
+    }
+    for (int64_t o = 0; o < cv->oc; o++) {
+        float inv = (float)(1.0 / ((double)j->s * (double)cv->s_w[o]));
+        if (!(isfinite(inv) && inv > 0))
+            return QCONV_ESCALE;
+        ws->inv[o] = inv;
+    }
+    memset(ws->inv_pad, 0, (size_t)cv->pad_n * 4);
+    if (cv->kind == QCONV_KIND_DEPTHWISE)
+        memcpy(ws->inv_pad, ws->inv, (size_t)cv->oc * 4);
+    else
+        for (int64_t g = 0; g < cv->groups; g++)
+            memcpy(ws->inv_pad + g * cv->nocbp, ws->inv + g * cv->ocg, (size_t)cv->ocg * 4);
+    return QCONV_OK;
+}
+
+/* A whole call as one pool job, its phases separated by barriers (one wake-up of the workers
+ * per call, not one per phase). Thread 0 takes the phase times at the barriers. Every thread
+ * takes the same branches: they read only what a barrier has published. */
+static void call_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    if (j->input_q > 0) {
+        absmax_task(j, ith, nth);
+        qconv_pool_barrier(nth);
+        if (ith == 0) {
+            j->st = scale_step(j, nth);
+            j->t1 = qconv_now();
+        }
+        qconv_pool_barrier(nth);
+        if (j->st != QCONV_OK)
+            return;
+    }
+    if (j->cv->kind == QCONV_KIND_DEPTHWISE) {
+        dw_task(j, ith, nth);   /* quantize fused into the convolution, one pass over x */
+        return;
+    }
+    quantize_task(j, ith, nth);
+    qconv_pool_barrier(nth);
+    if (any_bad(j, nth))
+        return;
+    if (ith == 0)
+        j->t2 = qconv_now();
+    conv_task(j, ith, nth);
+    if (!j->separate)
+        return;
+    qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution rows or OC blocks */
+    if (ith == 0)
+        j->t3 = qconv_now();
+    if (!any_stopped(j, nth))
+        dequantize_task(j, ith, nth);
+}
+
+/* ---- qconv_run ---------------------------------------------------------------------------- */
+
+/* Grow ws for this call's geometry. */
+static int ws_reserve(workspace *ws, const qconv_conv *cv, int64_t xq_bytes, int64_t acc_bytes, int64_t dw_bytes)
+{
+    int st;
+    if (xq_bytes > 0 && (st = grow(&ws->xq, &ws->xq_bytes, xq_bytes)) != QCONV_OK)
+        return st;
+    if (acc_bytes > 0 && (st = grow((void **)&ws->acc, &ws->acc_bytes, acc_bytes)) != QCONV_OK)
+        return st;
+    if (dw_bytes > 0 && (st = grow((void **)&ws->dw, &ws->dw_bytes, dw_bytes)) != QCONV_OK)
+        return st;
+    if ((st = grow((void **)&ws->inv, &ws->inv_n, cv->oc * 4)) != QCONV_OK)
+        return st;
+    return grow((void **)&ws->inv_pad, &ws->inv_pad_n, cv->pad_n * 4);
+}
+
+int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
+              int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t ho, int64_t wo,
+              float s_x, int64_t input_q, float *y, qconv_timings *timings, const int *cancel)
+{
+    if (cv == NULL || x == NULL || y == NULL || timings == NULL || n <= 0 || h <= 0 || w <= 0 ||
+        pt < 0 || pb < 0 || pl < 0 || pr < 0 || pt >= cv->kh || pb >= cv->kh || pl >= cv->kw || pr >= cv->kw)
+        return QCONV_EINVAL;
+    const int64_t hp = h + pt + pb, wp = w + pl + pr;
+    if (hp < cv->kh || wp < cv->kw || ho != (hp - cv->kh) / cv->sh + 1 || wo != (wp - cv->kw) / cv->sw + 1)
+        return QCONV_EINVAL;
+    const int is_int = cv->precision != QCONV_FP32;
+    const int32_t qmax = is_int ? qmax_of(cv->precision) : 0;
+    if (is_int && !(s_x == 0.0f ? input_q >= 1 && input_q <= qmax : isfinite(s_x) && s_x > 0))
+        return QCONV_EINVAL;
+    const qconv_isa_table *t = cv->t;
+    const int nth = cv->threads;
+    const int dw = cv->kind == QCONV_KIND_DEPTHWISE;
+    const size_t xes = store_size(cv->xstore);
+
+    /* Sizes (elements), refusing anything past 2^48. */
+    int64_t nx = n, npad = n, ny = n;
+    if (checked_mul(&nx, h) || checked_mul(&nx, w) || checked_mul(&nx, cv->c) ||
+        checked_mul(&npad, hp) || checked_mul(&npad, wp) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
+        checked_mul(&ny, ho) || checked_mul(&ny, wo) || checked_mul(&ny, cv->oc))
+        return QCONV_ESIZE;
+    const int separate = is_int && !cv->fused;
+    int64_t xq_bytes = 0, acc_bytes = 0, dw_bytes = 0, dw_worker = 0, row_bytes = 0;
+    if (dw) {
+        row_bytes = round_up(wp * cv->ocp * (int64_t)xes, 64);
+        dw_worker = round_up(cv->kh * cv->kw * (int64_t)sizeof(void *), 64) + round_up(cv->kh * 8, 64) +
+                    cv->kh * row_bytes + (cv->mult > 1 ? round_up(w * cv->oc * 4, 64) : 0);
+        dw_bytes = row_bytes + nth * dw_worker;   /* the zero row, then the workers' areas */
+    } else {
+        xq_bytes = npad * (int64_t)xes;
+        if (t->xslack[cv->precision] > 0)   /* tiles that read past a row's last pixel (AMX) */
+            xq_bytes += (t->xslack[cv->precision] * cv->sw * cv->groups * cv->cp + 64) * (int64_t)xes;
+        acc_bytes = separate ? ny * 4 : 0;
+    }
+
+    /* The handle's buffers, or this call's own when another call holds them. */
+    workspace tmp_ws;
+    memset(&tmp_ws, 0, sizeof tmp_ws);
+    workspace *ws = &tmp_ws;
+    const int own = pthread_mutex_trylock(&cv->lock) == 0;
+    if (own)
+        ws = &cv->ws;
+    int st = ws_reserve(ws, cv, xq_bytes, acc_bytes, dw_bytes);
+    if (st != QCONV_OK)
+        goto out;
+
+    run_job *j = malloc(sizeof *j);   /* ~2 KB of per-worker slots: not on a worker's stack */
+    if (j == NULL) {
+        st = QCONV_ENOMEM;
+        goto out;
+    }
+    memset(j, 0, offsetof(run_job, part));
+    memset(j->stopped, 0, sizeof j->stopped);
+    memset(j->overflowed, 0, sizeof j->overflowed);
+    j->cv = cv; j->t = t; j->x = x;
+    j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
+    j->qmax = qmax;
+    j->input_q = is_int && s_x == 0.0f ? input_q : 0;
+    j->s = is_int ? s_x : 1.0f;
+    j->store = cv->xstore;
+    j->separate = separate;
+    j->y = y;
+    j->cancel = cancel;
+    j->ws = ws;
+    j->inv = ws->inv;
+    j->inv_pad = is_int ? ws->inv_pad : NULL;
+    if (dw) {
+        j->dw = ws->dw + row_bytes;
+        j->dw_worker = dw_worker;
+        j->row_bytes = row_bytes;
+        memset(ws->dw, 0, (size_t)row_bytes);
+        j->zero_row = ws->dw;
+        j->dwa.precision = cv->precision;
+        j->dwa.kh = cv->kh; j->dwa.kw = cv->kw; j->dwa.sw = cv->sw; j->dwa.wo = wo;
+        j->dwa.oc = cv->oc; j->dwa.ocp = cv->ocp;
+        j->dwa.w = cv->dww;
+        j->dwa.inv = j->inv_pad;
+        j->dwa.bias = cv->bias_pad;
+    } else {
+        j->xq = ws->xq;
+        j->acc = ws->acc;
+        qconv_conv_args *a = &j->base;
+        a->precision = cv->precision;
+        a->n = n; a->ho = ho; a->wo = wo;
+        a->c = cv->icg; a->kh = cv->kh; a->kw = cv->kw; a->oc = cv->ocg;
+        a->cp = cv->cp; a->grp = cv->grp; a->nr = cv->nr; a->nocb = cv->nocb;
+        a->pix = cv->groups * cv->cp;
+        a->xstep = cv->sw * a->pix;
+        a->row = wp * a->pix;
+        a->rstep = cv->sh * a->row;
+        a->img = hp * a->row;
+        a->ldy = cv->oc;
+        a->wblk = cv->wblk;
+        a->out = separate ? (void *)ws->acc : (void *)y;
+        a->fused = cv->fused;
+        j->split_rows = n * ho >= cv->nocb;
+    }
+    memset(timings, 0, sizeof *timings);
+
+    /* One pool job: [maxabs, the scale,] quantize, convolve[, dequantize] (call_task). A given
+     * scale's inv[] is formed here first; maxabs's by thread 0 inside the job. */
+    double t0 = qconv_now();
+    if (is_int && j->input_q == 0 && (st = scale_step(j, nth)) != QCONV_OK)
+        goto done;
+    j->t1 = qconv_now();
+    if ((st = qconv_pool_run(nth, call_task, j)) != QCONV_OK)
+        goto done;
+    const double tend = qconv_now();
+    if (j->st != QCONV_OK) {
+        st = j->st;
+        goto done;
+    }
+    if (any_bad(j, nth)) {
+        st = QCONV_ENONFINITE;
+        goto done;
+    }
+    if (any_stopped(j, nth)) {
+        st = QCONV_ECANCELED;
+        goto done;
+    }
+    for (int i = 0; i < nth; i++)
+        timings->overflowed += j->overflowed[i];
+    if (timings->overflowed > 0) {
+        st = QCONV_EOVERFLOW;
+        goto done;
+    }
+    const double t2 = dw ? j->t1 : j->t2, t3 = separate ? j->t3 : tend;
+    if (is_int) {
+        timings->quantize = t2 - t0;
+        timings->s_x = j->s;
+    } else {
+        timings->pack = t2 - t0;   /* fp32: the padded copy of x */
+    }
+    timings->convolve = t3 - t2;
+    timings->dequantize = separate ? tend - t3 : 0.0;
+    timings->isa = cv->isa;
+    timings->threads = nth;
+    timings->fused_dequantize = cv->fused;
+    timings->kind = cv->kind;
+    timings->temporary_buffers = !own;
+done:
+    free(j);
+out:
+    if (own)
+        pthread_mutex_unlock(&cv->lock);
+    else
+        ws_free(&tmp_ws);
+    return st;
+}
