@@ -240,7 +240,8 @@ def test_every_level_declares_the_instructions_that_bound_it():
     best = _cext.best_isa("auto")
     for p in Precision:
         want = c_avx2.BOUND_INSTRUCTIONS[best][p.value]
-        assert c_avx2.bound_instruction({}, p) == (None if want is None else (want, 1))
+        per_mac = c_avx2.PRODUCTS_PER_MAC.get((best, p.value), 1)
+        assert c_avx2.bound_instruction({}, p) == (None if want is None else (want, per_mac))
         assert c_avx2.bound_instruction({"isa": "avx2"}, p)[0] == {"fp32": "fma", "int32": "mullo"}.get(p.value, "madd")
     assert c_scalar.bound_instruction({}, Precision.FP32) == ("scalar-fma", 1)
     assert c_scalar.bound_instruction({}, Precision.INT8) is None

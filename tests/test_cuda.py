@@ -373,7 +373,8 @@ def _run(x, w, precision, opts=None, *, scale=None, **layer):
     """A cuda call with these options, checked against the contract (checks.assert_matches)."""
     q = {"scale": scale} if Precision(precision).is_integer else {}
     y = qconv.conv2d(x, w, precision, backend="cuda", **layer, **q, **(opts or {}))
-    assert_matches(y, x, w, precision, layer, scale=scale, bias=layer.get("bias"), what=f"cuda {precision} {opts}")
+    bias = layer.pop("bias", None)
+    assert_matches(y, x, w, precision, layer, scale=scale, bias=bias, what=f"cuda {precision} {opts}")
     return y
 
 

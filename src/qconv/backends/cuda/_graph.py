@@ -36,14 +36,14 @@ class _GraphRecord:
     """The graph's call record: its slot is written by every replay; reading it waits for the
     stream (the last replay) and raises the contract's error for what that replay saw."""
 
-    def __init__(self, ctx: Any, slot: tuple[int, int], plan: Any) -> None:
-        self.ctx, self.slot, self.plan = ctx, slot, plan
+    def __init__(self, ctx: Any, slot: tuple[int, int], plan: Any, x: Any) -> None:
+        self.ctx, self.slot, self.plan, self.x = ctx, slot, plan, x   # the graph keeps its input alive
 
     def resolve(self) -> "_GraphRecord":
         from ._prepared import QSlot, _flag_error
         self.ctx.rt.make_current()
         _driver.ck(self.ctx.rt.drv.cuStreamSynchronize(self.ctx.stream), "cuStreamSynchronize")
-        err = _flag_error(QSlot.from_address(self.slot[0]), self.plan)
+        err = _flag_error(QSlot.from_address(self.slot[0]), self.plan, self.x)
         if err is not None:
             raise err
         return self
@@ -87,7 +87,7 @@ class Captured:
                 graph = _driver.ck(drv.cuStreamEndCapture(ctx.stream), "cuStreamEndCapture")
             self._graph = graph
             self._exec = _driver.ck(drv.cuGraphInstantiate(graph, 0), "cuGraphInstantiate")
-        self._record = _GraphRecord(ctx, self.slot, prep.plan)
+        self._record = _GraphRecord(ctx, self.slot, prep.plan, x)
         if isinstance(self.output, _arrays.DeviceArray):
             self.output._record = self._record
         self.shape = tuple(job.out_shape)

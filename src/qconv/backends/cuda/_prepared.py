@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import ctypes
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ...contract import (ConvSpec, Geometry, Plan, Precision, conv_spec, dequant_factor, maxabs_scale,
+from ...contract import (ConvSpec, Geometry, Plan, Precision, check_finite, conv_spec, dequant_factor, maxabs_scale,
                          quantize_kernel)
 from ...errors import BackendError, InputError
 from ..base import PHASES, BackendRun, check_options
@@ -107,10 +108,11 @@ class Record:
     the call's last kernel) and its timing events. resolve() waits for the call, reads them once
     and gives them back."""
 
-    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "plan", "_phases", "_s_x", "_error", "_done")
+    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "plan", "x", "_phases", "_s_x", "_error", "_done")
 
-    def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool, plan: Plan) -> None:
+    def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool, plan: Plan, x: Any = None) -> None:
         self.ctx, self.maxabs, self.plan = ctx, maxabs, plan
+        self.x = _weak(x)  # a device input is not kept alive by its output's record
         self.slot = ctx.take_slot()
         self.events = ctx.take_events(n_events) if n_events else []
         self.marks: list[tuple[str, int, int]] = []   # (phase, from event, to event)
@@ -134,7 +136,8 @@ class Record:
             self._phases = ph
             if self.maxabs:
                 self._s_x = np.float32(slot.s_x)
-            self._error = _flag_error(slot, self.plan)
+            self._error = _flag_error(slot, self.plan, self.x())
+            self.x = None
             self._release()
         if self._error:
             raise self._error.with_traceback(None)
@@ -161,11 +164,27 @@ class Record:
             pass
 
 
-def _flag_error(slot: QSlot, plan: Plan) -> InputError | None:
+def _weak(x: Any) -> Any:
+    """A callable giving x back: x itself for host arrays (their call resolves before it returns),
+    a weak reference for device arrays where they allow one, else a callable giving None."""
+    if x is None or not isinstance(x, np.ndarray):
+        try:
+            return weakref.ref(x)
+        except TypeError:
+            return lambda: None
+    return lambda: x
+
+
+def _flag_error(slot: QSlot, plan: Plan, x: Any = None) -> InputError | None:
     """The error a call's record holds (QStats.flag's bits, qconv_common.cuh), in the contract's
-    words, or None."""
+    words, or None. x: the call's input, which the contract's non-finite message counts."""
     flag = slot.flag
     if flag & 1:
+        if x is not None:  # the error path only: count on the host, as the contract words it
+            try:
+                check_finite(x if isinstance(x, np.ndarray) else _arrays.to_host(x), "input")
+            except InputError as e:
+                return e
         return InputError(NONFINITE)
     if flag & 12:  # the per-call scale was refused: the contract's own check on max|x| says why
         try:
@@ -245,7 +264,6 @@ class Prepared:
                     self.inv_dev = self._upload(np.zeros(oc, np.float32))  # written by each call's scan
                 else:
                     self.inv_dev = self._upload(np.broadcast_to(dequant_factor(plan.s_x, plan.s_w), (oc,)))
-        import weakref
         weakref.finalize(self, _free, self._owned, self.ctx.stream)
 
     def _upload(self, a: np.ndarray) -> int:
@@ -304,7 +322,7 @@ class Prepared:
                 if out_ptr % 16:
                     raise InputError("out= must start on a 16-byte boundary")
                 y = out
-            rec = Record(ctx, self._events_needed(job, False), self.maxabs, self.plan)
+            rec = Record(ctx, self._events_needed(job, False), self.maxabs, self.plan, x)
             self._enqueue(job, x_ptr, out_ptr, rec, 0 if rec.events else None)
         if isinstance(y, _arrays.DeviceArray):
             y._record = rec
@@ -321,7 +339,7 @@ class Prepared:
             xd = ctx.scratch("x_in", x.nbytes)
             yd = ctx.scratch("y_out", ybytes)
             pin = ctx.pinned("x_pin", x.nbytes)
-            rec = Record(ctx, self._events_needed(job, True), self.maxabs, self.plan)
+            rec = Record(ctx, self._events_needed(job, True), self.maxabs, self.plan, x)
             ev, s = rec.events, ctx.stream
             timing = self.opts.timing
             if timing:
