@@ -1,5 +1,5 @@
 /* conv_amx.c - the AMX kernels (conv_amx.inc) on the hardware's tiles: the only translation unit
- * built with AMX-TILE/AMX-INT8 (the pragma below), reached through qconv_amx_table after qconv.c
+ * built with AMX-TILE/AMX-INT8 (the pragma below), reached through qconv_amx_table after cpu_features.c
  * has checked the CPU and qconv_amx_unusable() has asked Linux for the tile data state once.
  * conv_amx_emu.c compiles the same kernels over an emulated tile file (the amx-emulated level).
  * INT8, INT16 and INT32 run on tiles (conv_amx.inc says how); FP32 is the AVX-512 kernel and

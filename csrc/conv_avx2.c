@@ -1,5 +1,5 @@
 /* conv_avx2.c - AVX2 + FMA kernels: the only translation unit built with AVX2 enabled (the pragma
- * below; the VNNI files carry their own). Reached only through qconv_avx2_table after qconv.c has
+ * below; the VNNI files carry their own). Reached only through qconv_avx2_table after cpu_features.c has
  * checked the CPU, so the rest of the extension runs on any x86-64.
  *
  * Microkernels (one body in conv_tile.h, the per-type pieces below): MR output pixels x 16 output

@@ -1,5 +1,5 @@
 /* conv_avx512.c - AVX-512 kernels (zmm): the only translation unit built with AVX512F/BW/VL/VNNI
- * (the pragma below). Reached only through qconv_avx512_table after qconv.c has checked the CPU
+ * (the pragma below). Reached only through qconv_avx512_table after cpu_features.c has checked the CPU
  * (AVX512F + BW + VL + VNNI, ZMM state saved by the OS), so the rest of the extension runs on any
  * x86-64.
  *

@@ -1,7 +1,7 @@
 /* dwconv_avx2.c - AVX2 depthwise kernels (groups == C; also used by the VNNI families).
  *
  * Memory-bound by design: each output row is computed from the KH zero-padded input rows that the
- * driver quantized into a small per-thread ring (qconv.c: one pass over x, quantize fused).
+ * driver quantized into a small per-thread ring (run.c: one pass over x, quantize fused).
  * Vectorized over channels, 8 per ymm (the row's channel axis is padded to 16 with zeros), and
  * register-blocked over 8 output pixels: per kernel row the KW weight vectors sit in registers and,
  * at stride 1, every input vector is loaded once and multiplied into each output pixel that

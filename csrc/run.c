@@ -1,6 +1,8 @@
 /* run.c - qconv_run: one call of a prepared convolution as one pool job (maxabs reduction,
  * quantize + pad, the convolution, the dequantize), its phases separated by barriers; FP32
- * overflow checked and the cancel flag polled between blocks of the convolution. */
+ * overflow checked and the cancel flag polled between blocks of the convolution.
+ * (Longer than the house's ~400 lines on purpose: every phase of one call reads the same run_job
+ * and meets the others at its barriers; split across files, one call's control flow would be too.) */
 #define _POSIX_C_SOURCE 200809L
 #include "qconv.h"
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from .contract import (Precision, Rounding, conv2d_float64, conv2d_int_wrapped, dequant_factor,
                        dequantize, maxabs_scale, nrmse, parse_precision, parse_rounding, quantize)
-from .errors import InputError, QconvError
+from .errors import InputError
 
 __all__ = ["SweepRow", "SweepTable", "sweep_scales", "format_scale"]
 
