@@ -194,6 +194,9 @@ def main() -> int:
                 t_kernel = med["quantize"] + med["pack"] + med["convolve"] + med["dequantize"]
                 rec = {"whole": t_whole, "kernel": t_kernel, "overhead": t_whole - t_kernel,
                        "phases": med, "conv_kernel": prof["kernel"], "split_k": prof["split_k"]}
+                if label in ("fp32", "int8", "int16"):   # the same call replayed as a CUDA Graph
+                    g = conv.capture(xt)
+                    rec["graph_whole"] = whole_call(torch, g, args.reps)
                 if label in ("fp32", "int8"):
                     rec["numpy_call"] = wall(lambda: conv(x), max(20, args.reps // 5))
                     rec["copies"] = copies(torch, x, x.shape[:3] + (w.shape[2],), 30)
@@ -201,6 +204,7 @@ def main() -> int:
                 row["ours"][label] = rec
                 print(f"{name} N={n} {label:13s} whole {t_whole*1e6:8.1f} us  kernels {t_kernel*1e6:8.1f} us  "
                       f"overhead {(t_whole - t_kernel)*1e6:6.1f} us  [{prof['kernel']}/{prof['split_k']}]"
+                      + (f"  graph {rec['graph_whole']*1e6:8.1f} us" if "graph_whole" in rec else "")
                       + (f"  numpy {rec['numpy_call']*1e6:8.1f} us vs copies+kernel {rec['ideal_numpy']*1e6:8.1f} us"
                          if "numpy_call" in rec else ""), flush=True)
             print(f"{name} N={n} cuDNN: " + ", ".join(f"{k} {v*1e6:.1f} us" for k, v in base.items()), flush=True)
@@ -317,14 +321,16 @@ def depthwise(torch, reps: int) -> list[dict]:
 def table(out: dict) -> str:
     us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
     lines = ["| layer | N | path | whole call us | kernels us | host overhead us | cuDNN FP32 call us | cuDNN FP16 CL call us | "
-             "whole / cuDNN (FP32 for fp32, FP16 CL for int) | numpy call us | copies + kernels us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "whole / cuDNN (FP32 for fp32, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
+             "copies + kernels us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         b = r["baselines"]
         for label, t in r["ours"].items():
             peer = b["cudnn_fp32_best"] if label == "fp32" else b["cudnn_fp16_cl"]
+            graph = (f"{us(t['graph_whole'])} | {t['graph_whole'] / peer:.2f}" if "graph_whole" in t else "- | -")
             lines.append(f"| {r['layer']} | {r['n']} | {label} | {us(t['whole'])} | {us(t['kernel'])} | {us(t['overhead'])} | "
-                         f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {t['whole'] / peer:.2f} | "
+                         f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {t['whole'] / peer:.2f} | {graph} | "
                          f"{us(t['numpy_call']) if 'numpy_call' in t else '-'} | "
                          f"{us(t['ideal_numpy']) if 'ideal_numpy' in t else '-'} |")
     if out["depthwise"]:
