@@ -22,7 +22,7 @@ from numbers import Real
 
 import numpy as np
 
-from .contract import INT32_MAX, ConvSpec, Precision, Rounding, count_saturated, dequant_factor, maxabs_scale
+from .contract import INT32_MAX, ConvSpec, Precision, Rounding, dequant_factor, maxabs_scale
 from .errors import InputError, QconvWarning
 
 PER_CALL = ("maxabs", "maxabs-per-channel")          # resolvable from the kernel alone
@@ -168,15 +168,17 @@ def for_call(scale: object, precision: Precision, x: np.ndarray, w: np.ndarray, 
 
 def warn_if_degenerate(t: np.ndarray, s: "float | np.ndarray", precision: Precision, what: str) -> None:
     """QconvWarning when a given scale zeroes or saturates most of a tensor (a step size passed as
-    a multiplier, typically)."""
-    from .contract import kernel_scale_view, quantize
-    sv = kernel_scale_view(s) if what == "kernel" else s
+    a multiplier, typically). Counted on |t*s| against the rounding thresholds (0.5 and Qmax + 0.5,
+    Qmax being odd), not by quantizing: this runs on every one-shot call with a given scale."""
+    from .contract import kernel_scale_view
+    sv = kernel_scale_view(s) if what == "kernel" else np.float32(s)
     nz = np.count_nonzero(t)
     if nz == 0:
         return
-    q = quantize(t, sv, precision)
-    zeroed = np.count_nonzero((q == 0) & (t != 0)) / nz
-    saturated = count_saturated(t, sv, precision) / t.size
+    with np.errstate(over="ignore"):  # past float32's range: inf, which saturates
+        v = np.abs(np.asarray(t, dtype=np.float32) * sv)
+    zeroed = (np.count_nonzero(v <= 0.5) - (t.size - nz)) / nz
+    saturated = np.count_nonzero(v >= precision.qmax + 0.5) / t.size
     if zeroed > 0.5 or saturated > 0.5:
         hint = ("zeroes" if zeroed > 0.5 else "saturates") + f" {max(zeroed, saturated):.0%} of the {what}"
         warnings.warn(f"this scale {hint}: qconv's scale is a multiplier (q = round(x*S)); for a "
