@@ -199,13 +199,17 @@ def main() -> int:
                     rec["graph_whole"] = whole_call(torch, g, args.reps)
                 if label in ("fp32", "int8"):
                     rec["numpy_call"] = wall(lambda: conv(x), max(20, args.reps // 5))
+                    xp = cb.pinned_empty(x.shape)
+                    xp[...] = x
+                    rec["pinned_call"] = wall(lambda: conv(xp), max(20, args.reps // 5))  # no staging copy
                     rec["copies"] = copies(torch, x, x.shape[:3] + (w.shape[2],), 30)
                     rec["ideal_numpy"] = rec["copies"]["h2d"] + t_kernel + rec["copies"]["d2h"]
                 row["ours"][label] = rec
                 print(f"{name} N={n} {label:13s} whole {t_whole*1e6:8.1f} us  kernels {t_kernel*1e6:8.1f} us  "
                       f"overhead {(t_whole - t_kernel)*1e6:6.1f} us  [{prof['kernel']}/{prof['split_k']}]"
                       + (f"  graph {rec['graph_whole']*1e6:8.1f} us" if "graph_whole" in rec else "")
-                      + (f"  numpy {rec['numpy_call']*1e6:8.1f} us vs copies+kernel {rec['ideal_numpy']*1e6:8.1f} us"
+                      + (f"  numpy {rec['numpy_call']*1e6:8.1f} us (pinned in {rec['pinned_call']*1e6:8.1f} us) vs "
+                         f"copies+kernel {rec['ideal_numpy']*1e6:8.1f} us"
                          if "numpy_call" in rec else ""), flush=True)
             print(f"{name} N={n} cuDNN: " + ", ".join(f"{k} {v*1e6:.1f} us" for k, v in base.items()), flush=True)
             rows.append(row)
@@ -322,8 +326,8 @@ def table(out: dict) -> str:
     us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
     lines = ["| layer | N | path | whole call us | kernels us | host overhead us | cuDNN FP32 call us | cuDNN FP16 CL call us | "
              "whole / cuDNN (FP32 for fp32, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
-             "copies + kernels us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "numpy call, pinned input us | copies + kernels us |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         b = r["baselines"]
         for label, t in r["ours"].items():
@@ -332,6 +336,7 @@ def table(out: dict) -> str:
             lines.append(f"| {r['layer']} | {r['n']} | {label} | {us(t['whole'])} | {us(t['kernel'])} | {us(t['overhead'])} | "
                          f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {t['whole'] / peer:.2f} | {graph} | "
                          f"{us(t['numpy_call']) if 'numpy_call' in t else '-'} | "
+                         f"{us(t['pinned_call']) if 'pinned_call' in t else '-'} | "
                          f"{us(t['ideal_numpy']) if 'ideal_numpy' in t else '-'} |")
     if out["depthwise"]:
         lines += ["", "| depthwise layer | N | stride | path | kernel us | GB/s (in + out) | copy GB/s | share | scan us | whole us | cuDNN FP32 / FP16 CL call us |",

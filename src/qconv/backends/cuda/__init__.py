@@ -43,7 +43,7 @@ import numpy as np
 
 from ...contract import Plan, Precision
 from ..base import BackendRun, Tile, run_once
-from ._arrays import DeviceArray, to_device, to_host
+from ._arrays import DeviceArray, pinned_empty, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
 from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_BKW, MMA_TILES, PLANES, PLANE_TILES,
@@ -53,7 +53,7 @@ from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
-           "profile", "Prepared", "DeviceArray", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
+           "profile", "Prepared", "DeviceArray", "pinned_empty", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
            "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
            "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction"]
 

@@ -239,6 +239,26 @@ class PinnedBlock:
             pass
 
 
+def is_pinned(a: np.ndarray) -> bool:
+    """Whether a host array views one of qconv's pinned blocks (a host call's output, or
+    pinned_empty): the cuda backend then copies it to the device with no staging copy."""
+    b: Any = a
+    while isinstance(b, np.ndarray):
+        b = b.base
+    return isinstance(b, PinnedBlock)
+
+
+def pinned_empty(shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 numpy array in pinned (page-locked) host memory, from the cuda backend's pool:
+    write inputs into it and host calls skip the staging copy (RESULTS.md: numpy in/out)."""
+    rt = _driver.runtime()
+    rt.make_current()
+    a = host_output(rt.stream_ctx(None), tuple(int(d) for d in shape))
+    if not is_pinned(a):
+        raise BackendError("pinned_empty: the pinned-memory pool is full (2 GiB)")
+    return a
+
+
 def host_output(ctx: Any, shape: tuple[int, ...]) -> np.ndarray:
     """A float32 numpy array for a host call's output: pinned (DMA-able) from the pool, or a plain
     pageable array past the pool's cap."""

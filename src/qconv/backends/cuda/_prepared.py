@@ -338,13 +338,15 @@ class Prepared:
         with ctx.lock:
             xd = ctx.scratch("x_in", x.nbytes)
             yd = ctx.scratch("y_out", ybytes)
-            pin = ctx.pinned("x_pin", x.nbytes)
             rec = Record(ctx, self._events_needed(job, True), self.maxabs, self.plan, x)
             ev, s = rec.events, ctx.stream
             timing = self.opts.timing
             if timing:
                 rt.record(ev[0], ctx.handle)
-            _stage_in(x, pin, xd, s, drv)
+            if _arrays.is_pinned(x):  # a host call's output, or pinned_empty: DMA straight from it
+                ck(drv.cuMemcpyHtoDAsync(xd, x.ctypes.data, x.nbytes, s), "cuMemcpyHtoDAsync(input)")
+            else:
+                _stage_in(x, ctx.pinned("x_pin", x.nbytes), xd, s, drv)
             self._enqueue(job, xd, yd, rec, 1 if timing else None)
             y = out if out is not None else _arrays.host_output(ctx, shape)
             ck(drv.cuMemcpyDtoHAsync(y.ctypes.data, yd, ybytes, s), "cuMemcpyDtoHAsync(output)")
