@@ -57,6 +57,8 @@ typedef struct {
     float *inv;          /* OC dequantize factors */
     float *inv_pad;      /* the kernels' zero-padded copy (GEMM: per group, nocb*nr; dw: ocp) */
     int64_t inv_n, inv_pad_n;
+    void *job;           /* the call's run_job (run.c): ~2 KB of per-worker slots, kept between calls */
+    int64_t job_bytes;
 } workspace;
 
 struct qconv_conv {
@@ -87,6 +89,7 @@ static inline void ws_free(workspace *ws)
     free(ws->dw);
     free(ws->inv);
     free(ws->inv_pad);
+    free(ws->job);
     memset(ws, 0, sizeof *ws);
 }
 

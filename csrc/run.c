@@ -445,11 +445,9 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     if (st != QCONV_OK)
         goto out;
 
-    run_job *j = malloc(sizeof *j);   /* ~2 KB of per-worker slots: not on a worker's stack */
-    if (j == NULL) {
-        st = QCONV_ENOMEM;
+    if ((st = grow(&ws->job, &ws->job_bytes, sizeof(run_job))) != QCONV_OK)   /* not on a worker's stack */
         goto out;
-    }
+    run_job *j = ws->job;
     memset(j, 0, offsetof(run_job, part));
     memset(j->stopped, 0, sizeof j->stopped);
     memset(j->overflowed, 0, sizeof j->overflowed);
@@ -502,28 +500,28 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
      * scale's inv[] is formed here first; maxabs's by thread 0 inside the job. */
     double t0 = qconv_now();
     if (is_int && j->input_q == 0 && (st = scale_step(j, nth)) != QCONV_OK)
-        goto done;
+        goto out;
     j->t1 = qconv_now();
     if ((st = qconv_pool_run(nth, call_task, j)) != QCONV_OK)
-        goto done;
+        goto out;
     const double tend = qconv_now();
     if (j->st != QCONV_OK) {
         st = j->st;
-        goto done;
+        goto out;
     }
     if (any_bad(j, nth)) {
         st = QCONV_ENONFINITE;
-        goto done;
+        goto out;
     }
     if (any_stopped(j, nth)) {
         st = QCONV_ECANCELED;
-        goto done;
+        goto out;
     }
     for (int i = 0; i < nth; i++)
         timings->overflowed += j->overflowed[i];
     if (timings->overflowed > 0) {
         st = QCONV_EOVERFLOW;
-        goto done;
+        goto out;
     }
     const double t2 = dw ? j->t1 : j->t2, t3 = separate ? j->t3 : tend;
     if (is_int) {
@@ -539,8 +537,6 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     timings->fused_dequantize = cv->fused;
     timings->kind = cv->kind;
     timings->temporary_buffers = !own;
-done:
-    free(j);
 out:
     if (own)
         pthread_mutex_unlock(&cv->lock);
