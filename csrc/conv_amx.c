@@ -63,7 +63,15 @@ const char *qconv_amx_unusable(void)
 
 /* ---- the kernels ----------------------------------------------------------------------- */
 
+extern void qconv_f32_conv__avx512(const qconv_conv_args *, int64_t, int64_t, int64_t, int64_t);
+
 #define AMX_SFX amx
+#define AMX_TABLE qconv_amx_table
+#define AMX_NAME "amx"
+#define AMX_F32_CONV qconv_f32_conv__avx512   /* the zmm FP32 kernel and its 14x32 (28x16 half) tile */
+#define AMX_F32_NR 32
+#define AMX_F32_MR 14
+#define AMX_F32_MRH 28
 #define TILE_LOADCONFIG(cfg) _tile_loadconfig(cfg)
 #define TILE_RELEASE() _tile_release()
 #define TILE_ZERO(t) _tile_zero(t)
@@ -104,25 +112,4 @@ double qconv_peak_body__amx(int instr, int64_t iters)
     return 4.0 * 16.0 * 16.0 * 64.0 * (double)iters;
 }
 
-extern void qconv_f32_conv__avx512(const qconv_conv_args *, int64_t, int64_t, int64_t, int64_t);
-
-const qconv_isa_table qconv_amx_table = {
-    .name = "amx",
-    .quantize = qconv_quantize__amx,
-    .absmax = qconv_absmax__avx2,
-    .dequantize = qconv_dequantize__avx2,
-    .conv = {qconv_f32_conv__avx512, qconv_s32_conv__amx, qconv_s16_conv__amx, qconv_s8_conv__amx},
-    .nr = {32, 16, 16, 16},
-    .grp = {1, 4, 4, 4},
-    .cpad = {0, 64, 64, 64},
-    .xslack = {0, 16, 16, 16},
-    .xstore = {QCONV_STORE_F32, QCONV_STORE_I32PL, QCONV_STORE_I16PL, QCONV_STORE_I8},
-    .wstore = {QCONV_STORE_F32, QCONV_STORE_I32PL, QCONV_STORE_I16PL, QCONV_STORE_I8},
-    .mr = {14, 16, 16, 16},
-    .mrh = {28, 0, 0, 0},
-    .dw = {qconv_f32_dwconv__avx2, qconv_s32_dwconv__avx2, qconv_s16_dwconv__avx2, qconv_s16_dwconv__avx2},
-    .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
-    .dw_block = QCONV_DW_BLOCK_AVX2,
-    .dw_pack = qconv_dw_pack__avx2,
-};
 #endif /* x86 */
