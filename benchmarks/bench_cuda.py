@@ -34,7 +34,7 @@ from qconv.tensorfile import load as load_tensor
 
 VARIANTS = [("fp32", {}), ("int32", {"int32_path": "simt"}), ("int32", {"int32_path": "mma"}),
             ("int16", {"int16_path": "simt"}), ("int16", {"int16_path": "mma"}), ("int8", {"int8_path": "mma"}),
-            ("int8", {"int8_path": "dp4a"})]
+            ("int8", {"int8_path": "wgmma"}), ("int8", {"int8_path": "dp4a"})]
 
 
 def label_of(prec: str, opts: dict) -> str:
@@ -174,7 +174,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--md")
-    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32-simt,int32-mma,int16-simt,int16-mma,int8-mma,int8-dp4a); default all")
+    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32-simt,int32-mma,int16-simt,int16-mma,int8-mma,int8-wgmma,int8-dp4a); default all")
     ap.add_argument("--cases", default="1,2", help="exam cases, comma-separated")
     ap.add_argument("--batches", default="1,32", help="N values, comma-separated")
     args = ap.parse_args()

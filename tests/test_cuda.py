@@ -1,7 +1,8 @@
 """The cuda backend's own things; its differential tests are in test_differential.py with every
 other backend's (every cuda variant, tiles from cb.tiles, which reads _tiling).
 
-Without a GPU (CI): every kernel module compiles through NVRTC for sm_80 and sm_90 and holds every
+Without a GPU (CI): every kernel module compiles through NVRTC for sm_80 and sm_90 (the wgmma module
+for sm_90a only, and is refused for sm_80 naming both) and holds every
 kernel entry point (a compile failure fails; only a missing cuda-python/NVRTC skips, with the
 reason), the ctypes parameter structs match the C structs field for field, numpy models of the
 kernels' index math (implicit GEMM over the packed layouts, the depthwise strip loop, the byte-plane
@@ -79,6 +80,11 @@ def test_every_kernel_compiles(module, arch, tmp_path, monkeypatch):
     nv = _nvrtc_or_skip()
     assert module in nv.modules()
     monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path))
+    need = nv.ARCH_SPECIFIC.get(module)
+    if need not in (None, arch):  # an sm_90a module on another arch: refused, naming both
+        with pytest.raises(BackendError, match=f"{need}a.*{arch}"):
+            nv.compile_module(module, arch, use_disk=False)
+        return
     cubin = nv.compile_module(module, arch, use_disk=False)
     assert cubin[:4] == b"\x7fELF"
     for name in cb.kernel_names()[module]:

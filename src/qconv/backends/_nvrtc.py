@@ -18,6 +18,8 @@ from ..errors import BackendError
 
 KERNEL_DIR = Path(__file__).resolve().parent / "cuda_kernels"
 DEFAULT_OPTIONS = ("--std=c++17", "-default-device", "--extra-device-vectorization")
+# Modules built on one architecture's own instructions (wgmma: sm_90a) compile for it alone.
+ARCH_SPECIFIC = {"conv_s8_wgmma.cu": "sm_90"}
 
 _lock = threading.Lock()
 _memory: dict[str, bytes] = {}
@@ -66,6 +68,17 @@ def _sources(module: str) -> tuple[str, dict[str, str]]:
     return main, {h: (KERNEL_DIR / h).read_text() for h in headers()}
 
 
+def target_arch(module: str, arch: str) -> str:
+    """The arch a module compiles for on a GPU of `arch`: itself, or "sm_90a" for the sm_90-only
+    modules (BackendError elsewhere)."""
+    need = ARCH_SPECIFIC.get(module)
+    if need is None:
+        return arch
+    if arch != need:
+        raise BackendError(f"{module} uses {need}a's instructions (wgmma) and runs on {need} GPUs only, not {arch}")
+    return need + "a"
+
+
 def cache_key(module: str, arch: str, options: tuple[str, ...] = DEFAULT_OPTIONS) -> str:
     main, hdrs = _sources(module)
     h = hashlib.sha256()
@@ -79,6 +92,7 @@ def cache_key(module: str, arch: str, options: tuple[str, ...] = DEFAULT_OPTIONS
 def compile_module(module: str, arch: str, options: tuple[str, ...] = DEFAULT_OPTIONS,
                    use_disk: bool = True) -> bytes:
     """Cubin for `module` (a file name in cuda_kernels/) on `arch` (e.g. "sm_90")."""
+    arch = target_arch(module, arch)
     key = cache_key(module, arch, options)
     with _lock:
         if key in _memory:

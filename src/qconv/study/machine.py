@@ -90,7 +90,8 @@ def _gpu_instruction_peaks(fp32: float, int8_tc: float) -> dict[str, tuple[float
     """G ops/s of each GPU instruction a backend may name as its bound, from one GPU's datasheet."""
     return {"ffma": (fp32 * 1e3, f"FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"),
             "imad": (fp32 * 500, f"INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"),
-            "mma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)")}
+            "mma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"),
+            "wgmma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)")}
 
 
 def _bound(backend: str, precision: Precision, options: dict[str, Any] | None) -> tuple[str, int] | None:

@@ -2,7 +2,7 @@
 
 The whole contract runs on the GPU: stride, explicit and asymmetric padding and groups in the
 implicit-GEMM kernels' index math (FP32, INT32, INT16 on the CUDA cores; INT8 with ``__dp4a`` or
-the tensor cores' ``mma.sync`` s8 x s8 -> s32), depthwise layers (groups == C) in their own
+the tensor cores' ``mma.sync`` s8 x s8 -> s32, or on Hopper ``wgmma.mma_async``), depthwise layers (groups == C) in their own
 memory-bound kernels, per-output-channel dequantize factors and bias in the fused epilogue.
 Integer results are bit-identical to the reference backend.
 
@@ -13,7 +13,8 @@ arrays go through pinned staging buffers and asynchronous copies, and the call r
 output is on the host.
 
 Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
-    int8_path: "mma" (tensor cores, the default: faster on every measured layer) or "dp4a".
+    int8_path: "mma" (tensor cores' mma.sync, the default), "wgmma" (Hopper's warpgroup MMA,
+        sm_90 only: conv_s8_wgmma.cu) or "dp4a" (CUDA cores).
     int16_path, int32_path: "auto" (default: _tiling.INT_AUTO, the faster path measured on the
         H200), "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition: 2 / 4 byte
         planes per value, mma.sync s8/u8 products combined modulo 2^32, conv_planes_mma.cu; the
@@ -47,14 +48,14 @@ from ._arrays import DeviceArray, pinned_empty, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
 from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_BKW, MMA_TILES, PLANES, PLANE_TILES,
-                      OUTER_TILES, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
+                      OUTER_TILES, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
                       outer_threads as _outer_threads, resolve_int_path, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
            "profile", "Prepared", "DeviceArray", "pinned_empty", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
-           "MMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
+           "MMA_TILES", "WGMMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
            "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction"]
 
 
@@ -69,8 +70,12 @@ def variants() -> list[dict]:
 
 
 def variants_for_tests() -> list[dict]:
-    """What the tests run besides variants(): INT8 on the CUDA cores (__dp4a)."""
-    return [{"int8_path": "dp4a"}]
+    """What the tests run besides variants(): INT8 on the CUDA cores (__dp4a), and on a Hopper GPU
+    through wgmma."""
+    out = [{"int8_path": "dp4a"}]
+    if is_available()[0] and _runtime().arch in WGMMA_ARCHS:
+        out.append({"int8_path": "wgmma"})
+    return out
 
 
 def _paths(options: dict, precision: Precision) -> tuple[str, str]:
@@ -87,12 +92,13 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     (_tiling's constants, mirrored from the .cu files)."""
     precision = Precision(precision)
     int8_path, int_path = _paths(options, precision)
-    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path == "mma")
+    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path in ("mma", "wgmma"))
     elem = 1 if int_path == "mma" else ELEM[precision]      # byte planes: one byte per plane
     names = tiles_for(precision, int8_path, int_path) + (OUTER_TILES if precision is Precision.FP32 else ())
     out = []
     for name in names:
-        bm, bn = (int(v) for v in name.split("/")[0].split("x"))
+        # the window kernel: 128 rows (of the padded grid) x 64 or 128 channels
+        bm, bn = (WINDOW_BM, 128) if name == "window" else (int(v) for v in name.split("/")[0].split("x"))
         k_words = 8 if name.endswith("/k8") else MMA_BKW if tensor_cores else SIMT_BKW
         stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
         out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))
@@ -108,11 +114,11 @@ _PLANE_PRODUCTS = {p: sum(1 for i in range(n) for j in range(n) if i + j < 4) fo
 
 def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
     """(instruction, its multiply-adds per MAC): FP32 ffma, INT32/INT16 on the CUDA cores imad,
-    INT8 mma-s8 (tensor cores) or dp4a, INT16/INT32 by byte planes mma-s8 (4 / 10 products)."""
+    INT8 mma-s8 / wgmma-s8 (tensor cores) or dp4a, INT16/INT32 by byte planes mma-s8 (4 / 10 products)."""
     precision = Precision(precision)
     int8_path, int_path = _paths(options, precision)
     if precision is Precision.INT8:
-        return ("mma-s8" if int8_path == "mma" else "dp4a", 1)
+        return ({"mma": "mma-s8", "wgmma": "wgmma-s8"}.get(int8_path, "dp4a"), 1)
     return _BOUND[int_path][precision], (_PLANE_PRODUCTS[precision] if int_path == "mma" else 1)
 
 

@@ -83,7 +83,11 @@ class GemmJob(Job):
             raise InputError(f"the cuda backend indexes pixels with 32-bit ints: {g.n}x{g.h}x{g.w} -> "
                              f"{g.n}x{g.ho}x{g.wo} is too large; split the batch")
         planes = lay.planes                    # > 1: INT16/INT32 as byte planes on the tensor cores
-        mma = (prec is Precision.INT8 and o.int8_path == "mma") or planes > 1
+        wgmma = prec is Precision.INT8 and o.int8_path == "wgmma"
+        if wgmma and rt.arch not in _tiling.WGMMA_ARCHS:
+            raise InputError(f"int8_path 'wgmma' needs a Hopper GPU ({', '.join(_tiling.WGMMA_ARCHS)}); this one is "
+                             f"{rt.arch}: use int8_path='mma'")
+        mma = (prec is Precision.INT8 and o.int8_path in ("mma", "wgmma")) or planes > 1
         tiles = _tiling.tiles_for(prec, o.int8_path, prep.int_path)
         bkw = _tiling.MMA_BKW if mma else _tiling.SIMT_BKW
         ktiles = lay.kpw // bkw
@@ -92,8 +96,17 @@ class GemmJob(Job):
             if prec is not Precision.FP32:
                 raise InputError(f"tile {tile!r} is an FP32 outer-product tile")
             outer, tile = tile, tile.split("/")[0]
+        # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM
+        window = (wgmma and tile in ("auto", "window") and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
+                  and (tile == "window" or g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1)
+                       >= _tiling.WINDOW_BM * rt.num_sms // 2))
+        if tile == "window" and wgmma:  # (other paths refuse the name in choose_tiling)
+            tile = "auto" if window else "128x128"
         (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
-                                                tiles if mma else None)
+                                                tiles[1:] if wgmma else tiles if mma else None)
+        hp, wp = (g.ho + spec.kh - 1, g.wo + spec.kw - 1) if window else (0, 0)
+        if window:
+            bm, bn, split = _tiling.WINDOW_BM, _tiling.window_bn(lay.ocg), 1
         if prec is Precision.FP32 and tile == "auto":
             outer = _tiling.F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
@@ -102,18 +115,27 @@ class GemmJob(Job):
         if outer is not None:
             module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
                 _tiling.outer_threads(outer)
+        elif window:
+            self.smem = _tiling.window_smem(spec, lay, g.wo)
+            self.conv_name, threads = f"{prefix}_window_n{bn}", 256
+        elif wgmma:  # 128-byte rows, 1 KiB-aligned swizzle atoms (one KiB of slack to align)
+            self.smem = _tiling.WGMMA_STAGES * (bm + bn) * bkw * 4 + 1024
+            self.conv_name, threads = f"{prefix}_{bm}x{bn}", 2 * bm
         else:
             stages = _tiling.PLANE_STAGES[prec] if planes > 1 else _tiling.STAGES
             self.smem = stages * planes * (bm + bn) * (bkw + 4) * 4
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
+        if window:  # persistent blocks over the padded grid's M tiles, per BN column
+            cols = math.ceil(lay.ocg / bn)
+            self.grid = (min(math.ceil(g.n * hp * wp / bm), max(1, rt.num_sms // cols)), cols, 1)
         fused = prec.is_integer and o.fuse_dequantize
         mode = 2 if split > 1 else (1 if fused else 0)
         npix = g.n * g.h * g.w
         nx = npix * spec.c
         vec_x = aligned and nx % 4 == 0
         self.scan_in_main = prec is Precision.FP32 and not lay.padded and aligned
-        self.xq_bytes = 0 if self.scan_in_main else npix * lay.xpw * 4
+        self.xq_bytes = 0 if self.scan_in_main else (g.n * hp * wp if window else npix) * lay.xpw * 4
         self.split_words = m * spec.oc if split > 1 else 0   # zeroed before split-K's atomics
         st = prep.stats
 
@@ -123,10 +145,11 @@ class GemmJob(Job):
 
         if prec.is_integer:
             self.first = "quantize"
-            qv = vec_x and not lay.padded
-            items = nx // 4 if qv else npix * spec.groups * lay.icgp
+            qv = vec_x and not lay.padded and not window
+            items = nx // 4 if qv else (g.n * hp * wp if window else npix * spec.groups) * lay.icgp
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
-                            s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs))
+                            s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
+                            H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl)
             suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
             if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
                 name = f"qconv_scan_quantize_x_{suf}"

@@ -91,7 +91,7 @@ def parse_options(options: dict[str, Any]) -> Options:
     for k in ("int16_path", "int32_path"):
         if getattr(o, k) not in _tiling.INT_PATHS:
             raise InputError(f"{k} {getattr(o, k)!r}: use one of {', '.join(_tiling.INT_PATHS)}")
-    if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.OUTER_TILES:
+    if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.WGMMA_TILES + _tiling.OUTER_TILES:
         _tiling.parse_tile(str(o.tile))  # raises with the list
     if o.split_k != "auto" and (isinstance(o.split_k, bool) or not isinstance(o.split_k, int) or o.split_k < 1):
         raise InputError(f"split_k must be 'auto' or a positive int, got {o.split_k!r}")
@@ -242,7 +242,8 @@ class Prepared:
             packed = _tiling.pack_dw_weights(wq)
         else:
             planes = self.int_path == "mma"
-            self.layout = _tiling.gemm_layout(prec, spec, planes)
+            wgmma = prec is Precision.INT8 and self.opts.int8_path == "wgmma"
+            self.layout = _tiling.gemm_layout(prec, spec, planes, 32 if wgmma else 16)
             if self.layout.planes * self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
                 raise InputError(f"the packed kernel {w.shape} would exceed 2^31 words, the cuda kernels' "
                                  f"32-bit offsets")

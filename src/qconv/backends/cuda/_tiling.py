@@ -17,7 +17,8 @@ import numpy as np
 from ...contract import ConvSpec, Precision
 from ...errors import InputError
 
-INT8_PATHS = ("mma", "dp4a")
+INT8_PATHS = ("mma", "dp4a", "wgmma")
+WGMMA_ARCHS = ("sm_90",)  # int8_path="wgmma": Hopper's warpgroup MMA (conv_s8_wgmma.cu, sm_90a)
 # INT16 / INT32: "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition,
 # conv_planes_mma.cu); "auto" resolves through INT_AUTO, set from the H200 measurements in
 # benchmarks/RESULTS.md (exam layers, N=32, kernel alone: INT16 mma 94.5 / 69.6 us vs SIMT
@@ -31,7 +32,12 @@ PLANE_TILES = {Precision.INT16: ("128x64", "64x64", "64x32", "32x32"),
 PLANE_STAGES = {Precision.INT16: 3, Precision.INT32: 2}
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
+# BMxBN: BM / 64 warpgroups, m64nBNk32; "window": the stride-1 kernel with resident weights
+# (conv_s8_wgmma.cu), 128 rows x 128 (OC > 64) or 64 channels, where window_fits(); else 128x128
+WGMMA_TILES = ("window", "128x128", "128x64", "64x128", "64x64")
+WINDOW_BM = 128
 STAGES = 3
+WGMMA_STAGES = 4
 # FP32 outer-product kernels (conv_f32_outer.cu): "BMxBN/TMxTN" (threads = BM*BN/(TM*TN))
 OUTER_TILES = ("128x128/8x8", "128x64/8x4", "128x64/8x8", "128x64/8x8/k8", "64x64/4x4", "64x64/8x4",
                "64x32/4x4")  # "/k8": 8-word K tiles
@@ -53,6 +59,7 @@ _CONV = {  # precision / int8 path -> (module, kernel name prefix)
     Precision.INT32: ("conv_s32.cu", "qconv_s32_conv_simt"),
     Precision.INT16: ("conv_s16.cu", "qconv_s16_conv_simt"),
     "mma": ("conv_s8_mma.cu", "qconv_s8_conv_mma"),
+    "wgmma": ("conv_s8_wgmma.cu", "qconv_s8_conv_wgmma"),
     "dp4a": ("conv_s8_dp4a.cu", "qconv_s8_conv_dp4a"),
     "mma16": ("conv_planes_mma.cu", "qconv_s16_conv_mma"),
     "mma32": ("conv_planes_mma.cu", "qconv_s32_conv_mma"),
@@ -80,8 +87,8 @@ def resolve_int_path(precision: Precision, option: str) -> str:
 
 def tiles_for(precision: Precision, int8_path: str = "mma", int_path: str = "simt") -> tuple[str, ...]:
     """The block tiles of the implicit-GEMM kernel a precision/path runs."""
-    if precision is Precision.INT8 and int8_path == "mma":
-        return MMA_TILES
+    if precision is Precision.INT8 and int8_path in ("mma", "wgmma"):
+        return MMA_TILES if int8_path == "mma" else WGMMA_TILES
     if int_path == "mma" and precision in PLANE_TILES:
         return PLANE_TILES[precision]
     return TILES
@@ -110,10 +117,11 @@ def kernel_names() -> dict[str, list[str]]:
     """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
     out: dict[str, list[str]] = {}
     for key, (mod, prefix) in _CONV.items():
-        tiles = MMA_TILES if key == "mma" else TILES
+        tiles = {"mma": MMA_TILES, "wgmma": WGMMA_TILES[1:]}.get(key, TILES)
         if key in ("mma16", "mma32"):
             tiles = PLANE_TILES[Precision.INT16 if key == "mma16" else Precision.INT32]
         out.setdefault(mod, []).extend(f"{prefix}_{t}" for t in tiles)
+    out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}" for bn in (64, 128)]
     out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
     out["conv_dw.cu"] = [dw_kernel(p, v) for p in (Precision.FP32, Precision.INT8) for v in (True, False)] + [
         dw_kernel(Precision.FP32, True, k, k, s) for k, s in DW_FIXED] + [
@@ -121,6 +129,25 @@ def kernel_names() -> dict[str, list[str]]:
     out["quant.cu"] = ["qconv_scan_x", "qconv_pad_x_f32", "qconv_epilogue", "qconv_gate_wait"] + [
         f"qconv_{k}_x_{s}" for k in ("quantize", "scan_quantize") for s in ("s8", "s16", "s32", "p16", "p32")]
     return out
+
+
+def window_smem(spec: ConvSpec, lay: "GemmLayout", wo: int) -> int:
+    """Shared memory of the window kernel: the block's weights [taps * Cp/16][BN][16 B] and two
+    windows [Cp/16][rows][16 B] of WINDOW_BM + (KH-1)*Wp + KW-1 rows (rounded up to 8)."""
+    bn = window_bn(lay.ocg)
+    rows = roundup(WINDOW_BM + (spec.kh - 1) * (wo + spec.kw - 1) + spec.kw - 1, 8)
+    return lay.taps * lay.icgp * bn + 2 * lay.icgp * rows
+
+
+def window_bn(ocg: int) -> int:
+    return 64 if ocg <= 64 else 128
+
+
+def window_fits(spec: ConvSpec, lay: "GemmLayout", wo: int, smem_optin: int) -> bool:
+    """The window kernel runs this layer: INT8, stride 1, one group, 32-byte channel padding, and
+    its shared memory fits."""
+    return (spec.stride == (1, 1) and spec.groups == 1 and lay.elem == 1 and lay.planes == 1
+            and lay.icgp % 32 == 0 and window_smem(spec, lay, wo) <= smem_optin)
 
 
 def roundup(a: int, b: int) -> int:
@@ -177,11 +204,13 @@ class GemmLayout:
         return self.ocgp * self.kpw
 
 
-def gemm_layout(precision: Precision, spec: ConvSpec, planes: bool = False) -> GemmLayout:
-    """The implicit GEMM's layout; planes=True: INT16/INT32 as PLANES[precision] byte planes."""
+def gemm_layout(precision: Precision, spec: ConvSpec, planes: bool = False, chan_bytes: int = 16) -> GemmLayout:
+    """The implicit GEMM's layout; planes=True: INT16/INT32 as PLANES[precision] byte planes;
+    chan_bytes: each pixel's channels padded to a multiple of that many bytes (16; the wgmma
+    window kernel's k-steps: 32)."""
     np_ = PLANES[precision] if planes else 1
     elem = 1 if planes else ELEM[precision]
-    icgp = roundup(spec.icg, 16 // elem)
+    icgp = roundup(spec.icg, chan_bytes // elem)
     ocg = spec.oc // spec.groups
     return GemmLayout(elem, spec.groups, spec.icg, icgp, spec.kh * spec.kw, ocg, roundup(ocg, OC_ALIGN), np_)
 
@@ -249,7 +278,8 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
     else:
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
         tiles = (tiles or MMA_TILES) if mma else TILES[1:]
-        cands = [c for c in (parse_tile(t, mma, tiles) for t in tiles) if c[1] <= widest]
+        every = [parse_tile(t, mma, tiles) for t in tiles]
+        cands = [c for c in every if c[1] <= widest] or [e for e in every if e[1] == min(c[1] for c in every)]
         if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer
             cands = [c for c in cands if c[0] >= 64 and (c[1] >= 64 or oc <= 32)]
         fits = [c for c in cands if groups * math.ceil(m / c[0]) * math.ceil(oc / c[1]) >= num_sms]

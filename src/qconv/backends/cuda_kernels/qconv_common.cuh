@@ -184,10 +184,14 @@ QD void publish_stats(QStats* st, QSlot* slot) {
 
 // Loads one BM x BKW-word A tile (implicit im2col of the activations, stride and padding in the
 // index math) and one BN x BKW B tile (packed weights of the block's group) into shared memory
-// with 16-byte cp.async; rows padded to SW words.
-template <int BM, int BN, int BKW, int NT>
+// with 16-byte cp.async; rows padded to SW words, or (SWZ) rows of 128 bytes with wgmma's
+// 128-byte swizzle (qconv_wgmma.cuh).
+template <int BM, int BN, int BKW, int NT, bool SWZ = false>
 struct TileLoader {
-  static constexpr int SW = BKW + 4;
+  static constexpr int SW = SWZ ? BKW : BKW + 4;
+  static_assert(!SWZ || BKW == 32, "the 128-byte swizzle needs rows of 32 words");
+  // Word offset of 16-byte chunk jc of a row.
+  static QD int at(int row, int jc) { return row * SW + (SWZ ? (jc ^ (row & 7)) : jc) * 4; }
   static constexpr int CPR = BKW / 4;                  // 16-byte chunks per row
   static constexpr int CA = (BM * CPR + NT - 1) / NT;  // A chunks per thread
   static constexpr int CB = (BN * CPR + NT - 1) / NT;
@@ -229,7 +233,7 @@ struct TileLoader {
         int hi = a_h[c] + kh, wi = a_w[c] + kw;
         bool ok = tap_ok && (unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W;
         const unsigned* src = ok ? p.x + ((size_t)((a_nh[c] + hi) * p.W + wi) * p.XPW + xoff + cw) : p.x;
-        cp_async16(As + row * SW + j * 4, src, ok);
+        cp_async16(As + at(row, j), src, ok);
       }
     }
 #pragma unroll
@@ -238,7 +242,7 @@ struct TileLoader {
       if (CB * NT == BN * CPR || idx < BN * CPR) {
         int row = idx / CPR;
         const unsigned* src = p.w + ((size_t)(n0 + row) * p.Kpw + woff + kt * BKW + j * 4);
-        cp_async16(Bs + row * SW + j * 4, src, true);
+        cp_async16(Bs + at(row, j), src, true);
       }
     }
   }

@@ -22,6 +22,8 @@ struct PassParams {
   int do_max;            // scan: reduce max|x| and finalize s_x and inv
   int mode;              // epilogue: 0 FP32 after split-K (+ bias[o], non-finite outputs counted);
                          // 1 float32(int32) * inv[o] (+ bias[o])
+  int H, W, Hp, Wp, pt, pl;  // quantize into a zero-padded grid [N][Hp][Wp][icgp] (Hp > 0; G == 1):
+                             // pixel (h, w) at (h + pt, w + pl), every other pixel 0
 };
 
 #define QGRID_STRIDE(i, n)                                                                   \
@@ -118,7 +120,23 @@ template <> struct Vec4<int> { typedef int4 type; };
 template <typename T>
 QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
-  if (p.vec) {
+  if (p.Hp) {  // the padded grid, all of it (borders rewritten as 0 each call: the buffer is shared)
+    T* out = (T*)p.out;
+    const long long total = p.n / ((long long)p.H * p.W * p.C) * p.Hp * p.Wp * p.icgp;
+    QGRID_STRIDE(i, total) {
+      const long long pix = i / p.icgp;
+      const int c = (int)(i - pix * p.icgp);
+      const long long img = pix / ((long long)p.Hp * p.Wp);
+      const int r = (int)(pix - img * p.Hp * p.Wp), h = r / p.Wp - p.pt, w = r % p.Wp - p.pl;
+      int q = 0;
+      if (c < p.C && (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W) {
+        float t = __ldg(p.x + ((img * p.H + h) * p.W + w) * p.C + c);
+        bad |= !isfinite(t);
+        q = quantize1(t, s, p.qmax, p.trunc);
+      }
+      out[i] = (T)q;
+    }
+  } else if (p.vec) {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
     QGRID_STRIDE(i, p.n / 4) {

@@ -1,0 +1,183 @@
+// INT8 convolution on Hopper's warpgroup tensor cores: wgmma.mma_async m64nBNk32 s8 x s8 -> s32
+// (sm_90a only; the mma.sync kernel serves the other architectures).
+// Block: BM/64 warpgroups, each owning 64 output pixels x BN channels. Every thread loads with
+// cp.async (TileLoader: implicit im2col, stride, padding and groups in the index math) into a
+// STAGES-deep ring of 128-byte-swizzled tiles, D = STAGES - 2 tiles ahead, so the wgmma group of
+// one K tile is still running while the block passes the next tile's barrier. grid.z = groups x
+// K slices (split-K), as the mma.sync kernel. No .satfinite: the s32 sums wrap modulo 2^32.
+#include "qconv_common.cuh"
+#include "qconv_wgmma.cuh"
+
+// Keeps the compiler from moving accesses of the accumulators across wgmma issue / wait.
+template <int R> QD void fence_operands(int (&d)[R]) {
+#pragma unroll
+  for (int i = 0; i < R; ++i) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+template <int BM, int BN, int STAGES>
+QD void conv_wgmma(const ConvParams& p) {
+  constexpr int BKW = 32, NT = 2 * BM, D = STAGES - 2;  // BM / 64 warpgroups of 128 threads
+  static_assert(BM % 64 == 0 && D >= 1, "whole warpgroups, one tile in flight");
+  typedef TileLoader<BM, BN, BKW, NT, true> L;
+  constexpr int ASZ = BM * BKW, BSZ = BN * BKW;  // words per stage
+  extern __shared__ unsigned smem_raw[];
+  const unsigned raw = smem_u32(smem_raw);
+  unsigned* As = smem_raw + (((raw + 1023u) & ~1023u) - raw) / 4;  // swizzle atoms: 1 KiB aligned
+  unsigned* Bs = As + STAGES * ASZ;
+
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  const BlockWork bw = block_work(p);
+  const int kt0 = bw.kt0, nk = bw.nk;
+
+  L loader(p, m0, tid);
+  int acc[BN / 2];
+#pragma unroll
+  for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
+
+#pragma unroll
+  for (int s = 0; s < D; ++s) {
+    if (s < nk) loader.load(p, bw.xoff, bw.woff, As + s * ASZ, Bs + s * BSZ, kt0 + s, n0, tid);
+    cp_async_commit();
+  }
+  const unsigned a_base = smem_u32(As) + wg * 64 * 128, b_base = smem_u32(Bs);
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<D - 1>();  // this thread's chunks of tile it have landed
+    fence_proxy_async();
+    __syncthreads();         // everyone's have; and every warpgroup's wgmma of tile it - 2 is done
+    const int s = it % STAGES;
+    fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)  // 4 k-steps of 32 bytes in the 128-byte row
+      wgmma_s8<BN>(acc, wgmma_desc(a_base + s * ASZ * 4 + kk * 32), wgmma_desc(b_base + s * BSZ * 4 + kk * 32));
+    wgmma_commit();
+    wgmma_wait<1>();         // tile it - 1's group is done: at most one in flight
+    fence_operands(acc);
+    const int pf = it + D;   // into the slot of tile it - 2
+    if (pf < nk) loader.load(p, bw.xoff, bw.woff, As + (pf % STAGES) * ASZ, Bs + (pf % STAGES) * BSZ, kt0 + pf, n0, tid);
+    cp_async_commit();
+  }
+  wgmma_wait<0>();
+  fence_operands(acc);
+  cp_async_wait<0>();
+
+  // Accumulator layout of m64nN: warp w of the warpgroup holds rows 16w + lane/4 (+8); n8 block i
+  // holds columns 8i + 2(lane%4) (+1), as acc[4i + {0: (r, c), 1: (r, c+1), 2: (r+8, c), 3: (r+8, c+1)}].
+  const float inv0 = epilogue_inv(p);
+  const int m = m0 + wg * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+  for (int i = 0; i < BN / 8; ++i) {
+    const int o = n0 + i * 8 + 2 * (lane & 3);
+    store_out(p, bw.ocol, m, o, (unsigned)acc[4 * i], inv0);
+    store_out(p, bw.ocol, m, o + 1, (unsigned)acc[4 * i + 1], inv0);
+    store_out(p, bw.ocol, m + 8, o, (unsigned)acc[4 * i + 2], inv0);
+    store_out(p, bw.ocol, m + 8, o + 1, (unsigned)acc[4 * i + 3], inv0);
+  }
+  publish_stats(p.stats, p.slot);
+}
+
+#define QCONV_WGMMA(NAME, BM, BN)                                                          \
+  extern "C" __global__ void __launch_bounds__(2 * BM, 1) NAME(const ConvParams p) {       \
+    conv_wgmma<BM, BN, 4>(p);                                                              \
+  }
+QCONV_WGMMA(qconv_s8_conv_wgmma_128x128, 128, 128)
+QCONV_WGMMA(qconv_s8_conv_wgmma_128x64, 128, 64)
+QCONV_WGMMA(qconv_s8_conv_wgmma_64x128, 64, 128)
+QCONV_WGMMA(qconv_s8_conv_wgmma_64x64, 64, 64)
+
+// ---- stride-1 layers with resident weights: the "window" kernel ---------------------------------
+// The input is quantized into a zero-padded grid [N][Hp][Wp][Cp] (Hp = Ho + KH - 1, Wp = Wo + KW - 1,
+// Cp = Cw * 4 bytes, a multiple of 32). Over that grid's rows q = (n*Hp + i)*Wp + j, the output at
+// q reads input row q + u*Wp + v for tap (u, v): every tap's A operand is the same window of rows,
+// shifted. So a block loads its BM output rows' window ONCE (BM + (KH-1)*Wp + KW-1 rows, not KH*KW
+// times BM as the im2col loader does) and points each tap's wgmma descriptor into it; rows with
+// i >= Ho or j >= Wo are computed and dropped. The weights of the block's BN channels stay in
+// shared memory for the whole (persistent) block, which walks M tiles blockIdx.x, + gridDim.x, ...
+// Operands are K-major without swizzle: [16-byte chunk][row][16 bytes], so a shift by one row is
+// 16 bytes of descriptor start (core matrices: 8 rows of 16 B; 128 B between 8-row groups).
+QD unsigned long long wgmma_desc_plain(unsigned smem_addr, unsigned k_stride) {
+  return (unsigned long long)((smem_addr & 0x3FFFF) >> 4) | ((unsigned long long)(k_stride >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+
+template <int BN>
+QD void conv_wgmma_window(const ConvParams& p) {
+  constexpr int BM = 128, NT = 256;  // two warpgroups of 64 rows
+  extern __shared__ __align__(16) unsigned smem_w[];
+  const int Hp = p.Ho + p.KH - 1, Wp = p.Wo + p.KW - 1, Cp = p.Cw * 4, CH = Cp / 16;
+  const long long Mp = (long long)p.N * Hp * Wp;
+  const int rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;  // window rows, whole core matrices
+  const int KC = p.T * CH;                                    // 16-byte K chunks of the weights
+  unsigned char* Bs = (unsigned char*)smem_w;                 // [KC][BN][16]
+  unsigned char* Aw = Bs + KC * BN * 16;                      // [2][CH][rows][16]
+  const int abuf = CH * rows * 16;
+  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int n0 = blockIdx.y * BN;
+  const unsigned char* xb = (const unsigned char*)p.x;
+
+  for (int i = tid; i < KC * BN; i += NT) {  // the block's weights, once
+    const int kc = i / BN, o = i - kc * BN;
+    cp_async16(Bs + i * 16, (const unsigned char*)p.w + ((size_t)(n0 + o) * p.Kpw * 4 + kc * 16), true);
+  }
+  auto load_window = [&](long long q0, unsigned char* dst) {
+    for (int i = tid; i < CH * rows; i += NT) {
+      const int c = i / rows, r = i - c * rows;
+      const long long q = q0 + r;
+      const bool ok = q < Mp;
+      cp_async16(dst + i * 16, ok ? xb + (q * Cp + c * 16) : xb, ok);
+    }
+  };
+  const long long tiles = (Mp + BM - 1) / BM;
+  long long tile = blockIdx.x;
+  if (tile < tiles) load_window(tile * BM, Aw);
+  cp_async_commit();
+
+  const float inv0 = epilogue_inv(p);
+  const unsigned bs = smem_u32(Bs), aw = smem_u32(Aw);
+  for (int it = 0; tile < tiles; ++it, tile += gridDim.x) {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();  // window `it` (and the weights) landed; every warpgroup is done with window it-1
+    if (tile + gridDim.x < tiles) load_window((tile + gridDim.x) * BM, Aw + ((it + 1) & 1) * abuf);
+    cp_async_commit();
+
+    int acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
+    fence_operands(acc);
+    wgmma_fence();
+    const unsigned a0 = aw + (it & 1) * abuf + wg * 64 * 16;
+    for (int t = 0; t < p.T; ++t) {
+      const int u = t / p.KW, shift = u * Wp + (t - u * p.KW);
+      for (int c = 0; c < CH; c += 2)  // k-steps of 32 bytes: two chunks, rows * 16 bytes apart
+        wgmma_s8<BN>(acc, wgmma_desc_plain(a0 + (c * rows + shift) * 16, rows * 16),
+                     wgmma_desc_plain(bs + (t * CH + c) * BN * 16, BN * 16));
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc);
+
+    const long long qr = tile * BM + wg * 64 + warp * 16 + (lane >> 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8 -> output pixel m, or M (dropped)
+      const long long q = qr + 8 * h;
+      const int n = (int)(q / ((long long)Hp * Wp));
+      const int rem = (int)(q - (long long)n * Hp * Wp), i = rem / Wp, j = rem - i * Wp;
+      const int m = (q < Mp && i < p.Ho && j < p.Wo) ? (n * p.Ho + i) * p.Wo + j : p.M;
+#pragma unroll
+      for (int b = 0; b < BN / 8; ++b) {
+        const int o = n0 + b * 8 + 2 * (lane & 3);
+        store_out(p, 0, m, o, (unsigned)acc[4 * b + 2 * h], inv0);
+        store_out(p, 0, m, o + 1, (unsigned)acc[4 * b + 2 * h + 1], inv0);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  publish_stats(p.stats, p.slot);
+}
+
+#define QCONV_WGMMA_WINDOW(NAME, BN) \
+  extern "C" __global__ void __launch_bounds__(256, 1) NAME(const ConvParams p) { conv_wgmma_window<BN>(p); }
+QCONV_WGMMA_WINDOW(qconv_s8_conv_wgmma_window_n128, 128)
+QCONV_WGMMA_WINDOW(qconv_s8_conv_wgmma_window_n64, 64)
