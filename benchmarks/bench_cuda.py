@@ -8,8 +8,9 @@ For exam cases 1 and 2 at N=1 and N=32 (the batch tiled from the one image), eve
 tensors, so no host copies); the convolution kernel's time is the median of --reps CUDA-event-timed
 calls. Baselines, timed the same way: cuDNN FP32 (torch conv2d, TF32 off, NCHW and channels-last,
 best of), cuDNN FP16 channels-last, and cuBLASLt INT8 GEMM of the implicit-GEMM shape
-(torch._int_mm, M = N*H*W, K = KH*KW*C, N = OC, B column-major). Peaks for dp4a and int8 mma.sync
-are measured by microbenchmarks in the same process. --sweep also times every tile and split-K.
+(torch._int_mm, M = N*H*W, K = KH*KW*C, N = OC, B column-major). Peaks for dp4a, int8 mma.sync and
+(sm_90 only) int8 wgmma are measured by microbenchmarks in the same process. --sweep also times every
+tile and split-K.
 """
 
 from __future__ import annotations
@@ -76,29 +77,95 @@ extern "C" __global__ void mma_peak(int* out, int iters, int a0, int b0) {
 """
 
 
-def measure_peaks(rt) -> dict:
+# One warpgroup (128 threads) per block issuing m64n256k32 with A (64x32) and B (256x32) from shared
+# memory, K-major without swizzle: 8-row x 16-byte core matrices stored contiguously, so the two core
+# matrices along K are 128 bytes apart (leading byte offset) and successive 8-row groups 256 bytes
+# (stride byte offset). The same accumulators chain through every wgmma (ordered by the hardware for
+# one shape), with up to two commit groups of four in flight. 154 registers: three blocks fit an SM.
+_ACC = ", ".join(f"%{i}" for i in range(128))
+WGMMA_PEAK_SRC = r"""
+__device__ unsigned long long smem_desc(const void* p, unsigned lbo, unsigned sbo) {
+  unsigned addr = (unsigned)__cvta_generic_to_shared(p);
+  return (unsigned long long)((addr >> 4) & 0x3fff) | (unsigned long long)(lbo >> 4) << 16
+         | (unsigned long long)(sbo >> 4) << 32;  // base offset 0, swizzle 0 (none)
+}
+extern "C" __global__ void __launch_bounds__(128, 3) wgmma_peak(int* out, int iters, int a0, int b0) {
+  __shared__ __align__(1024) int sm[(64 * 32 + 256 * 32) / 4];
+  for (int i = threadIdx.x; i < (64 * 32 + 256 * 32) / 4; i += 128) sm[i] = a0 ^ b0;
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
+  __syncthreads();
+  const unsigned long long da = smem_desc(sm, 128, 256), db = smem_desc(sm + 64 * 32 / 4, 128, 256);
+  int d[128];
+#pragma unroll
+  for (int r = 0; r < 128; ++r) {
+    d[r] = threadIdx.x + r;
+    asm volatile("" : "+r"(d[r]));  // keeps the compiler from moving these writes past the fence
+  }
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#pragma unroll 1
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                   "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {ACC}, %128, %129, p;\n}\n"
+                   : OUTS : "l"(da), "l"(db));
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  int s = 0;
+#pragma unroll
+  for (int r = 0; r < 128; ++r) s += d[r];
+  if (s == 0x7fffffff) out[0] = s;
+}
+""".replace("ACC", _ACC).replace("OUTS", ", ".join(f'"+r"(d[{i}])' for i in range(128)))
+
+
+def _time_kernel(rt, f, name: str, blocks: int, threads: int, iters: int) -> float:
+    """Median of five event-timed launches after one warm-up, in seconds."""
     import ctypes
+    drv = rt.drv
+    ev = rt.default.take_events(2)
+    args = [ctypes.c_uint64(rt.default.scratch("peak_out", 16)), ctypes.c_int(iters),
+            ctypes.c_int(0x01020304), ctypes.c_int(0x05060708)]
+    ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
+    times = []
+    try:
+        for _ in range(6):
+            rt.record(ev[0], rt.default.handle)
+            ck(drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, 0, rt.default.stream, ctypes.addressof(ptrs), 0), name)
+            rt.record(ev[1], rt.default.handle)
+            ck(drv.cuEventSynchronize(ev[1]), "sync")
+            times.append(rt.elapsed(ev[0], ev[1]))
+    finally:
+        rt.default.give_events(ev)
+    return statistics.median(times[1:])
+
+
+def measure_wgmma_peak(rt) -> float | None:
+    """INT8 wgmma ops/s on the whole GPU, or None off sm_90 (wgmma needs the sm_90a target)."""
+    if rt.arch != "sm_90":
+        return None
+    drv = rt.drv
+    cubin = _nvrtc.compile_source(WGMMA_PEAK_SRC, {}, "wgmma_peak.cu", "sm_90a")
+    mod = ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(wgmma_peak)")
+    f = ck(drv.cuModuleGetFunction(mod, b"wgmma_peak"), "wgmma_peak")
+    per_sm = int(ck(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(f, 128, 0), "occupancy(wgmma_peak)"))
+    blocks, iters = rt.num_sms * max(1, per_sm), 2048
+    return 4 * (2 * 64 * 256 * 32) * iters * blocks / _time_kernel(rt, f, "wgmma_peak", blocks, 128, iters)
+
+
+def measure_peaks(rt) -> dict:
     drv = rt.drv
     cubin = _nvrtc.compile_source(PEAK_SRC, {}, "peaks.cu", rt.arch)
     mod = ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(peaks)")
-    out = rt.default.scratch("peak_out", 16)
-    stream = rt.default.stream
-    ev = rt.default.take_events(2)
     res = {}
     blocks, threads, iters = rt.num_sms * 8, 256, 4096
     for name, ops_per_iter in (("dp4a_peak", 8 * 8 * threads), ("mma_peak", 4 * 16 * 8 * 32 * 2 * (threads // 32))):
         f = ck(drv.cuModuleGetFunction(mod, name.encode()), name)
-        args = [ctypes.c_uint64(out), ctypes.c_int(iters), ctypes.c_int(0x01020304), ctypes.c_int(0x05060708)]
-        times = []
-        ptrs = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
-        for _ in range(6):
-            rt.record(ev[0], rt.default.handle)
-            ck(drv.cuLaunchKernel(f, blocks, 1, 1, threads, 1, 1, 0, stream, ctypes.addressof(ptrs), 0), name)
-            rt.record(ev[1], rt.default.handle)
-            ck(drv.cuEventSynchronize(ev[1]), "sync")
-            times.append(rt.elapsed(ev[0], ev[1]))
-        t = statistics.median(times[1:])
-        res[name] = ops_per_iter * iters * blocks / t
+        res[name] = ops_per_iter * iters * blocks / _time_kernel(rt, f, name, blocks, threads, iters)
+    res["wgmma_peak"] = measure_wgmma_peak(rt)
+    res["arch"] = rt.arch
     from qconv.backends.cuda._driver import _attr
     clock_khz = _attr(rt.dev, "CU_DEVICE_ATTRIBUTE_CLOCK_RATE")
     res["sm_clock_ghz_max"] = clock_khz / 1e6
@@ -272,8 +339,10 @@ def table(meta: dict, rows: list) -> str:
                    f"cuBLASLt INT8 {us(b['cublaslt_int8_gemm'])} | | | | | | | | |")
     p = meta["peaks"]
     out.append("")
-    out.append(f"Measured peaks: dp4a {p['dp4a_peak'] / 1e12:.1f} TOP/s, int8 mma.sync {p['mma_peak'] / 1e12:.1f} TOP/s "
-               f"({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
+    wg = p.get("wgmma_peak")
+    wgmma = f"{wg / 1e12:.1f} TOP/s" if wg else f"skipped (needs sm_90a; this GPU is {p.get('arch', '?')})"
+    out.append(f"Measured peaks: dp4a {p['dp4a_peak'] / 1e12:.1f} TOP/s, int8 mma.sync {p['mma_peak'] / 1e12:.1f} TOP/s, "
+               f"int8 wgmma {wgmma} ({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
     return "\n".join(out)
 
 

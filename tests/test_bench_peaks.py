@@ -1,0 +1,57 @@
+"""benchmarks/bench_cuda.py's peak microbenchmarks compile through NVRTC without a GPU (the wgmma one
+for sm_90a, the others for every arch the backend targets), and the report names the wgmma peak or
+why it was skipped. Only a missing cuda-python/NVRTC skips; a compile failure fails."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from qconv.errors import BackendError
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cuda.py"
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_cuda", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _nvrtc_or_skip():
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"cuda-python is not installed here: {e}")
+    from qconv.backends import _nvrtc
+    try:
+        _nvrtc.version()
+    except (BackendError, OSError, RuntimeError) as e:
+        pytest.skip(f"NVRTC cannot be loaded here: {e}")
+    return _nvrtc
+
+
+def test_wgmma_peak_compiles_for_sm90a():
+    nv = _nvrtc_or_skip()
+    cubin = nv.compile_source(_bench().WGMMA_PEAK_SRC, {}, "wgmma_peak.cu", "sm_90a")
+    assert cubin.startswith(b"\x7fELF")
+    assert b"wgmma_peak" in cubin
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_other_peaks_compile(arch):
+    nv = _nvrtc_or_skip()
+    cubin = nv.compile_source(_bench().PEAK_SRC, {}, "peaks.cu", arch)
+    assert b"dp4a_peak" in cubin and b"mma_peak" in cubin
+
+
+def test_report_line_names_wgmma_peak_or_skip():
+    bench = _bench()
+    peaks = {"dp4a_peak": 1.3e14, "mma_peak": 1.28e15, "num_sms": 132, "sm_clock_ghz_max": 1.98}
+    line = bench.table({"peaks": {**peaks, "wgmma_peak": 1.9e15, "arch": "sm_90"}}, []).splitlines()[-1]
+    assert "int8 wgmma 1900.0 TOP/s" in line
+    line = bench.table({"peaks": {**peaks, "wgmma_peak": None, "arch": "sm_80"}}, []).splitlines()[-1]
+    assert "int8 wgmma skipped" in line and "sm_80" in line
