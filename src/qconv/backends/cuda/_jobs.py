@@ -98,6 +98,7 @@ class GemmJob(Job):
             outer, tile = tile, tile.split("/")[0]
         # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM
         window = (wgmma and tile in ("auto", "window") and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
+                  and g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1) <= _tiling.INT_LIMIT
                   and (tile == "window" or g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1)
                        >= _tiling.WINDOW_BM * rt.num_sms // 2))
         if tile == "window" and wgmma:  # (other paths refuse the name in choose_tiling)

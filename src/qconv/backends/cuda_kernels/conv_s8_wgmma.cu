@@ -69,10 +69,8 @@ QD void conv_wgmma(const ConvParams& p) {
 #pragma unroll
   for (int i = 0; i < BN / 8; ++i) {
     const int o = n0 + i * 8 + 2 * (lane & 3);
-    store_out(p, bw.ocol, m, o, (unsigned)acc[4 * i], inv0);
-    store_out(p, bw.ocol, m, o + 1, (unsigned)acc[4 * i + 1], inv0);
-    store_out(p, bw.ocol, m + 8, o, (unsigned)acc[4 * i + 2], inv0);
-    store_out(p, bw.ocol, m + 8, o + 1, (unsigned)acc[4 * i + 3], inv0);
+    store_pair(p, bw.ocol, m, o, (unsigned)acc[4 * i], (unsigned)acc[4 * i + 1], inv0);
+    store_pair(p, bw.ocol, m + 8, o, (unsigned)acc[4 * i + 2], (unsigned)acc[4 * i + 3], inv0);
   }
   publish_stats(p.stats, p.slot);
 }
@@ -106,7 +104,7 @@ QD void conv_wgmma_window(const ConvParams& p) {
   constexpr int BM = 128, NT = 256;  // two warpgroups of 64 rows
   extern __shared__ __align__(16) unsigned smem_w[];
   const int Hp = p.Ho + p.KH - 1, Wp = p.Wo + p.KW - 1, Cp = p.Cw * 4, CH = Cp / 16;
-  const long long Mp = (long long)p.N * Hp * Wp;
+  const int Mp = p.N * Hp * Wp, HWp = Hp * Wp;  // < 2^31: checked on the host
   const int rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;  // window rows, whole core matrices
   const int KC = p.T * CH;                                    // 16-byte K chunks of the weights
   unsigned char* Bs = (unsigned char*)smem_w;                 // [KC][BN][16]
@@ -120,16 +118,19 @@ QD void conv_wgmma_window(const ConvParams& p) {
     const int kc = i / BN, o = i - kc * BN;
     cp_async16(Bs + i * 16, (const unsigned char*)p.w + ((size_t)(n0 + o) * p.Kpw * 4 + kc * 16), true);
   }
-  auto load_window = [&](long long q0, unsigned char* dst) {
-    for (int i = tid; i < CH * rows; i += NT) {
-      const int c = i / rows, r = i - c * rows;
-      const long long q = q0 + r;
+  // Row-major walk, (NT / CH) rows per pass: no division per chunk. CH <= NT: window_fits refuses
+  // more than 4096 channels (their window alone would not fit in shared memory).
+  const int per = NT / CH;
+  auto load_window = [&](int q0, unsigned char* dst) {
+    if (tid >= per * CH) return;
+    for (int r = tid / CH, c = tid % CH; r < rows; r += per) {
+      const int q = q0 + r;
       const bool ok = q < Mp;
-      cp_async16(dst + i * 16, ok ? xb + (q * Cp + c * 16) : xb, ok);
+      cp_async16(dst + (c * rows + r) * 16, ok ? xb + ((size_t)q * Cp + c * 16) : xb, ok);
     }
   };
-  const long long tiles = (Mp + BM - 1) / BM;
-  long long tile = blockIdx.x;
+  const int tiles = (Mp + BM - 1) / BM;
+  int tile = blockIdx.x;
   if (tile < tiles) load_window(tile * BM, Aw);
   cp_async_commit();
 
@@ -158,18 +159,16 @@ QD void conv_wgmma_window(const ConvParams& p) {
     wgmma_wait<0>();
     fence_operands(acc);
 
-    const long long qr = tile * BM + wg * 64 + warp * 16 + (lane >> 2);
+    const int qr = tile * BM + wg * 64 + warp * 16 + (lane >> 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8 -> output pixel m, or M (dropped)
-      const long long q = qr + 8 * h;
-      const int n = (int)(q / ((long long)Hp * Wp));
-      const int rem = (int)(q - (long long)n * Hp * Wp), i = rem / Wp, j = rem - i * Wp;
+      const int q = qr + 8 * h;
+      const int n = q / HWp, rem = q - n * HWp, i = rem / Wp, j = rem - i * Wp;
       const int m = (q < Mp && i < p.Ho && j < p.Wo) ? (n * p.Ho + i) * p.Wo + j : p.M;
 #pragma unroll
       for (int b = 0; b < BN / 8; ++b) {
         const int o = n0 + b * 8 + 2 * (lane & 3);
-        store_out(p, 0, m, o, (unsigned)acc[4 * b + 2 * h], inv0);
-        store_out(p, 0, m, o + 1, (unsigned)acc[4 * b + 2 * h + 1], inv0);
+        store_pair(p, 0, m, o, (unsigned)acc[4 * b + 2 * h], (unsigned)acc[4 * b + 2 * h + 1], inv0);
       }
     }
   }

@@ -296,3 +296,22 @@ QD unsigned store_out(const ConvParams& p, int ocol, int m, int o, unsigned v, f
   }
   return 0;
 }
+
+// Two adjacent channels o, o + 1 of output m (o even): one 8-byte store when the row allows it
+// (out 16-byte aligned, OC and OCg even, not split-K's atomics), else two store_out.
+QD void store_pair(const ConvParams& p, int ocol, int m, int o, unsigned v0, unsigned v1, float inv0) {
+  if (m >= p.M) return;
+  if (p.mode != 2 && p.vec_out && ((p.OC | p.OCg | ocol) & 1) == 0 && o + 1 < p.OCg) {
+    const int oc = ocol + o;
+    const size_t i = (size_t)m * p.OC + oc;
+    if (p.mode == 1) {
+      const float i0 = p.inv_uniform ? inv0 : p.inv[oc], i1 = p.inv_uniform ? inv0 : p.inv[oc + 1];
+      *(float2*)((float*)p.out + i) = make_float2(dequant1(v0, i0, p.bias, oc), dequant1(v1, i1, p.bias, oc + 1));
+    } else {
+      *(uint2*)((unsigned*)p.out + i) = make_uint2(v0, v1);
+    }
+    return;
+  }
+  store_out(p, ocol, m, o, v0, inv0);
+  store_out(p, ocol, m, o + 1, v1, inv0);
+}
