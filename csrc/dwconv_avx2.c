@@ -11,7 +11,8 @@
  *   s16: vpmovsxwd (int16 rows: INT16, and INT8's +-127) + vpmulld + vpaddd
  * Dequantize fused in the store: cvtdq2ps, one multiply by inv[o], then + bias[o] (separate
  * instructions, no FMA). A partial last block stores through a buffer (no write past the row).
- * Kernel widths 1, 3, 5, 7 are specialized; others take a per-pixel loop.
+ * Kernel widths 1, 3, 5, 7 are specialized; others take a per-pixel loop. Weights as
+ * qconv_dw_pack__scalar packs them: [tap][ocp], ocp = OC rounded up to QCONV_DW_BLOCK_AVX2.
  * Names: qconv_<type>_dwconv__avx2. */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")
@@ -23,13 +24,6 @@
 #include "qconv_impl.h"
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
-
-/* Weights: [tap][ocp], float for fp32, int32 for every integer precision (zeros past OC): the
- * scalar twin's layout, only ocp (OC rounded up to QCONV_DW_BLOCK_AVX2) differs. */
-int64_t qconv_dw_pack__avx2(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst)
-{
-    return qconv_dw_pack__scalar(precision, src, taps, oc, ocp, dst);
-}
 
 /* Load 8 channels of the padded input as the accumulation type: float (fp32), int32 (int32), or
  * int16 sign-extended to int32 (vpmovsxwd; int16 and int8 rows hold int16). */

@@ -5,7 +5,8 @@
  * every output pixel and channel, a plain sum over the KH*KW taps. Integers are held as int32 and
  * summed in uint32_t (wrap-around modulo 2^32, no signed-overflow UB); the dequantize is fused:
  * (float)acc * inv[o], then + bias[o], two float32 operations. Not vectorized (pragma below).
- * Weights: [tap][ocp] (float for fp32, int32 otherwise), ocp = OC (dw_block 1). */
+ * Weights: [tap][ocp] (float for fp32, int32 otherwise, zeros past OC), ocp = OC rounded up to
+ * the family's dw_block (1 here); qconv_dw_pack__scalar packs them for every family. */
 #pragma GCC optimize("no-tree-loop-vectorize", "no-tree-slp-vectorize")
 
 #include <stdint.h>

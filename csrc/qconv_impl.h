@@ -126,10 +126,9 @@ void qconv_dequantize__avx2(const int32_t *acc, int64_t npix, int64_t oc, const 
 void qconv_f32_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
 void qconv_s32_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
 void qconv_s16_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, float *y);
-int64_t qconv_dw_pack__avx2(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
 #define QCONV_DW_BLOCK_AVX2 16
 
-/* The scalar depthwise twins (dwconv_scalar.c). */
+/* The scalar depthwise twins, and the weight packing every family uses (dwconv_scalar.c). */
 void qconv_f32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
 void qconv_s32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
 int64_t qconv_dw_pack__scalar(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);

@@ -61,30 +61,45 @@ static inline void cpu_relax(void)
 #endif
 }
 
-/* The end of a short spin that starts now (none when spin is 0). */
-static double spin_end(int spin)
+/* Returns once ready(ctx) holds: first spins on it for up to SPIN_S (not at all when spin is 0),
+ * then sleeps on cv. Whoever makes it hold signals cv with m held, so no wake-up is missed. */
+static inline void wait_until(int spin, int (*ready)(const void *ctx), const void *ctx,
+                              pthread_mutex_t *m, pthread_cond_t *cv)
 {
-    return spin ? qconv_now() + SPIN_S : 0.0;
+    for (double end = spin ? qconv_now() + SPIN_S : 0.0; !ready(ctx) && qconv_now() < end;)
+        cpu_relax();
+    if (!ready(ctx)) {
+        pthread_mutex_lock(m);
+        while (!ready(ctx))
+            pthread_cond_wait(cv, m);
+        pthread_mutex_unlock(m);
+    }
+}
+
+typedef struct {
+    const worker *me;
+    unsigned long seen;
+} job_wait;
+
+/* A new job for this worker, or shutdown. */
+static int job_posted(const void *ctx)
+{
+    const job_wait *w = ctx;
+    return atomic_load_explicit(&w->me->go, memory_order_acquire) != w->seen ||
+           atomic_load_explicit(&shutting_down, memory_order_acquire);
 }
 
 static void *worker_main(void *p)
 {
     worker *me = p;
     const int ith = (int)(me - workers) + 1;
-    unsigned long seen = 0;   /* go starts at 0 (grow): a job posted before this thread runs is not missed */
+    job_wait w = {me, 0};   /* go starts at 0 (grow): a job posted before this thread runs is not missed */
     int spin = 0;
     for (;;) {
-        for (double end = spin_end(spin); atomic_load_explicit(&me->go, memory_order_acquire) == seen && qconv_now() < end;)
-            cpu_relax();
-        if (atomic_load_explicit(&me->go, memory_order_acquire) == seen) {
-            pthread_mutex_lock(&me->m);
-            while (atomic_load(&me->go) == seen && !atomic_load(&shutting_down))
-                pthread_cond_wait(&me->cv, &me->m);
-            pthread_mutex_unlock(&me->m);
-        }
+        wait_until(spin, job_posted, &w, &me->m, &me->cv);
         if (atomic_load(&shutting_down))
             return NULL;
-        seen = atomic_load_explicit(&me->go, memory_order_acquire);
+        w.seen = atomic_load_explicit(&me->go, memory_order_acquire);
         spin = job_spin;
         job_fn(job_arg, ith, job_nth);
         if (atomic_fetch_sub_explicit(&pending, 1, memory_order_acq_rel) == 1) {
@@ -155,6 +170,13 @@ static int grow(int nth)
     return QCONV_OK;
 }
 
+/* Every worker of the job has finished. */
+static int workers_done(const void *ctx)
+{
+    (void)ctx;
+    return atomic_load_explicit(&pending, memory_order_acquire) <= 0;
+}
+
 int qconv_pool_run(int nth, qconv_task_fn fn, void *arg)
 {
     if (nth < 1 || nth > QCONV_MAX_THREADS || fn == NULL)
@@ -188,16 +210,15 @@ int qconv_pool_run(int nth, qconv_task_fn fn, void *arg)
 
     fn(arg, 0, nth);
 
-    for (double end = spin_end(job_spin); atomic_load_explicit(&pending, memory_order_acquire) > 0 && qconv_now() < end;)
-        cpu_relax();
-    if (atomic_load_explicit(&pending, memory_order_acquire) > 0) {
-        pthread_mutex_lock(&done_m);
-        while (atomic_load_explicit(&pending, memory_order_acquire) > 0)
-            pthread_cond_wait(&done_cv, &done_m);
-        pthread_mutex_unlock(&done_m);
-    }
+    wait_until(job_spin, workers_done, NULL, &done_m, &done_cv);
     pthread_mutex_unlock(&submit_lock);
     return QCONV_OK;
+}
+
+/* bar_round has moved past *ctx. */
+static int round_over(const void *ctx)
+{
+    return atomic_load_explicit(&bar_round, memory_order_acquire) != *(const int *)ctx;
 }
 
 void qconv_pool_barrier(int nth)
@@ -214,12 +235,5 @@ void qconv_pool_barrier(int nth)
         pthread_mutex_unlock(&bar_m);
         return;
     }
-    for (double end = spin_end(job_spin); atomic_load_explicit(&bar_round, memory_order_acquire) == round && qconv_now() < end;)
-        cpu_relax();
-    if (atomic_load_explicit(&bar_round, memory_order_acquire) == round) {
-        pthread_mutex_lock(&bar_m);
-        while (atomic_load_explicit(&bar_round, memory_order_acquire) == round)
-            pthread_cond_wait(&bar_cv, &bar_m);
-        pthread_mutex_unlock(&bar_m);
-    }
+    wait_until(job_spin, round_over, &round, &bar_m, &bar_cv);
 }
