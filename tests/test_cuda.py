@@ -411,8 +411,9 @@ def test_declared_tiles_are_the_kernels_tiles():
         for t in declared:
             name = t.options["tile"]
             assert (t.dw_channels, t.dw_columns) == _tiling.DW_TILE
-            if name == "window":  # wgmma's window kernel: one entry point per channel block
-                assert {f"{prefix}_window_n64", f"{prefix}_window_n128"} <= set(names)
+            if name == "window":  # wgmma's window kernel: an entry point per channel block and windows
+                wprefix = _tiling.conv_kernel(precision, "wgmma")[1]
+                assert {f"{wprefix}_window_n{bn}_b{nb}" for bn, nb in _tiling.window_configs(128)} <= set(names)
                 assert (t.pixels[0], t.out_channels[0]) == (_tiling.WINDOW_BM, 128)
                 continue
             assert (cb._outer_name(name) if "/" in name else f"{prefix}_{name}") in names

@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--groups", type=int, default=1, help="channel groups; C for depthwise (default 1)")
     c.add_argument("--bias", help="bias tensor file with OC values, added after dequantization")
     c.add_argument("--threads", type=int, help="worker threads (c-avx2)")
-    c.add_argument("--int8-path", choices=["mma", "wgmma", "dp4a"], help="INT8 kernel on cuda (wgmma: Hopper only)")
+    c.add_argument("--int8-path", choices=["auto", "mma", "wgmma", "dp4a"], help="INT8 kernel on cuda (wgmma: Hopper only)")
     c.add_argument("-n", "--repeat", type=int, default=5,
                    help="timed runs after one warm-up; phases are their medians (default 5)")
     c.add_argument("--no-accuracy", action="store_true", help="skip the float64 reference (NRMSE)")

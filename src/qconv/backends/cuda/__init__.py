@@ -13,13 +13,15 @@ arrays go through pinned staging buffers and asynchronous copies, and the call r
 output is on the host.
 
 Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
-    int8_path: "mma" (tensor cores' mma.sync, the default), "wgmma" (Hopper's warpgroup MMA,
-        sm_90 only: conv_s8_wgmma.cu) or "dp4a" (CUDA cores).
+    int8_path: "auto" (default: on Hopper the wgmma window kernel where a stride-1 layer allows it
+        and fills the GPU, else mma.sync; elsewhere mma.sync), "mma" (tensor cores' mma.sync),
+        "wgmma" (Hopper's warpgroup MMA, sm_90 only: conv_s8_wgmma.cu) or "dp4a" (CUDA cores).
     int16_path, int32_path: "auto" (default: _tiling.INT_AUTO, the faster path measured on the
         H200), "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition: 2 / 4 byte
         planes per value, mma.sync s8/u8 products combined modulo 2^32, conv_planes_mma.cu; the
         same bits).
-    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma"), the block tile;
+    tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma", WGMMA_TILES for
+        "wgmma", "window" and MMA_TILES for "auto" on Hopper), the block tile;
         for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
     fuse_dequantize: True (default) dequantizes (+ bias) in the convolution's epilogue when
@@ -49,7 +51,7 @@ from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F4
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
 from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_BKW, MMA_TILES, PLANES, PLANE_TILES,
                       OUTER_TILES, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
-                      outer_threads as _outer_threads, resolve_int_path, tiles_for)
+                      outer_threads as _outer_threads, resolve_int8_path, resolve_int_path, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
@@ -73,16 +75,28 @@ def variants_for_tests() -> list[dict]:
     """What the tests run besides variants(): INT8 on the CUDA cores (__dp4a), and on a Hopper GPU
     through wgmma."""
     out = [{"int8_path": "dp4a"}]
-    if is_available()[0] and _runtime().arch in WGMMA_ARCHS:
-        out.append({"int8_path": "wgmma"})
+    if _arch() in WGMMA_ARCHS:  # the default runs the window kernel there: keep both others covered
+        out += [{"int8_path": "wgmma"}, {"int8_path": "mma"}]
     return out
+
+
+def _arch() -> str | None:
+    """GPU 0's architecture ("sm_90"), or None without a usable GPU."""
+    global _ARCH
+    if _ARCH is False:
+        _ARCH = _runtime().arch if is_available()[0] else None
+    return _ARCH
+
+
+_ARCH: "str | None | bool" = False
 
 
 def _paths(options: dict, precision: Precision) -> tuple[str, str]:
     """(int8_path, the INT16/INT32 path resolved) these options run for a precision."""
     o = parse_options(options)
     int_path = getattr(o, f"{precision.value}_path", "simt")
-    return o.int8_path, resolve_int_path(precision, int_path)
+    int8_path = resolve_int8_path(o.int8_path, _arch() if o.int8_path == "auto" else None)
+    return int8_path, resolve_int_path(precision, int_path)
 
 
 def tiles(options: dict, precision: Precision) -> list[Tile]:
@@ -92,7 +106,7 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     (_tiling's constants, mirrored from the .cu files)."""
     precision = Precision(precision)
     int8_path, int_path = _paths(options, precision)
-    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path in ("mma", "wgmma"))
+    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"))
     elem = 1 if int_path == "mma" else ELEM[precision]      # byte planes: one byte per plane
     names = tiles_for(precision, int8_path, int_path) + (OUTER_TILES if precision is Precision.FP32 else ())
     out = []
@@ -118,7 +132,7 @@ def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | 
     precision = Precision(precision)
     int8_path, int_path = _paths(options, precision)
     if precision is Precision.INT8:
-        return ({"mma": "mma-s8", "wgmma": "wgmma-s8"}.get(int8_path, "dp4a"), 1)
+        return ({"mma": "mma-s8", "wgmma": "wgmma-s8", "window": "wgmma-s8"}.get(int8_path, "dp4a"), 1)
     return _BOUND[int_path][precision], (_PLANE_PRODUCTS[precision] if int_path == "mma" else 1)
 
 

@@ -83,12 +83,13 @@ class GemmJob(Job):
             raise InputError(f"the cuda backend indexes pixels with 32-bit ints: {g.n}x{g.h}x{g.w} -> "
                              f"{g.n}x{g.ho}x{g.wo} is too large; split the batch")
         planes = lay.planes                    # > 1: INT16/INT32 as byte planes on the tensor cores
-        wgmma = prec is Precision.INT8 and o.int8_path == "wgmma"
+        path8 = prep.int8_path                 # resolved: mma, wgmma, dp4a or window (auto on Hopper)
+        wgmma = prec is Precision.INT8 and path8 in ("wgmma", "window")
         if wgmma and rt.arch not in _tiling.WGMMA_ARCHS:
             raise InputError(f"int8_path 'wgmma' needs a Hopper GPU ({', '.join(_tiling.WGMMA_ARCHS)}); this one is "
                              f"{rt.arch}: use int8_path='mma'")
-        mma = (prec is Precision.INT8 and o.int8_path in ("mma", "wgmma")) or planes > 1
-        tiles = _tiling.tiles_for(prec, o.int8_path, prep.int_path)
+        mma = (prec is Precision.INT8 and path8 in ("mma", "wgmma", "window")) or planes > 1
+        tiles = _tiling.tiles_for(prec, path8, prep.int_path)
         bkw = _tiling.MMA_BKW if mma else _tiling.SIMT_BKW
         ktiles = lay.kpw // bkw
         tile, outer = o.tile, None
@@ -102,23 +103,34 @@ class GemmJob(Job):
                   and (tile == "window" or g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1)
                        >= _tiling.WINDOW_BM * rt.num_sms // 2))
         if tile == "window" and wgmma:  # (other paths refuse the name in choose_tiling)
-            tile = "auto" if window else "128x128"
+            tile = "auto" if window or path8 == "window" else "128x128"
+        if path8 == "window" and not window:  # auto on Hopper: the rest runs mma.sync
+            wgmma = False
         (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
-                                                tiles[1:] if wgmma else tiles if mma else None)
+                                                tiles[1:] if prec is Precision.INT8 and path8 in ("wgmma", "window")
+                                                else tiles if mma else None)
         hp, wp = (g.ho + spec.kh - 1, g.wo + spec.kw - 1) if window else (0, 0)
         if window:
-            bm, bn, split = _tiling.WINDOW_BM, _tiling.window_bn(lay.ocg), 1
+            bm, bn, split = _tiling.WINDOW_BM, 0, 1  # bn: chosen with the kernel below
         if prec is Precision.FP32 and tile == "auto":
             outer = _tiling.F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
         self.split = split = math.ceil(ktiles / kps)
-        module, prefix = _tiling.conv_kernel(prec, o.int8_path, prep.int_path)
+        module, prefix = _tiling.conv_kernel(prec, "wgmma" if wgmma else path8, prep.int_path)
         if outer is not None:
             module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
                 _tiling.outer_threads(outer)
-        elif window:
-            self.smem = _tiling.window_smem(spec, lay, g.wo)
-            self.conv_name, threads = f"{prefix}_window_n{bn}", 256
+        elif window:  # the configuration with the most resident blocks (then more channels, more windows)
+            threads, best = 256, None
+            for cbn, nbuf in _tiling.window_configs(lay.ocg):
+                smem = _tiling.window_smem(spec, lay, g.wo, cbn, nbuf)
+                if smem <= rt.smem_optin:
+                    name = f"{prefix}_window_n{cbn}_b{nbuf}"
+                    fit = _driver.resident_blocks(rt, module, name, threads, smem)
+                    if best is None or fit > best[0]:
+                        best = (fit, cbn, name, smem)
+            assert best is not None  # window_fits checked the smallest
+            fit, bn, self.conv_name, self.smem = best
         elif wgmma:  # 128-byte rows, 1 KiB-aligned swizzle atoms (one KiB of slack to align)
             self.smem = _tiling.WGMMA_STAGES * (bm + bn) * bkw * 4 + 1024
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 2 * bm
@@ -127,9 +139,9 @@ class GemmJob(Job):
             self.smem = stages * planes * (bm + bn) * (bkw + 4) * 4
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
-        if window:  # persistent blocks over the padded grid's M tiles, per BN column
+        if window:  # persistent blocks over the padded grid's M tiles, per BN column, as many as fit
             cols = math.ceil(lay.ocg / bn)
-            self.grid = (min(math.ceil(g.n * hp * wp / bm), max(1, rt.num_sms // cols)), cols, 1)
+            self.grid = (min(math.ceil(g.n * hp * wp / bm), max(1, fit // cols)), cols, 1)
         fused = prec.is_integer and o.fuse_dequantize
         mode = 2 if split > 1 else (1 if fused else 0)
         npix = g.n * g.h * g.w

@@ -72,7 +72,7 @@ def _stage_in(x: np.ndarray, pin: int, xd: int, stream: Any, drv: Any) -> None:
 
 @dataclass(frozen=True)
 class Options:
-    int8_path: str = "mma"
+    int8_path: str = "auto"
     int16_path: str = "auto"
     int32_path: str = "auto"
     tile: str = "auto"
@@ -235,6 +235,7 @@ class Prepared:
         # INT16/INT32: "simt" or "mma" (byte planes on the tensor cores); "auto" per INT_AUTO
         opt = {Precision.INT16: self.opts.int16_path, Precision.INT32: self.opts.int32_path}.get(prec, "simt")
         self.int_path = _tiling.resolve_int_path(prec, opt)
+        self.int8_path = _tiling.resolve_int8_path(self.opts.int8_path, rt.arch)
         self.maxabs = prec.is_integer and plan.s_x is None
         wq = quantize_kernel(w, plan.s_w, prec, plan.rounding) if prec.is_integer else np.asarray(w, np.float32)
         if self.depthwise:
@@ -242,7 +243,7 @@ class Prepared:
             packed = _tiling.pack_dw_weights(wq)
         else:
             planes = self.int_path == "mma"
-            wgmma = prec is Precision.INT8 and self.opts.int8_path == "wgmma"
+            wgmma = prec is Precision.INT8 and self.int8_path in ("wgmma", "window")
             self.layout = _tiling.gemm_layout(prec, spec, planes, 32 if wgmma else 16)
             if self.layout.planes * self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
                 raise InputError(f"the packed kernel {w.shape} would exceed 2^31 words, the cuda kernels' "

@@ -17,7 +17,7 @@ import numpy as np
 from ...contract import ConvSpec, Precision
 from ...errors import InputError
 
-INT8_PATHS = ("mma", "dp4a", "wgmma")
+INT8_PATHS = ("auto", "mma", "wgmma", "dp4a")
 WGMMA_ARCHS = ("sm_90",)  # int8_path="wgmma": Hopper's warpgroup MMA (conv_s8_wgmma.cu, sm_90a)
 # INT16 / INT32: "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition,
 # conv_planes_mma.cu); "auto" resolves through INT_AUTO, set from the H200 measurements in
@@ -33,7 +33,8 @@ PLANE_STAGES = {Precision.INT16: 3, Precision.INT32: 2}
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
 # BMxBN: BM / 64 warpgroups, m64nBNk32; "window": the stride-1 kernel with resident weights
-# (conv_s8_wgmma.cu), 128 rows x 128 (OC > 64) or 64 channels, where window_fits(); else 128x128
+# (conv_s8_wgmma.cu), 128 rows x 128 or 64 channels with one or two windows (the configuration
+# that keeps the most blocks resident), where window_fits(); else 128x128
 WGMMA_TILES = ("window", "128x128", "128x64", "64x128", "64x64")
 WINDOW_BM = 128
 STAGES = 3
@@ -68,11 +69,20 @@ _PLANE_KEY = {Precision.INT16: "mma16", Precision.INT32: "mma32"}
 QUANT_SUFFIX = {Precision.INT32: "s32", Precision.INT16: "s16", Precision.INT8: "s8"}
 
 
+def resolve_int8_path(option: str, arch: str | None) -> str:
+    """The INT8 path a prepared convolution runs: the option, or for "auto" on Hopper "window"
+    (wgmma's window kernel where a layer allows it and fills the GPU, else mma.sync: measured
+    faster on the exam layers at N=32 and 256, slower at N=1, RESULTS.md), elsewhere "mma"."""
+    if option != "auto":
+        return option
+    return "window" if arch in WGMMA_ARCHS else "mma"
+
+
 def conv_kernel(precision: Precision, int8_path: str, int_path: str = "simt") -> tuple[str, str]:
     """(module, name prefix) of the implicit-GEMM kernel for a precision (int_path: the resolved
     INT16/INT32 path, "simt" or "mma")."""
-    if precision is Precision.INT8:
-        return _CONV[int8_path]
+    if precision is Precision.INT8:  # "window": its other layers run mma.sync
+        return _CONV["mma" if int8_path == "window" else int8_path]
     if int_path == "mma" and precision in _PLANE_KEY:
         return _CONV[_PLANE_KEY[precision]]
     return _CONV[precision]
@@ -87,8 +97,8 @@ def resolve_int_path(precision: Precision, option: str) -> str:
 
 def tiles_for(precision: Precision, int8_path: str = "mma", int_path: str = "simt") -> tuple[str, ...]:
     """The block tiles of the implicit-GEMM kernel a precision/path runs."""
-    if precision is Precision.INT8 and int8_path in ("mma", "wgmma"):
-        return MMA_TILES if int8_path == "mma" else WGMMA_TILES
+    if precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"):
+        return {"mma": MMA_TILES, "wgmma": WGMMA_TILES, "window": WGMMA_TILES[:1] + MMA_TILES}[int8_path]
     if int_path == "mma" and precision in PLANE_TILES:
         return PLANE_TILES[precision]
     return TILES
@@ -121,7 +131,7 @@ def kernel_names() -> dict[str, list[str]]:
         if key in ("mma16", "mma32"):
             tiles = PLANE_TILES[Precision.INT16 if key == "mma16" else Precision.INT32]
         out.setdefault(mod, []).extend(f"{prefix}_{t}" for t in tiles)
-    out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}" for bn in (64, 128)]
+    out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}_b{nb}" for bn, nb in window_configs(128)]
     out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
     out["conv_dw.cu"] = [dw_kernel(p, v) for p in (Precision.FP32, Precision.INT8) for v in (True, False)] + [
         dw_kernel(Precision.FP32, True, k, k, s) for k, s in DW_FIXED] + [
@@ -131,23 +141,23 @@ def kernel_names() -> dict[str, list[str]]:
     return out
 
 
-def window_smem(spec: ConvSpec, lay: "GemmLayout", wo: int) -> int:
-    """Shared memory of the window kernel: the block's weights [taps * Cp/16][BN][16 B] and two
+def window_smem(spec: ConvSpec, lay: "GemmLayout", wo: int, bn: int, nbuf: int) -> int:
+    """Shared memory of the window kernel: the block's weights [taps * Cp/16][bn][16 B] and nbuf
     windows [Cp/16][rows][16 B] of WINDOW_BM + (KH-1)*Wp + KW-1 rows (rounded up to 8)."""
-    bn = window_bn(lay.ocg)
     rows = roundup(WINDOW_BM + (spec.kh - 1) * (wo + spec.kw - 1) + spec.kw - 1, 8)
-    return lay.taps * lay.icgp * bn + 2 * lay.icgp * rows
+    return lay.taps * lay.icgp * bn + nbuf * lay.icgp * rows
 
 
-def window_bn(ocg: int) -> int:
-    return 64 if ocg <= 64 else 128
+def window_configs(ocg: int) -> list[tuple[int, int]]:
+    """(BN, windows) of the window kernels worth trying, best first when equally resident."""
+    return ([(128, 2), (128, 1)] if ocg > 64 else []) + [(64, 2), (64, 1)]
 
 
 def window_fits(spec: ConvSpec, lay: "GemmLayout", wo: int, smem_optin: int) -> bool:
     """The window kernel runs this layer: INT8, stride 1, one group, 32-byte channel padding, and
-    its shared memory fits."""
+    its smallest block (64 channels, one window) fits in shared memory."""
     return (spec.stride == (1, 1) and spec.groups == 1 and lay.elem == 1 and lay.planes == 1
-            and lay.icgp % 32 == 0 and window_smem(spec, lay, wo) <= smem_optin)
+            and lay.icgp % 32 == 0 and window_smem(spec, lay, wo, 64, 1) <= smem_optin)
 
 
 def roundup(a: int, b: int) -> int:

@@ -8,6 +8,10 @@
 #include "qconv_common.cuh"
 #include "qconv_wgmma.cuh"
 
+// The thread's warpgroup, read through a shuffle so that the compiler knows it is warp-uniform:
+// the wgmma descriptors built from it then stay in uniform registers (no R2UR per wgmma).
+QD int warpgroup_index() { return __shfl_sync(0xffffffffu, threadIdx.x >> 7, 0); }
+
 // Keeps the compiler from moving accesses of the accumulators across wgmma issue / wait.
 template <int R> QD void fence_operands(int (&d)[R]) {
 #pragma unroll
@@ -25,7 +29,7 @@ QD void conv_wgmma(const ConvParams& p) {
   unsigned* As = smem_raw + (((raw + 1023u) & ~1023u) - raw) / 4;  // swizzle atoms: 1 KiB aligned
   unsigned* Bs = As + STAGES * ASZ;
 
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int tid = threadIdx.x, wg = warpgroup_index(), warp = (tid >> 5) & 3, lane = tid & 31;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const BlockWork bw = block_work(p);
   const int kt0 = bw.kt0, nk = bw.nk;
@@ -99,7 +103,7 @@ QD unsigned long long wgmma_desc_plain(unsigned smem_addr, unsigned k_stride) {
          ((unsigned long long)(128 >> 4) << 32);
 }
 
-template <int BN>
+template <int BN, int NBUF>
 QD void conv_wgmma_window(const ConvParams& p) {
   constexpr int BM = 128, NT = 256;  // two warpgroups of 64 rows
   extern __shared__ __align__(16) unsigned smem_w[];
@@ -108,9 +112,9 @@ QD void conv_wgmma_window(const ConvParams& p) {
   const int rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;  // window rows, whole core matrices
   const int KC = p.T * CH;                                    // 16-byte K chunks of the weights
   unsigned char* Bs = (unsigned char*)smem_w;                 // [KC][BN][16]
-  unsigned char* Aw = Bs + KC * BN * 16;                      // [2][CH][rows][16]
+  unsigned char* Aw = Bs + KC * BN * 16;                      // [NBUF][CH][rows][16]
   const int abuf = CH * rows * 16;
-  const int tid = threadIdx.x, wg = tid >> 7, warp = (tid >> 5) & 3, lane = tid & 31;
+  const int tid = threadIdx.x, wg = warpgroup_index(), warp = (tid >> 5) & 3, lane = tid & 31;
   const int n0 = blockIdx.y * BN;
   const unsigned char* xb = (const unsigned char*)p.x;
 
@@ -140,35 +144,58 @@ QD void conv_wgmma_window(const ConvParams& p) {
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // window `it` (and the weights) landed; every warpgroup is done with window it-1
-    if (tile + gridDim.x < tiles) load_window((tile + gridDim.x) * BM, Aw + ((it + 1) & 1) * abuf);
-    cp_async_commit();
+    if (NBUF == 2) {  // the next window loads during this one's MMA
+      if (tile + gridDim.x < tiles) load_window((tile + gridDim.x) * BM, Aw + ((it + 1) & 1) * abuf);
+      cp_async_commit();
+    }
 
     int acc[BN / 2];
 #pragma unroll
     for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
     fence_operands(acc);
     wgmma_fence();
-    const unsigned a0 = aw + (it & 1) * abuf + wg * 64 * 16;
+    // Descriptor starts count 16-byte units: tap (u, v) shifts A by u*Wp + v rows, a k-step of 32
+    // bytes moves A by 2 * rows and B by 2 * BN (the smem addresses stay below 2^18: no carry).
+    const unsigned long long da0 = wgmma_desc_plain(aw + (it % NBUF) * abuf + wg * 64 * 16, rows * 16);
+    const unsigned long long db0 = wgmma_desc_plain(bs, BN * 16);
+    int shift = 0, v = 0;
+#pragma unroll 1
     for (int t = 0; t < p.T; ++t) {
-      const int u = t / p.KW, shift = u * Wp + (t - u * p.KW);
-      for (int c = 0; c < CH; c += 2)  // k-steps of 32 bytes: two chunks, rows * 16 bytes apart
-        wgmma_s8<BN>(acc, wgmma_desc_plain(a0 + (c * rows + shift) * 16, rows * 16),
-                     wgmma_desc_plain(bs + (t * CH + c) * BN * 16, BN * 16));
+      unsigned long long da = da0 + shift, db = db0 + (unsigned)(t * CH * BN);
+#pragma unroll 1
+      for (int c = 0; c < CH; c += 2, da += 2 * rows, db += 2 * BN) wgmma_s8<BN>(acc, da, db);
+      if (++v == p.KW) { v = 0; shift += Wp - p.KW + 1; } else { ++shift; }
     }
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc);
+    if (NBUF == 1) {  // one window: the next one loads during this epilogue (and another block's MMA)
+      __syncthreads();
+      if (tile + gridDim.x < tiles) load_window((tile + gridDim.x) * BM, Aw);
+      cp_async_commit();
+    }
 
+    // The common epilogue (fused dequantize, 8-byte aligned pairs) with its tests hoisted;
+    // anything else goes through store_pair.
+    const bool fast = p.mode == 1 && p.vec_out && ((p.OC | p.OCg) & 1) == 0;
     const int qr = tile * BM + wg * 64 + warp * 16 + (lane >> 2);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {  // rows qr and qr + 8 -> output pixel m, or M (dropped)
       const int q = qr + 8 * h;
       const int n = q / HWp, rem = q - n * HWp, i = rem / Wp, j = rem - i * Wp;
       const int m = (q < Mp && i < p.Ho && j < p.Wo) ? (n * p.Ho + i) * p.Wo + j : p.M;
+      if (m >= p.M) continue;
+      float* row = (float*)p.out + (size_t)m * p.OC;
 #pragma unroll
       for (int b = 0; b < BN / 8; ++b) {
         const int o = n0 + b * 8 + 2 * (lane & 3);
-        store_pair(p, 0, m, o, (unsigned)acc[4 * b + 2 * h], (unsigned)acc[4 * b + 2 * h + 1], inv0);
+        const unsigned v0 = (unsigned)acc[4 * b + 2 * h], v1 = (unsigned)acc[4 * b + 2 * h + 1];
+        if (!fast) {
+          store_pair(p, 0, m, o, v0, v1, inv0);
+        } else if (o < p.OCg) {  // OCg even: o + 1 < OCg too
+          const float i0 = p.inv_uniform ? inv0 : __ldg(p.inv + o), i1 = p.inv_uniform ? inv0 : __ldg(p.inv + o + 1);
+          *(float2*)(row + o) = make_float2(dequant1(v0, i0, p.bias, o), dequant1(v1, i1, p.bias, o + 1));
+        }
       }
     }
   }
@@ -176,7 +203,13 @@ QD void conv_wgmma_window(const ConvParams& p) {
   publish_stats(p.stats, p.slot);
 }
 
-#define QCONV_WGMMA_WINDOW(NAME, BN) \
-  extern "C" __global__ void __launch_bounds__(256, 1) NAME(const ConvParams p) { conv_wgmma_window<BN>(p); }
-QCONV_WGMMA_WINDOW(qconv_s8_conv_wgmma_window_n128, 128)
-QCONV_WGMMA_WINDOW(qconv_s8_conv_wgmma_window_n64, 64)
+// _nNN_bB: BN = NN channels, B windows (2: the next loads during this MMA; 1: a smaller block, so
+// that two fit an SM and one's epilogue overlaps the other's MMA).
+#define QCONV_WGMMA_WINDOW(BN, NBUF)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256, 1) qconv_s8_conv_wgmma_window_n##BN##_b##NBUF(const ConvParams p) { \
+    conv_wgmma_window<BN, NBUF>(p);                                                                           \
+  }
+QCONV_WGMMA_WINDOW(128, 2)
+QCONV_WGMMA_WINDOW(128, 1)
+QCONV_WGMMA_WINDOW(64, 2)
+QCONV_WGMMA_WINDOW(64, 1)
