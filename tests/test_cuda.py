@@ -5,7 +5,8 @@ Without a GPU (CI): every kernel module compiles through NVRTC for sm_80 and sm_
 for sm_90a only, and is refused for sm_80 naming both) and holds every
 kernel entry point (a compile failure fails; only a missing cuda-python/NVRTC skips, with the
 reason), the ctypes parameter structs match the C structs field for field, numpy models of the
-kernels' index math (implicit GEMM over the packed layouts, the depthwise strip loop, the byte-plane
+kernels' index math (implicit GEMM over the packed layouts, the wgmma window kernel's shifted rows,
+the depthwise strip loop, the byte-plane
 decomposition) reproduce the contract for random strides, paddings and groups, tile and option
 rules, the tiles the backend declares, and the backend reports itself unavailable cleanly.
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import qconv
 from checks import assert_matches, assert_same_bits
@@ -262,6 +263,40 @@ def _emulate_gemm(xq, wq, g, lay):
         b = ww[grp, :lay.ocg].view(wq.dtype).reshape(lay.ocg, -1)
         acc[:, grp * lay.ocg:(grp + 1) * lay.ocg] = a.astype(np.int64) @ b.astype(np.int64).T
     return (acc & 0xFFFFFFFF).astype(np.uint32).view(np.int32).reshape(g.out_shape)
+
+
+def _emulate_window(xq, wq, g, lay):
+    """The wgmma window kernel: the input on the zero-padded grid [N][Hp][Wp][icgp] (as the padded
+    quantize writes it), every tap a row shift u*Wp + v of one window, rows past the grid zero,
+    rows with i >= Ho or j >= Wo dropped."""
+    spec = g.spec
+    hp, wp = g.ho + spec.kh - 1, g.wo + spec.kw - 1
+    xp = np.zeros((g.n, hp, wp, lay.icgp), np.int64)
+    xp[:, g.pt:g.pt + g.h, g.pl:g.pl + g.w, :spec.c] = xq
+    rows = xp.reshape(g.n * hp * wp, lay.icgp)
+    rows = np.concatenate([rows, np.zeros(((spec.kh - 1) * wp + spec.kw, lay.icgp), np.int64)])
+    wk = _tiling.pack_gemm_weights(wq, lay)[0, :spec.oc].astype(np.int64)  # [oc][kp], tap-major
+    mp = g.n * hp * wp
+    acc = np.zeros((mp, spec.oc), np.int64)
+    for t in range(lay.taps):
+        u, v = divmod(t, spec.kw)
+        acc += rows[u * wp + v:u * wp + v + mp] @ wk[:, t * lay.icgp:(t + 1) * lay.icgp].T
+    out = acc.reshape(g.n, hp, wp, spec.oc)[:, :g.ho, :g.wo]
+    return (out & 0xFFFFFFFF).astype(np.uint32).view(np.int32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layer=layer_shapes(kinds=("dense",)), seed=st.integers(0, 2**32 - 1))
+def test_model_window_kernel_shifted_rows(layer, seed):
+    xs, ws, kw = layer
+    g = check_layer(xs, ws, **kw)
+    assume(g.spec.stride == (1, 1))  # the window kernel runs stride-1 layers only (window_fits)
+    rng = np.random.default_rng(seed)
+    xq = rng.integers(-127, 128, size=xs).astype(np.int8)
+    wq = rng.integers(-127, 128, size=ws).astype(np.int8)
+    lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32)
+    assert lay.icgp % 32 == 0 and _tiling.window_fits(g.spec, lay, g.wo, 227 * 1024)
+    assert np.array_equal(_emulate_window(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
 
 
 def _emulate_dw(x, w, g, vector):
