@@ -188,6 +188,6 @@ const qconv_isa_table qconv_avx512_table = {
     .dw = {qconv_f32_dwconv__avx2, qconv_s32_dwconv__avx2, qconv_s16_dwconv__avx2, qconv_s16_dwconv__avx2},
     .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I16, QCONV_STORE_I16},
     .dw_block = QCONV_DW_BLOCK_AVX2,
-    .dw_pack = qconv_dw_pack__scalar,
+    .dw_pack = qconv_dw_pack,
 };
 #endif /* x86 */

@@ -167,5 +167,5 @@ const qconv_isa_table qconv_scalar_table = {
     .dw = {qconv_f32_dwconv__scalar, qconv_s32_dwconv__scalar, qconv_s32_dwconv__scalar, qconv_s32_dwconv__scalar},
     .dw_store = {QCONV_STORE_F32, QCONV_STORE_I32, QCONV_STORE_I32, QCONV_STORE_I32},
     .dw_block = 1,
-    .dw_pack = qconv_dw_pack__scalar,
+    .dw_pack = qconv_dw_pack,
 };

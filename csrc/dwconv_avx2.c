@@ -12,7 +12,7 @@
  * Dequantize fused in the store: cvtdq2ps, one multiply by inv[o], then + bias[o] (separate
  * instructions, no FMA). A partial last block stores through a buffer (no write past the row).
  * Kernel widths 1, 3, 5, 7 are specialized; others take a per-pixel loop. Weights as
- * qconv_dw_pack__scalar packs them: [tap][ocp], ocp = OC rounded up to QCONV_DW_BLOCK_AVX2.
+ * qconv_dw_pack packs them: [tap][ocp], ocp = OC rounded up to QCONV_DW_BLOCK_AVX2.
  * Names: qconv_<type>_dwconv__avx2. */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma")

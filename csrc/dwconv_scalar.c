@@ -6,7 +6,7 @@
  * summed in uint32_t (wrap-around modulo 2^32, no signed-overflow UB); the dequantize is fused:
  * (float)acc * inv[o], then + bias[o], two float32 operations. Not vectorized (pragma below).
  * Weights: [tap][ocp] (float for fp32, int32 otherwise, zeros past OC), ocp = OC rounded up to
- * the family's dw_block (1 here); qconv_dw_pack__scalar packs them for every family. */
+ * the family's dw_block (1 here); qconv_dw_pack packs them for every family. */
 #pragma GCC optimize("no-tree-loop-vectorize", "no-tree-slp-vectorize")
 
 #include <stdint.h>
@@ -14,7 +14,7 @@
 
 #include "qconv_impl.h"
 
-int64_t qconv_dw_pack__scalar(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst)
+int64_t qconv_dw_pack(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst)
 {
     (void)precision;
     if (dst != NULL) {

@@ -131,7 +131,7 @@ void qconv_s16_dwconv__avx2(const qconv_dw_args *a, const void *const *taps, flo
 /* The scalar depthwise twins, and the weight packing every family uses (dwconv_scalar.c). */
 void qconv_f32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
 void qconv_s32_dwconv__scalar(const qconv_dw_args *a, const void *const *taps, float *y);
-int64_t qconv_dw_pack__scalar(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
+int64_t qconv_dw_pack(int precision, const void *src, int64_t taps, int64_t oc, int64_t ocp, void *dst);
 
 /* Microbenchmarks (per thread body): returns MACs done. */
 double qconv_peak_body__avx2(int instr, int64_t iters);
