@@ -96,12 +96,8 @@ QCONV_WGMMA(qconv_s8_conv_wgmma_64x64, 64, 64)
 // times BM as the im2col loader does) and points each tap's wgmma descriptor into it; rows with
 // i >= Ho or j >= Wo are computed and dropped. The weights of the block's BN channels stay in
 // shared memory for the whole (persistent) block, which walks M tiles blockIdx.x, + gridDim.x, ...
-// Operands are K-major without swizzle: [16-byte chunk][row][16 bytes], so a shift by one row is
-// 16 bytes of descriptor start (core matrices: 8 rows of 16 B; 128 B between 8-row groups).
-QD unsigned long long wgmma_desc_plain(unsigned smem_addr, unsigned k_stride) {
-  return (unsigned long long)((smem_addr & 0x3FFFF) >> 4) | ((unsigned long long)(k_stride >> 4) << 16) |
-         ((unsigned long long)(128 >> 4) << 32);
-}
+// Operands are K-major without swizzle (wgmma_desc_plain): a shift by one row is 16 bytes of
+// descriptor start.
 
 template <int BN, int NBUF>
 QD void conv_wgmma_window(const ConvParams& p) {

@@ -19,6 +19,14 @@ QD unsigned long long wgmma_desc(unsigned smem_addr) {
          (1ull << 62);
 }
 
+// The same without swizzle, for [16-byte K chunk][row][16 bytes] (the window kernel): rows 16 bytes
+// apart, so any row can start an operand; 128 bytes between 8-row core matrices (stride offset),
+// k_stride bytes between the two 16-byte chunks of a 32-byte k-step (leading offset), layout 0.
+QD unsigned long long wgmma_desc_plain(unsigned smem_addr, unsigned k_stride) {
+  return (unsigned long long)((smem_addr & 0x3FFFF) >> 4) | ((unsigned long long)(k_stride >> 4) << 16) |
+         ((unsigned long long)(128 >> 4) << 32);
+}
+
 QD void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 QD void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> QD void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
