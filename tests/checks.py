@@ -1,11 +1,14 @@
-"""The one differential check every test module uses: a backend's output against the contract."""
+"""What test modules share: the one differential check (a backend's output against the contract),
+and the one way to reach NVRTC or skip."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import qconv
 from qconv.contract import Precision, check_layer, conv2d_float64, fp32_error_bound
+from qconv.errors import BackendError
 
 
 def assert_matches(y, x: np.ndarray, w: np.ndarray, precision, layer: dict | None = None, *, bias=None,
@@ -45,3 +48,18 @@ def assert_same_bits(y, want: np.ndarray, what: str = "") -> None:
         at = tuple(int(i) for i in np.argwhere(bad)[0])
         raise AssertionError(f"{what}: {int(bad.sum())} of {bad.size} outputs differ; first at {at}: "
                              f"{y[at]!r} vs {want[at]!r}")
+
+
+def nvrtc_or_skip():
+    """The NVRTC module, or a skip when cuda-python or the NVRTC library is missing here. Only
+    loading NVRTC may skip: a kernel that fails to compile fails its test."""
+    try:
+        from cuda.bindings import nvrtc  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"cuda-python is not installed here: {e}")
+    from qconv.backends import _nvrtc
+    try:
+        _nvrtc.version()
+    except (BackendError, OSError, RuntimeError) as e:
+        pytest.skip(f"NVRTC cannot be loaded here: {e}")
+    return _nvrtc

@@ -8,8 +8,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
-from qconv.errors import BackendError
+from checks import nvrtc_or_skip
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_cuda.py"
 
@@ -21,21 +20,8 @@ def _bench():
     return mod
 
 
-def _nvrtc_or_skip():
-    try:
-        from cuda.bindings import nvrtc  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"cuda-python is not installed here: {e}")
-    from qconv.backends import _nvrtc
-    try:
-        _nvrtc.version()
-    except (BackendError, OSError, RuntimeError) as e:
-        pytest.skip(f"NVRTC cannot be loaded here: {e}")
-    return _nvrtc
-
-
 def test_wgmma_peak_compiles_for_sm90a():
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     cubin = nv.compile_source(_bench().WGMMA_PEAK_SRC, {}, "wgmma_peak.cu", "sm_90a")
     assert cubin.startswith(b"\x7fELF")
     assert b"wgmma_peak" in cubin
@@ -43,7 +29,7 @@ def test_wgmma_peak_compiles_for_sm90a():
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_other_peaks_compile(arch):
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     cubin = nv.compile_source(_bench().PEAK_SRC, {}, "peaks.cu", arch)
     assert b"dp4a_peak" in cubin and b"mma_peak" in cubin
 

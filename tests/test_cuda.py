@@ -29,7 +29,7 @@ import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 import qconv
-from checks import assert_matches, assert_same_bits
+from checks import assert_matches, assert_same_bits, nvrtc_or_skip
 from qconv.backends import BackendUnavailable
 from qconv.backends import cuda as cb
 from qconv.backends.cuda import _launch, _tiling
@@ -58,27 +58,12 @@ PATH_IDS = [f"{p.value}-{cb.bound_instruction(o, p)[0]}" for p, o in PATHS]
 KERNEL_DIR = Path(cb.__file__).resolve().parent.parent / "cuda_kernels"
 
 
-def _nvrtc_or_skip():
-    """The NVRTC module, or a skip when cuda-python or the NVRTC library is missing here. Only
-    loading NVRTC may skip: a kernel that fails to compile fails its test."""
-    try:
-        from cuda.bindings import nvrtc  # noqa: F401
-    except ImportError as e:
-        pytest.skip(f"cuda-python is not installed here: {e}")
-    from qconv.backends import _nvrtc
-    try:
-        _nvrtc.version()
-    except (BackendError, OSError, RuntimeError) as e:
-        pytest.skip(f"NVRTC cannot be loaded here: {e}")
-    return _nvrtc
-
-
 # =========================================================================== no GPU needed
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("module", sorted(cb.kernel_names()))
 def test_every_kernel_compiles(module, arch, tmp_path, monkeypatch):
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     assert module in nv.modules()
     monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path))
     need = nv.ARCH_SPECIFIC.get(module)
@@ -93,12 +78,12 @@ def test_every_kernel_compiles(module, arch, tmp_path, monkeypatch):
 
 
 def test_every_module_is_listed():
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     assert sorted(nv.modules()) == sorted(cb.kernel_names())
 
 
 def test_disk_cache_second_start_compiles_nothing(tmp_path, monkeypatch):
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     monkeypatch.setenv("QCONV_CACHE_DIR", str(tmp_path))
     nv._memory.clear()
     a = nv.compile_module("quant.cu", "sm_90")
@@ -113,7 +98,7 @@ def test_disk_cache_second_start_compiles_nothing(tmp_path, monkeypatch):
 
 
 def test_compile_error_is_a_backend_error_with_the_log():
-    nv = _nvrtc_or_skip()
+    nv = nvrtc_or_skip()
     with pytest.raises(BackendError, match="NVRTC log") as e:
         nv.compile_source('extern "C" __global__ void k() { undeclared_thing = 1; }', {}, "bad.cu", "sm_90")
     assert "undeclared_thing" in str(e.value)
