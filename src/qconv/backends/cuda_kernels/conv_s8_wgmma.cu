@@ -32,7 +32,7 @@ QD void conv_wgmma(const ConvParams& p) {
   const int tid = threadIdx.x, wg = warpgroup_index(), warp = (tid >> 5) & 3, lane = tid & 31;
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   const BlockWork bw = block_work(p);
-  const int kt0 = bw.kt0, nk = bw.nk;
+  const int nk = bw.nk;
 
   L loader(p, m0, tid);
   int acc[BN / 2];
@@ -40,10 +40,7 @@ QD void conv_wgmma(const ConvParams& p) {
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
 
 #pragma unroll
-  for (int s = 0; s < D; ++s) {
-    if (s < nk) loader.load(p, bw.xoff, bw.woff, As + s * ASZ, Bs + s * BSZ, kt0 + s, n0, tid);
-    cp_async_commit();
-  }
+  for (int s = 0; s < D; ++s) loader.template stage<STAGES>(p, bw, As, Bs, s, n0, tid);
   const unsigned a_base = smem_u32(As) + wg * 64 * 128, b_base = smem_u32(Bs);
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<D - 1>();  // this thread's chunks of tile it have landed
@@ -58,9 +55,7 @@ QD void conv_wgmma(const ConvParams& p) {
     wgmma_commit();
     wgmma_wait<1>();         // tile it - 1's group is done: at most one in flight
     fence_operands(acc);
-    const int pf = it + D;   // into the slot of tile it - 2
-    if (pf < nk) loader.load(p, bw.xoff, bw.woff, As + (pf % STAGES) * ASZ, Bs + (pf % STAGES) * BSZ, kt0 + pf, n0, tid);
-    cp_async_commit();
+    loader.template stage<STAGES>(p, bw, As, Bs, it + D, n0, tid);  // into the slot of tile it - 2
   }
   wgmma_wait<0>();
   fence_operands(acc);

@@ -182,6 +182,24 @@ QD void publish_stats(QStats* st, QSlot* slot) {
   }
 }
 
+// Which group and K slice a block computes (grid.z = groups * splits), and where they start.
+struct BlockWork {
+  int xoff;             // word offset of the group's channels in a pixel (grp * Cw)
+  int woff;             // word offset of the group's packed weights (grp * wgs)
+  int ocol;             // first output channel of the group
+  int kt0, nk;          // first K tile and K tiles of the slice
+};
+QD BlockWork block_work(const ConvParams& p) {
+  BlockWork b;
+  const int grp = blockIdx.z / p.splits, slice = blockIdx.z - grp * p.splits;
+  b.xoff = grp * p.Cw;
+  b.woff = (int)(grp * p.wgs);  // < 2^31: the packed weights are checked on the host
+  b.ocol = grp * p.OCg;
+  b.kt0 = slice * p.ktiles_per_split;
+  b.nk = min(p.ktiles, b.kt0 + p.ktiles_per_split) - b.kt0;
+  return b;
+}
+
 // Loads one BM x BKW-word A tile (implicit im2col of the activations, stride and padding in the
 // index math) and one BN x BKW B tile (packed weights of the block's group) into shared memory
 // with 16-byte cp.async; rows padded to SW words, or (SWZ) rows of 128 bytes with wgmma's
@@ -246,25 +264,15 @@ struct TileLoader {
       }
     }
   }
-};
 
-// Which group and K slice a block computes (grid.z = groups * splits), and where they start.
-struct BlockWork {
-  int xoff;             // word offset of the group's channels in a pixel (grp * Cw)
-  int woff;             // word offset of the group's packed weights (grp * wgs)
-  int ocol;             // first output channel of the group
-  int kt0, nk;          // first K tile and K tiles of the slice
+  // K tile k of the block's slice into slot k % STAGES of the As / Bs ring (nothing past the
+  // slice's last tile), then one cp.async group either way, so that wait_group counts stay in step.
+  template <int STAGES>
+  QD void stage(const ConvParams& p, const BlockWork& bw, unsigned* As, unsigned* Bs, int k, int n0, int tid) const {
+    if (k < bw.nk) load(p, bw.xoff, bw.woff, As + (k % STAGES) * BM * SW, Bs + (k % STAGES) * BN * SW, bw.kt0 + k, n0, tid);
+    cp_async_commit();
+  }
 };
-QD BlockWork block_work(const ConvParams& p) {
-  BlockWork b;
-  const int grp = blockIdx.z / p.splits, slice = blockIdx.z - grp * p.splits;
-  b.xoff = grp * p.Cw;
-  b.woff = (int)(grp * p.wgs);  // < 2^31: the packed weights are checked on the host
-  b.ocol = grp * p.OCg;
-  b.kt0 = slice * p.ktiles_per_split;
-  b.nk = min(p.ktiles, b.kt0 + p.ktiles_per_split) - b.kt0;
-  return b;
-}
 
 // Epilogue store of one accumulator (float or 32-bit integer bits) according to p.mode;
 // o is the channel inside the group (< OCg), ocol the group's first output channel. Returns 1 when

@@ -43,7 +43,7 @@ QD void conv_simt(const ConvParams& p) {
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
   const BlockWork bw = block_work(p);
-  const int kt0 = bw.kt0, nk = bw.nk;
+  const int nk = bw.nk;
 
   L loader(p, m0, tid);
   typename Op::Acc acc[TM][TN];
@@ -53,16 +53,11 @@ QD void conv_simt(const ConvParams& p) {
     for (int j = 0; j < TN; ++j) acc[i][j] = 0;
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) loader.load(p, bw.xoff, bw.woff, As + s * BM * SW, Bs + s * BN * SW, kt0 + s, n0, tid);
-    cp_async_commit();
-  }
+  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES>(p, bw, As, Bs, s, n0, tid);
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    int pf = it + STAGES - 1;
-    if (pf < nk) loader.load(p, bw.xoff, bw.woff, As + (pf % STAGES) * BM * SW, Bs + (pf % STAGES) * BN * SW, kt0 + pf, n0, tid);
-    cp_async_commit();
+    loader.template stage<STAGES>(p, bw, As, Bs, it + STAGES - 1, n0, tid);
     const unsigned* as = As + (it % STAGES) * BM * SW;
     const unsigned* bs = Bs + (it % STAGES) * BN * SW;
 #pragma unroll
