@@ -40,6 +40,7 @@ the hot path never waits for the GPU.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -80,15 +81,10 @@ def variants_for_tests() -> list[dict]:
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _arch() -> str | None:
     """GPU 0's architecture ("sm_90"), or None without a usable GPU."""
-    global _ARCH
-    if _ARCH is False:
-        _ARCH = _runtime().arch if is_available()[0] else None
-    return _ARCH
-
-
-_ARCH: "str | None | bool" = False
+    return _runtime().arch if is_available()[0] else None
 
 
 def _paths(options: dict, precision: Precision) -> tuple[str, str]:

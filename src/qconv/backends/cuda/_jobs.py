@@ -97,11 +97,12 @@ class GemmJob(Job):
             if prec is not Precision.FP32:
                 raise InputError(f"tile {tile!r} is an FP32 outer-product tile")
             outer, tile = tile, tile.split("/")[0]
-        # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM
+        # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM, over
+        # the zero-padded grid of mp = N * hp * wp rows
+        hp, wp = g.ho + spec.kh - 1, g.wo + spec.kw - 1
+        mp = g.n * hp * wp
         window = (wgmma and tile in ("auto", "window") and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
-                  and g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1) <= _tiling.INT_LIMIT
-                  and (tile == "window" or g.n * (g.ho + spec.kh - 1) * (g.wo + spec.kw - 1)
-                       >= _tiling.WINDOW_BM * rt.num_sms // 2))
+                  and mp <= _tiling.INT_LIMIT and (tile == "window" or mp >= _tiling.WINDOW_BM * rt.num_sms // 2))
         if tile == "window" and wgmma:  # (other paths refuse the name in choose_tiling)
             tile = "auto" if window or path8 == "window" else "128x128"
         if path8 == "window" and not window:  # auto on Hopper: the rest runs mma.sync
@@ -109,7 +110,6 @@ class GemmJob(Job):
         (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
                                                 tiles[1:] if prec is Precision.INT8 and path8 in ("wgmma", "window")
                                                 else tiles if mma else None)
-        hp, wp = (g.ho + spec.kh - 1, g.wo + spec.kw - 1) if window else (0, 0)
         if window:
             bm, bn, split = _tiling.WINDOW_BM, 0, 1  # bn: chosen with the kernel below
         if prec is Precision.FP32 and tile == "auto":
@@ -141,14 +141,14 @@ class GemmJob(Job):
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
         if window:  # persistent blocks over the padded grid's M tiles, per BN column, as many as fit
             cols = math.ceil(lay.ocg / bn)
-            self.grid = (min(math.ceil(g.n * hp * wp / bm), max(1, fit // cols)), cols, 1)
+            self.grid = (min(math.ceil(mp / bm), max(1, fit // cols)), cols, 1)
         fused = prec.is_integer and o.fuse_dequantize
         mode = 2 if split > 1 else (1 if fused else 0)
         npix = g.n * g.h * g.w
         nx = npix * spec.c
         vec_x = aligned and nx % 4 == 0
         self.scan_in_main = prec is Precision.FP32 and not lay.padded and aligned
-        self.xq_bytes = 0 if self.scan_in_main else (g.n * hp * wp if window else npix) * lay.xpw * 4
+        self.xq_bytes = 0 if self.scan_in_main else (mp if window else npix) * lay.xpw * 4
         self.split_words = m * spec.oc if split > 1 else 0   # zeroed before split-K's atomics
         st = prep.stats
 
@@ -159,10 +159,10 @@ class GemmJob(Job):
         if prec.is_integer:
             self.first = "quantize"
             qv = vec_x and not lay.padded and not window
-            items = nx // 4 if qv else (g.n * hp * wp if window else npix * spec.groups) * lay.icgp
+            items = nx // 4 if qv else (mp if window else npix * spec.groups) * lay.icgp
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
-                            H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl)
+                            **(dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else {}))
             suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
             if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
                 name = f"qconv_scan_quantize_x_{suf}"
