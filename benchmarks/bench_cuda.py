@@ -8,7 +8,7 @@ For exam cases 1 and 2 at N=1 and N=32 (the batch tiled from the one image), eve
 tensors, so no host copies); the convolution kernel's time is the median of --reps CUDA-event-timed
 calls. Baselines, timed the same way: cuDNN FP32 (torch conv2d, TF32 off, NCHW and channels-last,
 best of), cuDNN FP16 channels-last, and cuBLASLt INT8 GEMM of the implicit-GEMM shape
-(torch._int_mm, M = N*H*W, K = KH*KW*C, N = OC, B column-major). Peaks for dp4a, int8 mma.sync and
+(torch._int_mm, M = N*H*W, K = KH*KW*C, N = OC, B column-major). Peaks for dp4a, int8 and tf32 mma.sync and
 (sm_90 only) int8 wgmma are measured by microbenchmarks in the same process. --sweep also times every
 tile and split-K.
 """
@@ -33,13 +33,13 @@ from qconv.backends.cuda._driver import ck
 from qconv.contract import Plan, parse_precision
 from qconv.tensorfile import load as load_tensor
 
-VARIANTS = [("fp32", {}), ("int32", {"int32_path": "simt"}), ("int32", {"int32_path": "mma"}),
+VARIANTS = [("fp32", {"fp32_path": "simt"}), ("fp32", {"fp32_path": "tf32x3"}), ("int32", {"int32_path": "simt"}), ("int32", {"int32_path": "mma"}),
             ("int16", {"int16_path": "simt"}), ("int16", {"int16_path": "mma"}), ("int8", {"int8_path": "mma"}),
             ("int8", {"int8_path": "wgmma"}), ("int8", {"int8_path": "dp4a"})]
 
 
 def label_of(prec: str, opts: dict) -> str:
-    """fp32, int32-simt, int32-mma, int16-simt, int16-mma, int8-mma, int8-dp4a."""
+    """fp32-simt, fp32-tf32x3, int32-simt, int32-mma, int16-simt, int16-mma, int8-mma, int8-dp4a."""
     path = opts.get(f"{prec}_path")
     return prec + ("-" + path if path else "")
 
@@ -73,6 +73,23 @@ extern "C" __global__ void mma_peak(int* out, int iters, int a0, int b0) {
 #pragma unroll
   for (int j = 0; j < 4; ++j) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
   if (s == 0x7fffffff) out[0] = s;
+}
+extern "C" __global__ void tf32_peak(int* out, int iters, int a0, int b0) {
+  float d[4][4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) for (int r = 0; r < 4; ++r) d[j][r] = threadIdx.x + r;
+  unsigned a = (a0 ^ threadIdx.x) & 0x3fffe000u, b = b0 & 0x3fffe000u;
+  for (int i = 0; i < iters; ++i) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                   : "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+                   : "r"(a), "r"(a + 1), "r"(a + 2), "r"(a + 3), "r"(b), "r"(b + 1));
+  }
+  float s = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) s += d[j][0] + d[j][1] + d[j][2] + d[j][3];
+  if (s == 1234.5f) out[0] = 1;
 }
 """
 
@@ -161,7 +178,8 @@ def measure_peaks(rt) -> dict:
     mod = ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(peaks)")
     res = {}
     blocks, threads, iters = rt.num_sms * 8, 256, 4096
-    for name, ops_per_iter in (("dp4a_peak", 8 * 8 * threads), ("mma_peak", 4 * 16 * 8 * 32 * 2 * (threads // 32))):
+    for name, ops_per_iter in (("dp4a_peak", 8 * 8 * threads), ("mma_peak", 4 * 16 * 8 * 32 * 2 * (threads // 32)),
+                               ("tf32_peak", 4 * 16 * 8 * 8 * 2 * (threads // 32))):
         f = ck(drv.cuModuleGetFunction(mod, name.encode()), name)
         res[name] = ops_per_iter * iters * blocks / _time_kernel(rt, f, name, blocks, threads, iters)
     res["wgmma_peak"] = measure_wgmma_peak(rt)
@@ -241,7 +259,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--json")
     ap.add_argument("--md")
-    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32,int32-simt,int32-mma,int16-simt,int16-mma,int8-mma,int8-wgmma,int8-dp4a); default all")
+    ap.add_argument("--paths", default="", help="comma-separated labels to run (fp32-simt,fp32-tf32x3,int32-simt,int32-mma,int16-simt,int16-mma,int8-mma,int8-wgmma,int8-dp4a); default all")
     ap.add_argument("--cases", default="1,2", help="exam cases, comma-separated")
     ap.add_argument("--batches", default="1,32", help="N values, comma-separated")
     args = ap.parse_args()
@@ -291,8 +309,8 @@ def main() -> int:
                     sw = {}
                     pr = parse_precision(prec)
                     tiles = cb._tiling.tiles_for(pr, opts.get("int8_path", "mma"),
-                                                 cb._tiling.resolve_int_path(pr, opts.get(f"{prec}_path", "auto")))
-                    if prec == "fp32":  # both FP32 kernels: k-contiguous SIMT and outer product
+                                                 cb._tiling.resolve_path(pr, opts.get(f"{prec}_path", "auto")))
+                    if prec == "fp32" and opts.get("fp32_path", "auto") != "tf32x3":  # SIMT and outer product
                         tiles = cb.TILES + cb.OUTER_TILES
                     for tile in tiles:
                         for split in (1, 2, 4, 8):
@@ -342,7 +360,7 @@ def table(meta: dict, rows: list) -> str:
     wg = p.get("wgmma_peak")
     wgmma = f"{wg / 1e12:.1f} TOP/s" if wg else f"skipped (needs sm_90a; this GPU is {p.get('arch', '?')})"
     out.append(f"Measured peaks: dp4a {p['dp4a_peak'] / 1e12:.1f} TOP/s, int8 mma.sync {p['mma_peak'] / 1e12:.1f} TOP/s, "
-               f"int8 wgmma {wgmma} ({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
+               f"int8 wgmma {wgmma}, tf32 mma.sync {p['tf32_peak'] / 1e12:.1f} TFLOP/s ({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
     return "\n".join(out)
 
 

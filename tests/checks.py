@@ -12,9 +12,11 @@ from qconv.errors import BackendError
 
 
 def assert_matches(y, x: np.ndarray, w: np.ndarray, precision, layer: dict | None = None, *, bias=None,
-                   scale=None, rounding: str = "nearest", what: str = "") -> None:
+                   scale=None, rounding: str = "nearest", what: str = "",
+                   fp32_bound: tuple[float, float] = (2.0, 0.0)) -> None:
     """Integers: the reference backend's bits for the same call. FP32: within
-    contract.fp32_error_bound of the float64 convolution (+ bias). y may be a device array."""
+    contract.fp32_error_bound of the float64 convolution (+ bias), with the (c, per_term) the
+    backend declares (backends.fp32_bound). y may be a device array."""
     precision = Precision(precision)
     layer = layer or {}
     g = check_layer(x.shape, w.shape, stride=layer.get("stride", 1), padding=layer.get("padding", "same"),
@@ -33,7 +35,7 @@ def assert_matches(y, x: np.ndarray, w: np.ndarray, precision, layer: dict | Non
     if bias is not None:
         y64 = y64 + np.asarray(bias, np.float64)
     err = np.abs(y.astype(np.float64) - y64)
-    bound = fp32_error_bound(x, w, geom=g, bias=bias)
+    bound = fp32_error_bound(x, w, c=fp32_bound[0], geom=g, bias=bias, per_term=fp32_bound[1])
     if not np.all(err <= bound):
         at = np.unravel_index(np.argmax(err - bound), err.shape)
         raise AssertionError(f"{what}: FP32 error {err[at]:.3g} > bound {bound[at]:.3g} at {at}")

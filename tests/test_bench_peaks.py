@@ -31,13 +31,13 @@ def test_wgmma_peak_compiles_for_sm90a():
 def test_other_peaks_compile(arch):
     nv = nvrtc_or_skip()
     cubin = nv.compile_source(_bench().PEAK_SRC, {}, "peaks.cu", arch)
-    assert b"dp4a_peak" in cubin and b"mma_peak" in cubin
+    assert b"dp4a_peak" in cubin and b"mma_peak" in cubin and b"tf32_peak" in cubin
 
 
 def test_report_line_names_wgmma_peak_or_skip():
     bench = _bench()
-    peaks = {"dp4a_peak": 1.3e14, "mma_peak": 1.28e15, "num_sms": 132, "sm_clock_ghz_max": 1.98}
+    peaks = {"dp4a_peak": 1.3e14, "mma_peak": 1.28e15, "tf32_peak": 3.2e14, "num_sms": 132, "sm_clock_ghz_max": 1.98}
     line = bench.table({"peaks": {**peaks, "wgmma_peak": 1.9e15, "arch": "sm_90"}}, []).splitlines()[-1]
-    assert "int8 wgmma 1900.0 TOP/s" in line
+    assert "int8 wgmma 1900.0 TOP/s" in line and "tf32 mma.sync 320.0 TFLOP/s" in line
     line = bench.table({"peaks": {**peaks, "wgmma_peak": None, "arch": "sm_80"}}, []).splitlines()[-1]
     assert "int8 wgmma skipped" in line and "sm_80" in line

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import assume, given, settings, strategies as st
+from hypothesis import assume, example, given, settings, strategies as st
 
 import qconv
 from checks import assert_matches, assert_same_bits, nvrtc_or_skip
@@ -44,8 +44,9 @@ ARCHS = ("sm_80", "sm_90")
 
 
 def _kernel_paths() -> list[tuple[Precision, dict]]:
-    """(precision, options) once per kernel path the cuda variants run (FP32; INT32/INT16 on the
-    CUDA cores and by byte planes; INT8 mma and dp4a): one per bounding instruction."""
+    """(precision, options) once per kernel path the cuda variants run (FP32 on the CUDA cores and
+    as TF32 products; INT32/INT16 on the CUDA cores and by byte planes; INT8 mma and dp4a): one per
+    bounding instruction."""
     seen: dict = {}
     for opts in cb.variants() + cb.variants_for_tests():
         for p in Precision:
@@ -115,7 +116,7 @@ def _c_structs() -> dict[str, list[tuple[str, str]]]:
                 decl = " ".join(decl.split())
                 if not decl:
                     continue
-                m = re.match(r"^(.*?[\s*])(\w+(?:\s*,\s*\w+)*)$", decl)
+                m = re.match(r"^(.*?[\s*])(\w+(?:\[\w+\])*(?:\s*,\s*\w+(?:\[\w+\])*)*)$", decl)
                 assert m, f"cannot parse {decl!r} in {f.name}"
                 ctype = m.group(1).strip()
                 ctype = "pointer" if "*" in ctype else ctype.replace("const ", "")
@@ -171,19 +172,27 @@ def test_unknown_and_bad_options_are_refused_before_any_gpu_work():
         cb.choose_tiling(10, 10, 40, 132, tile="128x128", mma=True, tiles=cb.PLANE_TILES[Precision.INT16])
 
 
-def test_int_paths_resolve_and_are_listed_as_variants():
+def test_paths_resolve_and_are_listed_as_variants():
     for prec in (Precision.INT16, Precision.INT32):
-        assert _tiling.resolve_int_path(prec, "auto") == cb.INT_AUTO[prec] in ("simt", "mma")
-        assert _tiling.resolve_int_path(prec, "mma") == "mma"
+        assert _tiling.resolve_path(prec, "auto") == cb.PATH_AUTO[prec] in ("simt", "mma")
+        assert _tiling.resolve_path(prec, "mma") == "mma"
         mod, prefix = _tiling.conv_kernel(prec, "mma", "mma")
         assert mod == "conv_planes_mma.cu" and all(f"{prefix}_{t}" in cb.kernel_names()[mod] for t in cb.PLANE_TILES[prec])
         assert _tiling.conv_kernel(prec, "mma", "simt")[1].endswith("_simt")
-    assert _tiling.resolve_int_path(Precision.INT8, "mma") == "simt"  # int8 has its own int8_path
+    assert _tiling.resolve_path(Precision.FP32, "auto") == cb.PATH_AUTO[Precision.FP32] in ("simt", "tf32x3")
+    mod, prefix = _tiling.conv_kernel(Precision.FP32, "mma", "tf32x3")
+    assert mod == "conv_f32_tf32x3.cu" and all(f"{prefix}_{t}" in cb.kernel_names()[mod] for t in cb.TILES)
+    assert _tiling.resolve_path(Precision.INT8, "mma") == "simt"  # int8 has its own int8_path
     v = cb.variants()
-    assert v[0] == {} and {"int16_path", "int32_path"} <= {k for o in v for k in o}
+    assert v[0] == {} and {"fp32_path", "int16_path", "int32_path"} <= {k for o in v for k in o}
     for o in v[1:]:
         (k, p), = o.items()
-        assert p != cb.INT_AUTO[Precision(k.split("_")[0])]  # the path auto does not take
+        assert p != cb.PATH_AUTO[Precision(k.split("_")[0])]  # the paths auto does not take
+    # the tf32x3 path keeps a looser, stated FP32 bound; the others the contract's
+    assert cb.fp32_bound({"fp32_path": "tf32x3"}) == _tiling.TF32X3_BOUND
+    assert cb.fp32_bound({"fp32_path": "simt"}) == (2.0, 0.0)
+    with pytest.raises(InputError, match="fp32_path"):
+        cb.fp32_bound({"fp32_path": "tf32"})
 
 
 def test_choose_tiling_fills_the_gpu():
@@ -282,6 +291,52 @@ def test_model_window_kernel_shifted_rows(layer, seed):
     lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32)
     assert lay.icgp % 32 == 0 and _tiling.window_fits(g.spec, lay, g.wo, 227 * 1024)
     assert np.array_equal(_emulate_window(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
+
+
+def _tf32(t: np.ndarray) -> np.ndarray:
+    """cvt.rna.satfinite.tf32.f32 in numpy: the top 19 bits, rounded half away from zero, clamped
+    to tf32's largest finite value."""
+    b = (np.asarray(t, np.float32).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    big = (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    b[big] = (b[big] & np.uint32(0x80000000)) | np.uint32(0x7F7FE000)
+    return b.view(np.float32)
+
+
+def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
+    """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): each x, w
+    split into tf32 big + small, the small products then the big one (products=2 drops xs*wb, a
+    wrong kernel) summed into a float32 accumulator one k-step of 8 terms at a time."""
+    def split(t):
+        big = _tf32(t)
+        return big, _tf32(t.astype(np.float32) - big)
+    (xb, xs), (wb, ws) = split(x), split(w)
+    pairs = [(xs, wb), (xb, ws), (xb, wb)][3 - products:]
+    acc = np.zeros(x.shape[0], np.float32)
+    for k0 in range(0, x.shape[1], 8):
+        for a, b in pairs:  # tf32 x tf32 is exact in float64; each mma rounds its sum once
+            acc = (acc.astype(np.float64) + (a[:, k0:k0 + 8].astype(np.float64) * b[k0:k0 + 8]).sum(1)).astype(np.float32)
+    return acc
+
+
+@settings(max_examples=80, deadline=None)
+@given(k=st.integers(1, 300), seed=st.integers(0, 2**32 - 1), mag=st.sampled_from([1e-30, 1.0, 3e4, 1e30, 3.3e38]))
+@example(k=1, seed=0, mag=1.0)
+def test_model_tf32x3_keeps_its_stated_bound(k, seed, mag):
+    """The tf32x3 arithmetic (numpy model) keeps _tiling.TF32X3_BOUND on full-mantissa operands,
+    near float32's largest values too (satfinite); dropping one small product breaks it."""
+    rng = np.random.default_rng(seed)
+    rows = 64
+    x = (rng.uniform(-1, 1, (rows, k)) * mag).astype(np.float32)
+    w = rng.uniform(-1, 1, k).astype(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    assume(np.all(np.abs(exact) < 3.4e38))
+    c, per_term = _tiling.TF32X3_BOUND
+    eps32 = float(np.finfo(np.float32).eps)
+    bound = (c * k + per_term) * eps32 * (np.abs(x).astype(np.float64) @ np.abs(w).astype(np.float64))
+    y = _emulate_tf32x3(x, w)
+    assert np.all(np.isfinite(y)) and np.all(np.abs(y - exact) <= bound)
+    if k == 1 and mag < 1e30:  # one term: the dropped product is 2^-11 of it, far past the bound
+        assert np.any(np.abs(_emulate_tf32x3(x, w, products=2) - exact) > bound)
 
 
 def _emulate_dw(x, w, g, vector):
@@ -400,7 +455,8 @@ def _run(x, w, precision, opts=None, *, scale=None, **layer):
     q = {"scale": scale} if Precision(precision).is_integer else {}
     y = qconv.conv2d(x, w, precision, backend="cuda", **layer, **q, **(opts or {}))
     bias = layer.pop("bias", None)
-    assert_matches(y, x, w, precision, layer, scale=scale, bias=bias, what=f"cuda {precision} {opts}")
+    assert_matches(y, x, w, precision, layer, scale=scale, bias=bias, what=f"cuda {precision} {opts}",
+                   fp32_bound=cb.fp32_bound(opts or {}))
     return y
 
 
@@ -424,10 +480,10 @@ def test_declared_tiles_are_the_kernels_tiles():
     names = [n for mod in cb.kernel_names().values() for n in mod]
     for precision, opts in PATHS:
         declared = cb.tiles(opts, precision)
-        int8_path, int_path = cb._paths(opts, precision)
-        want = _tiling.tiles_for(precision, int8_path, int_path) + (cb.OUTER_TILES if precision is Precision.FP32 else ())
+        int8_path, path = cb._paths(opts, precision)
+        want = _tiling.tiles_for(precision, int8_path, path) + (cb.OUTER_TILES if path == "simt" and precision is Precision.FP32 else ())
         assert [t.options["tile"] for t in declared] == list(want)
-        module, prefix = _tiling.conv_kernel(precision, int8_path, int_path)
+        module, prefix = _tiling.conv_kernel(precision, int8_path, path)
         for t in declared:
             name = t.options["tile"]
             assert (t.dw_channels, t.dw_columns) == _tiling.DW_TILE

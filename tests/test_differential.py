@@ -80,7 +80,8 @@ def _check(variant, precision, x, w, layer=None, *, bias=None, scale=None, round
     q = {"scale": scale, "rounding": rounding} if precision.is_integer else {}
     y = np.asarray(qconv.conv2d(xin, w, precision, name, bias=bias, **q, **layer, **opts))
     assert_matches(y, x, w, precision, layer, bias=bias, scale=scale, rounding=rounding,
-                   what=f"{variant[0]} {precision.value} {layer} bias={bias is not None} scale={scale!r} {rounding}")
+                   what=f"{variant[0]} {precision.value} {layer} bias={bias is not None} scale={scale!r} {rounding}",
+                   fp32_bound=backends.fp32_bound(name, opts))
     return y
 
 
@@ -310,13 +311,15 @@ def test_prepared_equals_one_shot_and_keeps_no_state(variant):
                     y = conv(x)
                     out = np.full_like(y, np.nan) if out is None else out
                     assert conv(x, out=out) is out
-                    assert_matches(y, x, w, p, layer, bias=bias, scale=scale, what=what)
+                    assert_matches(y, x, w, p, layer, bias=bias, scale=scale, what=what,
+                                   fp32_bound=backends.fp32_bound(name, opts))
                     if p.is_integer:
                         one = qconv.conv2d(x, w, p, name, scale=scale, bias=bias, **layer, **opts)
                         assert_same_bits(y, one, what)
                         assert_same_bits(out, one, what + " out=")
                     else:
-                        assert_matches(out, x, w, p, layer, bias=bias, what=what + " out=")
+                        assert_matches(out, x, w, p, layer, bias=bias, what=what + " out=",
+                                       fp32_bound=backends.fp32_bound(name, opts))
 
 
 @with_variants

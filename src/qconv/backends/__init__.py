@@ -70,6 +70,13 @@ def variants(available_only: bool = True, for_tests: bool = False) -> list[tuple
     return out
 
 
+def fp32_bound(backend: str, options: dict | None = None) -> tuple[float, float]:
+    """(c, per_term) of contract.fp32_error_bound that a backend's FP32 path keeps with these
+    options: the contract's (2, 0) unless the module declares its own (fp32_bound(options))."""
+    declare = getattr(module(backend), "fp32_bound", None)
+    return declare(dict(options or {})) if declare is not None else (2.0, 0.0)
+
+
 _probed: dict[str, tuple[bool, str]] = {}
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import api, metrics
+from .. import api, backends, metrics
 from ..backends.base import PHASES
 from ..contract import Precision, conv2d_float64, conv2d_quantized, fp32_error_bound, parse_precision
 from ..errors import InputError, QconvError, QconvWarning
@@ -223,7 +223,8 @@ class Study:
             rec["within_fp32_bound"] = None
         else:
             rec["bit_exact"] = None
-            rec["within_fp32_bound"] = bool(np.all(np.abs(out.astype(np.float64) - ref) <= bound()))
+            rec["within_fp32_bound"] = bool(np.all(np.abs(out.astype(np.float64) - ref)
+                                                   <= bound(backends.fp32_bound(o.backend, o.options))))
         rec["flops"] = warm.flops
         rec["nrmse"] = warm.nrmse
         rec["effective_bits"] = metrics.effective_bits(warm.nrmse)
@@ -271,12 +272,12 @@ class Study:
         round), so that load from elsewhere on the machine spreads over all options."""
         timed: list[_Timed] = []
         expected: dict[Any, np.ndarray] = {}
-        cache: dict[str, np.ndarray] = {}
+        cache: dict[tuple[float, float], np.ndarray] = {}
 
-        def bound() -> np.ndarray:
-            if "b" not in cache:
-                cache["b"] = fp32_error_bound(x, layer.w)
-            return cache["b"]
+        def bound(c_terms: tuple[float, float]) -> np.ndarray:
+            if c_terms not in cache:
+                cache[c_terms] = fp32_error_bound(x, layer.w, c=c_terms[0], per_term=c_terms[1])
+            return cache[c_terms]
         complete = False
         try:
             for o in self.options:

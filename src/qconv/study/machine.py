@@ -91,7 +91,9 @@ def _gpu_instruction_peaks(fp32: float, int8_tc: float) -> dict[str, tuple[float
     return {"ffma": (fp32 * 1e3, f"FP32 CUDA-core peak {fp32} TFLOP/s (NVIDIA datasheet)"),
             "imad": (fp32 * 500, f"INT32 peak: half the FP32 lanes ({fp32 / 2:.1f} TOP/s)"),
             "mma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"),
-            "wgmma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)")}
+            "wgmma-s8": (int8_tc * 1e3, f"INT8 tensor-core peak {int8_tc} TOP/s dense (NVIDIA datasheet)"),
+            "mma-tf32": (int8_tc * 250, f"TF32 tensor-core peak {int8_tc / 4:.1f} TFLOP/s dense: a quarter of INT8's "
+                                        f"(NVIDIA datasheet)")}
 
 
 def _bound(backend: str, precision: Precision, options: dict[str, Any] | None) -> tuple[str, int] | None:

@@ -16,10 +16,13 @@ Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
     int8_path: "auto" (default: on Hopper the wgmma window kernel where a stride-1 layer allows it
         and fills the GPU, else mma.sync; elsewhere mma.sync), "mma" (tensor cores' mma.sync),
         "wgmma" (Hopper's warpgroup MMA, sm_90 only: conv_s8_wgmma.cu) or "dp4a" (CUDA cores).
-    int16_path, int32_path: "auto" (default: _tiling.INT_AUTO, the faster path measured on the
+    int16_path, int32_path: "auto" (default: _tiling.PATH_AUTO, the faster path measured on the
         H200), "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition: 2 / 4 byte
         planes per value, mma.sync s8/u8 products combined modulo 2^32, conv_planes_mma.cu; the
         same bits).
+    fp32_path: "auto" (default: _tiling.PATH_AUTO), "simt" (CUDA cores: FFMA) or "tf32x3" (tensor
+        cores: each product as three TF32 mma.sync products, float32 sums, conv_f32_tf32x3.cu;
+        within _tiling.TF32X3_BOUND, a looser bound than the contract's c = 2 for small K).
     tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma", WGMMA_TILES for
         "wgmma", "window" and MMA_TILES for "auto" on Hopper), the block tile;
         for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
@@ -50,25 +53,24 @@ from ..base import BackendRun, Tile, run_once
 from ._arrays import DeviceArray, pinned_empty, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
-from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, INT_AUTO, INT_PATHS, MMA_BKW, MMA_TILES, PLANES, PLANE_TILES,
-                      OUTER_TILES, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
-                      outer_threads as _outer_threads, resolve_int8_path, resolve_int_path, tiles_for)
+from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, MMA_BKW, PATH_AUTO, PATHS, MMA_TILES, PLANES, PLANE_TILES,
+                      OUTER_TILES, TF32X3_BOUND, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
+                      outer_threads as _outer_threads, resolve_int8_path, resolve_path, tensor_cores, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
            "profile", "Prepared", "DeviceArray", "pinned_empty", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
-           "MMA_TILES", "WGMMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "INT_PATHS", "INT_AUTO", "PLANE_TILES",
-           "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction"]
+           "MMA_TILES", "WGMMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "PATHS", "PATH_AUTO", "PLANE_TILES",
+           "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction", "fp32_bound"]
 
 
 def variants() -> list[dict]:
-    """The default and, for INT16 and INT32, the path that "auto" does not take (the tensor-core
-    decomposition or the CUDA-core kernel), so the study and tests time both."""
-    from ...contract import Precision
+    """The default and, for FP32, INT32 and INT16, each path that "auto" does not take (the
+    tensor-core kernels or the CUDA-core kernel), so the study and tests time both."""
     out: list[dict] = [{}]
-    for prec, key in ((Precision.INT16, "int16_path"), (Precision.INT32, "int32_path")):
-        out.append({key: "simt" if INT_AUTO[prec] == "mma" else "mma"})
+    for prec, paths in PATHS.items():
+        out += [{f"{prec.value}_path": p} for p in paths if p not in ("auto", PATH_AUTO[prec])]
     return out
 
 
@@ -88,11 +90,10 @@ def _arch() -> str | None:
 
 
 def _paths(options: dict, precision: Precision) -> tuple[str, str]:
-    """(int8_path, the INT16/INT32 path resolved) these options run for a precision."""
+    """(int8_path, the FP32/INT32/INT16 path) these options run for a precision, resolved."""
     o = parse_options(options)
-    int_path = getattr(o, f"{precision.value}_path", "simt")
     int8_path = resolve_int8_path(o.int8_path, _arch() if o.int8_path == "auto" else None)
-    return int8_path, resolve_int_path(precision, int_path)
+    return int8_path, resolve_path(precision, getattr(o, f"{precision.value}_path", "auto"))
 
 
 def tiles(options: dict, precision: Precision) -> list[Tile]:
@@ -101,15 +102,15 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     16-byte load less: a partial stage), and the depthwise kernels' channels x output columns
     (_tiling's constants, mirrored from the .cu files)."""
     precision = Precision(precision)
-    int8_path, int_path = _paths(options, precision)
-    tensor_cores = int_path == "mma" or (precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"))
-    elem = 1 if int_path == "mma" else ELEM[precision]      # byte planes: one byte per plane
-    names = tiles_for(precision, int8_path, int_path) + (OUTER_TILES if precision is Precision.FP32 else ())
+    int8_path, path = _paths(options, precision)
+    mma = tensor_cores(precision, int8_path, path)
+    elem = 1 if path == "mma" else ELEM[precision]      # byte planes: one byte per plane
+    names = tiles_for(precision, int8_path, path) + (OUTER_TILES if precision is Precision.FP32 and path == "simt" else ())
     out = []
     for name in names:
         # the window kernel: 128 rows (of the padded grid) x 64 or 128 channels
         bm, bn = (WINDOW_BM, 128) if name == "window" else (int(v) for v in name.split("/")[0].split("x"))
-        k_words = 8 if name.endswith("/k8") else MMA_BKW if tensor_cores else SIMT_BKW
+        k_words = 8 if name.endswith("/k8") else MMA_BKW if mma else SIMT_BKW
         stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
         out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))
     return out
@@ -118,18 +119,26 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
 # The instruction bounding each kernel, and how many of its multiply-adds one MAC of the
 # precision takes (the byte-plane decomposition: the products of shift classes 0..3).
 _BOUND = {"simt": {Precision.FP32: "ffma", Precision.INT32: "imad", Precision.INT16: "imad"},
-          "mma": {Precision.INT16: "mma-s8", Precision.INT32: "mma-s8"}}
-_PLANE_PRODUCTS = {p: sum(1 for i in range(n) for j in range(n) if i + j < 4) for p, n in PLANES.items()}
+          "mma": {Precision.INT16: "mma-s8", Precision.INT32: "mma-s8"},
+          "tf32x3": {Precision.FP32: "mma-tf32"}}
+_PRODUCTS = {p: sum(1 for i in range(n) for j in range(n) if i + j < 4) for p, n in PLANES.items()}
+_PRODUCTS[Precision.FP32] = 3  # tf32x3
 
 
 def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
-    """(instruction, its multiply-adds per MAC): FP32 ffma, INT32/INT16 on the CUDA cores imad,
-    INT8 mma-s8 / wgmma-s8 (tensor cores) or dp4a, INT16/INT32 by byte planes mma-s8 (4 / 10 products)."""
+    """(instruction, its multiply-adds per MAC): FP32 ffma or mma-tf32 (3 products), INT32/INT16 on
+    the CUDA cores imad, INT8 mma-s8 / wgmma-s8 (tensor cores) or dp4a, INT16/INT32 by byte planes
+    mma-s8 (4 / 10 products)."""
     precision = Precision(precision)
-    int8_path, int_path = _paths(options, precision)
+    int8_path, path = _paths(options, precision)
     if precision is Precision.INT8:
         return ({"mma": "mma-s8", "wgmma": "wgmma-s8", "window": "wgmma-s8"}.get(int8_path, "dp4a"), 1)
-    return _BOUND[int_path][precision], (_PLANE_PRODUCTS[precision] if int_path == "mma" else 1)
+    return _BOUND[path][precision], (_PRODUCTS[precision] if path != "simt" else 1)
+
+
+def fp32_bound(options: dict) -> tuple[float, float]:
+    """(c, per_term) of contract.fp32_error_bound that these options' FP32 path keeps."""
+    return TF32X3_BOUND if _paths(options, Precision.FP32)[1] == "tf32x3" else (2.0, 0.0)
 
 
 def prepare(plan: Plan, w: np.ndarray) -> Prepared:

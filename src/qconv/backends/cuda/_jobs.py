@@ -88,14 +88,14 @@ class GemmJob(Job):
         if wgmma and rt.arch not in _tiling.WGMMA_ARCHS:
             raise InputError(f"int8_path 'wgmma' needs a Hopper GPU ({', '.join(_tiling.WGMMA_ARCHS)}); this one is "
                              f"{rt.arch}: use int8_path='mma'")
-        mma = (prec is Precision.INT8 and path8 in ("mma", "wgmma", "window")) or planes > 1
-        tiles = _tiling.tiles_for(prec, path8, prep.int_path)
+        mma = _tiling.tensor_cores(prec, path8, prep.path)
+        tiles = _tiling.tiles_for(prec, path8, prep.path)
         bkw = _tiling.MMA_BKW if mma else _tiling.SIMT_BKW
         ktiles = lay.kpw // bkw
         tile, outer = o.tile, None
         if tile in _tiling.OUTER_TILES:
-            if prec is not Precision.FP32:
-                raise InputError(f"tile {tile!r} is an FP32 outer-product tile")
+            if prec is not Precision.FP32 or prep.path != "simt":
+                raise InputError(f"tile {tile!r} is an outer-product tile of fp32_path 'simt'")
             outer, tile = tile, tile.split("/")[0]
         # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM, over
         # the zero-padded grid of mp = N * hp * wp rows
@@ -112,11 +112,11 @@ class GemmJob(Job):
                                                 else tiles if mma else None)
         if window:
             bm, bn, split = _tiling.WINDOW_BM, 0, 1  # bn: chosen with the kernel below
-        if prec is Precision.FP32 and tile == "auto":
+        if prec is Precision.FP32 and prep.path == "simt" and tile == "auto":
             outer = _tiling.F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
         self.split = split = math.ceil(ktiles / kps)
-        module, prefix = _tiling.conv_kernel(prec, "wgmma" if wgmma else path8, prep.int_path)
+        module, prefix = _tiling.conv_kernel(prec, "wgmma" if wgmma else path8, prep.path)
         if outer is not None:
             module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
                 _tiling.outer_threads(outer)

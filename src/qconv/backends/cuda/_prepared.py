@@ -39,7 +39,7 @@ from ._launch import QSlot
 from ._streams import StreamCtx
 
 NAME = "cuda"
-OPTIONS = ("int8_path", "int16_path", "int32_path", "tile", "split_k", "fuse_dequantize", "stream", "timing")
+OPTIONS = ("int8_path", "int16_path", "int32_path", "fp32_path", "tile", "split_k", "fuse_dequantize", "stream", "timing")
 NONFINITE = "input holds non-finite value(s) (NaN or inf): qconv convolves finite data only"
 CHUNK = 2 << 20        # host input -> pinned staging, in chunks: each chunk's DMA starts when it is copied
 PARALLEL_MIN = 4 << 20  # from this size the chunks are copied by a thread pool (numpy releases the GIL)
@@ -75,6 +75,7 @@ class Options:
     int8_path: str = "auto"
     int16_path: str = "auto"
     int32_path: str = "auto"
+    fp32_path: str = "auto"
     tile: str = "auto"
     split_k: Any = "auto"
     fuse_dequantize: bool = True
@@ -88,9 +89,10 @@ def parse_options(options: dict[str, Any]) -> Options:
                 stream=_driver.stream_handle(options.get("stream")))
     if o.int8_path not in _tiling.INT8_PATHS:
         raise InputError(f"int8_path {o.int8_path!r}: use one of {', '.join(_tiling.INT8_PATHS)}")
-    for k in ("int16_path", "int32_path"):
-        if getattr(o, k) not in _tiling.INT_PATHS:
-            raise InputError(f"{k} {getattr(o, k)!r}: use one of {', '.join(_tiling.INT_PATHS)}")
+    for prec, paths in _tiling.PATHS.items():
+        k = f"{prec.value}_path"
+        if getattr(o, k) not in paths:
+            raise InputError(f"{k} {getattr(o, k)!r}: use one of {', '.join(paths)}")
     if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.WGMMA_TILES + _tiling.OUTER_TILES:
         _tiling.parse_tile(str(o.tile))  # raises with the list
     if o.split_k != "auto" and (isinstance(o.split_k, bool) or not isinstance(o.split_k, int) or o.split_k < 1):
@@ -232,9 +234,8 @@ class Prepared:
         prec = self.prec = plan.precision
         spec = self.spec
         self.depthwise = _tiling.is_depthwise(spec)
-        # INT16/INT32: "simt" or "mma" (byte planes on the tensor cores); "auto" per INT_AUTO
-        opt = {Precision.INT16: self.opts.int16_path, Precision.INT32: self.opts.int32_path}.get(prec, "simt")
-        self.int_path = _tiling.resolve_int_path(prec, opt)
+        # FP32 / INT32 / INT16: "simt", "tf32x3" or "mma" (byte planes on the tensor cores); "auto" per PATH_AUTO
+        self.path = _tiling.resolve_path(prec, getattr(self.opts, f"{prec.value}_path", "auto"))
         self.int8_path = _tiling.resolve_int8_path(self.opts.int8_path, rt.arch)
         self.maxabs = prec.is_integer and plan.s_x is None
         wq = quantize_kernel(w, plan.s_w, prec, plan.rounding) if prec.is_integer else np.asarray(w, np.float32)
@@ -242,7 +243,7 @@ class Prepared:
             self.layout = None
             packed = _tiling.pack_dw_weights(wq)
         else:
-            planes = self.int_path == "mma"
+            planes = self.path == "mma"
             wgmma = prec is Precision.INT8 and self.int8_path in ("wgmma", "window")
             self.layout = _tiling.gemm_layout(prec, spec, planes, 32 if wgmma else 16)
             if self.layout.planes * self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:

@@ -2,7 +2,7 @@
 layouts of activations and weights, weight packing (numpy), tile and split-K choice.
 
 Constants here mirror the .cu sources: SIMT_BKW / MMA_BKW are the K words per pipeline stage of
-qconv_simt.cuh / conv_s8_mma.cu, STAGES their pipeline depth, DW_TILE the depthwise kernels'
+qconv_simt.cuh / qconv_mma.cuh, STAGES their pipeline depth, DW_TILE the depthwise kernels'
 channels x output columns per thread (conv_dw.cu).
 """
 
@@ -19,12 +19,19 @@ from ...errors import InputError
 
 INT8_PATHS = ("auto", "mma", "wgmma", "dp4a")
 WGMMA_ARCHS = ("sm_90",)  # int8_path="wgmma": Hopper's warpgroup MMA (conv_s8_wgmma.cu, sm_90a)
-# INT16 / INT32: "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition,
-# conv_planes_mma.cu); "auto" resolves through INT_AUTO, set from the H200 measurements in
-# benchmarks/RESULTS.md (exam layers, N=32, kernel alone: INT16 mma 94.5 / 69.6 us vs SIMT
-# 286.4 / 285.2 us; INT32 mma 194.4 / 149.8 us vs SIMT 299.0 / 300.9 us)
-INT_PATHS = ("auto", "simt", "mma")
-INT_AUTO = {Precision.INT16: "mma", Precision.INT32: "mma"}
+# The other precisions' paths (options fp32_path, int32_path, int16_path): "simt" (CUDA cores);
+# INT16 / INT32 "mma" (tensor cores by exact 8-bit decomposition, conv_planes_mma.cu); FP32
+# "tf32x3" (tensor cores, three TF32 products per term, conv_f32_tf32x3.cu, within TF32X3_BOUND).
+# "auto" resolves through PATH_AUTO, set from the H200 measurements in benchmarks/RESULTS.md
+# (exam layers, N=32, kernel alone: INT16 mma 94.5 / 69.6 us vs SIMT 286.4 / 285.2 us; INT32 mma
+# 194.4 / 149.8 us vs SIMT 299.0 / 300.9 us)
+PATHS = {Precision.FP32: ("auto", "simt", "tf32x3"), Precision.INT32: ("auto", "simt", "mma"),
+         Precision.INT16: ("auto", "simt", "mma")}
+PATH_AUTO = {Precision.FP32: "simt", Precision.INT16: "mma", Precision.INT32: "mma"}
+# The FP32 error bound of the "tf32x3" path, (c, per_term) of contract.fp32_error_bound: each
+# term is three tensor-core products (c: the contract's 2 for each), and splitting x and w into
+# TF32 parts costs at most 3 * 2^-22 |x*w| = 6 eps32 |x*w| per term (conv_f32_tf32x3.cu).
+TF32X3_BOUND = (6.0, 6.0)
 PLANES = {Precision.INT16: 2, Precision.INT32: 4}  # byte planes per value on the "mma" path
 # tensor-core tiles of the decomposed kernels (registers: one accumulator set per shift class)
 PLANE_TILES = {Precision.INT16: ("128x64", "64x64", "64x32", "32x32"),
@@ -64,6 +71,7 @@ _CONV = {  # precision / int8 path -> (module, kernel name prefix)
     "dp4a": ("conv_s8_dp4a.cu", "qconv_s8_conv_dp4a"),
     "mma16": ("conv_planes_mma.cu", "qconv_s16_conv_mma"),
     "mma32": ("conv_planes_mma.cu", "qconv_s32_conv_mma"),
+    "tf32x3": ("conv_f32_tf32x3.cu", "qconv_f32_conv_tf32x3"),
 }
 _PLANE_KEY = {Precision.INT16: "mma16", Precision.INT32: "mma32"}
 QUANT_SUFFIX = {Precision.INT32: "s32", Precision.INT16: "s16", Precision.INT8: "s8"}
@@ -78,28 +86,33 @@ def resolve_int8_path(option: str, arch: str | None) -> str:
     return "window" if arch in WGMMA_ARCHS else "mma"
 
 
-def conv_kernel(precision: Precision, int8_path: str, int_path: str = "simt") -> tuple[str, str]:
-    """(module, name prefix) of the implicit-GEMM kernel for a precision (int_path: the resolved
-    INT16/INT32 path, "simt" or "mma")."""
+def conv_kernel(precision: Precision, int8_path: str, path: str = "simt") -> tuple[str, str]:
+    """(module, name prefix) of the implicit-GEMM kernel for a precision (path: the resolved path
+    of FP32 / INT32 / INT16, resolve_path)."""
     if precision is Precision.INT8:  # "window": its other layers run mma.sync
         return _CONV["mma" if int8_path == "window" else int8_path]
-    if int_path == "mma" and precision in _PLANE_KEY:
+    if path == "mma" and precision in _PLANE_KEY:
         return _CONV[_PLANE_KEY[precision]]
-    return _CONV[precision]
+    return _CONV["tf32x3" if path == "tf32x3" else precision]
 
 
-def resolve_int_path(precision: Precision, option: str) -> str:
-    """The INT16/INT32 path actually run: "simt" or "mma" ("auto": INT_AUTO)."""
-    if precision not in PLANES:
+def resolve_path(precision: Precision, option: str) -> str:
+    """The FP32 / INT32 / INT16 path actually run ("auto": PATH_AUTO); INT8 has int8_path: "simt"."""
+    if precision not in PATHS:
         return "simt"
-    return INT_AUTO[precision] if option == "auto" else option
+    return PATH_AUTO[precision] if option == "auto" else option
 
 
-def tiles_for(precision: Precision, int8_path: str = "mma", int_path: str = "simt") -> tuple[str, ...]:
-    """The block tiles of the implicit-GEMM kernel a precision/path runs."""
+def tensor_cores(precision: Precision, int8_path: str, path: str) -> bool:
+    """The resolved paths run the mma-style kernels (32-word K stages, MMA tiling rules)."""
+    return path in ("mma", "tf32x3") or (precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"))
+
+
+def tiles_for(precision: Precision, int8_path: str = "mma", path: str = "simt") -> tuple[str, ...]:
+    """The block tiles of the implicit-GEMM kernel a precision/path runs (tf32x3: TILES too)."""
     if precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"):
         return {"mma": MMA_TILES, "wgmma": WGMMA_TILES, "window": WGMMA_TILES[:1] + MMA_TILES}[int8_path]
-    if int_path == "mma" and precision in PLANE_TILES:
+    if path == "mma" and precision in PLANE_TILES:
         return PLANE_TILES[precision]
     return TILES
 

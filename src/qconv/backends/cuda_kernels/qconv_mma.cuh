@@ -1,0 +1,155 @@
+// Implicit-GEMM convolution on the tensor cores through mma.sync, one template for INT8
+// (m16n8k32 s8 x s8 -> s32) and FP32 by three TF32 products (m16n8k8 tf32 x tf32 -> f32).
+// Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
+// K in steps of 32 words (128 int8 or 32 float), 3-stage cp.async pipeline, fragments through
+// ldmatrix: with 32-bit words an 8x8 b16 matrix is 8 rows x 4 words, so the same row addresses give
+// both m16n8k32's int8 fragments and m16n8k8's tf32 fragments. Rows padded to 36 words so each
+// 8-row ldmatrix phase hits 32 distinct banks. grid.z = groups x K slices (split-K); stride,
+// padding and groups live in the loader (qconv_common.cuh).
+#pragma once
+#include "qconv_common.cuh"
+
+// INT8: the s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
+struct MmaS8 {
+  typedef int Acc;
+  struct A { unsigned r[4]; };
+  struct B { unsigned r[2]; };
+  QD static A a_frag(const unsigned (&r)[4]) { return {{r[0], r[1], r[2], r[3]}}; }
+  QD static B b_frag(unsigned r0, unsigned r1) { return {{r0, r1}}; }
+  QD static void mma(int (&d)[4], const A& a, const B& b) { mma_s8_16832(d, a.r, b.r); }
+  QD static unsigned out(int v) { return (unsigned)v; }
+};
+
+// FP32 as three TF32 products (CUTLASS's "3xTF32"): t = big + small with big = tf32(t) and
+// small = tf32(t - big) (t - big is exact), and x*w ~ xs*wb + xb*ws + xb*wb (the small products
+// first, so they are not lost below the big one's rounding). The dropped xs*ws and the rounding of
+// the small parts leave at most 3 * 2^-22 |x*w| per term: contract_bound's per_term in
+// cuda/_tiling.py. satfinite: a |t| past tf32's largest finite value splits into that value and a
+// finite remainder instead of inf - inf.
+QD unsigned tf32(float t) {
+  unsigned r;
+  asm("cvt.rna.satfinite.tf32.f32 %0, %1;" : "=r"(r) : "f"(t));
+  return r;
+}
+QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+struct MmaTF32x3 {
+  typedef float Acc;
+  struct A { unsigned big[4], small[4]; };
+  struct B { unsigned big[2], small[2]; };
+  QD static void split(unsigned t, unsigned& big, unsigned& small) {
+    big = tf32(__uint_as_float(t));
+    small = tf32(__fsub_rn(__uint_as_float(t), __uint_as_float(big)));
+  }
+  QD static A a_frag(const unsigned (&r)[4]) {
+    A a;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split(r[i], a.big[i], a.small[i]);
+    return a;
+  }
+  QD static B b_frag(unsigned r0, unsigned r1) {
+    B b;
+    split(r0, b.big[0], b.small[0]);
+    split(r1, b.big[1], b.small[1]);
+    return b;
+  }
+  QD static void mma(float (&d)[4], const A& a, const B& b) {
+    mma_tf32_1688(d, a.small, b.big);
+    mma_tf32_1688(d, a.big, b.small);
+    mma_tf32_1688(d, a.big, b.big);
+  }
+  QD static float out(float v) { return v; }
+};
+
+template <class Op, int BM, int BN, int WM, int WN, int STAGES>
+QD void conv_mma(const ConvParams& p) {
+  constexpr int BKW = 32, NT = 256;
+  constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
+  static_assert(WM * WN == 8, "8 warps");
+  typedef TileLoader<BM, BN, BKW, NT> L;
+  constexpr int SW = L::SW;
+  extern __shared__ __align__(16) unsigned smem[];
+  unsigned* As = smem;
+  unsigned* Bs = smem + STAGES * BM * SW;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int wm = warp / WN, wn = warp % WN;
+  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
+  scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
+  const BlockWork bw = block_work(p);
+  const int nk = bw.nk;
+
+  L loader(p, m0, tid);
+  typename Op::Acc acc[MT][NTL][4];
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTL; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES>(p, bw, As, Bs, s, n0, tid);
+  for (int it = 0; it < nk; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    loader.template stage<STAGES>(p, bw, As, Bs, it + STAGES - 1, n0, tid);
+    // ldmatrix row addresses: A lanes 0-15 rows 0-15 at words 0-3, lanes 16-31 the same rows at
+    // words 4-7; B lanes 0-7 / 8-15 rows of n-tile j at words 0-3 / 4-7, lanes 16-31 the same for
+    // n-tile j+1.
+    const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
+    const unsigned* bs = Bs + (it % STAGES) * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
+                         ((lane >> 3) & 1) * 4;
+#pragma unroll
+    for (int ks = 0; ks < BKW; ks += 8) {
+      typename Op::B b[NTL];
+#pragma unroll
+      for (int j = 0; j + 1 < NTL; j += 2) {
+        unsigned r[4];
+        ldsm_x4(r, bs + j * 8 * SW + ks);
+        b[j] = Op::b_frag(r[0], r[1]);
+        b[j + 1] = Op::b_frag(r[2], r[3]);
+      }
+      if (NTL % 2) {
+        unsigned r[2];
+        ldsm_x2(r, bs + (NTL - 1) * 8 * SW + ks);
+        b[NTL - 1] = Op::b_frag(r[0], r[1]);
+      }
+#pragma unroll
+      for (int i = 0; i < MT; ++i) {
+        unsigned r[4];
+        ldsm_x4(r, as + i * 16 * SW + ks);
+        const typename Op::A a = Op::a_frag(r);
+#pragma unroll
+        for (int j = 0; j < NTL; ++j) Op::mma(acc[i][j], a, b[j]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  const float inv0 = epilogue_inv(p);
+  unsigned nonfinite = 0;
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int j = 0; j < NTL; ++j) {
+      int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
+      nonfinite += store_out(p, bw.ocol, m, o, Op::out(acc[i][j][0]), inv0);
+      nonfinite += store_out(p, bw.ocol, m, o + 1, Op::out(acc[i][j][1]), inv0);
+      nonfinite += store_out(p, bw.ocol, m + 8, o, Op::out(acc[i][j][2]), inv0);
+      nonfinite += store_out(p, bw.ocol, m + 8, o + 1, Op::out(acc[i][j][3]), inv0);
+    }
+  count_nonfinite(p.stats, nonfinite);  // integer stores return 0
+  publish_stats(p.stats, p.slot);
+}
+
+// MINB: blocks per SM to fit (128x128 is capped at 128 registers so two blocks share an SM).
+#define QCONV_MMA(NAME, OP, BM, BN, WM, WN, MINB)                                    \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const ConvParams p) { \
+    conv_mma<OP, BM, BN, WM, WN, 3>(p);                                              \
+  }
