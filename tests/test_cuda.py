@@ -293,23 +293,11 @@ def test_model_window_kernel_shifted_rows(layer, seed):
     assert np.array_equal(_emulate_window(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
 
 
-def _tf32(t: np.ndarray) -> np.ndarray:
-    """cvt.rna.satfinite.tf32.f32 in numpy: the top 19 bits, rounded half away from zero, clamped
-    to tf32's largest finite value."""
-    b = (np.asarray(t, np.float32).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
-    big = (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
-    b[big] = (b[big] & np.uint32(0x80000000)) | np.uint32(0x7F7FE000)
-    return b.view(np.float32)
-
-
 def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
     """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): each x, w
     split into tf32 big + small, the small products then the big one (products=2 drops xs*wb, a
     wrong kernel) summed into a float32 accumulator one k-step of 8 terms at a time."""
-    def split(t):
-        big = _tf32(t)
-        return big, _tf32(t.astype(np.float32) - big)
-    (xb, xs), (wb, ws) = split(x), split(w)
+    (xb, xs), (wb, ws) = _tiling.tf32_split(x), _tiling.tf32_split(w)
     pairs = [(xs, wb), (xb, ws), (xb, wb)][3 - products:]
     acc = np.zeros(x.shape[0], np.float32)
     for k0 in range(0, x.shape[1], 8):

@@ -136,7 +136,8 @@ class GemmJob(Job):
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 2 * bm
         else:
             stages = _tiling.PLANE_STAGES[prec] if planes > 1 else _tiling.STAGES
-            self.smem = stages * planes * (bm + bn) * (bkw + 4) * 4
+            wplanes = 2 if prep.path == "tf32x3" else planes  # tf32x3: the weights' big and small parts
+            self.smem = stages * (planes * bm + wplanes * bn) * (bkw + 4) * 4
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
         if window:  # persistent blocks over the padded grid's M tiles, per BN column, as many as fit

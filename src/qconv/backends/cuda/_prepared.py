@@ -251,6 +251,8 @@ class Prepared:
                                  f"32-bit offsets")
             packed = (_tiling.pack_plane_weights(wq, self.layout) if planes
                       else _tiling.pack_gemm_weights(wq, self.layout))
+            if self.path == "tf32x3":  # [2][G][ocgp][kp]: the weights' big and small TF32 parts
+                packed = _tiling.tf32_split(packed)
         oc = spec.oc
         self._owned: list[int] = []
         self._jobs: dict[tuple[Geometry, bool], Any] = {}

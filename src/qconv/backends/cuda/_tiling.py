@@ -261,6 +261,23 @@ def pack_plane_weights(wq: np.ndarray, lay: GemmLayout) -> np.ndarray:
     return np.stack([pack_gemm_weights(p, lay) for p in split_planes(wq, lay.planes)])
 
 
+def tf32(t: np.ndarray) -> np.ndarray:
+    """cvt.rna.satfinite.tf32.f32 in numpy: the top 19 bits of each float32, rounded half away
+    from zero, clamped to tf32's largest finite value."""
+    b = (np.asarray(t, np.float32).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)
+    big = (b & np.uint32(0x7F800000)) == np.uint32(0x7F800000)
+    b[big] = (b[big] & np.uint32(0x80000000)) | np.uint32(0x7F7FE000)
+    return b.view(np.float32)
+
+
+def tf32_split(t: np.ndarray) -> np.ndarray:
+    """float32 -> (2, *shape) float32 planes big = tf32(t), small = tf32(t - big) (t - big exact):
+    the tf32x3 path's operands (conv_f32_tf32x3.cu)."""
+    t = np.asarray(t, np.float32)
+    big = tf32(t)
+    return np.stack([big, tf32(t - big)])
+
+
 def pack_dw_weights(wq: np.ndarray) -> np.ndarray:
     """(KH, KW, OC, 1) depthwise kernel -> [KH*KW][OC], int32 for the integer paths."""
     kh, kw, oc, _ = wq.shape

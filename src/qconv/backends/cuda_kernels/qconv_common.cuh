@@ -237,6 +237,11 @@ struct TileLoader {
   // (ints, so the pointers stay in the constant bank rather than in registers).
   QD void load(const ConvParams& p, int xoff, int woff, unsigned* As, unsigned* Bs,
                int kt, int n0, int tid) const {
+    load_a(p, xoff, As, kt, tid);
+    load_b(p, woff, Bs, kt, n0, tid);
+  }
+
+  QD void load_a(const ConvParams& p, int xoff, unsigned* As, int kt, int tid) const {
     int kword = kt * BKW + j * 4;
     int tap = kword / p.Cw;
     int cw = kword - tap * p.Cw;
@@ -254,6 +259,9 @@ struct TileLoader {
         cp_async16(As + at(row, j), src, ok);
       }
     }
+  }
+
+  QD void load_b(const ConvParams& p, int woff, unsigned* Bs, int kt, int n0, int tid) const {
 #pragma unroll
     for (int c = 0; c < CB; ++c) {
       int idx = tid + c * NT;
@@ -267,9 +275,16 @@ struct TileLoader {
 
   // K tile k of the block's slice into slot k % STAGES of the As / Bs ring (nothing past the
   // slice's last tile), then one cp.async group either way, so that wait_group counts stay in step.
-  template <int STAGES>
-  QD void stage(const ConvParams& p, const BlockWork& bw, unsigned* As, unsigned* Bs, int k, int n0, int tid) const {
-    if (k < bw.nk) load(p, bw.xoff, bw.woff, As + (k % STAGES) * BM * SW, Bs + (k % STAGES) * BN * SW, bw.kt0 + k, n0, tid);
+  // BP planes of weights, wplane words apart, each slot holding them as [BP][BN][SW].
+  template <int STAGES, int BP = 1>
+  QD void stage(const ConvParams& p, const BlockWork& bw, unsigned* As, unsigned* Bs, int k, int n0, int tid,
+                int wplane = 0) const {
+    if (k < bw.nk) {
+      load_a(p, bw.xoff, As + (k % STAGES) * BM * SW, bw.kt0 + k, tid);
+#pragma unroll
+      for (int b = 0; b < BP; ++b)
+        load_b(p, bw.woff + b * wplane, Bs + ((k % STAGES) * BP + b) * BN * SW, bw.kt0 + k, n0, tid);
+    }
     cp_async_commit();
   }
 };

@@ -9,22 +9,26 @@
 #pragma once
 #include "qconv_common.cuh"
 
+// An operation: Acc, the accumulator type; BP planes of packed weights; PARTS mma per fragment
+// pair and k-step, issued part-major so that consecutive mma do not wait on each other; A, the A
+// fragment made from ldmatrix's registers; mma(q, ...), part q; out, the accumulator's bits.
+
 // INT8: the s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
 struct MmaS8 {
   typedef int Acc;
+  static constexpr int BP = 1, PARTS = 1;
   struct A { unsigned r[4]; };
-  struct B { unsigned r[2]; };
   QD static A a_frag(const unsigned (&r)[4]) { return {{r[0], r[1], r[2], r[3]}}; }
-  QD static B b_frag(unsigned r0, unsigned r1) { return {{r0, r1}}; }
-  QD static void mma(int (&d)[4], const A& a, const B& b) { mma_s8_16832(d, a.r, b.r); }
+  QD static void mma(int, int (&d)[4], const A& a, const unsigned (&b)[BP][2]) { mma_s8_16832(d, a.r, b[0]); }
   QD static unsigned out(int v) { return (unsigned)v; }
 };
 
 // FP32 as three TF32 products (CUTLASS's "3xTF32"): t = big + small with big = tf32(t) and
 // small = tf32(t - big) (t - big is exact), and x*w ~ xs*wb + xb*ws + xb*wb (the small products
 // first, so they are not lost below the big one's rounding). The dropped xs*ws and the rounding of
-// the small parts leave at most 3 * 2^-22 |x*w| per term: contract_bound's per_term in
-// cuda/_tiling.py. satfinite: a |t| past tf32's largest finite value splits into that value and a
+// the small parts leave at most 3 * 2^-22 |x*w| per term: TF32X3_BOUND in cuda/_tiling.py. The
+// weights come split on the host (_tiling.tf32_split: planes big, small); the activations are
+// split here. satfinite: a |t| past tf32's largest finite value splits into that value and a
 // finite remainder instead of inf - inf.
 QD unsigned tf32(float t) {
   unsigned r;
@@ -40,28 +44,21 @@ QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)
 }
 struct MmaTF32x3 {
   typedef float Acc;
+  static constexpr int BP = 2, PARTS = 3;
   struct A { unsigned big[4], small[4]; };
-  struct B { unsigned big[2], small[2]; };
-  QD static void split(unsigned t, unsigned& big, unsigned& small) {
-    big = tf32(__uint_as_float(t));
-    small = tf32(__fsub_rn(__uint_as_float(t), __uint_as_float(big)));
-  }
   QD static A a_frag(const unsigned (&r)[4]) {
     A a;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) split(r[i], a.big[i], a.small[i]);
+    for (int i = 0; i < 4; ++i) {
+      a.big[i] = tf32(__uint_as_float(r[i]));
+      a.small[i] = tf32(__fsub_rn(__uint_as_float(r[i]), __uint_as_float(a.big[i])));
+    }
     return a;
   }
-  QD static B b_frag(unsigned r0, unsigned r1) {
-    B b;
-    split(r0, b.big[0], b.small[0]);
-    split(r1, b.big[1], b.small[1]);
-    return b;
-  }
-  QD static void mma(float (&d)[4], const A& a, const B& b) {
-    mma_tf32_1688(d, a.small, b.big);
-    mma_tf32_1688(d, a.big, b.small);
-    mma_tf32_1688(d, a.big, b.big);
+  QD static void mma(int q, float (&d)[4], const A& a, const unsigned (&b)[BP][2]) {
+    if (q == 0) mma_tf32_1688(d, a.small, b[0]);
+    else if (q == 1) mma_tf32_1688(d, a.big, b[1]);
+    else mma_tf32_1688(d, a.big, b[0]);
   }
   QD static float out(float v) { return v; }
 };
@@ -72,10 +69,10 @@ QD void conv_mma(const ConvParams& p) {
   constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
   static_assert(WM * WN == 8, "8 warps");
   typedef TileLoader<BM, BN, BKW, NT> L;
-  constexpr int SW = L::SW;
+  constexpr int SW = L::SW, BP = Op::BP;
   extern __shared__ __align__(16) unsigned smem[];
-  unsigned* As = smem;
-  unsigned* Bs = smem + STAGES * BM * SW;
+  unsigned* As = smem;                       // [STAGES][BM][SW]
+  unsigned* Bs = smem + STAGES * BM * SW;    // [STAGES][BP][BN][SW]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -84,6 +81,7 @@ QD void conv_mma(const ConvParams& p) {
   scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
   const BlockWork bw = block_work(p);
   const int nk = bw.nk;
+  const int wplane = (int)((gridDim.z / p.splits) * p.wgs);  // words of one plane of the weights
 
   L loader(p, m0, tid);
   typename Op::Acc acc[MT][NTL][4];
@@ -95,40 +93,43 @@ QD void conv_mma(const ConvParams& p) {
       for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES>(p, bw, As, Bs, s, n0, tid);
+  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES, BP>(p, bw, As, Bs, s, n0, tid, wplane);
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    loader.template stage<STAGES>(p, bw, As, Bs, it + STAGES - 1, n0, tid);
+    loader.template stage<STAGES, BP>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane);
     // ldmatrix row addresses: A lanes 0-15 rows 0-15 at words 0-3, lanes 16-31 the same rows at
     // words 4-7; B lanes 0-7 / 8-15 rows of n-tile j at words 0-3 / 4-7, lanes 16-31 the same for
     // n-tile j+1.
     const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
-    const unsigned* bs = Bs + (it % STAGES) * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
+    const unsigned* bs = Bs + (it % STAGES) * BP * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
                          ((lane >> 3) & 1) * 4;
 #pragma unroll
     for (int ks = 0; ks < BKW; ks += 8) {
-      typename Op::B b[NTL];
+      unsigned b[NTL][BP][2];
 #pragma unroll
-      for (int j = 0; j + 1 < NTL; j += 2) {
-        unsigned r[4];
-        ldsm_x4(r, bs + j * 8 * SW + ks);
-        b[j] = Op::b_frag(r[0], r[1]);
-        b[j + 1] = Op::b_frag(r[2], r[3]);
+      for (int pl = 0; pl < BP; ++pl) {
+#pragma unroll
+        for (int j = 0; j + 1 < NTL; j += 2) {
+          unsigned r[4];
+          ldsm_x4(r, bs + pl * BN * SW + j * 8 * SW + ks);
+          b[j][pl][0] = r[0]; b[j][pl][1] = r[1]; b[j + 1][pl][0] = r[2]; b[j + 1][pl][1] = r[3];
+        }
+        if (NTL % 2) ldsm_x2(b[NTL - 1][pl], bs + pl * BN * SW + (NTL - 1) * 8 * SW + ks);
       }
-      if (NTL % 2) {
-        unsigned r[2];
-        ldsm_x2(r, bs + (NTL - 1) * 8 * SW + ks);
-        b[NTL - 1] = Op::b_frag(r[0], r[1]);
-      }
+      typename Op::A a[MT];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         unsigned r[4];
         ldsm_x4(r, as + i * 16 * SW + ks);
-        const typename Op::A a = Op::a_frag(r);
-#pragma unroll
-        for (int j = 0; j < NTL; ++j) Op::mma(acc[i][j], a, b[j]);
+        a[i] = Op::a_frag(r);
       }
+#pragma unroll
+      for (int q = 0; q < Op::PARTS; ++q)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int j = 0; j < NTL; ++j) Op::mma(q, acc[i][j], a[i], b[j]);
     }
   }
   cp_async_wait<0>();
