@@ -38,6 +38,7 @@ from qconv.tensorfile import load as load_tensor
 
 VARIANTS = [  # label, precision, prepare options
     ("fp32", "fp32", {}),
+    ("fp32 tf32x3", "fp32", {"fp32_path": "tf32x3"}),  # tensor cores, three TF32 products per term
     ("int8", "int8", {}),                          # maxabs (the default): s_x per call on the device
     ("int8 S", "int8", {"scale": "fixed"}),        # a fixed scale pair: no scan pass
     ("int8 untimed", "int8", {"timing": False}),  # no phase events
@@ -148,7 +149,11 @@ def main() -> int:
     ap.add_argument("--no-depthwise", action="store_true")
     ap.add_argument("--host-only", action="store_true", help="only the host-time attribution")
     ap.add_argument("--dw-only", action="store_true", help="only the depthwise layers")
+    ap.add_argument("--variants", default="", help="comma-separated labels to run (default: all of VARIANTS)")
+    ap.add_argument("--layers", default="", help="comma-separated layer names to run (default: all)")
     args = ap.parse_args()
+    want = set(filter(None, args.variants.split(",")))
+    want_layers = set(filter(None, args.layers.split(",")))
     import torch
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -176,6 +181,8 @@ def main() -> int:
         return 0
     rows = []
     for name, x1, w, b in ([] if args.dw_only else layers(Path(args.shared))):
+        if want_layers and name not in want_layers:
+            continue
         for n in (int(v) for v in args.batches.split(",")):
             x = np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))
             xt = torch.from_numpy(x).cuda()
@@ -183,6 +190,8 @@ def main() -> int:
             row = {"layer": name, "n": n, "flops": 2 * x[..., 0].size * w.shape[2] * w.shape[0] * w.shape[1] * w.shape[3],
                    "baselines": base, "ours": {}}
             for label, prec, opts in VARIANTS:
+                if want and label not in want:
+                    continue
                 opts = dict(opts)
                 if opts.get("scale") == "fixed":
                     r = qconv.conv2d_result(x1, w, prec, backend="reference", scale="maxabs")

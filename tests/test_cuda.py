@@ -294,10 +294,13 @@ def test_model_window_kernel_shifted_rows(layer, seed):
 
 
 def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
-    """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): each x, w
-    split into tf32 big + small, the small products then the big one (products=2 drops xs*wb, a
-    wrong kernel) summed into a float32 accumulator one k-step of 8 terms at a time."""
-    (xb, xs), (wb, ws) = _tiling.tf32_split(x), _tiling.tf32_split(w)
+    """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): w split on
+    the host (_tiling.tf32_split), x as MmaTF32x3::a_frag splits it (big truncated, small the exact
+    rest rounded to nearest); the small products then the big one (products=2 drops xs*wb, a wrong
+    kernel), summed into a float32 accumulator one k-step of 8 terms at a time."""
+    xb = (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
+    xs = (((x - xb).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
+    wb, ws = _tiling.tf32_split(w)
     pairs = [(xs, wb), (xb, ws), (xb, wb)][3 - products:]
     acc = np.zeros(x.shape[0], np.float32)
     for k0 in range(0, x.shape[1], 8):

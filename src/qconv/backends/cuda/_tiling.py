@@ -30,8 +30,8 @@ PATHS = {Precision.FP32: ("auto", "simt", "tf32x3"), Precision.INT32: ("auto", "
 PATH_AUTO = {Precision.FP32: "simt", Precision.INT16: "mma", Precision.INT32: "mma"}
 # The FP32 error bound of the "tf32x3" path, (c, per_term) of contract.fp32_error_bound: each
 # term is three tensor-core products (c: the contract's 2 for each), and splitting x and w into
-# TF32 parts costs at most 3 * 2^-22 |x*w| = 6 eps32 |x*w| per term (conv_f32_tf32x3.cu).
-TF32X3_BOUND = (6.0, 6.0)
+# TF32 parts drops at most 10 eps32 |x*w| (+ 2^-32 |x*w|) per term (qconv_mma.cuh's MmaTF32x3).
+TF32X3_BOUND = (6.0, 11.0)
 PLANES = {Precision.INT16: 2, Precision.INT32: 4}  # byte planes per value on the "mma" path
 # tensor-core tiles of the decomposed kernels (registers: one accumulator set per shift class)
 PLANE_TILES = {Precision.INT16: ("128x64", "64x64", "64x32", "32x32"),

@@ -23,18 +23,14 @@ struct MmaS8 {
   QD static unsigned out(int v) { return (unsigned)v; }
 };
 
-// FP32 as three TF32 products (CUTLASS's "3xTF32"): t = big + small with big = tf32(t) and
-// small = tf32(t - big) (t - big is exact), and x*w ~ xs*wb + xb*ws + xb*wb (the small products
-// first, so they are not lost below the big one's rounding). The dropped xs*ws and the rounding of
-// the small parts leave at most 3 * 2^-22 |x*w| per term: TF32X3_BOUND in cuda/_tiling.py. The
-// weights come split on the host (_tiling.tf32_split: planes big, small); the activations are
-// split here. satfinite: a |t| past tf32's largest finite value splits into that value and a
-// finite remainder instead of inf - inf.
-QD unsigned tf32(float t) {
-  unsigned r;
-  asm("cvt.rna.satfinite.tf32.f32 %0, %1;" : "=r"(r) : "f"(t));
-  return r;
-}
+// FP32 as three TF32 products (CUTLASS's "3xTF32"): each operand t = big + small in TF32, and
+// x*w ~ xs*wb + xb*ws + xb*wb (the small products first, so they are not lost below the big one's
+// rounding). The weights come split on the host (_tiling.tf32_split: big = tf32(w) rounded to
+// nearest, small = tf32(w - big)). The activations are split here in three integer-unit steps
+// (cvt.rna.satfinite for both parts took compare-and-select sequences in SASS): big = x truncated
+// to TF32's 19 bits (no overflow near FLT_MAX), x - big is exact, small = that rounded to nearest
+// (add half an ulp, mask). What is dropped per term, xs*ws and the parts' roundings, is at most
+// 10 eps32 |x*w| (+ 2^-32 |x*w|): TF32X3_BOUND in cuda/_tiling.py.
 QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
   asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -50,8 +46,8 @@ struct MmaTF32x3 {
     A a;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      a.big[i] = tf32(__uint_as_float(r[i]));
-      a.small[i] = tf32(__fsub_rn(__uint_as_float(r[i]), __uint_as_float(a.big[i])));
+      a.big[i] = r[i] & 0xFFFFE000u;
+      a.small[i] = (__float_as_uint(__fsub_rn(__uint_as_float(r[i]), __uint_as_float(a.big[i]))) + 0x1000u) & 0xFFFFE000u;
     }
     return a;
   }
