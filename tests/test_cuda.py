@@ -181,7 +181,7 @@ def test_paths_resolve_and_are_listed_as_variants():
         assert _tiling.conv_kernel(prec, "mma", "simt")[1].endswith("_simt")
     assert _tiling.resolve_path(Precision.FP32, "auto") == cb.PATH_AUTO[Precision.FP32] in ("simt", "tf32x3")
     mod, prefix = _tiling.conv_kernel(Precision.FP32, "mma", "tf32x3")
-    assert mod == "conv_f32_tf32x3.cu" and all(f"{prefix}_{t}" in cb.kernel_names()[mod] for t in cb.TILES)
+    assert mod == "conv_f32_tf32x3.cu" and all(f"{prefix}_{t}" in cb.kernel_names()[mod] for t in _tiling.TF32X3_TILES)
     assert _tiling.resolve_path(Precision.INT8, "mma") == "simt"  # int8 has its own int8_path
     v = cb.variants()
     assert v[0] == {} and {"fp32_path", "int16_path", "int32_path"} <= {k for o in v for k in o}
