@@ -9,5 +9,7 @@
 #define VNNI_TILE _8x16
 #define DPBUSD(acc, a, b) _mm256_dpbusd_epi32((acc), (a), (b))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_epi32((acc), (a), (b))
+#define VNNI_ASM_PREFIX "" /* the peak loops' inline asm (conv_vnni.inc): EVEX, gas's default */
+#define VNNI_ASM_REG "v"   /* ymm0-31 */
 #include "conv_vnni.inc"
 #endif /* x86 */

@@ -9,5 +9,10 @@
 #define VNNI_TILE _6x16
 #define DPBUSD(acc, a, b) _mm256_dpbusd_avx_epi32((acc), (a), (b))
 #define DPWSSD(acc, a, b) _mm256_dpwssd_avx_epi32((acc), (a), (b))
+/* The peak loops' inline asm (conv_vnni.inc): AVX-VNNI is VEX only, and gas encodes vpdpbusd as
+ * EVEX unless told {vex} (braces escaped: bare ones are asm dialect alternatives); "x" keeps
+ * the operands in ymm0-15, which is all VEX can name. */
+#define VNNI_ASM_PREFIX "%{vex%} "
+#define VNNI_ASM_REG "x"
 #include "conv_vnni.inc"
 #endif /* x86 */
