@@ -57,7 +57,7 @@ QD void conv_planes(const ConvParams& p) {
   const BlockWork bw = block_work(p);
   const int kt0 = bw.kt0, nk = bw.nk;
   const int xplane = p.XPW / P;                               // words of one plane of a pixel
-  const int wplane = (int)((gridDim.z / p.splits) * p.wgs);   // words of one plane of the weights
+  const int wplane = weight_plane_words(p);
 
   L loader(p, m0, tid);
   int acc[NS][MT][NTL][4];

@@ -200,6 +200,9 @@ QD BlockWork block_work(const ConvParams& p) {
   return b;
 }
 
+// Words of one plane of the packed weights (every group's): the planes kernels' plane stride.
+QD int weight_plane_words(const ConvParams& p) { return (int)((gridDim.z / p.splits) * p.wgs); }
+
 // Loads one BM x BKW-word A tile (implicit im2col of the activations, stride and padding in the
 // index math) and one BN x BKW B tile (packed weights of the block's group) into shared memory
 // with 16-byte cp.async; rows padded to SW words, or (SWZ) rows of 128 bytes with wgmma's

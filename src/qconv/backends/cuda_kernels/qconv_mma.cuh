@@ -77,7 +77,7 @@ QD void conv_mma(const ConvParams& p) {
   scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
   const BlockWork bw = block_work(p);
   const int nk = bw.nk;
-  const int wplane = (int)((gridDim.z / p.splits) * p.wgs);  // words of one plane of the weights
+  const int wplane = weight_plane_words(p);
 
   L loader(p, m0, tid);
   typename Op::Acc acc[MT][NTL][4];
