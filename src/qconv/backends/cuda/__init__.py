@@ -121,8 +121,8 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
 _BOUND = {"simt": {Precision.FP32: "ffma", Precision.INT32: "imad", Precision.INT16: "imad"},
           "mma": {Precision.INT16: "mma-s8", Precision.INT32: "mma-s8"},
           "tf32x3": {Precision.FP32: "mma-tf32"}}
-_PRODUCTS = {p: sum(1 for i in range(n) for j in range(n) if i + j < 4) for p, n in PLANES.items()}
-_PRODUCTS[Precision.FP32] = 3  # tf32x3
+_PRODUCTS = {**{p: sum(1 for i in range(n) for j in range(n) if i + j < 4) for p, n in PLANES.items()},
+             Precision.FP32: 3}  # tf32x3: three TF32 products per term
 
 
 def bound_instruction(options: dict, precision: Precision) -> tuple[str, int] | None:
