@@ -478,10 +478,14 @@ def test_declared_tiles_are_the_kernels_tiles():
         for t in declared:
             name = t.options["tile"]
             assert (t.dw_channels, t.dw_columns) == _tiling.DW_TILE
+            wprefix = _tiling.conv_kernel(precision, "wgmma")[1]
             if name == "window":  # wgmma's window kernel: an entry point per channel block and windows
-                wprefix = _tiling.conv_kernel(precision, "wgmma")[1]
                 assert {f"{wprefix}_window_n{bn}_b{nb}" for bn, nb in _tiling.window_configs(128)} <= set(names)
                 assert (t.pixels[0], t.out_channels[0]) == (_tiling.WINDOW_BM, 128)
+                continue
+            if name == "window-ws":  # its warp-specialized form: an entry point per channel block
+                assert {f"{wprefix}_ws_n{bn}" for bn in (128, 64)} <= set(names)
+                assert (t.pixels[0], t.out_channels[0]) == (_tiling.WS_BM, 128)
                 continue
             assert (cb._outer_name(name) if "/" in name else f"{prefix}_{name}") in names
             assert (t.pixels[0], t.out_channels[0]) == tuple(int(v) for v in name.split("/")[0].split("x"))
@@ -561,6 +565,24 @@ def test_prepared_device_calls_equal_host_calls(precision, opts):
         assert_matches(yd, x, w, precision, {"stride": 2, "groups": 2}, bias=b, **q)
     with pytest.raises(InputError, match="device array"):
         conv(cb.to_device(x), out=np.empty_like(y))
+
+
+@gpu
+@pytest.mark.parametrize("tile", _tiling.WINDOW_TILES)
+def test_a_shape_runs_again_after_a_smaller_shape_of_the_same_kernel(tile):
+    """One prepared convolution, two input widths whose window kernels need different shared memory
+    past 48 KiB (the window's rows grow with the width: 3x3 taps reach two rows down): the wide, the
+    narrow, then the wide again equal the reference (a function's shared-memory allowance must not
+    shrink to the last shape's)."""
+    if cb._arch() not in _tiling.WGMMA_ARCHS:
+        pytest.skip(f"the window kernels run on {', '.join(_tiling.WGMMA_ARCHS)} GPUs only")
+    rng = np.random.default_rng(17)
+    w = (rng.standard_normal((3, 3, 64, 64)) * 0.2).astype(np.float32)
+    conv = qconv.prepare(w, "int8", "cuda", scale="maxabs", int8_path="wgmma", tile=tile)
+    wide, narrow = (rng.standard_normal((2, 30, 60, 64)).astype(np.float32),
+                    rng.standard_normal((1, 9, 8, 64)).astype(np.float32))
+    for x in (wide, narrow, wide):
+        assert_matches(conv(x), x, w, Precision.INT8, scale="maxabs")
 
 
 @gpu

@@ -215,6 +215,7 @@ class Runtime:
         self.smem_optin = _attr(self.dev, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
         self.modules: dict[str, Any] = {}
         self.funcs: dict[str, Any] = {}
+        self.func_smem: dict[str, int] = {}  # the dynamic shared memory each function is allowed
         self.fast = _fast_calls()
         self.lock = threading.RLock()   # modules, functions, stream contexts
         # Blocking stream: ordered after work on the legacy default stream (PyTorch's default) and
@@ -257,12 +258,19 @@ class Runtime:
                     self.modules[module] = mod
                 f = ck(self.drv.cuModuleGetFunction(mod, name.encode()), f"cuModuleGetFunction({name})")
                 self.funcs[key] = f
-            if smem > 48 * 1024:
-                if smem > self.smem_optin:
-                    raise BackendError(f"kernel {name} needs {smem} bytes of shared memory; this GPU allows {self.smem_optin}")
-                ck(self.drv.cuFuncSetAttribute(
-                    f, self.drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
-                    f"cuFuncSetAttribute({name}, max dynamic shared memory = {smem})")
+            # Dynamic shared memory past 48 KiB (with the kernel's static) must be allowed per function,
+            # and the allowance only grows: a job of a larger layer built earlier still launches.
+            if smem > self.func_smem.get(key, 0):
+                static = ck(self.drv.cuFuncGetAttribute(
+                    self.drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, f), f"static smem({name})")
+                if smem + static > self.smem_optin:
+                    raise BackendError(f"kernel {name} needs {smem + static} bytes of shared memory; "
+                                       f"this GPU allows {self.smem_optin}")
+                if smem + static > 48 * 1024:
+                    ck(self.drv.cuFuncSetAttribute(
+                        f, self.drv.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem),
+                        f"cuFuncSetAttribute({name}, max dynamic shared memory = {smem})")
+                    self.func_smem[key] = smem
             return f
 
     def record(self, event: Any, stream: int) -> None:
