@@ -245,11 +245,34 @@ struct TileLoader {
   }
 
   QD void load_a(const ConvParams& p, int xoff, unsigned* As, int kt, int tid) const {
-    int kword = kt * BKW + j * 4;
-    int tap = kword / p.Cw;
-    int cw = kword - tap * p.Cw;
-    int kh = tap / p.KW;
-    int kw = tap - kh * p.KW;
+    const KPos k = kpos(p, kt);
+    load_a(p, xoff, As, k, tid);
+  }
+
+  // Where this thread's chunk of K tile kt starts: tap (kh, kw) and word cw inside the pixel's group.
+  struct KPos { int tap, cw, kh, kw; };
+  KPos next;                                           // stage(): the next K tile's position
+  QD KPos kpos(const ConvParams& p, int kt) const {
+    KPos k;
+    const int kword = kt * BKW + j * 4;
+    k.tap = kword / p.Cw;
+    k.cw = kword - k.tap * p.Cw;
+    k.kh = k.tap / p.KW;
+    k.kw = k.tap - k.kh * p.KW;
+    return k;
+  }
+  // The same one K tile later, without dividing (stage() walks the tiles in order).
+  static QD void advance(const ConvParams& p, KPos& k) {
+    k.cw += BKW;
+    while (k.cw >= p.Cw) {
+      k.cw -= p.Cw;
+      ++k.tap;
+      if (++k.kw == p.KW) { k.kw = 0; ++k.kh; }
+    }
+  }
+
+  QD void load_a(const ConvParams& p, int xoff, unsigned* As, const KPos& k, int tid) const {
+    const int tap = k.tap, cw = k.cw, kh = k.kh, kw = k.kw;
     bool tap_ok = tap < p.T;
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
@@ -278,12 +301,15 @@ struct TileLoader {
 
   // K tile k of the block's slice into slot k % STAGES of the As / Bs ring (nothing past the
   // slice's last tile), then one cp.async group either way, so that wait_group counts stay in step.
-  // BP planes of weights, wplane words apart, each slot holding them as [BP][BN][SW].
+  // BP planes of weights, wplane words apart, each slot holding them as [BP][BN][SW]. Called with
+  // k = 0, 1, 2, ... in order: the A tile's position in K is carried from one call to the next.
   template <int STAGES, int BP = 1>
   QD void stage(const ConvParams& p, const BlockWork& bw, unsigned* As, unsigned* Bs, int k, int n0, int tid,
-                int wplane = 0) const {
+                int wplane = 0) {
+    if (k == 0) next = kpos(p, bw.kt0);
     if (k < bw.nk) {
-      load_a(p, bw.xoff, As + (k % STAGES) * BM * SW, bw.kt0 + k, tid);
+      load_a(p, bw.xoff, As + (k % STAGES) * BM * SW, next, tid);
+      advance(p, next);
 #pragma unroll
       for (int b = 0; b < BP; ++b)
         load_b(p, bw.woff + b * wplane, Bs + ((k % STAGES) * BP + b) * BN * SW, bw.kt0 + k, n0, tid);
