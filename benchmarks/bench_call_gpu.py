@@ -334,13 +334,13 @@ def depthwise(torch, reps: int) -> list[dict]:
 def table(out: dict) -> str:
     us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
     lines = ["| layer | N | path | whole call us | kernels us | host overhead us | cuDNN FP32 call us | cuDNN FP16 CL call us | "
-             "whole / cuDNN (FP32 for fp32, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
+             "whole / cuDNN (FP32 for the fp32 rows, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
              "numpy call, pinned input us | copies + kernels us |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         b = r["baselines"]
         for label, t in r["ours"].items():
-            peer = b["cudnn_fp32_best"] if label == "fp32" else b["cudnn_fp16_cl"]
+            peer = b["cudnn_fp32_best"] if label.split()[0] == "fp32" else b["cudnn_fp16_cl"]
             graph = (f"{us(t['graph_whole'])} | {t['graph_whole'] / peer:.2f}" if "graph_whole" in t else "- | -")
             lines.append(f"| {r['layer']} | {r['n']} | {label} | {us(t['whole'])} | {us(t['kernel'])} | {us(t['overhead'])} | "
                          f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {t['whole'] / peer:.2f} | {graph} | "

@@ -35,13 +35,15 @@ from qconv.tensorfile import load as load_tensor
 
 VARIANTS = [("fp32", {"fp32_path": "simt"}), ("fp32", {"fp32_path": "tf32x3"}), ("int32", {"int32_path": "simt"}), ("int32", {"int32_path": "mma"}),
             ("int16", {"int16_path": "simt"}), ("int16", {"int16_path": "mma"}), ("int8", {"int8_path": "mma"}),
-            ("int8", {"int8_path": "wgmma"}), ("int8", {"int8_path": "dp4a"})]
+            ("int8", {"int8_path": "wgmma"}), ("int8", {"int8_path": "wgmma", "tile": "window-ws"}),
+            ("int8", {"int8_path": "dp4a"})]
 
 
 def label_of(prec: str, opts: dict) -> str:
-    """fp32-simt, fp32-tf32x3, int32-simt, int32-mma, int16-simt, int16-mma, int8-mma, int8-dp4a."""
+    """fp32-simt, fp32-tf32x3, int32-simt, int32-mma, int16-simt, int16-mma, int8-mma, int8-wgmma,
+    int8-wgmma-window-ws (a tile named in the options follows the path), int8-dp4a."""
     path = opts.get(f"{prec}_path")
-    return prec + ("-" + path if path else "")
+    return prec + ("-" + path if path else "") + ("-" + opts["tile"] if "tile" in opts else "")
 
 PEAK_SRC = r"""
 extern "C" __global__ void dp4a_peak(int* out, int iters, int a0, int b0) {
@@ -94,48 +96,62 @@ extern "C" __global__ void tf32_peak(int* out, int iters, int a0, int b0) {
 """
 
 
-# One warpgroup (128 threads) per block issuing m64n256k32 with A (64x32) and B (256x32) from shared
+# One warpgroup (128 threads) per block issuing m64nNk32 with A (64x32) and B (Nx32) from shared
 # memory, K-major without swizzle: 8-row x 16-byte core matrices stored contiguously, so the two core
 # matrices along K are 128 bytes apart (leading byte offset) and successive 8-row groups 256 bytes
-# (stride byte offset). The same accumulators chain through every wgmma (ordered by the hardware for
-# one shape), with up to two commit groups of four in flight. 154 registers: three blocks fit an SM.
-_ACC = ", ".join(f"%{i}" for i in range(128))
+# (stride byte offset). CHAINS sets of accumulators, each chained through its wgmmas (ordered by the
+# hardware for one shape), issued alternately, with up to two commit groups of four in flight.
+# N = 256, one chain: 154 registers, three blocks fit an SM. Smaller N, one block per SM, one or two
+# chains: what one warpgroup of the window kernels (m64n128 / m64n64) can issue on its own.
 WGMMA_PEAK_SRC = r"""
 __device__ unsigned long long smem_desc(const void* p, unsigned lbo, unsigned sbo) {
   unsigned addr = (unsigned)__cvta_generic_to_shared(p);
   return (unsigned long long)((addr >> 4) & 0x3fff) | (unsigned long long)(lbo >> 4) << 16
          | (unsigned long long)(sbo >> 4) << 32;  // base offset 0, swizzle 0 (none)
 }
-extern "C" __global__ void __launch_bounds__(128, 3) wgmma_peak(int* out, int iters, int a0, int b0) {
-  __shared__ __align__(1024) int sm[(64 * 32 + 256 * 32) / 4];
-  for (int i = threadIdx.x; i < (64 * 32 + 256 * 32) / 4; i += 128) sm[i] = a0 ^ b0;
+#define WGMMA(D) asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"                             \
+    "wgmma.mma_async.sync.aligned.m64nNNk32.s32.s8.s8 {ACC}, %ADESC, %BDESC, p;\n}\n" : OUTS : "l"(da), "l"(db))
+extern "C" __global__ void __launch_bounds__(128, 1) wgmma_peak(int* out, int iters, int a0, int b0) {
+  __shared__ __align__(1024) int sm[(64 * 32 + NN * 32) / 4];
+  for (int i = threadIdx.x; i < (64 * 32 + NN * 32) / 4; i += 128) sm[i] = a0 ^ b0;
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // generic writes -> wgmma reads
   __syncthreads();
   const unsigned long long da = smem_desc(sm, 128, 256), db = smem_desc(sm + 64 * 32 / 4, 128, 256);
-  int d[128];
+  int d0[NN / 2], d1[NN / 2];
 #pragma unroll
-  for (int r = 0; r < 128; ++r) {
-    d[r] = threadIdx.x + r;
-    asm volatile("" : "+r"(d[r]));  // keeps the compiler from moving these writes past the fence
+  for (int r = 0; r < NN / 2; ++r) {
+    d0[r] = threadIdx.x + r;
+    d1[r] = threadIdx.x - r;
+    asm volatile("" : "+r"(d0[r]), "+r"(d1[r]));  // keeps the compiler from moving these past the fence
   }
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
 #pragma unroll 1
   for (int i = 0; i < iters; ++i) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j)
-      asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                   "wgmma.mma_async.sync.aligned.m64n256k32.s32.s8.s8 {ACC}, %128, %129, p;\n}\n"
-                   : OUTS : "l"(da), "l"(db));
+    for (int j = 0; j < 4; j += 2) {
+      WGMMA(d0);
+      if (CHAINS == 2) WGMMA(d1); else WGMMA(d0);
+    }
     asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 1;\n" ::: "memory");
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
   int s = 0;
 #pragma unroll
-  for (int r = 0; r < 128; ++r) s += d[r];
+  for (int r = 0; r < NN / 2; ++r) s += d0[r] + (CHAINS == 2 ? d1[r] : 0);
   if (s == 0x7fffffff) out[0] = s;
 }
-""".replace("ACC", _ACC).replace("OUTS", ", ".join(f'"+r"(d[{i}])' for i in range(128)))
+"""
+
+
+def wgmma_peak_src(n: int, chains: int = 1) -> str:
+    """WGMMA_PEAK_SRC for m64n{n}k32 and 1 or 2 accumulator chains (the accumulator and operand
+    lists written out: PTX needs them literal)."""
+    r = n // 2
+    return (WGMMA_PEAK_SRC.replace("ACC", ", ".join(f"%{i}" for i in range(r)))
+            .replace("OUTS", ", ".join(f'"+r"(D[{i}])' for i in range(r)))
+            .replace("ADESC", str(r)).replace("BDESC", str(r + 1)).replace("NN", str(n))
+            .replace("CHAINS", str(chains)))
 
 
 def _time_kernel(rt, f, name: str, blocks: int, threads: int, iters: int) -> float:
@@ -159,17 +175,18 @@ def _time_kernel(rt, f, name: str, blocks: int, threads: int, iters: int) -> flo
     return statistics.median(times[1:])
 
 
-def measure_wgmma_peak(rt) -> float | None:
-    """INT8 wgmma ops/s on the whole GPU, or None off sm_90 (wgmma needs the sm_90a target)."""
+def measure_wgmma_peak(rt, n: int = 256, chains: int = 1, per_sm: int = 0) -> float | None:
+    """INT8 wgmma m64n{n}k32 ops/s on the whole GPU with `chains` accumulator chains per warpgroup and
+    per_sm one-warpgroup blocks per SM (0: as many as fit), or None off sm_90 (wgmma needs sm_90a)."""
     if rt.arch != "sm_90":
         return None
     drv = rt.drv
-    cubin = _nvrtc.compile_source(WGMMA_PEAK_SRC, {}, "wgmma_peak.cu", "sm_90a")
+    cubin = _nvrtc.compile_source(wgmma_peak_src(n, chains), {}, f"wgmma_peak_n{n}_c{chains}.cu", "sm_90a")
     mod = ck(drv.cuModuleLoadData(cubin), "cuModuleLoadData(wgmma_peak)")
     f = ck(drv.cuModuleGetFunction(mod, b"wgmma_peak"), "wgmma_peak")
-    per_sm = int(ck(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(f, 128, 0), "occupancy(wgmma_peak)"))
-    blocks, iters = rt.num_sms * max(1, per_sm), 2048
-    return 4 * (2 * 64 * 256 * 32) * iters * blocks / _time_kernel(rt, f, "wgmma_peak", blocks, 128, iters)
+    fit = int(ck(drv.cuOccupancyMaxActiveBlocksPerMultiprocessor(f, 128, 0), "occupancy(wgmma_peak)"))
+    blocks, iters = rt.num_sms * max(1, min(fit, per_sm) if per_sm else fit), 2048
+    return 4 * (2 * 64 * n * 32) * iters * blocks / _time_kernel(rt, f, "wgmma_peak", blocks, 128, iters)
 
 
 def measure_peaks(rt) -> dict:
@@ -183,6 +200,10 @@ def measure_peaks(rt) -> dict:
         f = ck(drv.cuModuleGetFunction(mod, name.encode()), name)
         res[name] = ops_per_iter * iters * blocks / _time_kernel(rt, f, name, blocks, threads, iters)
     res["wgmma_peak"] = measure_wgmma_peak(rt)
+    for n in (128, 64):  # the window kernels' shapes: the whole SM, and one warpgroup's chains alone
+        res[f"wgmma_peak_n{n}"] = measure_wgmma_peak(rt, n)
+        for chains in (1, 2):
+            res[f"wgmma_n{n}_1wg_{chains}chain"] = measure_wgmma_peak(rt, n, chains, per_sm=1)
     res["arch"] = rt.arch
     from qconv.backends.cuda._driver import _attr
     clock_khz = _attr(rt.dev, "CU_DEVICE_ATTRIBUTE_CLOCK_RATE")
@@ -359,6 +380,8 @@ def table(meta: dict, rows: list) -> str:
     out.append("")
     wg = p.get("wgmma_peak")
     wgmma = f"{wg / 1e12:.1f} TOP/s" if wg else f"skipped (needs sm_90a; this GPU is {p.get('arch', '?')})"
+    if wg and p.get("wgmma_peak_n128"):
+        wgmma += f" (m64n128 {p['wgmma_peak_n128'] / 1e12:.1f}, m64n64 {p['wgmma_peak_n64'] / 1e12:.1f})"
     out.append(f"Measured peaks: dp4a {p['dp4a_peak'] / 1e12:.1f} TOP/s, int8 mma.sync {p['mma_peak'] / 1e12:.1f} TOP/s, "
                f"int8 wgmma {wgmma}, tf32 mma.sync {p['tf32_peak'] / 1e12:.1f} TFLOP/s ({p['num_sms']} SMs, max SM clock {p['sm_clock_ghz_max']:.2f} GHz).")
     return "\n".join(out)

@@ -20,9 +20,10 @@ def _bench():
     return mod
 
 
-def test_wgmma_peak_compiles_for_sm90a():
+@pytest.mark.parametrize("n, chains", [(256, 1), (128, 1), (128, 2), (64, 2)])
+def test_wgmma_peak_compiles_for_sm90a(n, chains):
     nv = nvrtc_or_skip()
-    cubin = nv.compile_source(_bench().WGMMA_PEAK_SRC, {}, "wgmma_peak.cu", "sm_90a")
+    cubin = nv.compile_source(_bench().wgmma_peak_src(n, chains), {}, "wgmma_peak.cu", "sm_90a")
     assert cubin.startswith(b"\x7fELF")
     assert b"wgmma_peak" in cubin
 

@@ -24,7 +24,8 @@ Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
         cores: each product as three TF32 mma.sync products, float32 sums, conv_f32_tf32x3.cu;
         within _tiling.TF32X3_BOUND, a looser bound than the contract's c = 2 for small K).
     tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma", WGMMA_TILES for
-        "wgmma", "window" and MMA_TILES for "auto" on Hopper), the block tile;
+        "wgmma", WINDOW_TILES and MMA_TILES for "auto" on Hopper), the block tile; "window-ws" runs the
+        warp-specialized window kernel where its ring of windows fits, else "window";
         for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
     fuse_dequantize: True (default) dequantizes (+ bias) in the convolution's epilogue when
@@ -54,7 +55,7 @@ from ._arrays import DeviceArray, pinned_empty, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
 from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, MMA_BKW, PATH_AUTO, PATHS, MMA_TILES, PLANES, PLANE_TILES,
-                      OUTER_TILES, TF32X3_BOUND, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
+                      OUTER_TILES, TF32X3_BOUND, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, WINDOW_TILES, WS_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
                       outer_threads as _outer_threads, resolve_int8_path, resolve_path, tensor_cores, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
@@ -108,8 +109,9 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     names = tiles_for(precision, int8_path, path) + (OUTER_TILES if precision is Precision.FP32 and path == "simt" else ())
     out = []
     for name in names:
-        # the window kernel: 128 rows (of the padded grid) x 64 or 128 channels
-        bm, bn = (WINDOW_BM, 128) if name == "window" else (int(v) for v in name.split("/")[0].split("x"))
+        # the window kernels: 128 (warp-specialized: 64) rows of the padded grid x 64 or 128 channels
+        bm, bn = ({"window": WINDOW_BM, "window-ws": WS_BM}[name], 128) if name in WINDOW_TILES else (
+            int(v) for v in name.split("/")[0].split("x"))
         k_words = 8 if name.endswith("/k8") else MMA_BKW if mma else SIMT_BKW
         stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
         out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))

@@ -97,21 +97,23 @@ class GemmJob(Job):
             if prec is not Precision.FP32 or prep.path != "simt":
                 raise InputError(f"tile {tile!r} is an outer-product tile of fp32_path 'simt'")
             outer, tile = tile, tile.split("/")[0]
-        # wgmma's window kernel: tile="window", or "auto" with at least half an M tile per SM, over
-        # the zero-padded grid of mp = N * hp * wp rows
+        # wgmma's window kernels: tile="window" / "window-ws", or "auto" with at least half an M tile
+        # per SM, over the zero-padded grid of mp = N * hp * wp rows
         hp, wp = g.ho + spec.kh - 1, g.wo + spec.kw - 1
         mp = g.n * hp * wp
-        window = (wgmma and tile in ("auto", "window") and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
-                  and mp <= _tiling.INT_LIMIT and (tile == "window" or mp >= _tiling.WINDOW_BM * rt.num_sms // 2))
-        if tile == "window" and wgmma:  # (other paths refuse the name in choose_tiling)
+        window = (wgmma and tile in ("auto",) + _tiling.WINDOW_TILES and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
+                  and mp <= _tiling.INT_LIMIT and (tile != "auto" or mp >= _tiling.WINDOW_BM * rt.num_sms // 2))
+        ws = _tiling.window_ws_config(spec, lay, g.wo, rt.smem_optin) if window and tile == "window-ws" else None
+        if tile in _tiling.WINDOW_TILES and wgmma:  # (other paths refuse the names in choose_tiling)
             tile = "auto" if window or path8 == "window" else "128x128"
         if path8 == "window" and not window:  # auto on Hopper: the rest runs mma.sync
             wgmma = False
         (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
-                                                tiles[1:] if prec is Precision.INT8 and path8 in ("wgmma", "window")
+                                                tiles[len(_tiling.WINDOW_TILES):]
+                                                if prec is Precision.INT8 and path8 in ("wgmma", "window")
                                                 else tiles if mma else None)
         if window:
-            bm, bn, split = _tiling.WINDOW_BM, 0, 1  # bn: chosen with the kernel below
+            bm, bn, split = _tiling.WS_BM if ws else _tiling.WINDOW_BM, 0, 1  # bn: chosen with the kernel below
         if prec is Precision.FP32 and prep.path == "simt" and tile == "auto":
             outer = _tiling.F32_AUTO.get((bm, bn))
         kps = math.ceil(ktiles / split)
@@ -120,17 +122,8 @@ class GemmJob(Job):
         if outer is not None:
             module, self.conv_name, self.smem, threads = "conv_f32_outer.cu", _tiling.outer_name(outer), 0, \
                 _tiling.outer_threads(outer)
-        elif window:  # the configuration with the most resident blocks (then more channels, more windows)
-            threads, best = 256, None
-            for cbn, nbuf in _tiling.window_configs(lay.ocg):
-                smem = _tiling.window_smem(spec, lay, g.wo, cbn, nbuf)
-                if smem <= rt.smem_optin:
-                    name = f"{prefix}_window_n{cbn}_b{nbuf}"
-                    fit = _driver.resident_blocks(rt, module, name, threads, smem)
-                    if best is None or fit > best[0]:
-                        best = (fit, cbn, name, smem)
-            assert best is not None  # window_fits checked the smallest
-            fit, bn, self.conv_name, self.smem = best
+        elif window:
+            self.conv_name, bn, threads, self.smem, fit = _window_kernel(rt, module, prefix, spec, lay, g.wo, ws)
         elif wgmma:  # 128-byte rows, 1 KiB-aligned swizzle atoms (one KiB of slack to align)
             self.smem = _tiling.WGMMA_STAGES * (bm + bn) * bkw * 4 + 1024
             self.conv_name, threads = f"{prefix}_{bm}x{bn}", 2 * bm
@@ -194,6 +187,27 @@ class GemmJob(Job):
             self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
                                        pass_params(n=m * spec.oc, vec=int(vec), mode=0))
             self.last = "convolve"
+
+
+def _window_kernel(rt: Any, module: str, prefix: str, spec: Any, lay: Any, wo: int,
+                   ws: tuple[int, int] | None) -> tuple[str, int, int, int, int]:
+    """(name, BN, threads, shared memory, blocks resident on the GPU) of the window kernel that runs
+    a layer: the warp-specialized one where `ws` (window_ws_config) says so, else the configuration
+    with the most resident blocks (then more channels, more windows)."""
+    if ws is not None:
+        bn, smem = ws
+        name, threads = f"{prefix}_ws_n{bn}", _tiling.WS_THREADS
+        return name, bn, threads, smem, _driver.resident_blocks(rt, module, name, threads, smem)
+    best = None
+    for bn, nbuf in _tiling.window_configs(lay.ocg):
+        smem = _tiling.window_smem(spec, lay, wo, bn, nbuf)
+        if smem <= rt.smem_optin:
+            name = f"{prefix}_window_n{bn}_b{nbuf}"
+            fit = _driver.resident_blocks(rt, module, name, 256, smem)
+            if best is None or fit > best[-1]:
+                best = (name, bn, 256, smem, fit)
+    assert best is not None  # window_fits checked the smallest
+    return best
 
 
 class DwJob(Job):

@@ -44,9 +44,15 @@ MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kerne
 TF32X3_TILES = TILES[1:]
 # BMxBN: BM / 64 warpgroups, m64nBNk32; "window": the stride-1 kernel with resident weights
 # (conv_s8_wgmma.cu), 128 rows x 128 or 64 channels with one or two windows (the configuration
-# that keeps the most blocks resident), where window_fits(); else 128x128
-WGMMA_TILES = ("window", "128x128", "128x64", "64x128", "64x64")
-WINDOW_BM = 128
+# that keeps the most blocks resident), where window_fits(); else 128x128. "window-ws": the same
+# warp-specialized (a producer warpgroup, two ping-pong consumers of 64-row tiles, WS_NBUF windows
+# in a ring), chosen only by name: on the H200 it equals "window" on exam 2 at N=256 (115.3 vs
+# 113.4 us) and loses on exam 1 (203.9 vs 140.4 us; RESULTS.md), its epilogue not hidden
+WGMMA_TILES = ("window", "window-ws", "128x128", "128x64", "64x128", "64x64")
+WINDOW_TILES = WGMMA_TILES[:2]
+WINDOW_BM, WS_BM = 128, 64
+WS_THREADS, WS_NBUF = 384, (2, 4)  # conv_wgmma_ws: 3 warpgroups; ring of 2 to NBUF_MAX windows
+WS_STATIC_SMEM = 64                # its mbarriers (static shared memory, beside the dynamic)
 STAGES = 3
 WGMMA_STAGES = 4
 # FP32 outer-product kernels (conv_f32_outer.cu): "BMxBN/TMxTN" (threads = BM*BN/(TM*TN))
@@ -114,7 +120,7 @@ def tensor_cores(precision: Precision, int8_path: str, path: str) -> bool:
 def tiles_for(precision: Precision, int8_path: str = "mma", path: str = "simt") -> tuple[str, ...]:
     """The block tiles of the implicit-GEMM kernel a precision/path runs."""
     if precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"):
-        return {"mma": MMA_TILES, "wgmma": WGMMA_TILES, "window": WGMMA_TILES[:1] + MMA_TILES}[int8_path]
+        return {"mma": MMA_TILES, "wgmma": WGMMA_TILES, "window": WINDOW_TILES + MMA_TILES}[int8_path]
     if path == "mma" and precision in PLANE_TILES:
         return PLANE_TILES[precision]
     return TF32X3_TILES if path == "tf32x3" else TILES
@@ -143,11 +149,12 @@ def kernel_names() -> dict[str, list[str]]:
     """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
     out: dict[str, list[str]] = {}
     for key, (mod, prefix) in _CONV.items():
-        tiles = {"mma": MMA_TILES, "wgmma": WGMMA_TILES[1:], "tf32x3": TF32X3_TILES}.get(key, TILES)
+        tiles = {"mma": MMA_TILES, "wgmma": WGMMA_TILES[len(WINDOW_TILES):], "tf32x3": TF32X3_TILES}.get(key, TILES)
         if key in ("mma16", "mma32"):
             tiles = PLANE_TILES[Precision.INT16 if key == "mma16" else Precision.INT32]
         out.setdefault(mod, []).extend(f"{prefix}_{t}" for t in tiles)
-    out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}_b{nb}" for bn, nb in window_configs(128)]
+    out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}_b{nb}" for bn, nb in window_configs(128)] + [
+        f"qconv_s8_conv_wgmma_ws_n{bn}" for bn in (128, 64)]
     out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
     out["conv_dw.cu"] = [dw_kernel(p, v) for p in (Precision.FP32, Precision.INT8) for v in (True, False)] + [
         dw_kernel(Precision.FP32, True, k, k, s) for k, s in DW_FIXED] + [
@@ -157,11 +164,26 @@ def kernel_names() -> dict[str, list[str]]:
     return out
 
 
-def window_smem(spec: ConvSpec, lay: "GemmLayout", wo: int, bn: int, nbuf: int) -> int:
-    """Shared memory of the window kernel: the block's weights [taps * Cp/16][bn][16 B] and nbuf
-    windows [Cp/16][rows][16 B] of WINDOW_BM + (KH-1)*Wp + KW-1 rows (rounded up to 8)."""
-    rows = roundup(WINDOW_BM + (spec.kh - 1) * (wo + spec.kw - 1) + spec.kw - 1, 8)
+def window_smem(spec: ConvSpec, lay: "GemmLayout", wo: int, bn: int, nbuf: int, bm: int = WINDOW_BM) -> int:
+    """Shared memory of the window kernels: the block's weights [taps * Cp/16][bn][16 B] and nbuf
+    windows [Cp/16][rows][16 B] of bm + (KH-1)*Wp + KW-1 rows (rounded up to 8)."""
+    rows = roundup(bm + (spec.kh - 1) * (wo + spec.kw - 1) + spec.kw - 1, 8)
     return lay.taps * lay.icgp * bn + nbuf * lay.icgp * rows
+
+
+def window_ws_config(spec: ConvSpec, lay: "GemmLayout", wo: int, smem_optin: int) -> tuple[int, int] | None:
+    """(BN, shared memory) of the warp-specialized window kernel for a layer window_fits: the widest
+    channel block whose weights leave room for at least two windows, as many as fit up to WS_NBUF's
+    most (the kernel counts them from its dynamic shared memory); None where none fits, or where a
+    pixel has more 16-byte chunks than the producer's 128 threads."""
+    if lay.icgp // 16 > 128:
+        return None
+    for bn in ((128, 64) if lay.ocg > 64 else (64,)):
+        base, one = window_smem(spec, lay, wo, bn, 0, WS_BM), window_smem(spec, lay, wo, 0, 1, WS_BM)
+        nbuf = min(WS_NBUF[1], (smem_optin - WS_STATIC_SMEM - base) // one)
+        if nbuf >= WS_NBUF[0]:
+            return bn, base + nbuf * one
+    return None
 
 
 def window_configs(ocg: int) -> list[tuple[int, int]]:
