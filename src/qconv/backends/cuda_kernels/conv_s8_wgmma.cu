@@ -94,17 +94,35 @@ QCONV_WGMMA(qconv_s8_conv_wgmma_64x64, 64, 64)
 // Operands are K-major without swizzle (wgmma_desc_plain): a shift by one row is 16 bytes of
 // descriptor start.
 
-// The window of `rows` grid rows from q0 into dst, [CH][rows][16 B], by threads 0..nthreads-1
-// walking row-major, nthreads / CH rows per pass (no division per chunk; CH <= nthreads, checked on
-// the host by window_fits). Rows past the grid are zero-filled.
-QD void load_window(const ConvParams& p, int q0, int Mp, int CH, int rows, unsigned char* dst, int tid, int nthreads) {
-  const int per = nthreads / CH;
+// A window kernel's geometry for tiles of BM grid rows, and its dynamic shared memory: the block's
+// weights Bs [KC][BN][16 B], then the windows Aw, abuf bytes each [CH][rows][16 B] (window_smem in
+// cuda/_tiling.py).
+struct Window {
+  int Wp, CH, Mp, rows, KC, abuf;  // grid row width; 16-byte chunks per pixel; grid rows; window rows
+  unsigned char *Bs, *Aw;
+  QD Window(const ConvParams& p, int BM, int BN, unsigned* smem) {
+    Wp = p.Wo + p.KW - 1;
+    CH = p.Cw / 4;
+    Mp = p.N * (p.Ho + p.KH - 1) * Wp;                   // < 2^31: checked on the host
+    rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;   // whole core matrices
+    KC = p.T * CH;
+    abuf = CH * rows * 16;
+    Bs = (unsigned char*)smem;
+    Aw = Bs + KC * BN * 16;
+  }
+};
+
+// The window of w.rows grid rows from q0 into dst, by threads 0..nthreads-1 walking row-major,
+// nthreads / CH rows per pass (no division per chunk; CH <= nthreads, checked on the host by
+// window_fits and window_ws_config). Rows past the grid are zero-filled.
+QD void load_window(const ConvParams& p, const Window& w, int q0, unsigned char* dst, int tid, int nthreads) {
+  const int CH = w.CH, per = nthreads / CH;
   if (tid >= per * CH) return;
   const unsigned char* xb = (const unsigned char*)p.x;
-  for (int r = tid / CH, c = tid % CH; r < rows; r += per) {
+  for (int r = tid / CH, c = tid % CH; r < w.rows; r += per) {
     const int q = q0 + r;
-    const bool ok = q < Mp;
-    cp_async16(dst + (c * rows + r) * 16, ok ? xb + ((size_t)q * CH * 16 + c * 16) : xb, ok);
+    const bool ok = q < w.Mp;
+    cp_async16(dst + (c * w.rows + r) * 16, ok ? xb + ((size_t)q * CH * 16 + c * 16) : xb, ok);
   }
 }
 
@@ -113,7 +131,8 @@ QD void load_window(const ConvParams& p, int q0, int Mp, int CH, int rows, unsig
 // 16-byte units: tap (u, v) shifts A by u*Wp + v rows, a k-step of 32 bytes moves A by 2 * rows and
 // B by 2 * BN (the smem addresses stay below 2^18: no carry).
 template <int BN>
-QD void window_mma(const ConvParams& p, int (&acc)[BN / 2], unsigned a, unsigned b, int rows, int CH, int Wp) {
+QD void window_mma(const ConvParams& p, const Window& w, int (&acc)[BN / 2], unsigned a, unsigned b) {
+  const int rows = w.rows, CH = w.CH, Wp = w.Wp;
 #pragma unroll
   for (int i = 0; i < BN / 2; ++i) acc[i] = 0;
   fence_operands(acc);
@@ -134,8 +153,8 @@ QD void window_mma(const ConvParams& p, int (&acc)[BN / 2], unsigned a, unsigned
 // aligned pairs, with its tests hoisted, anything else through store_pair). Grid rows with i >= Ho
 // or j >= Wo, or past the grid, are dropped.
 template <int BN>
-QD void window_store(const ConvParams& p, const int (&acc)[BN / 2], int qw, int n0, float inv0, int Wp, int Mp) {
-  const int lane = threadIdx.x & 31, HWp = (p.Ho + p.KH - 1) * Wp;
+QD void window_store(const ConvParams& p, const Window& w, const int (&acc)[BN / 2], int qw, int n0, float inv0) {
+  const int lane = threadIdx.x & 31, Wp = w.Wp, Mp = w.Mp, HWp = (p.Ho + p.KH - 1) * Wp;
   const bool fast = p.mode == 1 && p.vec_out && ((p.OC | p.OCg) & 1) == 0;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // rows qw + lane/4 and 8 below -> output pixel m, or M (dropped)
@@ -158,11 +177,11 @@ QD void window_store(const ConvParams& p, const int (&acc)[BN / 2], int qw, int 
   }
 }
 
-// The block's BN channels of weights, [KC][BN][16 B] (KC = T * CH 16-byte K chunks), by all NT threads.
-QD void load_window_weights(const ConvParams& p, unsigned char* Bs, int KC, int BN, int n0, int NT) {
-  for (int i = threadIdx.x; i < KC * BN; i += NT) {
+// The block's BN channels of weights into w.Bs (KC = T * CH 16-byte K chunks), by all NT threads.
+QD void load_window_weights(const ConvParams& p, const Window& w, int BN, int n0, int NT) {
+  for (int i = threadIdx.x; i < w.KC * BN; i += NT) {
     const int kc = i / BN, o = i - kc * BN;
-    cp_async16(Bs + i * 16, (const unsigned char*)p.w + ((size_t)(n0 + o) * p.Kpw * 4 + kc * 16), true);
+    cp_async16(w.Bs + i * 16, (const unsigned char*)p.w + ((size_t)(n0 + o) * p.Kpw * 4 + kc * 16), true);
   }
 }
 
@@ -170,42 +189,36 @@ template <int BN, int NBUF>
 QD void conv_wgmma_window(const ConvParams& p) {
   constexpr int BM = 128, NT = 256;  // two warpgroups of 64 rows
   extern __shared__ __align__(16) unsigned smem_w[];
-  const int Wp = p.Wo + p.KW - 1, CH = p.Cw / 4;
-  const int Mp = p.N * (p.Ho + p.KH - 1) * Wp;                  // < 2^31: checked on the host
-  const int rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;  // window rows, whole core matrices
-  const int KC = p.T * CH;
-  unsigned char* Bs = (unsigned char*)smem_w;                   // [KC][BN][16]
-  unsigned char* Aw = Bs + KC * BN * 16;                        // [NBUF][CH][rows][16]
-  const int abuf = CH * rows * 16;
+  const Window w(p, BM, BN, smem_w);  // NBUF windows
   const int tid = threadIdx.x, wg = warpgroup_index(), warp = (tid >> 5) & 3;
   const int n0 = blockIdx.y * BN;
 
-  load_window_weights(p, Bs, KC, BN, n0, NT);
-  const int tiles = (Mp + BM - 1) / BM;
+  load_window_weights(p, w, BN, n0, NT);
+  const int tiles = (w.Mp + BM - 1) / BM;
   int tile = blockIdx.x;
-  if (tile < tiles) load_window(p, tile * BM, Mp, CH, rows, Aw, tid, NT);
+  if (tile < tiles) load_window(p, w, tile * BM, w.Aw, tid, NT);
   cp_async_commit();
 
   const float inv0 = epilogue_inv(p);
-  const unsigned bs = smem_u32(Bs), aw = smem_u32(Aw);
+  const unsigned bs = smem_u32(w.Bs), aw = smem_u32(w.Aw);
   for (int it = 0; tile < tiles; ++it, tile += gridDim.x) {
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();  // window `it` (and the weights) landed; every warpgroup is done with window it-1
     if (NBUF == 2) {  // the next window loads during this one's MMA
-      if (tile + gridDim.x < tiles) load_window(p, (tile + gridDim.x) * BM, Mp, CH, rows, Aw + ((it + 1) & 1) * abuf, tid, NT);
+      if (tile + gridDim.x < tiles) load_window(p, w, (tile + gridDim.x) * BM, w.Aw + ((it + 1) & 1) * w.abuf, tid, NT);
       cp_async_commit();
     }
     int acc[BN / 2];
-    window_mma<BN>(p, acc, aw + (it % NBUF) * abuf + wg * 64 * 16, bs, rows, CH, Wp);
+    window_mma<BN>(p, w, acc, aw + (it % NBUF) * w.abuf + wg * 64 * 16, bs);
     wgmma_wait<0>();
     fence_operands(acc);
     if (NBUF == 1) {  // one window: the next one loads during this epilogue (and another block's MMA)
       __syncthreads();
-      if (tile + gridDim.x < tiles) load_window(p, (tile + gridDim.x) * BM, Mp, CH, rows, Aw, tid, NT);
+      if (tile + gridDim.x < tiles) load_window(p, w, (tile + gridDim.x) * BM, w.Aw, tid, NT);
       cp_async_commit();
     }
-    window_store<BN>(p, acc, tile * BM + wg * 64 + warp * 16, n0, inv0, Wp, Mp);
+    window_store<BN>(p, w, acc, tile * BM + wg * 64 + warp * 16, n0, inv0);
   }
   cp_async_wait<0>();
   publish_stats(p.stats, p.slot);
@@ -225,24 +238,18 @@ QD void conv_wgmma_ws(const ConvParams& p) {
   constexpr int BM = 64, NT = 384, NBUF_MAX = 4;
   extern __shared__ __align__(16) unsigned smem_w[];
   __shared__ unsigned long long full[NBUF_MAX], empty[NBUF_MAX];
-  const int Wp = p.Wo + p.KW - 1, CH = p.Cw / 4;
-  const int Mp = p.N * (p.Ho + p.KH - 1) * Wp;
-  const int rows = (BM + (p.KH - 1) * Wp + p.KW - 1 + 7) & ~7;
-  const int KC = p.T * CH;
-  unsigned char* Bs = (unsigned char*)smem_w;                   // [KC][BN][16]
-  unsigned char* Aw = Bs + KC * BN * 16;                        // [nbuf][CH][rows][16]
-  const int abuf = CH * rows * 16;
+  const Window w(p, BM, BN, smem_w);
   unsigned dyn;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));
-  const int nbuf = min(NBUF_MAX, (int)(dyn - KC * BN * 16) / abuf);  // >= 2: the host sizes it
+  const int nbuf = min(NBUF_MAX, (int)(dyn - w.KC * BN * 16) / w.abuf);  // >= 2: the host sizes it
   const int tid = threadIdx.x, wg = warpgroup_index(), warp = (tid >> 5) & 3;
-  const int n0 = blockIdx.y * BN, tiles = (Mp + BM - 1) / BM;
+  const int n0 = blockIdx.y * BN, tiles = (w.Mp + BM - 1) / BM;
 
   if (tid == 0) {
     for (int b = 0; b < nbuf; ++b) { mbar_init(&full[b], 128); mbar_init(&empty[b], 4); }
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
-  load_window_weights(p, Bs, KC, BN, n0, NT);
+  load_window_weights(p, w, BN, n0, NT);
   cp_async_wait<0>();
   fence_proxy_async();
   __syncthreads();
@@ -251,25 +258,25 @@ QD void conv_wgmma_ws(const ConvParams& p) {
     for (int i = 0, tile = blockIdx.x; tile < tiles; ++i, tile += gridDim.x) {
       const int b = i % nbuf;
       mbar_wait(&empty[b], ((i / nbuf) & 1) ^ 1);
-      load_window(p, tile * BM, Mp, CH, rows, Aw + b * abuf, tid, 128);
+      load_window(p, w, tile * BM, w.Aw + b * w.abuf, tid, 128);
       mbar_arrive_cp_async(&full[b]);
     }
     cp_async_wait<0>();
   } else {        // consumer wg - 1: local tiles wg - 1, wg + 1, ...
     const float inv0 = epilogue_inv(p);
-    const unsigned bs = smem_u32(Bs), aw = smem_u32(Aw);
+    const unsigned bs = smem_u32(w.Bs), aw = smem_u32(w.Aw);
     for (int i = wg - 1, tile = blockIdx.x + i * gridDim.x; tile < tiles; i += 2, tile += 2 * gridDim.x) {
       const int b = i % nbuf;
       mbar_wait(&full[b], (i / nbuf) & 1);
       fence_proxy_async();  // the window's generic-proxy writes, before wgmma reads them
       if (i > 0) named_bar_sync(wg, 256);  // the other consumer has issued tile i - 1
       int acc[BN / 2];
-      window_mma<BN>(p, acc, aw + b * abuf, bs, rows, CH, Wp);
+      window_mma<BN>(p, w, acc, aw + b * w.abuf, bs);
       if (tile + gridDim.x < tiles) named_bar_arrive(3 - wg, 256);  // tile i + 1's turn
       wgmma_wait<0>();
       fence_operands(acc);
       if ((tid & 31) == 0) mbar_arrive(&empty[b]);
-      window_store<BN>(p, acc, tile * BM + warp * 16, n0, inv0, Wp, Mp);
+      window_store<BN>(p, w, acc, tile * BM + warp * 16, n0, inv0);
     }
   }
   publish_stats(p.stats, p.slot);
