@@ -4,8 +4,10 @@ quantized INT8 op at the same threads (each thread count's PyTorch rows in a chi
 
     python3 benchmarks/bench_scaling.py --batch 8 --threads 1,2,4,8,16 --reps 30 [--no-torch]
 
-Speed-up is the 1-thread convolve median over the T-thread one, from the same run; GOP/s counts
-2 operations per multiply-accumulate.
+Speed-up is the 1-thread convolve median over the T-thread one, the thread counts timed in turn
+rep by rep; "its speed-up" is the same ratio for the peak of the instruction that bounds the kernel
+(qconv_peak), measured beside it, which is what this machine's cores allow. GOP/s counts 2
+operations per multiply-accumulate.
 """
 
 from __future__ import annotations
@@ -36,28 +38,44 @@ def layers(batch: int) -> list[dict]:
 
 
 def qconv_rows(ls: list[dict], threads: list[int], reps: int, isa: str | None) -> list[dict]:
+    """The convolve phases of the thread counts are timed in turn, rep by rep (this VM's per-core
+    speed drifts by up to 3x over minutes: series taken one after the other compare two machines),
+    each after an untimed call that brings its own data back into cache;
+    beside them the peak of the instruction that bounds the kernel, at each thread count, the same way."""
     import qconv
-    from qconv.contract import check_layer
+    from qconv.backends import c_avx2
+    from qconv.contract import Precision, check_layer
     rows = []
     for L in ls:
         x, w = L["x"], L["w"]
         flops = check_layer(x.shape, w.shape).flops
         for prec in PRECISIONS:
-            for t in threads:
-                opts = {"threads": t} if isa is None else {"threads": t, "isa": isa}
-                conv = qconv.prepare(w, prec, "c-avx2", **opts)
-                out = conv(x)
+            opts = [{"threads": t} if isa is None else {"threads": t, "isa": isa} for t in threads]
+            convs = [qconv.prepare(w, prec, "c-avx2", **o) for o in opts]
+            outs = [conv(x) for conv in convs]
+            calls: list[list[float]] = [[] for _ in threads]
+            for conv, out, cl in zip(convs, outs, calls):
                 for _ in range(5):
                     conv(x, out=out)
-                calls = []
                 for _ in range(reps):
                     t0 = time.perf_counter()
                     conv(x, out=out)
-                    calls.append(time.perf_counter() - t0)
-                conv_s = statistics.median(conv.result(x, out=out).phases["convolve"] for _ in range(reps))
+                    cl.append(time.perf_counter() - t0)
+            phases: list[list[float]] = [[] for _ in threads]
+            for _ in range(reps):
+                for conv, out, ph in zip(convs, outs, phases):
+                    conv(x, out=out)   # its data back in cache after the other thread counts' turns
+                    ph.append(conv.result(x, out=out).phases["convolve"])
+            bound = c_avx2.bound_instruction(opts[0], Precision(prec))
+            peaks = [0.0] * len(threads)
+            for _ in range(3) if bound else ():
+                peaks = [max(p, bench_call.peak_gmacs(bound[0], t)) for p, t in zip(peaks, threads)]
+            for i, t in enumerate(threads):
                 rows.append({"layer": L["name"], "n": x.shape[0], "precision": prec, "threads": t,
-                             "convolve_s": conv_s, "call_s": statistics.median(calls), "flops": flops})
-                print(f"  {L['name']} N={x.shape[0]} {prec} T={t}: convolve {conv_s * 1e3:.3f} ms, "
+                             "convolve_s": statistics.median(phases[i]), "call_s": statistics.median(calls[i]),
+                             "flops": flops, "instr": bound[0] if bound else None,
+                             "peak_gmacs": peaks[i] if bound else None})
+                print(f"  {L['name']} N={x.shape[0]} {prec} T={t}: convolve {rows[-1]['convolve_s'] * 1e3:.3f} ms, "
                       f"call {rows[-1]['call_s'] * 1e3:.3f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -76,19 +94,21 @@ def torch_rows(batch: int, threads: list[int], reps: int) -> dict[int, list[dict
 
 
 def render(rows: list[dict], torch: dict[int, list[dict]]) -> str:
-    one = {(r["layer"], r["precision"]): r["convolve_s"] for r in rows if r["threads"] == 1}
+    one = {(r["layer"], r["precision"]): r for r in rows if r["threads"] == 1}
     head = ("| layer | N | precision | threads | convolve ms | call ms | GOP/s | speed-up vs 1 thread | "
-            "PyTorch FP32 call ms | PyTorch INT8 op ms |")
+            "instruction | its speed-up | PyTorch FP32 call ms | PyTorch INT8 op ms |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         tr = {x["layer"]: x for x in torch.get(r["threads"], [])}.get(r["layer"])
         base = one.get((r["layer"], r["precision"]))
-        up = "-" if base is None else f"{base / r['convolve_s']:.2f}x"
+        up = "-" if base is None else f"{base['convolve_s'] / r['convolve_s']:.2f}x"
+        pup = ("-" if base is None or not r["peak_gmacs"] or not base["peak_gmacs"]
+               else f"{r['peak_gmacs'] / base['peak_gmacs']:.2f}x")
         tf = "-" if tr is None or r["precision"] != "fp32" else f"{tr['torch_fp32_s'] * 1e3:.3f}"
         ti = "-" if tr is None or r["precision"] != "int8" else f"{tr['torch_int8_op_s'] * 1e3:.3f}"
         lines.append(f"| {r['layer']} | {r['n']} | {r['precision']} | {r['threads']} | {r['convolve_s'] * 1e3:.3f} | "
                      f"{r['call_s'] * 1e3:.3f} | {r['flops'] / r['convolve_s'] / 1e9:.0f} | "
-                     f"{up} | {tf} | {ti} |")
+                     f"{up} | {r['instr'] or '-'} | {pup} | {tf} | {ti} |")
     return "\n".join(lines)
 
 

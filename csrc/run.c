@@ -68,7 +68,8 @@ typedef struct {
     workspace *ws;
     const float *inv, *inv_pad;
     qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
-    int split_rows;
+    int64_t unit_rows, unit_blocks, col_units, units;   /* GEMM work units (work_units) */
+    int64_t next_unit;          /* the first unit no thread has taken (atomic) */
     /* depthwise */
     char *dw;                   /* ring area, dw_worker bytes per worker */
     int64_t dw_worker, row_bytes;
@@ -76,12 +77,16 @@ typedef struct {
     qconv_dw_args dwa;
     /* set by thread 0 between barriers */
     int st;                     /* maxabs: the scale's status */
-    double t1, t2, t3;          /* the scale known, the quantize done, the convolution done */
+    double t1;                  /* the scale known */
     /* results per worker */
     float part[QCONV_MAX_THREADS];
     int bad[QCONV_MAX_THREADS];         /* non-finite input */
     int stopped[QCONV_MAX_THREADS];     /* left work undone: the call was cancelled */
     int64_t overflowed[QCONV_MAX_THREADS];  /* FP32: non-finite outputs */
+    /* When each thread left the barrier that starts the convolution, and the dequantize. The phase
+     * starts at the earliest: a thread the OS holds back at the barrier may find every work unit
+     * taken by the others, so no one thread's clock marks the phase. */
+    double conv_began[QCONV_MAX_THREADS], deq_began[QCONV_MAX_THREADS];
 } run_job;
 
 /* Output values per block of the convolution: the cancel flag is polled between blocks, and
@@ -163,42 +168,73 @@ static void quantize_task(void *p, int ith, int nth)
     j->bad[ith] = bad;
 }
 
-/* This worker's share: the larger of output rows and OC blocks is split. The rows go in blocks
- * of about BLOCK_OUTPUTS outputs, every group in turn within a block. */
+/* Output rows [r0, r1), OC blocks [b0, b1), every group in turn; FP32 checks the outputs for
+ * overflow while they are still in cache. Returns 0 (nothing done) once the call is cancelled. */
+static int conv_block(run_job *j, int ith, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
+{
+    const qconv_conv *cv = j->cv;
+    if (cancelled(j)) {
+        j->stopped[ith] = 1;
+        return 0;
+    }
+    const size_t xes = store_size(j->store), wes = store_size(cv->wstore);
+    for (int64_t g = 0; g < cv->groups; g++) {
+        qconv_conv_args a = j->base;
+        a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
+        a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
+        a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
+        a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
+        a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
+        a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
+        j->t->conv[cv->precision](&a, r0, r1, b0, b1);
+    }
+    if (cv->precision == QCONV_FP32) {
+        const int64_t c0 = b0 * cv->nr, c1 = b1 * cv->nr < cv->ocg ? b1 * cv->nr : cv->ocg;
+        j->overflowed[ith] += overflowed_outputs(j, r0, r1, c0, c1);
+    }
+    return 1;
+}
+
+/* The convolution's work units: `unit_rows` output rows x `unit_blocks` OC blocks each, as many
+ * units as rows allow at about BLOCK_OUTPUTS outputs a unit; where that leaves fewer than four
+ * units a thread, the OC blocks are split too, in groups of an even number of blocks (the tile
+ * kernels take blocks in pairs). */
+static void work_units(run_job *j, int64_t rows, int64_t nocb, int nth)
+{
+    const int64_t want = 4 * (int64_t)nth, per_row = j->wo * j->cv->oc;
+    int64_t ur = BLOCK_OUTPUTS / per_row > 1 ? BLOCK_OUTPUTS / per_row : 1;
+    if (nth > 1 && rows / want < ur)
+        ur = rows / want > 1 ? rows / want : 1;
+    const int64_t row_units = (rows + ur - 1) / ur;
+    int64_t ub = nocb;
+    if (nth > 1 && row_units < want && nocb > 2) {
+        const int64_t groups = (want + row_units - 1) / row_units;
+        ub = (nocb + groups - 1) / groups;
+        ub += ub & 1;
+    }
+    j->unit_rows = ur;
+    j->unit_blocks = ub;
+    j->col_units = (nocb + ub - 1) / ub;
+    j->units = row_units * j->col_units;
+}
+
+/* This worker's share of the convolution: units taken one by one from a shared counter, not fixed
+ * shares, so a thread on a slower CPU (a vCPU that the host shares with another tenant) takes
+ * fewer of them and the phase does not wait for it to finish a share sized for the fastest. */
 static void conv_task(void *p, int ith, int nth)
 {
     run_job *j = p;
-    const qconv_conv *cv = j->cv;
-    qconv_conv_fn fn = j->t->conv[cv->precision];
-    const size_t xes = store_size(j->store), wes = store_size(cv->wstore);
-    const int64_t rows = j->n * j->ho;
-    long long lo = 0, hi = rows, b0 = 0, b1 = cv->nocb;
-    if (j->split_rows)
-        qconv_split(rows, ith, nth, &lo, &hi);
-    else
-        qconv_split(cv->nocb, ith, nth, &b0, &b1);
-    if (lo >= hi || b0 >= b1)
-        return;
-    const int64_t step = BLOCK_OUTPUTS / (j->wo * cv->oc) > 1 ? BLOCK_OUTPUTS / (j->wo * cv->oc) : 1;
-    const int64_t c0 = b0 * cv->nr, c1 = b1 * cv->nr < cv->ocg ? b1 * cv->nr : cv->ocg;
-    for (int64_t r0 = lo; r0 < hi; r0 += step) {
-        if (cancelled(j)) {
-            j->stopped[ith] = 1;
+    (void)nth;
+    const int64_t rows = j->n * j->ho, nocb = j->cv->nocb;
+    for (;;) {
+        const int64_t u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
+        if (u >= j->units)
             return;
-        }
-        const int64_t r1 = r0 + step < hi ? r0 + step : hi;
-        for (int64_t g = 0; g < cv->groups; g++) {
-            qconv_conv_args a = j->base;
-            a.xq = (const char *)j->xq + (size_t)(g * cv->cp) * xes;
-            a.wq = (const char *)cv->wq + (size_t)(g * cv->gblk) * wes;
-            a.comp = cv->comp != NULL ? cv->comp + g * cv->nocbp : NULL;
-            a.out = (char *)j->base.out + (size_t)(g * cv->ocg) * 4;
-            a.inv = j->inv_pad != NULL ? j->inv_pad + g * cv->nocbp : NULL;
-            a.bias = cv->bias_pad != NULL ? cv->bias_pad + g * cv->nocbp : NULL;
-            fn(&a, r0, r1, b0, b1);
-        }
-        if (cv->precision == QCONV_FP32)
-            j->overflowed[ith] += overflowed_outputs(j, r0, r1, c0, c1);
+        const int64_t r0 = u / j->col_units * j->unit_rows, b0 = u % j->col_units * j->unit_blocks;
+        const int64_t r1 = r0 + j->unit_rows < rows ? r0 + j->unit_rows : rows;
+        const int64_t b1 = b0 + j->unit_blocks < nocb ? b0 + j->unit_blocks : nocb;
+        if (!conv_block(j, ith, r0, r1, b0, b1))
+            return;
     }
 }
 
@@ -302,6 +338,14 @@ static int any_bad(const run_job *j, int nth)
     return bad;
 }
 
+static double earliest(const double *t, int nth)
+{
+    double first = t[0];
+    for (int i = 1; i < nth; i++)
+        first = t[i] < first ? t[i] : first;
+    return first;
+}
+
 static int any_stopped(const run_job *j, int nth)
 {
     int stopped = 0;
@@ -366,14 +410,12 @@ static void call_task(void *p, int ith, int nth)
     qconv_pool_barrier(nth);
     if (any_bad(j, nth))
         return;
-    if (ith == 0)
-        j->t2 = qconv_now();
+    j->conv_began[ith] = qconv_now();
     conv_task(j, ith, nth);
     if (!j->separate)
         return;
     qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution rows or OC blocks */
-    if (ith == 0)
-        j->t3 = qconv_now();
+    j->deq_began[ith] = qconv_now();
     if (!any_stopped(j, nth))
         dequantize_task(j, ith, nth);
 }
@@ -492,7 +534,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->wblk = cv->wblk;
         a->out = separate ? (void *)ws->acc : (void *)y;
         a->fused = cv->fused;
-        j->split_rows = n * ho >= cv->nocb;
+        work_units(j, n * ho, cv->nocb, nth);
     }
     memset(timings, 0, sizeof *timings);
 
@@ -523,7 +565,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         st = QCONV_EOVERFLOW;
         goto out;
     }
-    const double t2 = dw ? j->t1 : j->t2, t3 = separate ? j->t3 : tend;
+    const double t2 = dw ? j->t1 : earliest(j->conv_began, nth), t3 = separate ? earliest(j->deq_began, nth) : tend;
     if (is_int) {
         timings->quantize = t2 - t0;
         timings->s_x = j->s;

@@ -54,11 +54,12 @@ def _check(x, w, precision, backend, options, scale=None) -> np.ndarray:
 def test_threads_give_identical_bits(precision):
     _need("c-avx2")
     rng = np.random.default_rng(3)
-    # Rows split (N*H = 18 >= OC blocks) and OC-block split (N*H = 1 < 5 blocks).
+    # Work units of rows only (N*H = 18 rows, 2 OC blocks), and of rows and OC blocks (1 row, 5
+    # blocks: groups of 2, 2 and 1 block, split across threads).
     for xs, ws in [((2, 9, 10, 12), (3, 3, 20, 12)), ((1, 1, 11, 6), (3, 3, 80, 6))]:
         x = rng.standard_normal(xs).astype(np.float32)
         w = rng.standard_normal(ws).astype(np.float32)
-        for isa in ("avx2", "auto"):
+        for isa in ("avx2", "amx-emulated", "auto"):
             outs = [_check(x, w, precision, "c-avx2", {"threads": t, "isa": isa}, 1e5) for t in range(1, 6)]
             for t, y in enumerate(outs[1:], start=2):
                 assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
