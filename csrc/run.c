@@ -69,7 +69,6 @@ typedef struct {
     const float *inv, *inv_pad;
     qconv_conv_args base;       /* GEMM: the per-group args less the group offsets */
     int64_t unit_rows, unit_blocks, col_units, units;   /* GEMM work units (work_units) */
-    int64_t next_unit;          /* the first unit no thread has taken (atomic) */
     /* depthwise */
     char *dw;                   /* ring area, dw_worker bytes per worker */
     int64_t dw_worker, row_bytes;
@@ -87,6 +86,12 @@ typedef struct {
      * starts at the earliest: a thread the OS holds back at the barrier may find every work unit
      * taken by the others, so no one thread's clock marks the phase. */
     double conv_began[QCONV_MAX_THREADS], deq_began[QCONV_MAX_THREADS];
+    /* Each thread's share of the work units, [next, end): next is taken atomically, by the owner
+     * and, once they have run out of their own, by the other threads (a cache line each). */
+    struct {
+        int64_t next, end;
+        char pad[48];
+    } share[QCONV_MAX_THREADS];
 } run_job;
 
 /* Output values per block of the convolution: the cancel flag is polled between blocks, and
@@ -216,26 +221,40 @@ static void work_units(run_job *j, int64_t rows, int64_t nocb, int nth)
     j->unit_blocks = ub;
     j->col_units = (nocb + ub - 1) / ub;
     j->units = row_units * j->col_units;
+    for (int i = 0; i < nth; i++) {
+        long long lo, hi;
+        qconv_split(j->units, i, nth, &lo, &hi);
+        j->share[i].next = lo;
+        j->share[i].end = hi;
+    }
 }
 
-/* This worker's share of the convolution: units taken one by one from a shared counter, not fixed
- * shares, so a thread on a slower CPU (a vCPU that the host shares with another tenant) takes
- * fewer of them and the phase does not wait for it to finish a share sized for the fastest. */
-static void conv_task(void *p, int ith, int nth)
+/* Runs the units left in thread v's share; 0 once the call is cancelled. */
+static int run_share(run_job *j, int ith, int v)
 {
-    run_job *j = p;
-    (void)nth;
     const int64_t rows = j->n * j->ho, nocb = j->cv->nocb;
     for (;;) {
-        const int64_t u = __atomic_fetch_add(&j->next_unit, 1, __ATOMIC_RELAXED);
-        if (u >= j->units)
-            return;
+        const int64_t u = __atomic_fetch_add(&j->share[v].next, 1, __ATOMIC_RELAXED);
+        if (u >= j->share[v].end)
+            return 1;
         const int64_t r0 = u / j->col_units * j->unit_rows, b0 = u % j->col_units * j->unit_blocks;
         const int64_t r1 = r0 + j->unit_rows < rows ? r0 + j->unit_rows : rows;
         const int64_t b1 = b0 + j->unit_blocks < nocb ? b0 + j->unit_blocks : nocb;
         if (!conv_block(j, ith, r0, r1, b0, b1))
-            return;
+            return 0;
     }
+}
+
+/* This worker's part of the convolution: its own share of the units first (contiguous rows: the
+ * input rows its own quantize pass left in its cache), then whatever the other threads have not
+ * started yet. A thread on a slower CPU (a vCPU that the host shares with another tenant) then
+ * runs fewer units, and the phase does not wait for it to finish a share sized for the fastest. */
+static void conv_task(void *p, int ith, int nth)
+{
+    run_job *j = p;
+    for (int k = 0; k < nth; k++)
+        if (!run_share(j, ith, (ith + k) % nth))
+            return;
 }
 
 static void dequantize_task(void *p, int ith, int nth)
