@@ -433,7 +433,7 @@ static void call_task(void *p, int ith, int nth)
     conv_task(j, ith, nth);
     if (!j->separate)
         return;
-    qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution rows or OC blocks */
+    qconv_pool_barrier(nth);   /* dequantize splits pixels, the convolution work units */
     j->deq_began[ith] = qconv_now();
     if (!any_stopped(j, nth))
         dequantize_task(j, ith, nth);
