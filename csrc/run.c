@@ -204,8 +204,9 @@ static int conv_block(run_job *j, int ith, int64_t r0, int64_t r1, int64_t b0, i
  * units as rows allow at about BLOCK_OUTPUTS outputs a unit; where that leaves fewer than four
  * units a thread, the OC blocks are split too, in groups of an even number of blocks (the tile
  * kernels take blocks in pairs). */
-static void work_units(run_job *j, int64_t rows, int64_t nocb, int nth)
+static void work_units(run_job *j, int nth)
 {
+    const int64_t rows = j->n * j->ho, nocb = j->cv->nocb;
     const int64_t want = 4 * (int64_t)nth, per_row = j->wo * j->cv->oc;
     int64_t ur = BLOCK_OUTPUTS / per_row > 1 ? BLOCK_OUTPUTS / per_row : 1;
     if (nth > 1 && rows / want < ur)
@@ -553,7 +554,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->wblk = cv->wblk;
         a->out = separate ? (void *)ws->acc : (void *)y;
         a->fused = cv->fused;
-        work_units(j, n * ho, cv->nocb, nth);
+        work_units(j, nth);
     }
     memset(timings, 0, sizeof *timings);
 
