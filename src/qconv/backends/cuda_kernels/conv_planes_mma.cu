@@ -55,7 +55,7 @@ QD void conv_planes(const ConvParams& p) {
   const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
   scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
   const BlockWork bw = block_work(p);
-  const int kt0 = bw.kt0, nk = bw.nk;
+  const int nk = bw.nk;
   const int xplane = p.XPW / P;                               // words of one plane of a pixel
   const int wplane = weight_plane_words(p);
 
@@ -70,24 +70,12 @@ QD void conv_planes(const ConvParams& p) {
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[s][i][j][r] = 0;
 
-  auto load_stage = [&](int stage, int kt) {
 #pragma unroll
-    for (int b = 0; b < P; ++b)
-      loader.load(p, bw.xoff + b * xplane, bw.woff + b * wplane, As + (stage * P + b) * ASZ,
-                  Bs + (stage * P + b) * BSZ, kt, n0, tid);
-  };
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) {
-    if (s < nk) load_stage(s, kt0 + s);
-    cp_async_commit();
-  }
+  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES, P, P>(p, bw, As, Bs, s, n0, tid, wplane, xplane);
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    int pf = it + STAGES - 1;
-    if (pf < nk) load_stage(pf % STAGES, kt0 + pf);
-    cp_async_commit();
+    loader.template stage<STAGES, P, P>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane, xplane);
     const int st = it % STAGES;
     const int aoff = (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
     const int boff = (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW + ((lane >> 3) & 1) * 4;

@@ -236,19 +236,6 @@ struct TileLoader {
     }
   }
 
-  // xoff, woff: word offsets of the block's group in the activations and the packed weights
-  // (ints, so the pointers stay in the constant bank rather than in registers).
-  QD void load(const ConvParams& p, int xoff, int woff, unsigned* As, unsigned* Bs,
-               int kt, int n0, int tid) const {
-    load_a(p, xoff, As, kt, tid);
-    load_b(p, woff, Bs, kt, n0, tid);
-  }
-
-  QD void load_a(const ConvParams& p, int xoff, unsigned* As, int kt, int tid) const {
-    const KPos k = kpos(p, kt);
-    load_a(p, xoff, As, k, tid);
-  }
-
   // Where this thread's chunk of K tile kt starts: tap (kh, kw) and word cw inside the pixel's group.
   struct KPos { int tap, cw, kh, kw; };
   KPos next;                                           // stage(): the next K tile's position
@@ -301,14 +288,19 @@ struct TileLoader {
 
   // K tile k of the block's slice into slot k % STAGES of the As / Bs ring (nothing past the
   // slice's last tile), then one cp.async group either way, so that wait_group counts stay in step.
-  // BP planes of weights, wplane words apart, each slot holding them as [BP][BN][SW]. Called with
-  // k = 0, 1, 2, ... in order: the A tile's position in K is carried from one call to the next.
-  template <int STAGES, int BP = 1>
+  // AP planes of activations, xplane words apart in a pixel, and BP planes of weights, wplane words
+  // apart, each slot holding them as [AP][BM][SW] and [BP][BN][SW]. bw.xoff and bw.woff (the
+  // block's group) are ints, so the pointers stay in the constant bank rather than in registers.
+  // Called with k = 0, 1, 2, ... in order: the A tile's position in K is carried from one call to
+  // the next.
+  template <int STAGES, int BP = 1, int AP = 1>
   QD void stage(const ConvParams& p, const BlockWork& bw, unsigned* As, unsigned* Bs, int k, int n0, int tid,
-                int wplane = 0) {
+                int wplane = 0, int xplane = 0) {
     if (k == 0) next = kpos(p, bw.kt0);
     if (k < bw.nk) {
-      load_a(p, bw.xoff, As + (k % STAGES) * BM * SW, next, tid);
+#pragma unroll
+      for (int a = 0; a < AP; ++a)
+        load_a(p, bw.xoff + a * xplane, As + ((k % STAGES) * AP + a) * BM * SW, next, tid);
       advance(p, next);
 #pragma unroll
       for (int b = 0; b < BP; ++b)
