@@ -152,8 +152,9 @@ class GemmJob(Job):
 
         if prec.is_integer:
             self.first = "quantize"
-            qv = vec_x and not lay.padded and not window
-            items = nx // 4 if qv else (mp if window else npix * spec.groups) * lay.icgp
+            qv = vec_x and (window or not lay.padded)
+            items = (mp * lay.icgp // (4 if qv and spec.c % 4 == 0 else 1) if window
+                     else nx // 4 if qv else npix * spec.groups * lay.icgp)
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
                             **(dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else {}))

@@ -18,7 +18,8 @@ struct PassParams {
   int qmax, trunc;       // quantize
   float s;               // fixed input scale (dev_scale == 0)
   int dev_scale;         // 1: the input scale is stats->s_x (maxabs, computed by the scan)
-  int vec;               // 16-byte vectors allowed (aligned, n % 4 == 0; quantize/pad: no channel padding)
+  int vec;               // 16-byte vectors allowed (aligned, n % 4 == 0; quantize/pad: no channel padding,
+                         // except into the padded grid, which pads channels itself)
   int do_max;            // scan: reduce max|x| and finalize s_x and inv
   int mode;              // epilogue: 0 FP32 after split-K (+ bias[o], non-finite outputs counted);
                          // 1 float32(int32) * inv[o] (+ bias[o])
@@ -115,27 +116,55 @@ template <> struct Vec4<qs8> { typedef char4 type; };
 template <> struct Vec4<qs16> { typedef short4 type; };
 template <> struct Vec4<int> { typedef int4 type; };
 
-// x (pixels x C floats) -> [pixels][G][icgp] of T, quantized with the fixed or the per-call scale;
-// the flag's bit 0 when an input is not finite.
-template <typename T>
-QD void quantize_x_body(const PassParams& p, const float s) {
-  int bad = 0;
-  if (p.Hp) {  // the padded grid, all of it (borders rewritten as 0 each call: the buffer is shared)
-    T* out = (T*)p.out;
-    const long long total = p.n / ((long long)p.H * p.W * p.C) * p.Hp * p.Wp * p.icgp;
-    QGRID_STRIDE(i, total) {
-      const long long pix = i / p.icgp;
-      const int c = (int)(i - pix * p.icgp);
-      const long long img = pix / ((long long)p.Hp * p.Wp);
-      const int r = (int)(pix - img * p.Hp * p.Wp), h = r / p.Wp - p.pt, w = r % p.Wp - p.pl;
+// The zero-padded grid [N][Hp][Wp][icgp] of T (G == 1): pixel (h, w) at (h + pt, w + pl), every
+// other value 0, all of it rewritten each call (the buffer is shared). An item is V consecutive
+// channels of one grid pixel: V = 4 (one float4 load, one 4-value store) where C % 4 == 0 and x is
+// 16-byte aligned, else 1. The grid's pixels count below 2^31 (checked on the host), so the item
+// index is only divided once per thread: each step of the grid-stride loop advances (pixel,
+// channel) by the stride's quotient and remainder. Returns the non-finite flag.
+template <typename T, int V>
+QD int quantize_grid(const PassParams& p, const float s) {
+  const int HWp = p.Hp * p.Wp;
+  const int pixels = (int)(p.n / ((long long)p.H * p.W * p.C)) * HWp;
+  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
+  const int per = p.icgp / V, dpix = (int)(step / per), dc = (int)(step % per) * V;
+  long long pix = first / per;  // 64-bit: pix + dpix may pass 2^31 on the last step
+  int c = (int)(first % per) * V, bad = 0;
+  for (; pix < pixels; pix += dpix, c += dc) {
+    const int img = (int)pix / HWp, r = (int)pix - img * HWp, i = r / p.Wp, h = i - p.pt, w = r - i * p.Wp - p.pl;
+    const bool in = c < p.C && (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W;
+    const float* src = p.x + (((long long)img * p.H + h) * p.W + w) * p.C + c;
+    T* dst = (T*)p.out + pix * p.icgp + c;
+    if constexpr (V == 4) {
+      typename Vec4<T>::type q = {0, 0, 0, 0};
+      if (in) {
+        const float4 t = __ldg((const float4*)src);
+        bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+        q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
+        q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
+      }
+      *(typename Vec4<T>::type*)dst = q;
+    } else {
       int q = 0;
-      if (c < p.C && (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W) {
-        float t = __ldg(p.x + ((img * p.H + h) * p.W + w) * p.C + c);
+      if (in) {
+        const float t = __ldg(src);
         bad |= !isfinite(t);
         q = quantize1(t, s, p.qmax, p.trunc);
       }
-      out[i] = (T)q;
+      *dst = (T)q;
     }
+    if (c + dc >= p.icgp) { c -= p.icgp; ++pix; }  // dc < icgp: at most one carry
+  }
+  return bad;
+}
+
+// x (pixels x C floats) -> [pixels][G][icgp] of T, or the padded grid (p.Hp > 0), quantized with
+// the fixed or the per-call scale; the flag's bit 0 when an input is not finite.
+template <typename T>
+QD void quantize_x_body(const PassParams& p, const float s) {
+  int bad = 0;
+  if (p.Hp) {
+    bad = p.vec && p.C % 4 == 0 ? quantize_grid<T, 4>(p, s) : quantize_grid<T, 1>(p, s);
   } else if (p.vec) {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
