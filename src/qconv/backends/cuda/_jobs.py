@@ -153,7 +153,8 @@ class GemmJob(Job):
         if prec.is_integer:
             self.first = "quantize"
             qv = vec_x and (window or not lay.padded)
-            items = (mp * lay.icgp // (4 if qv and spec.c % 4 == 0 else 1) if window
+            per_item = 16 if spec.c % 16 == 0 else 4 if spec.c % 4 == 0 else 1  # quantize_grid's V
+            items = (mp * lay.icgp // (per_item if qv else 1) if window
                      else nx // 4 if qv else npix * spec.groups * lay.icgp)
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),

@@ -43,6 +43,11 @@ QD float maxabs_scale_dev(float m, int q, int* flag) {
   return s;
 }
 
+QD void scan4(const float4 t, int& bad, unsigned& mx) {
+  bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+  mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
+}
+
 // Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
 // reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
 // inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
@@ -51,13 +56,18 @@ QD bool scan_x_body(const PassParams& p) {
   QStats* st = p.stats;
   unsigned mx = 0;
   int bad = 0;
-  if (p.vec) {
+  if (p.vec) {  // four float4 loads in flight per thread, then the rest one by one
     const float4* x4 = (const float4*)p.x;
-    QGRID_STRIDE(i, p.n / 4) {
-      float4 t = __ldg(x4 + i);
-      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
-      mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
+    const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (; i + 3 * step < n4; i += 4 * step) {
+      float4 t[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) t[k] = __ldg(x4 + i + k * step);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) scan4(t[k], bad, mx);
     }
+    for (; i < n4; i += step) scan4(__ldg(x4 + i), bad, mx);
   } else {
     QGRID_STRIDE(i, p.n) {
       float t = __ldg(p.x + i);
@@ -118,10 +128,11 @@ template <> struct Vec4<int> { typedef int4 type; };
 
 // The zero-padded grid [N][Hp][Wp][icgp] of T (G == 1): pixel (h, w) at (h + pt, w + pl), every
 // other value 0, all of it rewritten each call (the buffer is shared). An item is V consecutive
-// channels of one grid pixel: V = 4 (one float4 load, one 4-value store) where C % 4 == 0 and x is
-// 16-byte aligned, else 1. The grid's pixels count below 2^31 (checked on the host), so the item
-// index is only divided once per thread: each step of the grid-stride loop advances (pixel,
-// channel) by the stride's quotient and remainder. Returns the non-finite flag.
+// channels of one grid pixel: with x 16-byte aligned, V = 16 where C % 16 == 0 (four float4 loads
+// in flight, one 16-byte store of int8), 4 where C % 4 == 0, else 1. The grid's pixels count below
+// 2^31 (checked on the host), so the item index is only divided once per thread: each step of the
+// grid-stride loop advances (pixel, channel) by the stride's quotient and remainder. Returns the
+// non-finite flag.
 template <typename T, int V>
 QD int quantize_grid(const PassParams& p, const float s) {
   const int HWp = p.Hp * p.Wp;
@@ -135,15 +146,24 @@ QD int quantize_grid(const PassParams& p, const float s) {
     const bool in = c < p.C && (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W;
     const float* src = p.x + (((long long)img * p.H + h) * p.W + w) * p.C + c;
     T* dst = (T*)p.out + pix * p.icgp + c;
-    if constexpr (V == 4) {
-      typename Vec4<T>::type q = {0, 0, 0, 0};
-      if (in) {
-        const float4 t = __ldg((const float4*)src);
-        bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
-        q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
-        q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
+    if constexpr (V % 4 == 0) {
+      typename Vec4<T>::type q[V / 4];
+#pragma unroll
+      for (int k = 0; k < V / 4; ++k) {
+        q[k].x = q[k].y = q[k].z = q[k].w = 0;
+        if (in) {
+          const float4 t = __ldg((const float4*)src + k);
+          bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+          q[k].x = (T)quantize1(t.x, s, p.qmax, p.trunc); q[k].y = (T)quantize1(t.y, s, p.qmax, p.trunc);
+          q[k].z = (T)quantize1(t.z, s, p.qmax, p.trunc); q[k].w = (T)quantize1(t.w, s, p.qmax, p.trunc);
+        }
       }
-      *(typename Vec4<T>::type*)dst = q;
+      if constexpr (sizeof(q) == 16) {  // 16 int8: one store
+        *(uint4*)dst = *(const uint4*)q;
+      } else {
+#pragma unroll
+        for (int k = 0; k < V / 4; ++k) ((typename Vec4<T>::type*)dst)[k] = q[k];
+      }
     } else {
       int q = 0;
       if (in) {
@@ -164,7 +184,8 @@ template <typename T>
 QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
   if (p.Hp) {
-    bad = p.vec && p.C % 4 == 0 ? quantize_grid<T, 4>(p, s) : quantize_grid<T, 1>(p, s);
+    bad = !p.vec ? quantize_grid<T, 1>(p, s)
+        : p.C % 16 == 0 ? quantize_grid<T, 16>(p, s) : p.C % 4 == 0 ? quantize_grid<T, 4>(p, s) : quantize_grid<T, 1>(p, s);
   } else if (p.vec) {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
