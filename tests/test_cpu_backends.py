@@ -65,6 +65,31 @@ def test_threads_give_identical_bits(precision):
                 assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
 
 
+def test_strided_rows_stored_in_phases():
+    """A padded row is stored as sw phases (qconv_impl.h), so the tap offsets, the row length
+    (a whole number of phases past the padded width) and AMX's read-past slack differ from the
+    plain row wherever sw > 1: every level here, against the reference, on layers whose padded
+    width is not a multiple of the stride, whose kernel is wider than it, with channel padding
+    (groups of 5) and a 1x1 stride-2 layer, whose odd phase is never read."""
+    _need("c-avx2")
+    from qconv.backends import _cext
+    rng = np.random.default_rng(7)
+    layers = [((1, 7, 11, 16), (3, 3, 20, 16), dict(stride=2)),
+              ((2, 9, 13, 8), (5, 5, 12, 8), dict(stride=(2, 3), padding=((2, 1), (0, 2)))),
+              ((1, 6, 10, 10), (3, 4, 6, 5), dict(stride=3, padding="valid", groups=2)),
+              ((1, 8, 9, 64), (1, 1, 40, 64), dict(stride=2))]
+    configs = [("c-scalar", {})] + [("c-avx2", {"isa": i, "threads": 2}) for i in _cext.usable_isas()
+                                     if i != "scalar"] + [("c-avx2", {"isa": i, "threads": 2}) for i in _cext.EMULATED_ISAS]
+    for xs, ws, kw in layers:
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        for precision in Precision:
+            scale = None if precision is Precision.FP32 else 1e5 if precision is Precision.INT32 else "maxabs"
+            for backend, opts in configs:
+                y = qconv.conv2d(x, w, precision, backend, scale=scale, **opts, **kw)
+                assert_matches(y, x, w, precision, kw, scale=scale, what=f"{backend} {opts} {kw}")
+
+
 def test_a_job_wakes_only_the_workers_it_uses():
     """After a 256-thread job (255 pool workers exist), a 2-thread call signals one worker, not
     255: its fastest time stays what it was. Minimums, so other load on the machine only adds."""
