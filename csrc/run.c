@@ -56,7 +56,6 @@ typedef struct {
     const qconv_isa_table *t;
     const float *x;
     int64_t n, h, w, pt, pl, ho, wo, hp, wp;
-    int64_t row_pix;            /* GEMM: pixels stored per padded row, sw phases (qconv_impl.h) */
     float s;
     int32_t qmax;
     int64_t input_q;            /* maxabs's Q (0: s is given) */
@@ -93,7 +92,6 @@ typedef struct {
         int64_t next, end;
         char pad[48];
     } share[QCONV_MAX_THREADS];
-    int64_t taps[];             /* GEMM: base.tap, KH*KW offsets */
 } run_job;
 
 /* Output values per block of the convolution: the cancel flag is polled between blocks, and
@@ -139,15 +137,14 @@ static void absmax_task(void *p, int ith, int nth)
     j->bad[ith] = bad;
 }
 
-/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), each row in its sw phases
- * (qconv_impl.h), one padded row at a time; padding rows, columns and channels hold zero's
- * representation. */
+/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), one padded row at a time;
+ * padding rows, columns and channels hold zero's representation. */
 static void quantize_task(void *p, int ith, int nth)
 {
     run_job *j = p;
     const qconv_conv *cv = j->cv;
     const size_t es = store_size(j->store);
-    const int64_t pix = cv->groups * cv->cp, row_el = j->row_pix * pix, c = cv->c, sw = cv->sw;
+    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix, c = cv->c;
     const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
     long long lo, hi;
     int bad = 0;
@@ -160,29 +157,17 @@ static void quantize_task(void *p, int ith, int nth)
             continue;
         }
         const float *src = j->x + ((n * j->h + i) * j->w) * c;
-        if (cv->cp == cv->icg && sw == 1) {   /* dense: the row's pixels are contiguous in x */
+        if (cv->cp == cv->icg) {   /* dense: the row's pixels are contiguous in x */
             memset(row, zero, (size_t)(j->pl * pix) * es);
             memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
             bad |= j->t->quantize(src, j->w * c, j->s, j->qmax, cv->truncate, j->store,
                                   row + (size_t)(j->pl * pix) * es);
-            continue;
-        }
-        memset(row, zero, (size_t)row_el * es);
-        /* pixel by pixel: padded column pl + q is stored at phase ph, position pos, stepped (a
-         * division per pixel doubled the cost of the calls) */
-        for (int64_t q = 0, ph = j->pl % sw, pos = j->pl / sw, wq = j->row_pix / sw; q < j->w; q++) {
-            const int64_t at = ph * wq + pos;
-            if (++ph == sw) {
-                ph = 0;
-                pos++;
-            }
-            if (cv->cp == cv->icg)
-                bad |= j->t->quantize(src + q * c, c, j->s, j->qmax, cv->truncate, j->store,
-                                      row + (size_t)(at * pix) * es);
-            else   /* each group padded to cp */
+        } else {                   /* each group's channels padded to cp */
+            memset(row, zero, (size_t)row_el * es);
+            for (int64_t q = 0; q < j->w; q++)
                 for (int64_t g = 0; g < cv->groups; g++)
                     bad |= j->t->quantize(src + q * c + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate,
-                                          j->store, row + (size_t)(at * pix + g * cv->cp) * es);
+                                          j->store, row + (size_t)((j->pl + q) * pix + g * cv->cp) * es);
         }
     }
     j->bad[ith] = bad;
@@ -479,7 +464,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     if (cv == NULL || x == NULL || y == NULL || timings == NULL || n <= 0 || h <= 0 || w <= 0 ||
         pt < 0 || pb < 0 || pl < 0 || pr < 0 || pt >= cv->kh || pb >= cv->kh || pl >= cv->kw || pr >= cv->kw)
         return QCONV_EINVAL;
-    const int64_t hp = h + pt + pb, wp = w + pl + pr, row_pix = cv->sw * ((wp + cv->sw - 1) / cv->sw);
+    const int64_t hp = h + pt + pb, wp = w + pl + pr;
     if (hp < cv->kh || wp < cv->kw || ho != (hp - cv->kh) / cv->sh + 1 || wo != (wp - cv->kw) / cv->sw + 1)
         return QCONV_EINVAL;
     const int is_int = cv->precision != QCONV_FP32;
@@ -494,8 +479,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     /* Sizes (elements), refusing anything past 2^48. */
     int64_t nx = n, npad = n, ny = n;
     if (checked_mul(&nx, h) || checked_mul(&nx, w) || checked_mul(&nx, cv->c) ||
-        checked_mul(&npad, hp) || checked_mul(&npad, dw ? wp : row_pix) ||
-        checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
+        checked_mul(&npad, hp) || checked_mul(&npad, wp) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
         checked_mul(&ny, ho) || checked_mul(&ny, wo) || checked_mul(&ny, cv->oc))
         return QCONV_ESIZE;
     const int separate = is_int && !cv->fused;
@@ -508,7 +492,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     } else {
         xq_bytes = npad * (int64_t)xes;
         if (t->xslack[cv->precision] > 0)   /* tiles that read past a row's last pixel (AMX) */
-            xq_bytes += ((t->xslack[cv->precision] + cv->kw) * cv->groups * cv->cp + 64) * (int64_t)xes;
+            xq_bytes += (t->xslack[cv->precision] * cv->sw * cv->groups * cv->cp + 64) * (int64_t)xes;
         acc_bytes = separate ? ny * 4 : 0;
     }
 
@@ -523,8 +507,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     if (st != QCONV_OK)
         goto out;
 
-    /* the job: not on a worker's stack */
-    if ((st = grow(&ws->job, &ws->job_bytes, sizeof(run_job) + cv->kh * cv->kw * sizeof(int64_t))) != QCONV_OK)
+    if ((st = grow(&ws->job, &ws->job_bytes, sizeof(run_job))) != QCONV_OK)   /* not on a worker's stack */
         goto out;
     run_job *j = ws->job;
     memset(j, 0, offsetof(run_job, part));
@@ -532,7 +515,6 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     memset(j->overflowed, 0, sizeof j->overflowed);
     j->cv = cv; j->t = t; j->x = x;
     j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
-    j->row_pix = row_pix;
     j->qmax = qmax;
     j->input_q = is_int && s_x == 0.0f ? input_q : 0;
     j->s = is_int ? s_x : 1.0f;
@@ -564,14 +546,10 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->c = cv->icg; a->kh = cv->kh; a->kw = cv->kw; a->oc = cv->ocg;
         a->cp = cv->cp; a->grp = cv->grp; a->nr = cv->nr; a->nocb = cv->nocb;
         a->pix = cv->groups * cv->cp;
-        a->xstep = a->pix;
-        a->row = row_pix * a->pix;
+        a->xstep = cv->sw * a->pix;
+        a->row = wp * a->pix;
         a->rstep = cv->sh * a->row;
         a->img = hp * a->row;
-        for (int64_t u = 0; u < cv->kh; u++)
-            for (int64_t v = 0; v < cv->kw; v++)
-                j->taps[u * cv->kw + v] = u * a->row + ((v % cv->sw) * (row_pix / cv->sw) + v / cv->sw) * a->pix;
-        a->tap = j->taps;
         a->ldy = cv->oc;
         a->wblk = cv->wblk;
         a->out = separate ? (void *)ws->acc : (void *)y;

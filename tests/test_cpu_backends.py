@@ -65,12 +65,11 @@ def test_threads_give_identical_bits(precision):
                 assert_same_bits(y, outs[0], f"threads={t} vs 1, isa={isa}")
 
 
-def test_strided_rows_stored_in_phases():
-    """A padded row is stored as sw phases (qconv_impl.h), so the tap offsets, the row length
-    (a whole number of phases past the padded width) and AMX's read-past slack differ from the
-    plain row wherever sw > 1: every level here, against the reference, on layers whose padded
-    width is not a multiple of the stride, whose kernel is wider than it, with channel padding
-    (groups of 5) and a 1x1 stride-2 layer, whose odd phase is never read."""
+def test_every_level_on_strided_layers():
+    """Strided layers on every level here, against the reference: padded widths that are not a
+    multiple of the stride, kernels wider than the stride (tap offsets past the next output
+    pixel's), channel padding (groups of 5), a 1x1 stride-2 layer that skips every other pixel,
+    and the AMX tiles' reads past a row's last output pixel."""
     _need("c-avx2")
     from qconv.backends import _cext
     rng = np.random.default_rng(7)
