@@ -185,7 +185,9 @@ def strided_rows(threads: int, reps: int) -> list[dict]:
             out = conv(x)
             for _ in range(5):
                 conv(x, out=out)
-            conv_s = statistics.median(conv.result(x, out=out).phases["convolve"] for _ in range(reps // 4 or 1))
+            phases = [conv.result(x, out=out).phases for _ in range(reps // 4 or 1)]
+            conv_s = statistics.median(p["convolve"] for p in phases)
+            prep_s = statistics.median(p["quantize"] + p["pack"] for p in phases)   # fp32: the padded copy
             call = wall(lambda: conv(x, out=out), reps // 4 or 1)
             gops = geom.flops / conv_s / 1e9
             # the instruction the backend declares bounds this level's kernel, at its own width
@@ -194,7 +196,7 @@ def strided_rows(threads: int, reps: int) -> list[dict]:
             if ins is not None and ins not in pk:
                 pk[ins] = peak_gmacs(ins, threads)
             rows.append({"layer": name, "x": list(xs), "w": list(ws), "stride": s, "precision": prec,
-                         "convolve_s": conv_s, "call_s": call, "gops": gops, "instr": ins or "-",
+                         "convolve_s": conv_s, "quantize_s": prep_s, "call_s": call, "gops": gops, "instr": ins or "-",
                          "peak_pct": 100 * gops / (2 * pk[ins] / per_mac) if ins else None})
             print(f"  strided {name} {prec}: {conv_s * 1e3:.3f} ms, {gops:.0f} GOP/s", file=sys.stderr, flush=True)
     return rows
@@ -369,8 +371,9 @@ def render(out: dict) -> str:
                          f"{' | '.join(cols)} |")
         lines.append("")
     if out.get("strided"):
-        lines += ["| layer | x | kernel | precision | convolve ms | GOP/s | instr | % peak | stride 2 / stride 1 share |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| layer | x | kernel | precision | quantize (fp32: pack) ms | convolve ms | GOP/s | instr | % peak | "
+                  "stride 2 / stride 1 share |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         by = {(r["layer"], r["precision"]): r for r in out["strided"]}
         for r in out["strided"]:
             rel = "-"
@@ -378,7 +381,8 @@ def render(out: dict) -> str:
                 base = by.get((r["layer"].replace("s2", "s1"), r["precision"]))
                 rel = f"{r['gops'] / base['gops']:.2f}" if base else "-"   # equal FLOPs, same peak: the share's ratio
             pct = "-" if r["peak_pct"] is None else f"{r['peak_pct']:.0f}"
-            lines.append(f"| {r['layer']} | {tuple(r['x'])} | {tuple(r['w'])} | {r['precision']} | {ms(r['convolve_s'])} | "
+            lines.append(f"| {r['layer']} | {tuple(r['x'])} | {tuple(r['w'])} | {r['precision']} | "
+                         f"{ms(r.get('quantize_s', float('nan')))} | {ms(r['convolve_s'])} | "
                          f"{r['gops']:.0f} | {r['instr']} | {pct} | {rel} |")
         lines.append("")
     if out.get("depthwise"):
