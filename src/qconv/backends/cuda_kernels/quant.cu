@@ -126,6 +126,16 @@ template <> struct Vec4<qs8> { typedef char4 type; };
 template <> struct Vec4<qs16> { typedef short4 type; };
 template <> struct Vec4<int> { typedef int4 type; };
 
+// Four values quantized into T, non-finite ones or-ed into bad.
+template <typename T>
+QD typename Vec4<T>::type quantize4(const float4 t, const PassParams& p, const float s, int& bad) {
+  bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+  typename Vec4<T>::type q;
+  q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
+  q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
+  return q;
+}
+
 // The zero-padded grid [N][Hp][Wp][icgp] of T (G == 1): pixel (h, w) at (h + pt, w + pl), every
 // other value 0, all of it rewritten each call (the buffer is shared). An item is V consecutive
 // channels of one grid pixel: with x 16-byte aligned, V = 16 where C % 16 == 0 (four float4 loads
@@ -151,12 +161,7 @@ QD int quantize_grid(const PassParams& p, const float s) {
 #pragma unroll
       for (int k = 0; k < V / 4; ++k) {
         q[k].x = q[k].y = q[k].z = q[k].w = 0;
-        if (in) {
-          const float4 t = __ldg((const float4*)src + k);
-          bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
-          q[k].x = (T)quantize1(t.x, s, p.qmax, p.trunc); q[k].y = (T)quantize1(t.y, s, p.qmax, p.trunc);
-          q[k].z = (T)quantize1(t.z, s, p.qmax, p.trunc); q[k].w = (T)quantize1(t.w, s, p.qmax, p.trunc);
-        }
+        if (in) q[k] = quantize4<T>(__ldg((const float4*)src + k), p, s, bad);
       }
       if constexpr (sizeof(q) == 16) {  // 16 int8: one store
         *(uint4*)dst = *(const uint4*)q;
@@ -189,14 +194,7 @@ QD void quantize_x_body(const PassParams& p, const float s) {
   } else if (p.vec) {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
-    QGRID_STRIDE(i, p.n / 4) {
-      float4 t = __ldg(x4 + i);
-      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
-      typename Vec4<T>::type q;
-      q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
-      q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
-      o4[i] = q;
-    }
+    QGRID_STRIDE(i, p.n / 4) o4[i] = quantize4<T>(__ldg(x4 + i), p, s, bad);
   } else {
     T* out = (T*)p.out;
     const long long gp = (long long)p.G * p.icgp;   // padded channels per pixel
