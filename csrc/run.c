@@ -56,6 +56,7 @@ typedef struct {
     const qconv_isa_table *t;
     const float *x;
     int64_t n, h, w, pt, pl, ho, wo, hp, wp;
+    int sampled;                /* a 1x1 layer with a stride: xq holds the sampled pixels (sample_task) */
     float s;
     int32_t qmax;
     int64_t input_q;            /* maxabs's Q (0: s is given) */
@@ -171,6 +172,37 @@ static void quantize_task(void *p, int ith, int nth)
         }
     }
     j->bad[ith] = bad;
+}
+
+/* A 1x1 layer with a stride reads one input pixel in sh * sw: xq holds only those, as (N, HO, WO,
+ * G, cp), and the kernels run a stride-1 layer over it (oneDNN's "reduce to unit stride"): a
+ * quarter of the quantize at stride 2, and the tiles read consecutive pixels. absmax_task has
+ * checked every pixel of x for NaN/inf before, as quantizing all of it does in the other layouts. */
+static void sample_task(run_job *j, int ith, int nth)
+{
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t pix = cv->groups * cv->cp, c = cv->c;
+    const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
+    long long lo, hi;
+    int bad = 0;
+    qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
+    for (long long r = lo; r < hi; r++) {   /* a 1x1 kernel has no padding: every sample is in x */
+        const int64_t n = r / j->ho, i = (r % j->ho) * cv->sh;
+        char *dst = (char *)j->xq + (size_t)(r * j->wo * pix) * es;
+        for (int64_t q = 0; q < j->wo; q++, dst += (size_t)pix * es) {
+            const float *src = j->x + ((n * j->h + i) * j->w + q * cv->sw) * c;
+            if (cv->cp == cv->icg)
+                bad |= j->t->quantize(src, c, j->s, j->qmax, cv->truncate, j->store, dst);
+            else {   /* each group's channels padded to cp */
+                memset(dst, zero, (size_t)pix * es);
+                for (int64_t g = 0; g < cv->groups; g++)
+                    bad |= j->t->quantize(src + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate, j->store,
+                                          dst + (size_t)(g * cv->cp) * es);
+            }
+        }
+    }
+    j->bad[ith] |= bad;
 }
 
 /* Output rows [r0, r1), OC blocks [b0, b1), every group in turn; FP32 checks the outputs for
@@ -426,7 +458,13 @@ static void call_task(void *p, int ith, int nth)
         dw_task(j, ith, nth);   /* quantize fused into the convolution, one pass over x */
         return;
     }
-    quantize_task(j, ith, nth);
+    if (j->sampled) {
+        if (j->input_q == 0)
+            absmax_task(j, ith, nth);   /* for its NaN/inf check of the pixels not sampled */
+        sample_task(j, ith, nth);
+    } else {
+        quantize_task(j, ith, nth);
+    }
     qconv_pool_barrier(nth);
     if (any_bad(j, nth))
         return;
@@ -465,6 +503,10 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         pt < 0 || pb < 0 || pl < 0 || pr < 0 || pt >= cv->kh || pb >= cv->kh || pl >= cv->kw || pr >= cv->kw)
         return QCONV_EINVAL;
     const int64_t hp = h + pt + pb, wp = w + pl + pr;
+    const int dw = cv->kind == QCONV_KIND_DEPTHWISE;
+    const int sampled = !dw && cv->kh == 1 && cv->kw == 1 && (cv->sh > 1 || cv->sw > 1);   /* sample_task */
+    const int64_t hq = sampled ? ho : hp, wq = sampled ? wo : wp;   /* GEMM: xq's rows and columns */
+    const int64_t sh = sampled ? 1 : cv->sh, sw = sampled ? 1 : cv->sw;   /* and its strides */
     if (hp < cv->kh || wp < cv->kw || ho != (hp - cv->kh) / cv->sh + 1 || wo != (wp - cv->kw) / cv->sw + 1)
         return QCONV_EINVAL;
     const int is_int = cv->precision != QCONV_FP32;
@@ -473,13 +515,12 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         return QCONV_EINVAL;
     const qconv_isa_table *t = cv->t;
     const int nth = cv->threads;
-    const int dw = cv->kind == QCONV_KIND_DEPTHWISE;
     const size_t xes = store_size(cv->xstore);
 
     /* Sizes (elements), refusing anything past 2^48. */
     int64_t nx = n, npad = n, ny = n;
     if (checked_mul(&nx, h) || checked_mul(&nx, w) || checked_mul(&nx, cv->c) ||
-        checked_mul(&npad, hp) || checked_mul(&npad, wp) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
+        checked_mul(&npad, hq) || checked_mul(&npad, wq) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
         checked_mul(&ny, ho) || checked_mul(&ny, wo) || checked_mul(&ny, cv->oc))
         return QCONV_ESIZE;
     const int separate = is_int && !cv->fused;
@@ -492,7 +533,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     } else {
         xq_bytes = npad * (int64_t)xes;
         if (t->xslack[cv->precision] > 0)   /* tiles that read past a row's last pixel (AMX) */
-            xq_bytes += (t->xslack[cv->precision] * cv->sw * cv->groups * cv->cp + 64) * (int64_t)xes;
+            xq_bytes += (t->xslack[cv->precision] * sw * cv->groups * cv->cp + 64) * (int64_t)xes;
         acc_bytes = separate ? ny * 4 : 0;
     }
 
@@ -515,6 +556,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     memset(j->overflowed, 0, sizeof j->overflowed);
     j->cv = cv; j->t = t; j->x = x;
     j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
+    j->sampled = sampled;
     j->qmax = qmax;
     j->input_q = is_int && s_x == 0.0f ? input_q : 0;
     j->s = is_int ? s_x : 1.0f;
@@ -546,10 +588,10 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->c = cv->icg; a->kh = cv->kh; a->kw = cv->kw; a->oc = cv->ocg;
         a->cp = cv->cp; a->grp = cv->grp; a->nr = cv->nr; a->nocb = cv->nocb;
         a->pix = cv->groups * cv->cp;
-        a->xstep = cv->sw * a->pix;
-        a->row = wp * a->pix;
-        a->rstep = cv->sh * a->row;
-        a->img = hp * a->row;
+        a->xstep = sw * a->pix;
+        a->row = wq * a->pix;
+        a->rstep = sh * a->row;
+        a->img = hq * a->row;
         a->ldy = cv->oc;
         a->wblk = cv->wblk;
         a->out = separate ? (void *)ws->acc : (void *)y;

@@ -68,15 +68,17 @@ def test_threads_give_identical_bits(precision):
 def test_every_level_on_strided_layers():
     """Strided layers on every level here, against the reference: padded widths that are not a
     multiple of the stride, kernels wider than the stride (tap offsets past the next output
-    pixel's), channel padding (groups of 5), a 1x1 stride-2 layer that skips every other pixel,
-    and the AMX tiles' reads past a row's last output pixel."""
+    pixel's), channel padding (groups of 5), 1x1 layers with a stride, which keep only the pixels
+    they sample (run.c's sample_task), and the AMX tiles' reads past a row's last output pixel."""
     _need("c-avx2")
     from qconv.backends import _cext
     rng = np.random.default_rng(7)
     layers = [((1, 7, 11, 16), (3, 3, 20, 16), dict(stride=2)),
               ((2, 9, 13, 8), (5, 5, 12, 8), dict(stride=(2, 3), padding=((2, 1), (0, 2)))),
               ((1, 6, 10, 10), (3, 4, 6, 5), dict(stride=3, padding="valid", groups=2)),
-              ((1, 8, 9, 64), (1, 1, 40, 64), dict(stride=2))]
+              ((1, 8, 9, 64), (1, 1, 40, 64), dict(stride=2)),
+              ((2, 7, 10, 10), (1, 1, 6, 5), dict(stride=(3, 2), groups=2)),
+              ((1, 5, 11, 24), (1, 1, 33, 24), dict(stride=(1, 3)))]
     configs = [("c-scalar", {})] + [("c-avx2", {"isa": i, "threads": 2}) for i in _cext.usable_isas()
                                      if i != "scalar"] + [("c-avx2", {"isa": i, "threads": 2}) for i in _cext.EMULATED_ISAS]
     for xs, ws, kw in layers:
@@ -87,6 +89,21 @@ def test_every_level_on_strided_layers():
             for backend, opts in configs:
                 y = qconv.conv2d(x, w, precision, backend, scale=scale, **opts, **kw)
                 assert_matches(y, x, w, precision, kw, scale=scale, what=f"{backend} {opts} {kw}")
+
+
+def test_a_non_finite_pixel_that_a_strided_1x1_layer_skips_is_still_refused():
+    """A 1x1 stride-2 layer quantizes only the pixels it samples (sample_task); NaN and inf
+    anywhere in x are refused all the same, with a fixed scale as with maxabs, on every level."""
+    _need("c-avx2")
+    from qconv.backends import _cext
+    x = np.ones((1, 6, 6, 16), np.float32)
+    w = np.ones((1, 1, 8, 16), np.float32)
+    x[0, 1, 3, 5] = np.nan   # row and column 1 and 3: never sampled at stride 2
+    isas = [i for i in _cext.usable_isas() if i != "scalar"] + list(_cext.EMULATED_ISAS)
+    for precision, scale in (("fp32", None), ("int8", (2.0, 2.0)), ("int8", "maxabs"), ("int16", (2.0, 2.0))):
+        for backend, opts in [("c-scalar", {})] + [("c-avx2", {"isa": i, "threads": 2}) for i in isas]:
+            with pytest.raises(InputError, match="non-finite"):
+                qconv.conv2d(x, w, precision, backend, scale=scale, stride=2, **opts)
 
 
 def test_a_job_wakes_only_the_workers_it_uses():
