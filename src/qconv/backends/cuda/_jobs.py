@@ -160,9 +160,10 @@ class GemmJob(Job):
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
                             **(dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else {}))
             suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
-            if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
-                name = f"qconv_scan_quantize_x_{suf}"
-                blocks = min(_tiling.grid1(items, rt.num_sms)[0], _driver.resident_blocks(rt, "quant.cu", name, 256))
+            if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident);
+                name = f"qconv_scan_quantize_x_{suf}"   # its grid covers the scan's float4 too
+                work = max(items, nx // 4 if qv else nx)
+                blocks = min(_tiling.grid1(work, rt.num_sms)[0], _driver.resident_blocks(rt, "quant.cu", name, 256))
                 self.pre = _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), 256, 0, p, cooperative=True)
             else:
                 self.pre = _driver.Launch(rt, "quant.cu", f"qconv_quantize_x_{suf}", _tiling.grid1(items, rt.num_sms),
