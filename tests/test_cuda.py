@@ -5,8 +5,8 @@ Without a GPU (CI): every kernel module compiles through NVRTC for sm_80 and sm_
 for sm_90a only, and is refused for sm_80 naming both) and holds every
 kernel entry point (a compile failure fails; only a missing cuda-python/NVRTC skips, with the
 reason), the ctypes parameter structs match the C structs field for field, numpy models of the
-kernels' index math (implicit GEMM over the packed layouts, the wgmma window kernel's shifted rows,
-the depthwise strip loop, the byte-plane
+kernels' index math (implicit GEMM over the packed layouts, the wgmma window kernel's shifted rows
+and the walk of its padded-grid quantize, the depthwise strip loop, the byte-plane
 decomposition) reproduce the contract for random strides, paddings and groups, tile and option
 rules, the tiles the backend declares, and the backend reports itself unavailable cleanly.
 
@@ -291,6 +291,33 @@ def test_model_window_kernel_shifted_rows(layer, seed):
     lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32)
     assert lay.icgp % 32 == 0 and _tiling.window_fits(g.spec, lay, g.wo, 227 * 1024)
     assert np.array_equal(_emulate_window(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
+
+
+def _grid_walk(pixels: int, icgp: int, v: int, threads: int) -> list[tuple[int, int]]:
+    """quant.cu's quantize_grid walk: thread t starts at item t of the pixels * icgp / v (pixel,
+    channel) items and steps by `threads` items, the step's quotient and remainder by icgp / v
+    added to pixel and channel, a channel past icgp carried into the next pixel."""
+    per = icgp // v
+    dpix, dc = threads // per, (threads % per) * v
+    items = []
+    for t in range(threads):
+        pix, c = t // per, (t % per) * v
+        while pix < pixels:
+            items.append((pix, c))
+            if c + dc >= icgp:
+                c -= icgp
+                pix += 1
+            pix, c = pix + dpix, c + dc
+    return items
+
+
+@settings(max_examples=200, deadline=None)
+@given(pixels=st.integers(1, 400), chunks=st.integers(1, 8), v=st.sampled_from([1, 4, 16]),
+       threads=st.integers(1, 1500))
+def test_model_padded_grid_quantize_visits_every_item_once(pixels, chunks, v, threads):
+    icgp = 32 * chunks   # the window kernels' channel padding
+    walk = _grid_walk(pixels, icgp, v, threads)
+    assert sorted(walk) == [(p, c) for p in range(pixels) for c in range(0, icgp, v)]
 
 
 def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
