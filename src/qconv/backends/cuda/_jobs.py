@@ -152,13 +152,18 @@ class GemmJob(Job):
 
         if prec.is_integer:
             self.first = "quantize"
-            qv = vec_x and (window or not lay.padded)
+            # quant.cu's quantize_grid: the window kernels' padded grid, and one group's channels
+            # padded (C = 3: 16 int8 slots a pixel) as that grid without its border
+            grid = dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else \
+                dict(H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0) if lay.padded and spec.groups == 1 and \
+                planes == 1 and npix <= _tiling.INT_LIMIT else None
+            qv = vec_x and (grid is not None or not lay.padded)
             per_item = 16 if spec.c % 16 == 0 else 4 if spec.c % 4 == 0 else 1  # quantize_grid's V
-            items = (mp * lay.icgp // (per_item if qv else 1) if window
+            items = ((mp if window else npix) * lay.icgp // (per_item if qv else 1) if grid is not None
                      else nx // 4 if qv else npix * spec.groups * lay.icgp)
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
-                            **(dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else {}))
+                            **(grid or {}))
             suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
             if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident);
                 name = f"qconv_scan_quantize_x_{suf}"   # its grid covers the scan's float4 too
