@@ -320,6 +320,43 @@ def test_model_padded_grid_quantize_visits_every_item_once(pixels, chunks, v, th
     assert sorted(walk) == [(p, c) for p in range(pixels) for c in range(0, icgp, v)]
 
 
+def _emulate_quantize_grid(xq: np.ndarray, hp: int, wp: int, pt: int, pl: int, icgp: int, v: int,
+                           threads: int) -> np.ndarray:
+    """quant.cu's quantize_grid on already-quantized values xq (N, H, W, C): each walked item
+    (grid pixel, channel) maps to image, row and column as the kernel's integer steps do, and
+    takes V values from x or zeros."""
+    n, h, w, c = xq.shape
+    out = np.full(n * hp * wp * icgp, 99, np.int64)   # 99: never written
+    flat = xq.reshape(-1)
+    for pix, ch in _grid_walk(n * hp * wp, icgp, v, threads):
+        img, r = divmod(pix, hp * wp)
+        i = r // wp
+        hh, ww = i - pt, r - i * wp - pl
+        inside = ch < c and 0 <= hh < h and 0 <= ww < w
+        src = ((img * h + hh) * w + ww) * c + ch
+        out[pix * icgp + ch:pix * icgp + ch + v] = flat[src:src + v] if inside else 0
+    return out.reshape(n, hp, wp, icgp)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 2), h=st.integers(1, 6), w=st.integers(1, 6), c=st.sampled_from([3, 4, 16, 20, 32]),
+       pads=st.tuples(st.integers(0, 2), st.integers(0, 2), st.integers(0, 2), st.integers(0, 2)),
+       chunk=st.sampled_from([16, 32]), threads=st.integers(1, 300), seed=st.integers(0, 2**32 - 1))
+def test_model_quantize_grid_layout(n, h, w, c, pads, chunk, threads, seed):
+    """The window kernels' padded grid (a border of pads) and the unpadded one that one group's
+    channel-padded input uses (pads 0; INT8 channels padded to 16 there, to 32 for the window
+    kernels): every value where the kernels read it, zero elsewhere, for each item width the host
+    picks from C."""
+    pt, pb, pl, pr = pads
+    icgp = -(-c // chunk) * chunk
+    v = 16 if c % 16 == 0 else 4 if c % 4 == 0 else 1
+    xq = np.random.default_rng(seed).integers(-127, 128, (n, h, w, c))
+    want = np.zeros((n, h + pt + pb, w + pl + pr, icgp), np.int64)
+    want[:, pt:pt + h, pl:pl + w, :c] = xq
+    got = _emulate_quantize_grid(xq, h + pt + pb, w + pl + pr, pt, pl, icgp, v, threads)
+    assert np.array_equal(got, want)
+
+
 def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
     """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): w split on
     the host (_tiling.tf32_split), x as MmaTF32x3::a_frag splits it (big truncated, small the exact
