@@ -138,6 +138,30 @@ static void absmax_task(void *p, int ith, int nth)
     j->bad[ith] = bad;
 }
 
+/* npix pixels of x, one every `step` pixels from src, into consecutive stored pixels at dst:
+ * quantized (fp32: copied), each group's channels padded to cp with zero's representation. One
+ * call for a contiguous run of dense pixels; returns 1 if a value was NaN or infinite. */
+static int quantize_pixels(const run_job *j, const float *src, int64_t npix, int64_t step, char *dst)
+{
+    const qconv_conv *cv = j->cv;
+    const size_t es = store_size(j->store);
+    const int64_t pix = cv->groups * cv->cp, c = cv->c;
+    if (cv->cp == cv->icg && step == 1)
+        return j->t->quantize(src, npix * c, j->s, j->qmax, cv->truncate, j->store, dst);
+    if (cv->cp != cv->icg)
+        memset(dst, j->store == QCONV_STORE_U8OFF ? 0x80 : 0, (size_t)(npix * pix) * es);
+    int bad = 0;
+    for (int64_t q = 0; q < npix; q++, src += step * c, dst += (size_t)pix * es) {
+        if (cv->cp == cv->icg)
+            bad |= j->t->quantize(src, c, j->s, j->qmax, cv->truncate, j->store, dst);
+        else
+            for (int64_t g = 0; g < cv->groups; g++)
+                bad |= j->t->quantize(src + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate, j->store,
+                                      dst + (size_t)(g * cv->cp) * es);
+    }
+    return bad;
+}
+
 /* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), one padded row at a time;
  * padding rows, columns and channels hold zero's representation. */
 static void quantize_task(void *p, int ith, int nth)
@@ -145,7 +169,7 @@ static void quantize_task(void *p, int ith, int nth)
     run_job *j = p;
     const qconv_conv *cv = j->cv;
     const size_t es = store_size(j->store);
-    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix, c = cv->c;
+    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix;
     const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
     long long lo, hi;
     int bad = 0;
@@ -157,19 +181,9 @@ static void quantize_task(void *p, int ith, int nth)
             memset(row, zero, (size_t)row_el * es);
             continue;
         }
-        const float *src = j->x + ((n * j->h + i) * j->w) * c;
-        if (cv->cp == cv->icg) {   /* dense: the row's pixels are contiguous in x */
-            memset(row, zero, (size_t)(j->pl * pix) * es);
-            memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
-            bad |= j->t->quantize(src, j->w * c, j->s, j->qmax, cv->truncate, j->store,
-                                  row + (size_t)(j->pl * pix) * es);
-        } else {                   /* each group's channels padded to cp */
-            memset(row, zero, (size_t)row_el * es);
-            for (int64_t q = 0; q < j->w; q++)
-                for (int64_t g = 0; g < cv->groups; g++)
-                    bad |= j->t->quantize(src + q * c + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate,
-                                          j->store, row + (size_t)((j->pl + q) * pix + g * cv->cp) * es);
-        }
+        memset(row, zero, (size_t)(j->pl * pix) * es);
+        memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
+        bad |= quantize_pixels(j, j->x + ((n * j->h + i) * j->w) * cv->c, j->w, 1, row + (size_t)(j->pl * pix) * es);
     }
     j->bad[ith] = bad;
 }
@@ -180,27 +194,14 @@ static void quantize_task(void *p, int ith, int nth)
  * checked every pixel of x for NaN/inf before, as quantizing all of it does in the other layouts. */
 static void sample_task(run_job *j, int ith, int nth)
 {
-    const qconv_conv *cv = j->cv;
-    const size_t es = store_size(j->store);
-    const int64_t pix = cv->groups * cv->cp, c = cv->c;
-    const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
+    const int64_t pix = j->cv->groups * j->cv->cp;
     long long lo, hi;
     int bad = 0;
     qconv_split(j->n * j->ho, ith, nth, &lo, &hi);
     for (long long r = lo; r < hi; r++) {   /* a 1x1 kernel has no padding: every sample is in x */
-        const int64_t n = r / j->ho, i = (r % j->ho) * cv->sh;
-        char *dst = (char *)j->xq + (size_t)(r * j->wo * pix) * es;
-        for (int64_t q = 0; q < j->wo; q++, dst += (size_t)pix * es) {
-            const float *src = j->x + ((n * j->h + i) * j->w + q * cv->sw) * c;
-            if (cv->cp == cv->icg)
-                bad |= j->t->quantize(src, c, j->s, j->qmax, cv->truncate, j->store, dst);
-            else {   /* each group's channels padded to cp */
-                memset(dst, zero, (size_t)pix * es);
-                for (int64_t g = 0; g < cv->groups; g++)
-                    bad |= j->t->quantize(src + g * cv->icg, cv->icg, j->s, j->qmax, cv->truncate, j->store,
-                                          dst + (size_t)(g * cv->cp) * es);
-            }
-        }
+        const int64_t n = r / j->ho, i = (r % j->ho) * j->cv->sh;
+        bad |= quantize_pixels(j, j->x + ((n * j->h + i) * j->w) * j->cv->c, j->wo, j->cv->sw,
+                               (char *)j->xq + (size_t)(r * j->wo * pix) * store_size(j->store));
     }
     j->bad[ith] |= bad;
 }
