@@ -159,7 +159,7 @@ class GemmJob(Job):
                 planes == 1 and npix <= _tiling.INT_LIMIT else None
             qv = vec_x and (grid is not None or not lay.padded)
             per_item = 16 if spec.c % 16 == 0 else 4 if spec.c % 4 == 0 else 1  # quantize_grid's V
-            items = ((mp if window else npix) * lay.icgp // (per_item if qv else 1) if grid is not None
+            items = (g.n * grid["Hp"] * grid["Wp"] * lay.icgp // (per_item if qv else 1) if grid is not None
                      else nx // 4 if qv else npix * spec.groups * lay.icgp)
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
