@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import qconv
 from qconv import tensorfile
 from qconv.errors import QconvError
-from qconv.tensorfile import load, load_pair, save
+from qconv.tensorfile import _read as reading, _write as writing, load, load_pair, save
 
 
 def _write(path, shape, n_values=None, extra=b""):
@@ -158,7 +158,7 @@ def test_interrupted_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch, ex
         real_write(fd, bytes(b[: len(b) // 2]))
         raise exc("interrupted mid-write")
 
-    monkeypatch.setattr(tensorfile.os, "write", half_write)
+    monkeypatch.setattr(writing.os, "write", half_write)
     with pytest.raises(exc):
         save(p, np.zeros((4, 8, 8, 4), np.float32))
     monkeypatch.undo()
@@ -176,7 +176,7 @@ def test_failed_rename_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     def refuse(src, dst):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tensorfile.os, "replace", refuse)
+    monkeypatch.setattr(writing.os, "replace", refuse)
     with pytest.raises(QconvError, match="no space left on device") as e:
         save(p, np.zeros((1, 1, 1, 3), np.float32))
     monkeypatch.undo()
@@ -190,7 +190,7 @@ def test_interrupted_fresh_save_leaves_nothing(tmp_path, monkeypatch):
     def boom(fd):
         raise _Boom("fsync failed")
 
-    monkeypatch.setattr(tensorfile.os, "fsync", boom)
+    monkeypatch.setattr(writing.os, "fsync", boom)
     with pytest.raises(_Boom):
         save(p, np.ones((1, 1, 1, 1), np.float32))
     monkeypatch.undo()
@@ -368,7 +368,7 @@ class _AllocSpy:
             self.sizes.append(int(np.prod(n)))
             return real(n, *a, **k)
 
-        monkeypatch.setattr(tensorfile.np, "empty", spy)
+        monkeypatch.setattr(reading.np, "empty", spy)
 
 
 def test_header_larger_than_file_is_refused_before_allocating(tmp_path, monkeypatch):
@@ -384,8 +384,8 @@ def test_sparse_6gib_file_is_refused_as_trailing_bytes_without_reading_it(tmp_pa
         f.write(struct.pack("<4i", 1, 1, 1, 1) + b"\0\0\x80\x3f")
         f.truncate(6 << 30)  # a hole: nothing of it is on disk
     read = []
-    real = tensorfile._Source.readinto
-    monkeypatch.setattr(tensorfile._Source, "readinto", lambda self, v: read.append(len(v)) or real(self, v))
+    real = reading._Source.readinto
+    monkeypatch.setattr(reading._Source, "readinto", lambda self, v: read.append(len(v)) or real(self, v))
     t0 = time.monotonic()
     _rejects(p, f"{(6 << 30) - 20} trailing bytes", "(1, 1, 1, 1)")
     assert time.monotonic() - t0 < 2
@@ -747,7 +747,7 @@ def test_save_dash_refuses_a_terminal():
 def test_temp_file_is_named_for_its_target_and_process(tmp_path, monkeypatch):
     seen = []
     real = os.replace
-    monkeypatch.setattr(tensorfile.os, "replace", lambda a, b: seen.append(a) or real(a, b))
+    monkeypatch.setattr(writing.os, "replace", lambda a, b: seen.append(a) or real(a, b))
     save(tmp_path / "out.bin", np.ones((1, 1, 1, 1), np.float32))
     assert len(seen) == 1
     assert re.fullmatch(rf"\.out\.bin\.qconv-tmp-{os.getpid()}-[0-9a-f]{{8}}", os.path.basename(seen[0]))
@@ -783,7 +783,7 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path):
 _SIGTERM_CHILD = """
     import os, signal, sys, time
     import numpy as np
-    from qconv import tensorfile
+    from qconv.tensorfile import _write as tensorfile
     {setup}
     real_write = os.write
     def slow_write(fd, b):  # announce the first data chunk, then crawl so the signal lands mid-write
@@ -823,9 +823,9 @@ def test_sigterm_mid_write_removes_the_temp_file(tmp_path, setup, expect_rc):
 
 
 def test_signal_handlers_are_restored_and_only_installed_in_the_main_thread(tmp_path):
-    before = {s: signal.getsignal(s) for s in tensorfile._SIGNALS}
+    before = {s: signal.getsignal(s) for s in writing._SIGNALS}
     save(tmp_path / "a.bin", np.ones((1, 1, 1, 1), np.float32))
-    assert {s: signal.getsignal(s) for s in tensorfile._SIGNALS} == before
+    assert {s: signal.getsignal(s) for s in writing._SIGNALS} == before
     errors = []
 
     def in_thread():
@@ -853,7 +853,7 @@ def test_disk_errors_are_qconv_errors_naming_the_file(tmp_path, monkeypatch, err
     def fail(fd, b):
         raise OSError(err, os.strerror(err))
 
-    monkeypatch.setattr(tensorfile.os, "write", fail)
+    monkeypatch.setattr(writing.os, "write", fail)
     with pytest.raises(cls) as e:
         save(p, np.zeros((1, 2, 2, 1), np.float32))
     monkeypatch.undo()
@@ -866,7 +866,7 @@ def test_unwritable_folder_is_an_input_error(tmp_path, monkeypatch):
     def deny(folder, base):
         raise PermissionError(errno.EACCES, "Permission denied")
 
-    monkeypatch.setattr(tensorfile, "_create_temp", deny)
+    monkeypatch.setattr(writing, "_create_temp", deny)
     with pytest.raises(qconv.InputError, match=r"x.bin': cannot write: permission denied"):
         save(tmp_path / "x.bin", np.ones((1, 1, 1, 1), np.float32))
 
