@@ -129,6 +129,8 @@ QD float dequant1(unsigned acc, float inv, const float* bias, int o) {
   return bias ? __fadd_rn(y, bias[o]) : y;
 }
 
+QD int nonfinite4(const float4 t) { return !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w); }
+
 // Sets the flag's bit 0 if any of x's n elements is not finite: a grid-stride prologue of the main
 // kernel (every thread of the grid takes its share), so no separate pass is launched.
 QD void scan_finite(const float* x, long long n, int vec, QStats* st) {
@@ -138,8 +140,7 @@ QD void scan_finite(const float* x, long long n, int vec, QStats* st) {
   int bad = 0;
   if (vec) {
     for (long long i = tid; i < n / 4; i += nthreads) {
-      float4 t = __ldg((const float4*)x + i);
-      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+      bad |= nonfinite4(__ldg((const float4*)x + i));
     }
   } else {
     for (long long i = tid; i < n; i += nthreads) bad |= !isfinite(__ldg(x + i));

@@ -44,7 +44,7 @@ QD float maxabs_scale_dev(float m, int q, int* flag) {
 }
 
 QD void scan4(const float4 t, int& bad, unsigned& mx) {
-  bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+  bad |= nonfinite4(t);
   mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
 }
 
@@ -129,7 +129,7 @@ template <> struct Vec4<int> { typedef int4 type; };
 // Four values quantized into T, non-finite ones or-ed into bad.
 template <typename T>
 QD typename Vec4<T>::type quantize4(const float4 t, const PassParams& p, const float s, int& bad) {
-  bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+  bad |= nonfinite4(t);
   typename Vec4<T>::type q;
   q.x = (T)quantize1(t.x, s, p.qmax, p.trunc); q.y = (T)quantize1(t.y, s, p.qmax, p.trunc);
   q.z = (T)quantize1(t.z, s, p.qmax, p.trunc); q.w = (T)quantize1(t.w, s, p.qmax, p.trunc);
@@ -268,7 +268,7 @@ QD void quantize_planes_body(const PassParams& p, const float s) {
     const float4* x4 = (const float4*)p.x;
     QGRID_STRIDE(i, p.n / 4) {
       float4 t = __ldg(x4 + i);
-      bad |= !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w);
+      bad |= nonfinite4(t);
       const unsigned q0 = (unsigned)quantize1(t.x, s, p.qmax, p.trunc), q1 = (unsigned)quantize1(t.y, s, p.qmax, p.trunc);
       const unsigned q2 = (unsigned)quantize1(t.z, s, p.qmax, p.trunc), q3 = (unsigned)quantize1(t.w, s, p.qmax, p.trunc);
       const long long e = i * 4, pix = e / gp;
