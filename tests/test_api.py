@@ -102,7 +102,8 @@ def test_scale_forms(prec):
     ("64", "unknown scale strategy"), (True, "must be a number"), (1e39, "outside float32"),
     (1e-50, "outside float32"), ((1.0,), "pair"), ((1.0, 2.0, 3.0), "pair"), ([], "pair"),
     ((1.0, 0.0), "kernel scale"), ((math.nan, 1.0), "input scale"), ((1.0, "x"), "kernel scale"),
-    (object(), "must be a number"),
+    (object(), "must be a number"), (10**400, "int of 401 digits, outside float32"),
+    ((1.0, 10**400), "kernel scale is an int of 401 digits"), (qconv.StepSize(2**2000), "step size is an int"),
 ])
 def test_bad_scales(bad, match):
     with pytest.raises(QconvError, match=match):

@@ -137,6 +137,8 @@ def test_default_arguments_are_the_assignments_layer_bit_for_bit():
     (dict(stride=0), ((1, 4, 4, 1), (3, 3, 1, 1)), r"stride must be positive"),
     (dict(stride=(1, -2)), ((1, 4, 4, 1), (3, 3, 1, 1)), r"stride must be positive"),
     (dict(stride=1.5), ((1, 4, 4, 1), (3, 3, 1, 1)), r"stride must be an int"),
+    (dict(stride=2**63), ((1, 4, 4, 1), (3, 3, 1, 1)), r"stride 9223372036854775808 is beyond any image side"),
+    (dict(padding=((0, 2**31), (0, 0))), ((1, 4, 4, 1), (3, 3, 1, 1)), r"padding \(top, bottom\) .* is beyond"),
     (dict(padding="full"), ((1, 4, 4, 1), (3, 3, 1, 1)), r"padding 'full'"),
     (dict(padding=-1), ((1, 4, 4, 1), (3, 3, 1, 1)), r"negative"),
     (dict(padding="valid"), ((1, 2, 2, 1), (3, 3, 1, 1)), r"smaller than the kernel"),

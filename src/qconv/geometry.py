@@ -19,15 +19,22 @@ def same_padding(kh: int, kw: int) -> tuple[int, int]:
     return (kh - 1) // 2, (kw - 1) // 2
 
 
+_MAX_STEP = 2**31 - 1  # a stride or a padding beyond any image side; the C backends take int64
+
+
 def _pair(v: object, what: str) -> tuple[int, int]:
     if isinstance(v, (bool, np.bool_)):
         raise InputError(f"{what} must be an int or a pair of ints, got {v!r}")
     if isinstance(v, (int, np.integer)):
-        return int(v), int(v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+        pair = int(v), int(v)
+    elif isinstance(v, (tuple, list)) and len(v) == 2 and all(
             isinstance(e, (int, np.integer)) and not isinstance(e, (bool, np.bool_)) for e in v):
-        return int(v[0]), int(v[1])
-    raise InputError(f"{what} must be an int or a pair of ints, got {v!r}")
+        pair = int(v[0]), int(v[1])
+    else:
+        raise InputError(f"{what} must be an int or a pair of ints, got {v!r}")
+    if max(pair) > _MAX_STEP:
+        raise InputError(f"{what} {v!r} is beyond any image side (at most 2^31 - 1)")
+    return pair
 
 
 def _padding_spec(padding: object) -> "str | tuple[tuple[int, int], tuple[int, int]]":

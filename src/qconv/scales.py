@@ -53,7 +53,10 @@ class ScaleChoice:
 def _positive_finite(s: object, what: str) -> float:
     if isinstance(s, (bool, np.bool_)) or not isinstance(s, (Real, np.floating, np.integer)):
         raise InputError(f"{what} must be a number, got {s!r}")
-    f = float(s)
+    try:
+        f = float(s)
+    except OverflowError:  # an int past float64's range
+        raise InputError(f"{what} is an int of {len(str(abs(int(s))))} digits, outside float32's range") from None
     if not math.isfinite(f) or f <= 0:
         raise InputError(f"{what} must be positive and finite, got {s!r}")
     return f
