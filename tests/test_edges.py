@@ -115,6 +115,27 @@ def test_per_call_scales_that_leave_float32_are_refused_alike_by_every_backend()
         assert len(msgs) == 1 and "1/(s_input*s_kernel) must be a positive finite float32" in msgs.pop()
 
 
+# ---- what prepare keeps --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_a_prepared_conv_is_not_changed_by_later_writes_to_the_callers_kernel_and_bias(precision):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 5, 5, 2)).astype(np.float32)
+    for backend in CPU:
+        backend_or_skip(backend)
+        w = rng.standard_normal((3, 3, 2, 2)).astype(np.float32)
+        b = np.ones(2, np.float32)
+        conv = qconv.prepare(w, precision, backend, bias=b)
+        y, r = conv(x), conv.result(x, accuracy=True)
+        w[:] = np.nan  # the reference read both on every call, and result() rebuilt its float64 reference
+        b[:] = 100
+        again = conv.result(x, accuracy=True)
+        assert np.array_equal(conv(x), y) and np.array_equal(again.output, y), backend
+        assert again.nrmse == r.nrmse and again.saturated == r.saturated, backend
+        with pytest.raises(ValueError):  # and what it keeps is read-only
+            conv.kernel[0, 0, 0, 0] = 1
+
+
 @pytest.mark.parametrize("which", ["input", "kernel"])
 @pytest.mark.parametrize("scale", ["maxabs", "maxabs-per-channel"])
 def test_all_denormal_data_is_refused_alike_by_every_backend_without_a_warning(which, scale):

@@ -143,6 +143,13 @@ def _copying(shape: tuple[int, ...], what: str) -> Iterator[None]:
                          f"be allocated") from None
 
 
+def _owned(a: np.ndarray) -> np.ndarray:
+    """A read-only copy: what prepare keeps must not change when the caller's array does."""
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
 def _shape_of(a: object) -> tuple[int, ...]:
     return tuple(int(d) for d in a.shape)  # type: ignore[attr-defined]
 
@@ -168,12 +175,12 @@ class Conv:
         if w.ndim != 4:
             names = {"HWOI": "KH, KW, OC, IC", "OIHW": "OC, IC, KH, KW", "HWIO": "KH, KW, IC, OC"}
             raise InputError(f"kernel must be 4-D ({names[self.kernel_layout]}), got shape {w.shape}")
-        self.kernel = layouts.kernel_to_hwoi(w, self.kernel_layout)
+        self.kernel = _owned(layouts.kernel_to_hwoi(w, self.kernel_layout))
         self.spec: ConvSpec = conv_spec(self.kernel.shape, stride=stride, padding=padding, groups=groups,
                                         bias_shape=None if bias is None else _shape_of(np.asarray(bias)))
         _check_bytes(self.kernel.shape, "kernel")
         check_finite(self.kernel, "kernel")
-        self.bias = None if bias is None else as_host_float32(bias, "bias")
+        self.bias = None if bias is None else _owned(as_host_float32(bias, "bias"))
         if self.bias is not None:
             check_finite(self.bias, "bias")
         if not self.precision.is_integer:
