@@ -77,6 +77,16 @@ def test_conv_json_schema(layer, tmp_path, precision):
     assert 0 < doc["nrmse"] < 0.05
 
 
+def test_conv_json_is_strict_json_when_the_nrmse_is_infinite(tmp_path):
+    # one output: the reference has no range, so NRMSE is inf (documented); JSON has no Infinity
+    qconv.save_tensor(tmp_path / "x.bin", np.full((1, 1, 1, 1), 0.3, np.float32))
+    qconv.save_tensor(tmp_path / "w.bin", np.full((1, 1, 1, 1), 0.7, np.float32))
+    p = _run(["conv", "x.bin", "w.bin", "-p", "int8", "-b", "reference", "-n", "1", "--json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert doc["nrmse"] is None
+
+
 def test_conv_scale_pair_and_truncation(layer, tmp_path):
     xp, wp, x, w = layer
     p = _run(["conv", str(xp), str(wp), "-p", "8", "-s", "10,300", "-r", "truncate", "-b", "reference",

@@ -19,6 +19,7 @@ import pytest
 
 import qconv
 from qconv import backends as registry
+from qconv import jsonout
 from qconv.contract import Precision, conv2d_float64, conv2d_quantized, maxabs_scale, nrmse
 from qconv.metrics import accumulator_bits, effective_bits, output_bits_nrmse
 from qconv.scales import maxabs_q
@@ -290,7 +291,7 @@ def test_report_states_energy_verdicts_only_for_measured_loops(study):
         text = body(rep.render(doc))
         assert ("Measured (dynamic energy" in text) is measured
         assert ("no measured verdict" in text) is (not measured)
-        assert validate(artifacts.clean(doc)) == []
+        assert validate(jsonout.clean(doc)) == []
 
 
 def test_per_channel_strategy_matches_a_hand_computation(tmp_path):

@@ -8,14 +8,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import statistics
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from . import backends, samples, tensorfile
+from . import backends, jsonout, samples, tensorfile
 from .api import ConvResult, conv2d_result, prepare
 from .contract import parse_precision
 from .errors import BackendError, QconvError
@@ -158,7 +157,7 @@ def _cmd_conv(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"input": str(args.input), "kernel": str(args.kernel), "output": args.output,
                "input_shape": list(x.shape), "kernel_shape": list(w.shape), **r.to_dict()}
-        print(json.dumps(doc, indent=2))
+        print(jsonout.dumps(doc, indent=2))
     else:
         print("\n".join(_report_lines(r, x.shape, w.shape)))
         if args.output:
@@ -169,7 +168,7 @@ def _cmd_conv(args: argparse.Namespace) -> int:
 def _cmd_backends(args: argparse.Namespace) -> int:
     avail = backends.available_backends()
     if args.json:
-        print(json.dumps({n: {"available": ok, "detail": why} for n, (ok, why) in avail.items()}, indent=2))
+        print(jsonout.dumps({n: {"available": ok, "detail": why} for n, (ok, why) in avail.items()}, indent=2))
         return 0
     width = max(len(n) for n in avail)
     for name, (ok, why) in avail.items():
@@ -189,7 +188,7 @@ def _cmd_samples(args: argparse.Namespace) -> int:
         raise QconvError(f"no sample tensors are installed (looked in {str(samples.DATA)!r})")
     shapes = {n: samples.shape_of(p) for n, p in tensors.items()}
     if args.json:
-        print(json.dumps({n: {"path": str(p), "shape": list(shapes[n] or [])} for n, p in tensors.items()},
+        print(jsonout.dumps({n: {"path": str(p), "shape": list(shapes[n] or [])} for n, p in tensors.items()},
                          indent=2))
         return 0
     width = max(len(n) for n in tensors)

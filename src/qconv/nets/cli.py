@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any
 
+from .. import jsonout
 from ..contract import parse_precision
 from ..errors import QconvError
 from . import fetch
@@ -144,7 +144,7 @@ def cmd_net(args: argparse.Namespace) -> int:
         doc = {"network": net.name, "evaluation_images": list(split.evaluation.ids),
                "calibration_images": list(split.calibration.ids),
                "results": [r.to_dict() for r in results], "noise": noise.to_dict() if noise else None}
-        print(json.dumps(doc, indent=2))
+        print(jsonout.dumps(doc, indent=2))
         return 0
     print("\n".join(_summary(net, split, results) + _layer_table(results)))
     if noise:

@@ -5,38 +5,19 @@ fails later."""
 from __future__ import annotations
 
 import csv
-import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .. import jsonout
 from ..backends.base import PHASES
 from . import plots as figures
 from . import report, summary
 
 
-def clean(o: Any) -> Any:
-    """JSON-safe: non-finite floats become null, numpy scalars become Python numbers."""
-    if isinstance(o, dict):
-        return {str(k): clean(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [clean(v) for v in o]
-    if isinstance(o, (bool, np.bool_)):
-        return bool(o)
-    if isinstance(o, (int, np.integer)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        f = float(o)
-        return f if math.isfinite(f) else None
-    return o
-
-
 def write_json(res: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(clean(res), indent=1, allow_nan=False) + "\n")
+    tmp.write_text(jsonout.dumps(res, indent=1) + "\n")
     os.replace(tmp, path)
 
 
