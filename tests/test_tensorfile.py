@@ -113,17 +113,45 @@ def test_saved_file_has_ordinary_permissions(tmp_path):
     assert mode(tmp_path / "saved.bin") == mode(plain)
 
 
-@pytest.mark.parametrize("bad, what", [
-    (np.zeros((2, 3, 4), np.float32), r"4-D tensors, got shape \(2, 3, 4\)"),
-    (np.zeros((1, 2, 3, 4, 5), np.float32), "4-D tensors"),
-    (np.zeros((1, 0, 3, 4), np.float32), r"shape \(1, 0, 3, 4\) cannot be stored"),
+@pytest.mark.parametrize("name, bad, what", [
+    ("bad.bin", np.zeros((2, 3, 4), np.float32), r"4-D tensors, got shape \(2, 3, 4\)"),
+    ("bad.bin", np.zeros((1, 2, 3, 4, 5), np.float32), "4-D tensors"),
+    ("bad.bin", np.zeros((1, 0, 3, 4), np.float32), r"shape \(1, 0, 3, 4\) cannot be stored"),
+    ("bad.bin", np.full((1, 1, 1, 2), 1e300), r"float64 values beyond float32's range"),  # not inf
+    ("bad.npy", np.full((3,), -1e39), r"float64 values beyond float32's range"),
+    ("bad.npy", np.zeros(0, np.float32), r"shape \(0,\) cannot be stored"),
+    ("bad.npy", np.float32(1), r"a single value \(a 0-d array\) is not a tensor"),
+    ("bad.npz", np.zeros((1, 1, 1, 1), np.float32), r"save writes .bin or .npy; .* numpy.savez"),
 ])
-def test_save_rejects_what_the_format_cannot_hold(tmp_path, bad, what):
-    p = tmp_path / "bad.bin"
+def test_save_rejects_what_the_format_cannot_hold(tmp_path, name, bad, what):
+    p = tmp_path / name
     with pytest.raises(QconvError, match=what) as e:
         save(p, bad)
     assert str(p) in str(e.value)
     assert not p.exists() and _siblings(p) == []
+
+
+@pytest.mark.parametrize("name", ["y.npy", "Y.NPY"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5), (7,), (3, 1, 2)])
+def test_save_to_a_npy_name_writes_npy_that_numpy_and_load_read_back(tmp_path, name, shape):
+    t = np.random.default_rng(1).standard_normal(shape)  # float64: stored as float32
+    save(tmp_path / name, t)
+    back = np.load(tmp_path / name, allow_pickle=False)
+    assert back.dtype == np.float32 and back.shape == shape
+    np.testing.assert_array_equal(back, t.astype(np.float32))
+    np.testing.assert_array_equal(load(tmp_path / name), back)
+
+
+def test_load_refuses_a_key_that_is_not_a_str(tmp_path):
+    np.savez(tmp_path / "two.npz", a=np.ones(2), b=np.zeros(2))
+    with pytest.raises(QconvError, match="key names an array in a .npz and must be a str, got int"):
+        load(tmp_path / "two.npz", key=5)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, a folder that refuses new files")
+def test_save_into_a_folder_that_refuses_new_files_does_not_call_it_missing():
+    with pytest.raises(QconvError, match=r"cannot write: cannot create a file in '/proc'$"):
+        save("/proc/qconv-out.bin", np.ones((1, 1, 1, 1), np.float32))
 
 
 def test_save_into_a_missing_folder_names_the_file(tmp_path):
@@ -537,7 +565,7 @@ def test_npy_is_told_by_content_not_suffix(tmp_path):
     np.save(tmp_path / "w.npy", np.ones((1, 1, 2, 2), np.float32))
     os.rename(tmp_path / "w.npy", tmp_path / "w.bin")
     assert load(tmp_path / "w.bin").shape == (1, 1, 2, 2)
-    save(tmp_path / "x.npy", np.ones((1, 1, 1, 1), np.float32))  # a .bin named .npy
+    (tmp_path / "x.npy").write_bytes(struct.pack("<4i", 1, 1, 1, 1) + np.float32(1).tobytes())  # a .bin named .npy
     _rejects(tmp_path / "x.npy", "not a .npy file")
 
 

@@ -78,6 +78,8 @@ def load(path: PathArg, *, key: str | None = None) -> np.ndarray:
     that exact name exists. A shipped sample's name ("exam1/input", see `qconv samples`) loads that
     sample when no file of that name exists. Every malformed or unreadable file raises InputError naming it."""
     p = _path(path, "load_tensor")
+    if key is not None and not isinstance(key, str):
+        raise InputError(f"load_tensor: key names an array in a .npz and must be a str, got {type(key).__name__}")
     if not os.path.lexists(p) and not _is_std(p):
         from ..samples import resolve_tensor  # a shipped sample's name ("exam1/input") works too
         p = resolve_tensor(p)

@@ -1,4 +1,8 @@
-"""Writing tensor files: `save` (.bin) and the temporary files an interrupted save leaves.
+"""Writing tensor files: `save` and the temporary files an interrupted save leaves.
+
+A name ending in .npy gets a .npy file (float32, any number of dimensions, as np.save writes it);
+any other name the assignment's .bin (4-D). A .npz name is refused (np.savez writes archives), and
+so is a float64 value beyond float32's range, as loading refuses it.
 
 Writing (`save`) goes to a temporary file beside the target, `.NAME.qconv-tmp-PID-RANDOM`, which is
 renamed over the target once complete and fsynced: a reader never sees half a tensor, and an
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import os
 import re
 import secrets
@@ -40,11 +45,15 @@ _SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(si
 
 
 def save(path: PathArg, tensor: Any) -> None:
-    """Write a 4-D real tensor as .bin (float32). See the module docstring for what happens to an
-    existing file, a symlink, a device, a FIFO or "-" (standard output), and to an interrupted write."""
+    """Write a real tensor as float32: .npy for a name ending in .npy, else .bin (4-D). See the
+    module docstring for what happens to an existing file, a symlink, a device, a FIFO or "-"
+    (standard output), and to an interrupted write."""
     name = _describe(path, "standard output")
     p = _path(path, "save_tensor")
-    data, header = _encode(name, tensor)
+    suffix = os.path.splitext(p)[1].lower()
+    if suffix == ".npz":
+        raise InputError(f"{name}: save writes .bin or .npy; write a .npz archive with numpy.savez")
+    data, header = _encode(name, tensor, npy=suffix == ".npy")
     if _is_std(p):
         _write_stdout(name, header, data)
         return
@@ -80,17 +89,30 @@ def _is_fd_alias(p: str) -> bool:
     return False
 
 
-def _encode(name: str, tensor: Any) -> tuple[np.ndarray, bytes]:
+def _encode(name: str, tensor: Any, npy: bool) -> tuple[np.ndarray, bytes]:
+    """The float32 little-endian values and the header: .npy's, or .bin's four int32 dimensions."""
     try:
         t = np.asarray(tensor)
     except (TypeError, ValueError) as e:
         raise InputError(f"{name}: cannot store {type(tensor).__name__}: {e}") from None
     _check_dtype(name, t.dtype, "cannot store")
-    if t.ndim != 4:
-        raise InputError(f"{name}: the format holds 4-D tensors, got shape {t.shape}")
+    if not npy and t.ndim != 4:
+        raise InputError(f"{name}: the .bin format holds 4-D tensors, got shape {t.shape} (a .npy name "
+                         f"holds any)")
+    if t.ndim == 0:
+        raise InputError(f"{name}: a single value (a 0-d array) is not a tensor")
     if any(d <= 0 or d > 2**31 - 1 for d in t.shape):
         raise InputError(f"{name}: shape {t.shape} cannot be stored (dims must fit int32, > 0)")
-    return np.ascontiguousarray(t, dtype="<f4"), struct.pack("<4i", *t.shape)
+    with np.errstate(over="raise", invalid="ignore"):
+        try:
+            data = np.ascontiguousarray(t, dtype="<f4")
+        except FloatingPointError:
+            raise InputError(f"{name}: {t.dtype} values beyond float32's range (+-3.4e38)") from None
+    if not npy:
+        return data, struct.pack("<4i", *t.shape)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": t.shape})
+    return data, head.getvalue()
 
 
 def _write_all(fd: int, header: bytes, data: np.ndarray) -> None:
@@ -162,8 +184,9 @@ def _write_replacing(name: str, real: str, st: os.stat_result | None, header: by
                 raise
     except _Terminated as t:
         terminated = t
-    except FileNotFoundError:
-        raise InputError(f"{name}: cannot write: no such folder {folder!r}") from None
+    except FileNotFoundError:  # a folder that exists may still refuse new files (/proc)
+        why = f"cannot create a file in {folder!r}" if os.path.isdir(folder) else f"no such folder {folder!r}"
+        raise InputError(f"{name}: cannot write: {why}") from None
     except OSError as e:
         raise _oserror(name, e, "write") from None
     if terminated is not None:  # cleaned up, the previous handler is back: let it act on the signal
