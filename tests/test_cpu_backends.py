@@ -244,6 +244,17 @@ def test_env_isa_cap(monkeypatch):
         c_avx2.resolve({})
 
 
+def test_isa_is_read_alike_from_the_option_and_the_environment(monkeypatch):
+    _need("c-avx2")
+    from qconv.backends import c_avx2, parse_variant
+    monkeypatch.setenv("QCONV_ISA", " AVX2 ")
+    assert c_avx2.resolve({})[0] == "avx2"
+    monkeypatch.delenv("QCONV_ISA")
+    assert c_avx2.resolve(parse_variant("c-avx2[isa=AVX2]")[1])[0] == "avx2"
+    with pytest.raises(QconvError, match="option 'isa' is given twice"):
+        parse_variant("c-avx2[isa=avx2,isa=avx512]")
+
+
 def test_peak_microbenchmarks_count_their_work():
     cext = _cext()
     macs, secs = cext.peak("scalar-fma", 1, 1000)

@@ -49,8 +49,10 @@ def parse_variant(text: str) -> tuple[str, dict]:
         k, eq, v = item.partition("=")
         if not eq or not k.strip():
             raise InputError(f"backend {text!r}: options are written name[key=value,...]")
-        v = v.strip()
-        opts[k.strip()] = int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
+        k, v = k.strip(), v.strip()
+        if k in opts:
+            raise InputError(f"backend {text!r}: option {k!r} is given twice")
+        opts[k] = int(v) if v.lstrip("-").isdigit() else {"true": True, "false": False}.get(v.lower(), v)
     return name.strip(), opts
 
 

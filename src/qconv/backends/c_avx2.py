@@ -146,7 +146,8 @@ def resolve(options: dict) -> tuple[str, int]:
         raise InputError(f"c-avx2: {where}={threads} is more than {cap} (4x this machine's "
                          f"{os.cpu_count()} CPUs, at most {_cext.max_threads()}): more threads than that "
                          f"only contend for the same cores")
-    isa = options.get("isa") or os.environ.get("QCONV_ISA", "").strip().lower() or "auto"
+    isa = options.get("isa") or os.environ.get("QCONV_ISA", "") or "auto"
+    isa = isa.strip().lower() if isinstance(isa, str) else isa
     if isa not in ISAS:
         raise InputError(f"c-avx2: isa must be one of {', '.join(ISAS)}, got {isa!r}")
     return _cext.best_isa(isa), int(threads)
