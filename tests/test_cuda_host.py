@@ -1,0 +1,193 @@
+"""quant.cu's quantize pass, its own source text, compiled for the host and run block by block.
+
+The GPU tests need an NVIDIA GPU; this one needs only a C++ compiler. It cuts quantize_x_body and
+what it calls (quantize_grid, quantize4, quantize1, nonfinite4, PassParams, QStats) out of the
+kernel sources, compiles them with a few lines that stand in for CUDA (blockIdx and friends as
+globals, __ldg as a load, __fmul_rn as a float32 multiply the compiler may not contract), and runs
+every thread of a launch one after another; the pass has no shared memory or barrier, so that is
+the launch's result. The output must be the contract's quantize in the layout the convolution
+kernels read: the padded grid of the window kernels, the unbordered one a channel-padded single
+group uses (a C=3 stem), or the dense copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qconv.contract import Precision, Rounding, quantize
+
+KERNELS = Path(__file__).resolve().parent.parent / "src" / "qconv" / "backends" / "cuda_kernels"
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+SHIM = r"""
+#include <cmath>
+#include <cstring>
+struct dim3_ { unsigned x, y, z; };
+static dim3_ blockIdx, blockDim, gridDim, threadIdx;
+#define QD static inline
+struct float4 { float x, y, z, w; };
+struct char4 { signed char x, y, z, w; };
+struct short4 { short x, y, z, w; };
+struct int4 { int x, y, z, w; };
+struct uint4 { unsigned x, y, z, w; };
+typedef signed char qs8;
+typedef short qs16;
+struct QSlot;
+template <typename T> static inline T __ldg(const T* p) { return *p; }
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline int atomicOr(int* a, int v) { int o = *a; *a |= v; return o; }
+using std::isfinite;
+"""
+
+DRIVER = r"""
+template <typename T>
+static int run(PassParams p, float s, unsigned blocks, unsigned threads) {
+  QStats st = {};
+  p.stats = &st;
+  gridDim = {blocks, 1, 1};
+  blockDim = {threads, 1, 1};
+  for (unsigned b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < threads; ++t) {
+      blockIdx = {b, 0, 0};
+      threadIdx = {t, 0, 0};
+      quantize_x_body<T>(p, s);
+    }
+  return st.flag;
+}
+extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n, int C, int G, int icg, int icgp,
+                                int qmax, int trunc, float s, int vec, int H, int W, int Hp, int Wp, int pt, int pl,
+                                unsigned blocks, unsigned threads) {
+  PassParams p = {};
+  p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = icg; p.icgp = icgp; p.qmax = qmax; p.trunc = trunc;
+  p.vec = vec; p.H = H; p.W = W; p.Hp = Hp; p.Wp = Wp; p.pt = pt; p.pl = pl;
+  if (elem == 1) return run<qs8>(p, s, blocks, threads);
+  if (elem == 2) return run<qs16>(p, s, blocks, threads);
+  return run<int>(p, s, blocks, threads);
+}
+"""
+
+
+def _cut(text: str, start: str) -> str:
+    """The definition that begins with the line matching `start`, through its closing brace (and
+    the semicolon of a struct)."""
+    m = re.search(start, text, re.M)
+    assert m, f"{start!r} not found in the kernel source"
+    i = text.index("{", m.end() - 1 if text[m.end() - 1] == "{" else m.end())
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            end = j + 1
+            return text[m.start():end + (text[end] == ";")]
+    raise AssertionError(f"unbalanced braces after {start!r}")
+
+
+def _source() -> str:
+    common = (KERNELS / "qconv_common.cuh").read_text()
+    quant = (KERNELS / "quant.cu").read_text()
+    macro = re.search(r"^#define QGRID_STRIDE\(i, n\)(?:.*\\\n)+.*\n", quant, re.M)
+    assert macro, "QGRID_STRIDE not found in quant.cu"
+    vec4 = re.search(r"^template <typename T> struct Vec4;\n(?:template <> struct Vec4<.*\n)+", quant, re.M)
+    assert vec4, "Vec4 not found in quant.cu"
+    parts = [
+        _cut(common, r"^struct QStats \{"),
+        _cut(common, r"^QD int quantize1\("),
+        _cut(common, r"^QD int nonfinite4\("),
+        _cut(quant, r"^struct PassParams \{"),
+        macro.group(0),
+        vec4.group(0),
+        _cut(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
+        _cut(quant, r"^template <typename T, int V>\nQD int quantize_grid\("),
+        _cut(quant, r"^template <typename T>\nQD void quantize_x_body\("),
+    ]
+    return SHIM + "\n".join(parts) + DRIVER
+
+
+@pytest.fixture(scope="module")
+def host_pass(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) to build quant.cu's pass for the host")
+    d = tmp_path_factory.mktemp("quant_host")
+    (d / "quant_host.cpp").write_text(_source())
+    # -ffp-contract=off: the contract's multiply is never fused; -fno-strict-aliasing: the 16-byte store
+    r = subprocess.run([CXX, "-std=c++17", "-O1", "-shared", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing",
+                        "-o", str(d / "quant_host.so"), str(d / "quant_host.cpp")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lib = ctypes.CDLL(str(d / "quant_host.so"))
+    f = lib.quantize_on_host
+    f.restype = ctypes.c_int
+    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_int] * 6 + \
+        [ctypes.c_float] + [ctypes.c_int] * 7 + [ctypes.c_uint, ctypes.c_uint]
+    return f
+
+
+DTYPE = {1: np.int8, 2: np.int16, 4: np.int32}
+PREC = {1: Precision.INT8, 2: Precision.INT16, 4: Precision.INT32}
+
+
+def _launch(f, x, elem, s, out_shape, *, G=1, icgp, vec, grid=None, blocks=3, threads=64, trunc=False):
+    n, h, w, c = x.shape
+    out = np.full(out_shape, 77, DTYPE[elem])  # not zero: every value must be written
+    H, W, Hp, Wp, pt, pl = grid or (0, 0, 0, 0, 0, 0)
+    flag = f(elem, x.ctypes.data, out.ctypes.data, x.size, c, G, c // G, icgp, PREC[elem].qmax, int(trunc),
+             s, int(vec), H, W, Hp, Wp, pt, pl, blocks, threads)
+    return out, flag
+
+
+def _q(x, elem, s, trunc=False):
+    return quantize(x, np.float32(s), PREC[elem], Rounding.TRUNCATE if trunc else Rounding.NEAREST).astype(np.int64)
+
+
+@pytest.mark.parametrize("c, icgp", [(3, 16), (4, 16), (16, 16), (48, 64), (64, 64), (5, 32), (32, 32)])
+@pytest.mark.parametrize("pads", [(1, 1, 1, 1), (0, 2, 3, 0), (0, 0, 0, 0)])
+@pytest.mark.parametrize("elem", [1, 2, 4])
+@pytest.mark.parametrize("vec", [True, False])
+def test_the_padded_grid_is_the_contracts_quantize_where_the_kernels_read_it(host_pass, c, icgp, pads, elem, vec):
+    """Every item width the pass picks from C (16, 4, 1 channels) and the unaligned fallback; a
+    border (the window kernels) or none (one group's padded channels); int8, int16, int32."""
+    rng = np.random.default_rng(c * 7 + elem)
+    n, h, w = 2, 5, 7
+    x = (rng.standard_normal((n, h, w, c)) * 40).astype(np.float32)
+    x.flat[::13] = 0.5  # ties: half to even
+    pt, pb, pl, pr = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    for blocks, threads in ((1, 1), (3, 64), (7, 96)):
+        got, flag = _launch(host_pass, x, elem, 1.7, (n, hp, wp, icgp), icgp=icgp, vec=vec,
+                            grid=(h, w, hp, wp, pt, pl), blocks=blocks, threads=threads)
+        want = np.zeros((n, hp, wp, icgp), np.int64)
+        want[:, pt:pt + h, pl:pl + w, :c] = _q(x, elem, 1.7)
+        assert flag == 0
+        assert np.array_equal(got, want), (blocks, threads)
+
+
+@pytest.mark.parametrize("trunc", [False, True])
+def test_the_dense_and_grouped_layouts_and_saturation(host_pass, trunc):
+    """No grid: the dense float4 path, and groups whose channels are padded (one value per item)."""
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((2, 3, 5, 8)) * 1e3).astype(np.float32)
+    x[0, 0, 0, :4] = [3e38, -3e38, 2.5, -2.5]  # saturate at +-qmax; ties
+    for elem in (1, 2, 4):
+        got, flag = _launch(host_pass, x, elem, 0.37, x.shape, icgp=8, vec=True, trunc=trunc)
+        assert flag == 0 and np.array_equal(got, _q(x, elem, 0.37, trunc))
+        got, flag = _launch(host_pass, x, elem, 0.37, (2, 3, 5, 2, 16), G=2, icgp=16, vec=False, trunc=trunc)
+        want = np.zeros((2, 3, 5, 2, 16), np.int64)
+        want[..., :4] = _q(x, elem, 0.37, trunc).reshape(2, 3, 5, 2, 4)
+        assert flag == 0 and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("vec", [True, False])
+def test_a_non_finite_input_sets_the_flag(host_pass, vec):
+    x = np.ones((1, 3, 3, 16), np.float32)
+    x[0, 2, 1, 5] = np.nan
+    _, flag = _launch(host_pass, x, 1, 1.0, (1, 5, 5, 16), icgp=16, vec=vec, grid=(3, 3, 5, 5, 1, 1))
+    assert flag & 1
+    x[0, 2, 1, 5] = 1.0
+    _, flag = _launch(host_pass, x, 1, 1.0, (1, 5, 5, 16), icgp=16, vec=vec, grid=(3, 3, 5, 5, 1, 1))
+    assert flag == 0
