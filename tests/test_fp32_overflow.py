@@ -1,4 +1,5 @@
-"""FP32 outputs that overflow float32 are refused, with the same message on every backend.
+"""FP32 at float32's limits. Outputs that overflow float32 are refused, with the same message on
+every backend; outputs in the subnormal range stay within the FP32 bound's absolute term.
 
 Finite inputs near float32's limit (3e38) make sums that leave its range; before this rule the
 backends disagreed (the reference NaN and inf, c-scalar NaN, c-avx2 inf) and returned normally.
@@ -15,7 +16,7 @@ import pytest
 
 import qconv
 from conftest import backend_or_skip
-from qconv.contract import fp32_overflow_error
+from qconv.contract import conv2d_float64, fp32_error_bound, fp32_overflow_error
 from qconv.errors import InputError
 
 CPU = [("reference", {}), ("c-scalar", {}), ("c-avx2", {"threads": 1}), ("c-avx2", {"threads": 2})]
@@ -75,3 +76,18 @@ def test_cuda_refuses_overflow_with_the_contract_message():
     with pytest.raises(InputError) as e:
         qconv.conv2d(x, w, "fp32", "cuda", **kw)
     assert str(e.value) in (str(fp32_overflow_error(count)), str(fp32_overflow_error()))
+
+
+@pytest.mark.parametrize("backend,opts", CPU, ids=[f"{b}{o}" for b, o in CPU])
+def test_subnormal_data_is_within_the_bounds_absolute_term(backend, opts):
+    """Products below 2^-126 round with an absolute error (up to 2^-150): the relative bound alone
+    fails on every backend, the reference's float32 matmuls included; (K + 1) * 2^-149 covers it."""
+    backend_or_skip(backend)
+    rng = np.random.default_rng(4)
+    x = (rng.uniform(-1, 1, (2, 7, 9, 2)) * 1e-39).astype(np.float32)   # subnormal inputs and products
+    w = rng.uniform(-1, 1, (1, 1, 4, 2)).astype(np.float32)
+    y = qconv.conv2d(x, w, "fp32", backend, **opts).astype(np.float64)
+    err = np.abs(y - conv2d_float64(x, w))
+    k = 2
+    assert np.all(err <= fp32_error_bound(x, w))
+    assert np.any(err > fp32_error_bound(x, w) - (k + 1) * 2.0**-149)  # the term is needed

@@ -323,12 +323,14 @@ def nrmse(approx: np.ndarray, reference: np.ndarray) -> float:
 def fp32_error_bound(x: np.ndarray, w: np.ndarray, c: float = 2.0, geom: Geometry | None = None,
                      bias: np.ndarray | None = None, per_term: float = 0.0) -> np.ndarray:
     """Per-output bound on |y32 - y64|: (c * K + per_term) * eps32 * sum |x * w| over the receptive
-    field (K = KH*KW*C/groups, the terms one output sums), plus one rounding of the bias add.
-    per_term: an error each product carries before the sum (a path that splits its operands, such
-    as the cuda backend's fp32_path="tf32x3"); c and per_term of a backend: backends.fp32_bound."""
+    field (K = KH*KW*C/groups, the terms one output sums), plus (K + 1) * 2^-149 for roundings in
+    float32's subnormal range (there the error of a product is absolute, up to 2^-150, not
+    relative), plus one rounding of the bias add. per_term: an error each product carries before
+    the sum (a path that splits its operands, such as the cuda backend's fp32_path="tf32x3"); c
+    and per_term of a backend: backends.fp32_bound."""
     k = w.shape[0] * w.shape[1] * w.shape[3]
     eps32 = float(np.finfo(np.float32).eps)
-    bound = (c * k + per_term) * eps32 * conv2d_float64(np.abs(x), np.abs(w), geom)
+    bound = (c * k + per_term) * eps32 * conv2d_float64(np.abs(x), np.abs(w), geom) + (k + 1) * 2.0**-149
     if bias is not None:
         bound = bound * (1 + eps32) + eps32 * np.abs(conv2d_float64(x, w, geom) + np.asarray(bias, np.float64))
     return bound
