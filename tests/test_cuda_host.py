@@ -1,8 +1,8 @@
-"""quant.cu's quantize pass, its own source text, compiled for the host and run block by block.
+"""quant.cu's quantize passes, their own source text, compiled for the host and run block by block.
 
 The GPU tests need an NVIDIA GPU; this one needs only a C++ compiler. It cuts quantize_x_body and
-what it calls (quantize_grid, quantize4, quantize1, nonfinite4, PassParams, QStats) out of the
-kernel sources, compiles them with a few lines that stand in for CUDA (blockIdx and friends as
+what it calls (quantize_grid, quantize4, quantize1, nonfinite4, PassParams, QStats) (and quantize_planes_body, the INT16/INT32
+tensor-core path's byte planes) out of the kernel sources, compiles them with a few lines that stand in for CUDA (blockIdx and friends as
 globals, __ldg as a load, __fmul_rn as a float32 multiply the compiler may not contract), and runs
 every thread of a launch one after another; the pass has no shared memory or barrier, so that is
 the launch's result. The output must be the contract's quantize in the layout the convolution
@@ -61,6 +61,22 @@ static int run(PassParams p, float s, unsigned blocks, unsigned threads) {
     }
   return st.flag;
 }
+extern "C" int planes_on_host(int P, const float* x, void* out, long long n, int C, int G, int icgp, int qmax,
+                              float s, int vec, unsigned blocks, unsigned threads) {
+  PassParams p = {};
+  QStats st = {};
+  p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = C / G; p.icgp = icgp; p.qmax = qmax; p.vec = vec;
+  p.stats = &st;
+  gridDim = {blocks, 1, 1};
+  blockDim = {threads, 1, 1};
+  for (unsigned b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < threads; ++t) {
+      blockIdx = {b, 0, 0};
+      threadIdx = {t, 0, 0};
+      if (P == 2) quantize_planes_body<2>(p, s); else quantize_planes_body<4>(p, s);
+    }
+  return st.flag;
+}
 extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n, int C, int G, int icg, int icgp,
                                 int qmax, int trunc, float s, int vec, int H, int W, int Hp, int Wp, int pt, int pl,
                                 unsigned blocks, unsigned threads) {
@@ -106,6 +122,7 @@ def _source() -> str:
         _cut(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
         _cut(quant, r"^template <typename T, int V>\nQD int quantize_grid\("),
         _cut(quant, r"^template <typename T>\nQD void quantize_x_body\("),
+        _cut(quant, r"^template <int P>\nQD void quantize_planes_body\("),
     ]
     return SHIM + "\n".join(parts) + DRIVER
 
@@ -125,6 +142,10 @@ def host_pass(tmp_path_factory):
     f.restype = ctypes.c_int
     f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_int] * 6 + \
         [ctypes.c_float] + [ctypes.c_int] * 7 + [ctypes.c_uint, ctypes.c_uint]
+    lib.planes_on_host.restype = ctypes.c_int
+    lib.planes_on_host.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong] + \
+        [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+    f.planes = lib.planes_on_host
     return f
 
 
@@ -191,3 +212,24 @@ def test_a_non_finite_input_sets_the_flag(host_pass, vec):
     x[0, 2, 1, 5] = 1.0
     _, flag = _launch(host_pass, x, 1, 1.0, (1, 5, 5, 16), icgp=16, vec=vec, grid=(3, 3, 5, 5, 1, 1))
     assert flag == 0
+
+
+@pytest.mark.parametrize("P, prec", [(2, Precision.INT16), (4, Precision.INT32)])
+@pytest.mark.parametrize("c, groups, icgp, vec", [(32, 1, 32, True), (16, 1, 16, True), (3, 1, 16, False),
+                                                  (10, 2, 16, False)])
+def test_the_byte_planes_hold_each_quantized_values_bytes(host_pass, P, prec, c, groups, icgp, vec):
+    """[pixel][plane b][group][icgp] bytes, plane b = (q >> 8b) & 0xFF (the top one q's signed top
+    byte as bits), padding channels 0; every value of a wide range, ties and saturation included."""
+    rng = np.random.default_rng(P * 100 + c)
+    x = (rng.standard_normal((2, 3, 4, c)) * 3e4).astype(np.float32)
+    x.flat[:6] = [3e38, -3e38, 0.5, -1.5, 2.5e9, -2.5e9]
+    s = 1.3e4 if P == 4 else 0.7
+    q = quantize(x, np.float32(s), prec).astype(np.int64).reshape(2, 3, 4, groups, c // groups)
+    want = np.zeros((2, 3, 4, P, groups, icgp), np.uint8)
+    for b in range(P):
+        want[:, :, :, b, :, :c // groups] = (q >> (8 * b)) & 0xFF
+    for blocks, threads in ((1, 1), (5, 32)):
+        got = np.full(want.shape, 77, np.uint8)
+        flag = host_pass.planes(P, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, prec.qmax, s, int(vec),
+                                blocks, threads)
+        assert flag == 0 and np.array_equal(got, want), (blocks, threads)
