@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qconv.contract import Precision, Rounding, quantize
+from qconv.backends.cuda import _jobs, _tiling
+from qconv.contract import Precision, Rounding, conv_spec, quantize
 
 KERNELS = Path(__file__).resolve().parent.parent / "src" / "qconv" / "backends" / "cuda_kernels"
 CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
@@ -233,3 +234,32 @@ def test_the_byte_planes_hold_each_quantized_values_bytes(host_pass, P, prec, c,
         flag = host_pass.planes(P, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, prec.qmax, s, int(vec),
                                 blocks, threads)
         assert flag == 0 and np.array_equal(got, want), (blocks, threads)
+
+
+@pytest.mark.parametrize("c, kh, window", [(3, 7, False), (3, 3, True), (4, 3, False), (64, 3, True), (64, 3, False),
+                                            (48, 1, True), (5, 3, False)])
+def test_the_pass_the_host_configures_writes_the_layout_the_convolution_reads(host_pass, c, kh, window):
+    """_jobs.quantize_pass (the PassParams grid fields, vec and the item count a GemmJob launches
+    with) run through the kernel's source: the window kernels' padded grid (channels padded to 32
+    bytes), a C=3 stem's channels padded to 16 without a border, or x as it is; and the item count
+    is what the kernel walks (V channels an item where it reads float4)."""
+    x = (np.random.default_rng(c + kh).standard_normal((2, 9, 8, c)) * 50).astype(np.float32)
+    g = conv_spec((kh, kh, 8, c)).geometry(x.shape)
+    lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32 if window else 16)
+    hp, wp = g.ho + kh - 1, g.wo + kh - 1
+    grid, vec, items = _jobs.quantize_pass(g, lay, (hp, wp) if window else None, vec_x=True)
+    q = _q(x, 1, 0.9)
+    if grid is None:
+        assert not lay.padded and vec and items == x.size // 4
+        shape, want = x.shape, q
+    else:
+        shape = (2, grid["Hp"], grid["Wp"], lay.icgp)
+        want = np.zeros(shape, np.int64)
+        want[:, grid["pt"]:grid["pt"] + 9, grid["pl"]:grid["pl"] + 8, :c] = q
+        v = 16 if c % 16 == 0 else 4 if c % 4 == 0 else 1
+        assert vec and items * v == want.size
+        assert window or (grid["Hp"], grid["Wp"], grid["pt"], grid["pl"]) == (9, 8, 0, 0)
+    got, flag = _launch(host_pass, x, 1, 0.9, shape, icgp=lay.icgp, vec=vec,
+                        grid=None if grid is None else tuple(grid[k] for k in ("H", "W", "Hp", "Wp", "pt", "pl")),
+                        blocks=_tiling.grid1(items, 2)[0], threads=_tiling.BLOCK)
+    assert flag == 0 and np.array_equal(got, want)

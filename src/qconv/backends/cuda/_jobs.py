@@ -152,15 +152,7 @@ class GemmJob(Job):
 
         if prec.is_integer:
             self.first = "quantize"
-            # quant.cu's quantize_grid: the window kernels' padded grid, and one group's channels
-            # padded (C = 3: 16 int8 slots a pixel) as that grid without its border
-            grid = dict(H=g.h, W=g.w, Hp=hp, Wp=wp, pt=g.pt, pl=g.pl) if window else \
-                dict(H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0) if lay.padded and spec.groups == 1 and \
-                planes == 1 and npix <= _tiling.INT_LIMIT else None
-            qv = vec_x and (grid is not None or not lay.padded)
-            per_item = 16 if spec.c % 16 == 0 else 4 if spec.c % 4 == 0 else 1  # quantize_grid's V
-            items = (g.n * grid["Hp"] * grid["Wp"] * lay.icgp // (per_item if qv else 1) if grid is not None
-                     else nx // 4 if qv else npix * spec.groups * lay.icgp)
+            grid, qv, items = quantize_pass(g, lay, (hp, wp) if window else None, vec_x)
             p = pass_params(n=nx, q=plan.input_q or 0, qmax=prec.qmax, trunc=int(plan.truncate),
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
                             **(grid or {}))
@@ -195,6 +187,26 @@ class GemmJob(Job):
             self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
                                        pass_params(n=m * spec.oc, vec=int(vec), mode=0))
             self.last = "convolve"
+
+
+def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int] | None,
+                  vec_x: bool) -> tuple[dict[str, int] | None, bool, int]:
+    """How quant.cu's quantize_x_body runs for a layer: the grid fields of its PassParams (the
+    window kernels' zero-padded grid of `window` = (Hp, Wp) pixels; one group's channel-padded input
+    (C = 3: 16 int8 slots a pixel) as that grid without a border; None: the dense or grouped
+    layout), whether it reads float4 (vec), and how many items it walks (the launch's size)."""
+    npix = g.n * g.h * g.w
+    grid = None
+    if window is not None:
+        grid = dict(H=g.h, W=g.w, Hp=window[0], Wp=window[1], pt=g.pt, pl=g.pl)
+    elif lay.padded and lay.groups == 1 and lay.planes == 1 and npix <= _tiling.INT_LIMIT:
+        grid = dict(H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0)
+    qv = vec_x and (grid is not None or not lay.padded)
+    c = lay.groups * lay.icg
+    if grid is not None:
+        per_item = (16 if c % 16 == 0 else 4 if c % 4 == 0 else 1) if qv else 1  # quantize_grid's V
+        return grid, qv, g.n * grid["Hp"] * grid["Wp"] * lay.icgp // per_item
+    return None, qv, npix * c // 4 if qv else npix * lay.groups * lay.icgp
 
 
 def _window_kernel(rt: Any, module: str, prefix: str, spec: Any, lay: Any, wo: int,
