@@ -151,6 +151,8 @@ def _owned(a: np.ndarray) -> np.ndarray:
 
 
 def _shape_of(a: object) -> tuple[int, ...]:
+    if isinstance(a, np.ndarray):
+        return a.shape  # already a tuple of ints
     return tuple(int(d) for d in a.shape)  # type: ignore[attr-defined]
 
 

@@ -6,6 +6,7 @@ parameter check; every backend takes the Geometry it returns. contract re-export
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -134,11 +135,12 @@ class Geometry:
     ho: int
     wo: int
 
-    @property
+    # cached: every call reads them (a frozen dataclass still has the __dict__ they are kept in)
+    @functools.cached_property
     def out_shape(self) -> tuple[int, int, int, int]:
         return (self.n, self.ho, self.wo, self.spec.oc)
 
-    @property
+    @functools.cached_property
     def flops(self) -> int:
         """2 * N * Ho * Wo * OC * K (a multiply-add counts two)."""
         return 2 * self.n * self.ho * self.wo * self.spec.oc * self.spec.k

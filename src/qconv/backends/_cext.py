@@ -256,11 +256,9 @@ def run(handle: Any, x: np.ndarray, geom: Any, s_x: float, input_q: int, y: np.n
     t = ffi.new("qconv_timings *")
     xp, yp = ffi.from_buffer("float[]", x), ffi.from_buffer("float[]", y, require_writable=True)
 
-    def call(cancel: Any) -> int:
-        return lib.qconv_run(handle, xp, n, h, w, geom.pt, geom.pb, geom.pl, geom.pr, geom.ho, geom.wo,
-                             s_x, input_q, yp, t, cancel)
-
-    st = _interruptible(call) if interruptible else call(ffi.NULL)
+    args = (handle, xp, n, h, w, geom.pt, geom.pb, geom.pl, geom.pr, geom.ho, geom.wo, s_x, input_q, yp, t)
+    st = _interruptible(lambda cancel: lib.qconv_run(*args, cancel)) if interruptible else \
+        lib.qconv_run(*args, ffi.NULL)
     if st:
         codes = _codes()
         if st in (codes["QCONV_ENONFINITE"], codes["QCONV_EMAXABS"], codes["QCONV_ESCALE"]):

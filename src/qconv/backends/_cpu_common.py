@@ -61,7 +61,8 @@ class Prepared:
         except _cext.InputStatus as e:
             self._explain(e, x)
             raise
-        phases = {"quantize": t.quantize, "pack": t.pack, "convolve": t.convolve, "dequantize": t.dequantize}
+        phases = {"quantize": t.quantize, "pack": t.pack, "transfer": 0.0, "convolve": t.convolve,
+                  "dequantize": t.dequantize}
         return BackendRun(y, phases, None, np.float32(t.s_x) if self._int else None)
 
     def _explain(self, e: "_cext.InputStatus", x: np.ndarray) -> None:
