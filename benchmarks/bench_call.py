@@ -1,6 +1,6 @@
 """The whole prepared call on the CPU, as a user makes it, beside its convolve phase and PyTorch.
 
-    python3 benchmarks/bench_call.py [--threads 2] [--reps 200] [--sections layers,strided,depthwise]
+    python3 benchmarks/bench_call.py [--threads 2] [--reps 200] [--sections layers,strided,depthwise,overhead]
                                      [--json out.json] [--md out.md]
     python3 benchmarks/bench_call.py --torch-only ...   (PyTorch's rows alone: what the default runs
                                                          in a child process, so the two libraries'
@@ -27,6 +27,8 @@ Sections (issue 8's and issue 10's CPU targets):
   convolve phase (quantize fused into it, median) and of the whole call (median), against the
   fastest copy of the input (minimum time of numpy copyto, one thread or split over the same
   threads), which moves the same bytes at stride 1 (the input read and written once).
+- overhead: a layer small enough that its call is mostly overhead: the whole prepared call against
+  the bare C call (qconv_run with prebuilt arguments); the difference is one call's Python path.
 
 The GPU has its own script (bench_call_gpu.py); the timing helpers here take plain callables.
 """
@@ -206,6 +208,29 @@ DEPTHWISE = [  # x shape, kernel size, stride
     ((1, 56, 56, 144), 3, 1), ((1, 28, 28, 144), 3, 2), ((1, 14, 14, 576), 3, 1), ((1, 7, 7, 1152), 3, 1),
     ((1, 28, 28, 240), 5, 1), ((1, 14, 14, 672), 5, 1), ((1, 7, 7, 1152), 5, 1),
 ]
+
+
+def overhead_rows(threads: int, reps: int) -> list[dict]:
+    """A layer so small that its call is mostly overhead: the whole prepared call, the bare C call
+    (lib.qconv_run with its arguments built once, no Python around it), and the difference, which
+    is the Python path of one call (checks, cffi, the result)."""
+    import qconv
+    from qconv.backends import _cext
+    ffi, lib = _cext._lib()
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 16), dtype=np.float32)
+    w = rng.standard_normal((3, 3, 16, 16), dtype=np.float32)
+    rows = []
+    for prec in ("fp32", "int8"):
+        conv = qconv.prepare(w, prec, "c-avx2", threads=threads)
+        p, g = conv._packed, conv.geometry(x.shape)
+        y = np.empty(g.out_shape, np.float32)
+        t = ffi.new("qconv_timings *")
+        args = (p._handle, ffi.from_buffer("float[]", x), g.n, g.h, g.w, g.pt, g.pb, g.pl, g.pr, g.ho, g.wo,
+                p._s_x, p._q, ffi.from_buffer("float[]", y, require_writable=True), t, ffi.NULL)
+        call, bare = wall(lambda: conv(x), reps * 10, 100), wall(lambda: lib.qconv_run(*args), reps * 10, 100)
+        rows.append({"layer": f"{x.shape} x {w.shape}", "precision": prec, "call_s": call, "c_call_s": bare})
+    return rows
 
 
 def copy_time(x: np.ndarray, threads: int, reps: int) -> float:
@@ -395,6 +420,12 @@ def render(out: dict) -> str:
                          f"{r['bytes'] / 1e6:.2f} | {r['convolve_gbs']:.1f} | {r['copy_gbs']:.1f} | "
                          f"{r['convolve_pct']:.0f} | {r['call_pct']:.0f} |")
         lines.append("")
+    if out.get("overhead"):
+        lines += ["| layer | precision | whole call us | C call us | Python us |", "|---|---|---|---|---|"]
+        for r in out["overhead"]:
+            lines.append(f"| {r['layer']} | {r['precision']} | {r['call_s'] * 1e6:.1f} | {r['c_call_s'] * 1e6:.1f} | "
+                         f"{(r['call_s'] - r['c_call_s']) * 1e6:.1f} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -440,6 +471,8 @@ def measure(args, layers: list[dict]) -> int:
         out["strided"] = strided_rows(args.threads, args.reps)
     if "depthwise" in sections:
         out["depthwise"] = depthwise_rows(args.threads, args.reps)
+    if "overhead" in sections:
+        out["overhead"] = overhead_rows(args.threads, args.reps)
     text = render(out)
     print(text)
     if args.md:
