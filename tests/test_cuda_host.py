@@ -48,8 +48,9 @@ using std::isfinite;
 """
 
 DRIVER = r"""
-template <typename T>
-static int run(PassParams p, float s, unsigned blocks, unsigned threads) {
+// Every thread of a (blocks x threads) launch in turn: body(p, s) is one thread's work.
+template <typename Body>
+static int launch(PassParams p, float s, unsigned blocks, unsigned threads, Body body) {
   QStats st = {};
   p.stats = &st;
   gridDim = {blocks, 1, 1};
@@ -58,25 +59,16 @@ static int run(PassParams p, float s, unsigned blocks, unsigned threads) {
     for (unsigned t = 0; t < threads; ++t) {
       blockIdx = {b, 0, 0};
       threadIdx = {t, 0, 0};
-      quantize_x_body<T>(p, s);
+      body(p, s);
     }
   return st.flag;
 }
 extern "C" int planes_on_host(int P, const float* x, void* out, long long n, int C, int G, int icgp, int qmax,
                               float s, int vec, unsigned blocks, unsigned threads) {
   PassParams p = {};
-  QStats st = {};
   p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = C / G; p.icgp = icgp; p.qmax = qmax; p.vec = vec;
-  p.stats = &st;
-  gridDim = {blocks, 1, 1};
-  blockDim = {threads, 1, 1};
-  for (unsigned b = 0; b < blocks; ++b)
-    for (unsigned t = 0; t < threads; ++t) {
-      blockIdx = {b, 0, 0};
-      threadIdx = {t, 0, 0};
-      if (P == 2) quantize_planes_body<2>(p, s); else quantize_planes_body<4>(p, s);
-    }
-  return st.flag;
+  return P == 2 ? launch(p, s, blocks, threads, quantize_planes_body<2>)
+                : launch(p, s, blocks, threads, quantize_planes_body<4>);
 }
 extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n, int C, int G, int icg, int icgp,
                                 int qmax, int trunc, float s, int vec, int H, int W, int Hp, int Wp, int pt, int pl,
@@ -84,9 +76,9 @@ extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n
   PassParams p = {};
   p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = icg; p.icgp = icgp; p.qmax = qmax; p.trunc = trunc;
   p.vec = vec; p.H = H; p.W = W; p.Hp = Hp; p.Wp = Wp; p.pt = pt; p.pl = pl;
-  if (elem == 1) return run<qs8>(p, s, blocks, threads);
-  if (elem == 2) return run<qs16>(p, s, blocks, threads);
-  return run<int>(p, s, blocks, threads);
+  if (elem == 1) return launch(p, s, blocks, threads, quantize_x_body<qs8>);
+  if (elem == 2) return launch(p, s, blocks, threads, quantize_x_body<qs16>);
+  return launch(p, s, blocks, threads, quantize_x_body<int>);
 }
 """
 
