@@ -298,3 +298,10 @@ def test_cli_net_mnist_prints_accuracy_and_per_layer_nrmse(fetched, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert [r["scale"] for r in doc["results"]] == ["fp32", "int8 calibrated", "int8 maxabs"]
     assert all(r["agreement"] >= 0.95 for r in doc["results"])
+
+
+def test_cli_net_refuses_an_unknown_noise_layer_before_evaluating(fetched, monkeypatch):
+    from qconv.nets import cli as nets_cli
+    monkeypatch.setattr(nets_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))
+    with pytest.raises(QconvError, match="--noise: mnist has no convolution 'typo'"):
+        _cli(["net", "mnist", "-p", "int8", "--limit", "4", "--noise", "typo"])

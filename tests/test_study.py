@@ -391,10 +391,15 @@ def test_cli_hook_reads_layer_dirs_and_pairs(tmp_path):
     assert doc["layers"][0]["input_shape"] == list(lay.x.shape)
 
 
-@pytest.mark.parametrize("argv", [
-    ["no/such/dir"], ["--backends", "nope"], ["--precisions", "int4"], ["--batch", "0"], ["--repeat", "0"],
+@pytest.mark.parametrize("argv, match", [
+    (["no/such/dir"], "no/such/dir"), (["--backends", "nope"], "unknown backend 'nope'"),
+    (["--precisions", "int4"], "int4"), (["--batch", "0"], "--batch must be >= 1"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--backends", "c-scalar[isa=avx2]"], "does not take option"),        # the backend's own check, up front
+    (["--backends", "reference[threads=2]"], "does not take option"),
+    (["--batch", str(10**20)], r"--batch 1\d+: layer l would need .* GiB"),  # not an OverflowError later
 ])
-def test_cli_rejects_bad_input(tmp_path, argv):
+def test_cli_rejects_bad_input(tmp_path, argv, match):
     lay = tiny_layers()[1]
     d = tmp_path / "l"
     d.mkdir()
@@ -402,8 +407,9 @@ def test_cli_rejects_bad_input(tmp_path, argv):
     qconv.save_tensor(d / "kernel_tensor.bin", lay.w)
     if argv[0] != "no/such/dir":
         argv = [str(d), *argv]
-    with pytest.raises(qconv.QconvError):
+    with pytest.raises(qconv.QconvError, match=match):
         study_cli.run(_args([*argv, "--out", str(tmp_path / "o"), "--no-progress"]))
+    assert not (tmp_path / "o").exists()
 
 
 def test_load_layers_names_the_missing_file(tmp_path):

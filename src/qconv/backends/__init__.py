@@ -56,6 +56,20 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name.strip(), opts
 
 
+def check_variant(text: str) -> tuple[str, dict]:
+    """(backend, options) of a variant name, refused now as a call would refuse it: an unknown
+    backend or option value (InputError), an unavailable backend (BackendUnavailable). For
+    commands that run many calls later (the study)."""
+    import numpy as np
+
+    from ..api import prepare  # here: api imports this module
+    b, opts = parse_variant(text)
+    if b.strip().lower() == "auto":
+        raise InputError(f"backend {text!r}: name a backend ({', '.join(_MODULES)}), not auto")
+    prepare(np.zeros((1, 1, 1, 1), np.float32), "fp32", text)  # each backend checks its own options
+    return b.strip().lower(), opts
+
+
 def variants(available_only: bool = True, for_tests: bool = False) -> list[tuple[str, str, dict]]:
     """Every (variant name, backend, options) the registered backends offer, in AUTO_ORDER;
     for_tests: also what only the tests run (each module's variants_for_tests(): emulated ISA

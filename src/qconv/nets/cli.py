@@ -131,6 +131,8 @@ def cmd_net(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise QconvError(f"--limit must be at least 1, got {args.limit}")
         split = Split(split.calibration, split.evaluation.take(slice(0, args.limit), split.evaluation.name))
+    if args.noise not in (None, "all") and args.noise not in {layer.name for layer in net.layers}:
+        raise QconvError(f"--noise: {net.name} has no convolution {args.noise!r}")  # before minutes of work
     backend = None if args.backend in (None, "auto") else args.backend
     progress = sys.stderr.isatty() and not args.json
     results = [evaluate(net, split, p, backend, s if p != "fp32" else "maxabs", batch=args.batch,

@@ -111,13 +111,11 @@ def timed_options(requested: Sequence[str] | None, precisions: Sequence[Precisio
     else:
         opts = []
         for text in requested:
-            b, o = backends.parse_variant(text.strip())
-            b = b.lower()
+            b = backends.parse_variant(text.strip())[0].lower()
             if b not in avail:
                 raise InputError(f"unknown backend {text!r}: choose from {', '.join(avail)} "
                                  f"(a variant is written name[key=value,...])")
-            if not avail[b][0]:
-                raise InputError(f"backend {b!r} is unavailable: {avail[b][1]}")
+            b, o = backends.check_variant(text.strip())
             name = backends.variant_name(b, o)
             if name not in {x.label for x in opts}:
                 opts.append(Option(name, b, o))

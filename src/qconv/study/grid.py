@@ -26,7 +26,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .. import api, backends, metrics
+from .. import api, backends, layouts, metrics
+from ..api import MAX_TENSOR_BYTES
 from ..backends.base import PHASES
 from ..contract import Precision, conv2d_float64, conv2d_quantized, fp32_error_bound, parse_precision
 from ..errors import InputError, QconvError, QconvWarning
@@ -62,6 +63,13 @@ class Study:
             raise InputError(f"--batch must be >= 1, got {batch}")
         if repeat < 1:
             raise InputError(f"--repeat must be >= 1, got {repeat}")
+        for layer in layers:  # the repeated input, its output and the float64 reference, before any work
+            out1 = layer.x.shape[1] * layer.x.shape[2] * layer.w.shape[2]  # 'same', stride 1: H x W x OC
+            nbytes = batch * (4 * layer.x[0].size + 12 * out1)
+            if nbytes > MAX_TENSOR_BYTES:
+                raise InputError(f"--batch {batch}: layer {layer.name} would need {nbytes / 2**30:.3g} GiB "
+                                 f"for its input and outputs")
+            layouts.check_working_set(nbytes, f"--batch {batch} on layer {layer.name}")
         if plots:
             try:  # fail before minutes of measuring, not after
                 __import__("matplotlib")
@@ -109,11 +117,7 @@ class Study:
         net_record = None
         if network_ is not None:
             if network_backend is not None:
-                nb, nb_opts = registry.parse_variant(network_backend.strip())
-                if not avail.get(nb.lower(), (False, ""))[0]:
-                    raise InputError(f"--network-backend {network_backend!r}: not an available backend "
-                                     f"({', '.join(k for k, (a, _) in avail.items() if a)})")
-                network_backend = registry.variant_name(nb.lower(), nb_opts)
+                network_backend = registry.variant_name(*registry.check_variant(network_backend.strip()))
             net, split = network.load(network_, network_limit)
             cuda = avail.get("cuda", (False, "not in the registry"))
             self.section = network.NetworkSection(
