@@ -356,6 +356,21 @@ def test_interrupt_before_any_measurement_is_still_valid(tmp_path, monkeypatch):
     assert validate(doc) == [] and doc["status"] == "partial" and doc["measurements"] == []
 
 
+def test_interrupt_while_the_plots_are_drawn_still_leaves_a_report_and_says_partial(tmp_path, monkeypatch):
+    from qconv.study import artifacts
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(artifacts.figures, "draw_all", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers()[:1], tmp_path, backends=["reference"], precisions=["int8"], repeat=1, quick=True,
+                  progress=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["status"] == "partial" and "plots were drawn" in doc["partial_reason"]
+    report = (tmp_path / "report.md").read_text()
+    assert "Partial results" in report and ".png" not in report  # no link to a figure that is not there
+
+
 def test_reference_only_and_a_precision_subset(tmp_path):
     res = run_study(tiny_layers()[:1], tmp_path, backends=["reference"], precisions=["fp32", "int8"],
                     repeat=1, quick=True, progress=False)

@@ -26,6 +26,18 @@ def fmt_num(v: Any, fmt: str = ".3g") -> str:
     return "n/a" if v is None else format(v, fmt)
 
 
+def figure(res: dict[str, Any], name: str) -> list[str]:
+    """A drawn plot's image line, or nothing where it was not drawn (--no-plots, an interrupted run):
+    the report links no file that is not there."""
+    drawn = any(p.get("name") == name for p in res.get("plots") or [])
+    return [f"![{name}]({name}.png)", ""] if drawn else []
+
+
+def see(res: dict[str, Any], name: str) -> str:
+    """', see NAME.png' as a link where the plot was drawn, else nothing."""
+    return f", see [{name}.png]({name}.png)" if figure(res, name) else ""
+
+
 def table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return out + ["| " + " | ".join(str(c).replace("|", "\\|") for c in r) + " |" for r in rows]

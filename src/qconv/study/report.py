@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from ..metrics import output_bits_nrmse
 from ..sweep import format_scale
 from . import appendix, report_network
-from .appendix import fmt_num, fmt_time, table
+from .appendix import figure, fmt_num, fmt_time, see, table
 from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
 from .summary import headline
 
@@ -123,6 +123,8 @@ def _per_layer_s(d: _Data, p: str) -> str:
 
 
 def _answer_scale(d: _Data) -> list[str]:
+    if not d.precs:
+        return ["- **Which S?** No integer precision was swept in this run, so there is no S to choose."]
     out = []
     chosen = "; ".join(f"{p.upper()} S = {_per_layer_s(d, p)} (NRMSE {rng(d.per_layer(p, 'nrmse_nearest'))})"
                        for p in d.precs)
@@ -165,8 +167,9 @@ def _answer_on_top(d: _Data) -> list[str]:
     parts = []
     for key, what in ((PAIR, "separate input and kernel scales"), (PER_CHANNEL, "a kernel scale per output channel")):
         r = [x for p in d.precs for x in d.ratio(p, SINGLE, key)]
-        if r:
-            parts.append(f"{what} cut the error {rng(r, '.2g', 'x')}")
+        if r:  # a ratio below 1 is an error that grew (a wider precision already at its float32 floor)
+            parts.append(f"{what} cut the error {rng(r, '.2g', 'x')}" if min(r) >= 1 else
+                         f"{what} changed the error by {rng(r, '.2g', 'x')} (below 1x: it grew)")
     tr = [x for p in d.precs for x in d.ratio(p, SINGLE_TRUNC, SINGLE)]
     txt = ("- **What comes on top?** Against one rounded S, " + "; ".join(parts) if parts else
            "- **What comes on top?** Only the single S was evaluated")
@@ -177,7 +180,7 @@ def _answer_on_top(d: _Data) -> list[str]:
     i8 = [s["nrmse"] for s in i8 if s and s["nrmse"]]
     if i8:
         txt += f". INT8 with per-channel scales reaches NRMSE {rng(i8)}"
-    return [txt + " (table below, [nrmse.png](nrmse.png))."]
+    return [txt + f" (table below{see(d.res, 'nrmse')})."]
 
 
 def _answer_best(d: _Data) -> list[str]:
@@ -194,13 +197,22 @@ def _answer_best(d: _Data) -> list[str]:
             return f"**{next(iter(opts.values()))}**"
         return ", ".join(f"**{o}** (`{n}`)" for n, o in opts.items())
     rec = [v["recommended"] for v in lay if v.get("recommended")]
-    base = sorted({(v["baseline"] or {}).get("backend") or "?" for v in lay})
+    base = sorted({v["baseline"]["backend"] for v in lay if v.get("baseline")})
+    speed = [v["fastest"]["speedup_vs_baseline"] for v in lay if v["fastest"].get("speedup_vs_baseline")]
     bar = (f"within the NRMSE the network tolerates (<= {d.acc:.3g}, measured below)" if d.net else
            f"with at least 8 effective output bits (NRMSE <= {d.acc:.3g})")
-    out = [f"- **Best option?** Fastest: {who('fastest')}, {rng([v['fastest']['speedup_vs_baseline'] for v in lay], '.3g', 'x')} "
-           f"the {'/'.join(base)} FP32 baseline in the convolve phase, at single-S NRMSE "
-           f"{rng([v['fastest']['nrmse'] for v in lay])}. Fastest {bar}: {who('recommended')}"
-           + (f" ({trng([r['convolve_s'] for r in rec])})." if rec else ".")]
+    out = [f"- **Best option?** Fastest: {who('fastest')}"
+           + (f", {rng(speed, '.3g', 'x')} the {'/'.join(base)} FP32 baseline in the convolve phase" if speed and base
+              else " (no FP32 baseline was measured)")
+           + f", at single-S NRMSE {rng([v['fastest']['nrmse'] for v in lay])}. Fastest {bar}: {who('recommended')}"
+           + (f" ({trng([r['convolve_s'] for r in rec])})" if rec else "")]
+    better = [(n, v["recommended_any_scale"]) for n, v in zip(names, lay) if v.get("recommended_any_scale")
+              and v["recommended_any_scale"]["convolve_s"] < (v.get("recommended") or {}).get("convolve_s", math.inf)]
+    if better:  # the single-S bar above is the assignment's; other scale strategies may clear it faster
+        out[0] += ("; with any scale strategy: " + ", ".join(
+            f"**{o['backend']} {o['precision'].upper()} {o['scale_strategy']}** ({t_(o['convolve_s'])}"
+            + (f", `{n}`" if len(d.layers) > 1 else "") + ")" for n, o in better))
+    out[0] += "."
     refs = [p for v in lay for p in v.get("reference_faster", [])]
     if refs:
         out.append(f"  A reference point beats qconv's fastest whole call: "
@@ -215,11 +227,13 @@ def _answer_factors(d: _Data) -> list[str]:
         f = v["fastest"]
         if f["precision"] != "fp32" and v.get("best_fp32"):
             hw.append(v["best_fp32"]["convolve_s"] / f["convolve_s"])
+    fp32_timed = any(v.get("best_fp32") for v in d.lay())
     txt = ("- **What decides it?** The datapath first: " +
            (f"the fastest integer option runs {rng(hw, '.2g', 'x')} faster than the fastest FP32 one (Speed "
-            f"says why). " if hw else "no integer option beats FP32 here. ")
+            f"says why). " if hw else "no integer option beats FP32 here. " if fp32_timed else
+            "FP32 was not timed in this run, so how much the integer datapath buys is not measured here. ")
            + "Then the accuracy target, the layer's K (it sets where int32 wraps) and what the whole call "
-             "adds around the kernel (quantizing the input, see [phases.png](phases.png)).")
+             f"adds around the kernel (quantizing the input{see(d.res, 'phases')}).")
     return [txt]
 
 
@@ -263,8 +277,9 @@ def _answer_acceptable(d: _Data) -> list[str]:
     fp = [m["nrmse"] for m in d.res["measurements"] if ok(m) and m["precision"] == "fp32" and m.get("nrmse")]
     one = d.per_layer("int8", "nrmse_nearest") if "int8" in d.precs else []
     pair = [s["nrmse"] for L in d.layers for s in [d.strat.get((L, "int8", PAIR))] if s and s["nrmse"]]
-    txt = (f"- **Is naive quantization justified?** FP32 itself sits at NRMSE {rng(fp)} against float64. Take "
-           f"the output's own 8-bit step, NRMSE {d.acc:.3g}, as the bar: an 8-bit next layer cannot see less. ")
+    txt = ("- **Is naive quantization justified?** "
+           + (f"FP32 itself sits at NRMSE {rng(fp)} against float64. " if fp else "")
+           + f"Take the output's own 8-bit step, NRMSE {d.acc:.3g}, as the bar: an 8-bit next layer cannot see less. ")
     sixteen = d.per_layer("int16", "nrmse_nearest") if "int16" in d.precs else []
     if sixteen:
         txt += f"INT16 with one S {'clears' if max(sixteen) <= d.acc else 'misses'} it ({rng(sixteen)}). "
@@ -358,13 +373,13 @@ def render(res: dict[str, Any]) -> str:
     L += ["## The answer", ""]
     L += _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
     L += _answer_acceptable(d)
-    L += ["", "## One S per precision", "", "![vcurve](vcurve.png)", "", "![histograms](histograms.png)", ""]
+    L += ["", "## One S per precision", ""] + figure(res, "vcurve") + figure(res, "histograms")
     L += _single_s_tables(d)
-    L += ["## What scales and rounding buy", "", "![nrmse](nrmse.png)", ""] + _on_top_table(d) + [""]
+    L += ["## What scales and rounding buy", ""] + figure(res, "nrmse") + _on_top_table(d) + [""]
     L += report_network.body(res)
-    L += ["## Speed", "", "![speedup](speedup.png)", ""] + appendix.speed_table(res, headline_only=True) + [""]
-    L += _speed(d) + ["", "![pareto](pareto.png)", "", "![phases](phases.png)", ""]
-    L += ["## Energy", "", "![energy](energy.png)", ""] + appendix.energy_body(res) + [""]
+    L += ["## Speed", ""] + figure(res, "speedup") + appendix.speed_table(res, headline_only=True) + [""]
+    L += _speed(d) + [""] + figure(res, "pareto") + figure(res, "phases")
+    L += ["## Energy", ""] + figure(res, "energy") + appendix.energy_body(res) + [""]
     L += ["## Sources", ""] + [f"- {s}" for s in SOURCES] + [""]
     L += appendix.render(res) + report_network.appendix(res)
     return "\n".join(L) + "\n"

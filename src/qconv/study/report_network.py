@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..metrics import output_bits_nrmse
-from .appendix import table
+from .appendix import figure, table
 
 STRATEGY_NAMES = {"single": "one S", "maxabs": "per-tensor maxabs", "maxabs-per-channel": "per-channel kernel",
                   "calibrated": "per-channel + calibrated input"}
@@ -142,7 +142,7 @@ def body(res: dict[str, Any]) -> list[str]:
                      f"{lo.get('0.99', '-')} / {lo.get('0.95', '-')}" if lo else "-"])
     L += table(["option", "top-1", "top-5", "lost", "agreement", "logits NRMSE",
                 "per-layer NRMSE median / max", "layers above the 99% / 95% bar"], rows)
-    L += ["", "![network_layers](network_layers.png)", ""]
+    L += [""] + figure(res, "network_layers")
     nv = net.get("naive_int8")
     if nv:
         dw = {x["name"] for x in net["layers"] if x["depthwise"]}
