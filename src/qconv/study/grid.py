@@ -117,7 +117,10 @@ class Study:
         net_record = None
         if network_ is not None:
             if network_backend is not None:
-                network_backend = registry.variant_name(*registry.check_variant(network_backend.strip()))
+                try:
+                    network_backend = registry.variant_name(*registry.check_variant(network_backend.strip()))
+                except QconvError as e:  # the same error, naming the argument
+                    raise type(e)(f"--network-backend: {e}") from None
             net, split = network.load(network_, network_limit)
             cuda = avail.get("cuda", (False, "not in the registry"))
             self.section = network.NetworkSection(
