@@ -92,7 +92,8 @@ def render(res: dict[str, Any]) -> list[str]:
         ["not available", "; ".join(f"`{k}`: {v['reason']}" for k, v in bk.items() if not v["available"]) or "none"],
         ["baseline", C.get("baseline_note") or "c-scalar FP32 (the assignment's Problem 1) for every batch"],
         ["precisions, batch, repeat", f"{', '.join(C['precisions'])}; batch {C['batch']}; {C['repeat']} timed runs "
-                                      f"after {C['warmup']} warm-up"],
+                                      f"after {C['warmup']} warm-up, in rounds over the options, each timed run after "
+                                      f"{C.get('warm_s', 0) * 1e3:.0f} ms of untimed calls"],
         ["integer scales timed", C["scale_for_integer_runs"]],
         ["sweep grid", ", ".join(f"{k} {v}" for k, v in (C.get("sweep") or {}).items())],
         ["reference points", res.get("reference_points_note") or f"{len(res.get('reference_points', []))} measured"],

@@ -26,6 +26,10 @@ ALL_PRECISIONS = ("fp32", *INT_PRECISIONS)
 # The assignment's Problem 1: the speedup of every option, at every batch, is over this one.
 BASELINE = ("c-scalar", "fp32")
 BASELINE_FALLBACK = ("reference", "fp32")
+# Untimed calls of an option, for at least this long, before each of its timed runs: after another
+# option (a long single-threaded c-scalar call) or a pause, this machine's cores ran the next
+# ~10-20 ms slowly (c-avx2 FP32 on exam 1: 3.4-3.9 ms against 1.2 ms; RESULTS.md, 2026-12-05).
+WARM_S = 0.02
 BASELINE_ROUNDS = 3
 # Scale strategies as the study names them (results.json "strategy" values).
 SINGLE, SINGLE_TRUNC, PAIR, MAXABS, PER_CHANNEL = ("single-S", "single-S-truncate", "pair", "maxabs",

@@ -7,8 +7,10 @@ Per layer: the float64 reference; the accuracy half (accuracy.py: sweeps, strate
 single-S table); then every option is prepared once per precision and scale (``qconv.prepare``
 with the variant's name) and warmed up with ``conv.result(x, reference=...)``, which gives the
 NRMSE, the wrapped outputs and a bit-exactness check against ``contract.conv2d_quantized``.
-The options are then timed in rounds (one call of each per round): ``conv.result(x)`` gives the
-backend's phase times, and ``conv(x)``, timed from outside, the whole call a user makes.
+The options are then timed in rounds (each option once per round, so that load from elsewhere
+spreads over all of them): untimed calls for config.WARM_S (after another option or a pause the
+cores ran the next milliseconds slowly), then ``conv.result(x)``, which gives the backend's phase
+times, and ``conv(x)``, timed from outside, the whole call a user makes.
 
 Integer options run the assignment's scheme, one S for both tensors (the sweep's best, rounding
 to nearest); the best pair and per-channel scales run beside it where a backend takes them.
@@ -34,7 +36,7 @@ from ..errors import InputError, QconvError, QconvWarning
 from ..pools import quiet_blas
 from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
-                     Layer, Option, stats, timed_options)
+                     WARM_S, Layer, Option, stats, timed_options)
 from .summary import headline
 
 
@@ -135,7 +137,8 @@ class Study:
                        "baseline_only": [o.label for o in self.options if o.baseline_only],
                        "baseline_note": baseline_note,
                        "precisions": [p.value for p in self.precisions],
-                       "batch": batch, "repeat": repeat, "warmup": 1, "quick": quick, "sweep": self.settings,
+                       "batch": batch, "repeat": repeat, "warmup": 1, "warm_s": WARM_S, "quick": quick,
+                       "sweep": self.settings,
                        "network": None if net_record is None else net_record["name"],
                        "network_limit": network_limit, "network_backend": network_backend,
                        "scale_for_integer_runs": ("single-S: the sweep's best single S for both tensors, rounding "
@@ -251,6 +254,10 @@ class Study:
 
     @staticmethod
     def _timed_call(t: _Timed, x: np.ndarray) -> None:
+        end = time.perf_counter() + WARM_S  # untimed calls first (config.WARM_S says why)
+        t.conv(x)
+        while time.perf_counter() < end:
+            t.conv(x)
         t.phases.append(dict(t.conv.result(x).phases))
         t0 = time.perf_counter()
         t.conv(x)
@@ -275,8 +282,8 @@ class Study:
                 rec["energy_error"] = str(e)
 
     def _measure_layer(self, layer: Layer, x: np.ndarray, ref: np.ndarray) -> None:
-        """Prepare and warm up every option, then time them in rounds (one call of each option per
-        round), so that load from elsewhere on the machine spreads over all options."""
+        """Prepare and warm up every option, then time them in rounds (each option once per round,
+        after WARM_S of untimed calls), so that load from elsewhere on the machine spreads over all options."""
         timed: list[_Timed] = []
         expected: dict[Any, np.ndarray] = {}
         cache: dict[tuple[float, float], np.ndarray] = {}
