@@ -1,11 +1,10 @@
 """What reading and writing tensor files share: a path argument as str, a file's name in a
-message, an OSError as one line, and the dtypes a tensor may hold."""
+message, an OSError as one line, the dtypes a tensor may hold and their conversion to float32."""
 
 from __future__ import annotations
 
 import errno
 import os
-import stat
 from typing import Any, Union
 
 import numpy as np
@@ -15,6 +14,7 @@ from ..errors import InputError, QconvError
 _CHUNK = 1 << 24  # bytes per read or write call: signals are seen between chunks
 
 PathArg = Union[str, bytes, "os.PathLike[str]", "os.PathLike[bytes]"]
+
 
 def _path(path: Any, what: str) -> str:
     """os.fspath as str (bytes decoded as the OS does, so they round-trip); InputError if not a path."""
@@ -43,18 +43,6 @@ def _describe(path: Any, std: str = "") -> str:
     return f"{p!r} ({std})" if _is_std(p) and std else repr(p)
 
 
-def _kind(mode: int) -> str:
-    if stat.S_ISFIFO(mode):
-        return "FIFO"
-    if stat.S_ISCHR(mode):
-        return "character device"
-    if stat.S_ISBLK(mode):
-        return "block device"
-    if stat.S_ISSOCK(mode):
-        return "socket"
-    return "special file"
-
-
 _USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EISDIR, errno.ENOTDIR, errno.ELOOP, errno.ENAMETOOLONG,
                 errno.ENXIO, errno.EROFS, errno.ENODEV, errno.ETXTBSY}
 
@@ -80,3 +68,13 @@ def _check_dtype(name: str, dtype: np.dtype, verb: str) -> None:
                          f"(pass .real or abs() explicitly)")
     if dtype.kind not in "iuf":
         raise InputError(f"{name}: {verb} {dtype} values; a tensor holds real numbers")
+
+
+def _float32(name: str, a: np.ndarray, dtype: str = "=f4") -> np.ndarray:
+    """a as C-contiguous float32 (native, or "<f4" for a file); values beyond float32's range are
+    refused, never turned into inf."""
+    with np.errstate(over="raise", invalid="ignore"):
+        try:
+            return np.ascontiguousarray(a, dtype=dtype)
+        except FloatingPointError:
+            raise InputError(f"{name}: {a.dtype} values beyond float32's range (+-3.4e38)") from None

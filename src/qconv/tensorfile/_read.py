@@ -28,13 +28,25 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, QconvError
-from ._common import _CHUNK, PathArg, _check_dtype, _describe, _is_std, _kind, _oserror, _path
+from ._common import _CHUNK, PathArg, _check_dtype, _describe, _float32, _is_std, _oserror, _path
 
 HEADER_BYTES = 16
 _MAX_ELEMENTS = 2**40  # far above any real layer; stops an absurd header before it allocates
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 _NPY_MAX_HEADER = 1 << 16
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
 
 
 class _Source:
@@ -194,11 +206,7 @@ def _read_values(src: _Source, name: str, shape: tuple[int, ...], dtype: np.dtyp
     arr = flat.reshape(shape, order=order)  # type: ignore[call-overload]
     if dtype == np.float32 and dtype.isnative and order == "C":
         return arr
-    with np.errstate(over="raise", invalid="ignore"):
-        try:
-            return np.ascontiguousarray(arr, dtype=np.float32)
-        except FloatingPointError:
-            raise InputError(f"{name}: {dtype} values beyond float32's range (+-3.4e38)") from None
+    return _float32(name, arr)
 
 
 def _read_npy(src: _Source, name: str) -> np.ndarray:

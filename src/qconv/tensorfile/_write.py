@@ -37,7 +37,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import InputError, QconvError
-from ._common import _CHUNK, PathArg, _check_dtype, _describe, _is_std, _oserror, _path
+from ._common import _CHUNK, PathArg, _check_dtype, _describe, _float32, _is_std, _oserror, _path
 
 _TEMP_TAG = ".qconv-tmp-"
 _STALE_AFTER_S = 60.0  # a temp file of a dead process, untouched this long, is removed
@@ -103,11 +103,7 @@ def _encode(name: str, tensor: Any, npy: bool) -> tuple[np.ndarray, bytes]:
         raise InputError(f"{name}: a single value (a 0-d array) is not a tensor")
     if any(d <= 0 or d > 2**31 - 1 for d in t.shape):
         raise InputError(f"{name}: shape {t.shape} cannot be stored (dims must fit int32, > 0)")
-    with np.errstate(over="raise", invalid="ignore"):
-        try:
-            data = np.ascontiguousarray(t, dtype="<f4")
-        except FloatingPointError:
-            raise InputError(f"{name}: {t.dtype} values beyond float32's range (+-3.4e38)") from None
+    data = _float32(name, t, "<f4")
     if not npy:
         return data, struct.pack("<4i", *t.shape)
     head = io.BytesIO()
