@@ -12,7 +12,7 @@ from ..contract import parse_precision
 from ..errors import QconvError
 from . import fetch
 from .data import Split
-from .evaluation import Evaluation, evaluate, noise_threshold
+from .evaluation import Evaluation, check_noise_layer, evaluate, noise_threshold
 from .runner import STRATEGIES
 
 
@@ -131,8 +131,12 @@ def cmd_net(args: argparse.Namespace) -> int:
         if args.limit < 1:
             raise QconvError(f"--limit must be at least 1, got {args.limit}")
         split = Split(split.calibration, split.evaluation.take(slice(0, args.limit), split.evaluation.name))
-    if args.noise not in (None, "all") and args.noise not in {layer.name for layer in net.layers}:
-        raise QconvError(f"--noise: {net.name} has no convolution {args.noise!r}")  # before minutes of work
+    noise_layer = None if args.noise == "all" else args.noise
+    if args.noise:
+        try:  # before minutes of evaluation
+            check_noise_layer(net, noise_layer)
+        except QconvError as e:
+            raise QconvError(f"--noise: {e}") from None
     backend = None if args.backend in (None, "auto") else args.backend
     progress = sys.stderr.isatty() and not args.json
     results = [evaluate(net, split, p, backend, s if p != "fp32" else "maxabs", batch=args.batch,
@@ -140,7 +144,7 @@ def cmd_net(args: argparse.Namespace) -> int:
                for p, s in _options(args)]
     noise = None
     if args.noise:
-        noise = noise_threshold(net, split.evaluation.images, layer=None if args.noise == "all" else args.noise,
+        noise = noise_threshold(net, split.evaluation.images, layer=noise_layer,
                                 batch=args.batch, backend=backend)
     if args.json:
         doc = {"network": net.name, "evaluation_images": list(split.evaluation.ids),

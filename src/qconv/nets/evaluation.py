@@ -222,6 +222,12 @@ def default_levels() -> list[float]:
     return [float(10 ** (e / 4)) for e in range(-16, 1)]
 
 
+def check_noise_layer(net: Network, layer: str | None) -> None:
+    """Refuse a layer name the network does not have (None: every convolution)."""
+    if layer is not None and layer not in {l.name for l in net.layers}:
+        raise QconvError(f"{net.name} has no convolution {layer!r}")
+
+
 def noise_threshold(net: Network, images: np.ndarray, *, layer: str | None = None,
                     levels: Sequence[float] | None = None, targets: Sequence[float] = (0.99, 0.95),
                     batch: int = 8, backend: str | None = "reference", seed: int = 0,
@@ -229,9 +235,7 @@ def noise_threshold(net: Network, images: np.ndarray, *, layer: str | None = Non
     """Top-1 agreement of the FP32 network with noise of each NRMSE level injected into ``layer``
     (None: every convolution) against the clean FP32 network, levels in increasing order; stops
     once agreement falls below every target."""
-    names = {l.name for l in net.layers}
-    if layer is not None and layer not in names:
-        raise QconvError(f"{net.name} has no convolution {layer!r}")
+    check_noise_layer(net, layer)
     fp32 = Runner(net, "fp32", backend, prepare=prepare)
     clean = clean_logits if clean_logits is not None else fp32.run(images, batch)
     clean_top1 = clean.argmax(1)
