@@ -1,13 +1,14 @@
 """quant.cu's quantize passes, their own source text, compiled for the host and run block by block.
 
 The GPU tests need an NVIDIA GPU; this one needs only a C++ compiler. It cuts quantize_x_body and
-what it calls (quantize_grid, quantize4, quantize1, nonfinite4, PassParams, QStats) (and quantize_planes_body, the INT16/INT32
-tensor-core path's byte planes) out of the kernel sources, compiles them with a few lines that stand in for CUDA (blockIdx and friends as
-globals, __ldg as a load, __fmul_rn as a float32 multiply the compiler may not contract), and runs
-every thread of a launch one after another; the pass has no shared memory or barrier, so that is
-the launch's result. The output must be the contract's quantize in the layout the convolution
-kernels read: the padded grid of the window kernels, the unbordered one a channel-padded single
-group uses (a C=3 stem), or the dense copy.
+what it calls (quantize_grid, quantize4, quantize1, nonfinite4, PassParams, QStats), and
+quantize_planes_body (the INT16/INT32 tensor-core path's byte planes), out of the kernel sources,
+compiles them with a few lines that stand in for CUDA (blockIdx and friends as globals, __ldg as a
+load, __fmul_rn as a float32 multiply the compiler may not contract), and runs every thread of a
+launch one after another; the passes have no shared memory or barrier, so that is the launch's
+result. The output must be the contract's quantize in the layout the convolution kernels read:
+the padded grid of the window kernels, the unbordered one a channel-padded single group uses (a
+C=3 stem), the dense copy, or the byte planes.
 """
 
 from __future__ import annotations

@@ -92,23 +92,22 @@ def finish(res: dict[str, Any], out: Path, plots: bool = True) -> None:
     if res.get("network"):
         write_network_csv(res, out / "network.csv")
     failure: Exception | None = None
-    try:
-        if plots:
-            try:
-                res["plots"] = figures.draw_all(res, out)
-            except Exception as e:
-                res["plots_error"] = f"{e.__class__.__name__}: {e}"
-                failure = e
-            write_json(res, out / "results.json")
-    except KeyboardInterrupt:  # the data are written: say so, and still give the report, without figures
-        res["status"], res["partial_reason"] = "partial", "interrupted (KeyboardInterrupt) while the plots were drawn"
-        res["plots"] = []
+    interrupted: KeyboardInterrupt | None = None
+    if plots:
+        try:
+            res["plots"] = figures.draw_all(res, out)
+        except Exception as e:
+            res["plots_error"] = f"{e.__class__.__name__}: {e}"
+            failure = e
+        except KeyboardInterrupt as e:  # the data are written: say so, and give the report without figures
+            res["status"], res["partial_reason"] = "partial", "interrupted (KeyboardInterrupt) while the plots were drawn"
+            res["plots"], interrupted = [], e
         write_json(res, out / "results.json")
-        (out / "report.md").write_text(report.render(res))
-        raise
     try:
         (out / "report.md").write_text(report.render(res))
     except Exception as e:
         failure = failure or e
+    if interrupted is not None:
+        raise interrupted
     if failure is not None and res["status"] == "complete":
         raise failure
