@@ -132,27 +132,24 @@ def host_pass(tmp_path_factory):
                         "-o", str(d / "quant_host.so"), str(d / "quant_host.cpp")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     lib = ctypes.CDLL(str(d / "quant_host.so"))
-    f = lib.quantize_on_host
-    f.restype = ctypes.c_int
-    f.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong] + [ctypes.c_int] * 6 + \
-        [ctypes.c_float] + [ctypes.c_int] * 7 + [ctypes.c_uint, ctypes.c_uint]
-    lib.planes_on_host.restype = ctypes.c_int
-    lib.planes_on_host.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong] + \
-        [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
-    f.planes = lib.planes_on_host
-    return f
+    head = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]  # elem or P, x, out, n
+    lib.quantize_on_host.argtypes = head + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 7 + \
+        [ctypes.c_uint, ctypes.c_uint]
+    lib.planes_on_host.argtypes = head + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_uint,
+                                                               ctypes.c_uint]
+    return lib
 
 
 DTYPE = {1: np.int8, 2: np.int16, 4: np.int32}
 PREC = {1: Precision.INT8, 2: Precision.INT16, 4: Precision.INT32}
 
 
-def _launch(f, x, elem, s, out_shape, *, G=1, icgp, vec, grid=None, blocks=3, threads=64, trunc=False):
+def _launch(lib, x, elem, s, out_shape, *, G=1, icgp, vec, grid=None, blocks=3, threads=64, trunc=False):
     n, h, w, c = x.shape
     out = np.full(out_shape, 77, DTYPE[elem])  # not zero: every value must be written
     H, W, Hp, Wp, pt, pl = grid or (0, 0, 0, 0, 0, 0)
-    flag = f(elem, x.ctypes.data, out.ctypes.data, x.size, c, G, c // G, icgp, PREC[elem].qmax, int(trunc),
-             s, int(vec), H, W, Hp, Wp, pt, pl, blocks, threads)
+    flag = lib.quantize_on_host(elem, x.ctypes.data, out.ctypes.data, x.size, c, G, c // G, icgp, PREC[elem].qmax,
+                                int(trunc), s, int(vec), H, W, Hp, Wp, pt, pl, blocks, threads)
     return out, flag
 
 
@@ -224,8 +221,8 @@ def test_the_byte_planes_hold_each_quantized_values_bytes(host_pass, P, prec, c,
         want[:, :, :, b, :, :c // groups] = (q >> (8 * b)) & 0xFF
     for blocks, threads in ((1, 1), (5, 32)):
         got = np.full(want.shape, 77, np.uint8)
-        flag = host_pass.planes(P, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, prec.qmax, s, int(vec),
-                                blocks, threads)
+        flag = host_pass.planes_on_host(P, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, prec.qmax, s,
+                                        int(vec), blocks, threads)
         assert flag == 0 and np.array_equal(got, want), (blocks, threads)
 
 
