@@ -29,6 +29,7 @@ Sections (issue 8's and issue 10's CPU targets):
   threads), which moves the same bytes at stride 1 (the input read and written once).
 - overhead: a layer small enough that its call is mostly overhead: the whole prepared call against
   the bare C call (qconv_run with prebuilt arguments); the difference is one call's Python path.
+  Beside it, PyTorch's call on the same layer (its child process, as in layers).
 
 The GPU has its own script (bench_call_gpu.py); the timing helpers here take plain callables.
 """
@@ -210,6 +211,14 @@ DEPTHWISE = [  # x shape, kernel size, stride
 ]
 
 
+def tiny_layer() -> dict:
+    """The overhead section's layer, in load_layers' form (PyTorch's child times it too)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 16), dtype=np.float32)
+    w = rng.standard_normal((3, 3, 16, 16), dtype=np.float32)
+    return {"name": f"{x.shape} x {w.shape}", "x": x, "w": w, "layer": {}}
+
+
 def overhead_rows(threads: int, reps: int) -> list[dict]:
     """A layer so small that its call is mostly overhead: the whole prepared call, the bare C call
     (lib.qconv_run with its arguments built once, no Python around it), and the difference, which
@@ -217,9 +226,8 @@ def overhead_rows(threads: int, reps: int) -> list[dict]:
     import qconv
     from qconv.backends import _cext
     ffi, lib = _cext._lib()
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 8, 8, 16), dtype=np.float32)
-    w = rng.standard_normal((3, 3, 16, 16), dtype=np.float32)
+    tiny = tiny_layer()
+    x, w = tiny["x"], tiny["w"]
     rows = []
     for prec in ("fp32", "int8"):
         conv = qconv.prepare(w, prec, "c-avx2", threads=threads)
@@ -229,7 +237,7 @@ def overhead_rows(threads: int, reps: int) -> list[dict]:
         args = (p._handle, ffi.from_buffer("float[]", x), g.n, g.h, g.w, g.pt, g.pb, g.pl, g.pr, g.ho, g.wo,
                 p._s_x, p._q, ffi.from_buffer("float[]", y, require_writable=True), t, ffi.NULL)
         call, bare = wall(lambda: conv(x), reps * 10, 100), wall(lambda: lib.qconv_run(*args), reps * 10, 100)
-        rows.append({"layer": f"{x.shape} x {w.shape}", "precision": prec, "call_s": call, "c_call_s": bare})
+        rows.append({"layer": tiny["name"], "precision": prec, "call_s": call, "c_call_s": bare})
     return rows
 
 
@@ -352,7 +360,7 @@ def torch_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
 def torch_in_child(args) -> list[dict] | None:
     """PyTorch's rows from a child process (its OpenMP pool never meets qconv's), or None."""
     cmd = [sys.executable, __file__, "--torch-only", "--threads", str(args.threads), "--reps", str(args.reps),
-           "--json", "-"]
+           "--sections", args.sections, "--json", "-"]
     p = subprocess.run(cmd, capture_output=True, text=True)
     sys.stderr.write(p.stderr)
     if p.returncode != 0:
@@ -421,10 +429,15 @@ def render(out: dict) -> str:
                          f"{r['convolve_pct']:.0f} | {r['call_pct']:.0f} |")
         lines.append("")
     if out.get("overhead"):
-        lines += ["| layer | precision | whole call us | C call us | Python us |", "|---|---|---|---|---|"]
+        torch = {r["layer"]: r for r in out.get("torch") or []}
+        lines += ["| layer | precision | whole call us | C call us | Python us | torch call us |",
+                  "|---|---|---|---|---|---|"]
         for r in out["overhead"]:
+            t = torch.get(r["layer"], {}).get("torch_fp32_s" if r["precision"] == "fp32" else "torch_int8_float_s")
             lines.append(f"| {r['layer']} | {r['precision']} | {r['call_s'] * 1e6:.1f} | {r['c_call_s'] * 1e6:.1f} | "
-                         f"{(r['call_s'] - r['c_call_s']) * 1e6:.1f} |")
+                         f"{(r['call_s'] - r['c_call_s']) * 1e6:.1f} | {'-' if t is None else f'{t * 1e6:.1f}'} |")
+        lines.append("(torch call: F.conv2d channels-last for fp32; quantize, quantized conv2d, dequantize for int8, "
+                     "as one qconv call does.)")
         lines.append("")
     return "\n".join(lines)
 
@@ -439,9 +452,11 @@ def main() -> int:
     ap.add_argument("--json", help="write the results as JSON here ('-': stdout)")
     ap.add_argument("--md", help="write the markdown tables here")
     args = ap.parse_args()
-    layers = load_layers()
+    sections = set(args.sections.split(","))
+    layers = load_layers() if "layers" in sections else []
     if args.torch_only:
-        res = {"torch": torch_rows(layers, args.threads, args.reps)}
+        res = {"torch": torch_rows(layers + ([tiny_layer()] if "overhead" in sections else []), args.threads,
+                                   args.reps)}
         text = json.dumps(res)
         if args.json == "-":
             print(text)
@@ -450,23 +465,22 @@ def main() -> int:
         return 0
     from qconv.pools import quiet_blas
     with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers (qconv.pools)
-        return measure(args, layers)
+        return measure(args, layers, sections)
 
 
-def measure(args, layers: list[dict]) -> int:
+def measure(args, layers: list[dict], sections: set[str]) -> int:
     from qconv.backends import _cext
-    sections = set(args.sections.split(","))
     out = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "cpu": cpu_name(),
            "cpus": os.cpu_count(), "threads": args.threads, "isa": _cext.best_isa("auto"),
            "python": platform.python_version(),
            "command": "python3 benchmarks/bench_call.py " + " ".join(sys.argv[1:])}
     if "layers" in sections:
         out["layers"] = qconv_call_rows(layers, args.threads, args.reps)
-        if not args.qconv_only:
-            t = torch_in_child(args)
-            if t:
-                out["torch"] = t
-                out["torch_version"], out["torch_engine"] = t[0]["torch"], t[0]["engine"]
+    if sections & {"layers", "overhead"} and not args.qconv_only:
+        t = torch_in_child(args)
+        if t:
+            out["torch"] = t
+            out["torch_version"], out["torch_engine"] = t[0]["torch"], t[0]["engine"]
     if "strided" in sections:
         out["strided"] = strided_rows(args.threads, args.reps)
     if "depthwise" in sections:
