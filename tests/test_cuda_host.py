@@ -34,6 +34,7 @@ SHIM = r"""
 struct dim3_ { unsigned x, y, z; };
 static dim3_ blockIdx, blockDim, gridDim, threadIdx;
 #define QD static inline
+#define __align__(n) alignas(n)
 struct float4 { float x, y, z, w; };
 struct char4 { signed char x, y, z, w; };
 struct short4 { short x, y, z, w; };
@@ -114,7 +115,7 @@ def _source() -> str:
         macro.group(0),
         vec4.group(0),
         _cut(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
-        _cut(quant, r"^template <typename T, int V>\nQD int quantize_grid\("),
+        _cut(quant, r"^template <typename T, int V, bool F4>\nQD int quantize_grid\("),
         _cut(quant, r"^template <typename T>\nQD void quantize_x_body\("),
         _cut(quant, r"^template <int P>\nQD void quantize_planes_body\("),
     ]
@@ -246,7 +247,7 @@ def test_the_pass_the_host_configures_writes_the_layout_the_convolution_reads(ho
         shape = (2, grid["Hp"], grid["Wp"], lay.icgp)
         want = np.zeros(shape, np.int64)
         want[:, grid["pt"]:grid["pt"] + 9, grid["pl"]:grid["pl"] + 8, :c] = q
-        v = 16 if c % 16 == 0 else 4 if c % 4 == 0 else 1
+        v = 16 if c % 16 == 0 else 4 if c % 4 == 0 else 16  # int8: one 16-byte item a pixel
         assert vec and items * v == want.size
         assert window or (grid["Hp"], grid["Wp"], grid["pt"], grid["pl"]) == (9, 8, 0, 0)
     got, flag = _launch(host_pass, x, 1, 0.9, shape, icgp=lay.icgp, vec=vec,

@@ -204,7 +204,7 @@ def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int
     qv = vec_x and (grid is not None or not lay.padded)
     c = lay.groups * lay.icg
     if grid is not None:
-        per_item = (16 if c % 16 == 0 else 4 if c % 4 == 0 else 1) if qv else 1  # quantize_grid's V
+        per_item = 16 if qv and c % 16 == 0 else 4 if qv and c % 4 == 0 else 16 // lay.elem  # quantize_grid's V
         return grid, qv, g.n * grid["Hp"] * grid["Wp"] * lay.icgp // per_item
     return None, qv, npix * c // 4 if qv else npix * lay.groups * lay.icgp
 

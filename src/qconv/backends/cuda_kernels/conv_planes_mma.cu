@@ -31,123 +31,56 @@
 //     which is exactly the contract's acc (products and sums modulo 2^32), whatever the values
 //     and however often any partial sum overflows.
 //
-// Block: 8 warps as WM x WN as in conv_s8_mma.cu; per pipeline stage P A tiles and P B tiles of
-// BM/BN x 32 words; one accumulator set per shift class (3 for INT16, 4 for INT32).
-#include "qconv_common.cuh"
+// The kernel is qconv_mma.cuh's conv_mma with the operation below: P A planes and P B planes per
+// pipeline stage, and one accumulator set per shift class (3 for INT16, 4 for INT32).
+#include "qconv_mma.cuh"
 
-template <int P, int BM, int BN, int WM, int WN, int STAGES>
-QD void conv_planes(const ConvParams& p) {
-  constexpr int BKW = 32, NT = 256;
-  constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
-  constexpr int NS = P == 2 ? 3 : 4;  // shift classes s = i + j kept (s <= 3 for INT32: mod 2^32)
-  static_assert(WM * WN == 8, "8 warps");
+template <int P>
+struct MmaPlanes {
   static_assert(P == 2 || P == 4, "2 or 4 byte planes");
-  typedef TileLoader<BM, BN, BKW, NT> L;
-  constexpr int SW = L::SW;
-  constexpr int ASZ = BM * SW, BSZ = BN * SW;  // one plane's tile, words
-  extern __shared__ __align__(16) unsigned smem[];
-  unsigned* As = smem;                          // [STAGES][P][BM][SW]
-  unsigned* Bs = smem + STAGES * P * ASZ;       // [STAGES][P][BN][SW]
-
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int wm = warp / WN, wn = warp % WN;
-  const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN;
-  scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
-  const BlockWork bw = block_work(p);
-  const int nk = bw.nk;
-  const int xplane = p.XPW / P;                               // words of one plane of a pixel
-  const int wplane = weight_plane_words(p);
-
-  L loader(p, m0, tid);
-  int acc[NS][MT][NTL][4];
+  typedef int Acc;
+  // shift classes s = i + j kept (s <= 3 for INT32: mod 2^32); parts: the byte pairs (xi, wj)
+  // with xi + wj < NACC, in row-major order
+  static constexpr int NACC = P == 2 ? 3 : 4, AP = P, BP = P, PARTS = P == 2 ? 4 : 10;
+  struct A { unsigned r[P][4]; };
+  QD static A a_frag(const unsigned (&r)[AP][4]) {
+    A a;
 #pragma unroll
-  for (int s = 0; s < NS; ++s)
+    for (int pl = 0; pl < P; ++pl)
 #pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < NTL; ++j)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) acc[s][i][j][r] = 0;
-
-#pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES, P, P>(p, bw, As, Bs, s, n0, tid, wplane, xplane);
-  for (int it = 0; it < nk; ++it) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    loader.template stage<STAGES, P, P>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane, xplane);
-    const int st = it % STAGES;
-    const int aoff = (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
-    const int boff = (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW + ((lane >> 3) & 1) * 4;
-#pragma unroll
-    for (int ks = 0; ks < BKW; ks += 8) {
-      unsigned a[P][MT][4], b[P][NTL][2];
-#pragma unroll
-      for (int pl = 0; pl < P; ++pl) {
-        const unsigned* as = As + (st * P + pl) * ASZ + aoff;
-        const unsigned* bs = Bs + (st * P + pl) * BSZ + boff;
-#pragma unroll
-        for (int i = 0; i < MT; ++i) ldsm_x4(a[pl][i], as + i * 16 * SW + ks);
-#pragma unroll
-        for (int j = 0; j + 1 < NTL; j += 2) {
-          unsigned r[4];
-          ldsm_x4(r, bs + j * 8 * SW + ks);
-          b[pl][j][0] = r[0]; b[pl][j][1] = r[1]; b[pl][j + 1][0] = r[2]; b[pl][j + 1][1] = r[3];
-        }
-        if (NTL % 2) ldsm_x2(b[pl][NTL - 1], bs + (NTL - 1) * 8 * SW + ks);
-      }
-      // every byte pair (xi, wj) with i + j < NS, into the accumulator of its shift class; the
-      // top plane (P-1) is signed, the others unsigned
-#pragma unroll
-      for (int xi = 0; xi < P; ++xi)
-#pragma unroll
-        for (int wj = 0; wj < P; ++wj) {
-          if (xi + wj >= NS) continue;
-#pragma unroll
-          for (int i = 0; i < MT; ++i)
-#pragma unroll
-            for (int j = 0; j < NTL; ++j) {
-              if (xi == P - 1 && wj == P - 1) mma_x8_16832<true, true>(acc[xi + wj][i][j], a[xi][i], b[wj][j]);
-              else if (xi == P - 1) mma_x8_16832<true, false>(acc[xi + wj][i][j], a[xi][i], b[wj][j]);
-              else if (wj == P - 1) mma_x8_16832<false, true>(acc[xi + wj][i][j], a[xi][i], b[wj][j]);
-              else mma_x8_16832<false, false>(acc[xi + wj][i][j], a[xi][i], b[wj][j]);
-            }
-        }
-    }
+      for (int k = 0; k < 4; ++k) a.r[pl][k] = r[pl][k];
+    return a;
   }
-  cp_async_wait<0>();
-  const float inv0 = epilogue_inv(p);
+  // part q's pair; q is a constant once the caller's loop is unrolled, so this folds away
+  QD static constexpr int pair(int q) {
+    for (int xi = 0; xi < P; ++xi)
+      for (int wj = 0; wj < P; ++wj)
+        if (xi + wj < NACC && q-- == 0) return xi * P + wj;
+    return -1;
+  }
+  // the top plane (P-1) is signed, the others unsigned
+  QD static void mma(int q, int (&d)[NACC][4], const A& a, const unsigned (&b)[BP][2]) {
+    const int xi = pair(q) / P, wj = pair(q) % P;
+    if (xi == P - 1 && wj == P - 1) mma_x8_16832<true, true>(d[xi + wj], a.r[xi], b[wj]);
+    else if (xi == P - 1) mma_x8_16832<true, false>(d[xi + wj], a.r[xi], b[wj]);
+    else if (wj == P - 1) mma_x8_16832<false, true>(d[xi + wj], a.r[xi], b[wj]);
+    else mma_x8_16832<false, false>(d[xi + wj], a.r[xi], b[wj]);
+  }
+  // sum_s acc_s * 2^(8s) modulo 2^32 (unsigned shifts and adds wrap)
+  QD static unsigned out(const int (&d)[NACC][4], int r) {
+    unsigned u = 0;
 #pragma unroll
-  for (int i = 0; i < MT; ++i)
-#pragma unroll
-    for (int j = 0; j < NTL; ++j) {
-      unsigned v[4];
-#pragma unroll
-      for (int r = 0; r < 4; ++r) {  // sum_s acc_s * 2^(8s) modulo 2^32 (unsigned shifts and adds wrap)
-        unsigned u = 0;
-#pragma unroll
-        for (int s = 0; s < NS; ++s) u += (unsigned)acc[s][i][j][r] << (8 * s);
-        v[r] = u;
-      }
-      int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
-      store_out(p, bw.ocol, m, o, v[0], inv0);
-      store_out(p, bw.ocol, m, o + 1, v[1], inv0);
-      store_out(p, bw.ocol, m + 8, o, v[2], inv0);
-      store_out(p, bw.ocol, m + 8, o + 1, v[3], inv0);
-    }
-  publish_stats(p.stats, p.slot);
-}
+    for (int s = 0; s < NACC; ++s) u += (unsigned)d[s][r] << (8 * s);
+    return u;
+  }
+};
 
 // Stages per precision (shared memory: STAGES * P * (BM + BN) * 144 bytes; INT32's four planes
 // take two stages so that 64x64 fits in 144 KB).
-#define QCONV_PLANES(NAME, P, BM, BN, WM, WN, STAGES)                           \
-  extern "C" __global__ void __launch_bounds__(256, 1) NAME(const ConvParams p) { \
-    conv_planes<P, BM, BN, WM, WN, STAGES>(p);                                   \
-  }
-QCONV_PLANES(qconv_s16_conv_mma_128x64, 2, 128, 64, 4, 2, 3)
-QCONV_PLANES(qconv_s16_conv_mma_64x64, 2, 64, 64, 2, 4, 3)
-QCONV_PLANES(qconv_s16_conv_mma_64x32, 2, 64, 32, 4, 2, 3)
-QCONV_PLANES(qconv_s16_conv_mma_32x32, 2, 32, 32, 2, 4, 3)
-QCONV_PLANES(qconv_s32_conv_mma_64x64, 4, 64, 64, 2, 4, 2)
-QCONV_PLANES(qconv_s32_conv_mma_64x32, 4, 64, 32, 4, 2, 2)
-QCONV_PLANES(qconv_s32_conv_mma_32x32, 4, 32, 32, 2, 4, 2)
+QCONV_MMA(qconv_s16_conv_mma_128x64, MmaPlanes<2>, 128, 64, 4, 2, 1, 3)
+QCONV_MMA(qconv_s16_conv_mma_64x64, MmaPlanes<2>, 64, 64, 2, 4, 1, 3)
+QCONV_MMA(qconv_s16_conv_mma_64x32, MmaPlanes<2>, 64, 32, 4, 2, 1, 3)
+QCONV_MMA(qconv_s16_conv_mma_32x32, MmaPlanes<2>, 32, 32, 2, 4, 1, 3)
+QCONV_MMA(qconv_s32_conv_mma_64x64, MmaPlanes<4>, 64, 64, 2, 4, 1, 2)
+QCONV_MMA(qconv_s32_conv_mma_64x32, MmaPlanes<4>, 64, 32, 4, 2, 1, 2)
+QCONV_MMA(qconv_s32_conv_mma_32x32, MmaPlanes<4>, 32, 32, 2, 4, 1, 2)

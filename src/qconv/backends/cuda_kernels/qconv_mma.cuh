@@ -1,5 +1,6 @@
 // Implicit-GEMM convolution on the tensor cores through mma.sync, one template for INT8
-// (m16n8k32 s8 x s8 -> s32) and FP32 by three TF32 products (m16n8k8 tf32 x tf32 -> f32).
+// (m16n8k32 s8 x s8 -> s32), FP32 by three TF32 products (m16n8k8 tf32 x tf32 -> f32) and INT16 /
+// INT32 by byte planes (conv_planes_mma.cu).
 // Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
 // K in steps of 32 words (128 int8 or 32 float), 3-stage cp.async pipeline, fragments through
 // ldmatrix: with 32-bit words an 8x8 b16 matrix is 8 rows x 4 words, so the same row addresses give
@@ -9,18 +10,19 @@
 #pragma once
 #include "qconv_common.cuh"
 
-// An operation: Acc, the accumulator type; BP planes of packed weights; PARTS mma per fragment
-// pair and k-step, issued part-major so that consecutive mma do not wait on each other; A, the A
-// fragment made from ldmatrix's registers; mma(q, ...), part q; out, the accumulator's bits.
+// An operation: Acc, the accumulator type, NACC accumulator sets per fragment; AP planes of
+// activations and BP of packed weights; PARTS mma per fragment pair and k-step, issued part-major
+// so that consecutive mma do not wait on each other; A, the A fragment made from ldmatrix's
+// registers of the AP planes; mma(q, ...), part q; out(d, r), element r's bits from its sets.
 
 // INT8: the s32 accumulation of mma without .satfinite wraps modulo 2^32, as the contract asks.
 struct MmaS8 {
   typedef int Acc;
-  static constexpr int BP = 1, PARTS = 1;
+  static constexpr int NACC = 1, AP = 1, BP = 1, PARTS = 1;
   struct A { unsigned r[4]; };
-  QD static A a_frag(const unsigned (&r)[4]) { return {{r[0], r[1], r[2], r[3]}}; }
-  QD static void mma(int, int (&d)[4], const A& a, const unsigned (&b)[BP][2]) { mma_s8_16832(d, a.r, b[0]); }
-  QD static unsigned out(int v) { return (unsigned)v; }
+  QD static A a_frag(const unsigned (&r)[AP][4]) { return {{r[0][0], r[0][1], r[0][2], r[0][3]}}; }
+  QD static void mma(int, int (&d)[NACC][4], const A& a, const unsigned (&b)[BP][2]) { mma_s8_16832(d[0], a.r, b[0]); }
+  QD static unsigned out(const int (&d)[NACC][4], int r) { return (unsigned)d[0][r]; }
 };
 
 // FP32 as three TF32 products (CUTLASS's "3xTF32"): each operand t = big + small in TF32, and
@@ -40,23 +42,23 @@ QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)
 }
 struct MmaTF32x3 {
   typedef float Acc;
-  static constexpr int BP = 2, PARTS = 3;
+  static constexpr int NACC = 1, AP = 1, BP = 2, PARTS = 3;
   struct A { unsigned big[4], small[4]; };
-  QD static A a_frag(const unsigned (&r)[4]) {
+  QD static A a_frag(const unsigned (&r)[AP][4]) {
     A a;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      a.big[i] = r[i] & 0xFFFFE000u;
-      a.small[i] = (__float_as_uint(__fsub_rn(__uint_as_float(r[i]), __uint_as_float(a.big[i]))) + 0x1000u) & 0xFFFFE000u;
+      a.big[i] = r[0][i] & 0xFFFFE000u;
+      a.small[i] = (__float_as_uint(__fsub_rn(__uint_as_float(r[0][i]), __uint_as_float(a.big[i]))) + 0x1000u) & 0xFFFFE000u;
     }
     return a;
   }
-  QD static void mma(int q, float (&d)[4], const A& a, const unsigned (&b)[BP][2]) {
-    if (q == 0) mma_tf32_1688(d, a.small, b[0]);
-    else if (q == 1) mma_tf32_1688(d, a.big, b[1]);
-    else mma_tf32_1688(d, a.big, b[0]);
+  QD static void mma(int q, float (&d)[NACC][4], const A& a, const unsigned (&b)[BP][2]) {
+    if (q == 0) mma_tf32_1688(d[0], a.small, b[0]);
+    else if (q == 1) mma_tf32_1688(d[0], a.big, b[1]);
+    else mma_tf32_1688(d[0], a.big, b[0]);
   }
-  QD static float out(float v) { return v; }
+  QD static float out(const float (&d)[NACC][4], int r) { return d[0][r]; }
 };
 
 template <class Op, int BM, int BN, int WM, int WN, int STAGES>
@@ -65,10 +67,10 @@ QD void conv_mma(const ConvParams& p) {
   constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
   static_assert(WM * WN == 8, "8 warps");
   typedef TileLoader<BM, BN, BKW, NT> L;
-  constexpr int SW = L::SW, BP = Op::BP;
+  constexpr int SW = L::SW, AP = Op::AP, BP = Op::BP, NACC = Op::NACC;
   extern __shared__ __align__(16) unsigned smem[];
-  unsigned* As = smem;                       // [STAGES][BM][SW]
-  unsigned* Bs = smem + STAGES * BM * SW;    // [STAGES][BP][BN][SW]
+  unsigned* As = smem;                            // [STAGES][AP][BM][SW]
+  unsigned* Bs = smem + STAGES * AP * BM * SW;    // [STAGES][BP][BN][SW]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -77,27 +79,29 @@ QD void conv_mma(const ConvParams& p) {
   scan_finite(p.scan_x, p.scan_n, p.scan_vec, p.stats);
   const BlockWork bw = block_work(p);
   const int nk = bw.nk;
-  const int wplane = weight_plane_words(p);
+  const int wplane = weight_plane_words(p), xplane = p.XPW / AP;  // words between planes
 
   L loader(p, m0, tid);
-  typename Op::Acc acc[MT][NTL][4];
+  typename Op::Acc acc[MT][NTL][NACC][4];
 #pragma unroll
   for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int j = 0; j < NTL; ++j)
 #pragma unroll
-      for (int r = 0; r < 4; ++r) acc[i][j][r] = 0;
+      for (int s = 0; s < NACC; ++s)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][s][r] = 0;
 
 #pragma unroll
-  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES, BP>(p, bw, As, Bs, s, n0, tid, wplane);
+  for (int s = 0; s < STAGES - 1; ++s) loader.template stage<STAGES, BP, AP>(p, bw, As, Bs, s, n0, tid, wplane, xplane);
   for (int it = 0; it < nk; ++it) {
     cp_async_wait<STAGES - 2>();
     __syncthreads();
-    loader.template stage<STAGES, BP>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane);
+    loader.template stage<STAGES, BP, AP>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane, xplane);
     // ldmatrix row addresses: A lanes 0-15 rows 0-15 at words 0-3, lanes 16-31 the same rows at
     // words 4-7; B lanes 0-7 / 8-15 rows of n-tile j at words 0-3 / 4-7, lanes 16-31 the same for
     // n-tile j+1.
-    const unsigned* as = As + (it % STAGES) * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
+    const unsigned* as = As + (it % STAGES) * AP * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
     const unsigned* bs = Bs + (it % STAGES) * BP * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
                          ((lane >> 3) & 1) * 4;
 #pragma unroll
@@ -116,8 +120,9 @@ QD void conv_mma(const ConvParams& p) {
       typename Op::A a[MT];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
-        unsigned r[4];
-        ldsm_x4(r, as + i * 16 * SW + ks);
+        unsigned r[AP][4];
+#pragma unroll
+        for (int pl = 0; pl < AP; ++pl) ldsm_x4(r[pl], as + pl * BM * SW + i * 16 * SW + ks);
         a[i] = Op::a_frag(r);
       }
 #pragma unroll
@@ -135,18 +140,23 @@ QD void conv_mma(const ConvParams& p) {
   for (int i = 0; i < MT; ++i)
 #pragma unroll
     for (int j = 0; j < NTL; ++j) {
+      // every element's bits before the stores (the planes' combining, interleaved with the
+      // stores, took 8 more registers at 32x32)
+      decltype(Op::out(acc[i][j], 0)) v[4];
+#pragma unroll
+      for (int r = 0; r < 4; ++r) v[r] = Op::out(acc[i][j], r);
       int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
-      nonfinite += store_out(p, bw.ocol, m, o, Op::out(acc[i][j][0]), inv0);
-      nonfinite += store_out(p, bw.ocol, m, o + 1, Op::out(acc[i][j][1]), inv0);
-      nonfinite += store_out(p, bw.ocol, m + 8, o, Op::out(acc[i][j][2]), inv0);
-      nonfinite += store_out(p, bw.ocol, m + 8, o + 1, Op::out(acc[i][j][3]), inv0);
+      nonfinite += store_out(p, bw.ocol, m, o, v[0], inv0);
+      nonfinite += store_out(p, bw.ocol, m, o + 1, v[1], inv0);
+      nonfinite += store_out(p, bw.ocol, m + 8, o, v[2], inv0);
+      nonfinite += store_out(p, bw.ocol, m + 8, o + 1, v[3], inv0);
     }
   count_nonfinite(p.stats, nonfinite);  // integer stores return 0
   publish_stats(p.stats, p.slot);
 }
 
 // MINB: blocks per SM to fit (128x128 is capped at 128 registers so two blocks share an SM).
-#define QCONV_MMA(NAME, OP, BM, BN, WM, WN, MINB)                                    \
+#define QCONV_MMA(NAME, OP, BM, BN, WM, WN, MINB, STAGES)                            \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const ConvParams p) { \
-    conv_mma<OP, BM, BN, WM, WN, 3>(p);                                              \
+    conv_mma<OP, BM, BN, WM, WN, STAGES>(p);                                         \
   }

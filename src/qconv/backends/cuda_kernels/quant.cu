@@ -138,13 +138,15 @@ QD typename Vec4<T>::type quantize4(const float4 t, const PassParams& p, const f
 
 // The zero-padded grid [N][Hp][Wp][icgp] of T (G == 1): pixel (h, w) at (h + pt, w + pl), every
 // other value 0, all of it rewritten each call (the buffer is shared). An item is V consecutive
-// channels of one grid pixel: with x 16-byte aligned, V = 16 where C % 16 == 0 (four float4 loads
-// in flight, one 16-byte store of int8), 4 where C % 4 == 0, else 1. The grid's pixels count below
-// 2^31 (checked on the host), so the item index is only divided once per thread: each step of the
-// grid-stride loop advances (pixel, channel) by the stride's quotient and remainder. Returns the
-// non-finite flag.
-template <typename T, int V>
+// channels of one grid pixel. F4 (x 16-byte aligned, C % V == 0): V = 16 or 4, read as float4,
+// four loads in flight for 16. Else V = 16 bytes of T (icgp * sizeof(T) is a multiple of 16), read
+// one float at a time and stored at once: a C = 3 stem writes one 16-byte item per pixel instead of
+// 16 one-byte ones. The grid's pixels count below 2^31 (checked on the host), so the item index is
+// only divided once per thread: each step of the grid-stride loop advances (pixel, channel) by the
+// stride's quotient and remainder. Returns the non-finite flag.
+template <typename T, int V, bool F4>
 QD int quantize_grid(const PassParams& p, const float s) {
+  static_assert(F4 ? V % 4 == 0 : V * sizeof(T) == 16, "float4 items, or one 16-byte store");
   const int HWp = p.Hp * p.Wp;
   const int pixels = (int)(p.n / ((long long)p.H * p.W * p.C)) * HWp;
   const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
@@ -153,15 +155,15 @@ QD int quantize_grid(const PassParams& p, const float s) {
   int c = (int)(first % per) * V, bad = 0;
   for (; pix < pixels; pix += dpix, c += dc) {
     const int img = (int)pix / HWp, r = (int)pix - img * HWp, i = r / p.Wp, h = i - p.pt, w = r - i * p.Wp - p.pl;
-    const bool in = c < p.C && (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W;
+    const bool inside = (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W;
     const float* src = p.x + (((long long)img * p.H + h) * p.W + w) * p.C + c;
     T* dst = (T*)p.out + pix * p.icgp + c;
-    if constexpr (V % 4 == 0) {
+    if constexpr (F4) {
       typename Vec4<T>::type q[V / 4];
 #pragma unroll
       for (int k = 0; k < V / 4; ++k) {
         q[k].x = q[k].y = q[k].z = q[k].w = 0;
-        if (in) q[k] = quantize4<T>(__ldg((const float4*)src + k), p, s, bad);
+        if (inside && c < p.C) q[k] = quantize4<T>(__ldg((const float4*)src + k), p, s, bad);
       }
       if constexpr (sizeof(q) == 16) {  // 16 int8: one store
         *(uint4*)dst = *(const uint4*)q;
@@ -170,13 +172,17 @@ QD int quantize_grid(const PassParams& p, const float s) {
         for (int k = 0; k < V / 4; ++k) ((typename Vec4<T>::type*)dst)[k] = q[k];
       }
     } else {
-      int q = 0;
-      if (in) {
-        const float t = __ldg(src);
-        bad |= !isfinite(t);
-        q = quantize1(t, s, p.qmax, p.trunc);
+      __align__(16) T q[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        q[k] = 0;
+        if (inside && c + k < p.C) {
+          const float t = __ldg(src + k);
+          bad |= !isfinite(t);
+          q[k] = (T)quantize1(t, s, p.qmax, p.trunc);
+        }
       }
-      *dst = (T)q;
+      *(uint4*)dst = *(const uint4*)q;
     }
     if (c + dc >= p.icgp) { c -= p.icgp; ++pix; }  // dc < icgp: at most one carry
   }
@@ -189,8 +195,9 @@ template <typename T>
 QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
   if (p.Hp) {
-    bad = !p.vec ? quantize_grid<T, 1>(p, s)
-        : p.C % 16 == 0 ? quantize_grid<T, 16>(p, s) : p.C % 4 == 0 ? quantize_grid<T, 4>(p, s) : quantize_grid<T, 1>(p, s);
+    bad = p.vec && p.C % 16 == 0 ? quantize_grid<T, 16, true>(p, s)
+        : p.vec && p.C % 4 == 0  ? quantize_grid<T, 4, true>(p, s)
+                                 : quantize_grid<T, 16 / sizeof(T), false>(p, s);
   } else if (p.vec) {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
