@@ -29,6 +29,7 @@ KERNELS = Path(__file__).resolve().parent.parent / "src" / "qconv" / "backends" 
 CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 SHIM = r"""
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 struct dim3_ { unsigned x, y, z; };
@@ -40,6 +41,12 @@ struct char4 { signed char x, y, z, w; };
 struct short4 { short x, y, z, w; };
 struct int4 { int x, y, z, w; };
 struct uint4 { unsigned x, y, z, w; };
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+using std::min;
+using std::max;
+#define __global__
+#define __launch_bounds__(n)
 typedef signed char qs8;
 typedef short qs16;
 struct QSlot;
@@ -65,10 +72,13 @@ static int launch(PassParams p, float s, unsigned blocks, unsigned threads, Body
     }
   return st.flag;
 }
+// The planes (P = 2, 4) and FP32's padding (P = 0) over the pixels as they are (H x W, no border).
 extern "C" int planes_on_host(int P, const float* x, void* out, long long n, int C, int G, int icgp, int qmax,
-                              float s, int vec, unsigned blocks, unsigned threads) {
+                              float s, int vec, int H, int W, unsigned blocks, unsigned threads) {
   PassParams p = {};
   p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = C / G; p.icgp = icgp; p.qmax = qmax; p.vec = vec;
+  p.H = p.Hp = H; p.W = p.Wp = W;
+  if (P == 0) return launch(p, s, blocks, threads, [](const PassParams& q, float) { qconv_pad_x_f32(q); });
   return P == 2 ? launch(p, s, blocks, threads, quantize_planes_body<2>)
                 : launch(p, s, blocks, threads, quantize_planes_body<4>);
 }
@@ -115,9 +125,13 @@ def _source() -> str:
         macro.group(0),
         vec4.group(0),
         _cut(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
+        _cut(quant, r"^template <int V, class Item>\nQD void walk_padded\("),
+        _cut(quant, r"^template <int V, bool F4, typename Q>\nQD void quantize_item\("),
         _cut(quant, r"^template <typename T, int V, bool F4>\nQD int quantize_grid\("),
         _cut(quant, r"^template <typename T>\nQD void quantize_x_body\("),
+        _cut(quant, r"^template <int P, bool F4>\nQD int planes_grid\("),
         _cut(quant, r"^template <int P>\nQD void quantize_planes_body\("),
+        _cut(quant, r"^extern \"C\" __global__ void __launch_bounds__\(256\) qconv_pad_x_f32\("),
     ]
     return SHIM + "\n".join(parts) + DRIVER
 
@@ -136,8 +150,8 @@ def host_pass(tmp_path_factory):
     head = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong]  # elem or P, x, out, n
     lib.quantize_on_host.argtypes = head + [ctypes.c_int] * 6 + [ctypes.c_float] + [ctypes.c_int] * 7 + \
         [ctypes.c_uint, ctypes.c_uint]
-    lib.planes_on_host.argtypes = head + [ctypes.c_int] * 4 + [ctypes.c_float, ctypes.c_int, ctypes.c_uint,
-                                                               ctypes.c_uint]
+    lib.planes_on_host.argtypes = head + [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_int] * 3 + \
+        [ctypes.c_uint, ctypes.c_uint]
     return lib
 
 
@@ -148,6 +162,8 @@ PREC = {1: Precision.INT8, 2: Precision.INT16, 4: Precision.INT32}
 def _launch(lib, x, elem, s, out_shape, *, G=1, icgp, vec, grid=None, blocks=3, threads=64, trunc=False):
     n, h, w, c = x.shape
     out = np.full(out_shape, 77, DTYPE[elem])  # not zero: every value must be written
+    if grid is None and (G * icgp != c or not vec):  # as _jobs.quantize_pass: only the dense layout has none
+        grid = (h, w, h, w, 0, 0)
     H, W, Hp, Wp, pt, pl = grid or (0, 0, 0, 0, 0, 0)
     flag = lib.quantize_on_host(elem, x.ctypes.data, out.ctypes.data, x.size, c, G, c // G, icgp, PREC[elem].qmax,
                                 int(trunc), s, int(vec), H, W, Hp, Wp, pt, pl, blocks, threads)
@@ -208,7 +224,7 @@ def test_a_non_finite_input_sets_the_flag(host_pass, vec):
 
 @pytest.mark.parametrize("P, prec", [(2, Precision.INT16), (4, Precision.INT32)])
 @pytest.mark.parametrize("c, groups, icgp, vec", [(32, 1, 32, True), (16, 1, 16, True), (3, 1, 16, False),
-                                                  (10, 2, 16, False)])
+                                                  (10, 2, 16, False), (32, 2, 16, True), (12, 1, 16, True)])
 def test_the_byte_planes_hold_each_quantized_values_bytes(host_pass, P, prec, c, groups, icgp, vec):
     """[pixel][plane b][group][icgp] bytes, plane b = (q >> 8b) & 0xFF (the top one q's signed top
     byte as bits), padding channels 0; every value of a wide range, ties and saturation included."""
@@ -223,8 +239,28 @@ def test_the_byte_planes_hold_each_quantized_values_bytes(host_pass, P, prec, c,
     for blocks, threads in ((1, 1), (5, 32)):
         got = np.full(want.shape, 77, np.uint8)
         flag = host_pass.planes_on_host(P, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, prec.qmax, s,
-                                        int(vec), blocks, threads)
+                                        int(vec), 3, 4, blocks, threads)
         assert flag == 0 and np.array_equal(got, want), (blocks, threads)
+
+
+@pytest.mark.parametrize("c, groups, icgp", [(3, 1, 4), (5, 1, 8), (6, 2, 4), (4, 1, 4)])
+def test_fp32s_padding_copies_x_into_its_groups_and_flags_a_non_finite_input(host_pass, c, groups, icgp):
+    """qconv_pad_x_f32: [pixel][group][icgp] floats, x's bits unchanged, padding 0 (and an unpadded but
+    unaligned input copied as it is)."""
+    rng = np.random.default_rng(c)
+    x = rng.standard_normal((2, 3, 4, c)).astype(np.float32)
+    x.flat[:3] = [3e38, -0.0, 1e-45]
+    want = np.zeros((2, 3, 4, groups, icgp), np.float32)
+    want[..., :c // groups] = x.reshape(2, 3, 4, groups, c // groups)
+    for blocks, threads in ((1, 1), (5, 32)):
+        got = np.full(want.shape, 77, np.float32)
+        flag = host_pass.planes_on_host(0, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, 0, 1.0, 0, 3, 4,
+                                        blocks, threads)
+        assert flag == 0 and np.array_equal(got.view(np.uint32), want.view(np.uint32)), (blocks, threads)
+    x[1, 2, 3, c - 1] = np.inf
+    got = np.zeros(want.shape, np.float32)
+    assert host_pass.planes_on_host(0, x.ctypes.data, got.ctypes.data, x.size, c, groups, icgp, 0, 1.0, 0, 3, 4,
+                                    3, 64) & 1
 
 
 @pytest.mark.parametrize("c, kh, window", [(3, 7, False), (3, 3, True), (4, 3, False), (64, 3, True), (64, 3, False),

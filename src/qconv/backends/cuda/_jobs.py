@@ -168,9 +168,10 @@ class GemmJob(Job):
             self.pre_writes = True
         elif not self.scan_in_main:
             self.first = "pack"
-            p = pass_params(n=nx)
-            self.pre = _driver.Launch(rt, "quant.cu", "qconv_pad_x_f32",
-                                      _tiling.grid1(npix * spec.groups * lay.icgp, rt.num_sms), 256, 0, p)
+            grid, _, items = quantize_pass(g, lay, None, vec_x, fp32=True)
+            assert grid is not None  # padded or unaligned: never the dense layout
+            p = pass_params(n=nx, **grid)
+            self.pre = _driver.Launch(rt, "quant.cu", "qconv_pad_x_f32", _tiling.grid1(items, rt.num_sms), 256, 0, p)
             self.pre_writes = True
         cp = ConvParams(w=prep.w_dev, inv=prep.inv_dev, bias=prep.bias_dev, stats=st, scan_n=nx if self.scan_in_main else 0,
                         wgs=lay.wgs(), N=g.n, H=g.h, W=g.w, Cw=lay.cw, XPW=lay.xpw, KH=spec.kh, KW=spec.kw, pt=g.pt,
@@ -189,24 +190,27 @@ class GemmJob(Job):
             self.last = "convolve"
 
 
-def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int] | None,
-                  vec_x: bool) -> tuple[dict[str, int] | None, bool, int]:
-    """How quant.cu's quantize_x_body runs for a layer: the grid fields of its PassParams (the
-    window kernels' zero-padded grid of `window` = (Hp, Wp) pixels; one group's channel-padded input
-    (C = 3: 16 int8 slots a pixel) as that grid without a border; None: the dense or grouped
-    layout), whether it reads float4 (vec), and how many items it walks (the launch's size)."""
+def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int] | None, vec_x: bool,
+                  fp32: bool = False) -> tuple[dict[str, int] | None, bool, int]:
+    """How quant.cu's quantize (or, fp32, pad) pass runs for a layer: the grid fields of its
+    PassParams (None: the dense layout, read as float4 and written as it is), whether it may read
+    float4 (vec), and how many items it walks (the launch's size). Every other layout is a grid that
+    walk_padded covers: the window kernels' zero-padded one of `window` = (Hp, Wp) pixels, or the
+    pixels as they are, their channels padded per group or split into byte planes."""
     npix = g.n * g.h * g.w
-    grid = None
     if window is not None:
         grid = dict(H=g.h, W=g.w, Hp=window[0], Wp=window[1], pt=g.pt, pl=g.pl)
-    elif lay.padded and lay.groups == 1 and lay.planes == 1 and npix <= _tiling.INT_LIMIT:
+    elif lay.padded or lay.planes > 1 or not vec_x:
         grid = dict(H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0)
-    qv = vec_x and (grid is not None or not lay.padded)
-    c = lay.groups * lay.icg
-    if grid is not None:
-        per_item = 16 if qv and c % 16 == 0 else 4 if qv and c % 4 == 0 else 16 // lay.elem  # quantize_grid's V
-        return grid, qv, g.n * grid["Hp"] * grid["Wp"] * lay.icgp // per_item
-    return None, qv, npix * c // 4 if qv else npix * lay.groups * lay.icgp
+    else:
+        return None, True, npix * lay.groups * lay.icg // 4
+    if lay.planes > 1:
+        per_item = 16
+    elif fp32:
+        per_item = 4
+    else:  # quantize_grid's V: float4 where it can, else one 16-byte store
+        per_item = 16 if vec_x and lay.icg % 16 == 0 else 4 if vec_x and lay.icg % 4 == 0 else 16 // lay.elem
+    return grid, vec_x, g.n * grid["Hp"] * grid["Wp"] * lay.groups * lay.icgp // per_item
 
 
 def _window_kernel(rt: Any, module: str, prefix: str, spec: Any, lay: Any, wo: int,

@@ -18,12 +18,11 @@ struct PassParams {
   int qmax, trunc;       // quantize
   float s;               // fixed input scale (dev_scale == 0)
   int dev_scale;         // 1: the input scale is stats->s_x (maxabs, computed by the scan)
-  int vec;               // 16-byte vectors allowed (aligned, n % 4 == 0; quantize/pad: no channel padding,
-                         // except into the padded grid, which pads channels itself)
+  int vec;               // 16-byte vectors allowed (x aligned, n % 4 == 0)
   int do_max;            // scan: reduce max|x| and finalize s_x and inv
   int mode;              // epilogue: 0 FP32 after split-K (+ bias[o], non-finite outputs counted);
                          // 1 float32(int32) * inv[o] (+ bias[o])
-  int H, W, Hp, Wp, pt, pl;  // quantize into a zero-padded grid [N][Hp][Wp][icgp] (Hp > 0; G == 1):
+  int H, W, Hp, Wp, pt, pl;  // quantize/pad into the grid [N][Hp][Wp][G][icgp] (Hp > 0; walk_padded):
                              // pixel (h, w) at (h + pt, w + pl), every other pixel 0
 };
 
@@ -136,88 +135,93 @@ QD typename Vec4<T>::type quantize4(const float4 t, const PassParams& p, const f
   return q;
 }
 
-// The zero-padded grid [N][Hp][Wp][icgp] of T (G == 1): pixel (h, w) at (h + pt, w + pl), every
-// other value 0, all of it rewritten each call (the buffer is shared). An item is V consecutive
-// channels of one grid pixel. F4 (x 16-byte aligned, C % V == 0): V = 16 or 4, read as float4,
-// four loads in flight for 16. Else V = 16 bytes of T (icgp * sizeof(T) is a multiple of 16), read
-// one float at a time and stored at once: a C = 3 stem writes one 16-byte item per pixel instead of
-// 16 one-byte ones. The grid's pixels count below 2^31 (checked on the host), so the item index is
-// only divided once per thread: each step of the grid-stride loop advances (pixel, channel) by the
-// stride's quotient and remainder. Returns the non-finite flag.
-template <typename T, int V, bool F4>
-QD int quantize_grid(const PassParams& p, const float s) {
-  static_assert(F4 ? V % 4 == 0 : V * sizeof(T) == 16, "float4 items, or one 16-byte store");
-  const int HWp = p.Hp * p.Wp;
+// The walk of every layout but the dense one: the grid [N][Hp][Wp][G][icgp] (Hp = H, Wp = W and
+// pt = pl = 0 where there is no border), pixel (h, w) of x at (h + pt, w + pl), in items of V slots
+// of one group (V divides icgp). item(pix, c, src, n): grid pixel pix, its slot c, the item's first
+// float of x and how many of its V slots hold channels of x (0 for the border and the padding). The
+// grid's pixels count below 2^31 (checked on the host), so the item index is divided once per
+// thread: each step of the grid-stride loop advances (pixel, slot) by the stride's quotient and
+// remainder.
+template <int V, class Item>
+QD void walk_padded(const PassParams& p, Item&& item) {
+  const int HWp = p.Hp * p.Wp, gp = p.G * p.icgp;
   const int pixels = (int)(p.n / ((long long)p.H * p.W * p.C)) * HWp;
   const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
-  const int per = p.icgp / V, dpix = (int)(step / per), dc = (int)(step % per) * V;
+  const int per = gp / V, dpix = (int)(step / per), dc = (int)(step % per) * V;
   long long pix = first / per;  // 64-bit: pix + dpix may pass 2^31 on the last step
-  int c = (int)(first % per) * V, bad = 0;
+  int c = (int)(first % per) * V;
   for (; pix < pixels; pix += dpix, c += dc) {
     const int img = (int)pix / HWp, r = (int)pix - img * HWp, i = r / p.Wp, h = i - p.pt, w = r - i * p.Wp - p.pl;
+    const int g = p.G == 1 ? 0 : c / p.icgp, ch = c - g * p.icgp;
     const bool inside = (unsigned)h < (unsigned)p.H && (unsigned)w < (unsigned)p.W;
-    const float* src = p.x + (((long long)img * p.H + h) * p.W + w) * p.C + c;
-    T* dst = (T*)p.out + pix * p.icgp + c;
-    if constexpr (F4) {
-      typename Vec4<T>::type q[V / 4];
-#pragma unroll
-      for (int k = 0; k < V / 4; ++k) {
-        q[k].x = q[k].y = q[k].z = q[k].w = 0;
-        if (inside && c < p.C) q[k] = quantize4<T>(__ldg((const float4*)src + k), p, s, bad);
-      }
-      if constexpr (sizeof(q) == 16) {  // 16 int8: one store
-        *(uint4*)dst = *(const uint4*)q;
-      } else {
-#pragma unroll
-        for (int k = 0; k < V / 4; ++k) ((typename Vec4<T>::type*)dst)[k] = q[k];
-      }
-    } else {
-      __align__(16) T q[V];
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        q[k] = 0;
-        if (inside && c + k < p.C) {
-          const float t = __ldg(src + k);
-          bad |= !isfinite(t);
-          q[k] = (T)quantize1(t, s, p.qmax, p.trunc);
-        }
-      }
-      *(uint4*)dst = *(const uint4*)q;
-    }
-    if (c + dc >= p.icgp) { c -= p.icgp; ++pix; }  // dc < icgp: at most one carry
+    const int n = inside ? max(0, min(V, p.icg - ch)) : 0;
+    item(pix, c, p.x + (((long long)img * p.H + h) * p.W + w) * p.C + g * p.icg + ch, n);
+    if (c + dc >= gp) { c -= gp; ++pix; }  // dc < gp: at most one carry
   }
+}
+
+// V values of an item into q (0 past its n channels), float4 loads (F4: x 16-byte aligned, icg % 4
+// == 0, so n is 0 or V) or one float at a time; non-finite ones or-ed into bad.
+template <int V, bool F4, typename Q>
+QD void quantize_item(const PassParams& p, const float s, const float* src, int n, Q (&q)[V], int& bad) {
+  if constexpr (F4) {
+#pragma unroll
+    for (int k = 0; k < V / 4; ++k) {
+      float4 t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (n) {
+        t = __ldg((const float4*)src + k);
+        bad |= nonfinite4(t);
+      }
+      q[4 * k] = (Q)quantize1(t.x, s, p.qmax, p.trunc); q[4 * k + 1] = (Q)quantize1(t.y, s, p.qmax, p.trunc);
+      q[4 * k + 2] = (Q)quantize1(t.z, s, p.qmax, p.trunc); q[4 * k + 3] = (Q)quantize1(t.w, s, p.qmax, p.trunc);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      float t = 0.0f;
+      if (k < n) {
+        t = __ldg(src + k);
+        bad |= !isfinite(t);
+      }
+      q[k] = (Q)quantize1(t, s, p.qmax, p.trunc);
+    }
+  }
+}
+
+// x -> the grid of T (walk_padded): items of 16 or 4 channels read as float4 where x is aligned
+// and icg % V == 0, else 16 bytes of T read one float at a time (a C = 3 stem: one item a pixel);
+// each item one or more 16-byte stores. Returns the non-finite flag.
+template <typename T, int V, bool F4>
+QD int quantize_grid(const PassParams& p, const float s) {
+  static_assert(V * sizeof(T) % 16 == 0 || V == 4, "whole 16-byte stores, or one Vec4");
+  int bad = 0;
+  walk_padded<V>(p, [&](long long pix, int c, const float* src, int n) {
+    __align__(16) T q[V];
+    quantize_item<V, F4>(p, s, src, n, q, bad);
+    T* dst = (T*)p.out + pix * p.G * p.icgp + c;
+    if constexpr (V * sizeof(T) % 16 == 0) {
+#pragma unroll
+      for (int k = 0; k < V * (int)sizeof(T) / 16; ++k) ((uint4*)dst)[k] = ((const uint4*)q)[k];
+    } else {
+      *(typename Vec4<T>::type*)dst = *(const typename Vec4<T>::type*)q;
+    }
+  });
   return bad;
 }
 
-// x (pixels x C floats) -> [pixels][G][icgp] of T, or the padded grid (p.Hp > 0), quantized with
-// the fixed or the per-call scale; the flag's bit 0 when an input is not finite.
+// x (pixels x C floats) -> the dense layout (Hp == 0: float4 in, 4 values out) or the grid of T,
+// quantized with the fixed or the per-call scale; the flag's bit 0 when an input is not finite.
 template <typename T>
 QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
   if (p.Hp) {
-    bad = p.vec && p.C % 16 == 0 ? quantize_grid<T, 16, true>(p, s)
-        : p.vec && p.C % 4 == 0  ? quantize_grid<T, 4, true>(p, s)
-                                 : quantize_grid<T, 16 / sizeof(T), false>(p, s);
-  } else if (p.vec) {
+    bad = p.vec && p.icg % 16 == 0 ? quantize_grid<T, 16, true>(p, s)
+        : p.vec && p.icg % 4 == 0  ? quantize_grid<T, 4, true>(p, s)
+                                   : quantize_grid<T, 16 / sizeof(T), false>(p, s);
+  } else {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
     QGRID_STRIDE(i, p.n / 4) o4[i] = quantize4<T>(__ldg(x4 + i), p, s, bad);
-  } else {
-    T* out = (T*)p.out;
-    const long long gp = (long long)p.G * p.icgp;   // padded channels per pixel
-    const long long total = p.n / p.C * gp;
-    QGRID_STRIDE(i, total) {
-      long long pix = i / gp;
-      int r = (int)(i - pix * gp);
-      int g = r / p.icgp, c = r - g * p.icgp;
-      int q = 0;
-      if (c < p.icg) {
-        float t = __ldg(p.x + pix * p.C + g * p.icg + c);
-        bad |= !isfinite(t);
-        q = quantize1(t, s, p.qmax, p.trunc);
-      }
-      out[i] = (T)q;
-    }
   }
   if (bad) atomicOr(&p.stats->flag, 1);
 }
@@ -261,47 +265,35 @@ QCONV_QUANT(s8, qs8)
 QCONV_QUANT(s16, qs16)
 QCONV_QUANT(s32, int)
 
-// Byte planes for the tensor-core INT16 / INT32 kernels (conv_planes_mma.cu): x (pixels x C
-// floats) -> [pixels][P][G][icgp] bytes, plane b holding byte b of each quantized value
+// Byte planes for the tensor-core INT16 / INT32 kernels (conv_planes_mma.cu): x -> the grid
+// (walk_padded) of [P][G][icgp] bytes a pixel, plane b holding byte b of each quantized value
 // ((q >> 8b) & 0xFF; the top plane is the signed top byte q >> 8(P-1) as bits), icgp a multiple
-// of 16 so that every plane is the INT8 kernel's layout. Quantized with the fixed or the per-call
-// scale; the flag's bit 0 when an input is not finite.
+// of 16 so that every plane is the INT8 kernel's layout. An item is 16 channels of one group: P
+// 16-byte stores. Quantized with the fixed or the per-call scale; the flag's bit 0 when an input is
+// not finite.
+template <int P, bool F4>
+QD int planes_grid(const PassParams& p, const float s) {
+  int bad = 0;
+  walk_padded<16>(p, [&](long long pix, int c, const float* src, int n) {
+    int q[16];
+    quantize_item<16, F4>(p, s, src, n, q, bad);
+    const long long gp = (long long)p.G * p.icgp;
+    uint4* o = (uint4*)((unsigned char*)p.out + pix * P * gp + c);
+#pragma unroll
+    for (int b = 0; b < P; ++b) {  // 16 bytes of plane b, little-endian
+      unsigned w[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+        w[k] = (((unsigned)q[4 * k] >> (8 * b)) & 0xFFu) | ((((unsigned)q[4 * k + 1] >> (8 * b)) & 0xFFu) << 8) |
+               ((((unsigned)q[4 * k + 2] >> (8 * b)) & 0xFFu) << 16) | (((unsigned)q[4 * k + 3] >> (8 * b)) << 24);
+      o[b * gp / 16] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  });
+  return bad;
+}
 template <int P>
 QD void quantize_planes_body(const PassParams& p, const float s) {
-  int bad = 0;
-  unsigned char* out = (unsigned char*)p.out;
-  const long long gp = (long long)p.G * p.icgp;  // bytes of one plane of a pixel
-  if (p.vec) {  // no channel padding (gp == C, a multiple of 16): 4 values of one pixel per item
-    const float4* x4 = (const float4*)p.x;
-    QGRID_STRIDE(i, p.n / 4) {
-      float4 t = __ldg(x4 + i);
-      bad |= nonfinite4(t);
-      const unsigned q0 = (unsigned)quantize1(t.x, s, p.qmax, p.trunc), q1 = (unsigned)quantize1(t.y, s, p.qmax, p.trunc);
-      const unsigned q2 = (unsigned)quantize1(t.z, s, p.qmax, p.trunc), q3 = (unsigned)quantize1(t.w, s, p.qmax, p.trunc);
-      const long long e = i * 4, pix = e / gp;
-      unsigned char* o = out + pix * P * gp + (e - pix * gp);
-#pragma unroll
-      for (int b = 0; b < P; ++b)  // 4 bytes of one plane, little-endian: one 32-bit store
-        *(unsigned*)(o + b * gp) = ((q0 >> (8 * b)) & 0xFFu) | (((q1 >> (8 * b)) & 0xFFu) << 8) |
-                                   (((q2 >> (8 * b)) & 0xFFu) << 16) | (((q3 >> (8 * b)) & 0xFFu) << 24);
-    }
-  } else {
-    const long long total = p.n / p.C * gp;
-    QGRID_STRIDE(i, total) {
-      long long pix = i / gp;
-      int r = (int)(i - pix * gp);
-      int g = r / p.icgp, c = r - g * p.icgp;
-      unsigned q = 0;
-      if (c < p.icg) {
-        float t = __ldg(p.x + pix * p.C + g * p.icg + c);
-        bad |= !isfinite(t);
-        q = (unsigned)quantize1(t, s, p.qmax, p.trunc);
-      }
-      unsigned char* o = out + pix * P * gp + r;
-#pragma unroll
-      for (int b = 0; b < P; ++b) o[b * gp] = (unsigned char)(q >> (8 * b));
-    }
-  }
+  const int bad = p.vec && p.icg % 16 == 0 ? planes_grid<P, true>(p, s) : planes_grid<P, false>(p, s);
   if (bad) atomicOr(&p.stats->flag, 1);
 }
 
@@ -315,23 +307,19 @@ QD void quantize_planes_body(const PassParams& p, const float s) {
 QCONV_QUANT_PLANES(p16, 2)
 QCONV_QUANT_PLANES(p32, 4)
 
-// FP32: x -> [pixels][G][icgp] floats (channel padding for the 16-byte loader), with the flag.
+// FP32: x -> the grid (walk_padded) of floats, its channels padded for the 16-byte loader (icg %
+// 4 != 0: read one float at a time), with the flag.
 extern "C" __global__ void __launch_bounds__(256) qconv_pad_x_f32(const PassParams p) {
-  float* out = (float*)p.out;
-  const long long gp = (long long)p.G * p.icgp;
-  const long long total = p.n / p.C * gp;
   int bad = 0;
-  QGRID_STRIDE(i, total) {
-    long long pix = i / gp;
-    int r = (int)(i - pix * gp);
-    int g = r / p.icgp, c = r - g * p.icgp;
-    float v = 0.0f;
-    if (c < p.icg) {
-      v = __ldg(p.x + pix * p.C + g * p.icg + c);
-      bad |= !isfinite(v);
+  walk_padded<4>(p, [&](long long pix, int c, const float* src, int n) {
+    float v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[k] = k < n ? __ldg(src + k) : 0.0f;
+      bad |= !isfinite(v[k]);
     }
-    out[i] = v;
-  }
+    *(float4*)((float*)p.out + pix * p.G * p.icgp + c) = make_float4(v[0], v[1], v[2], v[3]);
+  });
   if (bad) atomicOr(&p.stats->flag, 1);
 }
 
