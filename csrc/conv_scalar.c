@@ -87,7 +87,8 @@ static void dequantize__scalar(const int32_t *acc, int64_t npix, int64_t oc, con
         }
 }
 
-/* y[n,i,j,o] = sum x[n, i*sh+u, j*sw+v, c] * w[o,u,v,c] over the padded input, float32
+/* y[n,i,j,o] = sum x[n, i*sh+u, j*sw+v, c] * w[o,u,v,c] over the padded input (tap t = u*KW + v
+ * at a->tap[t]: qconv_impl.h's layout), float32
  * accumulation, then + bias[o]. */
 static void qconv_f32_conv__scalar(const qconv_conv_args *a, int64_t r0, int64_t r1, int64_t b0, int64_t b1)
 {
@@ -99,13 +100,12 @@ static void qconv_f32_conv__scalar(const qconv_conv_args *a, int64_t r0, int64_t
             for (int64_t o = b0; o < b1; o++) {
                 const float *wo = wq + o * a->wblk;
                 float acc = 0.0f;
-                for (int64_t u = 0; u < a->kh; u++)
-                    for (int64_t v = 0; v < a->kw; v++) {
-                        const float *xp = xq + n * a->img + i * a->rstep + u * a->row + q * a->xstep + v * a->pix;
-                        const float *wp = wo + (u * a->kw + v) * a->cp;
-                        for (int64_t c = 0; c < a->c; c++)
-                            acc += xp[c] * wp[c];
-                    }
+                for (int64_t t = 0; t < a->kh * a->kw; t++) {
+                    const float *xp = xq + n * a->img + i * a->rstep + q * a->xstep + a->tap[t];
+                    const float *wp = wo + t * a->cp;
+                    for (int64_t c = 0; c < a->c; c++)
+                        acc += xp[c] * wp[c];
+                }
                 y[(r * a->wo + q) * a->ldy + o] = a->bias != NULL ? acc + a->bias[o] : acc;
             }
     }
@@ -123,13 +123,12 @@ static void qconv_s32_conv__scalar(const qconv_conv_args *a, int64_t r0, int64_t
             for (int64_t o = b0; o < b1; o++) {
                 const int32_t *wo = wq + o * a->wblk;
                 uint32_t acc = 0;
-                for (int64_t u = 0; u < a->kh; u++)
-                    for (int64_t v = 0; v < a->kw; v++) {
-                        const int32_t *xp = xq + n * a->img + i * a->rstep + u * a->row + q * a->xstep + v * a->pix;
-                        const int32_t *wp = wo + (u * a->kw + v) * a->cp;
-                        for (int64_t c = 0; c < a->c; c++)
-                            acc += (uint32_t)xp[c] * (uint32_t)wp[c];
-                    }
+                for (int64_t t = 0; t < a->kh * a->kw; t++) {
+                    const int32_t *xp = xq + n * a->img + i * a->rstep + q * a->xstep + a->tap[t];
+                    const int32_t *wp = wo + t * a->cp;
+                    for (int64_t c = 0; c < a->c; c++)
+                        acc += (uint32_t)xp[c] * (uint32_t)wp[c];
+                }
                 y[(r * a->wo + q) * a->ldy + o] = (int32_t)acc;
             }
     }

@@ -103,7 +103,7 @@ static inline __attribute__((always_inline)) void qconv_store_tile_ps(const qcon
 
 /* The microkernel, written once for every ISA and element type: an mr x NR tile (two vector
  * columns of NR/2 output channels; with `half`, only the lower one) with the TILE signature above.
- * For each tap (u, v) and each CSTEP input channels c: load the kernel row w[c][0:NR] (two
+ * For each tap t (offset a->tap[t]) and each CSTEP input channels c: load the kernel row w[c][0:NR] (two
  * columns), then for each pixel m broadcast x[m][c:c+CSTEP] and multiply-accumulate it with both.
  * The including file supplies MAXMR (its widest tile) and names what differs:
  *   XT, WT, YT      input, packed kernel and output element types
@@ -128,22 +128,21 @@ static inline __attribute__((always_inline)) void qconv_store_tile_ps(const qcon
             acc[m][0] = acc0;                                                                  \
             acc[m][1] = acc1;                                                                  \
         }                                                                                      \
-        const int64_t pix = a->pix, step = a->xstep, cp = a->cp;                               \
+        const int64_t step = a->xstep, cp = a->cp, taps = a->kh * a->kw;                       \
         const int64_t col = (int64_t)(sizeof(VT) / sizeof(WT));                                \
-        for (int64_t u = 0; u < a->kh; u++)                                                    \
-            for (int64_t v = 0; v < a->kw; v++) {                                              \
-                const XT *xp = x + u * a->row + v * pix;                                       \
-                for (int64_t c = 0; c < cp; c += (CSTEP)) {                                    \
-                    VT w0 = LOAD_W(w), w1 = LOAD_W(w + col);                                   \
-                    w += 2 * col;                                                              \
-                    for (int m = 0; m < mr; m++) {                                             \
-                        VT b = BCAST(xp, m * step, c);                                         \
-                        acc[m][0] = MAC(acc[m][0], b, w0);                                     \
-                        if (!half) /* nvalid <= NR/2: the upper column is padding */           \
-                            acc[m][1] = MAC(acc[m][1], b, w1);                                 \
-                    }                                                                          \
+        for (int64_t t = 0; t < taps; t++) {                                                   \
+            const XT *xp = x + a->tap[t];                                                      \
+            for (int64_t c = 0; c < cp; c += (CSTEP)) {                                        \
+                VT w0 = LOAD_W(w), w1 = LOAD_W(w + col);                                       \
+                w += 2 * col;                                                                  \
+                for (int m = 0; m < mr; m++) {                                                 \
+                    VT b = BCAST(xp, m * step, c);                                             \
+                    acc[m][0] = MAC(acc[m][0], b, w0);                                         \
+                    if (!half) /* nvalid <= NR/2: the upper column is padding */               \
+                        acc[m][1] = MAC(acc[m][1], b, w1);                                     \
                 }                                                                              \
             }                                                                                  \
+        }                                                                                      \
         STORE(a, y, acc, mr, half, nvalid, ib, bb);                                            \
     }
 

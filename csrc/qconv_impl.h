@@ -28,8 +28,13 @@ void qconv_split_planes(void *p, int64_t count, int store);
  * xq is the quantized (or copied) input, zero-padded to (N, HP, WP, G, cp) where cp is the
  * group's input channels ICG rounded up to the channel group `grp`; padding holds the
  * representation of zero (128 for QCONV_STORE_U8OFF). xq points at this group's first channel.
- * Output pixel (n, i, j) reads the padded pixels (n, i*sh + u, j*sw + v): the tile steps `xstep`
- * = sw * pix elements per output pixel and `rstep` = sh * row per output row.
+ * Each padded row is stored as sw phases of WQ = ceil(WP / sw) pixels (`pix` elements each):
+ * padded column p at phase p % sw, position p / sw. Output pixel (n, i, j) reads the padded
+ * pixels (n, i*sh + u, j*sw + v), that is row i*sh + u, phase v % sw, position j + v / sw: so
+ * consecutive output pixels read consecutive stored pixels (`xstep` = pix) whatever the stride,
+ * and a tile of a stride-2 layer streams through memory as one of a stride-1 layer does. (With
+ * sw = 1 this is the plain padded row.) `rstep` = sh * row per output row; tap[t], t = u*KW + v,
+ * is tap (u, v)'s offset from the output pixel's first element: u*row + ((v % sw)*WQ + v/sw)*pix.
  * wq is this group's packed kernel: [ocb][KH][KW][cp/grp][nr][grp] with its OC padded to a
  * multiple of nr by zeros. out points at the group's first output channel; pixels are `ldy`
  * (= the layer's OC) apart. */
@@ -39,6 +44,7 @@ typedef struct {
     int64_t c, kh, kw, oc;          /* c: the group's input channels (ICG); oc: its output channels */
     int64_t cp, grp, nr, nocb;
     int64_t pix, xstep, row, rstep, img;   /* xq strides in elements */
+    const int64_t *tap;             /* KH*KW tap offsets in elements (above) */
     int64_t ldy;                    /* output pixel stride in elements (the layer's OC) */
     const void *xq;
     const void *wq;

@@ -57,6 +57,7 @@ typedef struct {
     const float *x;
     int64_t n, h, w, pt, pl, ho, wo, hp, wp;
     int sampled;                /* a 1x1 layer with a stride: xq holds the sampled pixels (sample_task) */
+    int64_t row_pix;            /* GEMM: pixels stored per padded row, sw phases (qconv_impl.h) */
     float s;
     int32_t qmax;
     int64_t input_q;            /* maxabs's Q (0: s is given) */
@@ -93,6 +94,7 @@ typedef struct {
         int64_t next, end;
         char pad[48];
     } share[QCONV_MAX_THREADS];
+    int64_t taps[];             /* GEMM: base.tap, KH*KW offsets */
 } run_job;
 
 /* Output values per block of the convolution: the cancel flag is polled between blocks, and
@@ -162,14 +164,15 @@ static int quantize_pixels(const run_job *j, const float *src, int64_t npix, int
     return bad;
 }
 
-/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), one padded row at a time;
- * padding rows, columns and channels hold zero's representation. */
+/* Quantize (fp32: copy) x into the padded layout (N, HP, WP, G, cp), each row in its sw phases
+ * (qconv_impl.h), one padded row at a time; padding rows, columns and channels hold zero's
+ * representation. */
 static void quantize_task(void *p, int ith, int nth)
 {
     run_job *j = p;
     const qconv_conv *cv = j->cv;
     const size_t es = store_size(j->store);
-    const int64_t pix = cv->groups * cv->cp, row_el = j->wp * pix;
+    const int64_t pix = cv->groups * cv->cp, row_el = j->row_pix * pix, sw = cv->sw, per = j->row_pix / sw;
     const int zero = j->store == QCONV_STORE_U8OFF ? 0x80 : 0;
     long long lo, hi;
     int bad = 0;
@@ -181,9 +184,21 @@ static void quantize_task(void *p, int ith, int nth)
             memset(row, zero, (size_t)row_el * es);
             continue;
         }
-        memset(row, zero, (size_t)(j->pl * pix) * es);
-        memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
-        bad |= quantize_pixels(j, j->x + ((n * j->h + i) * j->w) * cv->c, j->w, 1, row + (size_t)(j->pl * pix) * es);
+        const float *src = j->x + ((n * j->h + i) * j->w) * cv->c;
+        if (sw == 1) {
+            memset(row, zero, (size_t)(j->pl * pix) * es);
+            memset(row + (size_t)((j->pl + j->w) * pix) * es, zero, (size_t)((j->wp - j->pl - j->w) * pix) * es);
+            bad |= quantize_pixels(j, src, j->w, 1, row + (size_t)(j->pl * pix) * es);
+            continue;
+        }
+        memset(row, zero, (size_t)row_el * es);
+        /* phase ph holds padded columns ph, ph + sw, ...: x's columns q0, q0 + sw, ... */
+        for (int64_t ph = 0; ph < sw; ph++) {
+            const int64_t q0 = ((ph - j->pl) % sw + sw) % sw;
+            if (q0 < j->w)
+                bad |= quantize_pixels(j, src + q0 * cv->c, (j->w - q0 + sw - 1) / sw, sw,
+                                       row + (size_t)((ph * per + (j->pl + q0) / sw) * pix) * es);
+        }
     }
     j->bad[ith] = bad;
 }
@@ -508,6 +523,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     const int sampled = !dw && cv->kh == 1 && cv->kw == 1 && (cv->sh > 1 || cv->sw > 1);   /* sample_task */
     const int64_t hq = sampled ? ho : hp, wq = sampled ? wo : wp;   /* GEMM: xq's rows and columns */
     const int64_t sh = sampled ? 1 : cv->sh, sw = sampled ? 1 : cv->sw;   /* and its strides */
+    const int64_t row_pix = sw * ((wq + sw - 1) / sw);   /* GEMM: pixels stored per xq row, sw phases */
     if (hp < cv->kh || wp < cv->kw || ho != (hp - cv->kh) / cv->sh + 1 || wo != (wp - cv->kw) / cv->sw + 1)
         return QCONV_EINVAL;
     const int is_int = cv->precision != QCONV_FP32;
@@ -521,7 +537,8 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     /* Sizes (elements), refusing anything past 2^48. */
     int64_t nx = n, npad = n, ny = n;
     if (checked_mul(&nx, h) || checked_mul(&nx, w) || checked_mul(&nx, cv->c) ||
-        checked_mul(&npad, hq) || checked_mul(&npad, wq) || checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
+        checked_mul(&npad, hq) || checked_mul(&npad, dw ? wp : row_pix) ||
+        checked_mul(&npad, dw ? cv->ocp : cv->groups * cv->cp) ||
         checked_mul(&ny, ho) || checked_mul(&ny, wo) || checked_mul(&ny, cv->oc))
         return QCONV_ESIZE;
     const int separate = is_int && !cv->fused;
@@ -534,7 +551,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     } else {
         xq_bytes = npad * (int64_t)xes;
         if (t->xslack[cv->precision] > 0)   /* tiles that read past a row's last pixel (AMX) */
-            xq_bytes += (t->xslack[cv->precision] * sw * cv->groups * cv->cp + 64) * (int64_t)xes;
+            xq_bytes += ((t->xslack[cv->precision] + cv->kw) * cv->groups * cv->cp + 64) * (int64_t)xes;
         acc_bytes = separate ? ny * 4 : 0;
     }
 
@@ -549,7 +566,8 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     if (st != QCONV_OK)
         goto out;
 
-    if ((st = grow(&ws->job, &ws->job_bytes, sizeof(run_job))) != QCONV_OK)   /* not on a worker's stack */
+    /* the job: not on a worker's stack */
+    if ((st = grow(&ws->job, &ws->job_bytes, sizeof(run_job) + cv->kh * cv->kw * sizeof(int64_t))) != QCONV_OK)
         goto out;
     run_job *j = ws->job;
     memset(j, 0, offsetof(run_job, part));
@@ -558,6 +576,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     j->cv = cv; j->t = t; j->x = x;
     j->n = n; j->h = h; j->w = w; j->pt = pt; j->pl = pl; j->ho = ho; j->wo = wo; j->hp = hp; j->wp = wp;
     j->sampled = sampled;
+    j->row_pix = row_pix;
     j->qmax = qmax;
     j->input_q = is_int && s_x == 0.0f ? input_q : 0;
     j->s = is_int ? s_x : 1.0f;
@@ -589,10 +608,14 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
         a->c = cv->icg; a->kh = cv->kh; a->kw = cv->kw; a->oc = cv->ocg;
         a->cp = cv->cp; a->grp = cv->grp; a->nr = cv->nr; a->nocb = cv->nocb;
         a->pix = cv->groups * cv->cp;
-        a->xstep = sw * a->pix;
-        a->row = wq * a->pix;
+        a->xstep = a->pix;
+        a->row = row_pix * a->pix;
         a->rstep = sh * a->row;
         a->img = hq * a->row;
+        for (int64_t u = 0; u < cv->kh; u++)
+            for (int64_t v = 0; v < cv->kw; v++)
+                j->taps[u * cv->kw + v] = u * a->row + ((v % sw) * (row_pix / sw) + v / sw) * a->pix;
+        a->tap = j->taps;
         a->ldy = cv->oc;
         a->wblk = cv->wblk;
         a->out = separate ? (void *)ws->acc : (void *)y;
