@@ -160,30 +160,32 @@ QD void walk_padded(const PassParams& p, Item&& item) {
   }
 }
 
-// V values of an item into q (0 past its n channels), float4 loads (F4: x 16-byte aligned, icg % 4
-// == 0, so n is 0 or V) or one float at a time; non-finite ones or-ed into bad.
+// V values of an item into q (0 past its n channels, which are not quantized: a C = 3 stem's item
+// has 13 padding slots and the conversions are the pass's costliest instructions), float4 loads
+// (F4: x 16-byte aligned, icg % 4 == 0, so n is 0 or V) or one float at a time; non-finite ones
+// or-ed into bad.
 template <int V, bool F4, typename Q>
 QD void quantize_item(const PassParams& p, const float s, const float* src, int n, Q (&q)[V], int& bad) {
-  if constexpr (F4) {
 #pragma unroll
-    for (int k = 0; k < V / 4; ++k) {
-      float4 t = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (n) {
-        t = __ldg((const float4*)src + k);
+  for (int k = 0; k < V; ++k) q[k] = 0;
+  if constexpr (F4) {
+    if (n) {
+#pragma unroll
+      for (int k = 0; k < V / 4; ++k) {
+        const float4 t = __ldg((const float4*)src + k);
         bad |= nonfinite4(t);
+        q[4 * k] = (Q)quantize1(t.x, s, p.qmax, p.trunc); q[4 * k + 1] = (Q)quantize1(t.y, s, p.qmax, p.trunc);
+        q[4 * k + 2] = (Q)quantize1(t.z, s, p.qmax, p.trunc); q[4 * k + 3] = (Q)quantize1(t.w, s, p.qmax, p.trunc);
       }
-      q[4 * k] = (Q)quantize1(t.x, s, p.qmax, p.trunc); q[4 * k + 1] = (Q)quantize1(t.y, s, p.qmax, p.trunc);
-      q[4 * k + 2] = (Q)quantize1(t.z, s, p.qmax, p.trunc); q[4 * k + 3] = (Q)quantize1(t.w, s, p.qmax, p.trunc);
     }
   } else {
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      float t = 0.0f;
       if (k < n) {
-        t = __ldg(src + k);
+        const float t = __ldg(src + k);
         bad |= !isfinite(t);
+        q[k] = (Q)quantize1(t, s, p.qmax, p.trunc);
       }
-      q[k] = (Q)quantize1(t, s, p.qmax, p.trunc);
     }
   }
 }
