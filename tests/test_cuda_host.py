@@ -180,8 +180,8 @@ def _q(x, elem, s, trunc=False):
 @pytest.mark.parametrize("vec", [True, False])
 def test_the_padded_grid_is_the_contracts_quantize_where_the_kernels_read_it(host_pass, c, icgp, pads, elem, vec):
     """Every item the pass picks from C (16 or 4 channels read as float4, or 16 bytes read one float
-    at a time) and the unaligned fallback; a
-    border (the window kernels) or none (one group's padded channels); int8, int16, int32."""
+    at a time) and the unaligned fallback; a border (the window kernels) or none (one group's
+    padded channels); int8, int16, int32."""
     rng = np.random.default_rng(c * 7 + elem)
     n, h, w = 2, 5, 7
     x = (rng.standard_normal((n, h, w, c)) * 40).astype(np.float32)
