@@ -77,7 +77,7 @@ extern "C" int planes_on_host(int P, const float* x, void* out, long long n, int
                               float s, int vec, int H, int W, unsigned blocks, unsigned threads) {
   PassParams p = {};
   p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = C / G; p.icgp = icgp; p.qmax = qmax; p.vec = vec;
-  p.H = p.Hp = H; p.W = p.Wp = W;
+  p.H = p.Hp = H; p.W = p.Wp = W; p.N = (int)(n / ((long long)H * W * C));
   if (P == 0) return launch(p, s, blocks, threads, [](const PassParams& q, float) { qconv_pad_x_f32(q); });
   return P == 2 ? launch(p, s, blocks, threads, quantize_planes_body<2>)
                 : launch(p, s, blocks, threads, quantize_planes_body<4>);
@@ -88,6 +88,7 @@ extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n
   PassParams p = {};
   p.x = x; p.out = out; p.n = n; p.C = C; p.G = G; p.icg = icg; p.icgp = icgp; p.qmax = qmax; p.trunc = trunc;
   p.vec = vec; p.H = H; p.W = W; p.Hp = Hp; p.Wp = Wp; p.pt = pt; p.pl = pl;
+  p.N = Hp ? (int)(n / ((long long)H * W * C)) : 0;
   if (elem == 1) return launch(p, s, blocks, threads, quantize_x_body<qs8>);
   if (elem == 2) return launch(p, s, blocks, threads, quantize_x_body<qs16>);
   return launch(p, s, blocks, threads, quantize_x_body<int>);
@@ -287,6 +288,7 @@ def test_the_pass_the_host_configures_writes_the_layout_the_convolution_reads(ho
         v = 16 if c % 16 == 0 else 4 if c % 4 == 0 else 16  # int8: one 16-byte item a pixel
         assert vec and items * v == want.size
         assert window or (grid["Hp"], grid["Wp"], grid["pt"], grid["pl"]) == (9, 8, 0, 0)
+        assert grid["N"] == 2  # the batch the walk covers (the harness derives it from n)
     got, flag = _launch(host_pass, x, 1, 0.9, shape, icgp=lay.icgp, vec=vec,
                         grid=None if grid is None else tuple(grid[k] for k in ("H", "W", "Hp", "Wp", "pt", "pl")),
                         blocks=_tiling.grid1(items, 2)[0], threads=_tiling.BLOCK)

@@ -199,9 +199,9 @@ def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int
     pixels as they are, their channels padded per group or split into byte planes."""
     npix = g.n * g.h * g.w
     if window is not None:
-        grid = dict(H=g.h, W=g.w, Hp=window[0], Wp=window[1], pt=g.pt, pl=g.pl)
+        grid = dict(N=g.n, H=g.h, W=g.w, Hp=window[0], Wp=window[1], pt=g.pt, pl=g.pl)
     elif lay.padded or lay.planes > 1 or not vec_x:
-        grid = dict(H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0)
+        grid = dict(N=g.n, H=g.h, W=g.w, Hp=g.h, Wp=g.w, pt=0, pl=0)
     else:
         return None, True, npix * lay.groups * lay.icg // 4
     if lay.planes > 1:

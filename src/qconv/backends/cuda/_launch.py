@@ -43,8 +43,8 @@ class ConvParams(ctypes.Structure):
 
 class PassParams(ctypes.Structure):
     _fields_ = [(n, P) for n in ("x", "out", "stats", "slot", "s_w", "inv", "bias")] + [("n", LL)] + _ints(
-        "C", "G", "icg", "icgp", "OC", "q", "qmax", "trunc") + [("s", F)] + _ints("dev_scale", "vec", "do_max", "mode",
-                                                                                           "H", "W", "Hp", "Wp", "pt", "pl")
+        "C", "G", "icg", "icgp", "OC", "q", "qmax", "trunc") + [("s", F)] + _ints(
+        "dev_scale", "vec", "do_max", "mode", "N", "H", "W", "Hp", "Wp", "pt", "pl")
 
 
 class DwParams(ctypes.Structure):

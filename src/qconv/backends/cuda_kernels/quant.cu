@@ -22,8 +22,8 @@ struct PassParams {
   int do_max;            // scan: reduce max|x| and finalize s_x and inv
   int mode;              // epilogue: 0 FP32 after split-K (+ bias[o], non-finite outputs counted);
                          // 1 float32(int32) * inv[o] (+ bias[o])
-  int H, W, Hp, Wp, pt, pl;  // quantize/pad into the grid [N][Hp][Wp][G][icgp] (Hp > 0; walk_padded):
-                             // pixel (h, w) at (h + pt, w + pl), every other pixel 0
+  int N, H, W, Hp, Wp, pt, pl;  // quantize/pad into the grid [N][Hp][Wp][G][icgp] (Hp > 0; walk_padded):
+                                // pixel (h, w) at (h + pt, w + pl), every other pixel 0
 };
 
 #define QGRID_STRIDE(i, n)                                                                   \
@@ -144,10 +144,11 @@ QD typename Vec4<T>::type quantize4(const float4 t, const PassParams& p, const f
 // remainder.
 template <int V, class Item>
 QD void walk_padded(const PassParams& p, Item&& item) {
-  const int HWp = p.Hp * p.Wp, gp = p.G * p.icgp;
-  const int pixels = (int)(p.n / ((long long)p.H * p.W * p.C)) * HWp;
-  const long long first = (long long)blockIdx.x * blockDim.x + threadIdx.x, step = (long long)gridDim.x * blockDim.x;
-  const int per = gp / V, dpix = (int)(step / per), dc = (int)(step % per) * V;
+  const int HWp = p.Hp * p.Wp, gp = p.G * p.icgp, pixels = p.N * HWp;
+  // 32-bit setup (a launch has fewer than 2^31 threads): a 64-bit division is a software routine
+  // of 100+ instructions, and a thread here walks only a few items
+  const unsigned first = blockIdx.x * blockDim.x + threadIdx.x, step = gridDim.x * blockDim.x, per = gp / V;
+  const int dpix = (int)(step / per), dc = (int)(step % per) * V;
   long long pix = first / per;  // 64-bit: pix + dpix may pass 2^31 on the last step
   int c = (int)(first % per) * V;
   for (; pix < pixels; pix += dpix, c += dc) {
