@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qconv.backends.cuda import _jobs, _tiling
 from qconv.contract import Precision, Rounding, conv_spec, quantize
@@ -292,4 +294,52 @@ def test_the_pass_the_host_configures_writes_the_layout_the_convolution_reads(ho
     got, flag = _launch(host_pass, x, 1, 0.9, shape, icgp=lay.icgp, vec=vec,
                         grid=None if grid is None else tuple(grid[k] for k in ("H", "W", "Hp", "Wp", "pt", "pl")),
                         blocks=_tiling.grid1(items, 2)[0], threads=_tiling.BLOCK)
+    assert flag == 0 and np.array_equal(got, want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_every_walked_layout_matches_the_contract(host_pass, data):
+    """walk_padded's layouts drawn at random: quantize into a grid (a border or none, G groups of
+    icg channels padded to icgp, int8/16/32), byte planes and FP32's padding; any launch shape."""
+    kind = data.draw(st.sampled_from(["q1", "q2", "q4", "p2", "p4", "f32"]), label="kind")
+    elem = {"q1": 1, "q2": 2, "q4": 4, "f32": 4}.get(kind, 1)
+    G = data.draw(st.integers(1, 3), label="G")
+    icg = data.draw(st.integers(1, 40), label="icg")
+    unit = 16 // elem
+    icgp = -(-icg // unit) * unit + unit * data.draw(st.integers(0, 1), label="extra")
+    n, h, w = (data.draw(st.integers(1, k), label=a) for a, k in (("n", 3), ("h", 6), ("w", 6)))
+    pads = data.draw(st.tuples(*[st.integers(0, 2)] * 4), label="pads") if kind[0] == "q" else (0, 0, 0, 0)
+    blocks, threads = data.draw(st.integers(1, 5), label="blocks"), data.draw(st.integers(1, 70), label="threads")
+    c = G * icg
+    x = (np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed")).standard_normal((n, h, w, c))
+         * data.draw(st.sampled_from([1.0, 300.0, 3e6]), label="spread")).astype(np.float32)
+    vec = x.size % 4 == 0  # as the host: x is aligned here
+    s = data.draw(st.sampled_from([0.37, 1.7, 64.0]), label="s")
+    pt, pb, pl, pr = pads
+    hp, wp = h + pt + pb, w + pl + pr
+    if kind[0] == "q":
+        got, flag = _launch(host_pass, x, elem, s, (n, hp, wp, G * icgp), G=G, icgp=icgp, vec=vec,
+                            grid=None if pads == (0, 0, 0, 0) else (h, w, hp, wp, pt, pl), blocks=blocks, threads=threads)
+        want = np.zeros((n, hp, wp, G, icgp), np.int64)
+        want[:, pt:pt + h, pl:pl + w, :, :icg] = _q(x, elem, s).reshape(n, h, w, G, icg)
+        assert flag == 0 and np.array_equal(got.reshape(want.shape), want)
+        return
+    if kind == "f32":
+        want = np.zeros((n, h, w, G, icgp), np.float32)
+        want[..., :icg] = x.reshape(n, h, w, G, icg)
+        got = np.full(want.shape, 77, np.float32)
+        flag = host_pass.planes_on_host(0, x.ctypes.data, got.ctypes.data, x.size, c, G, icgp, 0, 1.0, int(vec), h, w,
+                                        blocks, threads)
+        assert flag == 0 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+        return
+    P = int(kind[1])
+    prec = Precision.INT16 if P == 2 else Precision.INT32
+    q = quantize(x, np.float32(s), prec).astype(np.int64).reshape(n, h, w, G, icg)
+    want = np.zeros((n, h, w, P, G, icgp), np.uint8)
+    for b in range(P):
+        want[:, :, :, b, :, :icg] = (q >> (8 * b)) & 0xFF
+    got = np.full(want.shape, 77, np.uint8)
+    flag = host_pass.planes_on_host(P, x.ctypes.data, got.ctypes.data, x.size, c, G, icgp, prec.qmax, s, int(vec), h, w,
+                                    blocks, threads)
     assert flag == 0 and np.array_equal(got, want)
