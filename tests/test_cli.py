@@ -293,3 +293,36 @@ def test_a_scale_warning_is_one_line_on_stderr(layer, tmp_path):
     warn = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(warn) == 1 and warn[0].startswith("qconv: warning: this scale zeroes"), r.stderr
     assert "StepSize" in warn[0]
+
+
+def test_conv_help_lists_every_scale_strategy_rounding_spelling_and_output_format(tmp_path, monkeypatch):
+    from qconv.contract import ROUNDING_SPELLINGS
+    from qconv.scales import STRATEGIES
+    monkeypatch.setenv("COLUMNS", "1000")  # one line per option: no name broken at a hyphen
+    for args, module in ((["conv", "--help"], "qconv"), (["--help"], "convolution")):
+        p = _run(args, tmp_path, module=module)
+        assert p.returncode == 0, p.stderr
+        scale = next(ln for ln in p.stdout.splitlines() if ln.lstrip().startswith("S ") or "S_INPUT" in ln)
+        assert all(s in scale for s in STRATEGIES), scale
+        out = next(ln for ln in p.stdout.splitlines() if "write" in ln and ".npy" in ln)
+        assert ".bin" in out and "standard output" in out, out
+    p = _run(["conv", "--help"], tmp_path)
+    rounding = next(ln for ln in p.stdout.splitlines() if "rounding:" in ln)
+    assert all(n in rounding for names in ROUNDING_SPELLINGS.values() for n in names), rounding
+
+
+@pytest.mark.parametrize("spelling,expected", [("rint", "nearest"), ("even", "nearest"), ("NEAREST", "nearest"),
+                                               ("trunc", "truncate"), ("toward-zero", "truncate")])
+def test_conv_takes_every_rounding_spelling_the_library_takes(layer, tmp_path, spelling, expected):
+    xp, wp, _, _ = layer
+    p = _run(["conv", str(xp), str(wp), "-p", "int8", "-r", spelling, "-b", "reference", "-n", "1",
+              "--no-accuracy", "--json"], tmp_path)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["rounding"] == expected
+
+
+def test_conv_refuses_an_unknown_rounding_in_the_librarys_words(layer, tmp_path):
+    xp, wp, _, _ = layer
+    _one_line_error(_run(["conv", str(xp), str(wp), "-p", "int8", "-r", "floor"], tmp_path),
+                    "unknown rounding 'floor'", "toward-zero")
+

@@ -16,9 +16,9 @@ from typing import Any, Callable, Sequence
 
 from . import backends, jsonout, samples, tensorfile
 from .api import ConvResult, conv2d_result, prepare
-from .contract import parse_precision
+from .contract import parse_precision, parse_rounding, rounding_help
 from .errors import BackendError, QconvError
-from .scales import parse_scale_text
+from .scales import parse_scale_text, strategies_help
 
 EXIT_USAGE = 2
 EXIT_BACKEND = 1
@@ -144,6 +144,7 @@ def _backend_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_conv(args: argparse.Namespace) -> int:
+    rounding = parse_rounding(args.rounding)  # every spelling the library takes (contract.ROUNDING_SPELLINGS)
     layer = _layer_options(args)
     if layer["groups"] == 1:
         x, w = tensorfile.load_pair(args.input, args.kernel)
@@ -151,7 +152,7 @@ def _cmd_conv(args: argparse.Namespace) -> int:
         x, w = tensorfile.load(args.input), tensorfile.load(args.kernel)
     scale = None if args.scale is None else parse_scale_text(args.scale)
     r = _measured(x, w, parse_precision(args.precision), args.backend, args.repeat, scale=scale,
-                  rounding=args.rounding, accuracy=not args.no_accuracy, **layer, **_backend_options(args))
+                  rounding=rounding, accuracy=not args.no_accuracy, **layer, **_backend_options(args))
     if args.output:
         tensorfile.save(args.output, r.output)
     if args.json:
@@ -230,9 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kernel tensor file, (KH, KW, OC, IC), or a sample name (qconv samples)")
     c.add_argument("-p", "--precision", default="fp32", help="fp32, int32, int16, int8 (or 32, 16, 8)")
     c.add_argument("-b", "--backend", default="auto", help="auto or a name from `qconv backends`")
-    c.add_argument("-s", "--scale", help="S (both tensors), S_INPUT,S_KERNEL, maxabs (default) or sweep")
-    c.add_argument("-r", "--rounding", default="nearest", choices=["nearest", "truncate"])
-    c.add_argument("-o", "--output", help="write the output tensor here (.bin; - for standard output)")
+    c.add_argument("-s", "--scale", help=f"S (both tensors), S_INPUT,S_KERNEL, or {strategies_help()}")
+    c.add_argument("-r", "--rounding", default="nearest",
+                   help=f"integer rounding: {rounding_help()}; default nearest")
+    c.add_argument("-o", "--output", help="write the output tensor here: .npy if the name ends in .npy, "
+                                          "else .bin (the assignment's format); - writes .bin to standard output")
     c.add_argument("--stride", default="1", help="S or SH,SW (default 1)")
     c.add_argument("--padding", default="same",
                    help="same (default), valid, P, PH,PW or TOP,BOTTOM,LEFT,RIGHT")
@@ -284,9 +287,10 @@ def convolution_main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("kernel", type=samples.resolve_tensor, help="kernel_tensor.bin (or a sample name)")
     p.add_argument("mode", nargs="?", default="FP32", help="32, 16, 8, FP32, INT32, INT16 or INT8 (default FP32)")
     p.add_argument("-b", "--backend", default="auto", help="auto or a name from `qconv backends`")
-    p.add_argument("-s", "--scale", help="S, S_INPUT,S_KERNEL, maxabs (default) or sweep")
+    p.add_argument("-s", "--scale", help=f"S, S_INPUT,S_KERNEL, or {strategies_help()}")
     p.add_argument("-o", "--output", default="output_tensor.bin",
-                   help="where to write (default output_tensor.bin; - for standard output)")
+                   help="where to write: .npy if the name ends in .npy, else .bin (default output_tensor.bin; "
+                        "- writes .bin to standard output)")
     p.add_argument("-n", "--repeat", type=int, default=5,
                    help="timed runs after one warm-up; times are their medians (default 5)")
     args = p.parse_args(argv)

@@ -70,15 +70,27 @@ class Rounding(enum.Enum):
     TRUNCATE = "truncate"  # toward zero: the assignment's (int) cast
 
 
+# Every spelling parse_rounding accepts (any case), the canonical name first: the one list the
+# library, the CLI's -r and docs/SEMANTICS.md share.
+ROUNDING_SPELLINGS = {Rounding.NEAREST: ("nearest", "rint", "even"),
+                      Rounding.TRUNCATE: ("truncate", "trunc", "toward-zero")}
+
+
+def rounding_help() -> str:
+    """'nearest (half to even; also rint, even) or truncate (toward zero; also trunc, toward-zero)'."""
+    what = {Rounding.NEAREST: "half to even", Rounding.TRUNCATE: "toward zero"}
+    return " or ".join(f"{names[0]} ({what[r]}; also {', '.join(names[1:])})"
+                       for r, names in ROUNDING_SPELLINGS.items())
+
+
 def parse_rounding(r: "Rounding | str") -> Rounding:
     if isinstance(r, Rounding):
         return r
     key = str(r).strip().lower()
-    aliases = {"nearest": Rounding.NEAREST, "rint": Rounding.NEAREST, "even": Rounding.NEAREST,
-               "truncate": Rounding.TRUNCATE, "trunc": Rounding.TRUNCATE, "toward-zero": Rounding.TRUNCATE}
-    if key not in aliases:
-        raise InputError(f"unknown rounding {r!r}: use 'nearest' (half to even) or 'truncate'")
-    return aliases[key]
+    for rounding, names in ROUNDING_SPELLINGS.items():
+        if key in names:
+            return rounding
+    raise InputError(f"unknown rounding {r!r}: use {rounding_help()}")
 
 
 @dataclass(frozen=True)

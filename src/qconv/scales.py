@@ -28,6 +28,7 @@ from .errors import InputError, QconvWarning
 PER_CALL = ("maxabs", "maxabs-per-channel")          # resolvable from the kernel alone
 NEEDS_INPUT = ("sweep", "sweep-single", "sweep-pair")  # need the input too
 STRATEGIES = PER_CALL + NEEDS_INPUT
+ALIASES = {"sweep": "sweep-single"}
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,12 @@ def _check_kernel_scale(s: object, oc: int) -> "np.float32 | np.ndarray":
     return check_scale(s, "kernel scale")
 
 
+def strategies_help() -> str:
+    """The strategy names for a --scale help, from STRATEGIES: 'maxabs (default), ..., sweep-pair'."""
+    notes = {"maxabs": " (default)", **{a: f" (= {n})" for a, n in ALIASES.items()}}
+    return ", ".join(s + notes.get(s, "") for s in STRATEGIES)
+
+
 def parse_scale_text(text: str) -> "float | tuple[float, float] | str":
     """The CLI's --scale: a strategy name, '64' or '16,1024' (input, kernel)."""
     t = text.strip().lower()
@@ -117,7 +124,7 @@ def strategy_name(scale: object) -> str | None:
     if key not in STRATEGIES:
         raise InputError(f"unknown scale strategy {scale!r}: use a number S, a pair (s_input, s_kernel), "
                          f"qconv.StepSize(s), or one of {', '.join(STRATEGIES)}")
-    return "sweep-single" if key == "sweep" else key
+    return ALIASES.get(key, key)
 
 
 def for_kernel(scale: object, precision: Precision, w: np.ndarray, spec: ConvSpec) -> ScaleChoice:
