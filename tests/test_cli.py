@@ -326,3 +326,15 @@ def test_conv_refuses_an_unknown_rounding_in_the_librarys_words(layer, tmp_path)
     _one_line_error(_run(["conv", str(xp), str(wp), "-p", "int8", "-r", "floor"], tmp_path),
                     "unknown rounding 'floor'", "toward-zero")
 
+
+@pytest.mark.parametrize("padding,shown", [("same", None), ("valid", "pads [[0, 0], [0, 0]]"),
+                                           ("1", "pads [[1, 1], [1, 1]]"), ("0,2,1,1", "pads [[0, 2], [1, 1]]")])
+def test_conv_layer_line_shows_explicit_padding_at_stride_one(layer, tmp_path, padding, shown):
+    xp, wp, _, _ = layer
+    p = _run(["conv", str(xp), str(wp), "--padding", padding, "-b", "reference", "-n", "1", "--no-accuracy"],
+             tmp_path)
+    assert p.returncode == 0, p.stderr
+    line = next(ln for ln in p.stdout.splitlines() if ln.startswith("layer"))
+    assert ("pads" in line) is (shown is not None), line
+    if shown:
+        assert shown in line and "stride 1x1" in line, line

@@ -225,6 +225,10 @@ def test_step_size_is_the_reciprocal_multiplier_and_a_misread_step_warns():
     a = qconv.conv2d(x, w, "int8", "reference", scale=(qconv.StepSize(0.25), qconv.StepSize(0.125)))
     b = qconv.conv2d(x, w, "int8", "reference", scale=(4.0, 8.0))
     assert np.array_equal(a, b)
+    step = qconv.conv2d_result(x, w, "int8", "reference", scale=qconv.StepSize(0.05))
+    assert step.scale_input == step.scale_kernel == np.float32(20.0)
+    assert step.scale_reason == "given: step size s=0.05 for both tensors, so S = 1/s = 20", step.scale_reason
+    assert "the assignment's scheme" in qconv.conv2d_result(x, w, "int8", "reference", scale=20.0).scale_reason
     with pytest.warns(qconv.QconvWarning, match="StepSize"):
         qconv.conv2d(x, w, "int8", "reference", scale=(0.02, 0.001))  # step sizes passed as S
     with warnings.catch_warnings():

@@ -67,10 +67,14 @@ def _shape(s: Sequence[int]) -> str:
     return "x".join(str(d) for d in s)
 
 
-def _report_lines(r: ConvResult, x_shape: Sequence[int], w_shape: Sequence[int]) -> list[str]:
+def _report_lines(r: ConvResult, x_shape: Sequence[int], w_shape: Sequence[int],
+                  padding_given: bool = False) -> list[str]:
+    """The text report; the layer's stride, pads, groups and bias show unless all are the default
+    (stride 1, SAME padding not given explicitly, one group, no bias)."""
     k = w_shape[0] * w_shape[1] * w_shape[3]
     lay = r.layer
-    extra = "" if not lay or (lay["stride"] == [1, 1] and lay["groups"] == 1 and not lay["bias"]) else \
+    default = lay and lay["stride"] == [1, 1] and lay["groups"] == 1 and not lay["bias"] and not padding_given
+    extra = "" if not lay or default else \
         f"  stride {_shape(lay['stride'])} pads {lay['padding']} groups {lay['groups']}" + ("  +bias" if lay["bias"] else "")
     lines = [
         f"layer      input {_shape(x_shape)}  kernel {_shape(w_shape)}  K={k}  {r.flops / 1e9:.3f} GFLOP{extra}",
@@ -160,7 +164,8 @@ def _cmd_conv(args: argparse.Namespace) -> int:
                "input_shape": list(x.shape), "kernel_shape": list(w.shape), **r.to_dict()}
         print(jsonout.dumps(doc, indent=2))
     else:
-        print("\n".join(_report_lines(r, x.shape, w.shape)))
+        given = args.padding.strip().lower() != "same"
+        print("\n".join(_report_lines(r, x.shape, w.shape, padding_given=given)))
         if args.output:
             print(f"output     {args.output}")
     return 0

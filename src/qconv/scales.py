@@ -155,7 +155,9 @@ def for_kernel(scale: object, precision: Precision, w: np.ndarray, spec: ConvSpe
         choice = ScaleChoice(s_x, s_w, "pair", f"given: s_input={float(s_x):g}, s_kernel={shown}")
     else:
         s = check_scale(scale, "scale S")
-        choice = ScaleChoice(s, s, "single", f"given: S={float(s):g} for both tensors (the assignment's scheme)")
+        given = (f"step size s={float(scale.s):g} for both tensors, so S = 1/s = {float(s):g}"
+                 if isinstance(scale, StepSize) else f"S={float(s):g} for both tensors (the assignment's scheme)")
+        choice = ScaleChoice(s, s, "single", f"given: {given}")
     dequant_factor(choice.s_x, choice.s_w)  # a refused pair is not worth a warning first
     warn_if_degenerate(w, choice.s_w, precision, "kernel")
     return choice
