@@ -300,6 +300,19 @@ def test_cli_net_mnist_prints_accuracy_and_per_layer_nrmse(fetched, capsys):
     assert all(r["agreement"] >= 0.95 for r in doc["results"])
 
 
+def test_cli_net_names_the_backend_auto_chose(fetched, capsys):
+    from qconv import backends
+    chosen = backends.get(None).NAME  # what qconv.prepare takes for backend=None, as `qconv conv` reports it
+    argv = ["net", "mnist", "-p", "int8", "-s", "maxabs", "--limit", "4", "--calibration", "8", "--no-layers"]
+    assert _cli(argv) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("int8 maxabs"))
+    assert f" {chosen} (auto) " in row, row
+    assert _cli(argv + ["--json"]) == 0
+    import json
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["backend_requested"] == "auto" and [r["backend"] for r in doc["results"]] == [chosen]
+
+
 def test_cli_net_refuses_an_unknown_noise_layer_before_evaluating(fetched, monkeypatch):
     from qconv.nets import cli as nets_cli
     monkeypatch.setattr(nets_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))

@@ -7,7 +7,7 @@ import math
 import sys
 from typing import Any
 
-from .. import jsonout
+from .. import backends, jsonout
 from ..contract import parse_precision
 from ..errors import QconvError
 from . import fetch
@@ -82,7 +82,7 @@ def _fmt(v: float) -> str:
     return "n/a" if v is None or math.isnan(v) else f"{v:.2e}"
 
 
-def _summary(net: Any, split: Any, results: list[Evaluation]) -> list[str]:
+def _summary(net: Any, split: Any, results: list[Evaluation], backend: str) -> list[str]:
     convs = len(net.layers)
     dw = sum(l.depthwise for l in net.layers)
     h, w = split.evaluation.images.shape[1:3]
@@ -94,7 +94,7 @@ def _summary(net: Any, split: Any, results: list[Evaluation]) -> list[str]:
               f"(the baseline every option is compared with)"), ""]
     rows = [("option", "backend", "top-1", "top-5", "lost", "agree", "logits NRMSE", "images/s")]
     for r in results:
-        rows.append((r.scale, r.backend or "auto", f"{r.top1}/{lab}", f"{r.top5}/{lab}", str(r.lost),
+        rows.append((r.scale, backend, f"{r.top1}/{lab}", f"{r.top5}/{lab}", str(r.lost),
                      f"{100 * r.agreement:.1f}%", _fmt(r.logits_nrmse), f"{r.images_per_s:.2f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(row, widths)))
@@ -138,6 +138,9 @@ def cmd_net(args: argparse.Namespace) -> int:
         except QconvError as e:
             raise QconvError(f"--noise: {e}") from None
     backend = None if args.backend in (None, "auto") else args.backend
+    # the backend that runs, named as `qconv conv` names it (the prepared Conv's backends.get(...).NAME)
+    resolved = backends.get(backend).NAME if backend is None else backend
+    shown = f"{resolved} (auto)" if backend is None else backend
     progress = sys.stderr.isatty() and not args.json
     results = [evaluate(net, split, p, backend, s if p != "fp32" else "maxabs", batch=args.batch,
                         per_layer=not args.no_layers, percentile=args.percentile, progress=progress)
@@ -149,10 +152,12 @@ def cmd_net(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"network": net.name, "evaluation_images": list(split.evaluation.ids),
                "calibration_images": list(split.calibration.ids),
-               "results": [r.to_dict() for r in results], "noise": noise.to_dict() if noise else None}
+               "backend_requested": args.backend,
+               "results": [{**r.to_dict(), "backend": resolved} for r in results],
+               "noise": noise.to_dict() if noise else None}
         print(jsonout.dumps(doc, indent=2))
         return 0
-    print("\n".join(_summary(net, split, results) + _layer_table(results)))
+    print("\n".join(_summary(net, split, results, shown) + _layer_table(results)))
     if noise:
         print(f"\nnoise injected into {noise.layer} (NRMSE per layer output -> top-1 agreement with FP32):")
         print("  " + "  ".join(f"{row['nrmse']:.1e}:{100 * row['agreement']:.0f}%" for row in noise.table))
