@@ -226,6 +226,34 @@ def test_report_opens_with_the_answer_to_the_assignment(study):
         assert f"{fastest['backend']} {fastest['precision'].upper()}" in answer
 
 
+def _timed(backend: str, precision: str, strategy: str | None, convolve_s: float, nrmse: float) -> dict:
+    """One measurement of a synthetic results table: what summary.derive and the answer read."""
+    t = {"median": convolve_s, "q1": convolve_s, "q3": convolve_s}
+    return {"layer": "L", "backend": backend, "precision": precision, "scale_strategy": strategy, "error": None,
+            "phases_s": {"convolve": t}, "call_s": dict(t), "nrmse": nrmse, "effective_bits": 10.0,
+            "energy_estimate_j": {"total_j": 1e-3}, "gops": 1.0, "peak_gops": None}
+
+
+@pytest.mark.parametrize("per_channel_s,beats", [(0.8e-3, True), (1.2e-3, False)])
+def test_best_option_and_what_decides_it_compare_the_same_options(per_channel_s, beats):
+    # Every single-S integer option is slower than FP32, an INT8 per-channel one may not be: the
+    # answer must not name it faster than FP32 and then say no integer option beats FP32.
+    from qconv.study import report as rep, summary
+    res = {"layers": [{"name": "L", "k": 27}], "measurements": [
+        _timed("c-avx2", "fp32", None, 1e-3, 1e-7),
+        _timed("c-avx2", "int8", "single-S", 1.5e-3, 5e-2),
+        _timed("c-avx2", "int16", "single-S", 1.4e-3, 1e-5),
+        _timed("c-avx2", "int8", "per-channel", per_channel_s, 1e-4)]}
+    summary.derive(res)
+    d = rep._Data(res)
+    best, decides = rep._answer_best(d)[0], rep._answer_factors(d)[0]
+    assert ("with any scale strategy: **c-avx2 INT8 per-channel**" in best) is beats, best
+    if beats:
+        assert "no integer option" not in decides and "runs 1.2x faster than the fastest FP32" in decides, decides
+    else:
+        assert "no integer option, with any scale strategy, beats FP32" in decides, decides
+
+
 def prose_words(text: str) -> int:
     return sum(len(line.split()) for line in text.splitlines()
                if line.strip() and not line.lstrip().startswith(("|", "![", "#")))

@@ -222,15 +222,21 @@ def _answer_best(d: _Data) -> list[str]:
 
 
 def _answer_factors(d: _Data) -> list[str]:
-    hw = []
-    for v in d.lay():
-        f = v["fastest"]
-        if f["precision"] != "fp32" and v.get("best_fp32"):
-            hw.append(v["best_fp32"]["convolve_s"] / f["convolve_s"])
+    # every scale strategy, as Best option?'s "with any scale strategy" (single-S alone contradicted it)
+    hw, compared = [], 0
+    for name, v in (d.S.get("layers") or {}).items():
+        ints = [m["phases_s"]["convolve"]["median"] for m in d.res["measurements"]
+                if ok(m) and m["layer"] == name and m["precision"] != "fp32"]
+        if v and v.get("best_fp32") and ints:
+            compared += 1
+            if min(ints) < v["best_fp32"]["convolve_s"]:
+                hw.append(v["best_fp32"]["convolve_s"] / min(ints))
     fp32_timed = any(v.get("best_fp32") for v in d.lay())
+    where = f" on {len(hw)} of {compared} layers" if 0 < len(hw) < compared else ""
     txt = ("- **What decides it?** The datapath first: " +
-           (f"the fastest integer option runs {rng(hw, '.2g', 'x')} faster than the fastest FP32 one (Speed "
-            f"says why). " if hw else "no integer option beats FP32 here. " if fp32_timed else
+           (f"the fastest integer option, with any scale strategy, runs {rng(hw, '.2g', 'x')} faster than the "
+            f"fastest FP32 one{where} (Speed says why). " if hw else
+            "no integer option, with any scale strategy, beats FP32 here. " if fp32_timed else
             "FP32 was not timed in this run, so how much the integer datapath buys is not measured here. ")
            + "Then the accuracy target, the layer's K (it sets where int32 wraps) and what the whole call "
              f"adds around the kernel (quantizing the input{see(d.res, 'phases')}).")
