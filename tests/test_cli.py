@@ -338,3 +338,38 @@ def test_conv_layer_line_shows_explicit_padding_at_stride_one(layer, tmp_path, p
     assert ("pads" in line) is (shown is not None), line
     if shown:
         assert shown in line and "stride 1x1" in line, line
+
+
+def _readme_synopses() -> dict[str, str]:
+    """The README's command-line block: 'conv' -> its synopsis (continuation lines joined)."""
+    text = (SRC.parent / "README.md").read_text().split("## Command line", 1)[1]
+    groups: dict[str, str] = {}
+    last = None
+    for line in text.splitlines()[1:]:
+        if line and not line.startswith("    "):
+            break
+        words = line.split()
+        if words[:1] == ["qconv"] and len(words) > 1 or words[:1] == ["convolution"]:
+            last = words[0] if words[0] == "convolution" else words[1]
+            groups[last] = line.split("#", 1)[0]
+        elif words and last:
+            groups[last] += " " + line.split("#", 1)[0]
+    return groups
+
+
+def test_readme_synopses_list_every_option_of_the_parser(tmp_path):
+    import argparse
+    import re
+
+    from qconv.cli import build_parser
+    synopses = _readme_synopses()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    usage = _run(["--help"], tmp_path, module="convolution").stdout.split("\n\n", 1)[0]
+    options = {name: [a.option_strings for a in parser._actions if a.option_strings and a.dest != "help"]
+               for name, parser in sub.choices.items()}
+    options["convolution"] = [[o] for o in re.findall(r"\[(--?[\w-]+)", usage) if o not in ("-h", "--version")]
+    assert set(options) <= set(synopses), set(options) - set(synopses)
+    for name, opts in options.items():
+        for strings in opts:
+            assert any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", synopses[name]) for o in strings), \
+                (name, strings, synopses[name])
