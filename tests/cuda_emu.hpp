@@ -1,0 +1,186 @@
+// cuda_emu.hpp - enough of CUDA to run qconv's mma.sync kernels on the host, for
+// test_cuda_emulated.py (force-included before the kernel sources, whose PTX helpers the test
+// replaces with the emu_* functions below).
+//
+// A block's threads are fibers (ucontext) on one OS thread, run round-robin; a fiber runs until it
+// waits at a barrier (__syncthreads, or a warp's own barrier inside the warp-wide operations),
+// so every interleaving the kernels' barriers allow is one of CUDA's. Blocks run one after another.
+// The warp-wide operations (ldmatrix, mma.sync, __reduce_add_sync) gather the 32 lanes' operands
+// at the warp's barrier and give each lane its part, as the PTX ISA defines the fragments.
+// cp.async copies at once: its completion is only ever waited for, never raced.
+#pragma once
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+struct dim3_ { unsigned x, y, z; };
+static dim3_ blockIdx, blockDim, gridDim, threadIdx;
+#define __device__
+#define __forceinline__ inline
+#define __global__
+#define __launch_bounds__(...)
+#define __shared__
+#define __align__(n)
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+struct uint2 { unsigned x, y; };
+struct uint4 { unsigned x, y, z, w; };
+static inline float2 make_float2(float x, float y) { return {x, y}; }
+static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+using std::isfinite;
+using std::max;
+using std::min;
+template <typename T> static inline T __ldg(const T* p) { return *p; }
+static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
+static inline float __int2float_rn(int a) { return (float)a; }
+static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
+static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+// one OS thread: the atomics are plain read-modify-writes
+template <typename T> static inline T atomicAdd(T* a, T v) { T o = *a; *a = o + v; return o; }
+static inline int atomicOr(int* a, int v) { int o = *a; *a |= v; return o; }
+static inline void __threadfence() {}
+static inline void __threadfence_system() {}
+
+// Dynamic shared memory: one block at a time, so one array (the H100/H200 opt-in maximum).
+alignas(1024) unsigned smem[232448 / 4];
+
+namespace emu {
+struct Fiber { ucontext_t ctx; std::vector<char> stack; bool done; };
+struct Barrier { unsigned arrived = 0, gen = 0; };
+struct Warp { Barrier bar; const void* p[32]; unsigned v[32][6]; };
+static std::vector<Fiber> fibers;
+static std::vector<Warp> warps;
+static Barrier block_bar;
+static ucontext_t sched;
+static unsigned cur, progress;
+
+static inline void wait(Barrier& b, unsigned count) {
+  const unsigned g = b.gen;
+  if (++b.arrived == count) {
+    b.arrived = 0;
+    ++b.gen;
+    ++progress;
+    return;
+  }
+  while (b.gen == g) swapcontext(&fibers[cur].ctx, &sched);
+}
+static inline Warp& warp() { return warps[threadIdx.x / 32]; }
+static inline unsigned lane() { return threadIdx.x & 31; }
+static inline void warp_sync() { wait(warp().bar, 32); }
+
+typedef void (*Kernel)(const void* params);
+static const void* run_params;
+static Kernel run_kernel;
+static void entry(int i) {
+  run_kernel(run_params);
+  fibers[i].done = true;
+  ++progress;
+}
+
+// Every block of the grid, its threads as fibers; 1 where the threads stop making progress (a
+// barrier some thread never reaches).
+static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads) {
+  gridDim = grid;
+  blockDim = {threads, 1, 1};
+  run_kernel = k;
+  run_params = params;
+  fibers.assign(threads, Fiber{});
+  warps.assign((threads + 31) / 32, Warp{});
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        blockIdx = {x, y, z};
+        block_bar = Barrier{};
+        std::memset(smem, 0xA5, sizeof smem);  // no block sees another's leftovers as zeros
+        for (unsigned t = 0; t < threads; ++t) {
+          Fiber& f = fibers[t];
+          f.stack.resize(1 << 18);
+          f.done = false;
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = f.stack.data();
+          f.ctx.uc_stack.ss_size = f.stack.size();
+          f.ctx.uc_link = &sched;
+          makecontext(&f.ctx, (void (*)())entry, 1, (int)t);
+        }
+        for (unsigned live = threads; live;) {
+          const unsigned before = progress;
+          live = 0;
+          for (unsigned t = 0; t < threads; ++t) {
+            if (fibers[t].done) continue;
+            cur = t;
+            threadIdx = {t, 0, 0};
+            swapcontext(&sched, &fibers[t].ctx);
+            live += !fibers[t].done;
+          }
+          if (live && progress == before) return 1;
+        }
+      }
+  return 0;
+}
+}  // namespace emu
+
+static inline void __syncthreads() { emu::wait(emu::block_bar, blockDim.x); }
+
+// The sum of v over the warp's lanes, to every lane.
+static inline unsigned __reduce_add_sync(unsigned, unsigned v) {
+  emu::Warp& w = emu::warp();
+  w.v[emu::lane()][0] = v;
+  emu::warp_sync();
+  unsigned s = 0;
+  for (int l = 0; l < 32; ++l) s += w.v[l][0];
+  emu::warp_sync();
+  return s;
+}
+
+static inline void emu_cp_async16(void* dst, const void* src, bool valid) {
+  if (valid) std::memcpy(dst, src, 16);
+  else std::memset(dst, 0, 16);
+}
+
+// ldmatrix .m8n8 .b16, N matrices: lanes 8i..8i+7 give matrix i's row addresses, and lane l gets
+// word l % 4 of row l / 4 of each matrix.
+template <int N> static inline void emu_ldsm(unsigned* r, const unsigned* p) {
+  emu::Warp& w = emu::warp();
+  const unsigned l = emu::lane();
+  w.p[l] = p;
+  emu::warp_sync();
+  for (int i = 0; i < N; ++i) r[i] = ((const unsigned*)w.p[8 * i + l / 4])[l % 4];
+  emu::warp_sync();
+}
+
+// mma.sync m16n8k32 .row.col .s32 (A 16x32, B 32x8, each .s8 or .u8), no .satfinite: D = A*B + C
+// modulo 2^32. Fragments (PTX ISA): lane l = 4g + t holds A rows g (registers 0, 2) and g + 8
+// (1, 3), bytes 4t..4t+3 of K 0..15 (registers 0, 1) and 16..31 (2, 3); B column g, the same K
+// bytes in registers 0 and 1; C/D rows g (0, 1) and g + 8 (2, 3), columns 2t and 2t + 1.
+template <bool AS, bool BS>
+static inline void emu_mma_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  emu::Warp& w = emu::warp();
+  const unsigned l = emu::lane();
+  for (int i = 0; i < 4; ++i) w.v[l][i] = a[i];
+  w.v[l][4] = b[0];
+  w.v[l][5] = b[1];
+  emu::warp_sync();
+  auto byte = [](unsigned word, int k, bool s) {
+    const unsigned u = (word >> (8 * (k % 4))) & 0xFF;
+    return s ? (int)(signed char)u : (int)u;
+  };
+  const int g = l / 4, t = l % 4;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+    unsigned acc = (unsigned)d[r];
+    for (int k = 0; k < 32; ++k) {
+      const int av = byte(w.v[(row % 8) * 4 + (k % 16) / 4][row / 8 + 2 * (k / 16)], k, AS);
+      const int bv = byte(w.v[col * 4 + (k % 16) / 4][4 + k / 16], k, BS);
+      acc += (unsigned)(av * bv);
+    }
+    d[r] = (int)acc;
+  }
+  emu::warp_sync();
+}

@@ -1,0 +1,185 @@
+"""The tensor-core kernels (qconv_mma.cuh: INT8 mma.sync, INT16/INT32 by byte planes) run on the
+host, bit for bit against exact integer sums, so that a machine without a GPU (CI) checks their
+index math: the implicit-GEMM loader, the shared-memory layouts (padded and swizzled rows), the
+ldmatrix addresses, the fragments and the epilogue.
+
+The kernel sources are compiled as C++ with cuda_emu.hpp, which runs a block's threads as fibers
+and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync) with the PTX ISA's definitions;
+each helper's definition in qconv_common.cuh is swapped for its emulation. The kernels that the
+GPU suite has verified on an H200 pass here too, which is what makes this emulation trustworthy
+for a kernel no GPU has run yet.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from brute import out_size_and_pads
+from checks import cut_definition
+from qconv.backends.cuda import _launch, _tiling
+from qconv.contract import Precision
+from qconv.geometry import conv_spec
+
+HERE = Path(__file__).resolve().parent
+KERNELS = HERE.parent / "src" / "qconv" / "backends" / "cuda_kernels"
+CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+# each PTX helper -> its emulation (cuda_emu.hpp)
+EMULATED = {
+    "qconv_common.cuh": {
+        r"^QD unsigned smem_u32\(": "",
+        r"^QD void cp_async16\(": "QD void cp_async16(void* s, const void* g, bool valid) { emu_cp_async16(s, g, valid); }",
+        r"^QD void cp_async_commit\(": "QD void cp_async_commit() {}",
+        r"^template <int N> QD void cp_async_wait\(": "template <int N> QD void cp_async_wait() {}",
+        r"^QD void mma_s8_16832\(": "QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
+                                   "{ emu_mma_16832<true, true>(d, a, b); }",
+        r"^QD void ldsm_x4\(": "QD void ldsm_x4(unsigned (&r)[4], const unsigned* p) { emu_ldsm<4>(r, p); }",
+        r"^QD void ldsm_x2\(": "QD void ldsm_x2(unsigned (&r)[2], const unsigned* p) { emu_ldsm<2>(r, p); }",
+        r"^template <bool AS, bool BS>\nQD void mma_x8_16832\(":
+            "template <bool AS, bool BS>\nQD void mma_x8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
+            "{ emu_mma_16832<AS, BS>(d, a, b); }",
+    },
+    "qconv_mma.cuh": {  # FP32's TF32 products are not emulated (their rounding is the hardware's)
+        r"^QD void mma_tf32_1688\(": "QD void mma_tf32_1688(float (&)[4], const unsigned (&)[4], const unsigned (&)[2]) "
+                                     "{ abort(); }",
+    },
+}
+MODULES = {Precision.INT8: "conv_s8_mma.cu", Precision.INT16: "conv_planes_mma.cu", Precision.INT32: "conv_planes_mma.cu"}
+PATHS = {Precision.INT8: ("mma", "simt"), Precision.INT16: ("mma", "mma"), Precision.INT32: ("mma", "mma")}
+
+
+def _kernels(precision: Precision) -> dict[str, str]:
+    """tile -> entry point of the tensor-core kernel of a precision."""
+    int8_path, path = PATHS[precision]
+    prefix = _tiling.conv_kernel(precision, int8_path, path)[1]
+    return {t: _tiling.conv_name(prefix, t) for t in _tiling.tiles_for(precision, int8_path, path)}
+
+
+@pytest.fixture(scope="module")
+def emulated(tmp_path_factory):
+    """module file -> the library of its kernels built for the host (run_on_host(name, params, grid))."""
+    if CXX is None:
+        pytest.skip("no C++ compiler (c++, g++ or clang++) to build the kernels for the host")
+    d = tmp_path_factory.mktemp("mma_host")
+    for header, swaps in EMULATED.items():
+        text = (KERNELS / header).read_text()
+        for start, emulation in swaps.items():
+            text = text.replace(cut_definition(text, start), emulation)
+        (d / header).write_text(text)
+    libs = {}
+    for module in sorted(set(MODULES.values())):
+        names = sorted({n for p, m in MODULES.items() if m == module for n in _kernels(p).values()})
+        driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const ConvParams*)p); }}" for n in names)
+        table = ", ".join(f'{{"{n}", run_{n}}}' for n in names)
+        src = (KERNELS / module).read_text() + f"""
+{driver}
+struct Entry {{ const char* name; emu::Kernel k; }};
+static const Entry entries[] = {{{table}}};
+extern "C" int run_on_host(const char* name, const ConvParams* p, unsigned gx, unsigned gy, unsigned gz,
+                           unsigned threads) {{
+  for (const Entry& e : entries)
+    if (!std::strcmp(e.name, name)) return emu::launch(e.k, p, {{gx, gy, gz}}, threads);
+  return 2;
+}}
+"""
+        (d / module).write_text(src)
+        so = d / (module + ".so")
+        r = subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-w",
+                            "-include", str(HERE / "cuda_emu.hpp"), "-I", str(d), "-x", "c++", str(d / module),
+                            "-o", str(so)], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        lib = ctypes.CDLL(str(so))
+        lib.run_on_host.argtypes = [ctypes.c_char_p, ctypes.c_void_p] + [ctypes.c_uint] * 4
+        libs[module] = lib
+    return libs
+
+
+def _exact(qx, qw, stride, pads, groups):
+    """The contract's int32 accumulation (wrap-around) of the integer convolution, as uint32."""
+    n, h, w, c = qx.shape
+    kh, kw, oc, icg = qw.shape
+    (pt, pb), (pl, pr) = pads
+    xp = np.zeros((n, h + pt + pb, w + pl + pr, c), np.uint64)
+    xp[:, pt:pt + h, pl:pl + w] = qx.astype(np.int64).astype(np.uint64)  # two's complement: sums mod 2^64
+    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    y = np.zeros((n, ho, wo, oc), np.uint64)
+    ocg, w64 = oc // groups, qw.astype(np.int64).astype(np.uint64)
+    for a in range(kh):
+        for b in range(kw):
+            patch = xp[:, a:a + (ho - 1) * stride + 1:stride, b:b + (wo - 1) * stride + 1:stride]
+            for g in range(groups):
+                y[..., g * ocg:(g + 1) * ocg] += patch[..., g * icg:(g + 1) * icg] @ w64[a, b, g * ocg:(g + 1) * ocg].T
+    return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def _run(lib, name, tile, precision, qx, qw, stride, pads, groups, splits):
+    """The kernel on the host over the operands in the GPU path's layouts; (M, OC) uint32."""
+    n, h, w, c = qx.shape
+    kh, kw, oc, icg = qw.shape
+    spec = conv_spec(qw.shape, stride=stride, padding=pads, groups=groups)
+    lay = _tiling.gemm_layout(precision, spec, planes=precision is not Precision.INT8)
+    planes = lay.planes
+    xb = np.zeros((n, h, w, planes, groups, lay.icgp), np.int8)
+    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(np.int8)]):
+        xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
+    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else _tiling.pack_gemm_weights(qw.astype(np.int8), lay))
+    ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
+    m = n * ho * wo
+    ktiles = lay.kpw // _tiling.MMA_BKW
+    kps = math.ceil(ktiles / splits)
+    splits = math.ceil(ktiles / kps)
+    out = np.zeros((m, oc), np.uint32) if splits > 1 else np.full((m, oc), 0xDEADBEEF, np.uint32)
+    p = _launch.ConvParams(x=xb.ctypes.data, w=wb.ctypes.data, out=out.ctypes.data, wgs=lay.wgs(), N=n, H=h, W=w,
+                           Cw=lay.cw, XPW=lay.xpw, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0], sh=stride, sw=stride,
+                           Ho=ho, Wo=wo, OC=oc, OCg=lay.ocg, Kpw=lay.kpw, M=m, T=kh * kw, ktiles=ktiles,
+                           ktiles_per_split=kps, splits=splits, mode=2 if splits > 1 else 0, vec_out=1)
+    bm, bn = _tiling.parse_tile(tile, True, _tiling.tiles_for(precision, *PATHS[precision]))
+    threads = 128 if tile in _tiling.SLIM_TILES else 256
+    rc = lib.run_on_host(name.encode(), ctypes.addressof(p), math.ceil(m / bm), math.ceil(lay.ocg / bn),
+                         groups * splits, threads)
+    assert rc == 0, f"{name}: {'the threads stopped at a barrier' if rc == 1 else 'no such kernel'}"
+    return out
+
+
+# (N, H, W, C, KH, OC, stride, pads, groups): partial M and N tiles, two groups, stride 2 with
+# uneven padding, K past one 32-word stage (and short of the next)
+LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1)]
+
+
+@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT16, Precision.INT32], ids=lambda p: p.value)
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_every_tensor_core_tile_is_exact_on_the_host(emulated, precision, layer):
+    """Every tile of the tensor-core kernels, one K slice and split-K's atomic sums, against the
+    exact wrap-around sums; values over the whole range (INT16/INT32 sums wrap past 2^31)."""
+    n, h, w, c, k, oc, stride, pads, groups = LAYERS[layer]
+    rng = np.random.default_rng(layer * 10 + list(Precision).index(precision))
+    q = precision.qmax
+    qx = rng.integers(-q, q + 1, (n, h, w, c), dtype=np.int64)
+    qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
+    qx.flat[::7], qw.flat[::5] = -q, q  # the extremes: every byte pattern's sign
+    want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
+    for tile, name in _kernels(precision).items():
+        for splits in (1, 2):
+            got = _run(emulated[MODULES[precision]], name, tile, precision, qx, qw, stride, pads, groups, splits)
+            assert np.array_equal(got, want), f"{name} split {splits}: {np.count_nonzero(got != want)} outputs differ"
+
+
+def test_a_barrier_not_every_thread_reaches_is_reported(tmp_path):
+    """The emulator's own check: a kernel whose threads diverge at __syncthreads returns 1, not a hang."""
+    if CXX is None:
+        pytest.skip("no C++ compiler")
+    src = tmp_path / "k.cpp"
+    src.write_text('static void k(const void*) { if (threadIdx.x == 0) __syncthreads(); }\n'
+                   'extern "C" int go() { return emu::launch(k, nullptr, {1, 1, 1}, 64); }\n')
+    so = tmp_path / "k.so"
+    r = subprocess.run([CXX, "-std=c++17", "-shared", "-fPIC", "-include", str(HERE / "cuda_emu.hpp"), str(src),
+                        "-o", str(so)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ctypes.CDLL(str(so)).go() == 1
