@@ -1,4 +1,4 @@
-// cuda_emu.hpp - enough of CUDA to run qconv's mma.sync kernels on the host, for
+// cuda_emu.hpp - enough of CUDA to run qconv's implicit-GEMM kernels (mma.sync and CUDA-core) on the host, for
 // test_cuda_emulated.py (force-included before the kernel sources, whose PTX helpers the test
 // replaces with the emu_* functions below).
 //
@@ -42,6 +42,11 @@ static inline float __fsub_rn(float a, float b) { volatile float r = a - b; retu
 static inline float __int2float_rn(int a) { return (float)a; }
 static inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
 static inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+static inline int __dp4a(int a, int b, int c) {
+  unsigned s = (unsigned)c;
+  for (int i = 0; i < 4; ++i) s += (unsigned)((int)(signed char)(a >> 8 * i) * (int)(signed char)(b >> 8 * i));
+  return (int)s;
+}
 // one OS thread: the atomics are plain read-modify-writes
 template <typename T> static inline T atomicAdd(T* a, T v) { T o = *a; *a = o + v; return o; }
 static inline int atomicOr(int* a, int v) { int o = *a; *a |= v; return o; }

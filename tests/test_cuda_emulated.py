@@ -1,7 +1,8 @@
-"""The tensor-core kernels (qconv_mma.cuh: INT8 mma.sync, INT16/INT32 by byte planes) run on the
-host, bit for bit against exact integer sums, so that a machine without a GPU (CI) checks their
-index math: the implicit-GEMM loader, the shared-memory layouts (padded and swizzled rows), the
-ldmatrix addresses, the fragments and the epilogue.
+"""The integer implicit-GEMM kernels (qconv_mma.cuh: INT8 mma.sync, INT16/INT32 by byte planes;
+qconv_simt.cuh: the CUDA-core INT32, INT16 and dp4a INT8) run on the host, bit for bit against
+exact integer sums, so that a machine without a GPU (CI) checks their index math: the loader, the
+shared-memory layouts (padded and swizzled rows), the ldmatrix addresses, the fragments and the
+epilogue. (wgmma's kernels, asynchronous and fed by TMA, are not emulated.)
 
 The kernel sources are compiled as C++ with cuda_emu.hpp, which runs a block's threads as fibers
 and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync) with the PTX ISA's definitions;
@@ -51,15 +52,16 @@ EMULATED = {
                                      "{ abort(); }",
     },
 }
-MODULES = {Precision.INT8: "conv_s8_mma.cu", Precision.INT16: "conv_planes_mma.cu", Precision.INT32: "conv_planes_mma.cu"}
-PATHS = {Precision.INT8: ("mma", "simt"), Precision.INT16: ("mma", "mma"), Precision.INT32: ("mma", "mma")}
+# (precision, int8_path, path): every integer implicit-GEMM kernel but wgmma's
+VARIANTS = [(Precision.INT8, "mma", "simt"), (Precision.INT8, "dp4a", "simt"), (Precision.INT16, "mma", "mma"),
+            (Precision.INT16, "mma", "simt"), (Precision.INT32, "mma", "mma"), (Precision.INT32, "mma", "simt")]
+DTYPE = {1: np.int8, 2: np.int16, 4: np.int32}
 
 
-def _kernels(precision: Precision) -> dict[str, str]:
-    """tile -> entry point of the tensor-core kernel of a precision."""
-    int8_path, path = PATHS[precision]
-    prefix = _tiling.conv_kernel(precision, int8_path, path)[1]
-    return {t: _tiling.conv_name(prefix, t) for t in _tiling.tiles_for(precision, int8_path, path)}
+def _kernels(variant) -> tuple[str, dict[str, str]]:
+    """(module, tile -> entry point) of a variant's kernel."""
+    module, prefix = _tiling.conv_kernel(*variant)
+    return module, {t: _tiling.conv_name(prefix, t) for t in _tiling.tiles_for(*variant)}
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +70,14 @@ def emulated(tmp_path_factory):
     if CXX is None:
         pytest.skip("no C++ compiler (c++, g++ or clang++) to build the kernels for the host")
     d = tmp_path_factory.mktemp("mma_host")
-    for header, swaps in EMULATED.items():
-        text = (KERNELS / header).read_text()
-        for start, emulation in swaps.items():
+    for header in KERNELS.glob("*.cuh"):
+        text = header.read_text()
+        for start, emulation in EMULATED.get(header.name, {}).items():
             text = text.replace(cut_definition(text, start), emulation)
-        (d / header).write_text(text)
+        (d / header.name).write_text(text)
     libs = {}
-    for module in sorted(set(MODULES.values())):
-        names = sorted({n for p, m in MODULES.items() if m == module for n in _kernels(p).values()})
+    for module in sorted({_kernels(v)[0] for v in VARIANTS}):
+        names = sorted({n for v in VARIANTS if _kernels(v)[0] == module for n in _kernels(v)[1].values()})
         driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const ConvParams*)p); }}" for n in names)
         table = ", ".join(f'{{"{n}", run_{n}}}' for n in names)
         src = (KERNELS / module).read_text() + f"""
@@ -119,20 +121,23 @@ def _exact(qx, qw, stride, pads, groups):
     return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _run(lib, name, tile, precision, qx, qw, stride, pads, groups, splits):
+def _run(lib, name, tile, variant, qx, qw, stride, pads, groups, splits):
     """The kernel on the host over the operands in the GPU path's layouts; (M, OC) uint32."""
+    precision, int8_path, path = variant
     n, h, w, c = qx.shape
     kh, kw, oc, icg = qw.shape
     spec = conv_spec(qw.shape, stride=stride, padding=pads, groups=groups)
-    lay = _tiling.gemm_layout(precision, spec, planes=precision is not Precision.INT8)
+    mma = _tiling.tensor_cores(*variant)
+    lay = _tiling.gemm_layout(precision, spec, planes=path == "mma" and precision in _tiling.PLANES)
     planes = lay.planes
-    xb = np.zeros((n, h, w, planes, groups, lay.icgp), np.int8)
-    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(np.int8)]):
+    xb = np.zeros((n, h, w, planes, groups, lay.icgp), DTYPE[lay.elem])
+    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(DTYPE[lay.elem])]):
         xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
-    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else _tiling.pack_gemm_weights(qw.astype(np.int8), lay))
+    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else
+          _tiling.pack_gemm_weights(qw.astype(DTYPE[lay.elem]), lay))
     ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
     m = n * ho * wo
-    ktiles = lay.kpw // _tiling.MMA_BKW
+    ktiles = lay.kpw // (_tiling.MMA_BKW if mma else _tiling.SIMT_BKW)
     kps = math.ceil(ktiles / splits)
     splits = math.ceil(ktiles / kps)
     out = np.zeros((m, oc), np.uint32) if splits > 1 else np.full((m, oc), 0xDEADBEEF, np.uint32)
@@ -140,7 +145,7 @@ def _run(lib, name, tile, precision, qx, qw, stride, pads, groups, splits):
                            Cw=lay.cw, XPW=lay.xpw, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0], sh=stride, sw=stride,
                            Ho=ho, Wo=wo, OC=oc, OCg=lay.ocg, Kpw=lay.kpw, M=m, T=kh * kw, ktiles=ktiles,
                            ktiles_per_split=kps, splits=splits, mode=2 if splits > 1 else 0, vec_out=1)
-    bm, bn = _tiling.parse_tile(tile, True, _tiling.tiles_for(precision, *PATHS[precision]))
+    bm, bn = _tiling.parse_tile(tile, mma, _tiling.tiles_for(*variant))
     threads = 128 if tile in _tiling.SLIM_TILES else 256
     rc = lib.run_on_host(name.encode(), ctypes.addressof(p), math.ceil(m / bm), math.ceil(lay.ocg / bn),
                          groups * splits, threads)
@@ -153,21 +158,24 @@ def _run(lib, name, tile, precision, qx, qw, stride, pads, groups, splits):
 LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1)]
 
 
-@pytest.mark.parametrize("precision", [Precision.INT8, Precision.INT16, Precision.INT32], ids=lambda p: p.value)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-{v[2] if v[0] is not Precision.INT8 else v[1]}")
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
-def test_every_tensor_core_tile_is_exact_on_the_host(emulated, precision, layer):
-    """Every tile of the tensor-core kernels, one K slice and split-K's atomic sums, against the
-    exact wrap-around sums; values over the whole range (INT16/INT32 sums wrap past 2^31)."""
+def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer):
+    """Every tile of every integer kernel (tensor cores, byte planes, CUDA cores), one K slice and
+    split-K's atomic sums, against the exact wrap-around sums; values over the whole range (the
+    INT16/INT32 sums wrap past 2^31)."""
     n, h, w, c, k, oc, stride, pads, groups = LAYERS[layer]
-    rng = np.random.default_rng(layer * 10 + list(Precision).index(precision))
+    precision = variant[0]
+    rng = np.random.default_rng(layer * 10 + VARIANTS.index(variant))
     q = precision.qmax
     qx = rng.integers(-q, q + 1, (n, h, w, c), dtype=np.int64)
     qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
     qx.flat[::7], qw.flat[::5] = -q, q  # the extremes: every byte pattern's sign
     want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
-    for tile, name in _kernels(precision).items():
+    module, names = _kernels(variant)
+    for tile, name in names.items():
         for splits in (1, 2):
-            got = _run(emulated[MODULES[precision]], name, tile, precision, qx, qw, stride, pads, groups, splits)
+            got = _run(emulated[module], name, tile, variant, qx, qw, stride, pads, groups, splits)
             assert np.array_equal(got, want), f"{name} split {splits}: {np.count_nonzero(got != want)} outputs differ"
 
 
