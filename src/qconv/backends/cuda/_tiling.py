@@ -131,6 +131,12 @@ def tiles_for(precision: Precision, int8_path: str = "mma", path: str = "simt") 
     return TF32X3_TILES if path == "tf32x3" else TILES
 
 
+def tile_shape(tile: str) -> tuple[int, int]:
+    """(BM, BN) of a block tile's name: "BMxBN", "BMxBN/w4" or an outer tile "BMxBN/TMxTN"."""
+    bm, bn = tile.split("/")[0].split("x")
+    return int(bm), int(bn)
+
+
 def conv_name(prefix: str, tile: str) -> str:
     """The implicit-GEMM kernel entry point of a block tile ("BMxBN", or "BMxBN/w4": NAME_w4)."""
     return f"{prefix}_{tile.replace('/', '_')}"
@@ -329,8 +335,7 @@ def parse_tile(t: str, mma: bool = False, tiles: tuple[str, ...] | None = None) 
     if t not in tiles:
         extra = "" if mma or tiles != TILES else f"; FP32 also {', '.join(OUTER_TILES)}"
         raise InputError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
-    bm, bn = t.split("/")[0].split("x")
-    return int(bm), int(bn)
+    return tile_shape(t)
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
