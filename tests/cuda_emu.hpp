@@ -24,7 +24,7 @@ static dim3_ blockIdx, blockDim, gridDim, threadIdx;
 #define __forceinline__ inline
 #define __global__
 #define __launch_bounds__(...)
-#define __shared__
+#define __shared__ static  // a block's shared arrays: blocks run one at a time
 #define __align__(n)
 struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
@@ -32,6 +32,8 @@ struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
 static inline float2 make_float2(float x, float y) { return {x, y}; }
 static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
+static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 using std::isfinite;
 using std::max;
 using std::min;
@@ -186,6 +188,28 @@ static inline void emu_mma_16832(int (&d)[4], const unsigned (&a)[4], const unsi
       acc += (unsigned)(av * bv);
     }
     d[r] = (int)acc;
+  }
+  emu::warp_sync();
+}
+
+// mma.sync m16n8k8 .row.col .f32.tf32.tf32.f32: lane l = 4g + t holds A rows g (registers 0, 2)
+// and g + 8 (1, 3), columns t (0, 1) and t + 4 (2, 3); B column g, rows t and t + 4; C/D as m16n8k32.
+// The products of TF32 values are exact in float32; they are summed here in k order with fmaf.
+static inline void emu_mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  emu::Warp& w = emu::warp();
+  const unsigned l = emu::lane();
+  for (int i = 0; i < 4; ++i) w.v[l][i] = a[i];
+  w.v[l][4] = b[0];
+  w.v[l][5] = b[1];
+  emu::warp_sync();
+  const int g = l / 4, t = l % 4;
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
+    float acc = d[r];
+    for (int k = 0; k < 8; ++k)
+      acc = std::fmaf(__uint_as_float(w.v[(row % 8) * 4 + k % 4][row / 8 + 2 * (k / 4)]),
+                      __uint_as_float(w.v[col * 4 + k % 4][4 + k / 4]), acc);
+    d[r] = acc;
   }
   emu::warp_sync();
 }

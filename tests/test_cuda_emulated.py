@@ -1,14 +1,15 @@
-"""The integer implicit-GEMM kernels (qconv_mma.cuh: INT8 mma.sync, INT16/INT32 by byte planes;
-qconv_simt.cuh: the CUDA-core INT32, INT16 and dp4a INT8) run on the host, bit for bit against
-exact integer sums, so that a machine without a GPU (CI) checks their index math: the loader, the
-shared-memory layouts (padded and swizzled rows), the ldmatrix addresses, the fragments and the
-epilogue. (wgmma's kernels, asynchronous and fed by TMA, are not emulated.)
+"""The implicit-GEMM kernels run on the host, so that a machine without a GPU (CI) checks their
+index math: the loader, the shared-memory layouts (padded and swizzled rows), the ldmatrix
+addresses, the fragments and the epilogue. Integers (INT8 mma.sync and dp4a, INT16/INT32 by byte
+planes and on the CUDA cores) bit for bit against exact wrap-around sums; FP32 (CUDA cores, outer
+product, TF32x3) within its path's bound. wgmma's kernels, asynchronous and fed by TMA, and the
+depthwise kernels are not emulated.
 
 The kernel sources are compiled as C++ with cuda_emu.hpp, which runs a block's threads as fibers
 and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync) with the PTX ISA's definitions;
-each helper's definition in qconv_common.cuh is swapped for its emulation. The kernels that the
-GPU suite has verified on an H200 pass here too, which is what makes this emulation trustworthy
-for a kernel no GPU has run yet.
+each helper's definition in the headers is swapped for its emulation. The kernels that the GPU
+suite has verified on an H200 pass here too, which pins the emulation (a wrong fragment layout
+fails them) and makes it worth trusting for a kernel no GPU has run yet.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 
 from brute import out_size_and_pads
-from checks import cut_definition
+from checks import assert_matches, cut_definition
 from qconv.backends.cuda import _launch, _tiling
 from qconv.contract import Precision
 from qconv.geometry import conv_spec
@@ -47,21 +48,31 @@ EMULATED = {
             "template <bool AS, bool BS>\nQD void mma_x8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
             "{ emu_mma_16832<AS, BS>(d, a, b); }",
     },
-    "qconv_mma.cuh": {  # FP32's TF32 products are not emulated (their rounding is the hardware's)
-        r"^QD void mma_tf32_1688\(": "QD void mma_tf32_1688(float (&)[4], const unsigned (&)[4], const unsigned (&)[2]) "
-                                     "{ abort(); }",
+    "qconv_mma.cuh": {
+        r"^QD void mma_tf32_1688\(": "QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
+                                     "{ emu_mma_tf32_1688(d, a, b); }",
     },
 }
-# (precision, int8_path, path): every integer implicit-GEMM kernel but wgmma's
+# (precision, int8_path, path): every implicit-GEMM kernel but wgmma's
 VARIANTS = [(Precision.INT8, "mma", "simt"), (Precision.INT8, "dp4a", "simt"), (Precision.INT16, "mma", "mma"),
-            (Precision.INT16, "mma", "simt"), (Precision.INT32, "mma", "mma"), (Precision.INT32, "mma", "simt")]
+            (Precision.INT16, "mma", "simt"), (Precision.INT32, "mma", "mma"), (Precision.INT32, "mma", "simt"),
+            (Precision.FP32, "mma", "simt"), (Precision.FP32, "mma", "tf32x3")]
 DTYPE = {1: np.int8, 2: np.int16, 4: np.int32}
 
 
-def _kernels(variant) -> tuple[str, dict[str, str]]:
-    """(module, tile -> entry point) of a variant's kernel."""
+def _kernels(variant) -> list[tuple[str, str, str, int]]:
+    """(tile, module, entry point, threads) of every tile a variant runs (FP32's outer-product tiles too)."""
     module, prefix = _tiling.conv_kernel(*variant)
-    return module, {t: _tiling.conv_name(prefix, t) for t in _tiling.tiles_for(*variant)}
+    out = [(t, module, _tiling.conv_name(prefix, t), 128 if t in _tiling.SLIM_TILES else 256)
+           for t in _tiling.tiles_for(*variant)]
+    if variant == (Precision.FP32, "mma", "simt"):
+        out += [(t, "conv_f32_outer.cu", _tiling.outer_name(t), _tiling.outer_threads(t)) for t in _tiling.OUTER_TILES]
+    return out
+
+
+def _host_source(text: str) -> str:
+    """A kernel source with its static shared arrays as statics (cuda_emu.hpp: __shared__ is static)."""
+    return text.replace("extern __shared__", "extern")
 
 
 @pytest.fixture(scope="module")
@@ -69,18 +80,18 @@ def emulated(tmp_path_factory):
     """module file -> the library of its kernels built for the host (run_on_host(name, params, grid))."""
     if CXX is None:
         pytest.skip("no C++ compiler (c++, g++ or clang++) to build the kernels for the host")
-    d = tmp_path_factory.mktemp("mma_host")
+    d = tmp_path_factory.mktemp("kernels_host")
     for header in KERNELS.glob("*.cuh"):
         text = header.read_text()
         for start, emulation in EMULATED.get(header.name, {}).items():
             text = text.replace(cut_definition(text, start), emulation)
-        (d / header.name).write_text(text)
+        (d / header.name).write_text(_host_source(text))
     libs = {}
-    for module in sorted({_kernels(v)[0] for v in VARIANTS}):
-        names = sorted({n for v in VARIANTS if _kernels(v)[0] == module for n in _kernels(v)[1].values()})
+    for module in sorted({k[1] for v in VARIANTS for k in _kernels(v)}):
+        names = sorted({k[2] for v in VARIANTS for k in _kernels(v) if k[1] == module})
         driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const ConvParams*)p); }}" for n in names)
         table = ", ".join(f'{{"{n}", run_{n}}}' for n in names)
-        src = (KERNELS / module).read_text() + f"""
+        src = _host_source((KERNELS / module).read_text()) + f"""
 {driver}
 struct Entry {{ const char* name; emu::Kernel k; }};
 static const Entry entries[] = {{{table}}};
@@ -121,8 +132,10 @@ def _exact(qx, qw, stride, pads, groups):
     return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _run(lib, name, tile, variant, qx, qw, stride, pads, groups, splits):
-    """The kernel on the host over the operands in the GPU path's layouts; (M, OC) uint32."""
+def _run(lib, kernel, variant, qx, qw, stride, pads, groups, splits):
+    """One kernel on the host over the operands in the GPU path's layouts: (M, OC) uint32 (the
+    integer sums, or FP32's bits)."""
+    tile, _, name, threads = kernel
     precision, int8_path, path = variant
     n, h, w, c = qx.shape
     kh, kw, oc, icg = qw.shape
@@ -130,23 +143,24 @@ def _run(lib, name, tile, variant, qx, qw, stride, pads, groups, splits):
     mma = _tiling.tensor_cores(*variant)
     lay = _tiling.gemm_layout(precision, spec, planes=path == "mma" and precision in _tiling.PLANES)
     planes = lay.planes
-    xb = np.zeros((n, h, w, planes, groups, lay.icgp), DTYPE[lay.elem])
-    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(DTYPE[lay.elem])]):
+    dtype = np.float32 if precision is Precision.FP32 else DTYPE[lay.elem]
+    xb = np.zeros((n, h, w, planes, groups, lay.icgp), dtype)
+    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(dtype)]):
         xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
-    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else
-          _tiling.pack_gemm_weights(qw.astype(DTYPE[lay.elem]), lay))
+    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else _tiling.pack_gemm_weights(qw.astype(dtype), lay))
+    if path == "tf32x3":
+        wb = _tiling.tf32_split(wb)
     ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
     m = n * ho * wo
     ktiles = lay.kpw // (_tiling.MMA_BKW if mma else _tiling.SIMT_BKW)
     kps = math.ceil(ktiles / splits)
     splits = math.ceil(ktiles / kps)
-    out = np.zeros((m, oc), np.uint32) if splits > 1 else np.full((m, oc), 0xDEADBEEF, np.uint32)
+    out = np.zeros((m, oc), np.uint32) if splits > 1 else np.full((m, oc), 0x7FBADBAD, np.uint32)
     p = _launch.ConvParams(x=xb.ctypes.data, w=wb.ctypes.data, out=out.ctypes.data, wgs=lay.wgs(), N=n, H=h, W=w,
                            Cw=lay.cw, XPW=lay.xpw, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0], sh=stride, sw=stride,
                            Ho=ho, Wo=wo, OC=oc, OCg=lay.ocg, Kpw=lay.kpw, M=m, T=kh * kw, ktiles=ktiles,
                            ktiles_per_split=kps, splits=splits, mode=2 if splits > 1 else 0, vec_out=1)
-    bm, bn = _tiling.parse_tile(tile, mma, _tiling.tiles_for(*variant))
-    threads = 128 if tile in _tiling.SLIM_TILES else 256
+    bm, bn = _tiling.tile_shape(tile)
     rc = lib.run_on_host(name.encode(), ctypes.addressof(p), math.ceil(m / bm), math.ceil(lay.ocg / bn),
                          groups * splits, threads)
     assert rc == 0, f"{name}: {'the threads stopped at a barrier' if rc == 1 else 'no such kernel'}"
@@ -158,25 +172,49 @@ def _run(lib, name, tile, variant, qx, qw, stride, pads, groups, splits):
 LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1)]
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"{v[0].value}-{v[2] if v[0] is not Precision.INT8 else v[1]}")
+INTEGER = [v for v in VARIANTS if v[0].is_integer]
+FLOAT = [v for v in VARIANTS if not v[0].is_integer]
+
+
+def _id(v) -> str:
+    return f"{v[0].value}-{v[1] if v[0] is Precision.INT8 else v[2]}"
+
+
+@pytest.mark.parametrize("variant", INTEGER, ids=_id)
 @pytest.mark.parametrize("layer", range(len(LAYERS)))
 def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer):
     """Every tile of every integer kernel (tensor cores, byte planes, CUDA cores), one K slice and
     split-K's atomic sums, against the exact wrap-around sums; values over the whole range (the
     INT16/INT32 sums wrap past 2^31)."""
     n, h, w, c, k, oc, stride, pads, groups = LAYERS[layer]
-    precision = variant[0]
+    q = variant[0].qmax
     rng = np.random.default_rng(layer * 10 + VARIANTS.index(variant))
-    q = precision.qmax
     qx = rng.integers(-q, q + 1, (n, h, w, c), dtype=np.int64)
     qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
     qx.flat[::7], qw.flat[::5] = -q, q  # the extremes: every byte pattern's sign
     want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
-    module, names = _kernels(variant)
-    for tile, name in names.items():
+    for kernel in _kernels(variant):
         for splits in (1, 2):
-            got = _run(emulated[module], name, tile, variant, qx, qw, stride, pads, groups, splits)
-            assert np.array_equal(got, want), f"{name} split {splits}: {np.count_nonzero(got != want)} outputs differ"
+            got = _run(emulated[kernel[1]], kernel, variant, qx, qw, stride, pads, groups, splits)
+            assert np.array_equal(got, want), f"{kernel[2]} split {splits}: {np.count_nonzero(got != want)} outputs differ"
+
+
+@pytest.mark.parametrize("variant", FLOAT, ids=_id)
+@pytest.mark.parametrize("layer", range(len(LAYERS)))
+def test_every_fp32_kernel_tile_is_within_its_bound_on_the_host(emulated, variant, layer):
+    """FP32's CUDA-core, outer-product and TF32x3 kernels, every tile, within the bound the path
+    declares (the emulated TF32 mma sums its products in order, one valid rounding of many)."""
+    n, h, w, c, k, oc, stride, pads, groups = LAYERS[layer]
+    rng = np.random.default_rng(layer)
+    x = (rng.standard_normal((n, h, w, c)) * 3).astype(np.float32)
+    wt = (rng.standard_normal((k, k, oc, c // groups)) * 0.3).astype(np.float32)
+    bound = _tiling.TF32X3_BOUND if variant[2] == "tf32x3" else (2.0, 0.0)
+    layer_args = {"stride": stride, "padding": pads, "groups": groups}
+    for kernel in _kernels(variant):
+        for splits in (1, 2):
+            got = _run(emulated[kernel[1]], kernel, variant, x, wt, stride, pads, groups, splits)
+            y = got.view(np.float32).reshape(n, -1, (w + sum(pads[1]) - k) // stride + 1, oc)
+            assert_matches(y, x, wt, Precision.FP32, layer_args, fp32_bound=bound, what=f"{kernel[2]} split {splits}")
 
 
 def test_a_barrier_not_every_thread_reaches_is_reported(tmp_path):
