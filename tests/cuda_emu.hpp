@@ -1,12 +1,13 @@
-// cuda_emu.hpp - enough of CUDA to run qconv's implicit-GEMM kernels (mma.sync and CUDA-core) on the host, for
+// cuda_emu.hpp - enough of CUDA to run qconv's implicit-GEMM kernels (wgmma, mma.sync, CUDA cores) on the host, for
 // test_cuda_emulated.py (force-included before the kernel sources, whose PTX helpers the test
 // replaces with the emu_* functions below).
 //
 // A block's threads are fibers (ucontext) on one OS thread, run round-robin; a fiber runs until it
 // waits at a barrier (__syncthreads, or a warp's own barrier inside the warp-wide operations),
-// so every interleaving the kernels' barriers allow is one of CUDA's. Blocks run one after another.
-// The warp-wide operations (ldmatrix, mma.sync, __reduce_add_sync) gather the 32 lanes' operands
-// at the warp's barrier and give each lane its part, as the PTX ISA defines the fragments.
+// an order of execution CUDA could also produce (one of many). Blocks run one after another.
+// The warp-wide operations (ldmatrix, mma.sync, __reduce_add_sync, __shfl_sync) gather the 32 lanes'
+// operands at the warp's barrier and give each lane its part, as the PTX ISA defines the fragments;
+// wgmma's operands are in shared memory, so each thread computes its own accumulators from them.
 // cp.async copies at once: its completion is only ever waited for, never raced.
 #pragma once
 #include <ucontext.h>
@@ -65,8 +66,11 @@ struct Warp { Barrier bar; const void* p[32]; unsigned v[32][6]; };
 static std::vector<Fiber> fibers;
 static std::vector<Warp> warps;
 static Barrier block_bar;
+static Barrier named[16];  // bar.sync / bar.arrive ids
 static ucontext_t sched;
-static unsigned cur, progress;
+static unsigned cur, progress, dynamic_smem;
+
+static inline void yield() { swapcontext(&fibers[cur].ctx, &sched); }
 
 static inline void wait(Barrier& b, unsigned count) {
   const unsigned g = b.gen;
@@ -76,7 +80,7 @@ static inline void wait(Barrier& b, unsigned count) {
     ++progress;
     return;
   }
-  while (b.gen == g) swapcontext(&fibers[cur].ctx, &sched);
+  while (b.gen == g) yield();
 }
 static inline Warp& warp() { return warps[threadIdx.x / 32]; }
 static inline unsigned lane() { return threadIdx.x & 31; }
@@ -93,8 +97,9 @@ static void entry(int i) {
 
 // Every block of the grid, its threads as fibers; 1 where the threads stop making progress (a
 // barrier some thread never reaches).
-static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads) {
+static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads, unsigned smem_bytes) {
   gridDim = grid;
+  dynamic_smem = smem_bytes;
   blockDim = {threads, 1, 1};
   run_kernel = k;
   run_params = params;
@@ -105,6 +110,7 @@ static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads) {
       for (unsigned x = 0; x < grid.x; ++x) {
         blockIdx = {x, y, z};
         block_bar = Barrier{};
+        for (Barrier& b : named) b = Barrier{};
         std::memset(smem, 0xA5, sizeof smem);  // no block sees another's leftovers as zeros
         for (unsigned t = 0; t < threads; ++t) {
           Fiber& f = fibers[t];
@@ -145,6 +151,21 @@ static inline unsigned __reduce_add_sync(unsigned, unsigned v) {
   emu::warp_sync();
   return s;
 }
+
+// lane src's v, to every lane of the warp
+static inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
+  emu::Warp& w = emu::warp();
+  w.v[emu::lane()][0] = v;
+  emu::warp_sync();
+  const unsigned r = w.v[src & 31][0];
+  emu::warp_sync();
+  return r;
+}
+static inline int __shfl_sync(unsigned mask, int v, int src) { return (int)__shfl_sync(mask, (unsigned)v, src); }
+
+// A shared-memory address: the offset into the one dynamic shared array (1 KiB aligned, as the
+// swizzle atoms need).
+static inline unsigned emu_smem_u32(const void* p) { return (unsigned)((const char*)p - (const char*)smem); }
 
 static inline void emu_cp_async16(void* dst, const void* src, bool valid) {
   if (valid) std::memcpy(dst, src, 16);
@@ -212,4 +233,68 @@ static inline void emu_mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], cons
     d[r] = acc;
   }
   emu::warp_sync();
+}
+
+// wgmma.mma_async m64nNk32 .s32.s8.s8 with both operands in shared memory through descriptors:
+// start >> 4 (bits 0-13), leading byte offset >> 4 (16-29), stride byte offset >> 4 (32-45),
+// layout (62-63: 0 none, 1 = 128-byte swizzle). Byte kb of K-major row r of an operand:
+//   none:    start + (r / 8) * SBO + (r % 8) * 16 + (kb / 16) * LBO + kb % 16   (8x16-byte core matrices)
+//   128B:    a = start + (r / 8) * SBO + (r % 8) * 128 + kb, then bits 4-6 ^= bits 7-9.
+// Read at issue: the kernels keep an operand's shared memory unchanged until wgmma.wait_group, so
+// this is one of the hardware's executions (one that cannot show a too-early overwrite).
+static inline int emu_wgmma_byte(unsigned long long desc, int r, int kb) {
+  const unsigned start = (unsigned)(desc & 0x3FFF) << 4, lbo = (unsigned)((desc >> 16) & 0x3FFF) << 4,
+                 sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4, layout = (unsigned)(desc >> 62);
+  unsigned a;
+  if (layout == 1) {
+    a = start + (r / 8) * sbo + (r % 8) * 128 + kb;
+    a ^= ((a >> 7) & 7) << 4;
+  } else if (layout == 0) {
+    a = start + (r / 8) * sbo + (r % 8) * 16 + (kb / 16) * lbo + kb % 16;
+  } else {
+    std::fprintf(stderr, "cuda_emu: wgmma descriptor layout %u not emulated\n", layout);
+    std::abort();
+  }
+  return (int)((const signed char*)smem)[a];
+}
+// The accumulators (PTX ISA, m64nNk32 s32): warp q of the warpgroup holds rows 16q + l/4 (+8);
+// n8 block i columns 8i + 2(l%4) (+1), as d[4i + {0: (r, c), 1: (r, c+1), 2: (r+8, c), 3: (r+8, c+1)}].
+template <int N>
+static inline void emu_wgmma_s8(int (&d)[N / 2], unsigned long long da, unsigned long long db) {
+  const int q = (threadIdx.x / 32) % 4, l = threadIdx.x % 32;
+  for (int i = 0; i < N / 8; ++i)
+    for (int r = 0; r < 4; ++r) {
+      const int row = 16 * q + l / 4 + 8 * (r / 2), col = 8 * i + 2 * (l % 4) + r % 2;
+      unsigned acc = (unsigned)d[4 * i + r];
+      for (int k = 0; k < 32; ++k) acc += (unsigned)(emu_wgmma_byte(da, row, k) * emu_wgmma_byte(db, col, k));
+      d[4 * i + r] = (int)acc;
+    }
+}
+
+// mbarrier: the 8 bytes hold the expected count (bits 0-15), the arrivals of the current phase
+// (16-31) and the completed phases (32-63). wait(parity) returns once the current phase's parity
+// differs, i.e. the phase of that parity has completed (a fresh barrier: wait(1) returns at once).
+static inline void emu_mbar_init(unsigned long long* bar, unsigned count) { *bar = count; }
+static inline void emu_mbar_arrive(unsigned long long* bar) {
+  unsigned long long v = *bar;
+  const unsigned long long expected = v & 0xFFFF, arrived = ((v >> 16) & 0xFFFF) + 1;
+  if (arrived == expected) {
+    *bar = expected | (((v >> 32) + 1) << 32);
+    ++emu::progress;
+  } else {
+    *bar = expected | (arrived << 16) | ((v >> 32) << 32);
+  }
+}
+static inline void emu_mbar_wait(unsigned long long* bar, unsigned parity) {
+  while (((*bar >> 32) & 1) == parity) emu::yield();
+}
+// bar.sync id, count waits until count threads have arrived (bar.arrive arrives without waiting).
+static inline void emu_named_bar_sync(int id, int count) { emu::wait(emu::named[id], count); }
+static inline void emu_named_bar_arrive(int id, int count) {
+  emu::Barrier& b = emu::named[id];
+  if (++b.arrived == (unsigned)count) {
+    b.arrived = 0;
+    ++b.gen;
+    ++emu::progress;
+  }
 }

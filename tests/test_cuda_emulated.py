@@ -1,12 +1,14 @@
 """The implicit-GEMM kernels run on the host, so that a machine without a GPU (CI) checks their
 index math: the loader, the shared-memory layouts (padded and swizzled rows), the ldmatrix
-addresses, the fragments and the epilogue. Integers (INT8 mma.sync and dp4a, INT16/INT32 by byte
-planes and on the CUDA cores) bit for bit against exact wrap-around sums; FP32 (CUDA cores, outer
-product, TF32x3) within its path's bound. wgmma's kernels, asynchronous and fed by TMA, and the
-depthwise kernels are not emulated.
+addresses and wgmma descriptors, the fragments, the window kernels' rings and barriers, and the
+epilogue. Integers (INT8 wgmma, mma.sync and dp4a, INT16/INT32 by byte planes and on the CUDA
+cores) bit for bit against exact wrap-around sums; FP32 (CUDA cores, outer product, TF32x3) within
+its path's bound. (The depthwise kernels are not emulated. wgmma reads its operands when issued,
+so a kernel that overwrote them before wgmma.wait_group would still pass here.)
 
 The kernel sources are compiled as C++ with cuda_emu.hpp, which runs a block's threads as fibers
-and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync) with the PTX ISA's definitions;
+and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync, wgmma, mbarriers, named
+barriers) with the PTX ISA's definitions;
 each helper's definition in the headers is swapped for its emulation. The kernels that the GPU
 suite has verified on an H200 pass here too, which pins the emulation (a wrong fragment layout
 fails them) and makes it worth trusting for a kernel no GPU has run yet.
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 import ctypes
 import math
+import re
 import shutil
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,7 @@ CXX = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 # each PTX helper -> its emulation (cuda_emu.hpp)
 EMULATED = {
     "qconv_common.cuh": {
-        r"^QD unsigned smem_u32\(": "",
+        r"^QD unsigned smem_u32\(": "QD unsigned smem_u32(const void* p) { return emu_smem_u32(p); }",
         r"^QD void cp_async16\(": "QD void cp_async16(void* s, const void* g, bool valid) { emu_cp_async16(s, g, valid); }",
         r"^QD void cp_async_commit\(": "QD void cp_async_commit() {}",
         r"^template <int N> QD void cp_async_wait\(": "template <int N> QD void cp_async_wait() {}",
@@ -48,31 +52,76 @@ EMULATED = {
             "template <bool AS, bool BS>\nQD void mma_x8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
             "{ emu_mma_16832<AS, BS>(d, a, b); }",
     },
+    "qconv_wgmma.cuh": {
+        r"^QD void wgmma_fence\(": "QD void wgmma_fence() {}",
+        r"^QD void wgmma_commit\(": "QD void wgmma_commit() {}",
+        r"^template <int N> QD void wgmma_wait\(": "template <int N> QD void wgmma_wait() {}",
+        r"^QD void fence_proxy_async\(": "QD void fence_proxy_async() {}",
+        r"^template <> QD void wgmma_s8<64>\(": "template <> QD void wgmma_s8<64>(int (&d)[32], unsigned long long a, "
+                                                "unsigned long long b) { emu_wgmma_s8<64>(d, a, b); }",
+        r"^template <> QD void wgmma_s8<128>\(": "template <> QD void wgmma_s8<128>(int (&d)[64], unsigned long long a, "
+                                                 "unsigned long long b) { emu_wgmma_s8<128>(d, a, b); }",
+        r"^QD void mbar_init\(": "QD void mbar_init(unsigned long long* b, unsigned n) { emu_mbar_init(b, n); }",
+        r"^QD void mbar_arrive\(": "QD void mbar_arrive(unsigned long long* b) { emu_mbar_arrive(b); }",
+        r"^QD void mbar_arrive_cp_async\(": "QD void mbar_arrive_cp_async(unsigned long long* b) { emu_mbar_arrive(b); }",
+        r"^QD void mbar_wait\(": "QD void mbar_wait(unsigned long long* b, unsigned parity) { emu_mbar_wait(b, parity); }",
+        r"^QD void named_bar_sync\(": "QD void named_bar_sync(int id, int n) { emu_named_bar_sync(id, n); }",
+        r"^QD void named_bar_arrive\(": "QD void named_bar_arrive(int id, int n) { emu_named_bar_arrive(id, n); }",
+    },
     "qconv_mma.cuh": {
         r"^QD void mma_tf32_1688\(": "QD void mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
                                      "{ emu_mma_tf32_1688(d, a, b); }",
     },
 }
-# (precision, int8_path, path): every implicit-GEMM kernel but wgmma's
-VARIANTS = [(Precision.INT8, "mma", "simt"), (Precision.INT8, "dp4a", "simt"), (Precision.INT16, "mma", "mma"),
-            (Precision.INT16, "mma", "simt"), (Precision.INT32, "mma", "mma"), (Precision.INT32, "mma", "simt"),
-            (Precision.FP32, "mma", "simt"), (Precision.FP32, "mma", "tf32x3")]
+# (precision, int8_path, path): every implicit-GEMM kernel
+VARIANTS = [(Precision.INT8, "mma", "simt"), (Precision.INT8, "dp4a", "simt"), (Precision.INT8, "wgmma", "simt"),
+            (Precision.INT16, "mma", "mma"), (Precision.INT16, "mma", "simt"), (Precision.INT32, "mma", "mma"),
+            (Precision.INT32, "mma", "simt"), (Precision.FP32, "mma", "simt"), (Precision.FP32, "mma", "tf32x3")]
 DTYPE = {1: np.int8, 2: np.int16, 4: np.int32}
 
 
-def _kernels(variant) -> list[tuple[str, str, str, int]]:
-    """(tile, module, entry point, threads) of every tile a variant runs (FP32's outer-product tiles too)."""
+@dataclass(frozen=True)
+class Kernel:
+    tile: str
+    module: str
+    name: str
+    threads: int
+    window: tuple[int, int] | None = None  # wgmma's window kernels: (BN, windows; 0: warp-specialized)
+
+
+def _kernels(variant) -> list[Kernel]:
+    """Every kernel a variant runs: one per tile (FP32's outer-product tiles too; wgmma's window
+    kernels, one per channel block and windows)."""
     module, prefix = _tiling.conv_kernel(*variant)
-    out = [(t, module, _tiling.conv_name(prefix, t), 128 if t in _tiling.SLIM_TILES else 256)
-           for t in _tiling.tiles_for(*variant)]
+    out = []
+    for t in _tiling.tiles_for(*variant):
+        if t == "window":
+            out += [Kernel(t, module, f"{prefix}_window_n{bn}_b{nb}", 256, (bn, nb)) for bn, nb in _tiling.window_configs(128)]
+        elif t == "window-ws":
+            out += [Kernel(t, module, f"{prefix}_ws_n{bn}", _tiling.WS_THREADS, (bn, 0)) for bn in (128, 64)]
+        else:
+            bm = _tiling.tile_shape(t)[0]
+            threads = 2 * bm if variant[1] == "wgmma" else 128 if t in _tiling.SLIM_TILES else 256
+            out.append(Kernel(t, module, _tiling.conv_name(prefix, t), threads))
     if variant == (Precision.FP32, "mma", "simt"):
-        out += [(t, "conv_f32_outer.cu", _tiling.outer_name(t), _tiling.outer_threads(t)) for t in _tiling.OUTER_TILES]
+        out += [Kernel(t, "conv_f32_outer.cu", _tiling.outer_name(t), _tiling.outer_threads(t)) for t in _tiling.OUTER_TILES]
     return out
 
 
+# lines of the module files themselves -> their emulation
+EMULATED_LINES = {
+    'asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(dyn));': "dyn = emu::dynamic_smem;",
+    'asm volatile("fence.mbarrier_init.release.cluster;\\n" ::: "memory");': "",
+}
+
+
 def _host_source(text: str) -> str:
-    """A kernel source with its static shared arrays as statics (cuda_emu.hpp: __shared__ is static)."""
-    return text.replace("extern __shared__", "extern")
+    """A kernel source for the host: each dynamic shared array is the one `smem` (cuda_emu.hpp), the
+    static ones statics (its __shared__ is static), and the module's own PTX lines emulated."""
+    text = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?unsigned (\w+)\[\];", r"unsigned* const \1 = ::smem;", text)
+    for line, emulation in EMULATED_LINES.items():
+        text = text.replace(line, emulation)
+    return text
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +136,8 @@ def emulated(tmp_path_factory):
             text = text.replace(cut_definition(text, start), emulation)
         (d / header.name).write_text(_host_source(text))
     libs = {}
-    for module in sorted({k[1] for v in VARIANTS for k in _kernels(v)}):
-        names = sorted({k[2] for v in VARIANTS for k in _kernels(v) if k[1] == module})
+    for module in sorted({k.module for v in VARIANTS for k in _kernels(v)}):
+        names = sorted({k.name for v in VARIANTS for k in _kernels(v) if k.module == module})
         driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const ConvParams*)p); }}" for n in names)
         table = ", ".join(f'{{"{n}", run_{n}}}' for n in names)
         src = _host_source((KERNELS / module).read_text()) + f"""
@@ -96,9 +145,9 @@ def emulated(tmp_path_factory):
 struct Entry {{ const char* name; emu::Kernel k; }};
 static const Entry entries[] = {{{table}}};
 extern "C" int run_on_host(const char* name, const ConvParams* p, unsigned gx, unsigned gy, unsigned gz,
-                           unsigned threads) {{
+                           unsigned threads, unsigned smem_bytes) {{
   for (const Entry& e : entries)
-    if (!std::strcmp(e.name, name)) return emu::launch(e.k, p, {{gx, gy, gz}}, threads);
+    if (!std::strcmp(e.name, name)) return emu::launch(e.k, p, {{gx, gy, gz}}, threads, smem_bytes);
   return 2;
 }}
 """
@@ -109,7 +158,7 @@ extern "C" int run_on_host(const char* name, const ConvParams* p, unsigned gx, u
                             "-o", str(so)], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr[-3000:]
         lib = ctypes.CDLL(str(so))
-        lib.run_on_host.argtypes = [ctypes.c_char_p, ctypes.c_void_p] + [ctypes.c_uint] * 4
+        lib.run_on_host.argtypes = [ctypes.c_char_p, ctypes.c_void_p] + [ctypes.c_uint] * 5
         libs[module] = lib
     return libs
 
@@ -132,25 +181,30 @@ def _exact(qx, qw, stride, pads, groups):
     return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _run(lib, kernel, variant, qx, qw, stride, pads, groups, splits):
+def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits):
     """One kernel on the host over the operands in the GPU path's layouts: (M, OC) uint32 (the
     integer sums, or FP32's bits)."""
-    tile, _, name, threads = kernel
     precision, int8_path, path = variant
     n, h, w, c = qx.shape
     kh, kw, oc, icg = qw.shape
     spec = conv_spec(qw.shape, stride=stride, padding=pads, groups=groups)
-    mma = _tiling.tensor_cores(*variant)
-    lay = _tiling.gemm_layout(precision, spec, planes=path == "mma" and precision in _tiling.PLANES)
+    mma, wgmma = _tiling.tensor_cores(*variant), int8_path == "wgmma"
+    lay = _tiling.gemm_layout(precision, spec, path == "mma" and precision in _tiling.PLANES, 32 if wgmma else 16)
     planes = lay.planes
     dtype = np.float32 if precision is Precision.FP32 else DTYPE[lay.elem]
-    xb = np.zeros((n, h, w, planes, groups, lay.icgp), dtype)
-    for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(dtype)]):
-        xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
+    ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
+    if kernel.window:  # the quantize pass's zero-padded grid of (Ho + KH - 1) x (Wo + KW - 1) pixels
+        (pt, _), (pl, _) = pads
+        xb = np.zeros((n, ho + kh - 1, wo + kw - 1, lay.icgp), dtype)
+        xb[:, pt:pt + h, pl:pl + w, :c] = qx
+        splits = 1
+    else:
+        xb = np.zeros((n, h, w, planes, groups, lay.icgp), dtype)
+        for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(dtype)]):
+            xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
     wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else _tiling.pack_gemm_weights(qw.astype(dtype), lay))
     if path == "tf32x3":
         wb = _tiling.tf32_split(wb)
-    ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
     m = n * ho * wo
     ktiles = lay.kpw // (_tiling.MMA_BKW if mma else _tiling.SIMT_BKW)
     kps = math.ceil(ktiles / splits)
@@ -160,28 +214,50 @@ def _run(lib, kernel, variant, qx, qw, stride, pads, groups, splits):
                            Cw=lay.cw, XPW=lay.xpw, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0], sh=stride, sw=stride,
                            Ho=ho, Wo=wo, OC=oc, OCg=lay.ocg, Kpw=lay.kpw, M=m, T=kh * kw, ktiles=ktiles,
                            ktiles_per_split=kps, splits=splits, mode=2 if splits > 1 else 0, vec_out=1)
-    bm, bn = _tiling.tile_shape(tile)
-    rc = lib.run_on_host(name.encode(), ctypes.addressof(p), math.ceil(m / bm), math.ceil(lay.ocg / bn),
-                         groups * splits, threads)
-    assert rc == 0, f"{name}: {'the threads stopped at a barrier' if rc == 1 else 'no such kernel'}"
+    if kernel.window:  # persistent blocks, two per channel block, each walking several M tiles
+        bn, nbuf = kernel.window
+        bm = _tiling.WINDOW_BM if nbuf else _tiling.WS_BM
+        smem = (_tiling.window_smem(spec, lay, wo, bn, nbuf) if nbuf else  # warp-specialized: a ring of 3
+                _tiling.window_smem(spec, lay, wo, bn, 0, bm) + 3 * _tiling.window_smem(spec, lay, wo, 0, 1, bm))
+        grid = (min(2, math.ceil(n * (ho + kh - 1) * (wo + kw - 1) / bm)), math.ceil(lay.ocg / bn), 1)
+    else:
+        bm, bn = _tiling.tile_shape(kernel.tile)
+        smem = _tiling.WGMMA_STAGES * (bm + bn) * _tiling.MMA_BKW * 4 + 1024 if wgmma else 0
+        grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), groups * splits)
+    rc = lib.run_on_host(kernel.name.encode(), ctypes.addressof(p), *grid, kernel.threads, smem)
+    assert rc == 0, f"{kernel.name}: {'the threads stopped at a barrier' if rc == 1 else 'no such kernel'}"
     return out
 
 
+def _runs(variant, layer):
+    """(kernel, splits) of every run for a layer: the window kernels only where the layer allows them."""
+    n, h, w, c, k, oc, stride, pads, groups = layer
+    spec = conv_spec((k, k, oc, c // groups), stride=stride, padding=pads, groups=groups)
+    lay = _tiling.gemm_layout(variant[0], spec, False, 32)
+    wo = (w + sum(pads[1]) - k) // stride + 1
+    window = variant[1] == "wgmma" and _tiling.window_fits(spec, lay, wo, SMEM_OPTIN)
+    return [(kn, s) for kn in _kernels(variant) if window or not kn.window for s in ((1,) if kn.window else (1, 2))]
+
+
 # (N, H, W, C, KH, OC, stride, pads, groups): partial M and N tiles, two groups, stride 2 with
-# uneven padding, K past one 32-word stage (and short of the next)
-LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1)]
+# uneven padding, K past one 32-word stage (and short of the next); the third, for wgmma only, also
+# runs its window kernels (stride 1, one group), several M tiles per persistent block
+LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1),
+          (2, 9, 11, 48, 3, 70, 1, ((1, 1), (0, 2)), 1)]
+WINDOW_LAYER = 2
+SMEM_OPTIN = 232448  # the H100/H200's opt-in shared memory per block
 
 
-INTEGER = [v for v in VARIANTS if v[0].is_integer]
-FLOAT = [v for v in VARIANTS if not v[0].is_integer]
+INTEGER = [(v, i) for v in VARIANTS if v[0].is_integer for i in range(len(LAYERS))
+           if i != WINDOW_LAYER or v[1] == "wgmma"]
+FLOAT = [(v, i) for v in VARIANTS if not v[0].is_integer for i in range(len(LAYERS)) if i != WINDOW_LAYER]
 
 
 def _id(v) -> str:
     return f"{v[0].value}-{v[1] if v[0] is Precision.INT8 else v[2]}"
 
 
-@pytest.mark.parametrize("variant", INTEGER, ids=_id)
-@pytest.mark.parametrize("layer", range(len(LAYERS)))
+@pytest.mark.parametrize("variant, layer", INTEGER, ids=lambda c: _id(c) if isinstance(c, tuple) else str(c))
 def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer):
     """Every tile of every integer kernel (tensor cores, byte planes, CUDA cores), one K slice and
     split-K's atomic sums, against the exact wrap-around sums; values over the whole range (the
@@ -193,14 +269,12 @@ def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer
     qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
     qx.flat[::7], qw.flat[::5] = -q, q  # the extremes: every byte pattern's sign
     want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
-    for kernel in _kernels(variant):
-        for splits in (1, 2):
-            got = _run(emulated[kernel[1]], kernel, variant, qx, qw, stride, pads, groups, splits)
-            assert np.array_equal(got, want), f"{kernel[2]} split {splits}: {np.count_nonzero(got != want)} outputs differ"
+    for kernel, splits in _runs(variant, LAYERS[layer]):
+        got = _run(emulated[kernel.module], kernel, variant, qx, qw, stride, pads, groups, splits)
+        assert np.array_equal(got, want), f"{kernel.name} split {splits}: {np.count_nonzero(got != want)} outputs differ"
 
 
-@pytest.mark.parametrize("variant", FLOAT, ids=_id)
-@pytest.mark.parametrize("layer", range(len(LAYERS)))
+@pytest.mark.parametrize("variant, layer", FLOAT, ids=lambda c: _id(c) if isinstance(c, tuple) else str(c))
 def test_every_fp32_kernel_tile_is_within_its_bound_on_the_host(emulated, variant, layer):
     """FP32's CUDA-core, outer-product and TF32x3 kernels, every tile, within the bound the path
     declares (the emulated TF32 mma sums its products in order, one valid rounding of many)."""
@@ -210,11 +284,10 @@ def test_every_fp32_kernel_tile_is_within_its_bound_on_the_host(emulated, varian
     wt = (rng.standard_normal((k, k, oc, c // groups)) * 0.3).astype(np.float32)
     bound = _tiling.TF32X3_BOUND if variant[2] == "tf32x3" else (2.0, 0.0)
     layer_args = {"stride": stride, "padding": pads, "groups": groups}
-    for kernel in _kernels(variant):
-        for splits in (1, 2):
-            got = _run(emulated[kernel[1]], kernel, variant, x, wt, stride, pads, groups, splits)
-            y = got.view(np.float32).reshape(n, -1, (w + sum(pads[1]) - k) // stride + 1, oc)
-            assert_matches(y, x, wt, Precision.FP32, layer_args, fp32_bound=bound, what=f"{kernel[2]} split {splits}")
+    for kernel, splits in _runs(variant, LAYERS[layer]):
+        got = _run(emulated[kernel.module], kernel, variant, x, wt, stride, pads, groups, splits)
+        y = got.view(np.float32).reshape(n, -1, (w + sum(pads[1]) - k) // stride + 1, oc)
+        assert_matches(y, x, wt, Precision.FP32, layer_args, fp32_bound=bound, what=f"{kernel.name} split {splits}")
 
 
 def test_a_barrier_not_every_thread_reaches_is_reported(tmp_path):
@@ -223,7 +296,7 @@ def test_a_barrier_not_every_thread_reaches_is_reported(tmp_path):
         pytest.skip("no C++ compiler")
     src = tmp_path / "k.cpp"
     src.write_text('static void k(const void*) { if (threadIdx.x == 0) __syncthreads(); }\n'
-                   'extern "C" int go() { return emu::launch(k, nullptr, {1, 1, 1}, 64); }\n')
+                   'extern "C" int go() { return emu::launch(k, nullptr, {1, 1, 1}, 64, 0); }\n')
     so = tmp_path / "k.so"
     r = subprocess.run([CXX, "-std=c++17", "-shared", "-fPIC", "-include", str(HERE / "cuda_emu.hpp"), str(src),
                         "-o", str(so)], capture_output=True, text=True)
