@@ -1,4 +1,4 @@
-// cuda_emu.hpp - enough of CUDA to run qconv's implicit-GEMM kernels (wgmma, mma.sync, CUDA cores) on the host, for
+// cuda_emu.hpp - enough of CUDA to run qconv's convolution kernels (wgmma, mma.sync, CUDA cores) on the host, for
 // test_cuda_emulated.py (force-included before the kernel sources, whose PTX helpers the test
 // replaces with the emu_* functions below).
 //
@@ -31,6 +31,7 @@ struct float2 { float x, y; };
 struct float4 { float x, y, z, w; };
 struct uint2 { unsigned x, y; };
 struct uint4 { unsigned x, y, z, w; };
+struct int4 { int x, y, z, w; };
 static inline float2 make_float2(float x, float y) { return {x, y}; }
 static inline uint2 make_uint2(unsigned x, unsigned y) { return {x, y}; }
 static inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
@@ -39,6 +40,7 @@ using std::isfinite;
 using std::max;
 using std::min;
 template <typename T> static inline T __ldg(const T* p) { return *p; }
+template <typename T> static inline T __ldcg(const T* p) { return *p; }
 static inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
 static inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
 static inline float __fsub_rn(float a, float b) { volatile float r = a - b; return r; }
@@ -162,6 +164,7 @@ static inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
   return r;
 }
 static inline int __shfl_sync(unsigned mask, int v, int src) { return (int)__shfl_sync(mask, (unsigned)v, src); }
+static inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int x) { return __shfl_sync(mask, v, (int)emu::lane() ^ x); }
 
 // A shared-memory address: the offset into the one dynamic shared array (1 KiB aligned, as the
 // swizzle atoms need).

@@ -1,10 +1,11 @@
-"""The implicit-GEMM kernels run on the host, so that a machine without a GPU (CI) checks their
+"""The convolution kernels run on the host, so that a machine without a GPU (CI) checks their
 index math: the loader, the shared-memory layouts (padded and swizzled rows), the ldmatrix
 addresses and wgmma descriptors, the fragments, the window kernels' rings and barriers, and the
-epilogue. Integers (INT8 wgmma, mma.sync and dp4a, INT16/INT32 by byte planes and on the CUDA
-cores) bit for bit against exact wrap-around sums; FP32 (CUDA cores, outer product, TF32x3) within
-its path's bound. (The depthwise kernels are not emulated. wgmma reads its operands when issued,
-so a kernel that overwrote them before wgmma.wait_group would still pass here.)
+epilogues. Integers (INT8 wgmma, mma.sync and dp4a, INT16/INT32 by byte planes and on the CUDA
+cores, the depthwise kernels) bit for bit against exact wrap-around sums, raw, split-K and
+dequantized; FP32 (CUDA cores, outer product, TF32x3, depthwise) within its path's bound. (quant.cu
+has its own host test, test_cuda_host.py. wgmma reads its operands when issued, so a kernel that
+overwrote them before wgmma.wait_group would still pass here.)
 
 The kernel sources are compiled as C++ with cuda_emu.hpp, which runs a block's threads as fibers
 and stands in for the PTX helpers (cp.async, ldmatrix, mma.sync, wgmma, mbarriers, named
@@ -30,7 +31,7 @@ import pytest
 from brute import out_size_and_pads
 from checks import assert_matches, cut_definition
 from qconv.backends.cuda import _launch, _tiling
-from qconv.contract import Precision
+from qconv.contract import Precision, Rounding, quantize
 from qconv.geometry import conv_spec
 
 HERE = Path(__file__).resolve().parent
@@ -136,15 +137,18 @@ def emulated(tmp_path_factory):
             text = text.replace(cut_definition(text, start), emulation)
         (d / header.name).write_text(_host_source(text))
     libs = {}
-    for module in sorted({k.module for v in VARIANTS for k in _kernels(v)}):
-        names = sorted({k.name for v in VARIANTS for k in _kernels(v) if k.module == module})
-        driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const ConvParams*)p); }}" for n in names)
+    kernels = [k for v in VARIANTS for k in _kernels(v)] + [Kernel("", "conv_dw.cu", n, _tiling.BLOCK)
+                                                            for n in _tiling.kernel_names()["conv_dw.cu"]]
+    for module in sorted({k.module for k in kernels}):
+        names = sorted({k.name for k in kernels if k.module == module})
+        params = "DwParams" if module == "conv_dw.cu" else "ConvParams"
+        driver = "\n".join(f"static void run_{n}(const void* p) {{ {n}(*(const {params}*)p); }}" for n in names)
         table = ", ".join(f'{{"{n}", run_{n}}}' for n in names)
         src = _host_source((KERNELS / module).read_text()) + f"""
 {driver}
 struct Entry {{ const char* name; emu::Kernel k; }};
 static const Entry entries[] = {{{table}}};
-extern "C" int run_on_host(const char* name, const ConvParams* p, unsigned gx, unsigned gy, unsigned gz,
+extern "C" int run_on_host(const char* name, const void* p, unsigned gx, unsigned gy, unsigned gz,
                            unsigned threads, unsigned smem_bytes) {{
   for (const Entry& e : entries)
     if (!std::strcmp(e.name, name)) return emu::launch(e.k, p, {{gx, gy, gz}}, threads, smem_bytes);
@@ -181,9 +185,9 @@ def _exact(qx, qw, stride, pads, groups):
     return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
 
 
-def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits):
+def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits, dequantize=None):
     """One kernel on the host over the operands in the GPU path's layouts: (M, OC) uint32 (the
-    integer sums, or FP32's bits)."""
+    integer sums, or FP32's bits); dequantize = (inv, bias): the fused epilogue's float32 bits."""
     precision, int8_path, path = variant
     n, h, w, c = qx.shape
     kh, kw, oc, icg = qw.shape
@@ -214,6 +218,9 @@ def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits):
                            Cw=lay.cw, XPW=lay.xpw, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0], sh=stride, sw=stride,
                            Ho=ho, Wo=wo, OC=oc, OCg=lay.ocg, Kpw=lay.kpw, M=m, T=kh * kw, ktiles=ktiles,
                            ktiles_per_split=kps, splits=splits, mode=2 if splits > 1 else 0, vec_out=1)
+    if dequantize is not None:
+        assert splits == 1
+        p.inv, p.bias, p.mode = dequantize[0].ctypes.data, dequantize[1].ctypes.data, 1
     if kernel.window:  # persistent blocks, two per channel block, each walking several M tiles
         bn, nbuf = kernel.window
         bm = _tiling.WINDOW_BM if nbuf else _tiling.WS_BM
@@ -240,17 +247,18 @@ def _runs(variant, layer):
 
 
 # (N, H, W, C, KH, OC, stride, pads, groups): partial M and N tiles, two groups, stride 2 with
-# uneven padding, K past one 32-word stage (and short of the next); the third, for wgmma only, also
-# runs its window kernels (stride 1, one group), several M tiles per persistent block
+# uneven padding, K past one 32-word stage (and short of the next); the last two, for wgmma only,
+# also run its window kernels (stride 1, one group), several M tiles per persistent block, with OC
+# a multiple of 4 (the epilogue's 16-byte stores) and not
 LAYERS = [(2, 7, 9, 24, 3, 70, 1, ((1, 1), (1, 1)), 2), (1, 9, 8, 40, 3, 36, 2, ((1, 0), (2, 1)), 1),
-          (2, 9, 11, 48, 3, 70, 1, ((1, 1), (0, 2)), 1)]
-WINDOW_LAYER = 2
+          (2, 9, 11, 48, 3, 72, 1, ((1, 1), (0, 2)), 1), (1, 5, 6, 32, 1, 70, 1, ((0, 0), (0, 0)), 1)]
+WINDOW_LAYERS = (2, 3)
 SMEM_OPTIN = 232448  # the H100/H200's opt-in shared memory per block
 
 
 INTEGER = [(v, i) for v in VARIANTS if v[0].is_integer for i in range(len(LAYERS))
-           if i != WINDOW_LAYER or v[1] == "wgmma"]
-FLOAT = [(v, i) for v in VARIANTS if not v[0].is_integer for i in range(len(LAYERS)) if i != WINDOW_LAYER]
+           if i not in WINDOW_LAYERS or v[1] == "wgmma"]
+FLOAT = [(v, i) for v in VARIANTS if not v[0].is_integer for i in range(len(LAYERS)) if i not in WINDOW_LAYERS]
 
 
 def _id(v) -> str:
@@ -269,9 +277,16 @@ def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer
     qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
     qx.flat[::7], qw.flat[::5] = -q, q  # the extremes: every byte pattern's sign
     want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
+    inv = (rng.random(oc) * 1e-3).astype(np.float32)
+    bias = rng.standard_normal(oc).astype(np.float32)
+    # the contract's dequantize: float32(acc) * inv, then + bias, each rounded to float32
+    fused = ((want.view(np.int32).astype(np.float32) * inv) + bias).view(np.uint32)
     for kernel, splits in _runs(variant, LAYERS[layer]):
         got = _run(emulated[kernel.module], kernel, variant, qx, qw, stride, pads, groups, splits)
         assert np.array_equal(got, want), f"{kernel.name} split {splits}: {np.count_nonzero(got != want)} outputs differ"
+        if splits == 1:
+            got = _run(emulated[kernel.module], kernel, variant, qx, qw, stride, pads, groups, 1, (inv, bias))
+            assert np.array_equal(got, fused), f"{kernel.name} dequantized: {np.count_nonzero(got != fused)} outputs differ"
 
 
 @pytest.mark.parametrize("variant, layer", FLOAT, ids=lambda c: _id(c) if isinstance(c, tuple) else str(c))
@@ -288,6 +303,62 @@ def test_every_fp32_kernel_tile_is_within_its_bound_on_the_host(emulated, varian
         got = _run(emulated[kernel.module], kernel, variant, x, wt, stride, pads, groups, splits)
         y = got.view(np.float32).reshape(n, -1, (w + sum(pads[1]) - k) // stride + 1, oc)
         assert_matches(y, x, wt, Precision.FP32, layer_args, fp32_bound=bound, what=f"{kernel.name} split {splits}")
+
+
+# depthwise layers (N, H, W, C, KH, KW, mult, stride, pads): every entry point of conv_dw.cu runs in
+# one of them (vector kernels where mult == 1 and C % 4 == 0, their fixed 3x3 / 5x5 forms at
+# column strides 1 and 2, the generic and scalar ones otherwise)
+DW_LAYERS = [(2, 7, 10, 8, 3, 3, 1, 1, ((1, 1), (1, 1))), (1, 9, 11, 12, 3, 3, 1, 2, ((1, 0), (0, 1))),
+             (1, 8, 9, 8, 5, 5, 1, 1, ((2, 2), (2, 2))), (1, 9, 13, 4, 5, 5, 1, 2, ((2, 1), (1, 2))),
+             (2, 6, 7, 6, 3, 2, 2, 1, ((1, 1), (0, 1))), (1, 7, 9, 8, 2, 4, 1, 1, ((0, 1), (1, 2)))]
+
+
+def _run_dw(lib, precision, x, wt, layer, inv, bias, s):
+    """The depthwise kernel that layer takes, on the host: (name, float32 output)."""
+    n, h, w, c, kh, kw, mult, stride, pads = layer
+    oc = c * mult
+    ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
+    vector = mult == 1 and c % 4 == 0
+    cv, tw = _tiling.DW_TILE if vector else (1, _tiling.DW_TILE[1])
+    tiles_w = math.ceil(wo / tw)
+    name = _tiling.dw_kernel(precision, vector, kh, kw, stride)
+    out = np.full((n, ho, wo, oc), np.nan, np.float32)
+    p = _launch.DwParams(x=x.ctypes.data, w=wt.ctypes.data, out=out.ctypes.data, inv=inv.ctypes.data,
+                         bias=bias.ctypes.data, N=n, H=h, W=w, C=c, KH=kh, KW=kw, pt=pads[0][0], pl=pads[1][0],
+                         sh=stride, sw=stride, Ho=ho, Wo=wo, OC=oc, mult=mult, tiles_w=tiles_w, s=s,
+                         qmax=precision.qmax if precision.is_integer else 0)
+    blocks = min(3, math.ceil(n * ho * tiles_w * (oc // cv) / _tiling.BLOCK))  # a grid-stride loop over 3 blocks at most
+    assert lib.run_on_host(name.encode(), ctypes.addressof(p), blocks, 1, 1, _tiling.BLOCK, 0) == 0, name
+    return name, out
+
+
+@pytest.mark.parametrize("precision", [Precision.FP32, Precision.INT8, Precision.INT32], ids=lambda p: p.value)
+def test_every_depthwise_kernel_on_the_host(emulated, precision):
+    """The depthwise kernels (quantize on load, wrap-around sums, fused dequantize and bias): every
+    entry point, integers bit for bit against the exact sums, FP32 within the contract's bound."""
+    ran = set()
+    for i, layer in enumerate(DW_LAYERS):
+        n, h, w, c, kh, kw, mult, stride, pads = layer
+        rng = np.random.default_rng(i)
+        x = (rng.standard_normal((n, h, w, c)) * 3).astype(np.float32)
+        wt = (rng.standard_normal((kh, kw, c * mult, 1)) * 0.3).astype(np.float32)
+        bias = rng.standard_normal(c * mult).astype(np.float32)
+        inv = (rng.random(c * mult) * 1e-3).astype(np.float32)
+        s = np.float32(precision.qmax / 9.0) if precision.is_integer else np.float32(0)
+        if precision.is_integer:  # the kernel quantizes x; the weights come quantized
+            qw = rng.integers(-precision.qmax, precision.qmax + 1, wt.shape, dtype=np.int64)
+            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _tiling.pack_dw_weights(qw.astype(np.int32)),
+                              layer, inv, bias, s)
+            qx = quantize(x, s, precision, Rounding.NEAREST).astype(np.int64)
+            acc = _exact(qx, qw, stride, pads, c)
+            want = (acc.view(np.int32).astype(np.float32) * inv) + bias
+            assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), f"{name}: {np.count_nonzero(y != want)} differ"
+        else:
+            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _tiling.pack_dw_weights(wt), layer, inv, bias, s)
+            assert_matches(y, x, wt, precision, {"stride": stride, "padding": pads, "groups": c}, bias=bias, what=name)
+        ran.add(name)
+    entry = "f32" if precision is Precision.FP32 else "q32"
+    assert ran == {k for k in _tiling.kernel_names()["conv_dw.cu"] if f"_{entry}_" in k}, ran
 
 
 def test_a_barrier_not_every_thread_reaches_is_reported(tmp_path):
