@@ -1,7 +1,10 @@
 """What test modules share: the one differential check (a backend's output against the contract),
-and the one way to reach NVRTC or skip."""
+the one way to reach NVRTC or skip, and cutting one definition out of a kernel source (the tests
+that compile kernel code for the host)."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pytest
@@ -65,3 +68,18 @@ def nvrtc_or_skip():
     except (BackendError, OSError, RuntimeError) as e:
         pytest.skip(f"NVRTC cannot be loaded here: {e}")
     return _nvrtc
+
+
+def cut_definition(text: str, start: str) -> str:
+    """The definition that begins with the line matching `start`, through its closing brace (and
+    the semicolon of a struct)."""
+    m = re.search(start, text, re.M)
+    assert m, f"{start!r} not found in the kernel source"
+    i = text.index("{", m.end() - 1 if text[m.end() - 1] == "{" else m.end())
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            end = j + 1
+            return text[m.start():end + (text[end] == ";")]
+    raise AssertionError(f"unbalanced braces after {start!r}")

@@ -551,7 +551,7 @@ def test_declared_tiles_are_the_kernels_tiles():
                 assert {f"{wprefix}_ws_n{bn}" for bn in (128, 64)} <= set(names)
                 assert (t.pixels[0], t.out_channels[0]) == (_tiling.WS_BM, 128)
                 continue
-            assert (cb._outer_name(name) if "/" in name else f"{prefix}_{name}") in names
+            assert (cb._outer_name(name) if name in cb.OUTER_TILES else _tiling.conv_name(prefix, name)) in names
             assert (t.pixels[0], t.out_channels[0]) == tuple(int(v) for v in name.split("/")[0].split("x"))
 
 

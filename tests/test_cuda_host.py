@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from checks import cut_definition
 from qconv.backends.cuda import _jobs, _tiling
 from qconv.contract import Precision, Rounding, conv_spec, quantize
 
@@ -98,19 +99,6 @@ extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n
 """
 
 
-def _cut(text: str, start: str) -> str:
-    """The definition that begins with the line matching `start`, through its closing brace (and
-    the semicolon of a struct)."""
-    m = re.search(start, text, re.M)
-    assert m, f"{start!r} not found in the kernel source"
-    i = text.index("{", m.end() - 1 if text[m.end() - 1] == "{" else m.end())
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            end = j + 1
-            return text[m.start():end + (text[end] == ";")]
-    raise AssertionError(f"unbalanced braces after {start!r}")
 
 
 def _source() -> str:
@@ -121,20 +109,20 @@ def _source() -> str:
     vec4 = re.search(r"^template <typename T> struct Vec4;\n(?:template <> struct Vec4<.*\n)+", quant, re.M)
     assert vec4, "Vec4 not found in quant.cu"
     parts = [
-        _cut(common, r"^struct QStats \{"),
-        _cut(common, r"^QD int quantize1\("),
-        _cut(common, r"^QD int nonfinite4\("),
-        _cut(quant, r"^struct PassParams \{"),
+        cut_definition(common, r"^struct QStats \{"),
+        cut_definition(common, r"^QD int quantize1\("),
+        cut_definition(common, r"^QD int nonfinite4\("),
+        cut_definition(quant, r"^struct PassParams \{"),
         macro.group(0),
         vec4.group(0),
-        _cut(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
-        _cut(quant, r"^template <int V, class Item>\nQD void walk_padded\("),
-        _cut(quant, r"^template <int V, bool F4, typename Q>\nQD void quantize_item\("),
-        _cut(quant, r"^template <typename T, int V, bool F4>\nQD int quantize_grid\("),
-        _cut(quant, r"^template <typename T>\nQD void quantize_x_body\("),
-        _cut(quant, r"^template <int P, bool F4>\nQD int planes_grid\("),
-        _cut(quant, r"^template <int P>\nQD void quantize_planes_body\("),
-        _cut(quant, r"^extern \"C\" __global__ void __launch_bounds__\(256\) qconv_pad_x_f32\("),
+        cut_definition(quant, r"^template <typename T>\nQD typename Vec4<T>::type quantize4\("),
+        cut_definition(quant, r"^template <int V, class Item>\nQD void walk_padded\("),
+        cut_definition(quant, r"^template <int V, bool F4, typename Q>\nQD void quantize_item\("),
+        cut_definition(quant, r"^template <typename T, int V, bool F4>\nQD int quantize_grid\("),
+        cut_definition(quant, r"^template <typename T>\nQD void quantize_x_body\("),
+        cut_definition(quant, r"^template <int P, bool F4>\nQD int planes_grid\("),
+        cut_definition(quant, r"^template <int P>\nQD void quantize_planes_body\("),
+        cut_definition(quant, r"^extern \"C\" __global__ void __launch_bounds__\(256\) qconv_pad_x_f32\("),
     ]
     return SHIM + "\n".join(parts) + DRIVER
 

@@ -26,7 +26,8 @@ Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
     tile: "auto" (default) or "BMxBN" from TILES (MMA_TILES for int8_path="mma", WGMMA_TILES for
         "wgmma", WINDOW_TILES and MMA_TILES for "auto" on Hopper), the block tile; "window-ws" runs the
         warp-specialized window kernel where its ring of windows fits, else "window";
-        for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu).
+        for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu);
+        for INT8 mma.sync also "BMxBN/w4" from SLIM_TILES (4 warps, swizzled shared rows).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
     fuse_dequantize: True (default) dequantizes (+ bias) in the convolution's epilogue when
         split_k == 1 (same bits); False runs the separate epilogue kernel.
@@ -54,15 +55,15 @@ from ..base import BackendRun, Tile, run_once
 from ._arrays import DeviceArray, pinned_empty, to_device, to_host
 from ._driver import INSTALL_HINT, is_available, runtime as _runtime  # noqa: F401 (tests, benchmarks)
 from ._prepared import NAME, OPTIONS, Prepared, parse_options
-from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, MMA_BKW, PATH_AUTO, PATHS, MMA_TILES, PLANES, PLANE_TILES,
+from ._tiling import (DW_TILE, ELEM, F32_AUTO, INT8_PATHS, MMA_BKW, PATH_AUTO, PATHS, MMA_TILES, PLANES, PLANE_TILES, SLIM_TILES,
                       OUTER_TILES, TF32X3_BOUND, WGMMA_ARCHS, WGMMA_TILES, WINDOW_BM, WINDOW_TILES, WS_BM, SIMT_BKW, TILES, choose_tiling, kernel_names, outer_name as _outer_name,
-                      outer_threads as _outer_threads, resolve_int8_path, resolve_path, tensor_cores, tiles_for)
+                      outer_threads as _outer_threads, resolve_int8_path, resolve_path, tensor_cores, tile_shape, tiles_for)
 
 ACCEPTS_DEVICE_ARRAYS = True
 
 __all__ = ["NAME", "ACCEPTS_DEVICE_ARRAYS", "OPTIONS", "INSTALL_HINT", "is_available", "prepare", "run",
            "profile", "Prepared", "DeviceArray", "pinned_empty", "to_device", "to_host", "kernel_names", "choose_tiling", "TILES",
-           "MMA_TILES", "WGMMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "PATHS", "PATH_AUTO", "PLANE_TILES",
+           "MMA_TILES", "SLIM_TILES", "WGMMA_TILES", "OUTER_TILES", "F32_AUTO", "INT8_PATHS", "PATHS", "PATH_AUTO", "PLANE_TILES",
            "release_pools", "variants", "variants_for_tests", "tiles", "bound_instruction", "fp32_bound"]
 
 
@@ -110,8 +111,7 @@ def tiles(options: dict, precision: Precision) -> list[Tile]:
     out = []
     for name in names:
         # the window kernels: 128 (warp-specialized: 64) rows of the padded grid x 64 or 128 channels
-        bm, bn = ({"window": WINDOW_BM, "window-ws": WS_BM}[name], 128) if name in WINDOW_TILES else (
-            int(v) for v in name.split("/")[0].split("x"))
+        bm, bn = ({"window": WINDOW_BM, "window-ws": WS_BM}[name], 128) if name in WINDOW_TILES else tile_shape(name)
         k_words = 8 if name.endswith("/k8") else MMA_BKW if mma else SIMT_BKW
         stage, chunk = k_words * 4 // elem, 16 // elem   # channels per K stage, per 16-byte load
         out.append(Tile({"tile": name}, (bm,), (bn,), (stage, stage - chunk), *DW_TILE))

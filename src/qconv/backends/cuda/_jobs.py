@@ -130,8 +130,10 @@ class GemmJob(Job):
         else:
             stages = _tiling.PLANE_STAGES[prec] if planes > 1 else _tiling.STAGES
             wplanes = 2 if prep.path == "tf32x3" else planes  # tf32x3: the weights' big and small parts
-            self.smem = stages * (planes * bm + wplanes * bn) * (bkw + 4) * 4
-            self.conv_name, threads = f"{prefix}_{bm}x{bn}", 256
+            slim = tile in _tiling.SLIM_TILES  # 4 warps, swizzled rows without the 4-word padding
+            self.smem = stages * (planes * bm + wplanes * bn) * (bkw + (0 if slim else 4)) * 4
+            self.conv_name = _tiling.conv_name(prefix, tile if slim else f"{bm}x{bn}")
+            threads = 128 if slim else 256
         self.grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), spec.groups * split)
         if window:  # persistent blocks over the padded grid's M tiles, per BN column, as many as fit
             cols = math.ceil(lay.ocg / bn)

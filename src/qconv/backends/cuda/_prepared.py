@@ -93,7 +93,8 @@ def parse_options(options: dict[str, Any]) -> Options:
         k = f"{prec.value}_path"
         if getattr(o, k) not in paths:
             raise InputError(f"{k} {getattr(o, k)!r}: use one of {', '.join(paths)}")
-    if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.WGMMA_TILES + _tiling.OUTER_TILES:
+    if o.tile != "auto" and o.tile not in _tiling.MMA_TILES + _tiling.SLIM_TILES + _tiling.WGMMA_TILES + \
+            _tiling.OUTER_TILES:
         _tiling.parse_tile(str(o.tile))  # raises with the list
     if o.split_k != "auto" and (isinstance(o.split_k, bool) or not isinstance(o.split_k, int) or o.split_k < 1):
         raise InputError(f"split_k must be 'auto' or a positive int, got {o.split_k!r}")

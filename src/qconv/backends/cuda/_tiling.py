@@ -39,6 +39,10 @@ PLANE_TILES = {Precision.INT16: ("128x64", "64x64", "64x32", "32x32"),
 PLANE_STAGES = {Precision.INT16: 3, Precision.INT32: 2}
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
+# INT8 mma.sync with 4 warps and XOR-swizzled unpadded rows (qconv_mma.cuh's SWZ): a 128x64 block
+# takes 72 KB, so three fit an SM as in cuBLASLt's kernel (ours, padded: 83 KB, two). Chosen by name
+# only until measured against MMA_TILES.
+SLIM_TILES = ("128x64/w4", "64x64/w4")
 # FP32 tf32x3: its 128x128 tile needs 156 registers, one block per SM, and lost to 128x64 on both
 # exam layers at N=32 (193.1 vs 150.6 us on exam 2, H200, RESULTS.md), so it is not built
 TF32X3_TILES = TILES[1:]
@@ -120,10 +124,22 @@ def tensor_cores(precision: Precision, int8_path: str, path: str) -> bool:
 def tiles_for(precision: Precision, int8_path: str = "mma", path: str = "simt") -> tuple[str, ...]:
     """The block tiles of the implicit-GEMM kernel a precision/path runs."""
     if precision is Precision.INT8 and int8_path in ("mma", "wgmma", "window"):
-        return {"mma": MMA_TILES, "wgmma": WGMMA_TILES, "window": WINDOW_TILES + MMA_TILES}[int8_path]
+        return {"mma": MMA_TILES + SLIM_TILES, "wgmma": WGMMA_TILES,
+                "window": WINDOW_TILES + MMA_TILES + SLIM_TILES}[int8_path]
     if path == "mma" and precision in PLANE_TILES:
         return PLANE_TILES[precision]
     return TF32X3_TILES if path == "tf32x3" else TILES
+
+
+def tile_shape(tile: str) -> tuple[int, int]:
+    """(BM, BN) of a block tile's name: "BMxBN", "BMxBN/w4" or an outer tile "BMxBN/TMxTN"."""
+    bm, bn = tile.split("/")[0].split("x")
+    return int(bm), int(bn)
+
+
+def conv_name(prefix: str, tile: str) -> str:
+    """The implicit-GEMM kernel entry point of a block tile ("BMxBN", or "BMxBN/w4": NAME_w4)."""
+    return f"{prefix}_{tile.replace('/', '_')}"
 
 
 def outer_name(tile: str) -> str:
@@ -149,10 +165,11 @@ def kernel_names() -> dict[str, list[str]]:
     """Every kernel entry point, by module file: what the NVRTC compile test looks for."""
     out: dict[str, list[str]] = {}
     for key, (mod, prefix) in _CONV.items():
-        tiles = {"mma": MMA_TILES, "wgmma": WGMMA_TILES[len(WINDOW_TILES):], "tf32x3": TF32X3_TILES}.get(key, TILES)
+        tiles = {"mma": MMA_TILES + SLIM_TILES, "wgmma": WGMMA_TILES[len(WINDOW_TILES):],
+                 "tf32x3": TF32X3_TILES}.get(key, TILES)
         if key in ("mma16", "mma32"):
             tiles = PLANE_TILES[Precision.INT16 if key == "mma16" else Precision.INT32]
-        out.setdefault(mod, []).extend(f"{prefix}_{t}" for t in tiles)
+        out.setdefault(mod, []).extend(conv_name(prefix, t) for t in tiles)
     out["conv_s8_wgmma.cu"] += [f"qconv_s8_conv_wgmma_window_n{bn}_b{nb}" for bn, nb in window_configs(128)] + [
         f"qconv_s8_conv_wgmma_ws_n{bn}" for bn in (128, 64)]
     out["conv_f32_outer.cu"] = [outer_name(t) for t in OUTER_TILES]
@@ -318,8 +335,7 @@ def parse_tile(t: str, mma: bool = False, tiles: tuple[str, ...] | None = None) 
     if t not in tiles:
         extra = "" if mma or tiles != TILES else f"; FP32 also {', '.join(OUTER_TILES)}"
         raise InputError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
-    bm, bn = t.split("x")
-    return int(bm), int(bn)
+    return tile_shape(t)
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
@@ -342,7 +358,7 @@ def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto"
         bm, bn = parse_tile(str(tile), mma, tiles)
     else:
         widest = max(32, 1 << max(0, (oc - 1).bit_length()))
-        tiles = (tiles or MMA_TILES) if mma else TILES[1:]
+        tiles = tuple(t for t in tiles or MMA_TILES if t not in SLIM_TILES) if mma else TILES[1:]
         every = [parse_tile(t, mma, tiles) for t in tiles]
         cands = [c for c in every if c[1] <= widest] or [e for e in every if e[1] == min(c[1] for c in every)]
         if not mma:  # small CUDA-core tiles lost to 64x64 + split-K on every measured layer

@@ -1,11 +1,13 @@
 // Implicit-GEMM convolution on the tensor cores through mma.sync, one template for INT8
 // (m16n8k32 s8 x s8 -> s32), FP32 by three TF32 products (m16n8k8 tf32 x tf32 -> f32) and INT16 /
 // INT32 by byte planes (conv_planes_mma.cu).
-// Block: 8 warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
+// Block: 8 (or 4) warps as WM x WN, each warp owning a (BM/WM) x (BN/WN) tile of m16n8 fragments.
 // K in steps of 32 words (128 int8 or 32 float), 3-stage cp.async pipeline, fragments through
 // ldmatrix: with 32-bit words an 8x8 b16 matrix is 8 rows x 4 words, so the same row addresses give
 // both m16n8k32's int8 fragments and m16n8k8's tf32 fragments. Rows padded to 36 words so each
-// 8-row ldmatrix phase hits 32 distinct banks. grid.z = groups x K slices (split-K); stride,
+// 8-row ldmatrix phase hits 32 distinct banks; or (SWZ) rows of 32 words with 16-byte chunk c of
+// row r at chunk c ^ (r & 7), the same banks spread without the padding (12% less shared memory:
+// three 4-warp 128x64 INT8 blocks fit an SM, as in cuBLASLt's kernel). grid.z = groups x K slices (split-K); stride,
 // padding and groups live in the loader (qconv_common.cuh).
 #pragma once
 #include "qconv_common.cuh"
@@ -61,12 +63,12 @@ struct MmaTF32x3 {
   QD static float out(const float (&d)[NACC][4], int r) { return d[0][r]; }
 };
 
-template <class Op, int BM, int BN, int WM, int WN, int STAGES>
+template <class Op, int BM, int BN, int WM, int WN, int STAGES, bool SWZ = false>
 QD void conv_mma(const ConvParams& p) {
-  constexpr int BKW = 32, NT = 256;
+  constexpr int BKW = 32, NT = 32 * WM * WN;
   constexpr int WTM = BM / WM, WTN = BN / WN, MT = WTM / 16, NTL = WTN / 8;
-  static_assert(WM * WN == 8, "8 warps");
-  typedef TileLoader<BM, BN, BKW, NT> L;
+  static_assert(WM * WN == 8 || WM * WN == 4, "8 or 4 warps");
+  typedef TileLoader<BM, BN, BKW, NT, SWZ> L;
   constexpr int SW = L::SW, AP = Op::AP, BP = Op::BP, NACC = Op::NACC;
   extern __shared__ __align__(16) unsigned smem[];
   unsigned* As = smem;                            // [STAGES][AP][BM][SW]
@@ -100,29 +102,31 @@ QD void conv_mma(const ConvParams& p) {
     loader.template stage<STAGES, BP, AP>(p, bw, As, Bs, it + STAGES - 1, n0, tid, wplane, xplane);
     // ldmatrix row addresses: A lanes 0-15 rows 0-15 at words 0-3, lanes 16-31 the same rows at
     // words 4-7; B lanes 0-7 / 8-15 rows of n-tile j at words 0-3 / 4-7, lanes 16-31 the same for
-    // n-tile j+1.
-    const unsigned* as = As + (it % STAGES) * AP * BM * SW + (wm * WTM + (lane & 15)) * SW + (lane >> 4) * 4;
-    const unsigned* bs = Bs + (it % STAGES) * BP * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW +
-                         ((lane >> 3) & 1) * 4;
+    // n-tile j+1. Every row a lane addresses is lane & 7 modulo 8, so with SWZ its chunk
+    // (ca or cb, + ks / 4 with no carry) lands at that XOR lane & 7.
+    const unsigned* as = As + (it % STAGES) * AP * BM * SW + (wm * WTM + (lane & 15)) * SW;
+    const unsigned* bs = Bs + (it % STAGES) * BP * BN * SW + (wn * WTN + (lane & 7) + ((lane >> 4) << 3)) * SW;
+    const int ca = (lane >> 4) ^ (SWZ ? lane & 7 : 0), cb = ((lane >> 3) & 1) ^ (SWZ ? lane & 7 : 0);
 #pragma unroll
     for (int ks = 0; ks < BKW; ks += 8) {
+      const int ao = SWZ ? (ca ^ (ks >> 2)) * 4 : ca * 4 + ks, bo = SWZ ? (cb ^ (ks >> 2)) * 4 : cb * 4 + ks;
       unsigned b[NTL][BP][2];
 #pragma unroll
       for (int pl = 0; pl < BP; ++pl) {
 #pragma unroll
         for (int j = 0; j + 1 < NTL; j += 2) {
           unsigned r[4];
-          ldsm_x4(r, bs + pl * BN * SW + j * 8 * SW + ks);
+          ldsm_x4(r, bs + pl * BN * SW + j * 8 * SW + bo);
           b[j][pl][0] = r[0]; b[j][pl][1] = r[1]; b[j + 1][pl][0] = r[2]; b[j + 1][pl][1] = r[3];
         }
-        if (NTL % 2) ldsm_x2(b[NTL - 1][pl], bs + pl * BN * SW + (NTL - 1) * 8 * SW + ks);
+        if (NTL % 2) ldsm_x2(b[NTL - 1][pl], bs + pl * BN * SW + (NTL - 1) * 8 * SW + bo);
       }
       typename Op::A a[MT];
 #pragma unroll
       for (int i = 0; i < MT; ++i) {
         unsigned r[AP][4];
 #pragma unroll
-        for (int pl = 0; pl < AP; ++pl) ldsm_x4(r[pl], as + pl * BM * SW + i * 16 * SW + ks);
+        for (int pl = 0; pl < AP; ++pl) ldsm_x4(r[pl], as + pl * BM * SW + i * 16 * SW + ao);
         a[i] = Op::a_frag(r);
       }
 #pragma unroll
@@ -159,4 +163,9 @@ QD void conv_mma(const ConvParams& p) {
 #define QCONV_MMA(NAME, OP, BM, BN, WM, WN, MINB, STAGES)                            \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const ConvParams p) { \
     conv_mma<OP, BM, BN, WM, WN, STAGES>(p);                                         \
+  }
+// 4 warps and swizzled rows (_tiling.SLIM_TILES, "BMxBN/w4"): entry point NAME_w4.
+#define QCONV_MMA_W4(NAME, OP, BM, BN, WM, WN, MINB, STAGES)                           \
+  extern "C" __global__ void __launch_bounds__(128, MINB) NAME##_w4(const ConvParams p) { \
+    conv_mma<OP, BM, BN, WM, WN, STAGES, true>(p);                                      \
   }
