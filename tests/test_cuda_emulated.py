@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from brute import out_size_and_pads
 from checks import assert_matches, cut_definition
 from qconv.backends.cuda import _launch, _tiling
 from qconv.contract import Precision, Rounding, quantize
@@ -287,6 +287,44 @@ def test_every_integer_kernel_tile_is_exact_on_the_host(emulated, variant, layer
         if splits == 1:
             got = _run(emulated[kernel.module], kernel, variant, qx, qw, stride, pads, groups, 1, (inv, bias))
             assert np.array_equal(got, fused), f"{kernel.name} dequantized: {np.count_nonzero(got != fused)} outputs differ"
+
+
+# kernels the random layers run: the swizzled 4-warp tiles, wgmma's tiles and window kernels, a
+# byte-plane tile and a CUDA-core one
+RANDOM_KERNELS = {(Precision.INT8, "mma", "simt"): ("128x64/w4", "64x64/w4", "32x32"),
+                  (Precision.INT8, "wgmma", "simt"): ("64x64", "window", "window-ws"),
+                  (Precision.INT16, "mma", "mma"): ("64x32",), (Precision.INT32, "mma", "simt"): ("64x32",)}
+
+
+@st.composite
+def _layers(draw):
+    """(N, H, W, C, KH, OC, stride, pads, groups): any small layer (KW = KH)."""
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    c = groups * draw(st.integers(1, 24))
+    oc = groups * draw(st.integers(1, 40))
+    k = draw(st.sampled_from([1, 2, 3, 5]))
+    stride = draw(st.sampled_from([1, 1, 2]))
+    pads = tuple(tuple(draw(st.integers(0, k - 1)) for _ in range(2)) for _ in range(2))
+    h, w = (draw(st.integers(max(1, k - sum(p)), 11)) for p in pads)
+    return draw(st.integers(1, 2)), h, w, c, k, oc, stride, pads, groups
+
+
+@settings(max_examples=6, deadline=None)
+@given(layer=_layers(), seed=st.integers(0, 2**31 - 1))
+def test_random_layers_on_the_host(emulated, layer, seed):
+    """Random small layers (any channels, kernel size, stride, padding, groups) through the newest
+    kernels and one of each other kind, raw and split-K, against the exact wrap-around sums."""
+    n, h, w, c, k, oc, stride, pads, groups = layer
+    rng = np.random.default_rng(seed)
+    for variant, tiles in RANDOM_KERNELS.items():
+        q = variant[0].qmax
+        qx = rng.integers(-q, q + 1, (n, h, w, c), dtype=np.int64)
+        qw = rng.integers(-q, q + 1, (k, k, oc, c // groups), dtype=np.int64)
+        want = _exact(qx, qw, stride, pads, groups).reshape(-1, oc)
+        for kernel, splits in _runs(variant, layer):
+            if kernel.tile in tiles:
+                got = _run(emulated[kernel.module], kernel, variant, qx, qw, stride, pads, groups, splits)
+                assert np.array_equal(got, want), f"{kernel.name} split {splits}: {np.count_nonzero(got != want)} differ"
 
 
 @pytest.mark.parametrize("variant, layer", FLOAT, ids=lambda c: _id(c) if isinstance(c, tuple) else str(c))
