@@ -313,6 +313,22 @@ def test_cli_net_names_the_backend_auto_chose(fetched, capsys):
     assert doc["backend_requested"] == "auto" and [r["backend"] for r in doc["results"]] == [chosen]
 
 
+def test_cli_net_json_says_how_each_s_was_chosen(fetched, capsys):
+    """A given S and a swept one share a label ("int8 single S=16"); the JSON tells them apart, and
+    the sweep's reason counts the calibration images it ran on."""
+    argv = ["net", "mnist", "-p", "fp32,int8", "-s", "16,single,maxabs", "--limit", "4", "--calibration", "16",
+            "--no-layers", "--json"]
+    assert _cli(argv) == 0
+    import json
+    rows = {(r["precision"], r["strategy"]): r for r in json.loads(capsys.readouterr().out)["results"]}
+    assert rows[("fp32", None)]["s"] is None
+    assert rows[("int8", "given")]["s"] == 16.0
+    swept = rows[("int8", "single")]
+    assert swept["s"] == swept["calibration"]["single_s"] and f"S={swept['s']:g}" in swept["scale"]
+    assert "on 8 calibration images" in swept["calibration"]["reason"]  # the sweep's first 8 of 16
+    assert rows[("int8", "maxabs")]["s"] is None
+
+
 def test_cli_net_refuses_an_unknown_noise_layer_before_evaluating(fetched, monkeypatch):
     from qconv.nets import cli as nets_cli
     monkeypatch.setattr(nets_cli, "evaluate", lambda *a, **k: pytest.fail("evaluated before the check"))

@@ -91,11 +91,12 @@ def calibrate(net: Network, images: np.ndarray, *, percentile: float = 99.99, ba
 class SingleScaleSweep:
     best: float
     table: list[dict[str, Any]]   # per S: logits NRMSE and top-1 agreement with FP32
+    n_images: int                 # the calibration images the sweep ran on
 
     @property
     def reason(self) -> str:
         return (f"single S={self.best:g}: of the powers of two tried, the one whose top-1 agrees with "
-                f"FP32 most often on the calibration images, then the lowest logits NRMSE")
+                f"FP32 most often on {self.n_images} calibration images, then the lowest logits NRMSE")
 
 
 def sweep_single_scale(net: Network, images: np.ndarray, precision: Precision | str | int,
@@ -120,4 +121,4 @@ def sweep_single_scale(net: Network, images: np.ndarray, precision: Precision | 
         table.append({"S": s, "logits_nrmse": nrmse(logits, ref),
                       "top1_agreement": float(np.mean(logits.argmax(1) == ref.argmax(1)))})
     best = min(table, key=lambda r: (-r["top1_agreement"], r["logits_nrmse"]))
-    return SingleScaleSweep(best["S"], table)
+    return SingleScaleSweep(best["S"], table, len(images))

@@ -101,7 +101,10 @@ class Evaluation:
     network: str
     precision: str
     backend: str | None
-    scale: str
+    scale: str                # the option's label, e.g. "int8 single S=32"
+    strategy: str | None      # how S was chosen: calibrated, single (swept), maxabs, maxabs-per-channel,
+                              # given (a number from the caller); None for FP32
+    s: float | None           # the one S of "single" and "given"
     n_images: int
     n_labelled: int
     top1: int
@@ -178,8 +181,11 @@ def evaluate(net: Network, split: Split, precision: str = "int8", backend: str |
     run_s = max(forward_s - errs.seconds, 1e-12)
     layers = [LayerError(i, l.name, l.kind, errs.iso[l.name].nrmse, errs.prop[l.name].nrmse)
               for i, l in enumerate(net.layers)] if per_layer else []
+    strategy = None if not tested.precision.is_integer else scale if isinstance(scale, str) else "given"
+    s = info.get("single_s") if strategy == "single" else float(scale) if strategy == "given" else None
     return Evaluation(
         network=net.name, precision=tested.precision.value, backend=backend, scale=tested.label,
+        strategy=strategy, s=s,
         n_images=len(data), n_labelled=int(lab.sum()),
         top1=topk_hits(out[lab], labels, 1), top5=topk_hits(out[lab], labels, 5),
         fp32_top1=topk_hits(ref[lab], labels, 1), fp32_top5=topk_hits(ref[lab], labels, 5),
