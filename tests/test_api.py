@@ -325,9 +325,13 @@ def test_use_backend_context():
         assert qconv.conv2d_result(X, W, "fp32").backend == REF
         assert qconv.conv2d_result(X, W, "fp32", "auto").backend == REF
     assert qconv.conv2d_result(X, W, "fp32").backend == first
-    with pytest.raises(QconvError, match="unknown backend 'nope'"):
+    with pytest.raises(QconvError, match="unknown backend 'nope'") as e:
         with qconv.use_backend("nope"):
             pass  # pragma: no cover - validated on entry
+    have = qconv.available_backends()
+    offered = str(e.value).split("choose one of ")[1].split(" (")[0].split(", ")
+    assert offered == ["auto"] + [n for n, (ok, _) in have.items() if ok]  # the unavailable ones apart
+    assert all(n in str(e.value) for n in have)
     with pytest.raises(RuntimeError):
         with qconv.use_backend("reference"):
             raise RuntimeError("restored even on error")

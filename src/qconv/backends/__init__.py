@@ -146,7 +146,10 @@ def get(name: str | None = None) -> ModuleType:
                 return mod
         raise BackendUnavailable("no backend is available (the reference backend should always be)")
     if key not in _MODULES:
-        raise InputError(f"unknown backend {name!r}: choose one of auto, {', '.join(_MODULES)}")
+        have = available_backends()
+        off = [n for n, (ok, _) in have.items() if not ok]
+        raise InputError(f"unknown backend {name!r}: choose one of auto, {', '.join(n for n in have if have[n][0])}"
+                         + (f" (not available here: {', '.join(off)})" if off else ""))
     mod, why = _load(key)
     if mod is None:
         raise BackendUnavailable(f"backend {key!r} is unavailable: {why}")
