@@ -186,18 +186,25 @@ template <int N> static inline void emu_ldsm(unsigned* r, const unsigned* p) {
   emu::warp_sync();
 }
 
-// mma.sync m16n8k32 .row.col .s32 (A 16x32, B 32x8, each .s8 or .u8), no .satfinite: D = A*B + C
-// modulo 2^32. Fragments (PTX ISA): lane l = 4g + t holds A rows g (registers 0, 2) and g + 8
-// (1, 3), bytes 4t..4t+3 of K 0..15 (registers 0, 1) and 16..31 (2, 3); B column g, the same K
-// bytes in registers 0 and 1; C/D rows g (0, 1) and g + 8 (2, 3), columns 2t and 2t + 1.
-template <bool AS, bool BS>
-static inline void emu_mma_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+// The warp's A and B fragments, every lane's, once all 32 lanes have given theirs (an mma's input).
+static inline const emu::Warp& emu_gather(const unsigned (&a)[4], const unsigned (&b)[2]) {
   emu::Warp& w = emu::warp();
   const unsigned l = emu::lane();
   for (int i = 0; i < 4; ++i) w.v[l][i] = a[i];
   w.v[l][4] = b[0];
   w.v[l][5] = b[1];
   emu::warp_sync();
+  return w;
+}
+
+// mma.sync m16n8k32 .row.col .s32 (A 16x32, B 32x8, each .s8 or .u8), no .satfinite: D = A*B + C
+// modulo 2^32. Fragments (PTX ISA): lane l = 4g + t holds A rows g (registers 0, 2) and g + 8
+// (1, 3), bytes 4t..4t+3 of K 0..15 (registers 0, 1) and 16..31 (2, 3); B column g, the same K
+// bytes in registers 0 and 1; C/D rows g (0, 1) and g + 8 (2, 3), columns 2t and 2t + 1.
+template <bool AS, bool BS>
+static inline void emu_mma_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  const emu::Warp& w = emu_gather(a, b);
+  const unsigned l = emu::lane();
   auto byte = [](unsigned word, int k, bool s) {
     const unsigned u = (word >> (8 * (k % 4))) & 0xFF;
     return s ? (int)(signed char)u : (int)u;
@@ -220,12 +227,8 @@ static inline void emu_mma_16832(int (&d)[4], const unsigned (&a)[4], const unsi
 // and g + 8 (1, 3), columns t (0, 1) and t + 4 (2, 3); B column g, rows t and t + 4; C/D as m16n8k32.
 // The products of TF32 values are exact in float32; they are summed here in k order with fmaf.
 static inline void emu_mma_tf32_1688(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
-  emu::Warp& w = emu::warp();
+  const emu::Warp& w = emu_gather(a, b);
   const unsigned l = emu::lane();
-  for (int i = 0; i < 4; ++i) w.v[l][i] = a[i];
-  w.v[l][4] = b[0];
-  w.v[l][5] = b[1];
-  emu::warp_sync();
   const int g = l / 4, t = l % 4;
   for (int r = 0; r < 4; ++r) {
     const int row = g + 8 * (r / 2), col = 2 * t + r % 2;
