@@ -8,7 +8,8 @@
 // The warp-wide operations (ldmatrix, mma.sync, __reduce_add_sync, __shfl_sync) gather the 32 lanes'
 // operands at the warp's barrier and give each lane its part, as the PTX ISA defines the fragments;
 // wgmma's operands are in shared memory, so each thread computes its own accumulators from them.
-// cp.async copies at once: its completion is only ever waited for, never raced.
+// cp.async lands at its wait or at once (emu::late_copies), and wgmma is read at its issue and again
+// at its wait (below), so a kernel that reads too early or overwrites too soon fails.
 #pragma once
 #include <ucontext.h>
 
@@ -62,7 +63,21 @@ static inline void __threadfence_system() {}
 alignas(1024) unsigned smem[232448 / 4];
 
 namespace emu {
-struct Fiber { ucontext_t ctx; std::vector<char> stack; bool done; };
+// The asynchronous operations a thread has issued and not yet waited for: cp.async copies (their
+// source read at issue, written to shared memory only at cp.async.wait_group, the latest the
+// hardware may), and wgmma products (computed at issue and again at wgmma.wait_group: a kernel
+// that changes their operands in between is a race, counted in `races`).
+struct Copy { void* dst; unsigned char bytes[16]; };
+struct Product { int* d; std::vector<int> r; unsigned long long da, db; };
+struct Fiber {
+  ucontext_t ctx;
+  std::vector<char> stack;
+  bool done;
+  std::vector<Copy> copies;                  // issued since the last commit
+  std::vector<std::vector<Copy>> copy_groups;
+  std::vector<Product> products;
+  std::vector<std::vector<Product>> product_groups;
+};
 struct Barrier { unsigned arrived = 0, gen = 0; };
 struct Warp { Barrier bar; const void* p[32]; unsigned v[32][6]; };
 static std::vector<Fiber> fibers;
@@ -70,7 +85,10 @@ static std::vector<Warp> warps;
 static Barrier block_bar;
 static Barrier named[16];  // bar.sync / bar.arrive ids
 static ucontext_t sched;
-static unsigned cur, progress, dynamic_smem;
+static unsigned cur, progress, dynamic_smem, races;
+// When cp.async lands: at its wait (the latest the hardware may: a read before the wait sees old
+// data) or at once (the earliest: an overwrite of an operand a wgmma still reads shows at its wait).
+static bool late_copies = true;
 
 static inline void yield() { swapcontext(&fibers[cur].ctx, &sched); }
 
@@ -91,15 +109,34 @@ static inline void warp_sync() { wait(warp().bar, 32); }
 typedef void (*Kernel)(const void* params);
 static const void* run_params;
 static Kernel run_kernel;
+static inline void land(const std::vector<Copy>& group) {
+  for (const Copy& c : group) std::memcpy(c.dst, c.bytes, 16);
+}
+// cp.async.wait_group n: all but the n most recent committed groups have landed.
+static inline void copies_wait(size_t n) {
+  Fiber& f = fibers[cur];
+  while (f.copy_groups.size() > n) {
+    land(f.copy_groups.front());
+    f.copy_groups.erase(f.copy_groups.begin());
+  }
+}
+// Every copy this thread issued, committed or not.
+static inline void copies_land_all() {
+  copies_wait(0);
+  land(fibers[cur].copies);
+  fibers[cur].copies.clear();
+}
 static void entry(int i) {
   run_kernel(run_params);
+  copies_land_all();  // (a kernel that never waits for its copies: they land at its end)
   fibers[i].done = true;
   ++progress;
 }
 
-// Every block of the grid, its threads as fibers; 1 where the threads stop making progress (a
-// barrier some thread never reaches).
+// Every block of the grid, its threads as fibers: 0, or 1 where the threads stop making progress
+// (a barrier some thread never reaches), 3 where a wgmma's operands changed before its wait.
 static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads, unsigned smem_bytes) {
+  races = 0;
   gridDim = grid;
   dynamic_smem = smem_bytes;
   blockDim = {threads, 1, 1};
@@ -118,6 +155,10 @@ static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads, un
           Fiber& f = fibers[t];
           f.stack.resize(1 << 18);
           f.done = false;
+          f.copies.clear();
+          f.copy_groups.clear();
+          f.products.clear();
+          f.product_groups.clear();
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
           f.ctx.uc_stack.ss_size = f.stack.size();
@@ -137,7 +178,7 @@ static int launch(Kernel k, const void* params, dim3_ grid, unsigned threads, un
           if (live && progress == before) return 1;
         }
       }
-  return 0;
+  return races ? 3 : 0;
 }
 }  // namespace emu
 
@@ -170,10 +211,20 @@ static inline unsigned __shfl_xor_sync(unsigned mask, unsigned v, int x) { retur
 // swizzle atoms need).
 static inline unsigned emu_smem_u32(const void* p) { return (unsigned)((const char*)p - (const char*)smem); }
 
+// cp.async 16 bytes (zeros where !valid); commit; wait_group n; the mbarrier arrive that follows
+// the thread's copies (they land first).
 static inline void emu_cp_async16(void* dst, const void* src, bool valid) {
-  if (valid) std::memcpy(dst, src, 16);
-  else std::memset(dst, 0, 16);
+  emu::Copy c{dst, {}};
+  if (valid) std::memcpy(c.bytes, src, 16);
+  if (emu::late_copies) emu::fibers[emu::cur].copies.push_back(c);
+  else std::memcpy(dst, c.bytes, 16);
 }
+static inline void emu_cp_async_commit() {
+  emu::Fiber& f = emu::fibers[emu::cur];
+  f.copy_groups.push_back(std::move(f.copies));
+  f.copies.clear();
+}
+template <int N> static inline void emu_cp_async_wait() { emu::copies_wait(N); }
 
 // ldmatrix .m8n8 .b16, N matrices: lanes 8i..8i+7 give matrix i's row addresses, and lane l gets
 // word l % 4 of row l / 4 of each matrix.
@@ -265,31 +316,58 @@ static inline int emu_wgmma_byte(unsigned long long desc, int r, int kb) {
 }
 // The accumulators (PTX ISA, m64nNk32 s32): warp q of the warpgroup holds rows 16q + l/4 (+8);
 // n8 block i columns 8i + 2(l%4) (+1), as d[4i + {0: (r, c), 1: (r, c+1), 2: (r+8, c), 3: (r+8, c+1)}].
+// This thread's n = N/2 products of A x B (the accumulators' layout above), as read now.
+static inline std::vector<int> emu_wgmma_products(int n, unsigned long long da, unsigned long long db) {
+  const int q = (threadIdx.x / 32) % 4, l = threadIdx.x % 32;
+  std::vector<int> r(n);
+  for (int i = 0; i < n / 4; ++i)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * q + l / 4 + 8 * (e / 2), col = 8 * i + 2 * (l % 4) + e % 2;
+      unsigned acc = 0;
+      for (int k = 0; k < 32; ++k) acc += (unsigned)(emu_wgmma_byte(da, row, k) * emu_wgmma_byte(db, col, k));
+      r[4 * i + e] = (int)acc;
+    }
+  return r;
+}
+// Issued: the products are read now and added at the wait, which reads them again (a difference is
+// a race: the kernel changed an operand before wgmma.wait_group).
 template <int N>
 static inline void emu_wgmma_s8(int (&d)[N / 2], unsigned long long da, unsigned long long db) {
-  const int q = (threadIdx.x / 32) % 4, l = threadIdx.x % 32;
-  for (int i = 0; i < N / 8; ++i)
-    for (int r = 0; r < 4; ++r) {
-      const int row = 16 * q + l / 4 + 8 * (r / 2), col = 8 * i + 2 * (l % 4) + r % 2;
-      unsigned acc = (unsigned)d[4 * i + r];
-      for (int k = 0; k < 32; ++k) acc += (unsigned)(emu_wgmma_byte(da, row, k) * emu_wgmma_byte(db, col, k));
-      d[4 * i + r] = (int)acc;
+  emu::fibers[emu::cur].products.push_back({d, emu_wgmma_products(N / 2, da, db), da, db});
+}
+static inline void emu_wgmma_commit() {
+  emu::Fiber& f = emu::fibers[emu::cur];
+  f.product_groups.push_back(std::move(f.products));
+  f.products.clear();
+}
+template <int N> static inline void emu_wgmma_wait() {
+  emu::Fiber& f = emu::fibers[emu::cur];
+  while (f.product_groups.size() > (size_t)N) {
+    for (const emu::Product& p : f.product_groups.front()) {
+      if (emu_wgmma_products((int)p.r.size(), p.da, p.db) != p.r) ++emu::races;
+      for (size_t i = 0; i < p.r.size(); ++i) p.d[i] = (int)((unsigned)p.d[i] + (unsigned)p.r[i]);
     }
+    f.product_groups.erase(f.product_groups.begin());
+  }
 }
 
 // mbarrier: the 8 bytes hold the expected count (bits 0-15), the arrivals of the current phase
 // (16-31) and the completed phases (32-63). wait(parity) returns once the current phase's parity
 // differs, i.e. the phase of that parity has completed (a fresh barrier: wait(1) returns at once).
 static inline void emu_mbar_init(unsigned long long* bar, unsigned count) { *bar = count; }
+// An arrive lets the others run at once (a valid order, and the one that shows a release that
+// comes too early: say, of a buffer whose wgmma has not been waited for).
 static inline void emu_mbar_arrive(unsigned long long* bar) {
   unsigned long long v = *bar;
   const unsigned long long expected = v & 0xFFFF, arrived = ((v >> 16) & 0xFFFF) + 1;
-  if (arrived == expected) {
-    *bar = expected | (((v >> 32) + 1) << 32);
-    ++emu::progress;
-  } else {
-    *bar = expected | (arrived << 16) | ((v >> 32) << 32);
-  }
+  if (arrived == expected) *bar = expected | (((v >> 32) + 1) << 32);
+  else *bar = expected | (arrived << 16) | ((v >> 32) << 32);
+  ++emu::progress;
+  emu::yield();
+}
+static inline void emu_mbar_arrive_cp_async(unsigned long long* bar) {
+  emu::copies_land_all();
+  emu_mbar_arrive(bar);
 }
 static inline void emu_mbar_wait(unsigned long long* bar, unsigned parity) {
   while (((*bar >> 32) & 1) == parity) emu::yield();
@@ -301,6 +379,7 @@ static inline void emu_named_bar_arrive(int id, int count) {
   if (++b.arrived == (unsigned)count) {
     b.arrived = 0;
     ++b.gen;
-    ++emu::progress;
   }
+  ++emu::progress;
+  emu::yield();
 }

@@ -43,8 +43,8 @@ EMULATED = {
     "qconv_common.cuh": {
         r"^QD unsigned smem_u32\(": "QD unsigned smem_u32(const void* p) { return emu_smem_u32(p); }",
         r"^QD void cp_async16\(": "QD void cp_async16(void* s, const void* g, bool valid) { emu_cp_async16(s, g, valid); }",
-        r"^QD void cp_async_commit\(": "QD void cp_async_commit() {}",
-        r"^template <int N> QD void cp_async_wait\(": "template <int N> QD void cp_async_wait() {}",
+        r"^QD void cp_async_commit\(": "QD void cp_async_commit() { emu_cp_async_commit(); }",
+        r"^template <int N> QD void cp_async_wait\(": "template <int N> QD void cp_async_wait() { emu_cp_async_wait<N>(); }",
         r"^QD void mma_s8_16832\(": "QD void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) "
                                    "{ emu_mma_16832<true, true>(d, a, b); }",
         r"^QD void ldsm_x4\(": "QD void ldsm_x4(unsigned (&r)[4], const unsigned* p) { emu_ldsm<4>(r, p); }",
@@ -55,8 +55,8 @@ EMULATED = {
     },
     "qconv_wgmma.cuh": {
         r"^QD void wgmma_fence\(": "QD void wgmma_fence() {}",
-        r"^QD void wgmma_commit\(": "QD void wgmma_commit() {}",
-        r"^template <int N> QD void wgmma_wait\(": "template <int N> QD void wgmma_wait() {}",
+        r"^QD void wgmma_commit\(": "QD void wgmma_commit() { emu_wgmma_commit(); }",
+        r"^template <int N> QD void wgmma_wait\(": "template <int N> QD void wgmma_wait() { emu_wgmma_wait<N>(); }",
         r"^QD void fence_proxy_async\(": "QD void fence_proxy_async() {}",
         r"^template <> QD void wgmma_s8<64>\(": "template <> QD void wgmma_s8<64>(int (&d)[32], unsigned long long a, "
                                                 "unsigned long long b) { emu_wgmma_s8<64>(d, a, b); }",
@@ -64,7 +64,7 @@ EMULATED = {
                                                  "unsigned long long b) { emu_wgmma_s8<128>(d, a, b); }",
         r"^QD void mbar_init\(": "QD void mbar_init(unsigned long long* b, unsigned n) { emu_mbar_init(b, n); }",
         r"^QD void mbar_arrive\(": "QD void mbar_arrive(unsigned long long* b) { emu_mbar_arrive(b); }",
-        r"^QD void mbar_arrive_cp_async\(": "QD void mbar_arrive_cp_async(unsigned long long* b) { emu_mbar_arrive(b); }",
+        r"^QD void mbar_arrive_cp_async\(": "QD void mbar_arrive_cp_async(unsigned long long* b) { emu_mbar_arrive_cp_async(b); }",
         r"^QD void mbar_wait\(": "QD void mbar_wait(unsigned long long* b, unsigned parity) { emu_mbar_wait(b, parity); }",
         r"^QD void named_bar_sync\(": "QD void named_bar_sync(int id, int n) { emu_named_bar_sync(id, n); }",
         r"^QD void named_bar_arrive\(": "QD void named_bar_arrive(int id, int n) { emu_named_bar_arrive(id, n); }",
@@ -148,6 +148,7 @@ def emulated(tmp_path_factory):
 {driver}
 struct Entry {{ const char* name; emu::Kernel k; }};
 static const Entry entries[] = {{{table}}};
+extern "C" void land_copies_late(int late) {{ emu::late_copies = late; }}
 extern "C" int run_on_host(const char* name, const void* p, unsigned gx, unsigned gy, unsigned gz,
                            unsigned threads, unsigned smem_bytes) {{
   for (const Entry& e : entries)
@@ -163,6 +164,7 @@ extern "C" int run_on_host(const char* name, const void* p, unsigned gx, unsigne
         assert r.returncode == 0, r.stderr[-3000:]
         lib = ctypes.CDLL(str(so))
         lib.run_on_host.argtypes = [ctypes.c_char_p, ctypes.c_void_p] + [ctypes.c_uint] * 5
+        lib.land_copies_late.argtypes = [ctypes.c_int]
         libs[module] = lib
     return libs
 
@@ -183,6 +185,10 @@ def _exact(qx, qw, stride, pads, groups):
             for g in range(groups):
                 y[..., g * ocg:(g + 1) * ocg] += patch[..., g * icg:(g + 1) * icg] @ w64[a, b, g * ocg:(g + 1) * ocg].T
     return (y & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+LAUNCH_ERRORS = {1: "the threads stopped at a barrier", 2: "no such kernel",
+                 3: "a wgmma's operands changed between its issue and its wait_group"}
 
 
 def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits, dequantize=None):
@@ -224,15 +230,25 @@ def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits, deq
     if kernel.window:  # persistent blocks, two per channel block, each walking several M tiles
         bn, nbuf = kernel.window
         bm = _tiling.WINDOW_BM if nbuf else _tiling.WS_BM
-        smem = (_tiling.window_smem(spec, lay, wo, bn, nbuf) if nbuf else  # warp-specialized: a ring of 3
-                _tiling.window_smem(spec, lay, wo, bn, 0, bm) + 3 * _tiling.window_smem(spec, lay, wo, 0, 1, bm))
+        smem = (_tiling.window_smem(spec, lay, wo, bn, nbuf) if nbuf else  # warp-specialized: a ring of 2 (reused)
+                _tiling.window_smem(spec, lay, wo, bn, 0, bm) + 2 * _tiling.window_smem(spec, lay, wo, 0, 1, bm))
         grid = (min(2, math.ceil(n * (ho + kh - 1) * (wo + kw - 1) / bm)), math.ceil(lay.ocg / bn), 1)
     else:
         bm, bn = _tiling.tile_shape(kernel.tile)
         smem = _tiling.WGMMA_STAGES * (bm + bn) * _tiling.MMA_BKW * 4 + 1024 if wgmma else 0
         grid = (math.ceil(m / bm), math.ceil(lay.ocg / bn), groups * splits)
     rc = lib.run_on_host(kernel.name.encode(), ctypes.addressof(p), *grid, kernel.threads, smem)
-    assert rc == 0, f"{kernel.name}: {'the threads stopped at a barrier' if rc == 1 else 'no such kernel'}"
+    assert rc == 0, f"{kernel.name}: {LAUNCH_ERRORS.get(rc, rc)}"
+    if int8_path == "wgmma":  # again with the copies landing at once: no operand overwritten in flight
+        early = np.zeros_like(out) if splits > 1 else np.full_like(out, 0x7FBADBAD)
+        p.out = early.ctypes.data
+        lib.land_copies_late(0)
+        try:
+            rc = lib.run_on_host(kernel.name.encode(), ctypes.addressof(p), *grid, kernel.threads, smem)
+        finally:
+            lib.land_copies_late(1)
+        assert rc == 0, f"{kernel.name}, copies landing at once: {LAUNCH_ERRORS.get(rc, rc)}"
+        assert np.array_equal(early, out), f"{kernel.name}: the copies' landing time changes the output"
     return out
 
 

@@ -250,6 +250,7 @@ QD void conv_wgmma_ws(const ConvParams& p) {
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
   }
   load_window_weights(p, w, BN, n0, NT);
+  cp_async_commit();  // wait_group waits for committed groups only
   cp_async_wait<0>();
   fence_proxy_async();
   __syncthreads();
