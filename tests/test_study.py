@@ -615,8 +615,8 @@ def test_study_modules_import_no_cycle():
     import ast
     import qconv.study as pkg
     order = ["config", "schema", "accuracy", "energy", "machine", "references", "network", "summary", "figures",
-             "plots_scale", "plots_network", "appendix", "report_network", "plots", "report", "artifacts", "grid",
-             "cli"]
+             "plots_scale", "plots_network", "appendix", "report_network", "plots", "report_answer", "report",
+             "artifacts", "grid", "cli"]
     root = Path(pkg.__file__).parent
     assert {p.stem for p in root.glob("*.py")} - {"__init__"} == set(order)
     for i, name in enumerate(order):
