@@ -14,7 +14,7 @@ from . import appendix, report_network
 from .appendix import figure, fmt_num, fmt_time, table
 from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
 from .report_answer import (S_, _answer_acceptable, _answer_best, _answer_factors, _answer_on_top,
-                            _answer_scale, _Data, _energy_line, pct, rng)
+                            _answer_scale, _Data, _energy_line, _partial_note, pct, rng)
 from .summary import headline
 
 t_, g_ = fmt_time, fmt_num
@@ -43,11 +43,20 @@ def body_words(md: str) -> int:
     return words
 
 
+def _names(d: _Data) -> list[str]:
+    """Every layer with a record, finished or not: the tables show all that was measured."""
+    return [L["name"] for L in d.res["layers"]]
+
+
+def _int_precs(d: _Data) -> list[str]:
+    return [p for p in INT_PRECISIONS if any(k[1] == p for k in d.single)]
+
+
 def _single_s_tables(d: _Data) -> list[str]:
     out = []
-    for L in d.layers:
+    for L in _names(d):
         rows = []
-        for p in d.precs:
+        for p in _int_precs(d):
             r = d.single.get((L, p))
             if r is None:
                 continue
@@ -58,20 +67,31 @@ def _single_s_tables(d: _Data) -> list[str]:
                          f"{r['limit']}: {r['limit_detail']}", pct(r["input_clipped_fraction"]),
                          f"{r['kernel_levels_used']} (|q| <= {r['kernel_qmax']}, {pct(r['kernel_zero_fraction'])} zero)",
                          bits])
+        if not rows:  # no empty table: say why there is none
+            continue
         out.append(f"**`{L}`** — one S for both tensors")
         out.append("")
         out += table(["precision", "S (nearest)", "S (truncate)", "NRMSE nearest / truncate", "what limits S",
                       "inputs clipped", "kernel levels used", "accumulator bits (2n+log2 K)"], rows)
         out.append("")
+    if not out:
+        asked = [p.upper() for p in INT_PRECISIONS if p in d.requested]
+        out = [("No layer finished an integer precision's scale sweep before the run was interrupted"
+                if asked and d.partial else "FP32 only: no integer precision ran, so there is no S")
+               + " (FP32's figures are under Speed).", ""]
     return out
 
 
 def _on_top_table(d: _Data) -> list[str]:
     rows = []
-    for L in d.layers:
-        for p in d.precs:
+    for L in _names(d):
+        for p in _int_precs(d):
+            if not any(k[:2] == (L, p) for k in d.strat):
+                continue
             cells = [d.strat.get((L, p, k)) for k in (SINGLE, SINGLE_TRUNC, PAIR, MAXABS, PER_CHANNEL)]
             rows.append([f"`{L}`", p.upper()] + [g_(c["nrmse"]) if c else "n/a" for c in cells])
+    if not rows:
+        return ["No scale strategy was evaluated (no integer precision ran)."]
     return table(["layer", "precision", "one S (nearest)", "one S (truncate)", "best pair", "maxabs",
                   "maxabs per channel"], rows)
 
@@ -116,10 +136,10 @@ def render(res: dict[str, Any]) -> str:
     if res["status"] != "complete":
         L += [f"> **Partial results** — {res.get('partial_reason')}. Numbers below cover only what was measured.", ""]
     L += [f"{M.get('cpu_model')}, {M.get('cpu_logical_cores')} logical cores; GPU: {M.get('gpu') or 'none'}; "
-          f"batch {res['config']['batch']}; {len(d.layers)} layer(s); generated {M['date']} from results.json "
+          f"batch {res['config']['batch']}; {len(_names(d))} layer(s); generated {M['date']} from results.json "
           f"(schema v{res['schema_version']}). Setup and every table in the appendix.", ""]
     L += ["## The answer", ""]
-    L += _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
+    L += _partial_note(d) + _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
     L += _answer_acceptable(d)
     L += ["", "## One S per precision", ""] + figure(res, "vcurve") + figure(res, "histograms")
     L += _single_s_tables(d)
