@@ -14,7 +14,7 @@ from . import appendix, report_network
 from .appendix import figure, fmt_num, fmt_time, table
 from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
 from .report_answer import (S_, _answer_acceptable, _answer_best, _answer_factors, _answer_on_top,
-                            _answer_scale, _Data, _energy_line, _partial_note, pct, rng)
+                            _answer_scale, _Data, _partial_note, pct, rng, times)
 from .summary import headline
 
 t_, g_ = fmt_time, fmt_num
@@ -41,6 +41,39 @@ def body_words(md: str) -> int:
             continue
         words += len(re.findall(r"\S+", s))
     return words
+
+
+def _energy_line(d: _Data) -> list[str]:
+    lay = d.lay()
+    meters = d.res["machine"].get("energy_meters", {})
+    loops = sum(v.get("energy_loops", 0) for v in lay)
+    measured = [v["energy_best_measured"] for v in lay if v.get("energy_best_measured")]
+    est = []
+    for L in d.timed:
+        e = {m["precision"]: m["energy_estimate_j"] for m in d.res["measurements"]
+             if m["layer"] == L and ok(m) and headline(m)}
+        if "fp32" in e and "int8" in e:
+            est.append(e["fp32"]["total_j"] / e["int8"]["total_j"])
+    txt = "- **Does energy change it?** "
+    txt += f"By the per-operation estimate INT8 spends {times(est)} than FP32 per convolution. " if est else ""
+    same = [v for v in lay if v.get("recommended") and v.get("energy_best_estimate_acceptable")]
+    agree = [v for v in same if v["recommended"]["precision"] == v["energy_best_estimate_acceptable"]["precision"]]
+    if same:
+        within = "Among options within the acceptable NRMSE" if d.net else "Among options with at least 8 effective bits"
+        txt += (f"{within}, the cheapest precision by the estimate is the one the "
+                "fastest uses, so energy does not change the answer" if len(agree) == len(same) else
+                f"{within}, the estimate favours a different precision than speed "
+                f"on {len(same) - len(agree)} of {len(same)} layer(s), so energy can change the answer") + ". "
+    if measured:
+        txt += ("Measured (dynamic energy, idle subtracted, kernel at least half of a loop of at least 1 s): the "
+                "least per call is " + ", ".join(f"{m['backend']} {m['precision'].upper()} "
+                                               f"({m['dynamic_joules_per_call'] * 1e3:.3g} mJ)" for m in measured) + ".")
+    elif loops:
+        txt += ("Energy loops ran, but in none did the kernel fill half the loop, so no measured verdict is "
+                "given (appendix F).")
+    else:
+        txt += "No energy meter is readable here (" + ", ".join(k.upper() for k in meters) + "), so nothing is measured."
+    return [txt]
 
 
 def _names(d: _Data) -> list[str]:

@@ -11,7 +11,6 @@ from ..sweep import format_scale
 from . import report_network
 from .appendix import fmt_num, fmt_time, see
 from .config import BASELINE_ROUNDS, INT_PRECISIONS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
-from .summary import headline
 
 t_, g_ = fmt_time, fmt_num
 
@@ -331,39 +330,6 @@ def _answer_factors(d: _Data) -> list[str]:
             f"{_not_run(d, 'FP32', ['fp32'])}, so how much the integer datapath buys is not measured.")
            + " Then the accuracy target, the layer's K (it sets where int32 wraps) and what the whole call "
              f"adds around the kernel (quantizing the input{see(d.res, 'phases')}).")
-    return [txt]
-
-
-def _energy_line(d: _Data) -> list[str]:
-    lay = d.lay()
-    meters = d.res["machine"].get("energy_meters", {})
-    loops = sum(v.get("energy_loops", 0) for v in lay)
-    measured = [v["energy_best_measured"] for v in lay if v.get("energy_best_measured")]
-    est = []
-    for L in d.timed:
-        e = {m["precision"]: m["energy_estimate_j"] for m in d.res["measurements"]
-             if m["layer"] == L and ok(m) and headline(m)}
-        if "fp32" in e and "int8" in e:
-            est.append(e["fp32"]["total_j"] / e["int8"]["total_j"])
-    txt = "- **Does energy change it?** "
-    txt += f"By the per-operation estimate INT8 spends {times(est)} than FP32 per convolution. " if est else ""
-    same = [v for v in lay if v.get("recommended") and v.get("energy_best_estimate_acceptable")]
-    agree = [v for v in same if v["recommended"]["precision"] == v["energy_best_estimate_acceptable"]["precision"]]
-    if same:
-        within = "Among options within the acceptable NRMSE" if d.net else "Among options with at least 8 effective bits"
-        txt += (f"{within}, the cheapest precision by the estimate is the one the "
-                "fastest uses, so energy does not change the answer" if len(agree) == len(same) else
-                f"{within}, the estimate favours a different precision than speed "
-                f"on {len(same) - len(agree)} of {len(same)} layer(s), so energy can change the answer") + ". "
-    if measured:
-        txt += ("Measured (dynamic energy, idle subtracted, kernel at least half of a loop of at least 1 s): the "
-                "least per call is " + ", ".join(f"{m['backend']} {m['precision'].upper()} "
-                                               f"({m['dynamic_joules_per_call'] * 1e3:.3g} mJ)" for m in measured) + ".")
-    elif loops:
-        txt += ("Energy loops ran, but in none did the kernel fill half the loop, so no measured verdict is "
-                "given (appendix F).")
-    else:
-        txt += "No energy meter is readable here (" + ", ".join(k.upper() for k in meters) + "), so nothing is measured."
     return [txt]
 
 
