@@ -758,3 +758,41 @@ def test_an_unknown_backend_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(qconv.QconvError, match="unknown backend 'nope'"):
         Study(tiny_layers(), out, backends=["nope"], progress=False)
     assert not out.exists()
+
+
+def test_histogram_labels_do_not_round_a_nonzero_share_to_zero(study):
+    from qconv.study import plots_scale
+    assert [plots_scale.share_text(f) for f in (0.0, 1e-4, 5.5e-5, 0.27)] == ["0%", "0.01%", "<0.01%", "27%"]
+    doc = copy.deepcopy(study[1])
+    for r in doc["single_s"]:
+        r["input_clipped_fraction"] = 1e-4          # the table says 0.01%
+    texts = [t.get_text() for ax in plots_scale.histograms(doc).axes for t in ax.texts]
+    clips = [t for t in texts if t.endswith(" clip ")]
+    assert clips and all("0.01% clip" in t for t in clips), clips
+
+
+def test_plots_keep_exact_zeros_and_zero_thresholds(study):
+    from qconv.study import plots, plots_network, plots_scale
+    doc = copy.deepcopy(study[1])
+    name = doc["layers"][0]["name"]
+    st = [s for s in doc["strategies"] if s["layer"] == name]
+    st[0]["nrmse"] = 0.0
+    m = next(m for m in doc["measurements"] if m["layer"] == name and m["error"] is None)
+    m["nrmse"] = 0.0
+    ax = plots_scale.nrmse_bars(doc).axes[0]
+    assert len(ax.patches) == len(st) + 1 and "0" in [t.get_text() for t in ax.texts]   # + the FP32 bar
+    timed = [m for m in doc["measurements"] if m["layer"] == name and m["error"] is None]
+    ax = plots.pareto_plot(doc).axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(timed) + len(
+        [r for r in doc["reference_points"] if r["layer"] == name])
+    assert "0" in [t.get_text() for t in ax.texts]
+    net = {"name": "net", "evaluation_images": 1, "naive_int8": {}, "threshold": {"agreement": {"0.99": 0.0,
+                                                                                                "0.95": 1e-4}},
+           "layers": [{"name": "a", "index": 0, "depthwise": False}, {"name": "b", "index": 1, "depthwise": True}],
+           "options": [{"precision": "int8", "strategy": "single", "label": "INT8", "isolated": [0.0, 1e-3],
+                        "propagated": [1e-3, 2e-3]}]}
+    ax = plots_network.network_layers({"network": net}).axes[0]
+    labels = [ln.get_label() for ln in ax.lines]
+    assert any("99% agreement up to NRMSE 0" in t for t in labels), labels
+    line = next(ln for ln in ax.lines if ln.get_label() == "INT8 one S (the assignment's)")
+    assert np.isfinite(line.get_ydata()).all()     # the exact layer is drawn (at the floor), not dropped
