@@ -796,3 +796,28 @@ def test_plots_keep_exact_zeros_and_zero_thresholds(study):
     assert any("99% agreement up to NRMSE 0" in t for t in labels), labels
     line = next(ln for ln in ax.lines if ln.get_label() == "INT8 one S (the assignment's)")
     assert np.isfinite(line.get_ydata()).all()     # the exact layer is drawn (at the floor), not dropped
+
+
+def test_sweep_candidate_counts_agree_and_are_labelled(study):
+    out, res = study
+    report = (out / "report.md").read_text()
+    appendix_d = report.split("### D. Scale sweeps", 1)[1].split("### E.", 1)[0]
+    appendix_e = report.split("### E. Scale strategies", 1)[1].split("### F.", 1)[0]
+    assert "| single-S candidates | (s_x, s_w) pairs |" in appendix_d
+    for s in res["sweeps"]:
+        row = (f"| `{s['layer']}` | {s['precision']} | {s['rounding']} | {len(s['rows'])} | "
+               f"{len(s['pair_rows']) or ''} |")
+        assert row in appendix_d, row
+        if s["rounding"] == "nearest":
+            assert f"among {len(s['rows'])} single-S candidates for {s['precision']}" in appendix_e
+    assert re.search(r"among \d+ candidates", appendix_e) is None
+
+
+def test_csv_flags_per_channel_scales_and_leaves_fp32_rounding_empty(study):
+    out, res = study
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for row, m in zip(rows, res["measurements"]):
+        if m["precision"] == "fp32":
+            assert row["rounding"] == "" and row["per_channel"] == "", row
+        elif m["error"] is None:
+            assert row["per_channel"] == str(m["scale_strategy"] == "per-channel"), row
