@@ -254,6 +254,118 @@ def test_best_option_and_what_decides_it_compare_the_same_options(per_channel_s,
         assert "no integer option, with any scale strategy, beats FP32" in decides, decides
 
 
+def _spread(m: dict, q1: float, q3: float, call_s: float | None = None) -> dict:
+    """Give a synthetic measurement a convolve-time interquartile range and its own whole-call time."""
+    m["phases_s"]["convolve"].update(q1=q1, q3=q3)
+    if call_s is not None:
+        m["call_s"] = {"median": call_s, "q1": call_s, "q3": call_s}
+    return m
+
+
+def _single(layer: str, p: str, nrmse: float, limit: str = "clipping") -> dict:
+    """One single-S row of a synthetic results table: what the answer section reads."""
+    return {"layer": layer, "precision": p, "s_nearest": 1.0, "nrmse_nearest": nrmse, "limit": limit,
+            "wrap_over_bound": None, "input_clipped_fraction": 0.0, "kernel_qmax": 1, "kernel_zero_fraction": 0.0,
+            "accumulator_bits_worst_case": 22}
+
+
+def _layer(name: str, k: int = 27, x: float = 1.0, w: float = 1.0) -> dict:
+    return {"name": name, "k": k, "input_absmax": x, "kernel_absmax": w}
+
+
+def _strategies(layer: str, p: str, nrmse: float) -> list[dict]:
+    return [{"layer": layer, "precision": p, "strategy": s, "nrmse": nrmse}
+            for s in ("single-S", "single-S-truncate", "pair", "maxabs", "per-channel")]
+
+
+def test_best_option_names_its_measure_the_whole_call_winner_and_ties():
+    # exam1 as QA saw it: INT8's convolve phase is fastest, its whole call the slowest, FP32's whole call
+    # the fastest; INT16's convolve-phase interquartile range overlaps INT8's.
+    from qconv.study import report as rep, summary
+    res = {"layers": [{"name": "L", "k": 576}], "measurements": [
+        _spread(_timed("c-avx2", "fp32", None, 1.40e-3, 1e-7), 1.38e-3, 1.42e-3, 1.46e-3),
+        _spread(_timed("c-avx2", "int8", "single-S", 1.26e-3, 5e-2), 1.20e-3, 1.31e-3, 1.70e-3),
+        _spread(_timed("c-avx2", "int16", "single-S", 1.29e-3, 1e-3), 1.28e-3, 1.35e-3, 1.60e-3)]}
+    summary.derive(res)
+    S = res["summary"]["layers"]["L"]
+    assert S["fastest_call"]["precision"] == "fp32" and [o["precision"] for o in S["fastest_tied_with"]] == ["int16"]
+    d = rep._Data(res)
+    best, decides = rep._answer_best(d)[0], rep._answer_factors(d)[0]
+    head, call = best.split("whole call", 1)
+    assert "convolve phase" in head and "c-avx2 INT8" in head, best
+    assert "tied with c-avx2 INT16" in head, best
+    assert call.split(".")[0].count("c-avx2 FP32") == 1 and "1.46 ms" in call, best
+    assert "in the convolve phase" in decides and "slower than FP32's fastest" in decides, decides
+
+
+def test_the_acceptable_verdict_uses_one_rule_for_every_precision():
+    # INT8 clears the bar on one layer and is 20x over it on the other: it does not clear it.
+    from qconv.study import report as rep
+    res = {"layers": [_layer("small"), _layer("const")], "measurements": [], "strategies": [],
+           "single_s": [_single("small", "int8", 0.0233), _single("const", "int8", 0.0),
+                        _single("small", "int16", 1e-4), _single("const", "int16", 0.0)]}
+    text = rep._answer_acceptable(rep._Data(res))[0]
+    assert "INT8 with one S clears it on 1 of 2 layers only" in text and "holds up" not in text, text
+    assert "not justified" in text and "INT16 with one S clears it (0-0.0001)" in text, text
+    res["single_s"][2]["nrmse_nearest"] = 0.02   # INT16 over the bar on one layer: the same rule
+    assert "INT16 with one S clears it on 1 of 2 layers only" in rep._answer_acceptable(rep._Data(res))[0]
+
+
+def test_exact_layers_and_fp32_only_runs_get_no_contradicting_explanation():
+    from qconv.study import report as rep
+    # a constant layer: every precision exact, clipping its nominal limit
+    const = {"layers": [_layer("const")], "measurements": [], "single_s": [_single("const", "int8", 0.0)],
+             "strategies": _strategies("const", "int8", 0.0), "config": {"precisions": ["int8"]}}
+    d = rep._Data(const)
+    scale, on_top = " ".join(rep._answer_scale(d)), rep._answer_on_top(d)[0]
+    assert "clipping stops S" not in scale and "cannot serve" not in scale and "NRMSE 0" in scale, scale
+    assert "Only the single S" not in on_top and "exact" in on_top, on_top
+    assert d.ratio("int8", "single-S", "pair") == [1.0]       # 0 is a value, not a missing one
+    # one S exact, per-channel not: the ratio says so instead of dropping the layer
+    const["strategies"][-1]["nrmse"] = 1e-3
+    assert rep._Data(const).ratio("int8", "per-channel", "single-S") == [math.inf]
+    # FP32 only: no S, no empty tables
+    fp32 = {"layers": [_layer("L")], "measurements": [], "single_s": [], "strategies": [],
+            "config": {"precisions": ["fp32"]}}
+    d = rep._Data(fp32)
+    tables = "\n".join(rep._single_s_tables(d) + rep._on_top_table(d))
+    assert "| precision |" not in tables and "| layer |" not in tables and "FP32 only" in tables, tables
+    assert "no integer precision was requested" in rep._answer_on_top(d)[0]
+    assert "Only the single S" not in rep._answer_on_top(d)[0]
+
+
+def _partial_res(finished: bool) -> dict:
+    """Two layers asked for at repeat 3; the run stopped while the second ('B', K 999) was prepared."""
+    ms = [dict(_timed("c-avx2", "fp32", None, 1e-3, 1e-7), layer="A", repeat=3),
+          dict(_timed("c-avx2", "int8", "single-S", 5e-4, 5e-2), layer="A", repeat=3)] if finished else []
+    ms += [{"layer": "B", "backend": "c-avx2", "precision": p, "scale_strategy": s, "nrmse": None,
+            "error": "interrupted before any timed run"} for p, s in (("fp32", None), ("int8", "single-S"))]
+    return {"status": "partial", "partial_reason": "interrupted (KeyboardInterrupt) before the grid finished",
+            "config": {"precisions": ["fp32", "int8"], "repeat": 3, "baseline_only": []},
+            "layers": ([_layer("A", 27)] if finished else []) + [_layer("B", 999, x=500.0)],
+            "single_s": [_single("A", "int8", 0.05)] if finished else [],
+            "strategies": _strategies("A", "int8", 0.05) if finished else [], "measurements": ms}
+
+
+def test_an_interrupted_run_says_so_and_keeps_the_unfinished_layer_out_of_the_answer():
+    from qconv.study import report as rep, summary
+    res = _partial_res(finished=True)
+    summary.derive(res)
+    d = rep._Data(res)
+    assert d.layers == ["A"] and d.unfinished == ["B"]
+    scale = " ".join(rep._answer_scale(d))
+    assert "K = 27)" in scale and "999" not in scale and "500x" not in scale, scale
+    assert "`B`" in rep._partial_note(d)[0] and "interrupted" in rep._partial_note(d)[0].lower()
+    res = _partial_res(finished=False)
+    summary.derive(res)
+    d = rep._Data(res)
+    answer = " ".join(rep._answer_scale(d) + rep._answer_on_top(d) + rep._answer_best(d) + rep._answer_factors(d)
+                      + rep._answer_acceptable(d))
+    for wrong in ("No integer precision was swept", "was not timed in this run", "not requested"):
+        assert wrong not in answer, answer
+    assert "interrupted before INT8 finished" in answer and "interrupted before FP32 finished" in answer, answer
+
+
 def prose_words(text: str) -> int:
     return sum(len(line.split()) for line in text.splitlines()
                if line.strip() and not line.lstrip().startswith(("|", "![", "#")))
@@ -615,8 +727,8 @@ def test_study_modules_import_no_cycle():
     import ast
     import qconv.study as pkg
     order = ["config", "schema", "accuracy", "energy", "machine", "references", "network", "summary", "figures",
-             "plots_scale", "plots_network", "appendix", "report_network", "plots", "report", "artifacts", "grid",
-             "cli"]
+             "plots_scale", "plots_network", "appendix", "report_network", "plots", "report_answer", "report",
+             "artifacts", "grid", "cli"]
     root = Path(pkg.__file__).parent
     assert {p.stem for p in root.glob("*.py")} - {"__init__"} == set(order)
     for i, name in enumerate(order):
@@ -646,3 +758,66 @@ def test_an_unknown_backend_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(qconv.QconvError, match="unknown backend 'nope'"):
         Study(tiny_layers(), out, backends=["nope"], progress=False)
     assert not out.exists()
+
+
+def test_histogram_labels_do_not_round_a_nonzero_share_to_zero(study):
+    from qconv.study import plots_scale
+    assert [plots_scale.share_text(f) for f in (0.0, 1e-4, 5.5e-5, 0.27)] == ["0%", "0.01%", "<0.01%", "27%"]
+    doc = copy.deepcopy(study[1])
+    for r in doc["single_s"]:
+        r["input_clipped_fraction"] = 1e-4          # the table says 0.01%
+    texts = [t.get_text() for ax in plots_scale.histograms(doc).axes for t in ax.texts]
+    clips = [t for t in texts if t.endswith(" clip ")]
+    assert clips and all("0.01% clip" in t for t in clips), clips
+
+
+def test_plots_keep_exact_zeros_and_zero_thresholds(study):
+    from qconv.study import plots, plots_network, plots_scale
+    doc = copy.deepcopy(study[1])
+    name = doc["layers"][0]["name"]
+    st = [s for s in doc["strategies"] if s["layer"] == name]
+    st[0]["nrmse"] = 0.0
+    m = next(m for m in doc["measurements"] if m["layer"] == name and m["error"] is None)
+    m["nrmse"] = 0.0
+    ax = plots_scale.nrmse_bars(doc).axes[0]
+    assert len(ax.patches) == len(st) + 1 and "0" in [t.get_text() for t in ax.texts]   # + the FP32 bar
+    timed = [m for m in doc["measurements"] if m["layer"] == name and m["error"] is None]
+    ax = plots.pareto_plot(doc).axes[0]
+    assert sum(len(c.get_offsets()) for c in ax.collections) == len(timed) + len(
+        [r for r in doc["reference_points"] if r["layer"] == name])
+    assert "0" in [t.get_text() for t in ax.texts]
+    net = {"name": "net", "evaluation_images": 1, "naive_int8": {}, "threshold": {"agreement": {"0.99": 0.0,
+                                                                                                "0.95": 1e-4}},
+           "layers": [{"name": "a", "index": 0, "depthwise": False}, {"name": "b", "index": 1, "depthwise": True}],
+           "options": [{"precision": "int8", "strategy": "single", "label": "INT8", "isolated": [0.0, 1e-3],
+                        "propagated": [1e-3, 2e-3]}]}
+    ax = plots_network.network_layers({"network": net}).axes[0]
+    labels = [ln.get_label() for ln in ax.lines]
+    assert any("99% agreement up to NRMSE 0" in t for t in labels), labels
+    line = next(ln for ln in ax.lines if ln.get_label() == "INT8 one S (the assignment's)")
+    assert np.isfinite(line.get_ydata()).all()     # the exact layer is drawn (at the floor), not dropped
+
+
+def test_sweep_candidate_counts_agree_and_are_labelled(study):
+    out, res = study
+    report = (out / "report.md").read_text()
+    appendix_d = report.split("### D. Scale sweeps", 1)[1].split("### E.", 1)[0]
+    appendix_e = report.split("### E. Scale strategies", 1)[1].split("### F.", 1)[0]
+    assert "| single-S candidates | (s_x, s_w) pairs |" in appendix_d
+    for s in res["sweeps"]:
+        row = (f"| `{s['layer']}` | {s['precision']} | {s['rounding']} | {len(s['rows'])} | "
+               f"{len(s['pair_rows']) or ''} |")
+        assert row in appendix_d, row
+        if s["rounding"] == "nearest":
+            assert f"among {len(s['rows'])} single-S candidates for {s['precision']}" in appendix_e
+    assert re.search(r"among \d+ candidates", appendix_e) is None
+
+
+def test_csv_flags_per_channel_scales_and_leaves_fp32_rounding_empty(study):
+    out, res = study
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    for row, m in zip(rows, res["measurements"]):
+        if m["precision"] == "fp32":
+            assert row["rounding"] == "" and row["per_channel"] == "", row
+        elif m["error"] is None:
+            assert row["per_channel"] == str(m["scale_strategy"] == "per-channel"), row

@@ -3,6 +3,7 @@ the one peak table, sweeps, strategies, energy constants and loops, layers). Tab
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..sweep import format_scale
@@ -120,9 +121,9 @@ def render(res: dict[str, Any]) -> list[str]:
         L += table(["layer", "option", "precision", "share"], [[o["layer"], o["backend"], o["precision"],
                                                                   f"{o['share']:.0%}\\*"] for o in over])
     L += ["", "### D. Scale sweeps", ""]
-    L += table(["layer", "precision", "rounding", "candidates", "best S", "NRMSE", "best pair (s_x, s_w)",
-                 "wraps from", "saturates from", "all zero up to"],
-                [[f"`{s['layer']}`", s["precision"], s["rounding"], len(s["rows"]) + len(s["pair_rows"]),
+    L += table(["layer", "precision", "rounding", "single-S candidates", "(s_x, s_w) pairs", "best S", "NRMSE",
+                "best pair (s_x, s_w)", "wraps from", "saturates from", "all zero up to"],
+                [[f"`{s['layer']}`", s["precision"], s["rounding"], len(s["rows"]), len(s["pair_rows"]) or "",
                   format_scale(s["best"]["s_x"]), fmt_num(s["best"]["nrmse"]),
                   f"{format_scale(s['best_pair']['s_x'])}, {format_scale(s['best_pair']['s_w'])}" if s.get("best_pair") else "",
                   format_scale(s["wrap_threshold"]) if s.get("wrap_threshold") else "never",
@@ -134,7 +135,7 @@ def render(res: dict[str, Any]) -> list[str]:
                 [[f"`{s['layer']}`", s["precision"], s["strategy"], f"{s['s_x']:.4g}",
                   f"{s['s_w']:.4g}" + (f" ({s['s_w_range'][0]:.3g}..{s['s_w_range'][1]:.3g})" if s.get("s_w_range") else ""),
                   fmt_num(s["nrmse"]), fmt_num(s["effective_bits"], ".1f"), fmt_num(s["wrapped_fraction"], ".2g"),
-                  s["reason"].split(";")[0]] for s in res["strategies"]])
+                  _single_s_count(s["reason"].split(";")[0])] for s in res["strategies"]])
     L += ["", "### F. Energy", ""] + _energy_appendix(res)
     L += ["", "### G. Layers", ""]
     L += table(["layer", "input", "kernel (KH, KW, OC, IC)", "K", "GFLOP", "max abs x", "max abs w", "output range",
@@ -145,6 +146,11 @@ def render(res: dict[str, Any]) -> list[str]:
                   "/".join(str(Ly["overflow_free_q"][p]) for p in ("int32", "int16", "int8")),
                   f"{Ly['input_int8_nrmse']:.3g} / {Ly['kernel_int8_nrmse']:.3g}"] for Ly in res["layers"]])
     return L
+
+
+def _single_s_count(reason: str) -> str:
+    """The sweep's 'among N candidates' counts single-S candidates (appendix D's column of that name)."""
+    return re.sub(r"among (\d+) candidates", r"among \1 single-S candidates", reason)
 
 
 def _energy_appendix(res: dict[str, Any]) -> list[str]:

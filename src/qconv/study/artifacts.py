@@ -21,7 +21,7 @@ def write_json(res: dict[str, Any], path: Path) -> None:
     os.replace(tmp, path)
 
 
-CSV_FIELDS = ["layer", "backend", "precision", "scale_strategy", "rounding", "s_x", "s_w", "repeat",
+CSV_FIELDS = ["layer", "backend", "precision", "scale_strategy", "rounding", "s_x", "s_w", "per_channel", "repeat",
               *(f"{ph}_median_s" for ph in PHASES), "convolve_min_s", "convolve_max_s",
               "total_median_s", "call_median_s", "gops", "peak_gops", "peak_share", "speedup_vs_baseline",
               "speedup_call_vs_baseline", "speedup_vs_best_fp32", "nrmse", "effective_bits", "wrapped_outputs",
@@ -40,7 +40,10 @@ def write_csv(res: dict[str, Any], path: Path) -> None:
                                            "effective_bits", "wrapped_outputs", "wrapped_fraction",
                                            "overflow_possible", "bit_exact", "error")}
             sc = m.get("scale") or {}
-            row.update(s_x=sc.get("s_x"), s_w=sc.get("s_w"))
+            # per-channel kernel scales: s_w is their geometric mean, flagged by per_channel
+            row.update(s_x=sc.get("s_x"), s_w=sc.get("s_w"), per_channel=sc.get("per_channel"))
+            if m.get("precision") == "fp32":
+                row["rounding"] = None  # FP32 rounds no scaled value
             if "phases_s" in m:
                 for ph in PHASES:
                     row[f"{ph}_median_s"] = m["phases_s"][ph]["median"]

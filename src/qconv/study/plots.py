@@ -82,25 +82,31 @@ def pareto_plot(res: dict[str, Any]) -> Panels:
     names = layer_names(res)
     P = Panels(len(names), 6.0, 4.0, cols=2, legend_h=1.0)
     for ax, name in zip(P.axes, names):
-        ms = [m for m in res["measurements"] if m["layer"] == name and ok(m) and m.get("nrmse")]
-        refs = [r for r in res.get("reference_points", []) if r["layer"] == name and r.get("nrmse")]
+        ms = [m for m in res["measurements"] if m["layer"] == name and ok(m) and m.get("nrmse") is not None]
+        refs = [r for r in res.get("reference_points", []) if r["layer"] == name and r.get("nrmse") is not None]
         if not ms and not refs:
             empty(ax, "no measurement")
             continue
+        floor = plots_scale.log_floor([m["nrmse"] for m in ms] + [r["nrmse"] for r in refs])
+
+        def y(v: float) -> float:  # an exact 0 sits at the floor of the log axis, labelled "0"
+            return v or floor
         for m in ms:
             s = m.get("scale_strategy")
-            ax.scatter([m["call_s"]["median"]], [m["nrmse"]], s=34, zorder=3, marker=STRAT_MARKERS.get(s, "o"),
+            if m["nrmse"] == 0:
+                plots_scale.mark_zero(ax, m["call_s"]["median"], floor)
+            ax.scatter([m["call_s"]["median"]], [y(m["nrmse"])], s=34, zorder=3, marker=STRAT_MARKERS.get(s, "o"),
                        color=PREC_COLORS.get(m["precision"], "gray"), alpha=0.85 if s in (None, "single-S") else 0.6)
         front = pareto([(m["call_s"]["median"], m["nrmse"], m) for m in ms])
         if front:
-            ax.step([m["call_s"]["median"] for m in front], [m["nrmse"] for m in front], where="post",
+            ax.step([m["call_s"]["median"] for m in front], [y(m["nrmse"]) for m in front], where="post",
                     color="k", lw=1.0, zorder=2)
         for k, m in enumerate(front):
-            ax.annotate(wrap(label(m), 22), (m["call_s"]["median"], m["nrmse"]), fontsize=6.5,
+            ax.annotate(wrap(label(m), 22), (m["call_s"]["median"], y(m["nrmse"])), fontsize=6.5,
                         xytext=(5, 4 if k % 2 else -10), textcoords="offset points")
         for r in refs:
-            ax.scatter([r["call_s"]["median"]], [r["nrmse"]], s=90, marker="*", color="k", zorder=4)
-            ax.annotate(wrap(r["name"], 18), (r["call_s"]["median"], r["nrmse"]), fontsize=6.5, style="italic",
+            ax.scatter([r["call_s"]["median"]], [y(r["nrmse"])], s=90, marker="*", color="k", zorder=4)
+            ax.annotate(wrap(r["name"], 18), (r["call_s"]["median"], y(r["nrmse"])), fontsize=6.5, style="italic",
                         xytext=(5, 5), textcoords="offset points")
         ax.set_xscale("log")
         ax.set_yscale("log")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from .figures import Panels, empty
+from .plots_scale import log_floor
 
 TITLE = "Per-layer NRMSE against depth in the network, with the NRMSE it tolerates"
 NET_COLORS = {"single": "#55a868", "maxabs": "#8172b3", "maxabs-per-channel": "#937860",
@@ -54,6 +55,9 @@ def network_layers(res: dict[str, Any]) -> Panels:
     th = (net.get("threshold") or {}).get("agreement") or {}
     breaks = set((net.get("naive_int8") or {}).get("breaks") or [])
     xs = list(range(n))
+    # exact values (NRMSE 0) and a threshold of 0 sit at the log axis' floor, labelled "0"
+    floor = log_floor([v for _, o, _ in series for key in ("isolated", "propagated") for v in o.get(key) or []
+                       if v is not None] + [v for v in th.values() if v is not None])
     for k, (ax, key, what) in enumerate(zip(P.axes, ("isolated", "propagated"),
                                             ("error this layer adds (quantized alone, FP32 input)",
                                              "error accumulated up to this layer (whole network quantized)"))):
@@ -62,7 +66,7 @@ def network_layers(res: dict[str, Any]) -> Panels:
                 ax.axvspan(L["index"] - 0.5, L["index"] + 0.5, color="#e8e8e8", lw=0,
                            label="depthwise layer" if k == 0 else None)
         for label, o, style in series:
-            ys = [v if v and v > 0 else float("nan") for v in o.get(key) or []]
+            ys = [float("nan") if v is None else v if v > 0 else floor for v in o.get(key) or []]
             if len(ys) != n:
                 continue
             ax.plot(xs, ys, label=label, **style)
@@ -74,10 +78,11 @@ def network_layers(res: dict[str, Any]) -> Panels:
                         label="alone at per-tensor INT8, drops top-1 agreement below 99%")
         if key == "isolated":
             for t, ls in (("0.99", "-"), ("0.95", ":")):
-                if th.get(t):
-                    ax.axhline(th[t], color="k", ls=ls, lw=0.9,
-                               label=f"noise in every layer: {float(t):.0%} agreement up to NRMSE {th[t]:.2g}")
-                    ax.annotate(f"{float(t):.0%}", (1.0, th[t]), xycoords=("axes fraction", "data"),
+                if th.get(t) is not None:
+                    ax.axhline(th[t] or floor, color="k", ls=ls, lw=0.9,
+                               label=f"noise in every layer: {float(t):.0%} agreement up to NRMSE {th[t]:.2g}"
+                               + (" (drawn at the axis floor)" if th[t] == 0 else ""))
+                    ax.annotate(f"{float(t):.0%}" + (" at 0" if th[t] == 0 else ""), (1.0, th[t] or floor), xycoords=("axes fraction", "data"),
                                 xytext=(3, 0), textcoords="offset points", fontsize=7, va="center")
         ax.set_yscale("log")
         ax.set_xlim(-0.7, n - 0.3)

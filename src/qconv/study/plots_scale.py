@@ -10,6 +10,23 @@ from ..sweep import format_scale
 from .config import INT_PRECISIONS, STRATEGIES, ok
 from .figures import PREC_COLORS, STRAT_COLORS, Panels, collect_legend, empty, layer_names
 
+
+def share_text(f: float) -> str:
+    """A share as the report's tables write it (two significant digits): never a nonzero share as '0%'."""
+    return "0%" if f == 0 else "<0.01%" if f < 1e-4 else f"{100 * f:.2g}%"
+
+
+def log_floor(values: list[float]) -> float:
+    """Where an exact 0 sits on a log axis: a decade under the smallest positive value (labelled '0')."""
+    pos = [v for v in values if v is not None and v > 0]
+    return min(pos) / 10 if pos else 1e-12
+
+
+def mark_zero(ax: Any, x: float, floor: float, **kw: Any) -> None:
+    """Label a point drawn at the log-axis floor as an exact 0."""
+    ax.annotate("0", (x, floor), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
+                fontsize=7, **kw)
+
 TITLES = {
     "vcurve": "The V-curve: NRMSE against the single scale S, every integer precision in one panel",
     "histograms": "Why one S fails: |values| of input and kernel, and each precision's range at its chosen S",
@@ -54,9 +71,9 @@ def vcurve(res: dict[str, Any]) -> Panels:
         if not drawn:
             empty(ax, "no integer sweep")
             continue
-        if acc:
+        if acc is not None:
             net = res.get("summary", {}).get("acceptable_source") == "network"
-            ax.axhline(acc, color="k", ls=":", lw=1,
+            ax.axhline(acc or floor, color="k", ls=":", lw=1,
                        label=f"network tolerates ({acc:.2g}: 99% top-1 agreement)" if net else "8-bit output (1.13e-3)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
@@ -107,14 +124,14 @@ def histograms(res: dict[str, Any]) -> Panels:
                 share = r["input_clipped_fraction"] if which == "input" else r["kernel_zero_fraction"]
                 what = "clip" if which == "input" else "round to 0"
                 ax.text(inside(qmax / s if which == "input" else 0.5 / s), y + top * 0.04,
-                        f" {p.upper()}: {share:.0%} {what} ", fontsize=6.5, color=c,
+                        f" {p.upper()}: {share_text(share)} {what} ", fontsize=6.5, color=c,
                         ha="right" if which == "input" else "left", va="bottom")
             ax.set_xscale("log", base=2)
             ax.set_xlim(x0, x1)
             ax.set_ylim(0, top * 1.75)
             ax.set_xlabel(f"|{which} value| (log2)")
             ax.set_ylabel("share")
-            ax.set_title(f"{name}: {which} ({h['zeros'] / h['total']:.0%} exact zeros)", fontsize=9)
+            ax.set_title(f"{name}: {which} ({share_text(h['zeros'] / h['total'])} exact zeros)", fontsize=9)
     P.legend(*collect_legend(P.axes), ncol=2)
     P.title(TITLES["histograms"])
     return P
@@ -125,29 +142,34 @@ def nrmse_bars(res: dict[str, Any]) -> Panels:
     P = Panels(len(names), 5.6, 3.4, cols=2, legend_h=0.8)
     acc = res.get("summary", {}).get("acceptable_nrmse")
     for ax, name in zip(P.axes, names):
-        st = [s for s in res["strategies"] if s["layer"] == name and s.get("nrmse")]
+        st = [s for s in res["strategies"] if s["layer"] == name and s.get("nrmse") is not None]
         precs = [p for p in INT_PRECISIONS if any(s["precision"] == p for s in st)]
         fp = [m["nrmse"] for m in res["measurements"] if m["layer"] == name and ok(m)
-              and m["precision"] == "fp32" and m.get("nrmse")]
+              and m["precision"] == "fp32" and m.get("nrmse") is not None]
         if not st and not fp:
             empty(ax, "no accuracy data")
             continue
         width = 0.8 / len(STRATEGIES)
+        floor = log_floor([s["nrmse"] for s in st] + fp + [acc or 0])   # exact (NRMSE 0) bars stand on it
         for i, p in enumerate(precs):
             for j, sname in enumerate(STRATEGIES):
                 s = next((s for s in st if s["precision"] == p and s["strategy"] == sname), None)
                 if s is not None:
-                    ax.bar(i + (j - (len(STRATEGIES) - 1) / 2) * width, s["nrmse"], width,
-                           color=STRAT_COLORS[sname], label=sname)
+                    x = i + (j - (len(STRATEGIES) - 1) / 2) * width
+                    ax.bar(x, s["nrmse"] or floor, width, color=STRAT_COLORS[sname], label=sname)
+                    if s["nrmse"] == 0:
+                        mark_zero(ax, x, floor)
         ticks = [p.upper() for p in precs]
         if fp:
-            ax.bar(len(precs), min(fp), 0.3, color=STRAT_COLORS["fp32"], label="fp32 (its own rounding)")
+            ax.bar(len(precs), min(fp) or floor, 0.3, color=STRAT_COLORS["fp32"], label="fp32 (its own rounding)")
+            if min(fp) == 0:
+                mark_zero(ax, len(precs), floor)
             ticks.append("FP32")
         ax.set_xticks(range(len(ticks)), ticks)
         ax.set_yscale("log")
-        if acc:
+        if acc is not None:
             net = res.get("summary", {}).get("acceptable_source") == "network"
-            ax.axhline(acc, color="k", ls=":", lw=1,
+            ax.axhline(acc or floor, color="k", ls=":", lw=1,
                        label=f"network tolerates ({acc:.2g}: 99% top-1 agreement)" if net else "8-bit output (1.13e-3)")
         ax.set_ylabel("NRMSE vs float64")
         ax.set_title(name, fontsize=9)

@@ -7,16 +7,17 @@ go into tables, never into one sentence repeated per layer.
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Any, Iterable
+from typing import Any
 
-from ..metrics import output_bits_nrmse
-from ..sweep import format_scale
 from . import appendix, report_network
-from .appendix import figure, fmt_num, fmt_time, see, table
+from .appendix import figure, fmt_num, fmt_time, table
 from .config import INT_PRECISIONS, MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, ok
+from .report_answer import (S_, _answer_acceptable, _answer_best, _answer_factors, _answer_on_top,
+                            _answer_scale, _Data, _partial_note, pct, rng, times)
 from .summary import headline
+
+t_, g_ = fmt_time, fmt_num
 
 SOURCES = [
     "M. Horowitz, \"Computing's energy problem (and what we can do about it)\", ISSCC 2014, "
@@ -28,47 +29,6 @@ SOURCES = [
     "M. O'Connor et al., \"Fine-Grained DRAM: Energy-Efficient DRAM for Extreme Bandwidth Systems\", "
     "MICRO 2017, doi:10.1145/3123939.3124545 — HBM2 access energy (used for GPUs with HBM).",
 ]
-
-
-t_, g_ = fmt_time, fmt_num
-
-
-def S_(s: float | None) -> str:
-    return "n/a" if s is None else format_scale(s)
-
-
-def pct(f: float | None) -> str:
-    """A share as a percentage with two significant digits ('0.0055%', '27%'); exact 0 as '0%'."""
-    return "n/a" if f is None else "0%" if f == 0 else f"{100 * f:.2g}%"
-
-
-def rng(values: Iterable[float | None], fmt: str = ".3g", suffix: str = "") -> str:
-    """'1.2x' or '1.2-3.4x' over the given values (None skipped)."""
-    v = [x for x in values if x is not None and math.isfinite(x)]
-    if not v:
-        return "n/a"
-    lo, hi = format(min(v), fmt), format(max(v), fmt)
-    return f"{lo}{suffix}" if lo == hi else f"{lo}-{hi}{suffix}"
-
-
-def trng(values: Iterable[float | None]) -> str:
-    """A range of times in one unit: '0.35-0.44 ms'."""
-    v = [x for x in values if x is not None]
-    if not v:
-        return "n/a"
-    unit, f = (("us", 1e6) if max(v) < 1e-3 else ("ms", 1e3) if max(v) < 1 else ("s", 1.0))
-    return rng([x * f for x in v], ".3g", f" {unit}")
-
-
-def times(r: list[float]) -> str:
-    """'1.3-2.6x less' / 'x more' for ratios above / below one."""
-    if not r:
-        return "n/a"
-    if min(r) >= 1:
-        return rng(r, ".2g", "x less")
-    if max(r) <= 1:
-        return rng([1 / x for x in r], ".2g", "x more")
-    return rng(r, ".2g", "x") + " as much"
 
 
 def body_words(md: str) -> int:
@@ -83,173 +43,13 @@ def body_words(md: str) -> int:
     return words
 
 
-class _Data:
-    """Lookups over results.json that the sections share."""
-
-    def __init__(self, res: dict[str, Any]) -> None:
-        self.res = res
-        self.S = res.get("summary") or {}
-        self.layers = [L["name"] for L in res["layers"]]
-        self.single = {(r["layer"], r["precision"]): r for r in res.get("single_s", [])}
-        self.strat = {(s["layer"], s["precision"], s["strategy"]): s for s in res.get("strategies", [])}
-        self.precs = [p for p in INT_PRECISIONS if any((L, p) in self.single for L in self.layers)]
-        self.acc = self.S.get("acceptable_nrmse", output_bits_nrmse(8))
-        self.net = report_network.present(res) and self.S.get("acceptable_source") == "network"
-
-    def per_layer(self, p: str, key: str) -> list[Any]:
-        return [self.single[(L, p)][key] for L in self.layers if (L, p) in self.single]
-
-    def ratio(self, p: str, num: str, den: str) -> list[float]:
-        out = []
-        for L in self.layers:
-            a, b = self.strat.get((L, p, num)), self.strat.get((L, p, den))
-            if a and b and a["nrmse"] and b["nrmse"]:
-                out.append(a["nrmse"] / b["nrmse"])
-        return out
-
-    def lay(self) -> list[dict[str, Any]]:
-        return [v for v in (self.S.get("layers") or {}).values() if v]
-
-    def which_limit(self, precs: list[str], kind: str) -> str:
-        """'every layer' or '`a`, `b`': where one of these precisions is limited by `kind`."""
-        hit = [L for L in self.layers if any((self.single.get((L, p)) or {}).get("limit") == kind for p in precs)]
-        return "every layer" if len(hit) == len(self.layers) else ", ".join(f"`{L}`" for L in hit)
-
-
-def _per_layer_s(d: _Data, p: str) -> str:
-    parts = [f"{S_(d.single[(L, p)]['s_nearest'])}" + (f" (`{L}`)" if len(d.layers) > 1 else "")
-             for L in d.layers if (L, p) in d.single]
-    return ", ".join(parts)
-
-
-def _answer_scale(d: _Data) -> list[str]:
-    if not d.precs:
-        return ["- **Which S?** No integer precision was swept in this run, so there is no S to choose."]
-    out = []
-    chosen = "; ".join(f"{p.upper()} S = {_per_layer_s(d, p)} (NRMSE {rng(d.per_layer(p, 'nrmse_nearest'))})"
-                       for p in d.precs)
-    out.append(f"- **Which S?** With one S for both tensors, as the assignment asks, the S with the lowest "
-               f"NRMSE is: {chosen}.")
-    common = {c["precision"]: c for c in d.res.get("common_s", [])}
-    if len(d.layers) > 1 and common:
-        out.append("  One S per precision for every layer (the assignment's program takes none) would be "
-                   + ", ".join(f"{p.upper()} {S_(common[p]['s'])}" for p in d.precs if p in common)
-                   + f", at most {rng([common[p]['worst_ratio'] for p in d.precs if p in common], '.2g', 'x')} "
-                     f"the error of each layer's own best S.")
-    wrap_p = [p for p in d.precs if "wrap-around" in d.per_layer(p, "limit")]
-    clip_p = [p for p in d.precs if "clipping" in d.per_layer(p, "limit")]
-    if wrap_p:
-        ratios = [r for p in wrap_p for r in d.per_layer(p, "wrap_over_bound")]
-        out.append(f"  Why: for {' and '.join(p.upper() for p in wrap_p)} the int32 accumulator sets the limit "
-                   f"on {d.which_limit(wrap_p, 'wrap-around')}: above the chosen S, sums wrap around"
-                   + (f", {rng(ratios, '.2g', 'x')} above the worst-case bound K·max|q_x|·max|q_w| <= 2^31-1, "
-                      f"since products of both signs cancel" if ratios else "") + ".")
-    if clip_p:
-        parts = []
-        for p in clip_p:
-            c = [r["input_clipped_fraction"] * 100 for L in d.layers for r in [d.single.get((L, p))] if r]
-            qm = d.per_layer(p, "kernel_qmax")
-            kz = [z * 100 for z in d.per_layer(p, "kernel_zero_fraction")]
-            parts.append(f"{p.upper()} clips {rng(c, '.2g', '%')} of the inputs while its weights reach only "
-                         f"±{rng(qm, 'd')} ({rng(kz, '.2g', '%')} round to 0)")
-        ratio = [L["input_absmax"] / L["kernel_absmax"] for L in d.res["layers"] if L["kernel_absmax"] > 0]
-        out.append(f"  {'Elsewhere' if wrap_p else 'Why'}, clipping stops S: at the best S " + "; ".join(parts)
-                   + f". The input's range is {rng(ratio, '.3g', 'x')} the kernel's, which one S cannot serve "
-                     f"(histograms below).")
-    ks = [L["k"] for L in d.res["layers"]]
-    bits = "; ".join(f"{p.upper()} {rng(d.per_layer(p, 'accumulator_bits_worst_case'), 'd')}" for p in d.precs)
-    out.append(f"  The worst case needs 2n + log2(C·KH·KW) accumulator bits (K = {rng(ks, 'd')}): {bits}; "
-               f"int32 holds INT8 at any S, the wider operands only at small S.")
-    return out
-
-
-def _answer_on_top(d: _Data) -> list[str]:
-    parts = []
-    for key, what in ((PAIR, "separate input and kernel scales"), (PER_CHANNEL, "a kernel scale per output channel")):
-        r = [x for p in d.precs for x in d.ratio(p, SINGLE, key)]
-        if r:  # a ratio below 1 is an error that grew (a wider precision already at its float32 floor)
-            parts.append(f"{what} cut the error {rng(r, '.2g', 'x')}" if min(r) >= 1 else
-                         f"{what} changed the error by {rng(r, '.2g', 'x')} (below 1x: it grew)")
-    tr = [x for p in d.precs for x in d.ratio(p, SINGLE_TRUNC, SINGLE)]
-    txt = ("- **What comes on top?** Against one rounded S, " + "; ".join(parts) if parts else
-           "- **What comes on top?** Only the single S was evaluated")
-    if tr:
-        txt += (f"; truncation, the assignment's (int) cast, costs {rng(tr, '.2g', 'x')} the error of rounding "
-                f"at its own best S, since it biases every value toward zero")
-    i8 = [d.strat.get((L, "int8", PER_CHANNEL)) for L in d.layers]
-    i8 = [s["nrmse"] for s in i8 if s and s["nrmse"]]
-    if i8:
-        txt += f". INT8 with per-channel scales reaches NRMSE {rng(i8)}"
-    return [txt + f" (table below{see(d.res, 'nrmse')})."]
-
-
-def _answer_best(d: _Data) -> list[str]:
-    lay = d.lay()
-    if not lay:
-        return ["- **Best option?** Nothing was timed."]
-    names = [n for n, v in (d.S.get("layers") or {}).items() if v]
-
-    def who(key: str) -> str:
-        opts = {n: f"{v[key]['backend']} {v[key]['precision'].upper()}" for n, v in zip(names, lay) if v.get(key)}
-        if not opts:
-            return "none"
-        if len(set(opts.values())) == 1:
-            return f"**{next(iter(opts.values()))}**"
-        return ", ".join(f"**{o}** (`{n}`)" for n, o in opts.items())
-    rec = [v["recommended"] for v in lay if v.get("recommended")]
-    base = sorted({v["baseline"]["backend"] for v in lay if v.get("baseline")})
-    speed = [v["fastest"]["speedup_vs_baseline"] for v in lay if v["fastest"].get("speedup_vs_baseline")]
-    bar = (f"within the NRMSE the network tolerates (<= {d.acc:.3g}, measured below)" if d.net else
-           f"with at least 8 effective output bits (NRMSE <= {d.acc:.3g})")
-    out = [f"- **Best option?** Fastest: {who('fastest')}"
-           + (f", {rng(speed, '.3g', 'x')} the {'/'.join(base)} FP32 baseline in the convolve phase" if speed and base
-              else " (no FP32 baseline was measured)")
-           + f", at single-S NRMSE {rng([v['fastest']['nrmse'] for v in lay])}. Fastest {bar}: {who('recommended')}"
-           + (f" ({trng([r['convolve_s'] for r in rec])})" if rec else "")]
-    better = [(n, v["recommended_any_scale"]) for n, v in zip(names, lay) if v.get("recommended_any_scale")
-              and v["recommended_any_scale"]["convolve_s"] < (v.get("recommended") or {}).get("convolve_s", math.inf)]
-    if better:  # the single-S bar above is the assignment's; other scale strategies may clear it faster
-        out[0] += ("; with any scale strategy: " + ", ".join(
-            f"**{o['backend']} {o['precision'].upper()} {o['scale_strategy']}** ({t_(o['convolve_s'])}"
-            + (f", `{n}`" if len(d.layers) > 1 else "") + ")" for n, o in better))
-    out[0] += "."
-    refs = [p for v in lay for p in v.get("reference_faster", [])]
-    if refs:
-        out.append(f"  A reference point beats qconv's fastest whole call: "
-                   + ", ".join(f"{p['name']} on `{p['layer']}` ({t_(p['call_s']['median'])}, NRMSE {g_(p['nrmse'])})"
-                               for p in refs) + ".")
-    return out
-
-
-def _answer_factors(d: _Data) -> list[str]:
-    # every scale strategy, as Best option?'s "with any scale strategy" (single-S alone contradicted it)
-    hw, compared = [], 0
-    for name, v in (d.S.get("layers") or {}).items():
-        ints = [m["phases_s"]["convolve"]["median"] for m in d.res["measurements"]
-                if ok(m) and m["layer"] == name and m["precision"] != "fp32"]
-        if v and v.get("best_fp32") and ints:
-            compared += 1
-            if min(ints) < v["best_fp32"]["convolve_s"]:
-                hw.append(v["best_fp32"]["convolve_s"] / min(ints))
-    fp32_timed = any(v.get("best_fp32") for v in d.lay())
-    where = f" on {len(hw)} of {compared} layers" if 0 < len(hw) < compared else ""
-    txt = ("- **What decides it?** The datapath first: " +
-           (f"the fastest integer option, with any scale strategy, runs {rng(hw, '.2g', 'x')} faster than the "
-            f"fastest FP32 one{where} (Speed says why). " if hw else
-            "no integer option, with any scale strategy, beats FP32 here. " if fp32_timed else
-            "FP32 was not timed in this run, so how much the integer datapath buys is not measured here. ")
-           + "Then the accuracy target, the layer's K (it sets where int32 wraps) and what the whole call "
-             f"adds around the kernel (quantizing the input{see(d.res, 'phases')}).")
-    return [txt]
-
-
 def _energy_line(d: _Data) -> list[str]:
     lay = d.lay()
     meters = d.res["machine"].get("energy_meters", {})
     loops = sum(v.get("energy_loops", 0) for v in lay)
     measured = [v["energy_best_measured"] for v in lay if v.get("energy_best_measured")]
     est = []
-    for L in d.layers:
+    for L in d.timed:
         e = {m["precision"]: m["energy_estimate_j"] for m in d.res["measurements"]
              if m["layer"] == L and ok(m) and headline(m)}
         if "fp32" in e and "int8" in e:
@@ -276,36 +76,20 @@ def _energy_line(d: _Data) -> list[str]:
     return [txt]
 
 
-def _answer_acceptable(d: _Data) -> list[str]:
-    if d.net:
-        return report_network.answer_acceptable(d.res, {p: d.per_layer(p, "nrmse_nearest") for p in ("int8", "int16")
-                                                         if p in d.precs})
-    fp = [m["nrmse"] for m in d.res["measurements"] if ok(m) and m["precision"] == "fp32" and m.get("nrmse")]
-    one = d.per_layer("int8", "nrmse_nearest") if "int8" in d.precs else []
-    pair = [s["nrmse"] for L in d.layers for s in [d.strat.get((L, "int8", PAIR))] if s and s["nrmse"]]
-    txt = ("- **Is naive quantization justified?** "
-           + (f"FP32 itself sits at NRMSE {rng(fp)} against float64. " if fp else "")
-           + f"Take the output's own 8-bit step, NRMSE {d.acc:.3g}, as the bar: an 8-bit next layer cannot see less. ")
-    sixteen = d.per_layer("int16", "nrmse_nearest") if "int16" in d.precs else []
-    if sixteen:
-        txt += f"INT16 with one S {'clears' if max(sixteen) <= d.acc else 'misses'} it ({rng(sixteen)}). "
-    if one:
-        verdict = "misses it" if min(one) > d.acc else "clears it"
-        txt += (f"INT8 with one S {verdict} ({rng(one)})"
-                + (f"; with separate scales it reaches {rng(pair)}" if pair else "") + ". "
-                + ("Naive single-S INT8 is therefore not justified; per-tensor (Jacob et al. 2018) and "
-                   "per-channel scales (Krishnamoorthi 2018) are the cheap fix. " if min(one) > d.acc else
-                   "Naive INT8 holds up on these layers; Jacob et al. (2018) and Krishnamoorthi (2018) add "
-                   "per-tensor and per-channel scales for the layers where it does not. "))
-    txt += report_network.fallback_note(d.res)
-    return [txt]
+def _names(d: _Data) -> list[str]:
+    """Every layer with a record, finished or not: the tables show all that was measured."""
+    return [L["name"] for L in d.res["layers"]]
+
+
+def _int_precs(d: _Data) -> list[str]:
+    return [p for p in INT_PRECISIONS if any(k[1] == p for k in d.single)]
 
 
 def _single_s_tables(d: _Data) -> list[str]:
     out = []
-    for L in d.layers:
+    for L in _names(d):
         rows = []
-        for p in d.precs:
+        for p in _int_precs(d):
             r = d.single.get((L, p))
             if r is None:
                 continue
@@ -316,20 +100,31 @@ def _single_s_tables(d: _Data) -> list[str]:
                          f"{r['limit']}: {r['limit_detail']}", pct(r["input_clipped_fraction"]),
                          f"{r['kernel_levels_used']} (|q| <= {r['kernel_qmax']}, {pct(r['kernel_zero_fraction'])} zero)",
                          bits])
+        if not rows:  # no empty table: say why there is none
+            continue
         out.append(f"**`{L}`** — one S for both tensors")
         out.append("")
         out += table(["precision", "S (nearest)", "S (truncate)", "NRMSE nearest / truncate", "what limits S",
                       "inputs clipped", "kernel levels used", "accumulator bits (2n+log2 K)"], rows)
         out.append("")
+    if not out:
+        asked = [p.upper() for p in INT_PRECISIONS if p in d.requested]
+        out = [("No layer finished an integer precision's scale sweep before the run was interrupted"
+                if asked and d.partial else "FP32 only: no integer precision ran, so there is no S")
+               + " (FP32's figures are under Speed).", ""]
     return out
 
 
 def _on_top_table(d: _Data) -> list[str]:
     rows = []
-    for L in d.layers:
-        for p in d.precs:
+    for L in _names(d):
+        for p in _int_precs(d):
+            if not any(k[:2] == (L, p) for k in d.strat):
+                continue
             cells = [d.strat.get((L, p, k)) for k in (SINGLE, SINGLE_TRUNC, PAIR, MAXABS, PER_CHANNEL)]
             rows.append([f"`{L}`", p.upper()] + [g_(c["nrmse"]) if c else "n/a" for c in cells])
+    if not rows:
+        return ["No scale strategy was evaluated (no integer precision ran)."]
     return table(["layer", "precision", "one S (nearest)", "one S (truncate)", "best pair", "maxabs",
                   "maxabs per channel"], rows)
 
@@ -374,10 +169,10 @@ def render(res: dict[str, Any]) -> str:
     if res["status"] != "complete":
         L += [f"> **Partial results** — {res.get('partial_reason')}. Numbers below cover only what was measured.", ""]
     L += [f"{M.get('cpu_model')}, {M.get('cpu_logical_cores')} logical cores; GPU: {M.get('gpu') or 'none'}; "
-          f"batch {res['config']['batch']}; {len(d.layers)} layer(s); generated {M['date']} from results.json "
+          f"batch {res['config']['batch']}; {len(_names(d))} layer(s); generated {M['date']} from results.json "
           f"(schema v{res['schema_version']}). Setup and every table in the appendix.", ""]
     L += ["## The answer", ""]
-    L += _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
+    L += _partial_note(d) + _answer_scale(d) + _answer_on_top(d) + _answer_best(d) + _answer_factors(d) + _energy_line(d)
     L += _answer_acceptable(d)
     L += ["", "## One S per precision", ""] + figure(res, "vcurve") + figure(res, "histograms")
     L += _single_s_tables(d)
