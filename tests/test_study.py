@@ -646,3 +646,110 @@ def test_an_unknown_backend_leaves_no_empty_output_folder(tmp_path):
     with pytest.raises(qconv.QconvError, match="unknown backend 'nope'"):
         Study(tiny_layers(), out, backends=["nope"], progress=False)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ QA: interrupts, bad data
+def test_an_interrupt_in_the_sweeps_keeps_the_precisions_already_swept(tmp_path, monkeypatch):
+    from qconv.study import accuracy
+    real, seen = accuracy.sweeps, []
+
+    def flaky(x, w, p, ref, settings):
+        seen.append(p)
+        if len(seen) == 2:                      # the second precision of the first layer
+            raise KeyboardInterrupt
+        return real(x, w, p, ref, settings)
+    monkeypatch.setattr(accuracy, "sweeps", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], precisions=["fp32", "int32", "int8"],
+                  repeat=1, quick=True, progress=False, plots=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["status"] == "partial"
+    assert doc["partial_reason"] == "interrupted (KeyboardInterrupt) during the scale sweeps of layer tiny3x3"
+    # int32's rows are kept: both sweeps, the five strategies and its single-S row
+    assert {(s["layer"], s["precision"]) for s in doc["sweeps"]} == {("tiny3x3", "int32")}
+    assert len(doc["sweeps"]) == 2 and len(doc["strategies"]) == 5
+    assert [(r["layer"], r["precision"]) for r in doc["single_s"]] == [("tiny3x3", "int32")]
+    prog = doc["progress"]
+    assert prog["stopped_in"] == "the scale sweeps of layer tiny3x3" and prog["network_done"] is None
+    assert prog["layers"] == [
+        {"layer": "tiny3x3", "requested": ["fp32", "int32", "int8"], "swept": ["int32"], "skipped": [], "timed": False},
+        {"layer": "tiny1x1", "requested": ["fp32", "int32", "int8"], "swept": [], "skipped": [], "timed": False}]
+
+
+def test_a_complete_run_records_every_requested_precision_as_done(study):
+    _, res = study
+    assert res["progress"]["stopped_in"] is None and res["skipped"] == []
+    for L in res["progress"]["layers"]:
+        assert L["requested"] == ["fp32", "int32", "int16", "int8"] and L["timed"] is True
+        assert L["swept"] == ["int32", "int16", "int8"] and L["skipped"] == []
+
+
+def test_an_interrupt_after_the_layers_says_where_it_stopped(tmp_path, monkeypatch):
+    from qconv.study import accuracy
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(accuracy, "common_s", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], precisions=["int8"], repeat=1, quick=True,
+                  progress=False, plots=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and "before the grid finished" not in doc["partial_reason"]
+    assert doc["partial_reason"].endswith("during the peak measurements after the layers")
+    assert all(L["timed"] and L["swept"] == ["int8"] for L in doc["progress"]["layers"])
+
+
+def _save_layer(d: Path, x: np.ndarray, w: np.ndarray) -> Path:
+    d.mkdir(parents=True)
+    qconv.save_tensor(d / "input_tensor.bin", x)
+    qconv.save_tensor(d / "kernel_tensor.bin", w)
+    return d
+
+
+@pytest.mark.parametrize("where", ["input", "kernel"])
+def test_a_non_finite_layer_is_refused_naming_the_file_before_any_output(tmp_path, where):
+    lay = tiny_layers()[1]
+    x, w = lay.x.copy(), lay.w.copy()
+    (x if where == "input" else w)[0, 0, 0, 0] = np.nan
+    d = _save_layer(tmp_path / "bad", x, w)
+    out = tmp_path / "o"
+    msg = rf"layer bad: the {where} \(.*bad/{where}_tensor.bin\) holds 1 non-finite value\(s\)"
+    with pytest.raises(qconv.InputError, match=msg):
+        study_cli.run(_args([str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1",
+                             "--quick", "--no-progress", "--out", str(out)]))
+    assert not out.exists()
+    with pytest.raises(qconv.InputError, match=f"layer py: the {where} holds 1 non-finite"):  # from Python
+        Study([Layer("py", x, w)], out, backends=["reference"], progress=False)
+    assert not out.exists()
+
+
+def test_maxabs_scale_reports_non_finite_data_and_calls_only_denormals_denormal():
+    with pytest.raises(qconv.InputError, match="holds 1 non-finite value") as e:
+        maxabs_scale(np.array([1.0, np.nan], np.float32), 127)
+    assert "too small" not in str(e.value)
+    with pytest.raises(qconv.InputError, match="too small") as e:  # normal float32, INT32's scale overflows
+        maxabs_scale(np.full(4, 3e-30, np.float32), 2**31 - 1)
+    assert "denormal" not in str(e.value) and "normal float32" in str(e.value)
+    with pytest.raises(qconv.InputError, match="all denormal"):
+        maxabs_scale(np.full(4, 1e-45, np.float32), 127)
+
+
+def test_a_precision_that_cannot_scale_a_layer_is_skipped_for_that_layer_only(tmp_path):
+    small, normal = tiny_layers()
+    small = Layer("small", (small.x * np.float32(1e-31)).astype(np.float32), small.w)  # normal, under 6e-30
+    assert np.abs(small.x).max() >= np.finfo(np.float32).tiny
+    res = run_study([small, normal], tmp_path, backends=["reference"], precisions=["fp32", "int32", "int8"],
+                    repeat=1, quick=True, progress=False, plots=True)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and res["status"] == "complete"
+    skipped = {(s["layer"], s["precision"]): s["reason"] for s in res["skipped"]}
+    assert set(skipped) == {("small", "int32"), ("small", "int8")}
+    assert skipped[("small", "int32")].startswith("int32 skipped for layer small: the input's maxabs scale")
+    assert "denormal" not in skipped[("small", "int32")]
+    got = {(m["layer"], m["precision"]) for m in res["measurements"] if m["error"] is None}
+    assert ("small", "fp32") in got and ("small", "int32") not in got and ("small", "int8") not in got
+    assert {("tiny1x1", "int32"), ("tiny1x1", "int8")} <= got
+    by = {L["layer"]: L for L in res["progress"]["layers"]}
+    assert by["small"]["swept"] == [] and by["small"]["skipped"] == ["int32", "int8"]
+    assert by["tiny1x1"]["swept"] == ["int32", "int8"] and by["tiny1x1"]["skipped"] == []
+    assert (tmp_path / "report.md").is_file()

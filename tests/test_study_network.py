@@ -305,6 +305,12 @@ def test_an_interrupt_in_the_network_section_leaves_a_valid_partial_result(tmp_p
                   quick=True, progress=False, plots=False, network_=TinyNet(), network_limit=16)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["status"] == "partial" and validate(doc) == []
+    # where it stopped, and that the layers themselves finished
+    assert doc["partial_reason"] == "interrupted (KeyboardInterrupt) during the network section"
+    prog = doc["progress"]
+    assert prog["stopped_in"] == "the network section" and prog["network_done"] is False
+    assert prog["layers"] == [{"layer": tiny_layer().name, "requested": ["fp32", "int8"], "swept": ["int8"],
+                               "skipped": [], "timed": True}]
     net = doc["network"]
     assert net["threshold"] is not None and net["naive_int8"] is None and len(net["options"]) == 5
     report = (tmp_path / "report.md").read_text()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import backends
-from ..contract import Precision
+from ..contract import Precision, check_finite
 from ..errors import InputError
 from ..tensorfile import load_pair
 
@@ -62,6 +62,12 @@ class Layer:
     kernel_path: str | None = None
 
 
+def check_layer_finite(layer: Layer) -> None:
+    """Refuse a layer whose input or kernel holds NaN or inf, naming the layer and the file."""
+    for what, t, path in (("input", layer.x, layer.input_path), ("kernel", layer.w, layer.kernel_path)):
+        check_finite(t, f"layer {layer.name}: the {what}" + (f" ({path})" if path else ""))
+
+
 def load_layers(specs: Sequence[str]) -> list[Layer]:
     """LAYERS as the CLI takes them: a directory holding input_tensor.bin and kernel_tensor.bin,
     'input.bin:kernel.bin', or a shipped sample's name (exam1)."""
@@ -87,11 +93,23 @@ def load_layers(specs: Sequence[str]) -> list[Layer]:
                              f"kernel_tensor.bin, INPUT.bin:KERNEL.bin, or a sample name")
         x, w = load_pair(ip, kp)
         layers.append(Layer(name, x, w, str(ip), str(kp)))
+        check_layer_finite(layers[-1])
     names = [l.name for l in layers]
     for i, l in enumerate(layers):  # make names unique
         if names.count(l.name) > 1:
             l.name = f"{l.name}#{names[:i + 1].count(l.name)}"
     return layers
+
+
+def progress(res: dict[str, Any], layers: Sequence[Layer], precisions: Sequence[Precision], timed: Sequence[str],
+             stage: str | None, network: bool) -> dict[str, Any]:
+    """results.json's "progress": what was requested against what finished (results.schema.json)."""
+    rows = [{"layer": L.name, "requested": [p.value for p in precisions],
+             "swept": [s["precision"] for s in res["single_s"] if s["layer"] == L.name],
+             "skipped": [s["precision"] for s in res["skipped"] if s["layer"] == L.name],
+             "timed": L.name in timed} for L in layers]
+    return {"stopped_in": stage, "layers": rows,
+            "network_done": res["status"] == "complete" if network else None}
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from ..errors import InputError, QconvError, QconvWarning
 from ..pools import quiet_blas
 from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
-                     WARM_S, Layer, Option, stats, timed_options)
+                     WARM_S, Layer, Option, check_layer_finite, progress, stats, timed_options)
 from .summary import headline
 
 
@@ -65,6 +65,8 @@ class Study:
             raise InputError(f"--batch must be >= 1, got {batch}")
         if repeat < 1:
             raise InputError(f"--repeat must be >= 1, got {repeat}")
+        for layer in layers:  # NaN or inf: one line naming the layer and file, before any output exists
+            check_layer_finite(layer)
         for layer in layers:  # the repeated input, its output and the float64 reference, before any work
             out1 = layer.x.shape[1] * layer.x.shape[2] * layer.w.shape[2]  # 'same', stride 1: H x W x OC
             nbytes = batch * (4 * layer.x[0].size + 12 * out1)
@@ -149,7 +151,7 @@ class Study:
                       "nrmse": "dimensionless, RMSE / (max - min) of the float64 reference output",
                       "effective_bits": "bits: log2(1 + 1/(NRMSE*sqrt(12)))", "scale": "dimensionless multiplier"},
             "energy_model": energy.model(self.machine.get("gpu")),
-            "layers": [], "measurements": [], "sweeps": [], "strategies": [], "single_s": [], "common_s": [],
+            "layers": [], "measurements": [], "sweeps": [], "skipped": [], "strategies": [], "single_s": [], "common_s": [],
             "reference_points": [], "reference_points_note": None, "idle_power_w": {}, "summary": {}, "plots": [], "elapsed_s": None,
             "network": net_record,
         }
@@ -188,8 +190,10 @@ class Study:
                                           for (i, t), g in sorted(self.peaks.items())]
 
     # ---------------------------------------------------------------------------- measurements
-    def _precisions_of(self, o: Option) -> list[Precision]:
-        return [Precision.FP32] if o.baseline_only else self.precisions
+    def _precisions_of(self, o: Option) -> list[Precision]:  # less the precisions skipped for this layer
+        if o.baseline_only:
+            return [Precision.FP32]
+        return [p for p in self.precisions if not p.is_integer or p in self._tables]
 
     def _scales(self, p: Precision, strategy: str) -> Any:
         t = self._tables[p]
@@ -320,6 +324,8 @@ class Study:
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._open_bar()
+        self._stage: str | None = "the peak measurements before the layers"
+        self._timed: list[str] = []
         try:
             self._peak_keys = machine.cpu_peak_keys(self.options, self.precisions)
             self._measure_peaks(5)
@@ -339,18 +345,23 @@ class Study:
                 else:
                     x, ref = layer.x, ref1
                 self.results["layers"].append(accuracy.layer_record(layer, x, ref))
-                acc = accuracy.accuracy_for_layer(layer, self.precisions, ref1, self.settings, self._tick)
-                for k in ("sweeps", "strategies", "single_s"):
-                    self.results[k] += acc[k]
+                self._stage = f"the scale sweeps of layer {layer.name}"
+                # each precision's rows go into the results as soon as it is swept
+                acc = accuracy.accuracy_for_layer(layer, self.precisions, ref1, self.settings, self._tick,
+                                                  into=self.results)
                 self._tables = acc["tables"]
                 for p, t in acc["tables"].items():
                     tables[p][layer.name] = t
+                self._stage = f"the timing of layer {layer.name}"
                 self._measure_peaks(2)
                 with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers
                     self._measure_layer(layer, x, ref)
+                self._timed.append(layer.name)
                 if refs_ok:
+                    self._stage = f"the reference points of layer {layer.name}"
                     self.results["reference_points"] += references.measure(layer, x, ref, self._tables,
                                                                            self.repeat)
+            self._stage = "the peak measurements after the layers"
             for p, by_layer in tables.items():
                 c = accuracy.common_s(by_layer)
                 if c is not None:
@@ -360,20 +371,24 @@ class Study:
                 if m.get("peak_key"):
                     m["peak_gops"] = self.peaks.get(tuple(m["peak_key"]))
             if self.section is not None:
+                self._stage = "the network section"
                 self.section.run(self.results["network"], self._tick)
+            self._stage = None
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "partial"
-            self.results["partial_reason"] = "interrupted (KeyboardInterrupt) before the grid finished"
+            self.results["partial_reason"] = f"interrupted (KeyboardInterrupt) during {self._stage}"
             raise
         except BaseException as e:
             self.results["status"] = "partial"
-            self.results["partial_reason"] = f"stopped by an error: {e.__class__.__name__}: {e}"
+            self.results["partial_reason"] = f"stopped during {self._stage} by an error: {e.__class__.__name__}: {e}"
             raise
         finally:
             if self._bar is not None:
                 self._bar.close()
             self.results["elapsed_s"] = time.perf_counter() - t0
+            self.results["progress"] = progress(self.results, self.layers, self.precisions, self._timed, self._stage,
+                                                self.section is not None)
             artifacts.finish(self.results, self.out, self.plots)
         return self.results
 
