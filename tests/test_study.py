@@ -753,3 +753,114 @@ def test_a_precision_that_cannot_scale_a_layer_is_skipped_for_that_layer_only(tm
     assert by["small"]["swept"] == [] and by["small"]["skipped"] == ["int32", "int8"]
     assert by["tiny1x1"]["swept"] == ["int32", "int8"] and by["tiny1x1"]["skipped"] == []
     assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.parametrize("precisions", [["int8"], ["fp32", "int16", "int8"], ["fp32"]])
+def test_the_batch_memory_check_counts_every_array_a_layer_holds(precisions):
+    from qconv.study.config import layer_memory
+    lay, batch = tiny_layers()[0], 7
+    opts, _ = config_timed_options(["reference"], precisions, batch)
+    n, h, w_, c = lay.x.shape
+    out = batch * h * w_ * lay.w.shape[2]
+    n_int = sum(p != "fp32" for p in precisions)
+    fp32_opts = [o for o in opts if "fp32" in precisions or o.baseline_only]
+    n_bounds = len({registry.fp32_bound(o.backend, o.options) for o in fp32_opts})
+    held = (4 * batch * h * w_ * c           # the repeated input
+            + 8 * out                        # its float64 reference
+            + 4 * out * 3 * n_int            # expected outputs: one per (precision, single-S/pair/per-channel)
+            + 8 * out * n_bounds             # float64 FP32 error bounds
+            + 4 * out)                       # the option being warmed up: its output
+    if n_int:
+        held += 1 * batch * h * w_ * c + 4 * out  # a quantized input and an int32 accumulator (int8 at least)
+    got = layer_memory(lay, batch, [Precision(p) for p in precisions], opts)
+    assert got["total"] >= held and got["total"] == sum(v for k, v in got.items() if k != "total")
+
+
+def test_a_batch_that_does_not_fit_is_refused_up_front_with_the_size(tmp_path, monkeypatch):
+    from qconv import layouts
+    from qconv.study.config import layer_memory
+    lay = tiny_layers()[0]
+    opts, _ = config_timed_options(["reference"], [Precision.INT8], 50)
+    need = layer_memory(lay, 50, [Precision.INT8], opts)["total"]
+    monkeypatch.setattr(layouts, "available_memory", lambda: need - 1)
+    out = tmp_path / "o"
+    with pytest.raises(qconv.InputError, match=r"--batch 50 on layer tiny3x3 needs about .* available"):
+        Study([lay], out, backends=["reference"], precisions=["int8"], batch=50, progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(layouts, "available_memory", lambda: need)
+    Study([lay], out, backends=["reference"], precisions=["int8"], batch=50, progress=False)
+
+
+def config_timed_options(backends_, precisions, batch):
+    from qconv.study.config import timed_options
+    return timed_options(backends_, [Precision(p) for p in precisions], batch)
+
+
+def test_a_rerun_into_a_previous_studys_folder_needs_force_and_leaves_nothing_stale(tmp_path):
+    out = tmp_path / "o"
+    kw = dict(backends=["reference"], precisions=["int8"], repeat=1, quick=True, progress=False, plots=False)
+    run_study(tiny_layers()[1:], out, **kw)
+    (out / "network.csv").write_text("stale\n")        # an earlier study's files this run would not rewrite
+    (out / "network_layers.png").write_bytes(b"stale")
+    before = (out / "results.json").read_text()
+    with pytest.raises(qconv.InputError, match=r"previous study's results: pass --force") as e:
+        run_study(tiny_layers()[:1], out, **kw)
+    assert "\n" not in str(e.value) and (out / "results.json").read_text() == before
+    run_study(tiny_layers()[:1], out, force=True, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.csv", "results.json"]
+    assert [L["name"] for L in json.loads((out / "results.json").read_text())["layers"]] == ["tiny3x3"]
+
+
+@pytest.mark.parametrize("files", [["report.md"], ["results.csv", "notes.txt"], ["results.json", "notes.txt"]])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_holding_other_files_is_refused_even_with_force(tmp_path, files, force):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for f in files:
+        (out / f).write_text("the user's own\n")
+    with pytest.raises(qconv.InputError, match="holds files the study did not write"):
+        Study(tiny_layers(), out, backends=["reference"], progress=False, force=force)
+    assert all((out / f).read_text() == "the user's own\n" for f in files)
+
+
+def test_the_cli_refuses_a_reused_folder_in_one_line_with_exit_2(tmp_path, capsys):
+    from qconv import cli
+    d = _save_layer(tmp_path / "l", tiny_layers()[1].x, tiny_layers()[1].w)
+    argv = ["study", str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1", "--quick",
+            "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert cli.main([*argv, "--force"]) == 0
+
+
+def test_a_full_disk_names_results_json_and_leaves_no_tmp(tmp_path, monkeypatch, capsys):
+    import errno
+    from qconv import cli
+    real = Path.write_text
+
+    def full(self, data, *a, **kw):
+        if self.name == "results.json.tmp":
+            real(self, data[:10], *a, **kw)           # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *a, **kw)
+    d = _save_layer(tmp_path / "l", tiny_layers()[1].x, tiny_layers()[1].w)
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "o"
+    rc = cli.main(["study", str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1", "--quick",
+                   "--no-progress", "--no-plots", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert str(out / "results.json") in err and "results.json could not be written" in err and "No space" in err
+    assert not (out / "results.json.tmp").exists() and not (out / "results.json").exists()
+
+
+def test_results_json_that_is_a_folder_is_named_not_its_tmp(tmp_path):
+    from qconv.study import artifacts
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(OSError) as e:
+        artifacts.write_json({"a": 1}, tmp_path / "results.json")
+    assert e.value.filename == str(tmp_path / "results.json") and ".tmp" not in str(e.value)
+    assert not (tmp_path / "results.json.tmp").exists()

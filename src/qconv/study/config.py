@@ -112,6 +112,35 @@ def progress(res: dict[str, Any], layers: Sequence[Layer], precisions: Sequence[
             "network_done": res["status"] == "complete" if network else None}
 
 
+def layer_memory(layer: Layer, batch: int, precisions: Sequence[Precision],
+                 options: Sequence["Option"]) -> dict[str, int]:
+    """Bytes the study holds at once for one layer at --batch (grid.Study.run and _measure_layer),
+    from the same counts the code uses: the repeated input and the float64 reference; one float32
+    expected output per (integer precision, scale strategy); one float64 FP32 error bound per
+    distinct backends.fp32_bound among the FP32 options; and the peak of one option's warm-up
+    (its output, the result's float64 accuracy temporaries, the contract's quantized copy, float64
+    accumulators and int32/float32 outputs of conv2d_quantized). Returns the parts and "total"."""
+    kh, kw, oc, _ = layer.w.shape
+    in1, out1 = layer.x[0].size, layer.x.shape[1] * layer.x.shape[2] * oc  # 'same', stride 1
+    n_in, n_out = batch * in1, batch * out1
+    n_int = sum(p.is_integer for p in precisions)
+    strategies = 3  # SINGLE, PAIR, PER_CHANNEL (grid._measure_layer)
+    fp32 = [o for o in options if Precision.FP32 in precisions or o.baseline_only]
+    n_bounds = len({backends.fp32_bound(o.backend, o.options) for o in fp32})
+    parts = {
+        "input": 4 * layer.x.size + (4 * n_in if batch > 1 else 0),
+        "reference": 8 * n_out + (8 * out1 if batch > 1 else 0),
+        "expected_outputs": 4 * n_out * n_int * strategies,
+        "fp32_bounds": 8 * n_out * n_bounds,
+        # one option at a time: its output (4), the accuracy's float64 copies (16); the contract's
+        # quantized input (up to 4) and its int64/float64 copies (8 + 8), float64 tap and sum and the
+        # int64 result (24), the int32 accumulator and float32 output (8)
+        "warm_up_peak": 20 * n_out + (20 * n_in + 32 * n_out if n_int else 8 * n_in + 24 * n_out),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 @dataclass(frozen=True)
 class Option:
     """One timed variant: its name (as reports show it and backend= accepts it), backend, options."""

@@ -36,7 +36,7 @@ from ..errors import InputError, QconvError, QconvWarning
 from ..pools import quiet_blas
 from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
-                     WARM_S, Layer, Option, check_layer_finite, progress, stats, timed_options)
+                     WARM_S, Layer, Option, check_layer_finite, layer_memory, progress, stats, timed_options)
 from .summary import headline
 
 
@@ -55,7 +55,7 @@ class Study:
                  batch: int = 1, repeat: int = 5, quick: bool = False, progress: bool = True,
                  command: str | None = None, measure_energy: bool = True, plots: bool = True,
                  references_: bool = True, energy_loop_s: float = ENERGY_LOOP_S, network_: Any = None,
-                 network_limit: int | None = None, network_backend: str | None = None) -> None:
+                 network_limit: int | None = None, network_backend: str | None = None, force: bool = False) -> None:
         if not layers:
             raise InputError("the study needs at least one layer")
         names = [layer.name for layer in layers]
@@ -73,7 +73,6 @@ class Study:
             if nbytes > MAX_TENSOR_BYTES:
                 raise InputError(f"--batch {batch}: layer {layer.name} would need {nbytes / 2**30:.3g} GiB "
                                  f"for its input and outputs")
-            layouts.check_working_set(nbytes, f"--batch {batch} on layer {layer.name}")
         if plots:
             try:  # fail before minutes of measuring, not after
                 __import__("matplotlib")
@@ -89,14 +88,9 @@ class Study:
         precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
         self.precisions = list(dict.fromkeys(precs))
         self.options, baseline_note = timed_options(backends, self.precisions, batch)
-        # Arguments checked first, so a bad one leaves no empty folder behind; then an unusable
-        # output folder is an error now, not after the measurements.
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"output folder {self.out}: cannot create it ({e.strerror or e})") from None
-        if not os.access(self.out, os.W_OK):
-            raise InputError(f"output folder {self.out}: not writable")
+        for layer in layers:  # what _measure_layer holds at once (config.layer_memory), before any work
+            layouts.check_working_set(layer_memory(layer, batch, self.precisions, self.options)["total"],
+                                      f"--batch {batch} on layer {layer.name}")
         self.baseline_only = {o.label for o in self.options if o.baseline_only}
         from .. import backends as registry
         avail = registry.available_backends()
@@ -132,6 +126,9 @@ class Study:
                 precisions=[p.value for p in self.precisions], backend=network_backend, quick=quick,
                 gpu_reason=None if cuda[0] else cuda[1].split(";")[0])
             net_record = network.new_record(net, split, network_limit)
+        # Every argument (the network's too) checked first, so a bad one leaves no empty folder
+        # behind; then an unusable or foreign output folder is an error now, not after measuring.
+        artifacts.prepare_out(self.out, force)
         self.results: dict[str, Any] = {
             "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "status": "running",
             "partial_reason": None, "command": command, "machine": self.machine,
