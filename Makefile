@@ -17,7 +17,7 @@ $(VENV)/.ok-%: pyproject.toml setup.py $(wildcard csrc/*)
 
 demo: $(VENV)/.ok-plot
 	$(VENV)/bin/qconv backends
-	$(VENV)/bin/qconv study --quick --out $(OUT)
+	$(VENV)/bin/qconv study --quick --force --out $(OUT)
 
 test: $(VENV)/.ok-test
 	QCONV_REQUIRE=c-scalar,c-avx2 $(PY) -m pytest -q

@@ -821,3 +821,221 @@ def test_csv_flags_per_channel_scales_and_leaves_fp32_rounding_empty(study):
             assert row["rounding"] == "" and row["per_channel"] == "", row
         elif m["error"] is None:
             assert row["per_channel"] == str(m["scale_strategy"] == "per-channel"), row
+
+
+# ------------------------------------------------------------------ QA: interrupts, bad data
+def test_an_interrupt_in_the_sweeps_keeps_the_precisions_already_swept(tmp_path, monkeypatch):
+    from qconv.study import accuracy
+    real, seen = accuracy.sweeps, []
+
+    def flaky(x, w, p, ref, settings):
+        seen.append(p)
+        if len(seen) == 2:                      # the second precision of the first layer
+            raise KeyboardInterrupt
+        return real(x, w, p, ref, settings)
+    monkeypatch.setattr(accuracy, "sweeps", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], precisions=["fp32", "int32", "int8"],
+                  repeat=1, quick=True, progress=False, plots=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and doc["status"] == "partial"
+    assert doc["partial_reason"] == "interrupted (KeyboardInterrupt) during the scale sweeps of layer tiny3x3"
+    # int32's rows are kept: both sweeps, the five strategies and its single-S row
+    assert {(s["layer"], s["precision"]) for s in doc["sweeps"]} == {("tiny3x3", "int32")}
+    assert len(doc["sweeps"]) == 2 and len(doc["strategies"]) == 5
+    assert [(r["layer"], r["precision"]) for r in doc["single_s"]] == [("tiny3x3", "int32")]
+    prog = doc["progress"]
+    assert prog["stopped_in"] == "the scale sweeps of layer tiny3x3" and prog["network_done"] is None
+    assert prog["layers"] == [
+        {"layer": "tiny3x3", "requested": ["fp32", "int32", "int8"], "swept": ["int32"], "skipped": [], "timed": False},
+        {"layer": "tiny1x1", "requested": ["fp32", "int32", "int8"], "swept": [], "skipped": [], "timed": False}]
+
+
+def test_a_complete_run_records_every_requested_precision_as_done(study):
+    _, res = study
+    assert res["progress"]["stopped_in"] is None and res["skipped"] == []
+    for L in res["progress"]["layers"]:
+        assert L["requested"] == ["fp32", "int32", "int16", "int8"] and L["timed"] is True
+        assert L["swept"] == ["int32", "int16", "int8"] and L["skipped"] == []
+
+
+def test_an_interrupt_after_the_layers_says_where_it_stopped(tmp_path, monkeypatch):
+    from qconv.study import accuracy
+
+    def boom(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(accuracy, "common_s", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(tiny_layers(), tmp_path, backends=["reference"], precisions=["int8"], repeat=1, quick=True,
+                  progress=False, plots=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and "before the grid finished" not in doc["partial_reason"]
+    assert doc["partial_reason"].endswith("during the peak measurements after the layers")
+    assert all(L["timed"] and L["swept"] == ["int8"] for L in doc["progress"]["layers"])
+
+
+def _save_layer(d: Path, x: np.ndarray, w: np.ndarray) -> Path:
+    d.mkdir(parents=True)
+    qconv.save_tensor(d / "input_tensor.bin", x)
+    qconv.save_tensor(d / "kernel_tensor.bin", w)
+    return d
+
+
+@pytest.mark.parametrize("where", ["input", "kernel"])
+def test_a_non_finite_layer_is_refused_naming_the_file_before_any_output(tmp_path, where):
+    lay = tiny_layers()[1]
+    x, w = lay.x.copy(), lay.w.copy()
+    (x if where == "input" else w)[0, 0, 0, 0] = np.nan
+    d = _save_layer(tmp_path / "bad", x, w)
+    out = tmp_path / "o"
+    msg = rf"layer bad: the {where} \(.*bad/{where}_tensor.bin\) holds 1 non-finite value\(s\)"
+    with pytest.raises(qconv.InputError, match=msg):
+        study_cli.run(_args([str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1",
+                             "--quick", "--no-progress", "--out", str(out)]))
+    assert not out.exists()
+    with pytest.raises(qconv.InputError, match=f"layer py: the {where} holds 1 non-finite"):  # from Python
+        Study([Layer("py", x, w)], out, backends=["reference"], progress=False)
+    assert not out.exists()
+
+
+def test_maxabs_scale_reports_non_finite_data_and_calls_only_denormals_denormal():
+    with pytest.raises(qconv.InputError, match="holds 1 non-finite value") as e:
+        maxabs_scale(np.array([1.0, np.nan], np.float32), 127)
+    assert "too small" not in str(e.value)
+    with pytest.raises(qconv.InputError, match="too small") as e:  # normal float32, INT32's scale overflows
+        maxabs_scale(np.full(4, 3e-30, np.float32), 2**31 - 1)
+    assert "denormal" not in str(e.value) and "normal float32" in str(e.value)
+    with pytest.raises(qconv.InputError, match="all denormal"):
+        maxabs_scale(np.full(4, 1e-45, np.float32), 127)
+
+
+def test_a_precision_that_cannot_scale_a_layer_is_skipped_for_that_layer_only(tmp_path):
+    small, normal = tiny_layers()
+    small = Layer("small", (small.x * np.float32(1e-31)).astype(np.float32), small.w)  # normal, under 6e-30
+    assert np.abs(small.x).max() >= np.finfo(np.float32).tiny
+    res = run_study([small, normal], tmp_path, backends=["reference"], precisions=["fp32", "int32", "int8"],
+                    repeat=1, quick=True, progress=False, plots=True)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert validate(doc) == [] and res["status"] == "complete"
+    skipped = {(s["layer"], s["precision"]): s["reason"] for s in res["skipped"]}
+    assert set(skipped) == {("small", "int32"), ("small", "int8")}
+    assert skipped[("small", "int32")].startswith("int32 skipped for layer small: the input's maxabs scale")
+    assert "denormal" not in skipped[("small", "int32")]
+    got = {(m["layer"], m["precision"]) for m in res["measurements"] if m["error"] is None}
+    assert ("small", "fp32") in got and ("small", "int32") not in got and ("small", "int8") not in got
+    assert {("tiny1x1", "int32"), ("tiny1x1", "int8")} <= got
+    by = {L["layer"]: L for L in res["progress"]["layers"]}
+    assert by["small"]["swept"] == [] and by["small"]["skipped"] == ["int32", "int8"]
+    assert by["tiny1x1"]["swept"] == ["int32", "int8"] and by["tiny1x1"]["skipped"] == []
+    assert (tmp_path / "report.md").is_file()
+
+
+@pytest.mark.parametrize("precisions", [["int8"], ["fp32", "int16", "int8"], ["fp32"]])
+def test_the_batch_memory_check_counts_every_array_a_layer_holds(precisions):
+    from qconv.study.config import layer_memory
+    lay, batch = tiny_layers()[0], 7
+    opts, _ = config_timed_options(["reference"], precisions, batch)
+    n, h, w_, c = lay.x.shape
+    out = batch * h * w_ * lay.w.shape[2]
+    n_int = sum(p != "fp32" for p in precisions)
+    fp32_opts = [o for o in opts if "fp32" in precisions or o.baseline_only]
+    n_bounds = len({registry.fp32_bound(o.backend, o.options) for o in fp32_opts})
+    held = (4 * batch * h * w_ * c           # the repeated input
+            + 8 * out                        # its float64 reference
+            + 4 * out * 3 * n_int            # expected outputs: one per (precision, single-S/pair/per-channel)
+            + 8 * out * n_bounds             # float64 FP32 error bounds
+            + 4 * out)                       # the option being warmed up: its output
+    if n_int:
+        held += 1 * batch * h * w_ * c + 4 * out  # a quantized input and an int32 accumulator (int8 at least)
+    got = layer_memory(lay, batch, [Precision(p) for p in precisions], opts)
+    assert got["total"] >= held and got["total"] == sum(v for k, v in got.items() if k != "total")
+
+
+def test_a_batch_that_does_not_fit_is_refused_up_front_with_the_size(tmp_path, monkeypatch):
+    from qconv import layouts
+    from qconv.study.config import layer_memory
+    lay = tiny_layers()[0]
+    opts, _ = config_timed_options(["reference"], [Precision.INT8], 50)
+    need = layer_memory(lay, 50, [Precision.INT8], opts)["total"]
+    monkeypatch.setattr(layouts, "available_memory", lambda: need - 1)
+    out = tmp_path / "o"
+    with pytest.raises(qconv.InputError, match=r"--batch 50 on layer tiny3x3 needs about .* available"):
+        Study([lay], out, backends=["reference"], precisions=["int8"], batch=50, progress=False)
+    assert not out.exists()
+    monkeypatch.setattr(layouts, "available_memory", lambda: need)
+    Study([lay], out, backends=["reference"], precisions=["int8"], batch=50, progress=False)
+
+
+def config_timed_options(backends_, precisions, batch):
+    from qconv.study.config import timed_options
+    return timed_options(backends_, [Precision(p) for p in precisions], batch)
+
+
+def test_a_rerun_into_a_previous_studys_folder_needs_force_and_leaves_nothing_stale(tmp_path):
+    out = tmp_path / "o"
+    kw = dict(backends=["reference"], precisions=["int8"], repeat=1, quick=True, progress=False, plots=False)
+    run_study(tiny_layers()[1:], out, **kw)
+    (out / "network.csv").write_text("stale\n")        # an earlier study's files this run would not rewrite
+    (out / "network_layers.png").write_bytes(b"stale")
+    before = (out / "results.json").read_text()
+    with pytest.raises(qconv.InputError, match=r"previous study's results: pass --force") as e:
+        run_study(tiny_layers()[:1], out, **kw)
+    assert "\n" not in str(e.value) and (out / "results.json").read_text() == before
+    run_study(tiny_layers()[:1], out, force=True, **kw)
+    assert sorted(p.name for p in out.iterdir()) == ["report.md", "results.csv", "results.json"]
+    assert [L["name"] for L in json.loads((out / "results.json").read_text())["layers"]] == ["tiny3x3"]
+
+
+@pytest.mark.parametrize("files", [["report.md"], ["results.csv", "notes.txt"], ["results.json", "notes.txt"]])
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_holding_other_files_is_refused_even_with_force(tmp_path, files, force):
+    out = tmp_path / "mine"
+    out.mkdir()
+    for f in files:
+        (out / f).write_text("the user's own\n")
+    with pytest.raises(qconv.InputError, match="holds files the study did not write"):
+        Study(tiny_layers(), out, backends=["reference"], progress=False, force=force)
+    assert all((out / f).read_text() == "the user's own\n" for f in files)
+
+
+def test_the_cli_refuses_a_reused_folder_in_one_line_with_exit_2(tmp_path, capsys):
+    from qconv import cli
+    d = _save_layer(tmp_path / "l", tiny_layers()[1].x, tiny_layers()[1].w)
+    argv = ["study", str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1", "--quick",
+            "--no-progress", "--no-plots", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--force" in err
+    assert cli.main([*argv, "--force"]) == 0
+
+
+def test_a_full_disk_names_results_json_and_leaves_no_tmp(tmp_path, monkeypatch, capsys):
+    import errno
+    from qconv import cli
+    real = Path.write_text
+
+    def full(self, data, *a, **kw):
+        if self.name == "results.json.tmp":
+            real(self, data[:10], *a, **kw)           # a partial file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data, *a, **kw)
+    d = _save_layer(tmp_path / "l", tiny_layers()[1].x, tiny_layers()[1].w)
+    monkeypatch.setattr(Path, "write_text", full)
+    out = tmp_path / "o"
+    rc = cli.main(["study", str(d), "--backends", "reference", "--precisions", "int8", "--repeat", "1", "--quick",
+                   "--no-progress", "--no-plots", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert str(out / "results.json") in err and "results.json could not be written" in err and "No space" in err
+    assert not (out / "results.json.tmp").exists() and not (out / "results.json").exists()
+
+
+def test_results_json_that_is_a_folder_is_named_not_its_tmp(tmp_path):
+    from qconv.study import artifacts
+    (tmp_path / "results.json").mkdir()
+    with pytest.raises(OSError) as e:
+        artifacts.write_json({"a": 1}, tmp_path / "results.json")
+    assert e.value.filename == str(tmp_path / "results.json") and ".tmp" not in str(e.value)
+    assert not (tmp_path / "results.json.tmp").exists()

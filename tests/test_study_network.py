@@ -273,7 +273,7 @@ def test_a_missing_network_is_one_line_naming_fetch_models(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert "qconv fetch-models" in err and "efficientnet-lite0" in err
-    assert not (tmp_path / "out" / "results.json").exists()  # refused before any measurement
+    assert not (tmp_path / "out").exists()  # refused before any measurement or folder
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -284,6 +284,7 @@ def test_bad_network_options_are_refused(tmp_path, argv, match):
     with pytest.raises(qconv.QconvError, match=match):
         study_cli.run(_args([_layer_dir(tmp_path), "--backends", "reference", "--no-progress",
                              "--out", str(tmp_path / "o"), *argv]))
+    assert not (tmp_path / "o").exists()  # checked before the output folder is made
 
 
 def test_bad_network_backend_is_refused_before_loading(tmp_path, monkeypatch):
@@ -292,6 +293,7 @@ def test_bad_network_backend_is_refused_before_loading(tmp_path, monkeypatch):
     with pytest.raises(qconv.QconvError, match="network-backend"):
         study_cli.run(_args([_layer_dir(tmp_path), "--backends", "reference", "--no-progress", "--out",
                              str(tmp_path / "o"), "--network", "mnist", "--network-backend", "nope"]))
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_interrupt_in_the_network_section_leaves_a_valid_partial_result(tmp_path, monkeypatch):
@@ -305,6 +307,12 @@ def test_an_interrupt_in_the_network_section_leaves_a_valid_partial_result(tmp_p
                   quick=True, progress=False, plots=False, network_=TinyNet(), network_limit=16)
     doc = json.loads((tmp_path / "results.json").read_text())
     assert doc["status"] == "partial" and validate(doc) == []
+    # where it stopped, and that the layers themselves finished
+    assert doc["partial_reason"] == "interrupted (KeyboardInterrupt) during the network section"
+    prog = doc["progress"]
+    assert prog["stopped_in"] == "the network section" and prog["network_done"] is False
+    assert prog["layers"] == [{"layer": tiny_layer().name, "requested": ["fp32", "int8"], "swept": ["int8"],
+                               "skipped": [], "timed": True}]
     net = doc["network"]
     assert net["threshold"] is not None and net["naive_int8"] is None and len(net["options"]) == 5
     report = (tmp_path / "report.md").read_text()

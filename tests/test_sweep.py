@@ -156,6 +156,18 @@ def test_rejections(bad):
         sweep_scales(x, w, p, **bad)
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(pair_stride=0), "pair_stride must be"), (dict(pair_stride=-1), "pair_stride must be"),
+    (dict(pair_stride=1.5), "pair_stride must be"), (dict(pair_min_step=0), "pair_min_step must be"),
+    (dict(pair_min_step=-0.5), "pair_min_step must be"), (dict(pair_min_step=float("nan")), "pair_min_step must be"),
+])
+def test_pair_search_arguments_are_checked_with_one_line(kw, match):
+    x, w = fine_grid_layer()
+    with pytest.raises(qconv.InputError, match=match) as e:
+        sweep_scales(x, w, "int8", pairs=True, **kw)
+    assert "\n" not in str(e.value)
+
+
 def test_rejects_mismatched_shapes_and_non_finite():
     x, w = fine_grid_layer()
     with pytest.raises(qconv.QconvError):

@@ -140,13 +140,19 @@ def maxabs_scale(t: np.ndarray, q: int) -> np.float32:
     """The largest float32 s with R(float32(max|t|) * s) <= q: s = float32(q / max|t|), stepped
     down while float32 rounding of max|t| * s would pass q. An all-zero tensor gets s = 1."""
     m = float(np.max(np.abs(t), initial=0.0))
+    if not math.isfinite(m):  # NaN or inf: the library's own message, not a scale one
+        check_finite(np.asarray(t), "the tensor")
     if m == 0.0:
         return np.float32(1.0)
-    with np.errstate(over="ignore"):  # denormal data: q / m past float32's range
+    with np.errstate(over="ignore"):  # tiny data: q / m past float32's range
         s = np.float32(q / m)
     if not np.isfinite(s):
+        tiny = float(np.finfo(np.float32).tiny)
+        what = ("the tensor is all denormal" if m < tiny else
+                f"the data are normal float32 but too small for this precision's range (max|value| must be "
+                f"at least {q / float(np.finfo(np.float32).max):.3g} to scale to {q})")
         raise InputError(f"max|value| = {m:.3g} is too small to scale to {q} within float32 "
-                         f"(the scale would be {q / m:.3g}): the tensor is all (near-)denormal")
+                         f"(the scale would be {q / m:.3g}, past float32's largest, 3.4e38): {what}")
     while float(np.float32(np.float32(m) * s)) > q:
         s = np.nextafter(s, np.float32(0))
     return s

@@ -283,6 +283,13 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
         raise InputError(f"sweep_scales: reference shape {ref.shape} does not match the layer")
     if fine_per_octave < 1:
         raise InputError("fine_per_octave must be >= 1")
+    if pair_stride is not None and (isinstance(pair_stride, bool) or not isinstance(pair_stride, (int, np.integer))
+                                    or pair_stride < 1):
+        raise InputError(f"sweep_scales: pair_stride must be a whole number of octaves >= 1 (or None for "
+                         f"about 12 points per axis), got {pair_stride!r}")
+    if not (isinstance(pair_min_step, (int, float, np.floating, np.integer)) and not isinstance(pair_min_step, bool)
+            and math.isfinite(pair_min_step) and pair_min_step > 0):
+        raise InputError(f"sweep_scales: pair_min_step must be a positive number of octaves, got {pair_min_step!r}")
     ev = _Evaluator(x, w, p, rnd, ref)
     k = w.shape[0] * w.shape[1] * w.shape[3]
     mx, mw = float(np.max(np.abs(x))), float(np.max(np.abs(w)))
@@ -331,7 +338,7 @@ def _sweep_pairs(ev: _Evaluator, mx: float, mw: float, p: Precision, rnd: Roundi
     ax = (math.floor(math.log2(first / mx)), math.ceil(math.log2(p.qmax / mx)) + 1)
     aw = (math.floor(math.log2(first / mw)), math.ceil(math.log2(p.qmax / mw)) + 1)
     span = max(ax[1] - ax[0], aw[1] - aw[0])
-    step = stride if stride is not None else max(1, math.ceil(span / 12))
+    step = int(stride) if stride is not None else max(1, math.ceil(span / 12))
     seen: dict[tuple[float, float], SweepRow] = {}
 
     def visit(ex: float, ew: float) -> SweepRow:

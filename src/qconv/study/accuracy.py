@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import api, metrics
-from ..contract import Precision, conv2d_quantized, count_saturated, quantize_kernel
+from ..contract import Precision, conv2d_quantized, count_saturated, maxabs_scale, quantize_kernel
+from ..errors import InputError
 from ..scales import maxabs_q
 from ..sweep import SweepTable, format_scale, sweep_scales
 from .config import MAXABS, PAIR, PER_CHANNEL, SINGLE, SINGLE_TRUNC, Layer
@@ -178,22 +179,50 @@ def common_s(tables: dict[str, SweepTable]) -> dict[str, Any] | None:
 
 
 def accuracy_for_layer(layer: Layer, precisions: Sequence[Precision], ref: np.ndarray,
-                       settings: dict[str, Any], tick: Any = None) -> dict[str, Any]:
+                       settings: dict[str, Any], tick: Any = None,
+                       into: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything the accuracy half records for one layer (at batch 1: every accuracy figure of a
-    batch made of copies of the layer is the same)."""
-    out: dict[str, Any] = {"sweeps": [], "strategies": [], "single_s": [], "tables": {}}
+    batch made of copies of the layer is the same).
+
+    Each precision's rows are added to ``into`` (default: a new dict, returned) as soon as that
+    precision is done, so that an interruption keeps the precisions already swept. A precision
+    whose scale cannot be represented for this layer (data too small or too large for its maxabs
+    scale to be a float32) is skipped with the reason (also added to ``into["skipped"]``), and the
+    others still run. Returns "tables" (precision -> the nearest-rounding sweep), "done" (the
+    precisions recorded) and "skipped" ([{"layer", "precision", "reason"}]); with ``into`` None,
+    together with the rows."""
+    out = into if into is not None else {"sweeps": [], "strategies": [], "single_s": []}
+    got: dict[str, Any] = {"tables": {}, "done": [], "skipped": []}
     for p in precisions:
         if not p.is_integer:
             continue
-        near, trunc = sweeps(layer.x, layer.w, p, ref, settings)
+        try:
+            for what, t in (("input", layer.x), ("kernel", layer.w)):
+                try:
+                    maxabs_scale(t, p.qmax)
+                except InputError as e:
+                    raise InputError(f"the {what}'s maxabs scale: {e}") from None
+            near, trunc = sweeps(layer.x, layer.w, p, ref, settings)
+            rows = []
+            for t in (near, trunc):
+                d = t.to_dict()
+                d["layer"] = layer.name
+                rows.append(d)
+            strat = strategies(layer, p, ref, near, trunc)
+            single = single_s_row(layer, p, near, trunc)
+        except InputError as e:  # this precision only: the layer's data do not fit its scales
+            got["skipped"].append({"layer": layer.name, "precision": p.value,
+                                   "reason": f"{p.value} skipped for layer {layer.name}: {e}"})
+            out.setdefault("skipped", []).append(got["skipped"][-1])
+        else:
+            out["sweeps"] += rows
+            out["strategies"] += strat
+            out["single_s"].append(single)
+            got["tables"][p] = near
+            got["done"].append(p.value)
         if tick:
             tick(f"{layer.name} sweeps {p.value}")
-        for t in (near, trunc):
-            d = t.to_dict()
-            d["layer"] = layer.name
-            out["sweeps"].append(d)
-        out["strategies"] += strategies(layer, p, ref, near, trunc)
-        out["single_s"].append(single_s_row(layer, p, near, trunc))
-        out["tables"][p] = near
-    return out
-
+    if into is None:
+        out.update(got)
+        return out
+    return got

@@ -4,21 +4,77 @@ fails later."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import jsonout
+from ..errors import InputError
 from ..backends.base import PHASES
 from . import plots as figures
 from . import report, summary
 
 
+def study_files() -> set[str]:
+    """Every file name a study writes into its folder (what --force may remove)."""
+    names = set(figures.PLOTS) | set(getattr(figures, "_DRAW", {})) | {"network_layers"}
+    return {"results.json", "results.json.tmp", "results.csv", "network.csv", "report.md",
+            *(f"{n}.png" for n in names)}
+
+
+def prepare_out(out: Path, force: bool = False) -> None:
+    """Create the output folder, or take an existing one: empty; or holding a previous study's
+    results (results.json and only files a study writes), replaced with ``force`` (its files are
+    removed first, so nothing stale is left) and refused without. A folder holding anything else
+    is refused: the study never overwrites or mixes with files it did not write."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output folder {out}: exists and is not a folder")
+    if out.is_dir():
+        entries = sorted(out.iterdir())
+        known = study_files()
+        foreign = [e.name for e in entries if e.name not in known or not (e.is_file() or e.is_symlink())]
+        if entries and ("results.json" not in {e.name for e in entries} or foreign):
+            names = ", ".join((foreign or [e.name for e in entries])[:3])
+            raise InputError(f"output folder {out} holds files the study did not write ({names}"
+                             f"{', ...' if len(foreign or entries) > 3 else ''}): choose an empty or new --out")
+        if entries and not force:
+            raise InputError(f"output folder {out} holds a previous study's results: pass --force to replace "
+                             f"them, or choose another --out")
+        for e in entries:
+            try:
+                e.unlink()
+            except OSError as err:
+                raise InputError(f"output folder {out}: cannot remove the previous {e.name} "
+                                 f"({err.strerror or err})") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"output folder {out}: cannot create it ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise InputError(f"output folder {out}: not writable")
+
+
+@contextlib.contextmanager
+def _naming(path: Path, tmp: Path | None = None) -> Iterator[None]:
+    """An OSError while writing ``path`` names ``path`` (not a temporary file, not nothing: a full
+    disk's ENOSPC carries no file name); ``tmp`` is removed."""
+    try:
+        yield
+    except OSError as e:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise OSError(e.errno, f"{path.name} could not be written ({e.strerror or e})", str(path)) from None
+
+
 def write_json(res: dict[str, Any], path: Path) -> None:
+    """Write through a temporary file, replaced in one step: a reader sees the old or the new file."""
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(jsonout.dumps(res, indent=1) + "\n")
-    os.replace(tmp, path)
+    with _naming(path, tmp):
+        tmp.write_text(jsonout.dumps(res, indent=1) + "\n")
+        os.replace(tmp, path)
 
 
 CSV_FIELDS = ["layer", "backend", "precision", "scale_strategy", "rounding", "s_x", "s_w", "per_channel", "repeat",
@@ -30,7 +86,7 @@ CSV_FIELDS = ["layer", "backend", "precision", "scale_strategy", "rounding", "s_
 
 
 def write_csv(res: dict[str, Any], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with _naming(path), open(path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         wr.writeheader()
         for m in res["measurements"]:
@@ -69,7 +125,7 @@ def write_network_csv(res: dict[str, Any], path: Path) -> None:
     """network.csv: one row per network option (results.csv keeps one row per layer measurement)."""
     net = res["network"]
     th = (net.get("threshold") or {}).get("agreement") or {}
-    with open(path, "w", newline="") as f:
+    with _naming(path), open(path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=NETWORK_CSV_FIELDS)
         wr.writeheader()
         for o in net["options"]:
@@ -107,7 +163,9 @@ def finish(res: dict[str, Any], out: Path, plots: bool = True) -> None:
             res["plots"], interrupted = [], e
         write_json(res, out / "results.json")
     try:
-        (out / "report.md").write_text(report.render(res))
+        text = report.render(res)
+        with _naming(out / "report.md"):
+            (out / "report.md").write_text(text)
     except Exception as e:
         failure = failure or e
     if interrupted is not None:

@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed runs per option after one warm-up (default 5; 3 with --quick)")
     parser.add_argument("--out", default="qconv-study", metavar="DIR",
                         help="output directory (default ./qconv-study)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a previous study's results in --out (its files are removed first); without it "
+                             "such a folder is refused. A folder holding other files is always refused")
     parser.add_argument("--quick", action="store_true",
                         help="coarser scale sweeps and fewer runs: the whole study in well under two minutes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                   batch=args.batch, repeat=repeat, quick=args.quick,
                   progress=not args.no_progress, command=command, plots=not args.no_plots,
                   network_=getattr(args, "network", None), network_limit=getattr(args, "network_limit", None),
-                  network_backend=getattr(args, "network_backend", None))
+                  network_backend=getattr(args, "network_backend", None), force=getattr(args, "force", False))
     except KeyboardInterrupt:
         print(f"interrupted: partial results in {out / 'results.json'}", file=sys.stderr)
         return 130

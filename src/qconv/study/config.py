@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .. import backends
-from ..contract import Precision
+from ..contract import Precision, check_finite
 from ..errors import InputError
 from ..tensorfile import load_pair
 
@@ -62,6 +62,12 @@ class Layer:
     kernel_path: str | None = None
 
 
+def check_layer_finite(layer: Layer) -> None:
+    """Refuse a layer whose input or kernel holds NaN or inf, naming the layer and the file."""
+    for what, t, path in (("input", layer.x, layer.input_path), ("kernel", layer.w, layer.kernel_path)):
+        check_finite(t, f"layer {layer.name}: the {what}" + (f" ({path})" if path else ""))
+
+
 def load_layers(specs: Sequence[str]) -> list[Layer]:
     """LAYERS as the CLI takes them: a directory holding input_tensor.bin and kernel_tensor.bin,
     'input.bin:kernel.bin', or a shipped sample's name (exam1)."""
@@ -87,11 +93,52 @@ def load_layers(specs: Sequence[str]) -> list[Layer]:
                              f"kernel_tensor.bin, INPUT.bin:KERNEL.bin, or a sample name")
         x, w = load_pair(ip, kp)
         layers.append(Layer(name, x, w, str(ip), str(kp)))
+        check_layer_finite(layers[-1])
     names = [l.name for l in layers]
     for i, l in enumerate(layers):  # make names unique
         if names.count(l.name) > 1:
             l.name = f"{l.name}#{names[:i + 1].count(l.name)}"
     return layers
+
+
+def progress(res: dict[str, Any], layers: Sequence[Layer], precisions: Sequence[Precision], timed: Sequence[str],
+             stage: str | None, network: bool) -> dict[str, Any]:
+    """results.json's "progress": what was requested against what finished (results.schema.json)."""
+    rows = [{"layer": L.name, "requested": [p.value for p in precisions],
+             "swept": [s["precision"] for s in res["single_s"] if s["layer"] == L.name],
+             "skipped": [s["precision"] for s in res["skipped"] if s["layer"] == L.name],
+             "timed": L.name in timed} for L in layers]
+    return {"stopped_in": stage, "layers": rows,
+            "network_done": res["status"] == "complete" if network else None}
+
+
+def layer_memory(layer: Layer, batch: int, precisions: Sequence[Precision],
+                 options: Sequence["Option"]) -> dict[str, int]:
+    """Bytes the study holds at once for one layer at --batch (grid.Study.run and _measure_layer),
+    from the same counts the code uses: the repeated input and the float64 reference; one float32
+    expected output per (integer precision, scale strategy); one float64 FP32 error bound per
+    distinct backends.fp32_bound among the FP32 options; and the peak of one option's warm-up
+    (its output, the result's float64 accuracy temporaries, the contract's quantized copy, float64
+    accumulators and int32/float32 outputs of conv2d_quantized). Returns the parts and "total"."""
+    kh, kw, oc, _ = layer.w.shape
+    in1, out1 = layer.x[0].size, layer.x.shape[1] * layer.x.shape[2] * oc  # 'same', stride 1
+    n_in, n_out = batch * in1, batch * out1
+    n_int = sum(p.is_integer for p in precisions)
+    strategies = 3  # SINGLE, PAIR, PER_CHANNEL (grid._measure_layer)
+    fp32 = [o for o in options if Precision.FP32 in precisions or o.baseline_only]
+    n_bounds = len({backends.fp32_bound(o.backend, o.options) for o in fp32})
+    parts = {
+        "input": 4 * layer.x.size + (4 * n_in if batch > 1 else 0),
+        "reference": 8 * n_out + (8 * out1 if batch > 1 else 0),
+        "expected_outputs": 4 * n_out * n_int * strategies,
+        "fp32_bounds": 8 * n_out * n_bounds,
+        # one option at a time: its output (4), the accuracy's float64 copies (16); the contract's
+        # quantized input (up to 4) and its int64/float64 copies (8 + 8), float64 tap and sum and the
+        # int64 result (24), the int32 accumulator and float32 output (8)
+        "warm_up_peak": 20 * n_out + (20 * n_in + 32 * n_out if n_int else 8 * n_in + 24 * n_out),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
 
 
 @dataclass(frozen=True)

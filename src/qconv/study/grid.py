@@ -36,7 +36,7 @@ from ..errors import InputError, QconvError, QconvWarning
 from ..pools import quiet_blas
 from . import accuracy, artifacts, energy, machine, network, references
 from .config import (BASELINE_ROUNDS, ENERGY_LOOP_S, PAIR, PER_CHANNEL, SCHEMA_NAME, SCHEMA_VERSION, SINGLE,
-                     WARM_S, Layer, Option, stats, timed_options)
+                     WARM_S, Layer, Option, check_layer_finite, layer_memory, progress, stats, timed_options)
 from .summary import headline
 
 
@@ -55,7 +55,7 @@ class Study:
                  batch: int = 1, repeat: int = 5, quick: bool = False, progress: bool = True,
                  command: str | None = None, measure_energy: bool = True, plots: bool = True,
                  references_: bool = True, energy_loop_s: float = ENERGY_LOOP_S, network_: Any = None,
-                 network_limit: int | None = None, network_backend: str | None = None) -> None:
+                 network_limit: int | None = None, network_backend: str | None = None, force: bool = False) -> None:
         if not layers:
             raise InputError("the study needs at least one layer")
         names = [layer.name for layer in layers]
@@ -65,13 +65,14 @@ class Study:
             raise InputError(f"--batch must be >= 1, got {batch}")
         if repeat < 1:
             raise InputError(f"--repeat must be >= 1, got {repeat}")
+        for layer in layers:  # NaN or inf: one line naming the layer and file, before any output exists
+            check_layer_finite(layer)
         for layer in layers:  # the repeated input, its output and the float64 reference, before any work
             out1 = layer.x.shape[1] * layer.x.shape[2] * layer.w.shape[2]  # 'same', stride 1: H x W x OC
             nbytes = batch * (4 * layer.x[0].size + 12 * out1)
             if nbytes > MAX_TENSOR_BYTES:
                 raise InputError(f"--batch {batch}: layer {layer.name} would need {nbytes / 2**30:.3g} GiB "
                                  f"for its input and outputs")
-            layouts.check_working_set(nbytes, f"--batch {batch} on layer {layer.name}")
         if plots:
             try:  # fail before minutes of measuring, not after
                 __import__("matplotlib")
@@ -87,14 +88,9 @@ class Study:
         precs = [parse_precision(p) for p in (precisions or ["fp32", "int32", "int16", "int8"])]
         self.precisions = list(dict.fromkeys(precs))
         self.options, baseline_note = timed_options(backends, self.precisions, batch)
-        # Arguments checked first, so a bad one leaves no empty folder behind; then an unusable
-        # output folder is an error now, not after the measurements.
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise InputError(f"output folder {self.out}: cannot create it ({e.strerror or e})") from None
-        if not os.access(self.out, os.W_OK):
-            raise InputError(f"output folder {self.out}: not writable")
+        for layer in layers:  # what _measure_layer holds at once (config.layer_memory), before any work
+            layouts.check_working_set(layer_memory(layer, batch, self.precisions, self.options)["total"],
+                                      f"--batch {batch} on layer {layer.name}")
         self.baseline_only = {o.label for o in self.options if o.baseline_only}
         from .. import backends as registry
         avail = registry.available_backends()
@@ -130,6 +126,9 @@ class Study:
                 precisions=[p.value for p in self.precisions], backend=network_backend, quick=quick,
                 gpu_reason=None if cuda[0] else cuda[1].split(";")[0])
             net_record = network.new_record(net, split, network_limit)
+        # Every argument (the network's too) checked first, so a bad one leaves no empty folder
+        # behind; then an unusable or foreign output folder is an error now, not after measuring.
+        artifacts.prepare_out(self.out, force)
         self.results: dict[str, Any] = {
             "schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "status": "running",
             "partial_reason": None, "command": command, "machine": self.machine,
@@ -149,7 +148,7 @@ class Study:
                       "nrmse": "dimensionless, RMSE / (max - min) of the float64 reference output",
                       "effective_bits": "bits: log2(1 + 1/(NRMSE*sqrt(12)))", "scale": "dimensionless multiplier"},
             "energy_model": energy.model(self.machine.get("gpu")),
-            "layers": [], "measurements": [], "sweeps": [], "strategies": [], "single_s": [], "common_s": [],
+            "layers": [], "measurements": [], "sweeps": [], "skipped": [], "strategies": [], "single_s": [], "common_s": [],
             "reference_points": [], "reference_points_note": None, "idle_power_w": {}, "summary": {}, "plots": [], "elapsed_s": None,
             "network": net_record,
         }
@@ -188,8 +187,10 @@ class Study:
                                           for (i, t), g in sorted(self.peaks.items())]
 
     # ---------------------------------------------------------------------------- measurements
-    def _precisions_of(self, o: Option) -> list[Precision]:
-        return [Precision.FP32] if o.baseline_only else self.precisions
+    def _precisions_of(self, o: Option) -> list[Precision]:  # less the precisions skipped for this layer
+        if o.baseline_only:
+            return [Precision.FP32]
+        return [p for p in self.precisions if not p.is_integer or p in self._tables]
 
     def _scales(self, p: Precision, strategy: str) -> Any:
         t = self._tables[p]
@@ -320,6 +321,8 @@ class Study:
     def run(self) -> dict[str, Any]:
         t0 = time.perf_counter()
         self._open_bar()
+        self._stage: str | None = "the peak measurements before the layers"
+        self._timed: list[str] = []
         try:
             self._peak_keys = machine.cpu_peak_keys(self.options, self.precisions)
             self._measure_peaks(5)
@@ -339,18 +342,23 @@ class Study:
                 else:
                     x, ref = layer.x, ref1
                 self.results["layers"].append(accuracy.layer_record(layer, x, ref))
-                acc = accuracy.accuracy_for_layer(layer, self.precisions, ref1, self.settings, self._tick)
-                for k in ("sweeps", "strategies", "single_s"):
-                    self.results[k] += acc[k]
+                self._stage = f"the scale sweeps of layer {layer.name}"
+                # each precision's rows go into the results as soon as it is swept
+                acc = accuracy.accuracy_for_layer(layer, self.precisions, ref1, self.settings, self._tick,
+                                                  into=self.results)
                 self._tables = acc["tables"]
                 for p, t in acc["tables"].items():
                     tables[p][layer.name] = t
+                self._stage = f"the timing of layer {layer.name}"
                 self._measure_peaks(2)
                 with quiet_blas():  # numpy's BLAS pool must not spin beside the timed C workers
                     self._measure_layer(layer, x, ref)
+                self._timed.append(layer.name)
                 if refs_ok:
+                    self._stage = f"the reference points of layer {layer.name}"
                     self.results["reference_points"] += references.measure(layer, x, ref, self._tables,
                                                                            self.repeat)
+            self._stage = "the peak measurements after the layers"
             for p, by_layer in tables.items():
                 c = accuracy.common_s(by_layer)
                 if c is not None:
@@ -360,20 +368,24 @@ class Study:
                 if m.get("peak_key"):
                     m["peak_gops"] = self.peaks.get(tuple(m["peak_key"]))
             if self.section is not None:
+                self._stage = "the network section"
                 self.section.run(self.results["network"], self._tick)
+            self._stage = None
             self.results["status"] = "complete"
         except KeyboardInterrupt:
             self.results["status"] = "partial"
-            self.results["partial_reason"] = "interrupted (KeyboardInterrupt) before the grid finished"
+            self.results["partial_reason"] = f"interrupted (KeyboardInterrupt) during {self._stage}"
             raise
         except BaseException as e:
             self.results["status"] = "partial"
-            self.results["partial_reason"] = f"stopped by an error: {e.__class__.__name__}: {e}"
+            self.results["partial_reason"] = f"stopped during {self._stage} by an error: {e.__class__.__name__}: {e}"
             raise
         finally:
             if self._bar is not None:
                 self._bar.close()
             self.results["elapsed_s"] = time.perf_counter() - t0
+            self.results["progress"] = progress(self.results, self.layers, self.precisions, self._timed, self._stage,
+                                                self.section is not None)
             artifacts.finish(self.results, self.out, self.plots)
         return self.results
 
