@@ -798,6 +798,18 @@ def test_plots_keep_exact_zeros_and_zero_thresholds(study):
     assert np.isfinite(line.get_ydata()).all()     # the exact layer is drawn (at the floor), not dropped
 
 
+def test_the_vcurve_keeps_exact_zeros(study):
+    from qconv.study import plots_scale
+    doc = copy.deepcopy(study[1])
+    name = doc["layers"][0]["name"]
+    sw = next(s for s in doc["sweeps"] if s["layer"] == name and s["rounding"] == "nearest")
+    sw["rows"][0]["nrmse"] = 0.0
+    ax = plots_scale.vcurve(doc).axes[0]
+    line = next(ln for ln in ax.lines if ln.get_label() == f"{sw['precision'].upper()}, rounding to nearest")
+    assert len(line.get_xdata()) == len(sw["rows"]) and np.all(np.asarray(line.get_ydata()) > 0)
+    assert "0" in [t.get_text() for t in ax.texts]
+
+
 def test_sweep_candidate_counts_agree_and_are_labelled(study):
     out, res = study
     report = (out / "report.md").read_text()

@@ -50,18 +50,24 @@ def vcurve(res: dict[str, Any]) -> Panels:
             if near is None:
                 continue
             c = PREC_COLORS[p]
-            rows = [r for r in near["rows"] if r["nrmse"] and r["nrmse"] > 0]
-            ax.plot([r["s_x"] for r in rows], [r["nrmse"] for r in rows], color=c, lw=1.5,
+            # an exact 0 (NRMSE 0.0) sits at the axis floor, labelled, rather than dropping out
+            sweeps = [near["rows"]] + ([trunc["rows"]] if trunc is not None else [])
+            floor = log_floor([r["nrmse"] for rows in sweeps for r in rows])
+            y = lambda v: floor if v == 0 else v  # noqa: E731
+            rows = [r for r in near["rows"] if r["nrmse"] is not None]
+            ax.plot([r["s_x"] for r in rows], [y(r["nrmse"]) for r in rows], color=c, lw=1.5,
                     label=f"{p.upper()}, rounding to nearest")
             if trunc is not None:
-                tr = [r for r in trunc["rows"] if r["nrmse"] and r["nrmse"] > 0]
-                ax.plot([r["s_x"] for r in tr], [r["nrmse"] for r in tr], color=c, lw=0.9, ls="--", alpha=0.8,
+                tr = [r for r in trunc["rows"] if r["nrmse"] is not None]
+                ax.plot([r["s_x"] for r in tr], [y(r["nrmse"]) for r in tr], color=c, lw=0.9, ls="--", alpha=0.8,
                         label=f"{p.upper()}, truncation")
             b = near["best"]
-            ax.scatter([b["s_x"]], [b["nrmse"]], marker="*", s=140, color=c, edgecolor="k", zorder=5,
+            ax.scatter([b["s_x"]], [y(b["nrmse"])], marker="*", s=140, color=c, edgecolor="k", zorder=5,
                        label="chosen S (lowest NRMSE)")
-            ax.annotate(f"{p.upper()} S={format_scale(b['s_x'])}", (b["s_x"], b["nrmse"]),
+            ax.annotate(f"{p.upper()} S={format_scale(b['s_x'])}", (b["s_x"], y(b["nrmse"])),
                         xytext=(4, -12), textcoords="offset points", fontsize=7, color=c)
+            if any(r["nrmse"] == 0 for r in rows):
+                mark_zero(ax, next(r["s_x"] for r in rows if r["nrmse"] == 0), floor, color=c)
             if near.get("wrap_threshold"):
                 hi = max(r["s_x"] for r in near["rows"])
                 ax.axvspan(near["wrap_threshold"], hi, color=c, alpha=0.13, lw=0,
