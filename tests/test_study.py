@@ -930,16 +930,31 @@ def test_a_precision_that_cannot_scale_a_layer_is_skipped_for_that_layer_only(tm
     doc = json.loads((tmp_path / "results.json").read_text())
     assert validate(doc) == [] and res["status"] == "complete"
     skipped = {(s["layer"], s["precision"]): s["reason"] for s in res["skipped"]}
-    assert set(skipped) == {("small", "int32"), ("small", "int8")}
+    assert set(skipped) == {("small", "int32")}  # int8's maxabs scale fits; its single-S sweep stops
     assert skipped[("small", "int32")].startswith("int32 skipped for layer small: the input's maxabs scale")
     assert "denormal" not in skipped[("small", "int32")]
     got = {(m["layer"], m["precision"]) for m in res["measurements"] if m["error"] is None}
-    assert ("small", "fp32") in got and ("small", "int32") not in got and ("small", "int8") not in got
+    assert ("small", "fp32") in got and ("small", "int32") not in got and ("small", "int8") in got
     assert {("tiny1x1", "int32"), ("tiny1x1", "int8")} <= got
     by = {L["layer"]: L for L in res["progress"]["layers"]}
-    assert by["small"]["swept"] == [] and by["small"]["skipped"] == ["int32", "int8"]
+    assert by["small"]["swept"] == ["int8"] and by["small"]["skipped"] == ["int32"]
     assert by["tiny1x1"]["swept"] == ["int32", "int8"] and by["tiny1x1"]["skipped"] == []
     assert (tmp_path / "report.md").is_file()
+
+
+def test_the_single_s_sweep_stops_at_the_largest_s_the_dequantize_allows():
+    """Data near 1e-30: one S that reaches the input would need S^2 past float32, which the
+    dequantize refuses; the sweep shows the S up to that limit (and the pairs, which get there)."""
+    from qconv.contract import dequant_factor
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((1, 6, 6, 4)) * 1e-30).astype(np.float32)
+    w = (rng.standard_normal((3, 3, 4, 4)) * 0.3).astype(np.float32)
+    t = qconv.sweep_scales(x, w, "int8", pairs=True)
+    assert t.rows and all(np.isfinite(dequant_factor(r.s_x, r.s_w)) for r in list(t.rows) + list(t.pair_rows))
+    top = max(r.s_x for r in t.rows)
+    with pytest.raises(qconv.QconvError):
+        dequant_factor(4 * top, 4 * top)  # two octaves up is past the limit
+    assert t.best.nrmse < t.best_single.nrmse < 1.0
 
 
 @pytest.mark.parametrize("precisions", [["int8"], ["fp32", "int16", "int8"], ["fp32"]])

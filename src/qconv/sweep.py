@@ -199,6 +199,17 @@ class _Evaluator:
             self._qcache[key] = hit
         return hit
 
+    @staticmethod
+    def valid(s_x: float, s_w: float) -> bool:
+        """The pair's dequantize factor is a float32 (dequant_factor accepts it)."""
+        if not (0 < s_x <= FLOAT32_MAX and 0 < s_w <= FLOAT32_MAX):
+            return False
+        try:
+            dequant_factor(s_x, s_w)
+        except InputError:
+            return False
+        return True
+
     def __call__(self, s_x: float, s_w: float, kind: str) -> SweepRow:
         s_x, s_w = float(np.float32(s_x)), float(np.float32(s_w))
         key = (s_x, s_w)
@@ -226,6 +237,9 @@ def evaluate_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | 
     """One (s_x, s_w) evaluated exactly as every backend computes it: NRMSE, wrapped outputs, max|q|."""
     p, r = parse_precision(precision), parse_rounding(rounding)
     return _Evaluator(x, w, p, r, np.asarray(reference, dtype=np.float64))(s_x, s_w, "given")
+
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _log2_range(lo: float, hi: float, per_octave: int) -> list[float]:
@@ -306,8 +320,11 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
         for t in (x, w):   # (near-)denormal data: its scale leaves float32; refused as every backend does
             maxabs_scale(t, p.qmax)
         lo, hi = _span(mx, mw, p, rnd)
-        pow2 = [2.0 ** e for e in range(lo, hi + 1)]
-        rows = [ev(s, s, "pow2") for s in pow2]
+        # only the S whose S^2 the dequantize can invert (tiny or huge data: one S may have none
+        # inside the span, and the sweep then shows the nearest the contract allows)
+        usable = [e for e in range(-150, 151) if ev.valid(2.0 ** e, 2.0 ** e)]
+        lo, hi = min(max(lo, usable[0]), usable[-1]), max(min(hi, usable[-1]), usable[0])
+        rows = [ev(2.0 ** e, 2.0 ** e, "pow2") for e in range(lo, hi + 1)]
         # Stop the fine grid two octaves past the point where half the outputs wrap: beyond it
         # the curve is flat garbage, and int32's saturation point is ~30 octaves further.
         top = hi
@@ -316,11 +333,12 @@ def sweep_scales(x: np.ndarray, w: np.ndarray, precision: "Precision | str | int
                 top = min(hi, e + 2)
                 break
         rows += [ev(s, s, "fine") for s in _log2_range(2.0 ** lo, 2.0 ** top, fine_per_octave)
-                 if 2.0 ** lo <= s <= 2.0 ** top]
+                 if 2.0 ** lo <= s <= 2.0 ** top and ev.valid(s, s)]
         if refine:
             b = SweepTable._argmin(rows).s_x
             step = 2.0 ** (1.0 / (4 * fine_per_octave))
-            rows += [ev(b * step ** i, b * step ** i, "refine") for i in range(-3, 4) if i]
+            rows += [ev(b * step ** i, b * step ** i, "refine") for i in range(-3, 4)
+                     if i and ev.valid(b * step ** i, b * step ** i)]
     rows = sorted({(r.s_x, r.s_w): r for r in rows}.values(), key=lambda r: r.s_x)
 
     pair_rows: list[SweepRow] = []
@@ -341,7 +359,9 @@ def _sweep_pairs(ev: _Evaluator, mx: float, mw: float, p: Precision, rnd: Roundi
     step = int(stride) if stride is not None else max(1, math.ceil(span / 12))
     seen: dict[tuple[float, float], SweepRow] = {}
 
-    def visit(ex: float, ew: float) -> SweepRow:
+    def visit(ex: float, ew: float) -> SweepRow | None:
+        if not ev.valid(2.0 ** ex, 2.0 ** ew):  # a pair whose dequantize factor leaves float32
+            return None
         r = ev(2.0 ** ex, 2.0 ** ew, "pair")
         seen[(r.s_x, r.s_w)] = r
         return r
@@ -349,6 +369,8 @@ def _sweep_pairs(ev: _Evaluator, mx: float, mw: float, p: Precision, rnd: Roundi
     for ex in range(ax[0], ax[1] + 1, step):
         for ew in range(aw[0], aw[1] + 1, step):
             visit(ex, ew)
+    if not seen:
+        return []
     best = SweepTable._argmin(list(seen.values()))
     bx, bw = math.log2(best.s_x), math.log2(best.s_w)
     budget = 400  # pattern-search evaluations at most (each strictly improves, so it ends anyway)
@@ -364,6 +386,6 @@ def _sweep_pairs(ev: _Evaluator, mx: float, mw: float, p: Precision, rnd: Roundi
                         continue
                     r = visit(bx + dx, bw + dw)
                     budget -= 1
-                    if r.nrmse < best.nrmse:
+                    if r is not None and r.nrmse < best.nrmse:
                         best, bx, bw, improved = r, bx + dx, bw + dw, True
     return sorted(seen.values(), key=lambda r: (r.s_x, r.s_w))
