@@ -149,30 +149,42 @@ QD void window_mma(const ConvParams& p, const Window& w, int (&acc)[BN / 2], uns
   wgmma_commit();
 }
 
-// The epilogue of one warp's 16 rows from grid row qw (fused dequantize; the common case, 8-byte
-// aligned pairs, with its tests hoisted, anything else through store_pair). Grid rows with i >= Ho
-// or j >= Wo, or past the grid, are dropped.
+// The epilogue of one warp's 16 rows from grid row qw (fused dequantize). Grid rows with i >= Ho or
+// j >= Wo, or past the grid, are dropped. The common case (dequantized, 16-byte aligned rows, OC a
+// multiple of 4) stores 16 bytes a lane: lanes t and t ^ 1 swap a pair of values, so that for n8
+// blocks b and b + 1 the even lane holds columns 8b + 2t .. + 3 and the odd one 8b + 8 + 2(t - 1)
+// .. + 3, and a warp's store covers 64 contiguous bytes of each of its 8 rows (half the store
+// instructions, twice the bytes per line, of one 8-byte pair a lane). Anything else: store_pair.
 template <int BN>
 QD void window_store(const ConvParams& p, const Window& w, const int (&acc)[BN / 2], int qw, int n0, float inv0) {
-  const int lane = threadIdx.x & 31, Wp = w.Wp, Mp = w.Mp, HWp = (p.Ho + p.KH - 1) * Wp;
-  const bool fast = p.mode == 1 && p.vec_out && ((p.OC | p.OCg) & 1) == 0;
+  const int lane = threadIdx.x & 31, t = lane & 3, Wp = w.Wp, Mp = w.Mp, HWp = (p.Ho + p.KH - 1) * Wp;
+  const bool quad = p.mode == 1 && p.vec_out && ((p.OC | p.OCg) & 3) == 0;  // uniform: every lane shuffles
 #pragma unroll
   for (int h = 0; h < 2; ++h) {  // rows qw + lane/4 and 8 below -> output pixel m, or M (dropped)
     const int q = qw + (lane >> 2) + 8 * h;
     const int n = q / HWp, rem = q - n * HWp, i = rem / Wp, j = rem - i * Wp;
     const int m = (q < Mp && i < p.Ho && j < p.Wo) ? (n * p.Ho + i) * p.Wo + j : p.M;
-    if (m >= p.M) continue;
-    float* row = (float*)p.out + (size_t)m * p.OC;
+    float* row = (float*)p.out + (size_t)min(m, p.M - 1) * p.OC;
 #pragma unroll
-    for (int b = 0; b < BN / 8; ++b) {
-      const int o = n0 + b * 8 + 2 * (lane & 3);
-      const unsigned v0 = (unsigned)acc[4 * b + 2 * h], v1 = (unsigned)acc[4 * b + 2 * h + 1];
-      if (!fast) {
-        store_pair(p, 0, m, o, v0, v1, inv0);
-      } else if (o < p.OCg) {  // OCg even: o + 1 < OCg too
-        const float i0 = p.inv_uniform ? inv0 : __ldg(p.inv + o), i1 = p.inv_uniform ? inv0 : __ldg(p.inv + o + 1);
-        *(float2*)(row + o) = make_float2(dequant1(v0, i0, p.bias, o), dequant1(v1, i1, p.bias, o + 1));
+    for (int b = 0; b < BN / 8; b += 2) {
+      const unsigned p0 = (unsigned)acc[4 * b + 2 * h], p1 = (unsigned)acc[4 * b + 2 * h + 1];
+      const unsigned q0 = (unsigned)acc[4 * b + 4 + 2 * h], q1 = (unsigned)acc[4 * b + 4 + 2 * h + 1];
+      if (!quad) {
+        const int o = n0 + b * 8 + 2 * t;
+        store_pair(p, 0, m, o, p0, p1, inv0);
+        store_pair(p, 0, m, o + 8, q0, q1, inv0);
+        continue;
       }
+      const bool odd = t & 1;
+      const unsigned r0 = __shfl_xor_sync(0xffffffffu, odd ? p0 : q0, 1);
+      const unsigned r1 = __shfl_xor_sync(0xffffffffu, odd ? p1 : q1, 1);
+      const int o = n0 + b * 8 + (odd ? 8 + 2 * (t - 1) : 2 * t);
+      if (m >= p.M || o >= p.OCg) continue;  // OCg % 4 == 0: o + 3 < OCg too
+      const unsigned v[4] = {odd ? r0 : p0, odd ? r1 : p1, odd ? q0 : r0, odd ? q1 : r1};
+      float y[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) y[e] = dequant1(v[e], p.inv_uniform ? inv0 : __ldg(p.inv + o + e), p.bias, o + e);
+      *(float4*)(row + o) = make_float4(y[0], y[1], y[2], y[3]);
     }
   }
 }

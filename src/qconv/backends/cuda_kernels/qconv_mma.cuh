@@ -63,6 +63,19 @@ struct MmaTF32x3 {
   QD static float out(const float (&d)[NACC][4], int r) { return d[0][r]; }
 };
 
+// An m16n8 accumulator fragment's four elements: (m, o), (m, o + 1), (m + 8, o), (m + 8, o + 1).
+// Integers in two 8-byte pairs where the row allows (store_pair); FP32 one by one, counting the
+// non-finite ones.
+QD unsigned store_frag(const ConvParams& p, int ocol, int m, int o, const unsigned (&v)[4], float inv0) {
+  store_pair(p, ocol, m, o, v[0], v[1], inv0);
+  store_pair(p, ocol, m + 8, o, v[2], v[3], inv0);
+  return 0;
+}
+QD unsigned store_frag(const ConvParams& p, int ocol, int m, int o, const float (&v)[4], float inv0) {
+  return store_out(p, ocol, m, o, v[0], inv0) + store_out(p, ocol, m, o + 1, v[1], inv0) +
+         store_out(p, ocol, m + 8, o, v[2], inv0) + store_out(p, ocol, m + 8, o + 1, v[3], inv0);
+}
+
 template <class Op, int BM, int BN, int WM, int WN, int STAGES, bool SWZ = false>
 QD void conv_mma(const ConvParams& p) {
   constexpr int BKW = 32, NT = 32 * WM * WN;
@@ -149,11 +162,7 @@ QD void conv_mma(const ConvParams& p) {
       decltype(Op::out(acc[i][j], 0)) v[4];
 #pragma unroll
       for (int r = 0; r < 4; ++r) v[r] = Op::out(acc[i][j], r);
-      int m = m0 + wm * WTM + i * 16 + g, o = n0 + wn * WTN + j * 8 + 2 * t;
-      nonfinite += store_out(p, bw.ocol, m, o, v[0], inv0);
-      nonfinite += store_out(p, bw.ocol, m, o + 1, v[1], inv0);
-      nonfinite += store_out(p, bw.ocol, m + 8, o, v[2], inv0);
-      nonfinite += store_out(p, bw.ocol, m + 8, o + 1, v[3], inv0);
+      nonfinite += store_frag(p, bw.ocol, m0 + wm * WTM + i * 16 + g, n0 + wn * WTN + j * 8 + 2 * t, v, inv0);
     }
   count_nonfinite(p.stats, nonfinite);  // integer stores return 0
   publish_stats(p.stats, p.slot);
