@@ -217,7 +217,11 @@ struct TileLoader {
   static constexpr int CPR = BKW / 4;                  // 16-byte chunks per row
   static constexpr int CA = (BM * CPR + NT - 1) / NT;  // A chunks per thread
   static constexpr int CB = (BN * CPR + NT - 1) / NT;
-  int a_nh[CA], a_h[CA], a_w[CA];                      // n*H, i*sh - pt, j*sw - pl (a_h huge if m >= M)
+  static constexpr int RPP = NT / CPR;                 // rows a pass of the block's threads covers
+  // chunk c of a thread sits RPP rows below chunk c - 1, at the same column (and swizzle):
+  // its shared offset is a constant past the first's
+  static_assert(NT % CPR == 0 && (!SWZ || RPP % 8 == 0), "rows a pass covers keep the swizzle");
+  int a_pix[CA], a_h[CA], a_w[CA];  // pixel of tap (0, 0): (n*H + i*sh - pt)*W + j*sw - pl; i*sh - pt (huge if m >= M); j*sw - pl
   int j;                                               // this thread's chunk column
 
   QD TileLoader(const ConvParams& p, int m0, int tid) {
@@ -230,9 +234,10 @@ struct TileLoader {
       if (m < p.M && row < BM) {
         int n = m / hw, r = m - n * hw;
         int i = r / p.Wo;
-        a_nh[c] = n * p.H; a_h[c] = i * p.sh - p.pt; a_w[c] = (r - i * p.Wo) * p.sw - p.pl;
+        a_h[c] = i * p.sh - p.pt; a_w[c] = (r - i * p.Wo) * p.sw - p.pl;
+        a_pix[c] = (n * p.H + a_h[c]) * p.W + a_w[c];
       } else {
-        a_nh[c] = 0; a_h[c] = -(1 << 28); a_w[c] = 0;
+        a_pix[c] = 0; a_h[c] = -(1 << 28); a_w[c] = 0;
       }
     }
   }
@@ -259,32 +264,31 @@ struct TileLoader {
     }
   }
 
+  // Per chunk only its bounds and one multiply-add: the tap's pixel offset and the channel word
+  // are the same for all of a thread's chunks (the full index math per chunk was more than half
+  // of the INT8 mma loop's instructions).
   QD void load_a(const ConvParams& p, int xoff, unsigned* As, const KPos& k, int tid) const {
-    const int tap = k.tap, cw = k.cw, kh = k.kh, kw = k.kw;
-    bool tap_ok = tap < p.T;
+    const bool tap_ok = k.tap < p.T;
+    const int tap_pix = k.kh * p.W + k.kw;
+    const unsigned* xk = p.x + (xoff + k.cw);
+    unsigned* dst = As + at(tid / CPR, j);
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
-      int idx = tid + c * NT;
-      if (CA * NT == BM * CPR || idx < BM * CPR) {
-        int row = idx / CPR;
-        int hi = a_h[c] + kh, wi = a_w[c] + kw;
-        bool ok = tap_ok && (unsigned)hi < (unsigned)p.H && (unsigned)wi < (unsigned)p.W;
-        const unsigned* src = ok ? p.x + ((size_t)((a_nh[c] + hi) * p.W + wi) * p.XPW + xoff + cw) : p.x;
-        cp_async16(As + at(row, j), src, ok);
+      if (CA * NT == BM * CPR || tid + c * NT < BM * CPR) {
+        bool ok = tap_ok && (unsigned)(a_h[c] + k.kh) < (unsigned)p.H && (unsigned)(a_w[c] + k.kw) < (unsigned)p.W;
+        const unsigned pix = ok ? a_pix[c] + tap_pix : 0;
+        cp_async16(dst + c * RPP * SW, xk + (unsigned long long)pix * (unsigned)p.XPW, ok);
       }
     }
   }
 
   QD void load_b(const ConvParams& p, int woff, unsigned* Bs, int kt, int n0, int tid) const {
+    const unsigned* src = p.w + ((size_t)(n0 + tid / CPR) * p.Kpw + woff + kt * BKW + j * 4);
+    const size_t step = (size_t)RPP * p.Kpw;
+    unsigned* dst = Bs + at(tid / CPR, j);
 #pragma unroll
-    for (int c = 0; c < CB; ++c) {
-      int idx = tid + c * NT;
-      if (CB * NT == BN * CPR || idx < BN * CPR) {
-        int row = idx / CPR;
-        const unsigned* src = p.w + ((size_t)(n0 + row) * p.Kpw + woff + kt * BKW + j * 4);
-        cp_async16(Bs + at(row, j), src, true);
-      }
-    }
+    for (int c = 0; c < CB; ++c)
+      if (CB * NT == BN * CPR || tid + c * NT < BN * CPR) cp_async16(dst + c * RPP * SW, src + c * step, true);
   }
 
   // K tile k of the block's slice into slot k % STAGES of the As / Bs ring (nothing past the
