@@ -215,6 +215,21 @@ def test_choose_tiling_fills_the_gpu():
             cb.choose_tiling(10, 10, 40, 132, **bad)
 
 
+@pytest.mark.parametrize("m, oc, tile", [
+    (25088, 128, "128x64/w4"),   # exam 2, N=32: 392 blocks of 128x64
+    (12544, 128, "64x64/w4"),    # exam 2, N=16: 196 blocks of 128x64 are under two per SM
+    (25088, 64, "64x64/w4"),     # exam 1, N=8
+    (266240, 24, "64x64/w4"),    # ppocr, N=64: OC <= 32 never takes the 64-column 128-row tile
+    (3136, 64, "auto"),          # exam 1, N=1: choose_tiling's small tiles
+    (784, 128, "auto"),
+])
+def test_int8_mma_auto_tile(m, oc, tile):
+    assert _tiling.int8_mma_tile(m, oc, 1, 132) == tile
+    # groups multiply the blocks as choose_tiling counts them
+    assert _tiling.int8_mma_tile(3136, 64, 4, 132) == "64x64/w4"
+    assert _tiling.int8_mma_tile(3136, 64, 32, 132) == "128x64/w4"
+
+
 def test_fp32_outer_tiles_are_consistent():
     names = cb.kernel_names()["conv_f32_outer.cu"]
     for t in cb.OUTER_TILES:

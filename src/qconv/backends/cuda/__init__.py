@@ -14,7 +14,8 @@ output is on the host.
 
 Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
     int8_path: "auto" (default: on Hopper the wgmma window kernel where a stride-1 layer allows it
-        and fills the GPU, else mma.sync; elsewhere mma.sync), "mma" (tensor cores' mma.sync),
+        and gives every SM enough of its tiles (_tiling.window_pays), else mma.sync; elsewhere
+        mma.sync; mma.sync's "auto" tile: _tiling.int8_mma_tile), "mma" (tensor cores' mma.sync),
         "wgmma" (Hopper's warpgroup MMA, sm_90 only: conv_s8_wgmma.cu) or "dp4a" (CUDA cores).
     int16_path, int32_path: "auto" (default: _tiling.PATH_AUTO, the faster path measured on the
         H200), "simt" (CUDA cores) or "mma" (tensor cores by exact 8-bit decomposition: 2 / 4 byte

@@ -97,17 +97,19 @@ class GemmJob(Job):
             if prec is not Precision.FP32 or prep.path != "simt":
                 raise InputError(f"tile {tile!r} is an outer-product tile of fp32_path 'simt'")
             outer, tile = tile, tile.split("/")[0]
-        # wgmma's window kernels: tile="window" / "window-ws", or "auto" with at least half an M tile
-        # per SM, over the zero-padded grid of mp = N * hp * wp rows
+        # wgmma's window kernels: tile="window" / "window-ws", or "auto" where window_pays, over the
+        # zero-padded grid of mp = N * hp * wp rows
         hp, wp = g.ho + spec.kh - 1, g.wo + spec.kw - 1
         mp = g.n * hp * wp
         window = (wgmma and tile in ("auto",) + _tiling.WINDOW_TILES and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
-                  and mp <= _tiling.INT_LIMIT and (tile != "auto" or mp >= _tiling.WINDOW_BM * rt.num_sms // 2))
+                  and mp <= _tiling.INT_LIMIT and (tile != "auto" or _tiling.window_pays(mp, spec.icg, rt.num_sms)))
         ws = _tiling.window_ws_config(spec, lay, g.wo, rt.smem_optin) if window and tile == "window-ws" else None
         if tile in _tiling.WINDOW_TILES and wgmma:  # (other paths refuse the names in choose_tiling)
             tile = "auto" if window or path8 == "window" else "128x128"
         if path8 == "window" and not window:  # auto on Hopper: the rest runs mma.sync
             wgmma = False
+        if tile == "auto" and prec is Precision.INT8 and path8 in ("mma", "window") and not wgmma:
+            tile = _tiling.int8_mma_tile(m, lay.ocg, spec.groups, rt.num_sms)
         (bm, bn), split = _tiling.choose_tiling(m, lay.ocg, ktiles, rt.num_sms, tile, o.split_k, mma, spec.groups,
                                                 tiles[len(_tiling.WINDOW_TILES):]
                                                 if prec is Precision.INT8 and path8 in ("wgmma", "window")

@@ -40,8 +40,8 @@ PLANE_STAGES = {Precision.INT16: 3, Precision.INT32: 2}
 TILES = ("128x128", "128x64", "64x64", "64x32", "32x32")    # CUDA-core kernels
 MMA_TILES = ("128x128", "96x128") + TILES[1:]                # tensor-core kernel
 # INT8 mma.sync with 4 warps and XOR-swizzled unpadded rows (qconv_mma.cuh's SWZ): a 128x64 block
-# takes 72 KB, so three fit an SM as in cuBLASLt's kernel (ours, padded: 83 KB, two). Chosen by name
-# only until measured against MMA_TILES.
+# takes 72 KB, so three fit an SM as in cuBLASLt's kernel (ours, padded: 83 KB, two); "auto" takes
+# them by int8_mma_tile's rule
 SLIM_TILES = ("128x64/w4", "64x64/w4")
 # FP32 tf32x3: its 128x128 tile needs 156 registers, one block per SM, and lost to 128x64 on both
 # exam layers at N=32 (193.1 vs 150.6 us on exam 2, H200, RESULTS.md), so it is not built
@@ -336,6 +336,26 @@ def parse_tile(t: str, mma: bool = False, tiles: tuple[str, ...] | None = None) 
         extra = "" if mma or tiles != TILES else f"; FP32 also {', '.join(OUTER_TILES)}"
         raise InputError(f"tile {t!r} is not one of {', '.join(tiles)} (or 'auto'{extra})")
     return tile_shape(t)
+
+
+def window_pays(mp: int, icg: int, num_sms: int) -> bool:
+    """"auto" takes the window kernel (where window_fits) when its padded grid of mp rows gives each
+    SM at least 5 of its 128-row tiles, or 1 where C <= 32 (there the mma.sync loader's K tiles span
+    taps and it loses from N=2 on). Below that the weights a block loads once are read for too few
+    tiles, and int8_mma_tile's 4-warp tiles win: H100 sweep in RESULTS.md (2026-12-05, evening),
+    exam 2 N=32 26.2 us against the window's 34.2."""
+    return mp >= WINDOW_BM * num_sms * (1 if icg <= 32 else 5)
+
+
+def int8_mma_tile(m: int, oc: int, groups: int, num_sms: int) -> str:
+    """INT8 mma.sync's "auto" tile: 128x64/w4 where OC > 32 and it gives every SM two blocks,
+    else 64x64/w4 where that gives every SM one, else "auto" (choose_tiling's rule over MMA_TILES,
+    the small tiles of small layers). Fitted to the H100 sweep of 4 layers x N = 8..128 in
+    RESULTS.md (2026-12-05, evening), where it picks the fastest mma.sync tile or one within 4%."""
+    blocks = lambda bm, bn: groups * math.ceil(m / bm) * math.ceil(oc / bn)  # noqa: E731
+    if oc > 32 and blocks(128, 64) >= 2 * num_sms:
+        return "128x64/w4"
+    return "64x64/w4" if blocks(64, 64) >= num_sms else "auto"
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
