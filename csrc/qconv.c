@@ -68,25 +68,28 @@ int qconv_tile(int isa, int precision, qconv_tile_info *info)
 }
 
 /* Re-layout group g of the quantized kernel src (KH, KW, OC, ICG) into
- * [ocb][KH][KW][cp/grp][nr][grp], zeros where o >= OCG or ch >= ICG. One typed loop per element
- * size, so every copy is a plain load/store. */
+ * [ocb][KH][KW][cp/grp][nr][grp], zeros where o >= OCG or ch >= ICG: each (ocb, tap) block is
+ * zeroed, then each output channel's source row (contiguous in ch) is scattered into it (grp is
+ * 1, 2 or 4, so ch / grp and ch % grp are a shift and a mask). One typed loop per element size,
+ * so every copy is a plain load/store. */
 #define PACK_KERNEL(T)                                                                         \
     do {                                                                                       \
         const T *s = src;                                                                      \
         T *d = dst;                                                                            \
-        const int64_t ng = cv->cp / cv->grp, taps = cv->kh * cv->kw;                           \
-        for (int64_t b = 0; b < cv->nocb; b++)                                                 \
-            for (int64_t tap = 0; tap < taps; tap++)                                           \
-                for (int64_t cg = 0; cg < ng; cg++)                                            \
-                    for (int64_t r = 0; r < cv->nr; r++) {                                     \
-                        const int64_t o = b * cv->nr + r;                                      \
-                        for (int64_t e = 0; e < cv->grp; e++) {                                \
-                            const int64_t ch = cg * cv->grp + e;                               \
-                            *d++ = (o < cv->ocg && ch < cv->icg)                               \
-                                       ? s[(tap * cv->oc + g * cv->ocg + o) * cv->icg + ch]    \
-                                       : (T)0;                                                 \
-                        }                                                                      \
-                    }                                                                          \
+        const int64_t taps = cv->kh * cv->kw, nr = cv->nr, grp = cv->grp, icg = cv->icg;      \
+        const int64_t oc = cv->oc, ocg = cv->ocg, nocb = cv->nocb;                             \
+        const int lg = grp == 4 ? 2 : grp == 2 ? 1 : 0;                                        \
+        const int64_t blk = (cv->cp / grp) * nr * grp;   /* elements of one (ocb, tap) */      \
+        for (int64_t b = 0; b < nocb; b++)                                                     \
+            for (int64_t tap = 0; tap < taps; tap++, d += blk) {                               \
+                memset(d, 0, (size_t)blk * sizeof(T));                                         \
+                for (int64_t r = 0; r < nr && b * nr + r < ocg; r++) {                         \
+                    const T *row = s + (tap * oc + g * ocg + b * nr + r) * icg;                \
+                    T *col = d + r * grp;                                                      \
+                    for (int64_t ch = 0; ch < icg; ch++)                                       \
+                        col[(ch >> lg) * nr * grp + (ch & (grp - 1))] = row[ch];               \
+                }                                                                              \
+            }                                                                                  \
     } while (0)
 
 static void pack_group(const qconv_conv *cv, const void *src, void *dst, int64_t g)
