@@ -76,6 +76,51 @@ QD unsigned store_frag(const ConvParams& p, int ocol, int m, int o, const float 
          store_out(p, ocol, m + 8, o, v[2], inv0) + store_out(p, ocol, m + 8, o + 1, v[3], inv0);
 }
 
+template <class T> struct is_integer { static const bool value = false; };
+template <> struct is_integer<unsigned> { static const bool value = true; };
+
+// The dequantizing epilogue (p.mode 1) of integer accumulators: a lane's outputs lie in NTL
+// channel pairs (o, o + 1) and 2 * MT rows, so each pair's factors and bias are loaded once, not
+// once per row as store_pair does, and the store's conditions are decided once. The same
+// arithmetic as dequant1 (so the same bits).
+template <int MT, int NTL, class V>
+QD void store_dequantized(const ConvParams& p, int ocol, int mrow, int ocol0, const V& v, float inv0) {
+  const bool pairs = p.vec_out && ((p.OC | p.OCg | ocol) & 1) == 0;
+  float f[NTL][2], b[NTL][2];
+#pragma unroll
+  for (int j = 0; j < NTL; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int o = ocol0 + j * 8 + e, ok = o < p.OCg;
+      f[j][e] = p.inv_uniform ? inv0 : ok ? __ldg(p.inv + ocol + o) : 0.0f;
+      b[j][e] = p.bias && ok ? __ldg(p.bias + ocol + o) : 0.0f;
+    }
+#pragma unroll
+  for (int i = 0; i < MT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int m = mrow + i * 16 + h * 8;
+      if (m >= p.M) continue;
+      float* row = (float*)p.out + (size_t)m * p.OC + ocol;
+#pragma unroll
+      for (int j = 0; j < NTL; ++j) {
+        const int o = ocol0 + j * 8;
+        float y[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          y[e] = __fmul_rn(__int2float_rn((int)v[i][j][2 * h + e]), f[j][e]);
+          if (p.bias) y[e] = __fadd_rn(y[e], b[j][e]);
+        }
+        if (pairs && o + 1 < p.OCg) {
+          *(float2*)(row + o) = make_float2(y[0], y[1]);
+        } else {
+          if (o < p.OCg) row[o] = y[0];
+          if (o + 1 < p.OCg) row[o + 1] = y[1];
+        }
+      }
+    }
+}
+
 template <class Op, int BM, int BN, int WM, int WN, int STAGES, bool SWZ = false>
 QD void conv_mma(const ConvParams& p) {
   constexpr int BKW = 32, NT = 32 * WM * WN;
@@ -152,6 +197,19 @@ QD void conv_mma(const ConvParams& p) {
   }
   cp_async_wait<0>();
   const float inv0 = epilogue_inv(p);
+  typedef decltype(Op::out(acc[0][0], 0)) Out;
+  if (is_integer<Out>::value && p.mode == 1) {
+    Out v[MT][NTL][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+      for (int j = 0; j < NTL; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) v[i][j][r] = Op::out(acc[i][j], r);
+    store_dequantized<MT, NTL>(p, bw.ocol, m0 + wm * WTM + g, n0 + wn * WTN + 2 * t, v, inv0);
+    publish_stats(p.stats, p.slot);
+    return;
+  }
   unsigned nonfinite = 0;
 #pragma unroll
   for (int i = 0; i < MT; ++i)
