@@ -217,15 +217,18 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
         cv->xstore = t->xstore[precision];
     }
     const size_t wes = store_size(cv->wstore);
-    if ((wtmp = alloc64(nk * (int64_t)wes)) == NULL)
-        goto nomem;
+    const void *wsrc = k;   /* what the packing reads: FP32 the caller's kernel, no copy */
     {
         int bad = 0;
         const int32_t qmax = is_int ? qmax_of(precision) : 0;
         const int wplain = qconv_plain_store(cv->wstore);   /* byte planes: split after packing */
-        if (!is_int || n_sw == 1) {
-            bad = t->quantize(k, nk, is_int ? s_w[0] : 1.0f, qmax, truncate,
-                              is_int ? wplain : QCONV_STORE_F32, wtmp);
+        if (!is_int) {
+            for (int64_t i = 0; i < nk; i++)
+                bad |= !isfinite(k[i]);
+        } else if ((wtmp = alloc64(nk * (int64_t)wes)) == NULL) {
+            goto nomem;
+        } else if (n_sw == 1) {
+            bad = t->quantize(k, nk, s_w[0], qmax, truncate, wplain, wtmp);
         } else {   /* per output channel: each (tap, o) row of ICG values with its own scale */
             for (int64_t tap = 0; tap < taps; tap++)
                 for (int64_t o = 0; o < oc; o++) {
@@ -237,6 +240,8 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
             st = QCONV_EINVAL;   /* Python refuses a non-finite kernel before this */
             goto fail;
         }
+        if (wtmp != NULL)
+            wsrc = wtmp;
     }
     t1 = qconv_now();
 
@@ -244,10 +249,10 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
         cv->mult = cv->ocg;
         cv->ocp = round_up(oc, t->dw_block);
         cv->pad_n = cv->ocp;
-        int64_t bytes = t->dw_pack(precision, wtmp, taps, oc, cv->ocp, NULL);
+        int64_t bytes = t->dw_pack(precision, wsrc, taps, oc, cv->ocp, NULL);
         if ((cv->dww = alloc64(bytes)) == NULL)
             goto nomem;
-        t->dw_pack(precision, wtmp, taps, oc, cv->ocp, cv->dww);
+        t->dw_pack(precision, wsrc, taps, oc, cv->ocp, cv->dww);
     } else {
         cv->nr = t->nr[precision];
         cv->grp = t->grp[precision];
@@ -265,7 +270,7 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
         if ((cv->wq = alloc64(nwq * (int64_t)wes)) == NULL)
             goto nomem;
         for (int64_t g = 0; g < groups; g++)
-            pack_group(cv, wtmp, (char *)cv->wq + (size_t)(g * cv->gblk) * wes, g);
+            pack_group(cv, wsrc, (char *)cv->wq + (size_t)(g * cv->gblk) * wes, g);
         qconv_split_planes(cv->wq, nwq, cv->wstore);
         if (cv->wstore == QCONV_STORE_I8) {
             if ((cv->comp = alloc64(cv->pad_n * 4)) == NULL)
