@@ -1,0 +1,67 @@
+"""Which INT8 kernel should `auto` run: the window kernel against mma.sync's tiles over the batch.
+
+    PYTHONPATH=src python3 benchmarks/bench_int8_auto.py [--shared ../shared] [--batches 1,2,4,8,16,32]
+                                                       [--reps 30] [--json out.json]
+
+For the exam layers and the real layers (../shared/data/real, 'SAME' stride 1) at each N (the
+batch tiled from the one image): the convolve phase's median for `auto`, the window kernel
+(`tile="window"`), mma.sync 128x64/w4 and 64x64/w4, and mma.sync's own `auto`, with the kernel
+each ran. _tiling.window_pays and _tiling.int8_mma_tile were fitted to its output (RESULTS.md,
+2026-12-05, evening).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cuda import time_ours  # noqa: E402
+
+VARIANTS = (("auto", {}), ("window", {"tile": "window"}), ("w4", {"int8_path": "mma", "tile": "128x64/w4"}),
+            ("w4s", {"int8_path": "mma", "tile": "64x64/w4"}), ("mma", {"int8_path": "mma"}))
+
+
+def main() -> int:
+    here = Path(__file__).resolve().parent.parent
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=os.environ.get("QCONV_SHARED", str(here.parent / "shared")))
+    ap.add_argument("--batches", default="1,2,4,8,16,32")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    import torch
+    import qconv
+    from qconv.tensorfile import load as load_tensor
+    shared = Path(args.shared) / "data"
+    layers = sorted(p.parent for p in shared.glob("exam/*/kernel_tensor.bin")) + \
+        sorted(p.parent for p in shared.glob("real/*/*/kernel_tensor.bin"))
+    res = {}
+    for d in layers:
+        meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
+        if meta.get("stride", 1) != 1 or meta.get("groups", 1) != 1 or str(meta.get("padding", "SAME")).upper() != "SAME":
+            continue
+        x1, w = load_tensor(d / "input_tensor.bin"), load_tensor(d / "kernel_tensor.bin")
+        r = qconv.conv2d_result(x1, w, "int8", backend="reference", scale="maxabs")
+        name = str(d.relative_to(shared))
+        for n in (int(v) for v in args.batches.split(",")):
+            xt = torch.from_numpy(np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))).cuda()
+            row = {}
+            for label, opts in VARIANTS:
+                t = time_ours(xt, w, "int8", (r.scale_input, r.scale_kernel), opts, args.reps)
+                row[label] = [round(t["convolve"] * 1e6, 1), t["kernel"]]
+            res[f"{name} N={n}"] = row
+            print(f"{name} {tuple(x1.shape[1:])} {tuple(w.shape)} N={n:3d}  " + "  ".join(
+                f"{k} {v[0]:7.1f} ({v[1].replace('qconv_s8_conv_', '')})" for k, v in row.items()), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
