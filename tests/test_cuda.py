@@ -225,9 +225,20 @@ def test_choose_tiling_fills_the_gpu():
 ])
 def test_int8_mma_auto_tile(m, oc, tile):
     assert _tiling.int8_mma_tile(m, oc, 1, 132) == tile
-    # groups multiply the blocks as choose_tiling counts them
+
+
+def test_int8_mma_auto_tile_counts_every_groups_blocks():
     assert _tiling.int8_mma_tile(3136, 64, 4, 132) == "64x64/w4"
     assert _tiling.int8_mma_tile(3136, 64, 32, 132) == "128x64/w4"
+
+
+def test_window_pays_from_five_tiles_per_sm_or_one_for_few_channels():
+    # exam 2 (30x30 padded grid, C=128): N=32 is 1.7 tiles per SM, N=128 6.8
+    assert not _tiling.window_pays(32 * 900, 128, 132)
+    assert _tiling.window_pays(128 * 900, 128, 132)
+    # mtcnn pnet.conv3 (153x153 padded, C=16): 1.4 tiles per SM at N=1
+    assert _tiling.window_pays(153 * 153, 16, 132)
+    assert not _tiling.window_pays(153 * 153, 64, 132)
 
 
 def test_fp32_outer_tiles_are_consistent():

@@ -350,7 +350,7 @@ def window_pays(mp: int, icg: int, num_sms: int) -> bool:
 def int8_mma_tile(m: int, oc: int, groups: int, num_sms: int) -> str:
     """INT8 mma.sync's "auto" tile: 128x64/w4 where OC > 32 and it gives every SM two blocks,
     else 64x64/w4 where that gives every SM one, else "auto" (choose_tiling's rule over MMA_TILES,
-    the small tiles of small layers). Fitted to the H100 sweep of 4 layers x N = 8..128 in
+    the small tiles of small layers). Fitted to the H100 sweep of 4 layers x N = 1-128 in
     RESULTS.md (2026-12-05, evening), where it picks the fastest mma.sync tile or one within 4%."""
     blocks = lambda bm, bn: groups * math.ceil(m / bm) * math.ceil(oc / bn)  # noqa: E731
     if oc > 32 and blocks(128, 64) >= 2 * num_sms:
