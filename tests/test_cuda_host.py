@@ -188,6 +188,22 @@ def test_the_padded_grid_is_the_contracts_quantize_where_the_kernels_read_it(hos
         assert np.array_equal(got, want), (blocks, threads)
 
 
+@pytest.mark.parametrize("elem, c, icgp", [(4, 32, 36), (2, 16, 24), (4, 16, 20)])
+def test_an_item_never_straddles_a_pixels_padded_channels(host_pass, elem, c, icgp):
+    """icgp past icg by more than an item's worth of padding, where icg alone would pick 16-channel
+    items that icgp does not divide (found by the hypothesis walk below: the items overlapped the
+    next pixel's slots and read past x)."""
+    x = (np.random.default_rng(7620).standard_normal((1, 5, 5, c))).astype(np.float32)
+    pt, pb, pl, pr = 1, 2, 0, 2
+    hp, wp = 5 + pt + pb, 5 + pl + pr
+    for blocks, threads in ((1, 1), (2, 33)):
+        got, flag = _launch(host_pass, x, elem, 1.7, (1, hp, wp, icgp), icgp=icgp, vec=True,
+                            grid=(5, 5, hp, wp, pt, pl), blocks=blocks, threads=threads)
+        want = np.zeros((1, hp, wp, icgp), np.int64)
+        want[:, pt:pt + 5, pl:pl + 5, :c] = _q(x, elem, 1.7)
+        assert flag == 0 and np.array_equal(got, want), (blocks, threads)
+
+
 @pytest.mark.parametrize("trunc", [False, True])
 def test_the_dense_and_grouped_layouts_and_saturation(host_pass, trunc):
     """No grid: the dense float4 path, and groups whose channels are padded (one value per item)."""

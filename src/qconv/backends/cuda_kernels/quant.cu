@@ -217,10 +217,10 @@ QD int quantize_grid(const PassParams& p, const float s) {
 template <typename T>
 QD void quantize_x_body(const PassParams& p, const float s) {
   int bad = 0;
-  if (p.Hp) {
-    bad = p.vec && p.icg % 16 == 0 ? quantize_grid<T, 16, true>(p, s)
-        : p.vec && p.icg % 4 == 0  ? quantize_grid<T, 4, true>(p, s)
-                                   : quantize_grid<T, 16 / sizeof(T), false>(p, s);
+  if (p.Hp) {  // an item of V channels must lie in one group's icgp slots: V divides both
+    bad = p.vec && (p.icg | p.icgp) % 16 == 0 ? quantize_grid<T, 16, true>(p, s)
+        : p.vec && (p.icg | p.icgp) % 4 == 0  ? quantize_grid<T, 4, true>(p, s)
+                                              : quantize_grid<T, 16 / sizeof(T), false>(p, s);
   } else {
     const float4* x4 = (const float4*)p.x;
     typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
