@@ -224,20 +224,25 @@ struct TileLoader {
   int a_pix[CA], a_h[CA], a_w[CA];  // pixel of tap (0, 0): (n*H + i*sh - pt)*W + j*sw - pl; i*sh - pt (huge if m >= M); j*sw - pl
   int j;                                               // this thread's chunk column
 
+  // One division for the thread's first chunk; each later chunk sits RPP output pixels on, so its
+  // (n, i, jw) is a carry walk (one step while Wo >= RPP), not two more divisions.
   QD TileLoader(const ConvParams& p, int m0, int tid) {
     j = tid % CPR;
-    const int hw = p.Ho * p.Wo;
+    const int hw = p.Ho * p.Wo, row0 = tid / CPR, m = m0 + row0;
+    int n = m / hw, i = (m - n * hw) / p.Wo, jw = m - n * hw - i * p.Wo;
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
-      int row = (tid + c * NT) / CPR;
-      int m = m0 + row;
-      if (m < p.M && row < BM) {
-        int n = m / hw, r = m - n * hw;
-        int i = r / p.Wo;
-        a_h[c] = i * p.sh - p.pt; a_w[c] = (r - i * p.Wo) * p.sw - p.pl;
+      const int row = row0 + c * RPP;
+      if (m0 + row < p.M && row < BM) {
+        a_h[c] = i * p.sh - p.pt; a_w[c] = jw * p.sw - p.pl;
         a_pix[c] = (n * p.H + a_h[c]) * p.W + a_w[c];
       } else {
         a_pix[c] = 0; a_h[c] = -(1 << 28); a_w[c] = 0;
+      }
+      jw += RPP;
+      while (jw >= p.Wo) {
+        jw -= p.Wo;
+        if (++i == p.Ho) { i = 0; ++n; }
       }
     }
   }
