@@ -232,13 +232,20 @@ def test_int8_mma_auto_tile_counts_every_groups_blocks():
     assert _tiling.int8_mma_tile(3136, 64, 32, 132) == "128x64/w4"
 
 
-def test_window_pays_from_five_tiles_per_sm_or_one_for_few_channels():
-    # exam 2 (30x30 padded grid, C=128): N=32 is 1.7 tiles per SM, N=128 6.8
-    assert not _tiling.window_pays(32 * 900, 128, 132)
-    assert _tiling.window_pays(128 * 900, 128, 132)
-    # mtcnn pnet.conv3 (153x153 padded, C=16): 1.4 tiles per SM at N=1
-    assert _tiling.window_pays(153 * 153, 16, 132)
-    assert not _tiling.window_pays(153 * 153, 64, 132)
+def test_window_pays_from_seven_mma_blocks_per_sm_or_one_padded_tile_for_few_channels():
+    # exam 1 (56x56, OC=64): N=32 is 784 blocks of 128x64, 5.9 a SM (mma.sync); N=64 11.9 (window)
+    assert not _tiling.window_pays(32 * 58 * 58, 32 * 3136, 64, 64, 1, 132)
+    assert _tiling.window_pays(64 * 58 * 58, 64 * 3136, 64, 64, 1, 132)
+    # exam 2 (28x28, OC=128, two column blocks): N=64 5.9 a SM, N=128 11.9
+    assert not _tiling.window_pays(64 * 900, 64 * 784, 128, 128, 1, 132)
+    assert _tiling.window_pays(128 * 900, 128 * 784, 128, 128, 1, 132)
+    # ppocr (52x80, OC=24): N=32 7.9 a SM; the groups' blocks count as well
+    assert _tiling.window_pays(32 * 54 * 82, 32 * 4160, 24, 96, 1, 132)
+    assert not _tiling.window_pays(16 * 54 * 82, 16 * 4160, 24, 96, 1, 132)
+    assert _tiling.window_pays(16 * 54 * 82, 16 * 4160, 24, 96, 2, 132)
+    # mtcnn pnet.conv3 (153x153 padded, C=16): 1.4 padded tiles per SM at N=1
+    assert _tiling.window_pays(153 * 153, 151 * 151, 32, 16, 1, 132)
+    assert not _tiling.window_pays(153 * 153, 151 * 151, 32, 64, 1, 132)
 
 
 def test_fp32_outer_tiles_are_consistent():

@@ -102,7 +102,8 @@ class GemmJob(Job):
         hp, wp = g.ho + spec.kh - 1, g.wo + spec.kw - 1
         mp = g.n * hp * wp
         window = (wgmma and tile in ("auto",) + _tiling.WINDOW_TILES and _tiling.window_fits(spec, lay, g.wo, rt.smem_optin)
-                  and mp <= _tiling.INT_LIMIT and (tile != "auto" or _tiling.window_pays(mp, spec.icg, rt.num_sms)))
+                  and mp <= _tiling.INT_LIMIT
+                  and (tile != "auto" or _tiling.window_pays(mp, m, lay.ocg, spec.icg, spec.groups, rt.num_sms)))
         ws = _tiling.window_ws_config(spec, lay, g.wo, rt.smem_optin) if window and tile == "window-ws" else None
         if tile in _tiling.WINDOW_TILES and wgmma:  # (other paths refuse the names in choose_tiling)
             tile = "auto" if window or path8 == "window" else "128x128"

@@ -338,13 +338,17 @@ def parse_tile(t: str, mma: bool = False, tiles: tuple[str, ...] | None = None) 
     return tile_shape(t)
 
 
-def window_pays(mp: int, icg: int, num_sms: int) -> bool:
-    """"auto" takes the window kernel (where window_fits) when its padded grid of mp rows gives each
-    SM at least 5 of its 128-row tiles, or 1 where C <= 32 (there the mma.sync loader's K tiles span
-    taps and it loses from N=2 on). Below that the weights a block loads once are read for too few
-    tiles, and int8_mma_tile's 4-warp tiles win: H100 sweep in RESULTS.md (2026-12-05, evening),
-    exam 2 N=32 26.2 us against the window's 34.2."""
-    return mp >= WINDOW_BM * num_sms * (1 if icg <= 32 else 5)
+def window_pays(mp: int, m: int, oc: int, icg: int, groups: int, num_sms: int) -> bool:
+    """"auto" takes the window kernel (where window_fits) once mma.sync's 128x64 blocks would give
+    each SM at least 7 (m rows, oc output channels of each of `groups`), or, where C <= 32, once its
+    padded grid of mp rows gives each SM one of its 128-row tiles (there the mma.sync loader's K
+    tiles span taps and it loses from N=2 on). Below that the weights a block loads once are read
+    for too few tiles, and int8_mma_tile's 4-warp tiles win. H100 sweep (bench_int8_auto.py,
+    RESULTS.md 2026-12-05, night): 5.9 blocks a SM the 4-warp tile wins (exam 1 N=32 31.0 us
+    against the window's 34.1), from 7.9 the window (ppocr N=32 41.6 against 43.6)."""
+    if icg <= 32:
+        return mp >= WINDOW_BM * num_sms
+    return groups * math.ceil(m / 128) * math.ceil(oc / 64) >= 7 * num_sms
 
 
 def int8_mma_tile(m: int, oc: int, groups: int, num_sms: int) -> str:
