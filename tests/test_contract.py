@@ -119,6 +119,9 @@ def test_quantize_int32_saturates_where_qmax_is_not_a_float32():
          Precision.INT32, Rounding.NEAREST)
 @example(np.array([1.9460574e-39, -2.7231945e+23, 1.5665166e+31], dtype=np.float32), 0.5,
          Precision.INT32, Rounding.NEAREST)
+@example(np.array([127.5, -127.5, 127.49999, 128.0, 127.99999], dtype=np.float32), 1.0, Precision.INT8, Rounding.NEAREST)
+@example(np.array([127.5, -127.5, 127.49999, 128.0, 127.99999], dtype=np.float32), 1.0, Precision.INT8, Rounding.TRUNCATE)
+@example(np.array([32767.5, -32767.5, 32767.498, 32768.0], dtype=np.float32), 1.0, Precision.INT16, Rounding.NEAREST)
 def test_count_saturated_counts_exactly_the_clamped_elements(t, s, prec, rnd):
     # clamped: |R(float32(t) * float32(s))| > Qmax, decided in exact arithmetic
     truncate = rnd is Rounding.TRUNCATE

@@ -301,7 +301,7 @@ class Conv:
         if prec.is_integer:
             s_x = run.s_x if run.s_x is not None else plan.input_scale(xh)
             qw, qw_max, w_saturated = self._kernel_diagnostics
-            qx_max = int(quantize(np.max(np.abs(xh)), s_x, prec, self.rounding))
+            qx_max = int(quantize(max(xh.max(), -xh.min()), s_x, prec, self.rounding))  # no |x| copy
             possible = overflow_possible(qx_max, qw_max, self.spec.k)
             saturated = (count_saturated(xh, s_x, prec, self.rounding), w_saturated)
             if wrapped is None and not possible:

@@ -7,6 +7,7 @@ tests compare against. See docs/SEMANTICS.md for the prose version.
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -214,12 +215,23 @@ def conv2d_quantized(x: np.ndarray, w: np.ndarray, precision: Precision, s_x: fl
 
 def count_saturated(t: np.ndarray, s: float, precision: Precision,
                     rounding: Rounding = Rounding.NEAREST) -> int:
-    """How many elements quantize() clamps: |R(float32(t) * float32(s))| > Qmax."""
+    """How many elements quantize() clamps: |R(float32(t) * float32(s))| > Qmax, counted as
+    |float32(t) * float32(s)| >= the least float32 that R takes past Qmax (one product and no
+    rounded float64 copy: every result() counts this over the whole input)."""
     with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
-        v = np.abs(np.asarray(t, dtype=np.float32) * (np.float32(s) if np.ndim(s) == 0 else s))
-    r = np.trunc(v) if rounding is Rounding.TRUNCATE else np.rint(v)
-    # Compare in float64: Qmax = 2^31-1 would round to 2^31 as a float32 and miss r == 2^31.
-    return int(np.count_nonzero(r.astype(np.float64) > precision.qmax))
+        v = np.multiply(np.asarray(t, dtype=np.float32), np.float32(s) if np.ndim(s) == 0 else s, dtype=np.float32)
+    return int(np.count_nonzero(np.abs(v, out=v) >= _saturation_edge(precision.qmax, rounding)))
+
+
+@functools.lru_cache(maxsize=None)
+def _saturation_edge(qmax: int, rounding: Rounding) -> np.float32:
+    """The least float32 v with R(v) > Qmax. Truncating, Qmax + 1; to nearest, Qmax + 1/2, since
+    Qmax is odd and the tie goes to the even Qmax + 1. Rounded up to a float32 (2^31 - 1/2 is not
+    one: the edge is then 2^31)."""
+    assert qmax % 2 == 1
+    edge = qmax + (1.0 if rounding is Rounding.TRUNCATE else 0.5)
+    v = np.float32(edge)
+    return v if float(v) >= edge else np.nextafter(v, np.float32(np.inf))
 
 
 def dequantize(acc: np.ndarray, inv: "np.float32 | np.ndarray", bias: np.ndarray | None = None) -> np.ndarray:
