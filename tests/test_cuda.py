@@ -32,7 +32,7 @@ import qconv
 from checks import assert_matches, assert_same_bits, nvrtc_or_skip
 from qconv.backends import BackendUnavailable
 from qconv.backends import cuda as cb
-from qconv.backends.cuda import _launch, _tiling
+from qconv.backends.cuda import _launch, _layout, _tiling
 from qconv.contract import Plan, Precision, check_layer, conv2d_direct, conv2d_int_wrapped, maxabs_scale
 from qconv.errors import BackendError, InputError
 from qconv.scales import maxabs_q
@@ -271,7 +271,7 @@ def _emulate_gemm(xq, wq, g, lay):
     """int32 accumulators, addressing the packed operands as TileLoader does."""
     spec = g.spec
     xw = np.ascontiguousarray(_pack_x(xq, lay)).view(np.uint32)
-    ww = np.ascontiguousarray(_tiling.pack_gemm_weights(wq, lay)).view(np.uint32).reshape(
+    ww = np.ascontiguousarray(_layout.pack_gemm_weights(wq, lay)).view(np.uint32).reshape(
         lay.groups, lay.ocgp, lay.kpw)
     m = np.arange(g.n * g.ho * g.wo)
     hw = g.ho * g.wo
@@ -302,7 +302,7 @@ def _emulate_window(xq, wq, g, lay):
     xp[:, g.pt:g.pt + g.h, g.pl:g.pl + g.w, :spec.c] = xq
     rows = xp.reshape(g.n * hp * wp, lay.icgp)
     rows = np.concatenate([rows, np.zeros(((spec.kh - 1) * wp + spec.kw, lay.icgp), np.int64)])
-    wk = _tiling.pack_gemm_weights(wq, lay)[0, :spec.oc].astype(np.int64)  # [oc][kp], tap-major
+    wk = _layout.pack_gemm_weights(wq, lay)[0, :spec.oc].astype(np.int64)  # [oc][kp], tap-major
     mp = g.n * hp * wp
     acc = np.zeros((mp, spec.oc), np.int64)
     for t in range(lay.taps):
@@ -321,7 +321,7 @@ def test_model_window_kernel_shifted_rows(layer, seed):
     rng = np.random.default_rng(seed)
     xq = rng.integers(-127, 128, size=xs).astype(np.int8)
     wq = rng.integers(-127, 128, size=ws).astype(np.int8)
-    lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32)
+    lay = _layout.gemm_layout(Precision.INT8, g.spec, chan_bytes=32)
     assert lay.icgp % 32 == 0 and _tiling.window_fits(g.spec, lay, g.wo, 227 * 1024)
     assert np.array_equal(_emulate_window(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
 
@@ -392,12 +392,12 @@ def test_model_quantize_grid_layout(n, h, w, c, pads, chunk, threads, seed):
 
 def _emulate_tf32x3(x: np.ndarray, w: np.ndarray, products: int = 3) -> np.ndarray:
     """conv_f32_tf32x3.cu's arithmetic for one output per row of x (terms along axis 1): w split on
-    the host (_tiling.tf32_split), x as MmaTF32x3::a_frag splits it (big truncated, small the exact
+    the host (_layout.tf32_split), x as MmaTF32x3::a_frag splits it (big truncated, small the exact
     rest rounded to nearest); the small products then the big one (products=2 drops xs*wb, a wrong
     kernel), summed into a float32 accumulator one k-step of 8 terms at a time."""
     xb = (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32)
     xs = (((x - xb).view(np.uint32) + np.uint32(0x1000)) & np.uint32(0xFFFFE000)).view(np.float32)
-    wb, ws = _tiling.tf32_split(w)
+    wb, ws = _layout.tf32_split(w)
     pairs = [(xs, wb), (xb, ws), (xb, wb)][3 - products:]
     acc = np.zeros(x.shape[0], np.float32)
     for k0 in range(0, x.shape[1], 8):
@@ -464,7 +464,7 @@ def test_model_implicit_gemm_layout(layer, prec, seed):
     rng = np.random.default_rng(seed)
     xq = rng.integers(-prec.qmax, prec.qmax + 1, size=xs, dtype=np.int64).astype(prec.int_dtype)
     wq = rng.integers(-prec.qmax, prec.qmax + 1, size=ws, dtype=np.int64).astype(prec.int_dtype)
-    lay = _tiling.gemm_layout(prec, g.spec)
+    lay = _layout.gemm_layout(prec, g.spec)
     assert lay.cw % 4 == 0 and lay.kpw % _tiling.MMA_BKW == 0 and lay.kpw % _tiling.SIMT_BKW == 0
     assert np.array_equal(_emulate_gemm(xq, wq, g, lay), conv2d_int_wrapped(xq, wq, g)[0])
 
@@ -482,9 +482,9 @@ def test_model_depthwise_strip(layer, vector, seed):
 
 def test_pack_dw_weights_is_taps_by_channels():
     w = np.arange(3 * 3 * 6, dtype=np.float32).reshape(3, 3, 6, 1)
-    p = _tiling.pack_dw_weights(w)
+    p = _layout.pack_dw_weights(w)
     assert p.shape == (9, 6) and p.dtype == np.float32 and p[4, 5] == w[1, 1, 5, 0]
-    assert _tiling.pack_dw_weights(w.astype(np.int8)).dtype == np.int32
+    assert _layout.pack_dw_weights(w.astype(np.int8)).dtype == np.int32
 
 
 @pytest.mark.parametrize("precision", ["int16", "int32"])
@@ -505,8 +505,8 @@ def test_model_byte_plane_decomposition(precision, seed):
                    (-rng.integers(0, qmax + 1, (2, k)), rng.integers(0, qmax + 1, (2, k))),
                    (rng.choice([-1, 0, 1, -256, 255, 256, -qmax, qmax], (4, k)),
                     rng.choice([-1, 0, 1, -256, 255, 256, -qmax, qmax], (4, k)))):
-        xp = _tiling.split_planes(xq, planes).astype(np.int64)
-        wp = _tiling.split_planes(wq, planes).astype(np.int64)
+        xp = _layout.split_planes(xq, planes).astype(np.int64)
+        wp = _layout.split_planes(wq, planes).astype(np.int64)
         # unsigned view for every plane but the top one (what .u8 reads)
         xp[:-1] &= 0xFF
         wp[:-1] &= 0xFF
@@ -526,14 +526,14 @@ def test_plane_weights_pack_like_int8_planes():
     for prec in (Precision.INT16, Precision.INT32):
         wq = rng.integers(-prec.qmax, prec.qmax + 1, (3, 3, 10, 6)).astype(np.int32)
         spec = conv_spec(wq.shape, groups=2)
-        lay = _tiling.gemm_layout(prec, spec, planes=True)
+        lay = _layout.gemm_layout(prec, spec, planes=True)
         assert lay.planes == _tiling.PLANES[prec] and lay.elem == 1 and lay.icgp == 16
         assert lay.xpw == lay.planes * lay.groups * lay.cw
-        packed = _tiling.pack_plane_weights(wq, lay)
+        packed = _layout.pack_plane_weights(wq, lay)
         assert packed.shape == (lay.planes, lay.groups, lay.ocgp, lay.kp) and packed.dtype == np.int8
         top = lay.planes - 1  # the signed plane; the others are read as unsigned bytes
         back = sum((packed[b].astype(np.int64) & (0xFF if b < top else -1)) << (8 * b) for b in range(lay.planes))
-        assert np.array_equal(back, _tiling.pack_gemm_weights(wq.astype(np.int64), lay))
+        assert np.array_equal(back, _layout.pack_gemm_weights(wq.astype(np.int64), lay))
 
 
 # =========================================================================== GPU: options and kernels

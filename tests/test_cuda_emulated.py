@@ -30,7 +30,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from checks import assert_matches, cut_definition
-from qconv.backends.cuda import _launch, _tiling
+from qconv.backends.cuda import _launch, _layout, _tiling
 from qconv.contract import Precision, Rounding, quantize
 from qconv.geometry import conv_spec
 
@@ -199,7 +199,7 @@ def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits, deq
     kh, kw, oc, icg = qw.shape
     spec = conv_spec(qw.shape, stride=stride, padding=pads, groups=groups)
     mma, wgmma = _tiling.tensor_cores(*variant), int8_path == "wgmma"
-    lay = _tiling.gemm_layout(precision, spec, path == "mma" and precision in _tiling.PLANES, 32 if wgmma else 16)
+    lay = _layout.gemm_layout(precision, spec, path == "mma" and precision in _tiling.PLANES, 32 if wgmma else 16)
     planes = lay.planes
     dtype = np.float32 if precision is Precision.FP32 else DTYPE[lay.elem]
     ho, wo = (h + sum(pads[0]) - kh) // stride + 1, (w + sum(pads[1]) - kw) // stride + 1
@@ -210,11 +210,11 @@ def _run(lib, kernel: Kernel, variant, qx, qw, stride, pads, groups, splits, deq
         splits = 1
     else:
         xb = np.zeros((n, h, w, planes, groups, lay.icgp), dtype)
-        for b, plane in enumerate(_tiling.split_planes(qx, planes) if planes > 1 else [qx.astype(dtype)]):
+        for b, plane in enumerate(_layout.split_planes(qx, planes) if planes > 1 else [qx.astype(dtype)]):
             xb[:, :, :, b, :, :icg] = plane.reshape(n, h, w, groups, icg)
-    wb = (_tiling.pack_plane_weights(qw, lay) if planes > 1 else _tiling.pack_gemm_weights(qw.astype(dtype), lay))
+    wb = (_layout.pack_plane_weights(qw, lay) if planes > 1 else _layout.pack_gemm_weights(qw.astype(dtype), lay))
     if path == "tf32x3":
-        wb = _tiling.tf32_split(wb)
+        wb = _layout.tf32_split(wb)
     m = n * ho * wo
     ktiles = lay.kpw // (_tiling.MMA_BKW if mma else _tiling.SIMT_BKW)
     kps = math.ceil(ktiles / splits)
@@ -256,7 +256,7 @@ def _runs(variant, layer):
     """(kernel, splits) of every run for a layer: the window kernels only where the layer allows them."""
     n, h, w, c, k, oc, stride, pads, groups = layer
     spec = conv_spec((k, k, oc, c // groups), stride=stride, padding=pads, groups=groups)
-    lay = _tiling.gemm_layout(variant[0], spec, False, 32)
+    lay = _layout.gemm_layout(variant[0], spec, False, 32)
     wo = (w + sum(pads[1]) - k) // stride + 1
     window = variant[1] == "wgmma" and _tiling.window_fits(spec, lay, wo, SMEM_OPTIN)
     return [(kn, s) for kn in _kernels(variant) if window or not kn.window for s in ((1,) if kn.window else (1, 2))]
@@ -401,14 +401,14 @@ def test_every_depthwise_kernel_on_the_host(emulated, precision):
         s = np.float32(precision.qmax / 9.0) if precision.is_integer else np.float32(0)
         if precision.is_integer:  # the kernel quantizes x; the weights come quantized
             qw = rng.integers(-precision.qmax, precision.qmax + 1, wt.shape, dtype=np.int64)
-            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _tiling.pack_dw_weights(qw.astype(np.int32)),
+            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _layout.pack_dw_weights(qw.astype(np.int32)),
                               layer, inv, bias, s)
             qx = quantize(x, s, precision, Rounding.NEAREST).astype(np.int64)
             acc = _exact(qx, qw, stride, pads, c)
             want = (acc.view(np.int32).astype(np.float32) * inv) + bias
             assert np.array_equal(y.view(np.uint32), want.view(np.uint32)), f"{name}: {np.count_nonzero(y != want)} differ"
         else:
-            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _tiling.pack_dw_weights(wt), layer, inv, bias, s)
+            name, y = _run_dw(emulated["conv_dw.cu"], precision, x, _layout.pack_dw_weights(wt), layer, inv, bias, s)
             assert_matches(y, x, wt, precision, {"stride": stride, "padding": pads, "groups": c}, bias=bias, what=name)
         ran.add(name)
     entry = "f32" if precision is Precision.FP32 else "q32"

@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from checks import cut_definition
-from qconv.backends.cuda import _jobs, _tiling
+from qconv.backends.cuda import _jobs, _layout, _tiling
 from qconv.contract import Precision, Rounding, conv_spec, quantize
 
 KERNELS = Path(__file__).resolve().parent.parent / "src" / "qconv" / "backends" / "cuda_kernels"
@@ -280,7 +280,7 @@ def test_the_pass_the_host_configures_writes_the_layout_the_convolution_reads(ho
     is what the kernel walks (V channels an item where it reads float4)."""
     x = (np.random.default_rng(c + kh).standard_normal((2, 9, 8, c)) * 50).astype(np.float32)
     g = conv_spec((kh, kh, 8, c)).geometry(x.shape)
-    lay = _tiling.gemm_layout(Precision.INT8, g.spec, chan_bytes=32 if window else 16)
+    lay = _layout.gemm_layout(Precision.INT8, g.spec, chan_bytes=32 if window else 16)
     hp, wp = g.ho + kh - 1, g.wo + kh - 1
     grid, vec, items = _jobs.quantize_pass(g, lay, (hp, wp) if window else None, vec_x=True)
     q = _q(x, 1, 0.9)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...contract import Geometry, Precision
 from ...errors import InputError
-from . import _driver, _tiling
+from . import _driver, _layout, _tiling
 from ._launch import ConvParams, DwParams, PassParams
 from ._streams import StreamCtx
 
@@ -195,7 +195,7 @@ class GemmJob(Job):
             self.last = "convolve"
 
 
-def quantize_pass(g: Geometry, lay: "_tiling.GemmLayout", window: tuple[int, int] | None, vec_x: bool,
+def quantize_pass(g: Geometry, lay: "_layout.GemmLayout", window: tuple[int, int] | None, vec_x: bool,
                   fp32: bool = False) -> tuple[dict[str, int] | None, bool, int]:
     """How quant.cu's quantize (or, fp32, pad) pass runs for a layer: the grid fields of its
     PassParams (None: the dense layout, read as float4 and written as it is), whether it may read

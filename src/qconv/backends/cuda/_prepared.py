@@ -33,7 +33,7 @@ from ...contract import (ConvSpec, Geometry, Plan, Precision, check_finite, conv
                          quantize_kernel)
 from ...errors import BackendError, InputError
 from ..base import PHASES, BackendRun, check_options
-from . import _arrays, _driver, _tiling
+from . import _arrays, _driver, _layout, _tiling
 from ._jobs import DwJob, GemmJob
 from ._launch import QSlot
 from ._streams import StreamCtx
@@ -234,7 +234,7 @@ class Prepared:
         self.spec: ConvSpec = plan.spec or conv_spec(w.shape)
         prec = self.prec = plan.precision
         spec = self.spec
-        self.depthwise = _tiling.is_depthwise(spec)
+        self.depthwise = _layout.is_depthwise(spec)
         # FP32 / INT32 / INT16: "simt", "tf32x3" or "mma" (byte planes on the tensor cores); "auto" per PATH_AUTO
         self.path = _tiling.resolve_path(prec, getattr(self.opts, f"{prec.value}_path", "auto"))
         self.int8_path = _tiling.resolve_int8_path(self.opts.int8_path, rt.arch)
@@ -242,18 +242,18 @@ class Prepared:
         wq = quantize_kernel(w, plan.s_w, prec, plan.rounding) if prec.is_integer else np.asarray(w, np.float32)
         if self.depthwise:
             self.layout = None
-            packed = _tiling.pack_dw_weights(wq)
+            packed = _layout.pack_dw_weights(wq)
         else:
             planes = self.path == "mma"
             wgmma = prec is Precision.INT8 and self.int8_path in ("wgmma", "window")
-            self.layout = _tiling.gemm_layout(prec, spec, planes, 32 if wgmma else 16)
+            self.layout = _layout.gemm_layout(prec, spec, planes, 32 if wgmma else 16)
             if self.layout.planes * self.layout.groups * self.layout.wgs() > _tiling.INT_LIMIT:
                 raise InputError(f"the packed kernel {w.shape} would exceed 2^31 words, the cuda kernels' "
                                  f"32-bit offsets")
-            packed = (_tiling.pack_plane_weights(wq, self.layout) if planes
-                      else _tiling.pack_gemm_weights(wq, self.layout))
+            packed = (_layout.pack_plane_weights(wq, self.layout) if planes
+                      else _layout.pack_gemm_weights(wq, self.layout))
             if self.path == "tf32x3":  # [2][G][ocgp][kp]: the weights' big and small TF32 parts
-                packed = _tiling.tf32_split(packed)
+                packed = _layout.tf32_split(packed)
         oc = spec.oc
         self._owned: list[int] = []
         self._jobs: dict[tuple[Geometry, bool], Any] = {}
