@@ -140,7 +140,8 @@ class Plan:
 def maxabs_scale(t: np.ndarray, q: int) -> np.float32:
     """The largest float32 s with R(float32(max|t|) * s) <= q: s = float32(q / max|t|), stepped
     down while float32 rounding of max|t| * s would pass q. An all-zero tensor gets s = 1."""
-    m = float(np.max(np.abs(t), initial=0.0))
+    t = np.asarray(t)
+    m = max(float(t.max(initial=0.0)), -float(t.min(initial=0.0)))   # no |t| copy; NaN in both
     if not math.isfinite(m):  # NaN or inf: the library's own message, not a scale one
         check_finite(np.asarray(t), "the tensor")
     if m == 0.0:
