@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import qconv
 from brute import conv_int_exact, quantize_oracle, wrap_int32
-from conftest import REAL, real_layers
+from conftest import REAL, backend_or_skip, real_layers
 from qconv import backends
 from qconv.backends.base import PHASES
 from qconv.contract import Precision, Rounding, conv2d_float64, nrmse, quantize
@@ -144,6 +144,19 @@ def test_maxabs_never_wraps(problem, prec, rnd):
     # the scale itself keeps the float32 product of the largest magnitude at or below Q
     assert np.abs(x).max() * np.float32(r.scale_input) <= q
     assert np.abs(w).max() * np.float32(r.scale_kernel) <= q
+
+
+@pytest.mark.parametrize("backend", ["reference", "c-scalar", "c-avx2", "cuda"])
+@pytest.mark.parametrize("rnd", ["nearest", "truncate"])
+def test_result_counts_the_inputs_a_fixed_scale_saturates(backend, rnd):
+    # |x| * 100 passes 127 from |x| = 1.275 (nearest) or 1.28 (truncate), ties included
+    backend_or_skip(backend)
+    x = np.concatenate([np.linspace(-2, 2, 92, dtype=np.float32), np.float32([1.275, -1.275, 1.28, -1.28])])
+    x = x.reshape(1, 4, 4, 6)
+    r = qconv.conv2d_result(x, W[:, :, :, :2].repeat(3, axis=3), "int8", backend, scale=(100.0, 50.0), rounding=rnd)
+    unclamped = quantize_oracle(x, np.float32(100.0), 2**40, truncate=rnd == "truncate")
+    want = int(np.count_nonzero(np.abs(unclamped) > 127))
+    assert r.saturated[0] == want > 0
 
 
 @pytest.mark.parametrize("prec, q, k_safe", [("int16", 32767, 2), ("int8", 127, 133144),

@@ -41,6 +41,7 @@ class BackendRun:
     phases: dict[str, float] = field(default_factory=dict)  # seconds, keys from PHASES
     wrapped: int | None = None                    # outputs whose int32 accumulator wrapped, if known
     s_x: np.float32 | None = None                 # the input scale this call used (integer precisions)
+    x_absmax: np.float32 | None = None            # max|x|, where the call found it (the device's maxabs scan)
 
     def __post_init__(self) -> None:
         if self.phases.keys() == _PHASE_SET:  # every phase given (the C backends' every call)

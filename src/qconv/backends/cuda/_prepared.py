@@ -111,7 +111,7 @@ class Record:
     the call's last kernel) and its timing events. resolve() waits for the call, reads them once
     and gives them back."""
 
-    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "plan", "x", "_phases", "_s_x", "_error", "_done")
+    __slots__ = ("ctx", "slot", "events", "marks", "maxabs", "plan", "x", "_phases", "_s_x", "_m", "_error", "_done")
 
     def __init__(self, ctx: StreamCtx, n_events: int, maxabs: bool, plan: Plan, x: Any = None) -> None:
         self.ctx, self.maxabs, self.plan = ctx, maxabs, plan
@@ -122,6 +122,7 @@ class Record:
         self._done = False
         self._phases: dict[str, float] = {}
         self._s_x: np.float32 | None = None
+        self._m: np.float32 | None = None
         self._error: InputError | None = None
 
     def resolve(self) -> "Record":
@@ -138,7 +139,7 @@ class Record:
                 ph[name] += ctx.rt.elapsed(self.events[a], self.events[b])
             self._phases = ph
             if self.maxabs:
-                self._s_x = np.float32(slot.s_x)
+                self._s_x, self._m = np.float32(slot.s_x), np.float32(slot.m)
             self._error = _flag_error(slot, self.plan, self.x())
             self.x = None
             self._release()
@@ -151,6 +152,9 @@ class Record:
 
     def s_x(self) -> np.float32 | None:
         return self.resolve()._s_x
+
+    def x_absmax(self) -> np.float32 | None:
+        return self.resolve()._m
 
     def _release(self) -> None:
         if not self._done:
@@ -218,6 +222,10 @@ class LazyRun(BackendRun):
             return self._record.s_x()
         self._record.resolve()  # the flag is checked whenever the result is looked at
         return self._fixed_s_x
+
+    @property  # type: ignore[override]
+    def x_absmax(self) -> np.float32 | None:
+        return self._record.x_absmax()
 
 
 # --------------------------------------------------------------------------- the prepared kernel
@@ -361,7 +369,7 @@ class Prepared:
                 last = len(ev) - 2
                 rec.marks += [("transfer", 0, 1), ("transfer", last, last + 1)]
             rec.resolve()
-        return BackendRun(y, rec.phases(), None, rec.s_x() if self.maxabs else self.plan.s_x)
+        return BackendRun(y, rec.phases(), None, rec.s_x() if self.maxabs else self.plan.s_x, rec.x_absmax())
 
     def capture(self, x: Any, geom: Geometry, out: Any = None) -> Any:
         """This call as a CUDA Graph on x's buffer (api.Conv.capture)."""
