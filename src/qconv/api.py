@@ -8,12 +8,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,13 +21,8 @@ from .backends.base import PHASES
 from .contract import (ConvSpec, Geometry, Plan, Precision, Rounding, check_finite, conv2d_float64, conv2d_int_wrapped,
                        conv_spec, count_saturated, kernel_scale_view, nrmse, overflow_possible, parse_precision,
                        parse_rounding, quantize, quantize_kernel)
+from .arrays import CHECK_MEMORY_BYTES, as_host_float32, check_bytes, is_device_array, owned, shape_of, to_host
 from .errors import InputError
-
-# Refuse requests whose working set is absurd before anything is allocated (bytes).
-MAX_TENSOR_BYTES = 2**34
-# Calls and copies from this size on are checked against the memory available (reading it costs ~40 us).
-CHECK_MEMORY_BYTES = 2**30
-
 
 @dataclass(frozen=True)
 class ConvResult:
@@ -82,80 +76,6 @@ class ConvResult:
         }
 
 
-def is_device_array(a: object) -> bool:
-    """A GPU array: DLPack on a non-CPU device, or the CUDA array interface. Asks the type, or the
-    cheap __dlpack_device__, never builds a tensor's __cuda_array_interface__ (microseconds)."""
-    if isinstance(a, np.ndarray):
-        return False
-    dev = getattr(a, "__dlpack_device__", None)
-    if dev is not None:
-        try:
-            return int(dev()[0]) not in (1, 3)  # kDLCPU, kDLCUDAHost (pinned host memory)
-        except Exception:
-            return False
-    return hasattr(type(a), "__cuda_array_interface__")
-
-
-def as_host_float32(a: object, what: str) -> np.ndarray:
-    """A C-contiguous float32 numpy view or copy of `a` (numpy, DLPack CPU tensors, sequences)."""
-    if isinstance(a, np.ndarray):
-        arr = a
-    else:
-        try:
-            arr = np.from_dlpack(a) if hasattr(a, "__dlpack__") else np.asarray(a)
-        except Exception as e:
-            raise InputError(f"{what}: cannot be read as an array ({e})") from None
-    if arr.dtype != np.float32:
-        if arr.dtype.kind not in "fiu" or arr.dtype.kind == "b":
-            raise InputError(f"{what}: dtype {arr.dtype} is not a real number type (want float32)")
-        with _copying(arr.shape, what), np.errstate(over="ignore"):  # reported just below, not as a warning
-            converted = arr.astype(np.float32)
-        if np.any(np.isfinite(arr) & ~np.isfinite(converted)):
-            raise InputError(f"{what}: values beyond float32's range")
-        arr = converted
-    if not arr.flags.c_contiguous or not arr.flags.aligned:
-        with _copying(arr.shape, what):  # a broadcast view may be far larger than its memory
-            arr = np.ascontiguousarray(arr)
-            if not arr.flags.aligned:
-                arr = arr.copy()
-    return arr
-
-
-def _check_bytes(shape: tuple[int, ...], what: str) -> None:
-    nbytes = 4 * math.prod(int(d) for d in shape)
-    if nbytes > MAX_TENSOR_BYTES:
-        raise InputError(f"{what} would take {nbytes / 2**30:.1f} GiB, above qconv's "
-                         f"{MAX_TENSOR_BYTES / 2**30:.0f} GiB limit per tensor")
-
-
-@contextlib.contextmanager
-def _copying(shape: tuple[int, ...], what: str) -> Iterator[None]:
-    """Around a float32 copy of `what`: refused up front when it cannot fit, and an allocation that
-    fails anyway is an InputError with the size, not a bare MemoryError."""
-    _check_bytes(shape, what)
-    nbytes = 4 * math.prod(int(d) for d in shape)
-    if nbytes >= CHECK_MEMORY_BYTES:
-        layouts.check_working_set(nbytes, f"{what}'s float32 copy")
-    try:
-        yield
-    except MemoryError:
-        raise InputError(f"{what}'s float32 copy needs {nbytes / 2**20:.1f} MiB of memory, which could not "
-                         f"be allocated") from None
-
-
-def _owned(a: np.ndarray) -> np.ndarray:
-    """A read-only copy: what prepare keeps must not change when the caller's array does."""
-    a = a.copy()
-    a.flags.writeable = False
-    return a
-
-
-def _shape_of(a: object) -> tuple[int, ...]:
-    if isinstance(a, np.ndarray):
-        return a.shape  # already a tuple of ints
-    return tuple(int(d) for d in a.shape)  # type: ignore[attr-defined]
-
-
 class Conv:
     """A prepared convolution: the kernel checked, its scale resolved, quantized and packed once,
     where the backend computes. Calling it convolves one input; it is safe to call from several
@@ -173,16 +93,16 @@ class Conv:
         self._backend = backends.get(backend)
         self.backend = self._backend.NAME
         self.layout, self.kernel_layout = layouts.check_layouts(layout, kernel_layout)
-        w = _to_host(kernel) if is_device_array(kernel) else as_host_float32(kernel, "kernel")  # once
+        w = to_host(kernel) if is_device_array(kernel) else as_host_float32(kernel, "kernel")  # once
         if w.ndim != 4:
             names = {"HWOI": "KH, KW, OC, IC", "OIHW": "OC, IC, KH, KW", "HWIO": "KH, KW, IC, OC"}
             raise InputError(f"kernel must be 4-D ({names[self.kernel_layout]}), got shape {w.shape}")
-        self.kernel = _owned(layouts.kernel_to_hwoi(w, self.kernel_layout))
+        self.kernel = owned(layouts.kernel_to_hwoi(w, self.kernel_layout))
         self.spec: ConvSpec = conv_spec(self.kernel.shape, stride=stride, padding=padding, groups=groups,
-                                        bias_shape=None if bias is None else _shape_of(np.asarray(bias)))
-        _check_bytes(self.kernel.shape, "kernel")
+                                        bias_shape=None if bias is None else shape_of(np.asarray(bias)))
+        check_bytes(self.kernel.shape, "kernel")
         check_finite(self.kernel, "kernel")
-        self.bias = None if bias is None else _owned(as_host_float32(bias, "bias"))
+        self.bias = None if bias is None else owned(as_host_float32(bias, "bias"))
         if self.bias is not None:
             check_finite(self.bias, "bias")
         if not self.precision.is_integer:
@@ -224,7 +144,7 @@ class Conv:
                 shown = x_shape if self.layout == "NHWC" else (x_shape[0], x_shape[3], x_shape[1], x_shape[2])
                 raise InputError(str(e) + layouts.layout_hint(shown, self.kernel.shape, self.spec.c, self.layout,
                                                               self.kernel_layout)) from None
-            _check_bytes(g.out_shape, "output")
+            check_bytes(g.out_shape, "output")
             if 4 * (math.prod(x_shape) + math.prod(g.out_shape)) >= CHECK_MEMORY_BYTES:
                 layouts.check_working_set(3 * 4 * (math.prod(x_shape) + math.prod(g.out_shape)), "this call")
             with self._lock:
@@ -270,7 +190,7 @@ class Conv:
     def __call__(self, x: Any, *, out: Any = None) -> Any:
         """The output, float32 (N, Ho, Wo, OC): numpy for host inputs, a device array for device inputs."""
         x = self._input(x)
-        g = self.geometry(_shape_of(x))
+        g = self.geometry(shape_of(x))
         return self._output(self._packed.run(x, g, self._out(out, g)).output)
 
     def capture(self, x: Any, *, out: Any = None) -> Any:
@@ -281,7 +201,7 @@ class Conv:
         if cap is None or not is_device_array(x):
             raise InputError("capture() records a CUDA Graph: it takes backend='cuda' and a device-array input")
         x = self._input(x)
-        g = self.geometry(_shape_of(x))
+        g = self.geometry(shape_of(x))
         return cap(x, g, self._out(out, g))
 
     def result(self, x: Any, *, accuracy: bool = False, reference: np.ndarray | None = None,
@@ -289,7 +209,7 @@ class Conv:
         """Convolve and report everything: output, scales and why, phase times, overflow, and (with
         ``accuracy=True`` or a given float64 ``reference``) NRMSE and the exact count of wrapped outputs."""
         x = self._input(x)
-        g = self.geometry(_shape_of(x))
+        g = self.geometry(shape_of(x))
         run = self._packed.run(x, g, self._out(out, g))
         prec, plan = self.precision, self.plan
         wrapped, saturated, possible, err = run.wrapped, None, False, None
@@ -297,7 +217,7 @@ class Conv:
         s_x, m = run.s_x, run.x_absmax
         xh = None   # the input on the host, where a diagnostic needs it (a device input: a copy)
         if want_acc or prec.is_integer and (s_x is None or m is None or plan.s_x is not None):
-            xh = as_host_float32(x, "input") if not is_device_array(x) else _to_host(x)
+            xh = as_host_float32(x, "input") if not is_device_array(x) else to_host(x)
         if prec.is_integer:
             s_x = s_x if s_x is not None else plan.input_scale(xh)
             m = m if m is not None else max(xh.max(), -xh.min())   # no |x| copy
@@ -320,7 +240,7 @@ class Conv:
             else:
                 ref = np.asarray(reference, dtype=np.float64)
                 ref = ref if self.layout == "NHWC" or ref.ndim != 4 else ref.transpose(0, 2, 3, 1)
-            out_h = run.output if isinstance(run.output, np.ndarray) else _to_host(run.output)
+            out_h = run.output if isinstance(run.output, np.ndarray) else to_host(run.output)
             err = nrmse(out_h, ref)
         ch = self.choice
         s = self.spec
@@ -337,14 +257,6 @@ class Conv:
             layer={"stride": list(s.stride), "padding": [[g.pt, g.pb], [g.pl, g.pr]], "groups": s.groups,
                    "bias": self.bias is not None},
         )
-
-
-def _to_host(a: Any) -> np.ndarray:
-    """A device array's values on the host (the diagnostics and a device kernel need them)."""
-    if hasattr(a, "copy_to_host"):
-        return np.asarray(a.copy_to_host(), dtype=np.float32)
-    from .backends import cuda
-    return cuda.to_host(a)
 
 
 def prepare(kernel: Any, precision: "Precision | str | int" = "fp32", backend: str | None = None, *,
@@ -384,7 +296,7 @@ def conv2d_result(input: Any, kernel: Any, precision: "Precision | str | int" = 
     choice = None
     if prec.is_integer and scales.strategy_name(scale) in scales.NEEDS_INPUT:
         lay, klay = layouts.check_layouts(layout, kernel_layout)
-        x = as_host_float32(input, "input") if not is_device_array(input) else _to_host(input)
+        x = as_host_float32(input, "input") if not is_device_array(input) else to_host(input)
         x = x if lay == "NHWC" or x.ndim != 4 else np.ascontiguousarray(x.transpose(0, 2, 3, 1))
         w = layouts.kernel_to_hwoi(as_host_float32(kernel, "kernel"), klay)
         spec = conv_spec(w.shape, stride=stride, padding=padding, groups=groups)

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .. import api, backends, layouts, metrics
-from ..api import MAX_TENSOR_BYTES
+from ..arrays import MAX_TENSOR_BYTES
 from ..backends.base import PHASES
 from ..contract import Precision, conv2d_float64, conv2d_quantized, fp32_error_bound, parse_precision
 from ..errors import InputError, QconvError, QconvWarning
