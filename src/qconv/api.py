@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from . import backends, layouts, scales
+from .arrays import CHECK_MEMORY_BYTES, as_host_float32, check_bytes, is_device_array, owned, shape_of, to_host
 from .backends.base import PHASES
 from .contract import (ConvSpec, Geometry, Plan, Precision, Rounding, check_finite, conv2d_float64, conv2d_int_wrapped,
                        conv_spec, count_saturated, kernel_scale_view, nrmse, overflow_possible, parse_precision,
                        parse_rounding, quantize, quantize_kernel)
-from .arrays import CHECK_MEMORY_BYTES, as_host_float32, check_bytes, is_device_array, owned, shape_of, to_host
 from .errors import InputError
+
 
 @dataclass(frozen=True)
 class ConvResult:
