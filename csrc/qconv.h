@@ -99,6 +99,7 @@ typedef struct {
     int fused_dequantize; /* 1: dequantize ran inside the convolve phase's stores */
     int kind;            /* enum qconv_kind */
     float s_x;           /* the input scale used (integer precisions; maxabs: the one computed) */
+    float x_absmax;      /* maxabs: max|x| over the input, which s_x was computed from (else 0) */
     int temporary_buffers; /* 1: the handle's buffers were busy (another call), this call allocated */
     int64_t overflowed;  /* FP32: outputs that came out non-finite (QCONV_EOVERFLOW when > 0) */
 } qconv_timings;

@@ -59,6 +59,7 @@ typedef struct {
     int sampled;                /* a 1x1 layer with a stride: xq holds the sampled pixels (sample_task) */
     int64_t row_pix;            /* GEMM: pixels stored per padded row, sw phases (qconv_impl.h) */
     float s;
+    float absmax;               /* maxabs: max|x|, which s was computed from */
     int32_t qmax;
     int64_t input_q;            /* maxabs's Q (0: s is given) */
     int store;
@@ -434,6 +435,7 @@ static int scale_step(run_job *j, int nth)
         float m = 0.0f;
         for (int i = 0; i < nth; i++)
             m = j->part[i] > m ? j->part[i] : m;
+        j->absmax = m;
         int st = maxabs_scale(m, j->input_q, &j->s);
         if (st != QCONV_OK)
             return st;
@@ -655,6 +657,7 @@ int qconv_run(qconv_conv *cv, const float *x, int64_t n, int64_t h, int64_t w,
     if (is_int) {
         timings->quantize = t2 - t0;
         timings->s_x = j->s;
+        timings->x_absmax = j->absmax;
     } else {
         timings->pack = t2 - t0;   /* fp32: the padded copy of x */
     }

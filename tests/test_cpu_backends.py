@@ -423,3 +423,24 @@ def test_threads_option_edges():
             qconv.prepare(w, "int8", "c-avx2", threads=bad)
     with pytest.raises(InputError, match=f"more than {cap}"):
         qconv.prepare(w, "int8", "c-avx2", threads=cap + 1)
+
+
+@pytest.mark.parametrize("precision", INT_PRECISIONS, ids=lambda p: p.value)
+def test_a_maxabs_call_reports_the_whole_inputs_max(precision):
+    # result() takes max|x| from the call; a strided 1x1 layer reads only the sampled pixels, so
+    # the largest magnitude is put on one it skips
+    _need("c-scalar")
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((1, 6, 6, 8)).astype(np.float32)
+    x[0, 1, 1, 3] = -9.5
+    w = rng.standard_normal((1, 1, 8, 8)).astype(np.float32)
+    for backend, options in CONFIGS:
+        if not qconv.available_backends()[backend][0]:
+            continue
+        for stride in (1, 2):
+            conv = qconv.prepare(w, precision, backend, stride=stride, **options)
+            run = conv._packed.run(x, conv.geometry(x.shape))
+            assert run.x_absmax == np.float32(9.5), (backend, options, stride)
+            assert conv.result(x).scale_input == float(run.s_x)
+            fixed = qconv.prepare(w, precision, backend, scale=(2.0, 2.0), stride=stride, **options)
+            assert fixed._packed.run(x, fixed.geometry(x.shape)).x_absmax is None

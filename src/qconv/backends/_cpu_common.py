@@ -63,7 +63,8 @@ class Prepared:
             raise
         phases = {"quantize": t.quantize, "pack": t.pack, "transfer": 0.0, "convolve": t.convolve,
                   "dequantize": t.dequantize}
-        return BackendRun(y, phases, None, np.float32(t.s_x) if self._int else None)
+        return BackendRun(y, phases, None, np.float32(t.s_x) if self._int else None,
+                          np.float32(t.x_absmax) if self._q else None)
 
     def _explain(self, e: "_cext.InputStatus", x: np.ndarray) -> None:
         """Raise the contract's own message for a status about the input's values."""
