@@ -223,8 +223,7 @@ int qconv_prepare(int precision, int isa, int threads, int truncate, int flags,
         const int32_t qmax = is_int ? qmax_of(precision) : 0;
         const int wplain = qconv_plain_store(cv->wstore);   /* byte planes: split after packing */
         if (!is_int) {
-            for (int64_t i = 0; i < nk; i++)
-                bad |= !isfinite(k[i]);
+            (void)t->absmax(k, nk, &bad);   /* the finiteness check only: FP32 packs k itself */
         } else if ((wtmp = alloc64(nk * (int64_t)wes)) == NULL) {
             goto nomem;
         } else if (n_sw == 1) {

@@ -444,3 +444,16 @@ def test_a_maxabs_call_reports_the_whole_inputs_max(precision):
             assert conv.result(x).scale_input == float(run.s_x)
             fixed = qconv.prepare(w, precision, backend, scale=(2.0, 2.0), stride=stride, **options)
             assert fixed._packed.run(x, fixed.geometry(x.shape)).x_absmax is None
+
+
+def test_c_prepare_refuses_a_non_finite_fp32_kernel_at_every_level():
+    # Python refuses it first; C keeps its own check (FP32 packs the caller's array directly)
+    _need("c-scalar")
+    cext = _cext()
+    for pos in (0, 3 * 3 * 8 * 7 - 1):   # the first element and the vector loop's tail
+        for bad in (np.nan, np.inf):
+            w = np.ones((3, 3, 8, 7), np.float32)
+            w.reshape(-1)[pos] = bad
+            for isa in cext.usable_isas():
+                with pytest.raises(InputError, match="invalid argument"):
+                    cext.prepare("fp32", isa, 1, False, w)
