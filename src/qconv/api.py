@@ -19,9 +19,9 @@ import numpy as np
 from . import backends, layouts, scales
 from .arrays import CHECK_MEMORY_BYTES, as_host_float32, check_bytes, is_device_array, owned, shape_of, to_host
 from .backends.base import PHASES
-from .contract import (ConvSpec, Geometry, Plan, Precision, Rounding, check_finite, conv2d_float64, conv2d_int_wrapped,
-                       conv_spec, count_saturated, kernel_scale_view, nrmse, overflow_possible, parse_precision,
-                       parse_rounding, quantize, quantize_kernel)
+from .contract import (ConvSpec, Geometry, Plan, Precision, Rounding, absmax, check_finite, conv2d_float64,
+                       conv2d_int_wrapped, conv_spec, count_saturated, kernel_scale_view, nrmse, overflow_possible,
+                       parse_precision, parse_rounding, quantize, quantize_kernel)
 from .errors import InputError
 
 
@@ -221,7 +221,7 @@ class Conv:
             xh = as_host_float32(x, "input") if not is_device_array(x) else to_host(x)
         if prec.is_integer:
             s_x = s_x if s_x is not None else plan.input_scale(xh)
-            m = m if m is not None else max(xh.max(), -xh.min())   # no |x| copy
+            m = m if m is not None else absmax(xh)
             qw, qw_max, w_saturated = self._kernel_diagnostics
             qx_max = int(quantize(m, s_x, prec, self.rounding))
             possible = overflow_possible(qx_max, qw_max, self.spec.k)

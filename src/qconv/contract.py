@@ -137,11 +137,16 @@ class Plan:
         return maxabs_scale(x, self.input_q)
 
 
+def absmax(t: np.ndarray) -> float:
+    """max|t| (0 for an empty tensor; NaN where t holds one) from max and min: no |t| copy."""
+    t = np.asarray(t)
+    return max(float(t.max(initial=0.0)), -float(t.min(initial=0.0)))
+
+
 def maxabs_scale(t: np.ndarray, q: int) -> np.float32:
     """The largest float32 s with R(float32(max|t|) * s) <= q: s = float32(q / max|t|), stepped
     down while float32 rounding of max|t| * s would pass q. An all-zero tensor gets s = 1."""
-    t = np.asarray(t)
-    m = max(float(t.max(initial=0.0)), -float(t.min(initial=0.0)))   # no |t| copy; NaN in both
+    m = absmax(t)
     if not math.isfinite(m):  # NaN or inf: the library's own message, not a scale one
         check_finite(np.asarray(t), "the tensor")
     if m == 0.0:
@@ -221,11 +226,11 @@ def count_saturated(t: np.ndarray, s: float, precision: Precision,
     rounded float64 copy: every result() counts this over the whole input)."""
     with np.errstate(over="ignore"):  # a product past float32's range is inf: it saturates
         v = np.multiply(np.asarray(t, dtype=np.float32), np.float32(s) if np.ndim(s) == 0 else s, dtype=np.float32)
-    return int(np.count_nonzero(np.abs(v, out=v) >= _saturation_edge(precision.qmax, rounding)))
+    return int(np.count_nonzero(np.abs(v, out=v) >= saturation_edge(precision.qmax, rounding)))
 
 
 @functools.lru_cache(maxsize=None)
-def _saturation_edge(qmax: int, rounding: Rounding) -> np.float32:
+def saturation_edge(qmax: int, rounding: Rounding = Rounding.NEAREST) -> np.float32:
     """The least float32 v with R(v) > Qmax. Truncating, Qmax + 1; to nearest, Qmax + 1/2, since
     Qmax is odd and the tie goes to the even Qmax + 1. Rounded up to a float32 (2^31 - 1/2 is not
     one: the edge is then 2^31)."""

@@ -180,9 +180,10 @@ def for_call(scale: object, precision: Precision, x: np.ndarray, w: np.ndarray, 
 
 def warn_if_degenerate(t: np.ndarray, s: "float | np.ndarray", precision: Precision, what: str) -> None:
     """QconvWarning when a given scale zeroes or saturates most of a tensor (a step size passed as
-    a multiplier, typically). Counted on |t*s| against the rounding thresholds (0.5 and Qmax + 0.5,
-    Qmax being odd), not by quantizing: this runs on every one-shot call with a given scale."""
-    from .contract import kernel_scale_view
+    a multiplier, typically). Counted on |t*s| against the rounding thresholds (0.5, and
+    contract.saturation_edge to nearest), not by quantizing: this runs on every one-shot call
+    with a given scale."""
+    from .contract import kernel_scale_view, saturation_edge
     sv = kernel_scale_view(s) if what == "kernel" else np.float32(s)
     nz = np.count_nonzero(t != 0)  # a bool count: numpy's count of a float array is 4x slower
     if nz == 0:
@@ -191,7 +192,7 @@ def warn_if_degenerate(t: np.ndarray, s: "float | np.ndarray", precision: Precis
         v = np.multiply(t, sv, dtype=np.float32)
     np.abs(v, out=v)
     zeroed = (np.count_nonzero(v <= 0.5) - (t.size - nz)) / nz
-    saturated = np.count_nonzero(v >= precision.qmax + 0.5) / t.size
+    saturated = np.count_nonzero(v >= saturation_edge(precision.qmax)) / t.size
     if zeroed > 0.5 or saturated > 0.5:
         hint = ("zeroes" if zeroed > 0.5 else "saturates") + f" {max(zeroed, saturated):.0%} of the {what}"
         warnings.warn(f"this scale {hint}: qconv's scale is a multiplier (q = round(x*S)); for a "

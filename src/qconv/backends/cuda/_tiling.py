@@ -240,7 +240,12 @@ def window_pays(mp: int, m: int, oc: int, icg: int, groups: int, num_sms: int) -
     against the window's 34.1), from 7.9 the window (ppocr N=32 41.6 against 43.6)."""
     if icg <= 32:
         return mp >= WINDOW_BM * num_sms
-    return groups * math.ceil(m / 128) * math.ceil(oc / 64) >= 7 * num_sms
+    return mma_blocks(m, oc, groups, 128, 64) >= 7 * num_sms
+
+
+def mma_blocks(m: int, oc: int, groups: int, bm: int, bn: int) -> int:
+    """The blocks of a bm x bn tile over m rows and oc output channels of each of `groups`."""
+    return groups * math.ceil(m / bm) * math.ceil(oc / bn)
 
 
 def int8_mma_tile(m: int, oc: int, groups: int, num_sms: int) -> str:
@@ -248,10 +253,9 @@ def int8_mma_tile(m: int, oc: int, groups: int, num_sms: int) -> str:
     else 64x64/w4 where that gives every SM one, else "auto" (choose_tiling's rule over MMA_TILES,
     the small tiles of small layers). Fitted to the H100 sweep of 4 layers x N = 1-128 in
     RESULTS.md (2026-12-05, evening), where it picks the fastest mma.sync tile or one within 4%."""
-    blocks = lambda bm, bn: groups * math.ceil(m / bm) * math.ceil(oc / bn)  # noqa: E731
-    if oc > 32 and blocks(128, 64) >= 2 * num_sms:
+    if oc > 32 and mma_blocks(m, oc, groups, 128, 64) >= 2 * num_sms:
         return "128x64/w4"
-    return "64x64/w4" if blocks(64, 64) >= num_sms else "auto"
+    return "64x64/w4" if mma_blocks(m, oc, groups, 64, 64) >= num_sms else "auto"
 
 
 def choose_tiling(m: int, oc: int, ktiles: int, num_sms: int, tile: Any = "auto",
