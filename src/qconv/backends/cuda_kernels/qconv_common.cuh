@@ -123,10 +123,14 @@ QD int quantize1(float t, float s, int qmax, int trunc) {
   return i > qmax ? qmax : (i < -qmax ? -qmax : i);
 }
 
-// The contract's dequantize (+ bias): float32(acc) * inv, then + bias, two roundings, no FMA.
-QD float dequant1(unsigned acc, float inv, const float* bias, int o) {
+// The contract's dequantize (+ bias): float32(acc) * inv, then + b where the layer has a bias, two
+// roundings, no FMA. dequant1 loads the bias itself; an epilogue that holds it passes it in.
+QD float dequant(unsigned acc, float inv, bool has_bias, float b) {
   float y = __fmul_rn(__int2float_rn((int)acc), inv);
-  return bias ? __fadd_rn(y, bias[o]) : y;
+  return has_bias ? __fadd_rn(y, b) : y;
+}
+QD float dequant1(unsigned acc, float inv, const float* bias, int o) {
+  return dequant(acc, inv, bias != nullptr, bias ? bias[o] : 0.0f);
 }
 
 QD int nonfinite4(const float4 t) { return !isfinite(t.x) | !isfinite(t.y) | !isfinite(t.z) | !isfinite(t.w); }

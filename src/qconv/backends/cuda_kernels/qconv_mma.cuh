@@ -81,8 +81,7 @@ template <> struct is_integer<unsigned> { static const bool value = true; };
 
 // The dequantizing epilogue (p.mode 1) of integer accumulators: a lane's outputs lie in NTL
 // channel pairs (o, o + 1) and 2 * MT rows, so each pair's factors and bias are loaded once, not
-// once per row as store_pair does, and the store's conditions are decided once. The same
-// arithmetic as dequant1 (so the same bits).
+// once per row as store_pair does, and the store's conditions are decided once.
 template <int MT, int NTL, class V>
 QD void store_dequantized(const ConvParams& p, int ocol, int mrow, int ocol0, const V& v, float inv0) {
   const bool pairs = p.vec_out && ((p.OC | p.OCg | ocol) & 1) == 0;
@@ -107,10 +106,7 @@ QD void store_dequantized(const ConvParams& p, int ocol, int mrow, int ocol0, co
         const int o = ocol0 + j * 8;
         float y[2];
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          y[e] = __fmul_rn(__int2float_rn((int)v[i][j][2 * h + e]), f[j][e]);
-          if (p.bias) y[e] = __fadd_rn(y[e], b[j][e]);
-        }
+        for (int e = 0; e < 2; ++e) y[e] = dequant(v[i][j][2 * h + e], f[j][e], p.bias != nullptr, b[j][e]);
         if (pairs && o + 1 < p.OCg) {
           *(float2*)(row + o) = make_float2(y[0], y[1]);
         } else {
