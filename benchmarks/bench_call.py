@@ -55,8 +55,8 @@ if str(REPO / "src") not in sys.path:
     sys.path.insert(0, str(REPO / "src"))
 
 from bench_cpu import cpu_name  # noqa: E402  (its folder is on sys.path: benchmarks run as scripts)
+from layers import Layer, load_layers  # noqa: E402
 
-SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
 VARIANTS = [  # label, precision, scale
     ("fp32", "fp32", None),
     ("int16", "int16", None),           # maxabs per call, reduced in C
@@ -84,47 +84,19 @@ def wall(fn, reps: int, warm: int = 5) -> float:
     return statistics.median(wall_times(fn, reps, warm))
 
 
-def load_layers() -> list[dict]:
-    """The exam layers (shipped in the package) and the real layers, N=1, with their options."""
-    import qconv
-    from qconv.samples import DATA
-    out = []
-    for case in ("exam1", "exam2"):
-        d = DATA / case
-        if (d / "kernel_tensor.bin").exists():
-            out.append({"name": case, "x": qconv.load_tensor(d / "input_tensor.bin"),
-                        "w": qconv.load_tensor(d / "kernel_tensor.bin"), "layer": {}})
-    real = SHARED / "data" / "real"
-    for p in sorted(real.glob("*/*/kernel_tensor.bin")) if real.exists() else []:
-        d = p.parent
-        layer = {}
-        info = d / "meta.json"
-        if info.exists():   # stride, padding and groups as the real layer records them
-            meta = json.loads(info.read_text())
-            layer = {k: (tuple(v) if isinstance(v, list) else v.lower() if isinstance(v, str) else v)
-                     for k, v in meta.items() if k in ("stride", "padding", "groups")}
-        b = d / "bias_tensor.bin"
-        if b.exists():
-            layer["bias"] = qconv.load_tensor(b).reshape(-1)
-        out.append({"name": str(d.relative_to(real)), "x": qconv.load_tensor(d / "input_tensor.bin"),
-                    "w": qconv.load_tensor(p), "layer": layer})
-    return out
-
-
 def fixed_scale(x: np.ndarray, w: np.ndarray, q: int) -> tuple[float, float]:
     return (float(np.float32(q / np.max(np.abs(x)))), float(np.float32(q / np.max(np.abs(w)))))
 
 
 # ---- qconv ------------------------------------------------------------------------------------
 
-def qconv_call_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
+def qconv_call_rows(layers: list[Layer], threads: int, reps: int) -> list[dict]:
     import qconv
     from qconv.contract import check_layer
     rows = []
     for L in layers:
-        x, w, layer = L["x"], L["w"], dict(L["layer"])
-        geom = check_layer(x.shape, w.shape, stride=layer.get("stride", 1), padding=layer.get("padding", "same"),
-                           groups=layer.get("groups", 1))
+        x, w, layer = L.x, L.w, L.kwargs()
+        geom = check_layer(x.shape, w.shape, stride=L.stride, padding=L.padding, groups=L.groups)
         for label, prec, scale in VARIANTS:
             if scale == "fixed":
                 scale = fixed_scale(x, w, 127)
@@ -146,12 +118,12 @@ def qconv_call_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
             ones = wall_times(lambda: qconv.conv2d(x, w, prec, "c-avx2", scale=scale, threads=threads, **layer),
                               max(10, reps // 4), warm=3)
             one = statistics.median(ones)
-            rows.append({"layer": L["name"], "x": list(x.shape), "w": list(w.shape), "variant": label,
+            rows.append({"layer": L.name, "x": list(x.shape), "w": list(w.shape), "variant": label,
                          "threads": threads, "call_s": call, "one_shot_s": one, "flops": geom.flops,
                          "call_min_s": min(calls), "one_shot_min_s": min(ones), "call_over_convolve": ratio,
                          "convolve_min_s": min(p["convolve"] for p in phases),
                          **{f"{k}_s": v for k, v in med.items()}})
-            print(f"  qconv {L['name']} {label}: call {call * 1e3:.3f} ms, convolve {med['convolve'] * 1e3:.3f} ms, "
+            print(f"  qconv {L.name} {label}: call {call * 1e3:.3f} ms, convolve {med['convolve'] * 1e3:.3f} ms, "
                   f"one-shot {one * 1e3:.3f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -211,12 +183,12 @@ DEPTHWISE = [  # x shape, kernel size, stride
 ]
 
 
-def tiny_layer() -> dict:
-    """The overhead section's layer, in load_layers' form (PyTorch's child times it too)."""
+def tiny_layer() -> Layer:
+    """The overhead section's layer (PyTorch's child times it too)."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 8, 8, 16), dtype=np.float32)
     w = rng.standard_normal((3, 3, 16, 16), dtype=np.float32)
-    return {"name": f"{x.shape} x {w.shape}", "x": x, "w": w, "layer": {}}
+    return Layer(f"{x.shape} x {w.shape}", None, x, w)
 
 
 def overhead_rows(threads: int, reps: int) -> list[dict]:
@@ -227,7 +199,7 @@ def overhead_rows(threads: int, reps: int) -> list[dict]:
     from qconv.backends import _cext
     ffi, lib = _cext._lib()
     tiny = tiny_layer()
-    x, w = tiny["x"], tiny["w"]
+    x, w = tiny.x, tiny.w
     rows = []
     for prec in ("fp32", "int8"):
         conv = qconv.prepare(w, prec, "c-avx2", threads=threads)
@@ -237,7 +209,7 @@ def overhead_rows(threads: int, reps: int) -> list[dict]:
         args = (p._handle, ffi.from_buffer("float[]", x), g.n, g.h, g.w, g.pt, g.pb, g.pl, g.pr, g.ho, g.wo,
                 p._s_x, p._q, ffi.from_buffer("float[]", y, require_writable=True), t, ffi.NULL)
         call, bare = wall(lambda: conv(x), reps * 10, 100), wall(lambda: lib.qconv_run(*args), reps * 10, 100)
-        rows.append({"layer": tiny["name"], "precision": prec, "call_s": call, "c_call_s": bare})
+        rows.append({"layer": tiny.name, "precision": prec, "call_s": call, "c_call_s": bare})
     return rows
 
 
@@ -297,7 +269,7 @@ def depthwise_rows(threads: int, reps: int) -> list[dict]:
 
 # ---- PyTorch (its own process) ---------------------------------------------------------------
 
-def torch_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
+def torch_rows(layers: list[Layer], threads: int, reps: int) -> list[dict]:
     import warnings
     warnings.filterwarnings("ignore")
     import torch
@@ -309,17 +281,15 @@ def torch_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for L in layers:
-            x, w, layer = L["x"], L["w"], L["layer"]
-            s = layer.get("stride", 1)
+            x, w, s, g = L.x, L.w, L.stride, L.groups
             stride = (s, s) if isinstance(s, int) else tuple(s)
-            g = layer.get("groups", 1)
-            geom = check_layer(x.shape, w.shape, stride=stride, padding=layer.get("padding", "same"), groups=g)
+            geom = check_layer(x.shape, w.shape, stride=stride, padding=L.padding, groups=g)
             pads = (geom.pl, geom.pr, geom.pt, geom.pb)
             sym = geom.pl == geom.pr and geom.pt == geom.pb
             xt = torch.from_numpy(x).permute(0, 3, 1, 2)             # NHWC memory: channels-last NCHW view
             wt = torch.from_numpy(np.ascontiguousarray(w.transpose(2, 3, 0, 1))).contiguous(
                 memory_format=torch.channels_last)
-            bt = torch.from_numpy(layer["bias"]) if "bias" in layer else None
+            bt = None if L.bias is None else torch.from_numpy(L.bias)
             pad_arg = (geom.pt, geom.pl) if sym else 0
 
             def fp32():
@@ -349,10 +319,10 @@ def torch_rows(layers: list[dict], threads: int, reps: int) -> list[dict]:
 
             opt, flt = wall_times(int8_op, reps, warm=20), wall_times(int8_float, reps, warm=20)
             t_op, t_fl = statistics.median(opt), statistics.median(flt)
-            rows.append({"layer": L["name"], "threads": threads, "torch_fp32_s": t_fp32, "torch_int8_op_s": t_op,
+            rows.append({"layer": L.name, "threads": threads, "torch_fp32_s": t_fp32, "torch_int8_op_s": t_op,
                          "torch_int8_float_s": t_fl, "torch_fp32_min_s": min(f32t), "torch_int8_op_min_s": min(opt),
                          "torch_int8_float_min_s": min(flt), "engine": engines[0], "torch": torch.__version__})
-            print(f"  torch {L['name']}: fp32 {t_fp32 * 1e3:.3f} ms, int8 op {t_op * 1e3:.3f} ms, "
+            print(f"  torch {L.name}: fp32 {t_fp32 * 1e3:.3f} ms, int8 op {t_op * 1e3:.3f} ms, "
                   f"int8 float in/out {t_fl * 1e3:.3f} ms", file=sys.stderr, flush=True)
     return rows
 
@@ -468,7 +438,7 @@ def main() -> int:
         return measure(args, layers, sections)
 
 
-def measure(args, layers: list[dict], sections: set[str]) -> int:
+def measure(args, layers: list[Layer], sections: set[str]) -> int:
     from qconv.backends import _cext
     out = {"date": f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", "cpu": cpu_name(),
            "cpus": os.cpu_count(), "threads": args.threads, "isa": _cext.best_isa("auto"),

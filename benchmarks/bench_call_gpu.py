@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,8 @@ import numpy as np
 
 import qconv
 from qconv.backends import cuda as cb
-from qconv.tensorfile import load as load_tensor
+
+from layers import SHARED, exam_layers, load_layers
 
 VARIANTS = [  # label, precision, prepare options
     ("fp32", "fp32", {}),
@@ -48,20 +48,6 @@ VARIANTS = [  # label, precision, prepare options
     ("int32 simt", "int32", {"int32_path": "simt"}),
     ("int32 mma", "int32", {"int32_path": "mma"}),
 ]
-
-
-def layers(shared: Path) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]]:
-    here = Path(qconv.__file__).resolve().parent / "data"
-    out = []
-    for case in ("exam1", "exam2"):
-        d = here / case
-        out.append((case, load_tensor(d / "input_tensor.bin"), load_tensor(d / "kernel_tensor.bin"), None))
-    real = shared / "data" / "real"
-    for p in sorted(real.glob("*/*/kernel_tensor.bin")):
-        d = p.parent
-        b = load_tensor(d / "bias_tensor.bin").reshape(-1) if (d / "bias_tensor.bin").exists() else None
-        out.append((str(d.relative_to(real)), load_tensor(d / "input_tensor.bin"), load_tensor(p), b))
-    return out
 
 
 def whole_call(torch, fn, reps: int) -> float:
@@ -142,7 +128,7 @@ def copies(torch, x: np.ndarray, yshape: tuple[int, ...], reps: int) -> dict[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     here = Path(__file__).resolve().parent.parent
-    ap.add_argument("--shared", default=os.environ.get("QCONV_SHARED", str(here.parent / "shared")))
+    ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--json")
@@ -180,7 +166,8 @@ def main() -> int:
     if args.host_only:
         return 0
     rows = []
-    for name, x1, w, b in ([] if args.dw_only else layers(Path(args.shared))):
+    for L in ([] if args.dw_only else load_layers(args.shared)):
+        name, x1, w, b = L.name, L.x, L.w, L.bias
         if want_layers and name not in want_layers:
             continue
         for n in (int(v) for v in args.batches.split(",")):
@@ -238,8 +225,8 @@ def host_profile(torch, reps: int = 400) -> dict[str, float]:
     from qconv import api
     from qconv.backends.cuda import _arrays, _driver
     from qconv.backends.cuda._launch import PassParams
-    d = Path(qconv.__file__).resolve().parent / "data" / "exam1"
-    x, w = load_tensor(d / "input_tensor.bin"), load_tensor(d / "kernel_tensor.bin")
+    exam1 = exam_layers()[0]
+    x, w = exam1.x, exam1.w
     xt = torch.from_numpy(x).cuda()
 
     def host(fn, n=reps):

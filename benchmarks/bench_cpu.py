@@ -29,9 +29,8 @@ sys.path.insert(0, str(REPO / "src"))
 
 from qconv.backends import _cext, c_avx2, c_scalar  # noqa: E402
 from qconv.contract import Precision  # noqa: E402
-from qconv.tensorfile import load  # noqa: E402
+from layers import exam_layers, real_layers  # noqa: E402
 
-SHARED = Path(os.environ.get("QCONV_SHARED", REPO.parent / "shared"))
 QMAX = {"int32": 2**31 - 1, "int16": 2**15 - 1, "int8": 127}
 PRECISIONS = ("fp32", "int32", "int16", "int8")
 NOTES = "### Notes (hand-written"
@@ -101,17 +100,10 @@ def measure_peaks(threads: list[int], levels: list[str], tries: int = 5) -> dict
 
 def layers() -> list[tuple[str, np.ndarray, np.ndarray]]:
     out = []
-    for case in ("1", "2"):
-        d = SHARED / "data" / "exam" / case
-        if not d.exists():
-            continue
-        x, w = load(d / "input_tensor.bin"), load(d / "kernel_tensor.bin")
-        out.append((f"exam {case}", x, w))
-        out.append((f"exam {case}", np.ascontiguousarray(np.repeat(x, 8, axis=0)), w))
-    real = SHARED / "data" / "real"
-    for p in sorted(real.glob("*/*/kernel_tensor.bin")) if real.exists() else []:
-        out.append((str(p.parent.relative_to(real)), load(p.parent / "input_tensor.bin"), load(p)))
-    return out
+    for L in exam_layers():
+        name = L.name.replace("exam", "exam ")
+        out += [(name, L.x, L.w), (name, np.ascontiguousarray(np.repeat(L.x, 8, axis=0)), L.w)]
+    return out + [(L.name, L.x, L.w) for L in real_layers()]
 
 
 def _proc_busy_jiffies() -> tuple[int, int]:

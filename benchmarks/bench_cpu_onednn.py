@@ -26,19 +26,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 import qconv  # noqa: E402
+from layers import exam_layers, real_layers  # noqa: E402
 
 # Both libraries keep worker threads spinning for a while after a call; on 2 cores one pool's
 # spinning starves the other. So: blocks of calls, a pause between blocks, a few rounds.
 ROUNDS = 5
 POOL_SETTLE_S = 0.5
-SHARED = Path(os.environ.get("QCONV_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-
-
-def layers() -> list[tuple[str, Path]]:
-    out = [(f"exam {c}", SHARED / "data" / "exam" / c) for c in ("1", "2")]
-    out += [(str(p.parent.relative_to(SHARED / "data" / "real")), p.parent)
-            for p in sorted((SHARED / "data" / "real").glob("*/*/kernel_tensor.bin"))]
-    return [(n, d) for n, d in out if (d / "kernel_tensor.bin").exists()]
 
 
 def main() -> int:
@@ -65,8 +58,9 @@ def main() -> int:
     print("| layer | precision | qconv convolve ms | qconv whole call ms | torch call ms | torch / qconv convolve "
           "| qconv GOP/s | torch GOP/s |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, d in layers():
-        x, w = qconv.tensorfile.load_pair(d / "input_tensor.bin", d / "kernel_tensor.bin")
+    named = [(L.name.replace("exam", "exam "), L) for L in exam_layers()] + [(L.name, L) for L in real_layers()]
+    for name, L in named:
+        x, w = L.x, L.w
         kh, kw, oc, ic = w.shape
         flops = 2 * x.shape[0] * x.shape[1] * x.shape[2] * oc * kh * kw * ic
         pad = ((kh - 1) // 2, (kw - 1) // 2)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,33 +21,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cuda import time_ours  # noqa: E402
+from layers import SHARED, exam_layers, real_layers  # noqa: E402
 
 VARIANTS = (("auto", {}), ("window", {"tile": "window"}), ("w4", {"int8_path": "mma", "tile": "128x64/w4"}),
             ("w4s", {"int8_path": "mma", "tile": "64x64/w4"}), ("mma", {"int8_path": "mma"}))
 
 
 def main() -> int:
-    here = Path(__file__).resolve().parent.parent
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--shared", default=os.environ.get("QCONV_SHARED", str(here.parent / "shared")))
+    ap.add_argument("--shared", default=str(SHARED))
     ap.add_argument("--batches", default="1,2,4,8,16,32")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--json")
     args = ap.parse_args()
     import torch
     import qconv
-    from qconv.tensorfile import load as load_tensor
-    shared = Path(args.shared) / "data"
-    layers = sorted(p.parent for p in shared.glob("exam/*/kernel_tensor.bin")) + \
-        sorted(p.parent for p in shared.glob("real/*/*/kernel_tensor.bin"))
+    named = [(L.name.replace("exam", "exam/"), L) for L in exam_layers()] + \
+        [("real/" + L.name, L) for L in real_layers(args.shared)]
     res = {}
-    for d in layers:
-        meta = json.loads((d / "meta.json").read_text()) if (d / "meta.json").exists() else {}
-        if meta.get("stride", 1) != 1 or meta.get("groups", 1) != 1 or str(meta.get("padding", "SAME")).upper() != "SAME":
+    for name, L in named:
+        if L.stride != 1 or L.groups != 1 or L.padding != "same":
             continue
-        x1, w = load_tensor(d / "input_tensor.bin"), load_tensor(d / "kernel_tensor.bin")
+        x1, w = L.x, L.w
         r = qconv.conv2d_result(x1, w, "int8", backend="reference", scale="maxabs")
-        name = str(d.relative_to(shared))
         for n in (int(v) for v in args.batches.split(",")):
             xt = torch.from_numpy(np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))).cuda()
             row = {}

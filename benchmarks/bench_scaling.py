@@ -13,6 +13,7 @@ operations per multiply-accumulate.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -23,21 +24,18 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_call  # noqa: E402  (the layer loader and PyTorch's rows)
+import bench_call  # noqa: E402  (PyTorch's rows)
+from layers import Layer, exam_layers  # noqa: E402
 
 PRECISIONS = ("fp32", "int16", "int8")
 
 
-def layers(batch: int) -> list[dict]:
-    out = []
-    for L in bench_call.load_layers()[:2]:   # the two exam layers
-        L = dict(L)
-        L["x"] = np.ascontiguousarray(np.concatenate([L["x"]] * batch, axis=0))
-        out.append(L)
-    return out
+def layers(batch: int) -> list[Layer]:
+    return [dataclasses.replace(L, x=np.ascontiguousarray(np.concatenate([L.x] * batch, axis=0)))
+            for L in exam_layers()]
 
 
-def qconv_rows(ls: list[dict], threads: list[int], reps: int, isa: str | None) -> list[dict]:
+def qconv_rows(ls: list[Layer], threads: list[int], reps: int, isa: str | None) -> list[dict]:
     """The convolve phases of the thread counts are timed in turn, rep by rep (this VM's per-core
     speed drifts by up to 3x over minutes: series taken one after the other compare two machines),
     each after an untimed call that brings its own data back into cache;
@@ -47,7 +45,7 @@ def qconv_rows(ls: list[dict], threads: list[int], reps: int, isa: str | None) -
     from qconv.contract import Precision, check_layer
     rows = []
     for L in ls:
-        x, w = L["x"], L["w"]
+        x, w = L.x, L.w
         flops = check_layer(x.shape, w.shape).flops
         for prec in PRECISIONS:
             opts = [{"threads": t} if isa is None else {"threads": t, "isa": isa} for t in threads]
@@ -71,11 +69,11 @@ def qconv_rows(ls: list[dict], threads: list[int], reps: int, isa: str | None) -
             for _ in range(3) if bound else ():
                 peaks = [max(p, bench_call.peak_gmacs(bound[0], t)) for p, t in zip(peaks, threads)]
             for i, t in enumerate(threads):
-                rows.append({"layer": L["name"], "n": x.shape[0], "precision": prec, "threads": t,
+                rows.append({"layer": L.name, "n": x.shape[0], "precision": prec, "threads": t,
                              "convolve_s": statistics.median(phases[i]), "call_s": statistics.median(calls[i]),
                              "flops": flops, "instr": bound[0] if bound else None,
                              "peak_gmacs": peaks[i] if bound else None})
-                print(f"  {L['name']} N={x.shape[0]} {prec} T={t}: convolve {rows[-1]['convolve_s'] * 1e3:.3f} ms, "
+                print(f"  {L.name} N={x.shape[0]} {prec} T={t}: convolve {rows[-1]['convolve_s'] * 1e3:.3f} ms, "
                       f"call {rows[-1]['call_s'] * 1e3:.3f} ms", file=sys.stderr, flush=True)
     return rows
 
