@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import numpy as np
 
 import qconv
 from qconv.backends import cuda as cb
+from qconv.contract import check_layer
 
 from layers import SHARED, exam_layers, load_layers
 
@@ -167,14 +169,15 @@ def main() -> int:
         return 0
     rows = []
     for L in ([] if args.dw_only else load_layers(args.shared)):
-        name, x1, w, b = L.name, L.x, L.w, L.bias
+        name, x1, w = L.name, L.x, L.w
         if want_layers and name not in want_layers:
             continue
         for n in (int(v) for v in args.batches.split(",")):
             x = np.ascontiguousarray(np.tile(x1, (n, 1, 1, 1)))
             xt = torch.from_numpy(x).cuda()
-            base = cudnn(torch, x, w, b, args.reps)
-            row = {"layer": name, "n": n, "flops": 2 * x[..., 0].size * w.shape[2] * w.shape[0] * w.shape[1] * w.shape[3],
+            base = cudnn(torch, x, w, L.bias, args.reps, stride=L.stride, groups=L.groups, padding=L.padding)
+            out = check_layer(x.shape, w.shape, stride=L.stride, padding=L.padding, groups=L.groups).out_shape
+            row = {"layer": name, "n": n, "flops": 2 * math.prod(out) * w.shape[0] * w.shape[1] * w.shape[3],
                    "baselines": base, "ours": {}}
             for label, prec, opts in VARIANTS:
                 if want and label not in want:
@@ -183,7 +186,7 @@ def main() -> int:
                 if opts.get("scale") == "fixed":
                     r = qconv.conv2d_result(x1, w, prec, backend="reference", scale="maxabs")
                     opts["scale"] = (r.scale_input, r.scale_kernel)
-                conv = qconv.prepare(w, prec, "cuda", bias=b, **opts)
+                conv = qconv.prepare(w, prec, "cuda", **L.kwargs(), **opts)
                 t_whole = whole_call(torch, lambda: conv(xt), args.reps)
                 prof = conv._packed.profile(xt, args.reps)
                 med = prof["median"]
