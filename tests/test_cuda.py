@@ -770,6 +770,25 @@ def test_phases_are_timed_and_timing_can_be_off():
 
 
 @gpu
+def test_a_plain_call_records_no_events(monkeypatch):
+    """conv(x) returns the output alone, so it records no timing events; result() does."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2, 12, 12, 16)).astype(np.float32)
+    w = rng.standard_normal((3, 3, 16, 16)).astype(np.float32)
+    conv = qconv.prepare(w, "int8", "cuda", scale="maxabs")
+    xd = cb.to_device(x)
+    rt = cb._runtime()
+    recorded = []
+    record = rt.record
+    monkeypatch.setattr(rt, "record", lambda ev, s: (recorded.append(ev), record(ev, s))[1])
+    y = conv(xd)
+    assert recorded == []
+    assert_matches(cb.to_host(y), x, w, "int8", scale="maxabs", what="cuda int8, a plain device call")
+    r = conv.result(xd)
+    assert len(recorded) >= 2 and r.phases["convolve"] > 0
+
+
+@gpu
 def test_stream_option_orders_on_the_callers_stream():
     torch = _torch_cuda()
     rng = np.random.default_rng(16)

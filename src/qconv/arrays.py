@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from typing import Any, Iterator
 
 import numpy as np
@@ -23,6 +24,9 @@ def is_device_array(a: object) -> bool:
     cheap __dlpack_device__, never builds a tensor's __cuda_array_interface__ (microseconds)."""
     if isinstance(a, np.ndarray):
         return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return not a.is_cpu  # a C property; __dlpack_device__ is a Python method of ~2 us
     dev = getattr(a, "__dlpack_device__", None)
     if dev is not None:
         try:

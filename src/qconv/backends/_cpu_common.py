@@ -53,7 +53,7 @@ class Prepared:
         self._q = int(plan.input_q or 0) if self._int and plan.s_x is None else 0
         self._macs_per_s = (1e9 if isa == "scalar" else 2e10) * threads
 
-    def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None) -> BackendRun:
+    def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None, timed: bool = True) -> BackendRun:
         y = np.empty(geom.out_shape, np.float32) if out is None else out
         try:
             long = geom.flops / 2 >= INTERRUPTIBLE_S * self._macs_per_s

@@ -15,11 +15,13 @@ and may describe itself with:
                                              a name qconv_peak measures, or the GPU's datasheet unit
 
 A Prepared holds the kernel quantized and packed where the backend computes, and runs:
-    prepared.run(x, geom, out=None) -> BackendRun
+    prepared.run(x, geom, out=None, timed=True) -> BackendRun
 x: float32 NHWC, C-contiguous (numpy, or a device array where ACCEPTS_DEVICE_ARRAYS); geom: the
 checked contract.Geometry of this input; out: None or a float32 array of geom.out_shape to write.
 run refuses non-finite inputs (InputError), takes s_x per call when plan.input_q is set (maxabs),
-and times its own phases. It must be safe to call from several threads at once.
+and times its own phases; timed=False says nobody will read them (Conv.__call__ returns the output
+alone), so a backend whose timing costs something (CUDA events) may leave them at 0. It must be
+safe to call from several threads at once.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ class Prepared:
         self.qw = None if not plan.precision.is_integer else quantize_kernel(w, plan.s_w, plan.precision,
                                                                              plan.rounding)
 
-    def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None) -> BackendRun:
+    def run(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None = None, timed: bool = True) -> BackendRun:
         check_finite(x, "input")
         plan, clock = self.plan, time.perf_counter
         if plan.precision is Precision.FP32:

@@ -34,8 +34,9 @@ Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
         split_k == 1 (same bits); False runs the separate epilogue kernel.
     stream: None (qconv's own stream, ordered with PyTorch's default stream) or the caller's stream
         (an int handle, a torch.cuda.Stream, a CuPy stream): every call is enqueued on it.
-    timing: True (default) records CUDA events around each phase (ConvResult.phases); False
-        skips them (the phases then read 0), for the leanest call.
+    timing: True (default) records CUDA events around each phase of a call whose phases can be
+        read (Conv.result: ConvResult.phases); False skips them there too (the phases read 0).
+        A plain call, conv(x), returns its output alone and records none either way.
 (tile, split_k and int8_path apply to the implicit GEMM; depthwise layers run the depthwise kernels.)
 
 Device outputs are DeviceArrays from a per-stream pool, returned to it when collected. Non-finite

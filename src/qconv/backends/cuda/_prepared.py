@@ -307,19 +307,22 @@ class Prepared:
                 self._by_id[(id(geom), aligned)] = j
         return j
 
-    def _events_needed(self, job: Any, host: bool) -> int:
-        if not self.opts.timing:
+    def _events_needed(self, job: Any, host: bool, timing: bool) -> int:
+        if not timing:
             return 1 if host else 0
         return job.n_events + (2 if host else 0)
 
     # ---------------------------------------------------------------- calls
 
-    def run(self, x: Any, geom: Geometry, out: Any = None) -> BackendRun:
+    def run(self, x: Any, geom: Geometry, out: Any = None, timed: bool = True) -> BackendRun:
+        # events only where someone may read the phases: not for conv(x) (timed=False), whose
+        # record is kept for its flag alone
+        timing = self.opts.timing and timed
         if isinstance(x, np.ndarray):
-            return self._run_host(x, geom, out)
-        return self._run_device(x, geom, out)
+            return self._run_host(x, geom, out, timing)
+        return self._run_device(x, geom, out, timing)
 
-    def _run_device(self, x: Any, geom: Geometry, out: Any) -> BackendRun:
+    def _run_device(self, x: Any, geom: Geometry, out: Any, timing: bool) -> BackendRun:
         ctx = self.ctx
         self.rt.make_current()
         keep: list[Any] = []
@@ -336,13 +339,13 @@ class Prepared:
                 if out_ptr % 16:
                     raise InputError("out= must start on a 16-byte boundary")
                 y = out
-            rec = Record(ctx, self._events_needed(job, False), self.maxabs, self.plan, x)
+            rec = Record(ctx, self._events_needed(job, False, timing), self.maxabs, self.plan, x)
             self._enqueue(job, x_ptr, out_ptr, rec, 0 if rec.events else None)
         if isinstance(y, _arrays.DeviceArray):
             y._record = rec
         return LazyRun(y, rec, None if self.maxabs else self.plan.s_x)
 
-    def _run_host(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None) -> BackendRun:
+    def _run_host(self, x: np.ndarray, geom: Geometry, out: np.ndarray | None, timing: bool) -> BackendRun:
         ctx, rt, drv = self.ctx, self.rt, self.rt.drv
         rt.make_current()
         shape = geom.out_shape
@@ -352,9 +355,8 @@ class Prepared:
         with ctx.lock:
             xd = ctx.scratch("x_in", x.nbytes)
             yd = ctx.scratch("y_out", ybytes)
-            rec = Record(ctx, self._events_needed(job, True), self.maxabs, self.plan, x)
+            rec = Record(ctx, self._events_needed(job, True, timing), self.maxabs, self.plan, x)
             ev, s = rec.events, ctx.stream
-            timing = self.opts.timing
             if timing:
                 rt.record(ev[0], ctx.handle)
             if _arrays.is_pinned(x):  # a host call's output, or pinned_empty: DMA straight from it
