@@ -263,16 +263,13 @@ def host_profile(torch, reps: int = 400) -> dict[str, float]:
     res["device_view(torch)"] = host(lambda: _arrays.device_view(xt, "x", ctx, []))
     ev = ctx.take_events(1)[0]
     res["cuEventRecord"] = host(lambda: rt.record(ev, ctx.handle))
-    res["cuEventRecord (cuda-python)"] = host(lambda: rt.drv.cuEventRecord(ev, ctx.stream))
     nop = _driver.Launch(rt, "quant.cu", "qconv_epilogue", (1, 1, 1), 256, 0, PassParams(n=0, OC=1))
-    res["cuLaunchKernel"] = host(lambda: nop.launch(ctx.stream, ctx.handle))
-    res["cuLaunchKernel (cuda-python)"] = host(lambda: rt.drv.cuLaunchKernel(nop.f, 1, 1, 1, 256, 1, 1, 0, ctx.stream,
-                                                                             nop.argp, 0))
+    res["cuLaunchKernel"] = host(lambda: nop.launch(ctx.stream))
     xh = torch.from_numpy(x).cuda().permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last).half()
     wh = torch.from_numpy(w).cuda().permute(2, 3, 0, 1).contiguous(memory_format=torch.channels_last).half()
     with torch.no_grad():
         res["torch F.conv2d FP16 CL"] = host(lambda: F.conv2d(xh, wh, padding="same"))
-    print("host us per call (" + ("ctypes" if rt.fast is not None else "cuda-python") + " driver calls): "
+    print("host us per call: "
           + ", ".join(f"{k} {v:.2f}" for k, v in res.items()), flush=True)
     return res
 

@@ -106,42 +106,6 @@ def _probe() -> tuple[bool, str]:
 
 # --------------------------------------------------------------------------- kernel launches
 
-class _Fast:
-    """The three calls on the hot path (cuLaunchKernel, cuLaunchCooperativeKernel, cuEventRecord)
-    through ctypes straight into libcuda, with fixed argtypes; handles are the same driver objects,
-    passed as their addresses. QCONV_CUDA_CALLS=bindings turns it off. Evidence so far is mixed
-    (benchmarks/RESULTS.md, H200): 4.5-6.1 us less host time per prepared call than cuda-python
-    across two processes, no per-call gain in a same-process single-call measurement; to be settled
-    by an A/B of this wrapper both ways."""
-
-    def __init__(self) -> None:
-        lib = ctypes.CDLL("libcuda.so.1")
-        vp, ui = ctypes.c_void_p, ctypes.c_uint
-        self.launch = lib.cuLaunchKernel
-        self.launch.argtypes = [vp, ui, ui, ui, ui, ui, ui, ui, vp, vp, vp]
-        self.launch.restype = ctypes.c_int
-        self.coop = lib.cuLaunchCooperativeKernel
-        self.coop.argtypes = [vp, ui, ui, ui, ui, ui, ui, ui, vp, vp]
-        self.coop.restype = ctypes.c_int
-        self.record = lib.cuEventRecord
-        self.record.argtypes = [vp, vp]
-        self.record.restype = ctypes.c_int
-
-
-_fast: "_Fast | None" = None
-
-
-def _fast_calls() -> "_Fast | None":
-    global _fast
-    import os
-    if _fast is None and os.environ.get("QCONV_CUDA_CALLS", "ctypes") != "bindings":
-        try:
-            _fast = _Fast()
-        except (OSError, AttributeError):
-            _fast = None
-    return _fast
-
-
 def _raise(code: Any, call: str) -> None:
     from cuda.bindings import driver
     err = code if not isinstance(code, int) else driver.CUresult(code)
@@ -153,31 +117,20 @@ class Launch:
     times: callers change the struct's fields (pointers) and call launch(stream). cooperative:
     launched with cuLaunchCooperativeKernel (every block resident: grid barriers are safe)."""
 
-    __slots__ = ("f", "fh", "name", "grid", "block", "smem", "params", "_arr", "argp", "drv", "fast", "coop")
+    __slots__ = ("f", "name", "grid", "block", "smem", "params", "_arr", "argp", "drv", "coop")
 
     def __init__(self, rt: "Runtime", module: str, name: str, grid: tuple[int, int, int], block: int,
                  smem: int, params: ctypes.Structure, cooperative: bool = False) -> None:
         self.f = rt.func(module, name, smem)
-        self.fh = int(self.f)
         self.name, self.grid, self.block, self.smem, self.params = name, grid, block, smem, params
         self._arr = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         self.argp = ctypes.addressof(self._arr)
         self.drv = rt.drv
-        self.fast = rt.fast
         self.coop = cooperative
 
-    def launch(self, stream: Any, handle: int) -> None:
-        """Enqueue on `stream` (a CUstream; `handle` is its address)."""
+    def launch(self, stream: Any) -> None:
+        """Enqueue on `stream` (a CUstream)."""
         g = self.grid
-        fast = self.fast
-        if fast is not None:
-            if self.coop:
-                err = fast.coop(self.fh, g[0], g[1], g[2], self.block, 1, 1, self.smem, handle, self.argp)
-            else:
-                err = fast.launch(self.fh, g[0], g[1], g[2], self.block, 1, 1, self.smem, handle, self.argp, None)
-            if err:
-                _raise(err, f"cuLaunch{'Cooperative' if self.coop else ''}Kernel({self.name}, grid={g}, block={self.block})")
-            return
         if self.coop:
             (err,) = self.drv.cuLaunchCooperativeKernel(self.f, g[0], g[1], g[2], self.block, 1, 1, self.smem, stream, self.argp)
         else:
@@ -216,7 +169,6 @@ class Runtime:
         self.modules: dict[str, Any] = {}
         self.funcs: dict[str, Any] = {}
         self.func_smem: dict[str, int] = {}  # the dynamic shared memory each function is allowed
-        self.fast = _fast_calls()
         self.lock = threading.RLock()   # modules, functions, stream contexts
         # Blocking stream: ordered after work on the legacy default stream (PyTorch's default) and
         # before later work there, so device arrays from PyTorch need no synchronization.
@@ -275,12 +227,6 @@ class Runtime:
 
     def record(self, event: Any, stream: int) -> None:
         """cuEventRecord(event, stream): the stream as its handle (StreamCtx.handle)."""
-        fast = self.fast
-        if fast is not None:
-            err = fast.record(int(event), stream)
-            if err:
-                _raise(err, "cuEventRecord")
-            return
         (err,) = self.drv.cuEventRecord(event, stream)
         if err != _OK:
             _raise(err, "cuEventRecord")

@@ -45,7 +45,7 @@ class Job:
             pp.x = x_ptr
             if self.pre_writes:
                 pp.out = xq
-            self.pre.launch(s, h)
+            self.pre.launch(s)
             if i is not None:
                 rt.record(ev[i + 1], h)
                 rec.marks.append((self.first, i, i + 1))
@@ -57,14 +57,14 @@ class Job:
         cp.slot = 0 if self.post is not None else rec.slot[1]  # the call's last kernel publishes its record
         if self.scan_in_main:
             cp.scan_x = x_ptr
-        self.main.launch(s, h)
+        self.main.launch(s)
         if i is not None:
             rt.record(ev[i + 1], h)
             rec.marks.append(("convolve", i, i + 1))
             i += 1
         if self.post is not None:
             self.post.params.out, self.post.params.slot = out_ptr, rec.slot[1]
-            self.post.launch(s, h)
+            self.post.launch(s)
             if i is not None:
                 rt.record(ev[i + 1], h)
                 rec.marks.append((self.last, i, i + 1))
