@@ -769,6 +769,15 @@ def test_phases_are_timed_and_timing_can_be_off():
     assert all(v == 0 for v in r.phases.values())
 
 
+@pytest.mark.parametrize("kh, kw", [(16, 3), (3, 17)])
+def test_kernels_past_the_loaders_tap_masks_are_refused(kh, kw):
+    """The implicit-GEMM loader marks taps inside the input in 15 + 16 bits (qconv_common.cuh): a
+    larger kernel gets a clear error, before any GPU is needed; depthwise layers take any size."""
+    w = np.ones((kh, kw, 4, 4), np.float32)
+    with pytest.raises(InputError, match=f"this one is {kh} x {kw}: use a CPU backend"):
+        cb.Prepared(Plan(Precision.FP32), w)
+
+
 @gpu
 def test_a_plain_call_records_no_events(monkeypatch):
     """conv(x) returns the output alone, so it records no timing events; result() does."""

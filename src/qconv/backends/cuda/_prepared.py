@@ -236,13 +236,17 @@ class Prepared:
 
     def __init__(self, plan: Plan, w: np.ndarray) -> None:
         self.opts = parse_options(plan.options)
+        self.spec: ConvSpec = plan.spec or conv_spec(w.shape)
+        self.depthwise = _layout.is_depthwise(self.spec)
+        kh, kw = _tiling.MAX_KERNEL
+        if not self.depthwise and (self.spec.kh > kh or self.spec.kw > kw):
+            raise InputError(f"the cuda backend convolves kernels of up to {kh} x {kw} taps (KH x KW), this one "
+                             f"is {self.spec.kh} x {self.spec.kw}: use a CPU backend (depthwise layers take any size)")
         self.rt = rt = _driver.runtime()
         self.ctx = rt.stream_ctx(self.opts.stream)
         self.plan = plan
-        self.spec: ConvSpec = plan.spec or conv_spec(w.shape)
         prec = self.prec = plan.precision
         spec = self.spec
-        self.depthwise = _layout.is_depthwise(spec)
         # FP32 / INT32 / INT16: "simt", "tf32x3" or "mma" (byte planes on the tensor cores); "auto" per PATH_AUTO
         self.path = _tiling.resolve_path(prec, getattr(self.opts, f"{prec.value}_path", "auto"))
         self.int8_path = _tiling.resolve_int8_path(self.opts.int8_path, rt.arch)

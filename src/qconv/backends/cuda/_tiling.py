@@ -73,6 +73,7 @@ DW_FIXED = ((3, 1), (3, 2), (5, 1), (5, 2))  # depthwise KxK kernels / column st
 DW_FIXED_INT = ((3, 1), (3, 2))              # (integers: the 5x5 specialization spills, conv_dw.cu)
 BLOCK = 256                 # threads of the elementwise and depthwise kernels
 INT_LIMIT = 2**31 - 1       # kernels index pixels and outputs with 32-bit ints
+MAX_KERNEL = (15, 16)      # KH, KW: the implicit-GEMM loader's tap masks (qconv_common.cuh, TileLoader)
 
 ELEM = {Precision.FP32: 4, Precision.INT32: 4, Precision.INT16: 2, Precision.INT8: 1}
 _CONV = {  # precision / int8 path -> (module, kernel name prefix)

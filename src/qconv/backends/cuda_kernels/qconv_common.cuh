@@ -225,8 +225,21 @@ struct TileLoader {
   // chunk c of a thread sits RPP rows below chunk c - 1, at the same column (and swizzle):
   // its shared offset is a constant past the first's
   static_assert(NT % CPR == 0 && (!SWZ || RPP % 8 == 0), "rows a pass covers keep the swizzle");
-  int a_pix[CA], a_h[CA], a_w[CA];  // pixel of tap (0, 0): (n*H + i*sh - pt)*W + j*sw - pl; i*sh - pt (huge if m >= M); j*sw - pl
+  // Per A chunk, kept for the whole K loop: where its output pixel's tap (0, 0) lies in x (at the
+  // thread's chunk column; outside x where that tap falls in the padding), and which taps fall
+  // inside the input: bit kh (kh < 15) when row i*sh - pt + kh is inside, bit 16 + kw (kw < 16)
+  // when column j*sw - pl + kw is; 0 past M. A K tile then costs each chunk one AND, one compare
+  // and a 64-bit add (the bounds and pixel arithmetic per chunk were most of the loads' instructions).
+  // KH <= 15 and KW <= 16: _tiling.MAX_KERNEL, checked on the host.
+  const unsigned* a_src[CA];
+  unsigned a_in[CA];
   int j;                                               // this thread's chunk column
+
+  // Bits k of [0, K) with 0 <= o + k < L.
+  static QD unsigned inside(int o, int K, int L) {
+    const int lo = max(0, -o), hi = min(K, L - o);
+    return hi > lo ? (1u << hi) - (1u << lo) : 0u;
+  }
 
   // One division for the thread's first chunk; each later chunk sits RPP output pixels on, so its
   // (n, i, jw) is a carry walk (one step while Wo >= RPP), not two more divisions.
@@ -237,11 +250,12 @@ struct TileLoader {
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
       const int row = row0 + c * RPP;
+      a_src[c] = p.x;
+      a_in[c] = 0;
       if (m0 + row < p.M && row < BM) {
-        a_h[c] = i * p.sh - p.pt; a_w[c] = jw * p.sw - p.pl;
-        a_pix[c] = (n * p.H + a_h[c]) * p.W + a_w[c];
-      } else {
-        a_pix[c] = 0; a_h[c] = -(1 << 28); a_w[c] = 0;
+        const int h0 = i * p.sh - p.pt, w0 = jw * p.sw - p.pl;
+        a_src[c] = p.x + (long long)((n * p.H + h0) * p.W + w0) * p.XPW;
+        a_in[c] = inside(h0, p.KH, p.H) | inside(w0, p.KW, p.W) << 16;
       }
       jw += RPP;
       while (jw >= p.Wo) {
@@ -251,9 +265,13 @@ struct TileLoader {
     }
   }
 
-  // Where this thread's chunk of K tile kt starts: tap (kh, kw) and word cw inside the pixel's group.
-  struct KPos { int tap, cw, kh, kw; };
+  // Where this thread's chunk of K tile kt starts: tap (kh, kw), word cw inside the pixel's group,
+  // and the tap's bits (a_in's; bit 15, never set there, past the last tap).
+  struct KPos { int tap, cw, kh, kw; unsigned bits; };
   KPos next;                                           // stage(): the next K tile's position
+  static QD void set_bits(const ConvParams& p, KPos& k) {
+    k.bits = k.tap < p.T ? (1u << k.kh) | (1u << (16 + k.kw)) : 1u << 15;
+  }
   QD KPos kpos(const ConvParams& p, int kt) const {
     KPos k;
     const int kword = kt * BKW + j * 4;
@@ -261,6 +279,7 @@ struct TileLoader {
     k.cw = kword - k.tap * p.Cw;
     k.kh = k.tap / p.KW;
     k.kw = k.tap - k.kh * p.KW;
+    set_bits(p, k);
     return k;
   }
   // The same one K tile later, without dividing (stage() walks the tiles in order).
@@ -271,22 +290,18 @@ struct TileLoader {
       ++k.tap;
       if (++k.kw == p.KW) { k.kw = 0; ++k.kh; }
     }
+    set_bits(p, k);
   }
 
-  // Per chunk only its bounds and one multiply-add: the tap's pixel offset and the channel word
-  // are the same for all of a thread's chunks (the full index math per chunk was more than half
-  // of the INT8 mma loop's instructions).
+  // A chunk outside the input is zero-filled by cp.async reading 0 bytes of its (unused) address.
   QD void load_a(const ConvParams& p, int xoff, unsigned* As, const KPos& k, int tid) const {
-    const bool tap_ok = k.tap < p.T;
-    const int tap_pix = k.kh * p.W + k.kw;
-    const unsigned* xk = p.x + (xoff + k.cw);
+    const long long off = (long long)(k.kh * p.W + k.kw) * p.XPW + xoff + k.cw;
     unsigned* dst = As + at(tid / CPR, j);
 #pragma unroll
     for (int c = 0; c < CA; ++c) {
       if (CA * NT == BM * CPR || tid + c * NT < BM * CPR) {
-        bool ok = tap_ok && (unsigned)(a_h[c] + k.kh) < (unsigned)p.H && (unsigned)(a_w[c] + k.kw) < (unsigned)p.W;
-        const unsigned pix = ok ? a_pix[c] + tap_pix : 0;
-        cp_async16(dst + c * RPP * SW, xk + (unsigned long long)pix * (unsigned)p.XPW, ok);
+        const bool ok = (a_in[c] & k.bits) == k.bits;
+        cp_async16(dst + c * RPP * SW, a_src[c] + off, ok);
       }
     }
   }
