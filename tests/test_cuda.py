@@ -748,7 +748,11 @@ def test_non_finite_inputs_are_refused(precision, groups):
                 conv.result(cb.to_device(xb))
             good = conv(x)                                # the flag does not outlive its call
             assert np.all(np.isfinite(good))
-            assert_same_bits(conv(cb.to_device(x)), good, f"{precision} device after a refused call")
+            what = f"{precision} device after a refused call"
+            if precision == "fp32":  # split-K's float atomics add in any order: the bound, not the bits
+                assert_matches(conv(cb.to_device(x)), x, w, "fp32", {"groups": groups}, what=what)
+            else:
+                assert_same_bits(conv(cb.to_device(x)), good, what)
 
 
 @gpu

@@ -30,6 +30,9 @@ Options (``qconv.prepare(w, ..., backend="cuda", **options)``):
         for FP32 also "BMxBN/TMxTN" from OUTER_TILES, the outer-product kernel (conv_f32_outer.cu);
         for INT8 mma.sync also "BMxBN/w4" from SLIM_TILES (4 warps, swizzled shared rows).
     split_k: "auto" (default) or a positive int, the number of K slices (atomic int32/float adds).
+        Integer sums wrap modulo 2^32 in any order, so their bits never change; FP32 slices add in
+        whatever order they finish, so an FP32 output may differ in its last bits from call to
+        call (always within the contract's bound). split_k=1 makes FP32 repeatable.
     fuse_dequantize: True (default) dequantizes (+ bias) in the convolution's epilogue when
         split_k == 1 (same bits); False runs the separate epilogue kernel.
     stream: None (qconv's own stream, ordered with PyTorch's default stream) or the caller's stream
