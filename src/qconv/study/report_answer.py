@@ -296,7 +296,7 @@ def _answer_best(d: _Data) -> list[str]:
     out[0] += "."
     refs = [p for v in lay for p in v.get("reference_faster", [])]
     if refs:
-        out.append(f"  A reference point beats qconv's fastest whole call: "
+        out.append("  A reference point beats qconv's fastest whole call: "
                    + ", ".join(f"{p['name']} on `{p['layer']}` ({t_(p['call_s']['median'])}, NRMSE {g_(p['nrmse'])})"
                                for p in refs) + ".")
     return out
