@@ -43,7 +43,6 @@ VARIANTS = [  # label, precision, prepare options
     ("fp32 tf32x3", "fp32", {"fp32_path": "tf32x3"}),  # tensor cores, three TF32 products per term
     ("int8", "int8", {}),                          # maxabs (the default): s_x per call on the device
     ("int8 S", "int8", {"scale": "fixed"}),        # a fixed scale pair: no scan pass
-    ("int8 untimed", "int8", {"timing": False}),  # no phase events
     ("int16", "int16", {}),                        # int16_path "auto"
     ("int16 simt", "int16", {"int16_path": "simt"}),
     ("int16 mma", "int16", {"int16_path": "mma"}),  # tensor cores by byte-plane decomposition
