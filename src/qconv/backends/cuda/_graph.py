@@ -14,6 +14,8 @@ from typing import Any
 
 from ...errors import InputError
 from . import _arrays, _driver
+from ._launch import QSlot
+from ._record import _flag_error
 
 
 class _OwnScratch:
@@ -40,7 +42,6 @@ class _GraphRecord:
         self.ctx, self.slot, self.plan, self.x = ctx, slot, plan, x   # the graph keeps its input alive
 
     def resolve(self) -> "_GraphRecord":
-        from ._prepared import QSlot, _flag_error
         self.ctx.rt.make_current()
         _driver.ck(self.ctx.rt.drv.cuStreamSynchronize(self.ctx.stream), "cuStreamSynchronize")
         err = _flag_error(QSlot.from_address(self.slot[0]), self.plan, self.x)

@@ -14,7 +14,8 @@ from ._launch import ConvParams, DwParams, PassParams
 from ._streams import StreamCtx
 
 if TYPE_CHECKING:
-    from ._prepared import Prepared, Record
+    from ._prepared import Prepared
+    from ._record import Record
 
 
 class Job:

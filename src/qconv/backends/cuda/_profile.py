@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from . import _arrays
-from ._prepared import Record
+from ._record import Record
 
 
 def profile(prep: Any, x: Any, reps: int = 50) -> dict[str, Any]:
