@@ -30,11 +30,15 @@ def err_text(err: Any) -> str:
         return str(err)
 
 
+def _raise(err: Any, call: str) -> None:
+    raise BackendError(f"CUDA driver call {call} failed: {err_text(err)}")
+
+
 def ck(result: Any, call: str) -> Any:
     """Check a cuda-python (status, ...) tuple; return the value(s) after the status."""
     err = result[0]
     if err != _ok():
-        raise BackendError(f"CUDA driver call {call} failed: {err_text(err)}")
+        _raise(err, call)
     if len(result) == 1:
         return None
     return result[1] if len(result) == 2 else result[1:]
@@ -105,12 +109,6 @@ def _probe() -> tuple[bool, str]:
 
 
 # --------------------------------------------------------------------------- kernel launches
-
-def _raise(code: Any, call: str) -> None:
-    from cuda.bindings import driver
-    err = code if not isinstance(code, int) else driver.CUresult(code)
-    raise BackendError(f"CUDA driver call {call} failed: {err_text(err)}")
-
 
 class Launch:
     """One kernel with its launch configuration and its parameter struct, ready to enqueue many
