@@ -1,7 +1,7 @@
 """INT16/INT32/INT8 convolve time at each kernel level that runs here (issue 14: INT16 on AMX by byte
 decomposition against the VNNI kernels), same layers, same threads.
 
-    python3 benchmarks/bench_amx.py [--threads 16] [--reps 30] [--levels amx,avx512,avx512vnni]
+    python3 benchmarks/bench_amx.py [--threads 16] [--batch 1] [--reps 30] [--levels amx,avx512,avx512vnni]
                                     [--precisions int16,int32,int8]
 
 Per layer and precision: the median convolve phase (timed in C) at each level, its GOP/s, and each
@@ -37,6 +37,7 @@ def main() -> None:
     from qconv.contract import check_layer
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=1, help="N of every layer (ResNet-50's shapes at N=1)")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--levels", default="amx,avx512,avx512vnni")
     ap.add_argument("--precisions", default="int16,int32,int8")
@@ -49,8 +50,9 @@ def main() -> None:
         else:
             levels.append(isa)
     rng = np.random.default_rng(0)
-    print(f"threads {args.threads}, median of {args.reps}; speed-up over {levels[-1]}")
-    for xs, ws, s in LAYERS:
+    print(f"threads {args.threads}, N={args.batch}, median of {args.reps}; speed-up over {levels[-1]}")
+    for xs1, ws, s in LAYERS:
+        xs = (args.batch,) + xs1[1:]
         x = rng.standard_normal(xs).astype(np.float32)
         w = rng.standard_normal(ws).astype(np.float32)
         flops = check_layer(xs, ws, stride=s).flops
