@@ -32,7 +32,7 @@ import qconv
 from checks import assert_matches, assert_same_bits, nvrtc_or_skip
 from qconv.backends import BackendUnavailable
 from qconv.backends import cuda as cb
-from qconv.backends.cuda import _launch, _layout, _tiling
+from qconv.backends.cuda import _driver, _launch, _layout, _tiling
 from qconv.contract import Plan, Precision, check_layer, conv2d_direct, conv2d_int_wrapped, maxabs_scale
 from qconv.errors import BackendError, InputError
 from qconv.scales import maxabs_q
@@ -138,6 +138,11 @@ def test_param_structs_match_the_sources():
         for seg in re.findall(r"__global__([^{]*)\{", f.read_text()):
             args = seg[seg.rindex("(") + 1:seg.rindex(")")].strip()
             assert args in {f"const {s} p" for s in _launch.STRUCTS} | {"const volatile int* flag"}, (f.name, seg)
+
+
+def test_held_maxabs_pass_constant_is_the_sources():
+    src = (KERNEL_DIR / "quant.cu").read_text()
+    assert re.search(r"^constexpr int XREGS = (\d+);", src, re.M).group(1) == str(_tiling.HELD_X4)
 
 
 def test_availability_is_a_reason_never_an_exception():
@@ -699,6 +704,27 @@ def test_device_maxabs_matches_host_bit_for_bit(precision, strategy):
             assert host.scale_input == dev.scale_input == float(maxabs_scale(x, q))
             assert_same_bits(dev.output, host.output, f"{precision} {strategy} device")
             assert_matches(host.output, x, kernel, precision, {"groups": groups}, scale=strategy)
+
+
+@gpu
+@pytest.mark.parametrize("precision,opts", [("int8", {"int8_path": "mma"}), ("int16", {"int16_path": "simt"})])
+def test_maxabs_pass_holding_x_or_reading_it_twice_is_the_contracts(precision, opts):
+    """The dense layout's maxabs pass holds x in registers while it fits the resident grid
+    (_tiling.HELD_X4 float4 a thread), else reads it twice: both give the reference's bits."""
+    rng = np.random.default_rng(16)
+    c = 32
+    w = (rng.standard_normal((1, 1, 8, c)) * 0.2).astype(np.float32)
+    conv = qconv.prepare(w, precision, "cuda", scale="maxabs", **opts)
+    suffix = _tiling.QUANT_SUFFIX[Precision(precision)]
+    held = _driver.resident_blocks(_driver.runtime(), "quant.cu", f"qconv_scan_quantize_held_{suffix}", _tiling.BLOCK)
+    fits = held * _tiling.BLOCK * _tiling.HELD_X4 * 4 // c  # pixels the held pass takes
+    for pixels, kernel in ((fits, "held"), (fits + 1, "x")):
+        x = rng.standard_normal((1, 1, pixels, c)).astype(np.float32)
+        x[0, 0, pixels - 1, c - 1] = 40.0  # max|x| in the last float4: the held pass must scan it
+        assert conv._packed.job(conv.geometry(x.shape), True).pre.name == f"qconv_scan_quantize_{kernel}_{suffix}"
+        r = conv.result(cb.to_device(x))
+        assert r.scale_input == float(maxabs_scale(x, maxabs_q(Precision(precision), c)))
+        assert_matches(r.output, x, w, precision, scale="maxabs", what=f"{precision} {kernel}")
 
 
 @gpu

@@ -163,11 +163,8 @@ class GemmJob(Job):
                             s=float(plan.s_x or 0.0), dev_scale=int(prep.maxabs), vec=int(qv), do_max=int(prep.maxabs),
                             **(grid or {}))
             suf = _tiling.QUANT_SUFFIX[prec] if planes == 1 else f"p{8 * _tiling.ELEM[prec]}"
-            if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident);
-                name = f"qconv_scan_quantize_x_{suf}"   # its grid covers the scan's float4 too
-                work = max(items, nx // 4 if qv else nx)
-                blocks = min(_tiling.grid1(work, rt.num_sms)[0], _driver.resident_blocks(rt, "quant.cu", name, 256))
-                self.pre = _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), 256, 0, p, cooperative=True)
+            if prep.maxabs:  # one launch: scan, grid barrier, quantize (needs every block resident)
+                self.pre = _scan_quantize(rt, suf, p, items, nx, qv, dense=grid is None)
             else:
                 self.pre = _driver.Launch(rt, "quant.cu", f"qconv_quantize_x_{suf}", _tiling.grid1(items, rt.num_sms),
                                           256, 0, p)
@@ -194,6 +191,22 @@ class GemmJob(Job):
             self.post = _driver.Launch(rt, "quant.cu", "qconv_epilogue", grid, 256, 0,
                                        pass_params(n=m * spec.oc, vec=int(vec), mode=0))
             self.last = "convolve"
+
+
+def _scan_quantize(rt: Any, suf: str, p: PassParams, items: int, nx: int, vec: bool, dense: bool) -> "_driver.Launch":
+    """The maxabs pass, one cooperative launch: qconv_scan_quantize_held_* where the layout is
+    dense and every float4 of x fits the resident threads' registers (x read once), else
+    qconv_scan_quantize_x_* (x read twice), its grid covering the scan's float4 too."""
+    if dense:  # (float4 in, one suffix per precision: quantize_pass's dense layout)
+        name = f"qconv_scan_quantize_held_{suf}"
+        resident = _driver.resident_blocks(rt, "quant.cu", name, _tiling.BLOCK)
+        if nx // 4 <= resident * _tiling.BLOCK * _tiling.HELD_X4:
+            blocks = min(resident, math.ceil(nx // 4 / _tiling.BLOCK))
+            return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), _tiling.BLOCK, 0, p, cooperative=True)
+    name = f"qconv_scan_quantize_x_{suf}"
+    blocks = min(_tiling.grid1(max(items, nx // 4 if vec else nx), rt.num_sms)[0],
+                 _driver.resident_blocks(rt, "quant.cu", name, _tiling.BLOCK))
+    return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), _tiling.BLOCK, 0, p, cooperative=True)
 
 
 def quantize_pass(g: Geometry, lay: "_layout.GemmLayout", window: tuple[int, int] | None, vec_x: bool,

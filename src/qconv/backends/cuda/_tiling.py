@@ -72,6 +72,7 @@ DW_TILE = (4, 4)            # depthwise: channels (float4) x output columns per 
 DW_FIXED = ((3, 1), (3, 2), (5, 1), (5, 2))  # depthwise KxK kernels / column strides compiled as such (FP32)
 DW_FIXED_INT = ((3, 1), (3, 2))              # (integers: the 5x5 specialization spills, conv_dw.cu)
 BLOCK = 256                 # threads of the elementwise and depthwise kernels
+HELD_X4 = 16                # float4 of x a thread holds in qconv_scan_quantize_held_* (quant.cu's XREGS)
 INT_LIMIT = 2**31 - 1       # kernels index pixels and outputs with 32-bit ints
 MAX_KERNEL = (15, 16)      # KH, KW: the implicit-GEMM loader's tap masks (qconv_common.cuh, TileLoader)
 

@@ -47,12 +47,13 @@ QD void scan4(const float4 t, int& bad, unsigned& mx) {
   mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
 }
 
+QD bool scan_reduce(const PassParams& p, unsigned mx, int bad);
+
 // Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
 // reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
 // inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
 // then clears the reduction for the next call. Returns true in the block that finalized.
 QD bool scan_x_body(const PassParams& p) {
-  QStats* st = p.stats;
   unsigned mx = 0;
   int bad = 0;
   if (p.vec) {  // four float4 loads in flight per thread, then the rest one by one
@@ -74,6 +75,13 @@ QD bool scan_x_body(const PassParams& p) {
       mx = max(mx, abs_bits(t));
     }
   }
+  return scan_reduce(p, mx, bad);
+}
+
+// The scan's end, once per block: the non-finite flag, and with do_max the block's max|x| into the
+// grid's; returns true in the block that arrived last (it computed s_x and inv[o]).
+QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
+  QStats* st = p.stats;
   if (bad) atomicOr(&st->flag, 1);
   if (!p.do_max) return false;
   __shared__ unsigned red[8];
@@ -230,18 +238,23 @@ QD void quantize_x_body(const PassParams& p, const float s) {
 }
 
 // The maxabs path in one launch: scan (flag, max|x|), a grid-wide barrier, quantize with the new
-// scale. The last block to arrive computes s_x and inv[o] (scan_finalize) and bumps the barrier's
+// scale. The last block to arrive computes s_x and inv[o] (scan_reduce) and bumps the barrier's
 // generation; the others spin on it. Launched with cuLaunchCooperativeKernel and at most as many
 // blocks as fit on the GPU at once, so every block is resident and the barrier cannot deadlock.
-// x is read twice; the second read mostly hits L2.
-// The maxabs scan, then a grid-wide barrier (every block is resident: cooperative launch); returns
-// the s_x the last block wrote, which every block then quantizes with.
-QD float scan_then_wait(const PassParams& p) {
-  QStats* st = p.stats;
+// scan_then_wait reads x twice (the second read mostly hits L2); scan_quantize_held, once.
+
+// The grid barrier's generation, read by every block before it arrives.
+QD unsigned barrier_gen(const QStats* st) {
   __shared__ unsigned gen0;
-  if (threadIdx.x == 0) gen0 = *(volatile unsigned*)&st->gen;  // before arriving: the barrier's generation
+  if (threadIdx.x == 0) gen0 = *(volatile const unsigned*)&st->gen;
   __syncthreads();
-  if (scan_x_body(p)) {  // the last block: s_x and inv[o] are written; release the others
+  return gen0;
+}
+
+// The barrier after scan_reduce: the last block (s_x and inv[o] written) releases the others.
+QD float wait_for_scale(const PassParams& p, bool last, unsigned gen0) {
+  QStats* st = p.stats;
+  if (last) {
     __syncthreads();
     if (threadIdx.x == 0) {
       __threadfence();
@@ -256,6 +269,35 @@ QD float scan_then_wait(const PassParams& p) {
   }
   return __ldcg(&st->s_x);
 }
+QD float scan_then_wait(const PassParams& p) {
+  const unsigned gen0 = barrier_gen(p.stats);
+  return wait_for_scale(p, scan_x_body(p), gen0);
+}
+
+// The dense layout's maxabs pass when x fits the resident grid's registers (n / 4 <= blocks x 256
+// x XREGS, checked on the host): a thread loads its float4 of x once, scans them, waits at the
+// barrier and quantizes what it holds, so x is read from memory once, not twice.
+constexpr int XREGS = 16;
+template <typename T>
+QD void scan_quantize_held(const PassParams& p) {
+  const unsigned gen0 = barrier_gen(p.stats);
+  const float4* x4 = (const float4*)p.x;
+  const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
+  const long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  float4 t[XREGS];
+  unsigned mx = 0;
+  int bad = 0;
+#pragma unroll
+  for (int k = 0; k < XREGS; ++k) t[k] = i0 + k * step < n4 ? __ldg(x4 + i0 + k * step) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < XREGS; ++k) scan4(t[k], bad, mx);
+  const float s = wait_for_scale(p, scan_reduce(p, mx, bad), gen0);
+  typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
+  int unused = 0;  // (the scan flagged them)
+#pragma unroll
+  for (int k = 0; k < XREGS; ++k)
+    if (i0 + k * step < n4) o4[i0 + k * step] = quantize4<T>(t[k], p, s, unused);
+}
 
 #define QCONV_QUANT(SUF, T)                                                                               \
   extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
@@ -263,6 +305,9 @@ QD float scan_then_wait(const PassParams& p) {
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
     quantize_x_body<T>(p, scan_then_wait(p));                                                             \
+  }                                                                                                       \
+  extern "C" __global__ void __launch_bounds__(256, 2) qconv_scan_quantize_held_##SUF(const PassParams p) { \
+    scan_quantize_held<T>(p);                                                                             \
   }
 QCONV_QUANT(s8, qs8)
 QCONV_QUANT(s16, qs16)
