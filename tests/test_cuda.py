@@ -709,22 +709,24 @@ def test_device_maxabs_matches_host_bit_for_bit(precision, strategy):
 @gpu
 @pytest.mark.parametrize("precision,opts", [("int8", {"int8_path": "mma"}), ("int16", {"int16_path": "simt"})])
 def test_maxabs_pass_holding_x_or_reading_it_twice_is_the_contracts(precision, opts):
-    """The dense layout's maxabs pass holds x in registers while it fits the resident grid
-    (_tiling.HELD_X4 float4 a thread), else reads it twice: both give the reference's bits."""
+    """The dense layout's maxabs pass holds x in registers (_tiling.HELD_X4 float4 a thread), then
+    in shared memory too, while x fits the resident grid; past that (64 MB here) it reads x twice.
+    Every way gives the reference's bits and the contract's scale."""
     rng = np.random.default_rng(16)
     c = 32
     w = (rng.standard_normal((1, 1, 8, c)) * 0.2).astype(np.float32)
     conv = qconv.prepare(w, precision, "cuda", scale="maxabs", **opts)
     suffix = _tiling.QUANT_SUFFIX[Precision(precision)]
     held = _driver.resident_blocks(_driver.runtime(), "quant.cu", f"qconv_scan_quantize_held_{suffix}", _tiling.BLOCK)
-    fits = held * _tiling.BLOCK * _tiling.HELD_X4 * 4 // c  # pixels the held pass takes
-    for pixels, kernel in ((fits, "held"), (fits + 1, "x")):
+    in_regs = held * _tiling.BLOCK * _tiling.HELD_X4 * 4 // c  # pixels the registers hold
+    for pixels, kernel, smem in ((in_regs, "held", False), (in_regs + 1, "held", True), (2**24 // c, "x", False)):
         x = rng.standard_normal((1, 1, pixels, c)).astype(np.float32)
         x[0, 0, pixels - 1, c - 1] = 40.0  # max|x| in the last float4: the held pass must scan it
-        assert conv._packed.job(conv.geometry(x.shape), True).pre.name == f"qconv_scan_quantize_{kernel}_{suffix}"
+        pre = conv._packed.job(conv.geometry(x.shape), True).pre
+        assert (pre.name, pre.smem > 0) == (f"qconv_scan_quantize_{kernel}_{suffix}", smem)
         r = conv.result(cb.to_device(x))
         assert r.scale_input == float(maxabs_scale(x, maxabs_q(Precision(precision), c)))
-        assert_matches(r.output, x, w, precision, scale="maxabs", what=f"{precision} {kernel}")
+        assert_matches(r.output, x, w, precision, scale="maxabs", what=f"{precision} {pixels} pixels")
 
 
 @gpu

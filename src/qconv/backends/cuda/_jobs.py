@@ -195,14 +195,17 @@ class GemmJob(Job):
 
 def _scan_quantize(rt: Any, suf: str, p: PassParams, items: int, nx: int, vec: bool, dense: bool) -> "_driver.Launch":
     """The maxabs pass, one cooperative launch: qconv_scan_quantize_held_* where the layout is
-    dense and every float4 of x fits the resident threads' registers (x read once), else
-    qconv_scan_quantize_x_* (x read twice), its grid covering the scan's float4 too."""
+    dense and x fits the resident threads (HELD_X4 float4 each in registers, the rest in shared
+    memory, as many blocks resident as without it): x read once; else qconv_scan_quantize_x_* (x
+    read twice), its grid covering the scan's float4 too."""
     if dense:  # (float4 in, one suffix per precision: quantize_pass's dense layout)
-        name = f"qconv_scan_quantize_held_{suf}"
-        resident = _driver.resident_blocks(rt, "quant.cu", name, _tiling.BLOCK)
-        if nx // 4 <= resident * _tiling.BLOCK * _tiling.HELD_X4:
-            blocks = min(resident, math.ceil(nx // 4 / _tiling.BLOCK))
-            return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), _tiling.BLOCK, 0, p, cooperative=True)
+        name, n4, b = f"qconv_scan_quantize_held_{suf}", nx // 4, _tiling.BLOCK
+        resident = _driver.resident_blocks(rt, "quant.cu", name, b)
+        per_thread = math.ceil(n4 / (resident * b))
+        smem = max(0, per_thread - _tiling.HELD_X4) * b * 16
+        if smem + 1024 <= rt.smem_optin and _driver.resident_blocks(rt, "quant.cu", name, b, smem) == resident:
+            blocks = min(resident, math.ceil(n4 / b))
+            return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), b, smem, p, cooperative=True)
     name = f"qconv_scan_quantize_x_{suf}"
     blocks = min(_tiling.grid1(max(items, nx // 4 if vec else nx), rt.num_sms)[0],
                  _driver.resident_blocks(rt, "quant.cu", name, _tiling.BLOCK))

@@ -274,21 +274,34 @@ QD float scan_then_wait(const PassParams& p) {
   return wait_for_scale(p, scan_x_body(p), gen0);
 }
 
-// The dense layout's maxabs pass when x fits the resident grid's registers (n / 4 <= blocks x 256
-// x XREGS, checked on the host): a thread loads its float4 of x once, scans them, waits at the
+// The dense layout's maxabs pass when x fits the resident grid (n / 4 <= blocks x 256 x (XREGS +
+// S), checked on the host): a thread loads its float4 of x once, XREGS into registers and S into
+// the dynamic shared memory (S from its size: 0 where registers suffice), scans them, waits at the
 // barrier and quantizes what it holds, so x is read from memory once, not twice.
 constexpr int XREGS = 16;
 template <typename T>
 QD void scan_quantize_held(const PassParams& p) {
+  extern __shared__ float4 held[];  // [S][blockDim.x]
+  unsigned smem;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem));
+  const int S = smem / (blockDim.x * 16);
   const unsigned gen0 = barrier_gen(p.stats);
   const float4* x4 = (const float4*)p.x;
   const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
   const long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
   float4 t[XREGS];
   unsigned mx = 0;
   int bad = 0;
 #pragma unroll
-  for (int k = 0; k < XREGS; ++k) t[k] = i0 + k * step < n4 ? __ldg(x4 + i0 + k * step) : make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < XREGS; ++k) t[k] = i0 + k * step < n4 ? __ldg(x4 + i0 + k * step) : zero;
+#pragma unroll 4
+  for (int k = 0; k < S; ++k) {
+    const long long i = i0 + (XREGS + k) * step;
+    const float4 v = i < n4 ? __ldg(x4 + i) : zero;
+    scan4(v, bad, mx);
+    held[k * blockDim.x + threadIdx.x] = v;
+  }
 #pragma unroll
   for (int k = 0; k < XREGS; ++k) scan4(t[k], bad, mx);
   const float s = wait_for_scale(p, scan_reduce(p, mx, bad), gen0);
@@ -297,6 +310,10 @@ QD void scan_quantize_held(const PassParams& p) {
 #pragma unroll
   for (int k = 0; k < XREGS; ++k)
     if (i0 + k * step < n4) o4[i0 + k * step] = quantize4<T>(t[k], p, s, unused);
+  for (int k = 0; k < S; ++k) {
+    const long long i = i0 + (XREGS + k) * step;
+    if (i < n4) o4[i] = quantize4<T>(held[k * blockDim.x + threadIdx.x], p, s, unused);
+  }
 }
 
 #define QCONV_QUANT(SUF, T)                                                                               \
