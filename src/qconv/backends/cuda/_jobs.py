@@ -205,8 +205,8 @@ def _scan_quantize(rt: Any, suf: str, p: PassParams, items: int, nx: int, vec: b
         resident = _driver.resident_blocks(rt, "quant.cu", name, b)
         per_thread = math.ceil(n4 / (resident * b))
         smem = max(0, per_thread - _tiling.HELD_X4) * b * 16
-        if per_thread > 1 and smem + 1024 <= rt.smem_optin and \
-                _driver.resident_blocks(rt, "quant.cu", name, b, smem) == resident:
+        if per_thread > 1 and (smem == 0 or smem + 1024 <= rt.smem_optin and
+                                _driver.resident_blocks(rt, "quant.cu", name, b, smem) == resident):
             blocks = min(resident, math.ceil(n4 / b))
             return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), b, smem, p, cooperative=True)
     name = f"qconv_scan_quantize_x_{suf}"

@@ -47,37 +47,6 @@ QD void scan4(const float4 t, int& bad, unsigned& mx) {
   mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
 }
 
-QD bool scan_reduce(const PassParams& p, unsigned mx, int bad);
-
-// Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
-// reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
-// inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
-// then clears the reduction for the next call. Returns true in the block that finalized.
-QD bool scan_x_body(const PassParams& p) {
-  unsigned mx = 0;
-  int bad = 0;
-  if (p.vec) {  // four float4 loads in flight per thread, then the rest one by one
-    const float4* x4 = (const float4*)p.x;
-    const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
-    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-    for (; i + 3 * step < n4; i += 4 * step) {
-      float4 t[4];
-#pragma unroll
-      for (int k = 0; k < 4; ++k) t[k] = __ldg(x4 + i + k * step);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) scan4(t[k], bad, mx);
-    }
-    for (; i < n4; i += step) scan4(__ldg(x4 + i), bad, mx);
-  } else {
-    QGRID_STRIDE(i, p.n) {
-      float t = __ldg(p.x + i);
-      bad |= !isfinite(t);
-      mx = max(mx, abs_bits(t));
-    }
-  }
-  return scan_reduce(p, mx, bad);
-}
-
 // The scan's end, once per block: the non-finite flag, and with do_max the block's max|x| into the
 // grid's; returns true in the block that arrived last (it computed s_x and inv[o]).
 QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
@@ -125,6 +94,35 @@ QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
   if (f && s > 0.0f) atomicOr(&st->flag, f);
   return true;
 }
+// Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
+// reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
+// inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
+// then clears the reduction for the next call. Returns true in the block that finalized.
+QD bool scan_x_body(const PassParams& p) {
+  unsigned mx = 0;
+  int bad = 0;
+  if (p.vec) {  // four float4 loads in flight per thread, then the rest one by one
+    const float4* x4 = (const float4*)p.x;
+    const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
+    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    for (; i + 3 * step < n4; i += 4 * step) {
+      float4 t[4];
+#pragma unroll
+      for (int k = 0; k < 4; ++k) t[k] = __ldg(x4 + i + k * step);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) scan4(t[k], bad, mx);
+    }
+    for (; i < n4; i += step) scan4(__ldg(x4 + i), bad, mx);
+  } else {
+    QGRID_STRIDE(i, p.n) {
+      float t = __ldg(p.x + i);
+      bad |= !isfinite(t);
+      mx = max(mx, abs_bits(t));
+    }
+  }
+  return scan_reduce(p, mx, bad);
+}
+
 extern "C" __global__ void __launch_bounds__(256) qconv_scan_x(const PassParams p) { scan_x_body(p); }
 
 // Fast path of quantize (no channel padding, aligned, n % 4 == 0): float4 in, 4 values out.
