@@ -47,6 +47,19 @@ QD void scan4(const float4 t, int& bad, unsigned& mx) {
   mx = max(max(mx, abs_bits(t.x)), max(abs_bits(t.y), max(abs_bits(t.z), abs_bits(t.w))));
 }
 
+// The grid barrier's orderings at GPU scope, without a full fence (__threadfence) on either side.
+QD unsigned atom_add_acq_rel(unsigned* a, unsigned v) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(a), "r"(v) : "memory");
+  return old;
+}
+QD void red_add_release(unsigned* a, unsigned v) { asm volatile("red.release.gpu.add.u32 [%0], %1;" ::"l"(a), "r"(v) : "memory"); }
+QD unsigned ld_acquire(const unsigned* a) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(a) : "memory");
+  return v;
+}
+
 // The scan's end, once per block: the non-finite flag, and with do_max the block's max|x| into the
 // grid's; returns true in the block that arrived last (it computed s_x and inv[o]).
 QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
@@ -64,13 +77,11 @@ QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
     unsigned b = 0;
     for (int w = 0; w < (int)(blockDim.x + 31) / 32; ++w) b = max(b, red[w]);
     atomicMax(&st->maxbits, b);
-    __threadfence();
-    last = atomicAdd(&st->counter, 1u) == gridDim.x - 1;
+    last = atom_add_acq_rel(&st->counter, 1u) == gridDim.x - 1;  // release: the max above; acquire: all of them
   }
   __syncthreads();
   if (!last) return false;
   if (threadIdx.x == 0) {
-    __threadfence();
     unsigned bits = atomicOr(&st->maxbits, 0u);
     // NaN bits order above inf: the flag already says why; keep the arithmetic finite-safe
     float m = bits >= 0x7f800000u ? __uint_as_float(0x7f7fffffu) : __uint_as_float(bits);
@@ -81,6 +92,7 @@ QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
     st->m = m;
     st->maxbits = 0;
     st->counter = 0;
+    red_add_release(&st->gen, 1u);  // s_x is out: a cooperative pass's blocks quantize (wait_for_scale)
     s_sh = s;
   }
   __syncthreads();
@@ -249,23 +261,18 @@ QD unsigned barrier_gen(const QStats* st) {
   return gen0;
 }
 
-// The barrier after scan_reduce: the last block (s_x and inv[o] written) releases the others.
+// The barrier after scan_reduce: the last block released it when it wrote s_x (its inv[o], read
+// only by later kernels, come after); the others wait for the generation to move, then read s_x.
 QD float wait_for_scale(const PassParams& p, bool last, unsigned gen0) {
   QStats* st = p.stats;
-  if (last) {
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      __threadfence();
-      atomicAdd(&st->gen, 1u);
-    }
-  } else {
-    if (threadIdx.x == 0) {
-      while (*(volatile unsigned*)&st->gen == gen0) __nanosleep(64);
-      __threadfence();
-    }
-    __syncthreads();
+  __shared__ float s;
+  if (threadIdx.x == 0) {
+    if (!last)
+      while (ld_acquire(&st->gen) == gen0) __nanosleep(64);
+    s = __ldcg(&st->s_x);
   }
-  return __ldcg(&st->s_x);
+  __syncthreads();
+  return s;
 }
 QD float scan_then_wait(const PassParams& p) {
   const unsigned gen0 = barrier_gen(p.stats);
