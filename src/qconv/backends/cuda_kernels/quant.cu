@@ -282,43 +282,39 @@ QD float scan_then_wait(const PassParams& p) {
 // The dense layout's maxabs pass when x fits the resident grid (n / 4 <= blocks x 256 x (XREGS +
 // S), checked on the host): a thread loads its float4 of x once, XREGS into registers and S into
 // the dynamic shared memory (S from its size: 0 where registers suffice), scans them, waits at the
-// barrier and quantizes what it holds, so x is read from memory once, not twice.
+// barrier and quantizes what it holds, so x is read from memory once, not twice. Item k of a
+// thread is float4 i0 + k * step, as in a grid-stride loop.
 constexpr int XREGS = 16;
 template <typename T>
 QD void scan_quantize_held(const PassParams& p) {
   extern __shared__ float4 held[];  // [S][blockDim.x]
   unsigned smem;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(smem));
-  const int S = smem / (blockDim.x * 16);
   const unsigned gen0 = barrier_gen(p.stats);
+  // 32-bit: x fits the resident grid. kn: this thread's items (XREGS + S at most), so that a small
+  // x does not run every slot's code predicated off
   const float4* x4 = (const float4*)p.x;
-  const long long n4 = p.n / 4, step = (long long)gridDim.x * blockDim.x;
-  const long long i0 = blockIdx.x * (long long)blockDim.x + threadIdx.x;
-  const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
+  const unsigned n4 = (unsigned)(p.n / 4), step = gridDim.x * blockDim.x, i0 = blockIdx.x * blockDim.x + threadIdx.x;
+  const int kn = i0 < n4 ? (int)min((n4 - i0 - 1) / step + 1, XREGS + smem / (blockDim.x * 16)) : 0;
   float4 t[XREGS];
   unsigned mx = 0;
   int bad = 0;
 #pragma unroll
-  for (int k = 0; k < XREGS; ++k) t[k] = i0 + k * step < n4 ? __ldg(x4 + i0 + k * step) : zero;
+  for (int k = 0; k < XREGS && k < kn; ++k) t[k] = __ldg(x4 + i0 + k * step);
 #pragma unroll 4
-  for (int k = 0; k < S; ++k) {
-    const long long i = i0 + (XREGS + k) * step;
-    const float4 v = i < n4 ? __ldg(x4 + i) : zero;
+  for (int k = XREGS; k < kn; ++k) {
+    const float4 v = __ldg(x4 + i0 + k * step);
     scan4(v, bad, mx);
-    held[k * blockDim.x + threadIdx.x] = v;
+    held[(k - XREGS) * blockDim.x + threadIdx.x] = v;
   }
 #pragma unroll
-  for (int k = 0; k < XREGS; ++k) scan4(t[k], bad, mx);
+  for (int k = 0; k < XREGS && k < kn; ++k) scan4(t[k], bad, mx);
   const float s = wait_for_scale(p, scan_reduce(p, mx, bad), gen0);
   typename Vec4<T>::type* o4 = (typename Vec4<T>::type*)p.out;
   int unused = 0;  // (the scan flagged them)
 #pragma unroll
-  for (int k = 0; k < XREGS; ++k)
-    if (i0 + k * step < n4) o4[i0 + k * step] = quantize4<T>(t[k], p, s, unused);
-  for (int k = 0; k < S; ++k) {
-    const long long i = i0 + (XREGS + k) * step;
-    if (i < n4) o4[i] = quantize4<T>(held[k * blockDim.x + threadIdx.x], p, s, unused);
-  }
+  for (int k = 0; k < XREGS && k < kn; ++k) o4[i0 + k * step] = quantize4<T>(t[k], p, s, unused);
+  for (int k = XREGS; k < kn; ++k) o4[i0 + k * step] = quantize4<T>(held[(k - XREGS) * blockDim.x + threadIdx.x], p, s, unused);
 }
 
 #define QCONV_QUANT(SUF, T)                                                                               \
