@@ -103,9 +103,9 @@ extern "C" int quantize_on_host(int elem, const float* x, void* out, long long n
 
 def _source() -> str:
     common = (KERNELS / "qconv_common.cuh").read_text()
-    quant = (KERNELS / "quant.cu").read_text()
+    quant = (KERNELS / "quant_scale.cuh").read_text() + (KERNELS / "quant.cu").read_text()
     macro = re.search(r"^#define QGRID_STRIDE\(i, n\)(?:.*\\\n)+.*\n", quant, re.M)
-    assert macro, "QGRID_STRIDE not found in quant.cu"
+    assert macro, "QGRID_STRIDE not found in quant_scale.cuh"
     vec4 = re.search(r"^template <typename T> struct Vec4;\n(?:template <> struct Vec4<.*\n)+", quant, re.M)
     assert vec4, "Vec4 not found in quant.cu"
     parts = [

@@ -5,7 +5,7 @@ structs and compares them with these, so the two cannot drift apart).
     struct in C                     ctypes mirror   kernels
     ConvParams (qconv_common.cuh)   ConvParams      qconv_{f32,s32,s16}_conv_simt_*, qconv_s8_conv_{mma,dp4a}_*,
                                                     qconv_f32_conv_outer_*
-    PassParams (quant.cu)           PassParams      qconv_scan_x, qconv_quantize_x_*, qconv_pad_x_f32, qconv_epilogue
+    PassParams (quant_scale.cuh)    PassParams      qconv_scan_x, qconv_quantize_x_*, qconv_pad_x_f32, qconv_epilogue
     DwParams (conv_dw.cu)           DwParams        qconv_{f32,q32}_dwconv_*
     QStats, QSlot                   QStats, QSlot   (device statistics and the host-mapped call record)
 """
