@@ -710,9 +710,9 @@ def test_device_maxabs_matches_host_bit_for_bit(precision, strategy):
 @pytest.mark.parametrize("precision,opts", [("int8", {"int8_path": "mma"}), ("int16", {"int16_path": "simt"})])
 def test_maxabs_pass_holding_x_or_reading_it_twice_is_the_contracts(precision, opts):
     """The dense layout's maxabs pass holds x in registers (_tiling.HELD_X4 float4 a thread), then
-    in shared memory too, while x fits the resident grid; below one float4 a thread and past the
-    grid (64 MB here) it reads x twice. Every way gives the reference's bits and the contract's
-    scale."""
+    in shared memory too, while x fits the resident grid (threads holding none, one or all of
+    their slots); past the grid (64 MB here) it reads x twice. Every way gives the reference's
+    bits and the contract's scale."""
     rng = np.random.default_rng(16)
     c = 32
     w = (rng.standard_normal((1, 1, 8, c)) * 0.2).astype(np.float32)
@@ -720,9 +720,9 @@ def test_maxabs_pass_holding_x_or_reading_it_twice_is_the_contracts(precision, o
     suffix = _tiling.QUANT_SUFFIX[Precision(precision)]
     held = _driver.resident_blocks(_driver.runtime(), "quant.cu", f"qconv_scan_quantize_held_{suffix}", _tiling.BLOCK)
     in_regs = held * _tiling.BLOCK * _tiling.HELD_X4 * 4 // c  # pixels the registers hold
-    small = held * _tiling.BLOCK * 4 // c                      # one float4 a thread: read twice
-    for pixels, kernel, smem in ((small, "x", False), (in_regs, "held", False), (in_regs + 1, "held", True),
-                                 (2**24 // c, "x", False)):
+    one = held * _tiling.BLOCK * 4 // c                        # one float4 a thread
+    for pixels, kernel, smem in ((3, "held", False), (one, "held", False), (in_regs, "held", False),
+                                 (in_regs + 1, "held", True), (2**24 // c, "x", False)):
         x = rng.standard_normal((1, 1, pixels, c)).astype(np.float32)
         x[0, 0, pixels - 1, c - 1] = 40.0  # max|x| in the last float4: the held pass must scan it
         pre = conv._packed.job(conv.geometry(x.shape), True).pre

@@ -197,16 +197,14 @@ def _scan_quantize(rt: Any, suf: str, p: PassParams, items: int, nx: int, vec: b
     """The maxabs pass, one cooperative launch: qconv_scan_quantize_held_* where the layout is
     dense and x fits the resident threads (HELD_X4 float4 each in registers, the rest in shared
     memory, as many blocks resident as without it): x read once; else qconv_scan_quantize_x_* (x
-    read twice), its grid covering the scan's float4 too. The held kernel only where each thread
-    holds more than one float4: below that it was the slower (exam layers at N=1 on an H100,
-    +1.2-1.6 us against -0.8-1.1 us at N=32, benchmarks/RESULTS.md 2026-12-06)."""
+    read twice), its grid covering the scan's float4 too."""
     if dense:  # (float4 in, one suffix per precision: quantize_pass's dense layout)
         name, n4, b = f"qconv_scan_quantize_held_{suf}", nx // 4, _tiling.BLOCK
         resident = _driver.resident_blocks(rt, "quant.cu", name, b)
         per_thread = math.ceil(n4 / (resident * b))
         smem = max(0, per_thread - _tiling.HELD_X4) * b * 16
-        if per_thread > 1 and (smem == 0 or smem + 1024 <= rt.smem_optin and
-                                _driver.resident_blocks(rt, "quant.cu", name, b, smem) == resident):
+        if smem == 0 or (smem + 1024 <= rt.smem_optin and
+                         _driver.resident_blocks(rt, "quant.cu", name, b, smem) == resident):
             blocks = min(resident, math.ceil(n4 / b))
             return _driver.Launch(rt, "quant.cu", name, (blocks, 1, 1), b, smem, p, cooperative=True)
     name = f"qconv_scan_quantize_x_{suf}"
