@@ -150,7 +150,7 @@ def main() -> int:
         print(f"cuda backend unavailable: {why}")
         return 1
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+        commit = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
                                 cwd=here).stdout.strip()
     except OSError:
         commit = "?"
