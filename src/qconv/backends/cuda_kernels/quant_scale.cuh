@@ -141,7 +141,8 @@ QD bool scan_x_body(const PassParams& p) {
 // scale. The last block to arrive computes s_x and inv[o] (scan_reduce) and bumps the barrier's
 // generation; the others spin on it. Launched with cuLaunchCooperativeKernel and at most as many
 // blocks as fit on the GPU at once, so every block is resident and the barrier cannot deadlock.
-// scan_then_wait reads x twice (the second read mostly hits L2); scan_quantize_held, once.
+// scan_then_wait reads x twice (the second read mostly hits L2); quant.cu's scan_quantize_held,
+// once.
 
 // The grid barrier's generation, read by every block before it arrives.
 QD unsigned barrier_gen(const QStats* st) {
