@@ -108,6 +108,7 @@ QD bool scan_reduce(const PassParams& p, unsigned mx, int bad) {
   if (f && s > 0.0f) atomicOr(&st->flag, f);
   return true;
 }
+
 // Scan: the non-finite flag over every element, and with do_max the maxabs input scale: max|x|
 // reduced with atomicMax on float bits; the last block to arrive computes s_x and every channel's
 // inv[o] = float32(1 / (double(s_x) * double(s_w[o]))) (contract.dequant_factor, on the device),
