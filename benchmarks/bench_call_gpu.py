@@ -10,7 +10,8 @@ from the one input), with device-resident inputs (PyTorch CUDA tensors):
 - kernel: the same call's kernels alone (Prepared.profile: enqueued back to back behind a stream
   gate), median; host overhead = whole - kernel;
 - cuDNN through PyTorch, timed the same way in the same process: FP32 (NCHW and channels-last,
-  TF32 off) and FP16 channels-last;
+  TF32 off) and FP16 channels-last, given half tensors and, as qconv is, float32 ones (converted
+  to half in the call and the output back to float32);
 - numpy in, numpy out: the whole call (wall clock, median) against copy-in + kernel + copy-out, the
   copies timed alone from/to pinned memory with events.
 
@@ -111,6 +112,9 @@ def cudnn(torch, x: np.ndarray, w: np.ndarray, b: np.ndarray | None, reps: int, 
         res["cudnn_fp32_cl"] = whole_call(torch, lambda: f(xc, wc, bt), reps)
         xh, wh, bh = xc.half(), wc.half(), None if bt is None else bt.half()
         res["cudnn_fp16_cl"] = whole_call(torch, lambda: f(xh, wh, bh), reps)
+        # what a user with float32 data runs, as qconv's calls take and give float32: x converted
+        # to half in the call, the output back to float32 (the weights converted once, as prepared)
+        res["cudnn_fp16_cl_f32io"] = whole_call(torch, lambda: f(xc.half(), wh, bh).float(), reps)
         res["cudnn_fp16_cl_kernel"] = gated(torch, lambda: f(xh, wh, bh), reps)
         res["cudnn_fp32_kernel"] = gated(torch, lambda: f(xt, wt, bt), reps)
     res["cudnn_fp32_best"] = min(res["cudnn_fp32_nchw"], res["cudnn_fp32_cl"])
@@ -320,16 +324,17 @@ def depthwise(torch, reps: int) -> list[dict]:
 def table(out: dict) -> str:
     us = lambda s: f"{s * 1e6:.1f}"  # noqa: E731
     lines = ["| layer | N | path | whole call us | kernels us | host overhead us | cuDNN FP32 call us | cuDNN FP16 CL call us | "
-             "whole / cuDNN (FP32 for the fp32 rows, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
+             "cuDNN FP16 CL call, float32 in and out, us | whole / cuDNN (FP32 for the fp32 rows, FP16 CL for int) | CUDA Graph replay us | replay / cuDNN | numpy call us | "
              "numpy call, pinned input us | copies + kernels us |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rows"]:
         b = r["baselines"]
         for label, t in r["ours"].items():
             peer = b["cudnn_fp32_best"] if label.split()[0] == "fp32" else b["cudnn_fp16_cl"]
             graph = (f"{us(t['graph_whole'])} | {t['graph_whole'] / peer:.2f}" if "graph_whole" in t else "- | -")
             lines.append(f"| {r['layer']} | {r['n']} | {label} | {us(t['whole'])} | {us(t['kernel'])} | {us(t['overhead'])} | "
-                         f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {t['whole'] / peer:.2f} | {graph} | "
+                         f"{us(b['cudnn_fp32_best'])} | {us(b['cudnn_fp16_cl'])} | {us(b['cudnn_fp16_cl_f32io'])} | "
+                         f"{t['whole'] / peer:.2f} | {graph} | "
                          f"{us(t['numpy_call']) if 'numpy_call' in t else '-'} | "
                          f"{us(t['pinned_call']) if 'pinned_call' in t else '-'} | "
                          f"{us(t['ideal_numpy']) if 'ideal_numpy' in t else '-'} |")
