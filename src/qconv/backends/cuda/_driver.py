@@ -113,28 +113,55 @@ def _probe() -> tuple[bool, str]:
 class Launch:
     """One kernel with its launch configuration and its parameter struct, ready to enqueue many
     times: callers change the struct's fields (pointers) and call launch(stream). cooperative:
-    launched with cuLaunchCooperativeKernel (every block resident: grid barriers are safe)."""
+    launched with cuLaunchCooperativeKernel (every block resident: grid barriers are safe).
+    after_pass: a convolution enqueued right after its input pass; on sm_90 and later it is launched
+    with programmatic stream serialization, so its blocks start while the pass finishes (the kernel
+    waits for the pass in wait_prior_grid, qconv_common.cuh)."""
 
-    __slots__ = ("f", "name", "grid", "block", "smem", "params", "_arr", "argp", "drv", "coop")
+    __slots__ = ("f", "name", "grid", "block", "smem", "params", "_arr", "argp", "drv", "coop", "cfg", "_stream")
 
     def __init__(self, rt: "Runtime", module: str, name: str, grid: tuple[int, int, int], block: int,
-                 smem: int, params: ctypes.Structure, cooperative: bool = False) -> None:
+                 smem: int, params: ctypes.Structure, cooperative: bool = False, after_pass: bool = False) -> None:
         self.f = rt.func(module, name, smem)
         self.name, self.grid, self.block, self.smem, self.params = name, grid, block, smem, params
         self._arr = (ctypes.c_void_p * 1)(ctypes.addressof(params))
         self.argp = ctypes.addressof(self._arr)
         self.drv = rt.drv
         self.coop = cooperative
+        self.cfg = self._stream = None
+        if after_pass and not cooperative and rt.cc >= (9, 0) and PDL:
+            self.cfg = _pdl_config(rt.drv, grid, block, smem)
 
     def launch(self, stream: Any) -> None:
         """Enqueue on `stream` (a CUstream)."""
         g = self.grid
-        if self.coop:
+        if self.cfg is not None:
+            if stream is not self._stream:
+                self.cfg.hStream, self._stream = stream, stream
+            (err,) = self.drv.cuLaunchKernelEx(self.cfg, self.f, self.argp, 0)
+        elif self.coop:
             (err,) = self.drv.cuLaunchCooperativeKernel(self.f, g[0], g[1], g[2], self.block, 1, 1, self.smem, stream, self.argp)
         else:
             (err,) = self.drv.cuLaunchKernel(self.f, g[0], g[1], g[2], self.block, 1, 1, self.smem, stream, self.argp, 0)
         if err != _OK:
             _raise(err, f"cuLaunchKernel({self.name}, grid={g}, block={self.block}, smem={self.smem})")
+
+
+# Programmatic dependent launch of the convolutions that follow a pass (sm_90+); a switch for the
+# benchmark that times it against plain stream order
+PDL = True
+
+
+def _pdl_config(drv: Any, grid: tuple[int, int, int], block: int, smem: int) -> Any:
+    attr = drv.CUlaunchAttribute()
+    attr.id = drv.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    cfg = drv.CUlaunchConfig()
+    cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = grid
+    cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block, 1, 1
+    cfg.sharedMemBytes = smem
+    cfg.attrs, cfg.numAttrs = [attr], 1
+    return cfg
 
 
 def resident_blocks(rt: "Runtime", module: str, name: str, block: int, smem: int = 0) -> int:
@@ -161,7 +188,7 @@ class Runtime:
         self.make_current()
         cc = (_attr(self.dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR"),
               _attr(self.dev, "CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR"))
-        self.arch = f"sm_{cc[0]}{cc[1]}"
+        self.cc, self.arch = cc, f"sm_{cc[0]}{cc[1]}"
         self.num_sms = _attr(self.dev, "CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT")
         self.smem_optin = _attr(self.dev, "CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN")
         self.modules: dict[str, Any] = {}

@@ -181,7 +181,8 @@ class GemmJob(Job):
                         pl=g.pl, sh=spec.stride[0], sw=spec.stride[1], Ho=g.ho, Wo=g.wo, OC=spec.oc, OCg=lay.ocg,
                         Kpw=lay.kpw, M=m, T=spec.kh * spec.kw, ktiles=ktiles, ktiles_per_split=kps, splits=split,
                         mode=mode, vec_out=1, scan_vec=int(vec_x), inv_uniform=int(not plan.per_channel))
-        self.main = _driver.Launch(rt, module, self.conv_name, self.grid, threads, self.smem, cp)
+        self.main = _driver.Launch(rt, module, self.conv_name, self.grid, threads, self.smem, cp,
+                                   after_pass=self.pre is not None and not self.split_words)
         vec = spec.oc % 4 == 0
         grid = _tiling.grid1(m * spec.oc // (4 if vec else 1), rt.num_sms)
         if prec.is_integer and mode != 1:
@@ -289,4 +290,5 @@ class DwJob(Job):
                       trunc=int(plan.truncate), scan_vec=int(vec_x))
         self.grid = _tiling.grid1(total, rt.num_sms, per_sm=32)
         self.split, self.smem = 1, 0
-        self.main = _driver.Launch(rt, "conv_dw.cu", self.conv_name, self.grid, _tiling.BLOCK, 0, dp)
+        self.main = _driver.Launch(rt, "conv_dw.cu", self.conv_name, self.grid, _tiling.BLOCK, 0, dp,
+                                   after_pass=self.pre is not None)

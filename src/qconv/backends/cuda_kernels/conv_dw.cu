@@ -147,9 +147,9 @@ QD void dwconv(const DwParams& p) {
 // kernel keeps enough warps in flight; the integer 5x5 would spill under its cap and measured slower
 // than the generic kernel, so integers specialize 3x3 only.
 #define QCONV_DW(NAME, Q, V, TW, K, S, MINB) \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const DwParams p) { dwconv<Q, V, TW, K, K, S>(p); }
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const DwParams p) { wait_prior_grid(); dwconv<Q, V, TW, K, K, S>(p); }
 #define QCONV_DW_ANY(NAME, Q, V, TW) \
-  extern "C" __global__ void __launch_bounds__(256) NAME(const DwParams p) { dwconv<Q, V, TW, 0, 0, 0>(p); }
+  extern "C" __global__ void __launch_bounds__(256) NAME(const DwParams p) { wait_prior_grid(); dwconv<Q, V, TW, 0, 0, 0>(p); }
 QCONV_DW_ANY(qconv_f32_dwconv_c4w4, false, 4, 4)
 QCONV_DW_ANY(qconv_f32_dwconv_c1w4, false, 1, 4)
 QCONV_DW_ANY(qconv_q32_dwconv_c4w4, true, 4, 4)

@@ -16,6 +16,23 @@ typedef signed char qs8;
 typedef short qs16;
 #define QD __device__ __forceinline__
 
+// Programmatic dependent launch (sm_90 on): the host launches a convolution that follows its
+// input pass with the programmatic-serialization attribute (cuda/_driver.py Launch.pdl), so the
+// convolution's blocks are launched and scheduled while the pass is still running. Every
+// convolution waits for the grid before it (and its memory) to be complete before it touches global
+// memory; the passes let it launch as soon as all their blocks run. Both are no-ops on other
+// launches and architectures.
+QD void wait_prior_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+QD void launch_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Per-call statistics on the device, one per prepared convolution and stream. The passes before
 // the convolution fill them (flag bits, the maxabs input scale), the kernels that write FP32
 // outputs count the non-finite ones; the last kernel of the call copies them to the call's host

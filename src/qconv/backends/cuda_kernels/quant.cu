@@ -4,7 +4,10 @@
 // fused.
 #include "quant_scale.cuh"
 
-extern "C" __global__ void __launch_bounds__(256) qconv_scan_x(const PassParams p) { scan_x_body(p); }
+extern "C" __global__ void __launch_bounds__(256) qconv_scan_x(const PassParams p) {
+  launch_next_grid();
+  scan_x_body(p);
+}
 
 // Fast path of quantize (no channel padding, aligned, n % 4 == 0): float4 in, 4 values out.
 template <typename T> struct Vec4;
@@ -156,12 +159,15 @@ QD void scan_quantize_held(const PassParams& p) {
 
 #define QCONV_QUANT(SUF, T)                                                                               \
   extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
+    launch_next_grid();                                                                                   \
     quantize_x_body<T>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                     \
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
+    launch_next_grid();                                                                                   \
     quantize_x_body<T>(p, scan_then_wait(p));                                                             \
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256, 2) qconv_scan_quantize_held_##SUF(const PassParams p) { \
+    launch_next_grid();                                                                                   \
     scan_quantize_held<T>(p);                                                                             \
   }
 QCONV_QUANT(s8, qs8)
@@ -202,9 +208,11 @@ QD void quantize_planes_body(const PassParams& p, const float s) {
 
 #define QCONV_QUANT_PLANES(SUF, P)                                                                        \
   extern "C" __global__ void __launch_bounds__(256) qconv_quantize_x_##SUF(const PassParams p) {          \
+    launch_next_grid();                                                                                   \
     quantize_planes_body<P>(p, p.dev_scale ? __ldcg(&p.stats->s_x) : p.s);                                \
   }                                                                                                       \
   extern "C" __global__ void __launch_bounds__(256) qconv_scan_quantize_x_##SUF(const PassParams p) {     \
+    launch_next_grid();                                                                                   \
     quantize_planes_body<P>(p, scan_then_wait(p));                                                        \
   }
 QCONV_QUANT_PLANES(p16, 2)
@@ -213,6 +221,7 @@ QCONV_QUANT_PLANES(p32, 4)
 // FP32: x -> the grid (walk_padded) of floats, its channels padded for the 16-byte loader (icg %
 // 4 != 0: read one float at a time), with the flag.
 extern "C" __global__ void __launch_bounds__(256) qconv_pad_x_f32(const PassParams p) {
+  launch_next_grid();
   int bad = 0;
   walk_padded<4>(p, [&](long long pix, int c, const float* src, int n) {
     float v[4];
