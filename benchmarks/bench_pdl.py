@@ -69,7 +69,8 @@ def main() -> int:
                         t["call", pdl].append(whole_call(torch, lambda: conv(xt), args.reps))
                         t["graph", pdl].append(whole_call(torch, g, args.reps))
                 med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
-                rounds = " | ".join(f"{t['call', False][i]*1e6:.1f}/{t['call', True][i]*1e6:.1f}" for i in range(args.rounds))
+                rounds = " | ".join(f"{t[k, False][i]*1e6:.1f}/{t[k, True][i]*1e6:.1f}" for k in ("call", "graph")
+                                    for i in range(args.rounds))
                 print(f"{name} N={n} {label:7s} call {med['call', False]:7.1f} / {med['call', True]:7.1f}  "
                       f"graph {med['graph', False]:7.1f} / {med['graph', True]:7.1f}   rounds {rounds}", flush=True)
     return 0

@@ -112,6 +112,7 @@ def _source() -> str:
         cut_definition(common, r"^struct QStats \{"),
         cut_definition(common, r"^QD int quantize1\("),
         cut_definition(common, r"^QD int nonfinite4\("),
+        cut_definition(common, r"^QD void launch_next_grid\("),
         cut_definition(quant, r"^struct PassParams \{"),
         macro.group(0),
         vec4.group(0),
