@@ -4,9 +4,10 @@ _streams.py. Every driver failure raises BackendError with the driver's own word
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -135,7 +136,7 @@ class Launch:
     def launch(self, stream: Any) -> None:
         """Enqueue on `stream` (a CUstream)."""
         g = self.grid
-        if self.cfg is not None:
+        if self.cfg is not None and not getattr(_plain, "on", False):
             if stream is not self._stream:
                 self.cfg.hStream, self._stream = stream, stream
             (err,) = self.drv.cuLaunchKernelEx(self.cfg, self.f, self.argp, 0)
@@ -150,6 +151,18 @@ class Launch:
 # Programmatic dependent launch of the convolutions that follow a pass (sm_90+); a switch for the
 # benchmark that times it against plain stream order
 PDL = True
+_plain = threading.local()
+
+
+@contextlib.contextmanager
+def plain_launches() -> Iterator[None]:
+    """Launches on this thread in plain stream order (no PDL): for CUDA Graph capture, where a
+    programmatic edge after the maxabs pass made the replay 8 us slower on the H100."""
+    _plain.on = True
+    try:
+        yield
+    finally:
+        _plain.on = False
 
 
 def _pdl_config(drv: Any, grid: tuple[int, int, int], block: int, smem: int) -> Any:

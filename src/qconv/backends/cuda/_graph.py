@@ -83,7 +83,8 @@ class Captured:
             _driver.ck(drv.cuStreamBeginCapture(ctx.stream, drv.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_THREAD_LOCAL),
                        "cuStreamBeginCapture")
             try:
-                prep._enqueue(job, x_ptr, out_ptr, rec, None, ctx=view)
+                with _driver.plain_launches():  # PDL in a graph measured slower (RESULTS.md, 2026-12-06)
+                    prep._enqueue(job, x_ptr, out_ptr, rec, None, ctx=view)
             finally:
                 graph = _driver.ck(drv.cuStreamEndCapture(ctx.stream), "cuStreamEndCapture")
             self._graph = graph
