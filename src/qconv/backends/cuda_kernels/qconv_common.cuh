@@ -17,11 +17,11 @@ typedef short qs16;
 #define QD __device__ __forceinline__
 
 // Programmatic dependent launch (sm_90 on): the host launches a convolution that follows its
-// input pass with the programmatic-serialization attribute (cuda/_driver.py Launch.pdl), so the
-// convolution's blocks are launched and scheduled while the pass is still running. Every
-// convolution waits for the grid before it (and its memory) to be complete before it touches global
-// memory; the passes let it launch as soon as all their blocks run. Both are no-ops on other
-// launches and architectures.
+// input pass with the programmatic-serialization attribute (cuda/_driver.py, Launch's after_pass),
+// so the convolution's blocks are launched and placed while the pass still runs. Every convolution
+// waits for the grid before it to complete (its writes visible) before it touches global memory;
+// the passes let it launch as soon as all their blocks run. Both are no-ops on plain launches and
+// compile to nothing before sm_90.
 QD void wait_prior_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
