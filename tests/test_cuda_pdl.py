@@ -1,8 +1,11 @@
 """The convolution launched while its input pass finishes (programmatic dependent launch, sm_90
 and later; cuda/_driver.py Launch): calls back to back on different inputs give the reference's
-bits with it on and off, and the launch uses it exactly where it should."""
+bits with it on and off, and the launch uses it exactly where it should; a driver that refuses it
+gets plain launches."""
 
 from __future__ import annotations
+
+import types
 
 import numpy as np
 import pytest
@@ -33,3 +36,30 @@ def test_back_to_back_calls_give_the_reference_bits_with_and_without_pdl(monkeyp
         assert (job.main.cfg is not None) == (pdl and _driver.runtime().cc >= (9, 0))
         for y, ref in zip(ys, want):
             assert np.array_equal(np.asarray(y).view(np.uint32), ref.view(np.uint32)), f"pdl={pdl}"
+
+
+def test_a_driver_that_refuses_pdl_gets_plain_launches() -> None:
+    pytest.importorskip("cuda.bindings", reason="cuda-python is not installed")
+    from cuda.bindings import driver
+    from qconv.backends.cuda import _driver
+
+    class Drv:  # answers as a driver without programmatic dependent launch would
+        calls: list[str] = []
+
+        def cuLaunchKernelEx(self, cfg, f, args, extra):
+            self.calls.append(f"ex on {cfg.hStream}")
+            return (driver.CUresult.CUDA_ERROR_NOT_SUPPORTED,)
+
+        def cuLaunchKernel(self, f, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
+            self.calls.append(f"plain on {stream}")
+            return (driver.CUresult.CUDA_SUCCESS,)
+
+    _driver._ok()
+    launch = object.__new__(_driver.Launch)
+    launch.f, launch.name, launch.grid, launch.block, launch.smem, launch.argp = "f", "conv", (2, 1, 1), 128, 0, 0
+    launch.drv, launch.coop, launch._stream = Drv(), False, None
+    launch.cfg = types.SimpleNamespace(hStream=None)
+    launch.launch("s1")
+    launch.launch("s2")
+    assert launch.drv.calls == ["ex on s1", "plain on s1", "plain on s2"]
+    assert launch.cfg is None

@@ -140,7 +140,10 @@ class Launch:
             if stream is not self._stream:
                 self.cfg.hStream, self._stream = stream, stream
             (err,) = self.drv.cuLaunchKernelEx(self.cfg, self.f, self.argp, 0)
-        elif self.coop:
+            if err == _OK:
+                return
+            self.cfg = None  # a driver that refuses the attribute: plain stream order from now on
+        if self.coop:
             (err,) = self.drv.cuLaunchCooperativeKernel(self.f, g[0], g[1], g[2], self.block, 1, 1, self.smem, stream, self.argp)
         else:
             (err,) = self.drv.cuLaunchKernel(self.f, g[0], g[1], g[2], self.block, 1, 1, self.smem, stream, self.argp, 0)
