@@ -44,7 +44,8 @@ def test_a_driver_that_refuses_pdl_gets_plain_launches() -> None:
     from qconv.backends.cuda import _driver
 
     class Drv:  # answers as a driver without programmatic dependent launch would
-        calls: list[str] = []
+        def __init__(self) -> None:
+            self.calls: list[str] = []
 
         def cuLaunchKernelEx(self, cfg, f, args, extra):
             self.calls.append(f"ex on {cfg.hStream}")

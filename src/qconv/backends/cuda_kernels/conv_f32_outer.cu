@@ -205,7 +205,7 @@ QD void conv_outer(const ConvParams& p) {
 #define QCONV_OUTER(NAME, BM, BN, TM, TN, BK, MINB)                                                    \
   extern "C" __global__ void __launch_bounds__((BM) * (BN) / ((TM) * (TN)), MINB)                     \
       qconv_f32_conv_outer_##NAME(const ConvParams p) {                                                \
-    wait_prior_grid(); conv_outer<BM, BN, TM, TN, BK>(p);                                                             \
+    wait_prior_grid(); conv_outer<BM, BN, TM, TN, BK>(p);                                              \
   }
 // name: block tile BMxBN, thread tile TMxTN (_k8: 8-word K tiles); threads = BM*BN/(TM*TN)
 // (cuda.py OUTER_TILES)

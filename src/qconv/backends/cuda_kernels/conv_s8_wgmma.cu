@@ -76,7 +76,7 @@ QD void conv_wgmma(const ConvParams& p) {
 
 #define QCONV_WGMMA(NAME, BM, BN)                                                          \
   extern "C" __global__ void __launch_bounds__(2 * BM, 1) NAME(const ConvParams p) {       \
-    wait_prior_grid(); conv_wgmma<BM, BN, 4>(p);                                                            \
+    wait_prior_grid(); conv_wgmma<BM, BN, 4>(p);                                           \
   }
 QCONV_WGMMA(qconv_s8_conv_wgmma_128x128, 128, 128)
 QCONV_WGMMA(qconv_s8_conv_wgmma_128x64, 128, 64)
@@ -299,7 +299,7 @@ QD void conv_wgmma_ws(const ConvParams& p) {
 // that two fit an SM and one's epilogue overlaps the other's MMA).
 #define QCONV_WGMMA_WINDOW(BN, NBUF)                                                                         \
   extern "C" __global__ void __launch_bounds__(256, 1) qconv_s8_conv_wgmma_window_n##BN##_b##NBUF(const ConvParams p) { \
-    wait_prior_grid(); conv_wgmma_window<BN, NBUF>(p);                                                                           \
+    wait_prior_grid(); conv_wgmma_window<BN, NBUF>(p);                                                        \
   }
 QCONV_WGMMA_WINDOW(128, 2)
 QCONV_WGMMA_WINDOW(128, 1)
@@ -308,7 +308,7 @@ QCONV_WGMMA_WINDOW(64, 1)
 
 #define QCONV_WGMMA_WS(BN)                                                                                   \
   extern "C" __global__ void __launch_bounds__(384, 1) qconv_s8_conv_wgmma_ws_n##BN(const ConvParams p) {    \
-    wait_prior_grid(); conv_wgmma_ws<BN>(p);                                                                                 \
+    wait_prior_grid(); conv_wgmma_ws<BN>(p);                                                                 \
   }
 QCONV_WGMMA_WS(128)
 QCONV_WGMMA_WS(64)

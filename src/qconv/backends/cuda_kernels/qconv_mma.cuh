@@ -225,10 +225,10 @@ QD void conv_mma(const ConvParams& p) {
 // MINB: blocks per SM to fit (128x128 is capped at 128 registers so two blocks share an SM).
 #define QCONV_MMA(NAME, OP, BM, BN, WM, WN, MINB, STAGES)                            \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(const ConvParams p) { \
-    wait_prior_grid(); conv_mma<OP, BM, BN, WM, WN, STAGES>(p);                                         \
+    wait_prior_grid(); conv_mma<OP, BM, BN, WM, WN, STAGES>(p);                      \
   }
 // 4 warps and swizzled rows (_tiling.SLIM_TILES, "BMxBN/w4"): entry point NAME_w4.
 #define QCONV_MMA_W4(NAME, OP, BM, BN, WM, WN, MINB, STAGES)                           \
   extern "C" __global__ void __launch_bounds__(128, MINB) NAME##_w4(const ConvParams p) { \
-    wait_prior_grid(); conv_mma<OP, BM, BN, WM, WN, STAGES, true>(p);                                      \
+    wait_prior_grid(); conv_mma<OP, BM, BN, WM, WN, STAGES, true>(p);                     \
   }

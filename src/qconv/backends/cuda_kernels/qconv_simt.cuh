@@ -91,7 +91,7 @@ QD void conv_simt(const ConvParams& p) {
 
 #define QCONV_SIMT(NAME, OP, TM, TN)                                              \
   extern "C" __global__ void __launch_bounds__(256) NAME(const ConvParams p) {    \
-    wait_prior_grid(); conv_simt<OP, TM, TN, 3>(p);                                                \
+    wait_prior_grid(); conv_simt<OP, TM, TN, 3>(p);                               \
   }
 #define QCONV_SIMT_ALL(PFX, OP)                  \
   QCONV_SIMT(PFX##_128x128, OP, 8, 8)            \
